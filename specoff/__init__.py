@@ -1,0 +1,1 @@
+"""specoff: speculative decoding for models offloaded to host memory."""
