@@ -17,3 +17,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+FAMILIES = ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from specoff.synthetic import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory, tokenizer):
+    """make_checkpoint(family, **config) -> folder of a tiny random HF checkpoint (cached)."""
+    from specoff.synthetic import make_tiny_checkpoint
+
+    made = {}
+
+    def make(family, **kw):
+        key = (family, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(family)
+            made[key] = make_tiny_checkpoint(family, out, tokenizer=tokenizer, **kw)
+        return made[key]
+
+    return make

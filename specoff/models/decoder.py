@@ -1,0 +1,196 @@
+"""One compact decoder for every supported family (gpt-fast style).
+
+Llama / Mistral / Qwen2 / Qwen3 are the dense decoder; Mixtral and Qwen3-MoE swap the
+feed-forward for a routed mixture of experts (Shazeer et al. 2017; Jiang et al. 2024,
+"Mixtral of Experts"); Qwen3 adds RMS norms on queries and keys. Attention is GQA with
+rotary position embeddings (Su et al. 2021, "RoFormer"), applied in the rotate-half layout
+that Hugging Face checkpoints are stored in.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig, rope_inv_freq
+from ..kvcache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype: Hugging Face's exact rounding.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, nh, hd); cos, sin: (B, T, 1, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, cfg.qkv_size, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], layer: int,
+                positions: Optional[torch.Tensor], kv_len: Optional[int]) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
+        if cache is not None:
+            cache.write(layer, k, v, positions)
+            k = cache.k[layer, :, :, :kv_len]  # (B, KV, S, hd)
+            v = cache.v[layer, :, :, :kv_len]
+        if KV != H:
+            k = k.repeat_interleave(H // KV, dim=1)
+            v = v.repeat_interleave(H // KV, dim=1)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(x·w1) ⊙ x·w3), with w1 and w3 stored stacked as w13."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts. w13: (E, 2I, D) = [w1; w3] per expert, w2: (E, D, I)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, I, D = cfg.n_experts, cfg.moe_intermediate_size, cfg.dim
+        self.top_k, self.renormalize = cfg.top_k, cfg.norm_topk_prob
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        return moe_experts(x, self.w13, self.w2, weights, ids).view(shape)
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """Softmax over experts in fp32, then the top k (renormalised to sum 1 if asked)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def moe_experts(x, w13, w2, weights, ids):
+    """Σ_j weights[n, j] · expert_{ids[n, j]}(x[n]), one expert at a time (plain torch)."""
+    out = torch.zeros_like(x)
+    I = w2.shape[-1]
+    for e in range(w13.shape[0]):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        gate_up = x[tok] @ w13[e].t()
+        y = (F.silu(gate_up[:, :I]) * gate_up[:, I:]) @ w2[e].t()
+        out.index_add_(0, tok, y * weights[tok, slot, None].to(x.dtype))
+    return out
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.feed_forward = MoEFeedForward(cfg) if cfg.is_moe else FeedForward(cfg)
+
+    def forward(self, h, cos, sin, mask, cache=None, layer=0, positions=None, kv_len=None):
+        h = h + self.attention(self.attention_norm(h), cos, sin, mask, cache, layer, positions,
+                               kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def new_cache(self, rows: int, max_len: int, device=None, dtype=None) -> KVCache:
+        cfg = self.config
+        device = device or self.tok_embeddings.weight.device
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        return KVCache(cfg.n_layers, rows, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, device)
+
+    def rope(self, positions: torch.Tensor, dtype):
+        """cos, sin of shape (B, T, 1, hd) for absolute positions (B, T), computed in fp32."""
+        freqs = positions.float()[..., None] * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, *,
+                kv_len: Optional[int] = None, logits_at: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """Logits of `input_ids` (B, T).
+
+        Without a cache: positions 0..T-1, causal. With a cache: row b's tokens take positions
+        cache.lengths[b] + t and are written to the cache there; `cache.lengths` is not moved
+        (see KVCache.advance). `kv_len` bounds the cached positions attended to (default: all).
+        `logits_at` (B, K) picks the positions whose logits are returned, (B, K, vocab).
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if cache is None:
+            positions = torch.arange(T, device=device).expand(B, T)
+            mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        else:
+            kv_len = kv_len or cache.max_len
+            positions = cache.positions(T)  # (B, T)
+            keys = torch.arange(kv_len, device=device)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        h = self.tok_embeddings(input_ids)
+        cos, sin = self.rope(positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache, i, positions, kv_len)
+        if logits_at is not None:
+            h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+        return self.output(self.norm(h))

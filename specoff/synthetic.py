@@ -1,0 +1,150 @@
+"""Random checkpoints in Hugging Face format, made with `transformers`' own classes.
+
+No checkpoint can be downloaded where specoff is tested, so tests, the command line's
+built-in default and benchmarks build their own: a byte-level BPE tokenizer trained on a
+small built-in text, and a model of any supported family with seeded random weights (norm
+weights and biases randomised too, so a loader that skips them is caught).
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import SUPPORTED_FAMILIES
+
+_CODE = '''
+def fibonacci(n: int) -> int:
+    """Return the n-th Fibonacci number."""
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+def has_close_elements(numbers: list, threshold: float) -> bool:
+    for i, x in enumerate(numbers):
+        for j, y in enumerate(numbers):
+            if i != j and abs(x - y) < threshold:
+                return True
+    return False
+
+
+class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
+
+    def pop(self):
+        return self.items.pop()
+'''
+
+
+def tokenizer_corpus() -> list:
+    with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen
+        import this  # noqa: F401  (stored rot13-encoded in this.s)
+    zen = codecs.decode(this.s, "rot13")
+    return (zen + _CODE).splitlines() * 4
+
+
+def make_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer with <s>/</s>/<pad>, prepending <s> like Llama's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def tiny_hf_config(family: str, vocab_size: int, *, dim: int = 64, layers: int = 2,
+                   heads: int = 4, kv_heads: int = 2, intermediate: int = 128, experts: int = 4,
+                   top_k: int = 2, max_positions: int = 512, tie: bool = False, **overrides):
+    """A `transformers` config of `family` at toy size (any field can be overridden)."""
+    from transformers import AutoConfig
+
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"family {family!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_FAMILIES)}")
+    kw = dict(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads,
+              intermediate_size=intermediate, head_dim=dim // heads,
+              max_position_embeddings=max_positions, tie_word_embeddings=tie,
+              initializer_range=0.1, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if family in ("mistral", "mixtral"):
+        kw["sliding_window"] = None
+    if family == "mixtral":
+        kw.update(num_local_experts=experts, num_experts_per_tok=top_k)
+    if family == "qwen3_moe":
+        kw.update(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=intermediate,
+                  norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    kw.update(overrides)
+    return AutoConfig.for_model(family, **kw)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Norm weights around 1 and non-zero biases, so every tensor matters."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def make_tiny_checkpoint(family: str, out_dir, *, seed: int = 0, max_shard_size=None,
+                         tokenizer=None, **config_kw) -> Path:
+    """Write a random `family` checkpoint (config, safetensors, tokenizer) into `out_dir`."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = tokenizer or make_tokenizer()
+    config_kw.setdefault("vocab_size", len(tokenizer))
+    config = tiny_hf_config(family, **config_kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(model, seed)
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out_dir, **kw)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPECOFF_CACHE", Path.home() / ".cache" / "specoff"))
+
+
+def default_checkpoint() -> Path:
+    """The command line's built-in target: a tiny random Mixtral, written once to the cache."""
+    path = cache_dir() / "default-tiny-mixtral-v1"
+    if (path / "config.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".default-", dir=path.parent))
+    try:
+        make_tiny_checkpoint("mixtral", tmp, seed=0)
+        os.replace(tmp, path)  # atomic: a half-written default is never seen
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

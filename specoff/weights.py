@@ -1,0 +1,229 @@
+"""Hugging Face safetensors checkpoints → specoff's parameter layout.
+
+Every parameter of ours is assembled from named checkpoint tensors through an explicit
+table: q/k/v projections stack into `wqkv`, gate/up projections into `w13`, and the
+experts of a layer into one (E, ...) tensor. Loading writes each checkpoint tensor straight
+into its destination (a GPU tensor, or later a view into the pinned host store), so a load
+never holds a second full copy of the model in host memory.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+from .config import ModelConfig, rope_inv_freq
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not match its config: names the tensor and the file."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Checkpoint tensor `hf_name` fills rows [row, row + rows) of `dst[expert]` (or of dst)."""
+    hf_name: str
+    expert: Optional[int]
+    row: int
+    rows: int
+
+
+def weight_table(cfg: ModelConfig) -> Dict[str, List[Piece]]:
+    """Our parameter name → the checkpoint tensors it is made of, for every family."""
+    table: Dict[str, List[Piece]] = {}
+    H, KV, hd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim
+
+    def whole(ours, hf):
+        table[ours] = [Piece(hf, None, 0, -1)]
+
+    whole("tok_embeddings.weight", "model.embed_tokens.weight")
+    whole("norm.weight", "model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        whole("output.weight", "lm_head.weight")
+    for i in range(cfg.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        whole(ours + "attention_norm.weight", hf + "input_layernorm.weight")
+        whole(ours + "ffn_norm.weight", hf + "post_attention_layernorm.weight")
+        att = hf + "self_attn."
+        kinds = ["weight"] + (["bias"] if cfg.qkv_bias else [])
+        for kind in kinds:
+            table[ours + f"attention.wqkv.{kind}"] = [
+                Piece(att + f"q_proj.{kind}", None, 0, H),
+                Piece(att + f"k_proj.{kind}", None, H, KV),
+                Piece(att + f"v_proj.{kind}", None, H + KV, KV)]
+        whole(ours + "attention.wo.weight", att + "o_proj.weight")
+        if cfg.o_bias:
+            whole(ours + "attention.wo.bias", att + "o_proj.bias")
+        if cfg.qk_norm:
+            whole(ours + "attention.q_norm.weight", att + "q_norm.weight")
+            whole(ours + "attention.k_norm.weight", att + "k_norm.weight")
+        ff = ours + "feed_forward."
+        I = cfg.ffn_size
+        if not cfg.is_moe:
+            table[ff + "w13.weight"] = [Piece(hf + "mlp.gate_proj.weight", None, 0, I),
+                                        Piece(hf + "mlp.up_proj.weight", None, I, I)]
+            whole(ff + "w2.weight", hf + "mlp.down_proj.weight")
+            continue
+        if cfg.family == "mixtral":
+            moe, gate, up, down = hf + "block_sparse_moe.", "w1", "w3", "w2"
+        else:
+            moe, gate, up, down = hf + "mlp.", "gate_proj", "up_proj", "down_proj"
+        whole(ff + "gate.weight", moe + "gate.weight")
+        ex = moe + "experts.{}."
+        table[ff + "w13"] = [p for e in range(cfg.n_experts) for p in (
+            Piece(ex.format(e) + f"{gate}.weight", e, 0, I),
+            Piece(ex.format(e) + f"{up}.weight", e, I, I))]
+        table[ff + "w2"] = [Piece(ex.format(e) + f"{down}.weight", e, 0, -1)
+                            for e in range(cfg.n_experts)]
+    return table
+
+
+# Tensors some checkpoints carry that we recompute or do not need.
+_IGNORED = re.compile(r"(.*\.rotary_emb\.inv_freq$)")
+
+
+class Checkpoint:
+    """The safetensors files of a checkpoint folder and which file holds which tensor."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        single = self.path / "model.safetensors"
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            self.where = {name: self.path / file for name, file in weight_map.items()}
+        elif single.is_file():
+            self.where = {name: single for name in self._open(single).keys()}
+        else:
+            raise CheckpointError(
+                f"no model.safetensors or model.safetensors.index.json in {self.path}: specoff "
+                f"loads safetensors checkpoints (convert .bin files with transformers' "
+                f"save_pretrained(safe_serialization=True))")
+        for file in sorted(set(self.where.values())):
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint file {file} is listed in "
+                                      f"model.safetensors.index.json but missing")
+        self._handles = {}
+
+    @staticmethod
+    def _open(file: Path):
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(file), framework="pt")
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors "
+                                  f"file? re-download or re-save it)") from None
+
+    def handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = self._open(file)
+        return self._handles[file]
+
+    def shape(self, name: str) -> List[int]:
+        return list(self.handle(self.where[name]).get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        file = self.where[name]
+        try:
+            return self.handle(file).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {file}: {e} (truncated "
+                                  f"file?)") from None
+
+
+def check_names(ckpt: Checkpoint, cfg: ModelConfig, table) -> None:
+    needed = {p.hf_name for pieces in table.values() for p in pieces}
+    missing = sorted(needed - ckpt.where.keys())
+    if missing:
+        raise CheckpointError(
+            f"tensor {missing[0]} is missing from the checkpoint in {ckpt.path} "
+            f"({len(missing)} missing in all) but the {cfg.family} config needs it")
+    extra = sorted(n for n in ckpt.where.keys() - needed if not _IGNORED.match(n))
+    if cfg.tie_word_embeddings and "lm_head.weight" in extra:
+        extra.remove("lm_head.weight")  # a tied head saved anyway is the embedding again
+    if extra:
+        raise CheckpointError(
+            f"unexpected tensor {extra[0]} in {ckpt.where[extra[0]]} ({len(extra)} unexpected "
+            f"in all): the checkpoint does not match its config.json ({cfg.family}, "
+            f"{cfg.n_layers} layers{f', {cfg.n_experts} experts' if cfg.is_moe else ''})")
+
+
+def load_into(ckpt: Checkpoint, table, destinations: Dict[str, torch.Tensor],
+              progress: Optional[Iterable] = None) -> None:
+    """Copy every checkpoint tensor into its place in `destinations` (our name → tensor)."""
+    for ours, pieces in table.items():
+        dst = destinations[ours]
+        for p in pieces:
+            part = dst if p.expert is None else dst[p.expert]
+            if p.rows >= 0:
+                part = part.narrow(0, p.row, p.rows)
+            got = ckpt.shape(p.hf_name)
+            if got != list(part.shape):
+                raise CheckpointError(
+                    f"tensor {p.hf_name} in {ckpt.where[p.hf_name]} has shape {got}, the config "
+                    f"implies {list(part.shape)}")
+            part.copy_(ckpt.tensor(p.hf_name))
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r} is not supported; use float32, float16 or bfloat16")
+    return names[dtype]
+
+
+def default_device(device=None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but CUDA is not available; "
+                         f"use device='cpu'")
+    return device
+
+
+def load_model(path, device=None, dtype=None):
+    """Build the decoder of the checkpoint in `path` on `device` with weights in `dtype`.
+
+    Returns a `Transformer`; `model(input_ids)` gives causal logits (B, T, vocab).
+    """
+    from .models.decoder import Transformer
+
+    cfg = ModelConfig.from_hf(path)
+    device = default_device(device)
+    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    ckpt = Checkpoint(path)
+    table = weight_table(cfg)
+    check_names(ckpt, cfg, table)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = dict(model.named_parameters())  # a tied head appears once, as the embedding
+    dst = {name: torch.empty(p.shape, dtype=dtype, device=device) for name, p in params.items()}
+    load_into(ckpt, table, dst)
+    if cfg.tie_word_embeddings:
+        dst["output.weight"] = dst["tok_embeddings.weight"]
+    model.load_state_dict(dst, assign=True, strict=True)
+    if cfg.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(path):
+    """The checkpoint folder's tokenizer (local files only), or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,78 @@
+"""tools/generate.py end to end, and its one-line errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, env_cache=None):
+    env = None
+    if env_cache is not None:
+        import os
+        env = dict(os.environ, SPECOFF_CACHE=str(env_cache))
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_runs_on_a_checkpoint_with_every_prompt_source(make_checkpoint, tmp_path):
+    path = make_checkpoint("mixtral")
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("def add(a, b):\n\nclass Foo:\n")
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "import os"}) + "\n")
+    out = tmp_path / "out.json"
+    r = cli("--target", path, "--prompt", "hello", "--prompts-file", lines, "--prompts-file", jsonl,
+            "--max-new-tokens", 5, "--json", out, "--dtype", "float32", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert [len(o["token_ids"]) <= 5 for o in data["outputs"]] == [True] * 4
+    assert data["stats"]["rows"] == 4
+    assert data["stats"]["tokens"] == sum(len(o["token_ids"]) for o in data["outputs"])
+    assert "tokens/s" in r.stdout.splitlines()[-1]
+    r = cli("--target", path, "--prompts-file", lines, "--dataset", "humaneval", "--limit", 3,
+            "--max-new-tokens", 4, "--json", out, "--temperature", 0.7, "--top-p", 0.9,
+            "--top-k", 20, "--seed", 3)
+    assert r.returncode == 0, r.stderr
+    outputs = json.loads(out.read_text())["outputs"]
+    assert len(outputs) == 3 and outputs[2]["prompt_token_ids"][:1] == [0]
+    assert all(o["finish_reason"] in ("stop", "length") for o in outputs)
+
+
+def test_default_runs_without_a_target(tmp_path):
+    r = cli("--max-new-tokens", 8, "--quiet", env_cache=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "rows 8 | tokens" in r.stdout
+    assert (tmp_path / "default-tiny-mixtral-v1" / "config.json").is_file()
+    r = cli("--max-new-tokens", 4, "--prompt", "def", env_cache=tmp_path)  # reuses the cache
+    assert r.returncode == 0 and "rows 1 |" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "/no/such/folder"], "error: --target /no/such/folder is not a folder"),
+    (["--prompts-file", "/no/such/file"], "error: prompts file /no/such/file does not exist"),
+    (["--max-new-tokens", "0"], "error: max_new_tokens must be a positive integer"),
+    (["--dtype", "int4"], "error: dtype 'int4' is not supported"),
+    (["--limit", "0"], "error: --limit must be at least 1"),
+])
+def test_bad_input_is_one_line(args, message, make_checkpoint, tmp_path):
+    if "--target" not in args:
+        args = ["--target", str(make_checkpoint("llama"))] + args
+    r = cli(*args, env_cache=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(message), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unsupported_family_is_one_line(make_checkpoint, tmp_path):
+    import shutil
+    path = tmp_path / "gpt2"
+    shutil.copytree(make_checkpoint("llama"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
+    r = cli("--target", path)
+    assert r.returncode == 2 and "model_type 'gpt2' is not supported" in r.stderr
+    assert "Traceback" not in r.stderr
