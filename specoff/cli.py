@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--gpu-memory", help="GPU memory budget, e.g. 24GiB (default: free memory "
+                                        "less 1 GiB)")
+    p.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
+                   help="stream the target's layers from host memory: auto lets the planner decide")
     p.add_argument("--json", help="write outputs and stats to this file")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     return p
@@ -78,8 +82,13 @@ def gather_prompts(args) -> List[str]:
 
 
 def summary(stats) -> str:
-    return (f"rows {stats.rows} | tokens {stats.tokens} | prefill {stats.prefill_seconds:.2f} s | "
+    line = (f"rows {stats.rows} | tokens {stats.tokens} | prefill {stats.prefill_seconds:.2f} s | "
             f"decode {stats.decode_seconds:.2f} s | {stats.tokens_per_second:.1f} tokens/s")
+    if stats.plan and stats.plan["offload"]:
+        line += (f" | pass {stats.measured_pass_seconds:.3f} s (predicted "
+                 f"{stats.predicted_pass_seconds or 0:.3f} s) | streamed "
+                 f"{stats.bytes_streamed / 1e9:.2f} GB")
+    return line
 
 
 def run(args) -> int:
@@ -100,7 +109,9 @@ def run(args) -> int:
     elif not Path(target).is_dir():
         raise ValueError(f"--target {target} is not a folder; pass a Hugging Face checkpoint "
                          f"folder (config.json, *.safetensors, tokenizer files)")
-    llm = specoff.LLM(target, device=args.device, dtype=args.dtype, seed=args.seed)
+    offload = {"auto": None, "on": True, "off": False}[args.offload]
+    llm = specoff.LLM(target, device=args.device, dtype=args.dtype, seed=args.seed,
+                      offload=offload, gpu_memory=args.gpu_memory)
     with tqdm(total=len(prompts), unit="prompt", disable=None, file=sys.stderr) as bar:
         outputs = llm.generate(prompts, params, progress=bar)
     if not args.quiet:
@@ -118,11 +129,12 @@ def run(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from specoff.config import UnsupportedModelError
+    from specoff.planner import BudgetError
     from specoff.weights import CheckpointError
 
     try:
         return run(args)
     except (ValueError, FileNotFoundError, NotImplementedError, CheckpointError,
-            UnsupportedModelError) as e:
+            UnsupportedModelError, BudgetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

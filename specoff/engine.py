@@ -1,8 +1,9 @@
 """The engine behind `specoff.LLM`: prompts in, tokens out, with the run's figures.
 
-This is plain batched generation (prefill, then one target step per token). Speculation
-(a draft model, chain and tree verification) and offloading the target to host memory
-plug in here; until they land, asking for them is refused with a clear error.
+Batched generation (prefill, then one target pass per token), with the target resident on
+the device or streamed from host memory as the planner decides. Speculation (a draft
+model, chain and tree verification) plugs in here; until it lands, asking for it is
+refused with a clear error.
 """
 from __future__ import annotations
 
@@ -15,8 +16,17 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .config import ModelConfig
+from .kvcache import KVCache
+from .offload import build_offloaded
+from .planner import Plan, load_profile, parse_bytes, plan_run, plan_weights
 from .sampling import SamplingParams, select
 from .weights import default_device, load_model, load_tokenizer, parse_dtype
+
+
+def default_budget(device) -> int:
+    """All the device memory that is free now, less 1 GiB of margin."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(free - (1 << 30), 0)
 
 
 @dataclass
@@ -34,10 +44,20 @@ class GenerationStats:
     tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    target_passes: int = 0
+    prefill_passes: int = 0
+    decode_passes: int = 0  # target passes after prefill
     plan: Optional[dict] = None
+    predicted_pass_seconds: Optional[float] = None
+    predicted_prefill_seconds: Optional[float] = None
+    bytes_streamed: int = 0  # host→device weight bytes over the whole run
+    peak_gpu_bytes: int = 0
     acceptance_rate: Optional[float] = None
     tokens_per_pass: Optional[float] = None
+
+    @property
+    def measured_pass_seconds(self) -> float:
+        """Mean wall time of one decode pass."""
+        return self.decode_seconds / self.decode_passes if self.decode_passes else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -46,7 +66,8 @@ class GenerationStats:
         return self.tokens / total if total > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), tokens_per_second=self.tokens_per_second)
+        return dict(asdict(self), tokens_per_second=self.tokens_per_second,
+                    measured_pass_seconds=self.measured_pass_seconds)
 
 
 def _sync(device: torch.device) -> None:
@@ -63,30 +84,48 @@ class LLM:
 
     def __init__(self, target, draft=None, *, spec=None, device=None, dtype=None,
                  gpu_memory=None, offload=None, seed: int = 0, max_rows: int = 256,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, ring_slots: int = 3, cuda_graphs: bool = True,
+                 kv_placement: Optional[str] = None):
         if draft is not None or spec is not None:
             raise NotImplementedError("speculative decoding (draft=..., spec=...) is not "
                                       "supported yet; leave draft and spec unset")
-        if offload:
-            raise NotImplementedError("offload=True is not supported yet; use offload=None "
-                                      "or False (the target stays on the device)")
-        if gpu_memory is not None:
-            raise NotImplementedError("gpu_memory=... is not supported yet (it comes with "
-                                      "offloading); leave it unset")
-        if max_rows < 1 or prefill_chunk < 1:
-            raise ValueError("max_rows and prefill_chunk must be positive")
+        if max_rows < 1 or prefill_chunk < 1 or ring_slots < 1:
+            raise ValueError("max_rows, prefill_chunk and ring_slots must be positive")
         self.path = Path(target)
         self.config = ModelConfig.from_hf(self.path)  # fails early on an unsupported family
         self.device = default_device(device)
         self.dtype = parse_dtype(dtype) or (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = load_tokenizer(self.path)
-        self.model = load_model(self.path, self.device, self.dtype)
         self.seed = seed
         self.max_rows = max_rows
         self.prefill_chunk = prefill_chunk
+        self.kv_placement = kv_placement
+        self.profile = None
+        budget = None
+        if self.device.type == "cuda":
+            budget = default_budget(self.device) if gpu_memory is None else parse_bytes(gpu_memory)
+            self.profile = load_profile(self.device, dtype=self.dtype)
+        elif gpu_memory is not None:
+            raise ValueError("gpu_memory applies to a CUDA device; this LLM runs on the CPU")
+        # A quarter of the budget stays free for the KV cache and activations.
+        reserve = budget // 4 if budget is not None else 0
+        self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=offload,
+                                        reserve=reserve, ring_slots=ring_slots)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.weight_plan.offload:
+            self.model, self.load_report = build_offloaded(
+                self.path, self.config, self.device, self.dtype,
+                ring_slots=self.weight_plan.ring_slots,
+                resident_attention=self.weight_plan.resident_attention,
+                resident_layers=self.weight_plan.resident_layers)
+        else:
+            self.model, self.load_report = load_model(self.path, self.device, self.dtype), None
+        self.model.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.eos_token_ids = self._eos_ids()
         self.last_stats = GenerationStats()
+        self.plan(1, 1, 1)  # refuse a bad kv_placement or a budget that fits no run now
 
     def _eos_ids(self) -> set:
         ids = set(self.config.eos_token_ids)
@@ -124,6 +163,13 @@ class LLM:
 
     # -- generation ----------------------------------------------------------------------
 
+    def plan(self, rows: int, longest: int, max_new_tokens: int) -> Plan:
+        """The run plan for `rows` prompts of at most `longest` tokens."""
+        return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
+                        context=longest + max_new_tokens, max_rows=self.max_rows,
+                        prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
+                        kv_placement=self.kv_placement, profile=self.profile)
+
     def generate(self, prompts, params: Optional[SamplingParams] = None, *,
                  progress=None) -> List[RequestOutput]:
         """Generate for every prompt; outputs come back in the prompts' order."""
@@ -134,46 +180,50 @@ class LLM:
                 self.config.check_context(len(ids) + params.max_new_tokens)
             except ValueError as e:
                 raise type(e)(f"prompt {i} ({len(ids)} tokens): {e}") from None
+        plan = self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens)
         seed = self.seed if params.seed is None else params.seed
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        stats = GenerationStats(rows=len(rows))
+        stats = GenerationStats(rows=len(rows), plan=plan.to_dict(),
+                                predicted_pass_seconds=plan.predicted_pass_seconds,
+                                predicted_prefill_seconds=plan.predicted_prefill_seconds)
+        ring = self.model.ring
+        copied0 = ring.bytes_copied if ring is not None else 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         outputs: List[RequestOutput] = []
-        for start in range(0, len(rows), self.max_rows):
-            batch = rows[start:start + self.max_rows]
-            for ids, new in zip(batch, self._generate_batch(batch, params, generator, stats)):
+        for start in range(0, len(rows), plan.rows_per_pass):
+            batch = rows[start:start + plan.rows_per_pass]
+            for ids, new in zip(batch, self._generate_batch(batch, params, generator, stats, plan)):
                 outputs.append(self._finish(ids, new, params))
             if progress is not None:
                 progress.update(len(batch))
         stats.tokens = sum(len(o.token_ids) for o in outputs)
+        stats.bytes_streamed = (ring.bytes_copied - copied0) if ring is not None else 0
+        if self.device.type == "cuda":
+            stats.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)
         self.last_stats = stats
         return outputs
 
     @torch.inference_mode()
-    def _generate_batch(self, rows, params: SamplingParams, generator, stats) -> List[List[int]]:
+    def _generate_batch(self, rows, params: SamplingParams, generator, stats,
+                        plan: Plan) -> List[List[int]]:
         device, model = self.device, self.model
         B, max_new = len(rows), params.max_new_tokens
         lens = torch.tensor([len(r) for r in rows], device=device)
         longest = max(len(r) for r in rows)
-        cache = model.new_cache(B, longest + max_new)
+        cache_device = device if plan.kv_on_gpu else torch.device("cpu")
+        cache = KVCache(self.config.n_layers, B, longest + max_new, self.config.n_kv_heads,
+                        self.config.head_dim, self.dtype, cache_device,
+                        pin_memory=cache_device != device, lengths_device=device)
 
         _sync(device)
         t0 = time.perf_counter()
-        # Prefill in chunks: each row writes its own tokens; pads past a row's end are
-        # written beyond its length and so never attended to.
+        # Pads past a row's end are written beyond its length and so never attended to.
         ids = torch.zeros(B, longest, dtype=torch.long)
         for b, r in enumerate(rows):
             ids[b, :len(r)] = torch.tensor(r)
-        ids = ids.to(device)
-        last_logits = None
-        for lo in range(0, longest, self.prefill_chunk):
-            hi = min(lo + self.prefill_chunk, longest)
-            last = (lens - 1 - lo).clamp(0, hi - lo - 1)
-            logits = model(ids[:, lo:hi], cache, kv_len=hi, logits_at=last[:, None])[:, 0]
-            ends_here = ((lens - 1 >= lo) & (lens - 1 < hi))[:, None]
-            last_logits = logits if last_logits is None else torch.where(ends_here, logits,
-                                                                         last_logits)
-            cache.advance((lens - lo).clamp(0, hi - lo))
-            stats.target_passes += 1
+        last_logits = model.prefill(ids.to(device), lens, cache, plan.prefill_chunk)
+        stats.prefill_passes += 1
         tokens = select(last_logits, params, generator)
         _sync(device)
         t1 = time.perf_counter()
@@ -182,14 +232,18 @@ class LLM:
         out[:, 0] = tokens
         eos = torch.tensor(sorted(self.eos_token_ids) or [-1], device=device)
         done = torch.isin(tokens, eos) if not params.ignore_eos else torch.zeros_like(lens, dtype=torch.bool)
+        # On the GPU every step attends over the whole cache (a fixed shape for CUDA graphs);
+        # on the CPU only over the longest row so far.
+        fixed_shape = device.type == "cuda"
         for step in range(1, max_new):
             # One host sync every 8 steps to stop once every row has finished.
             if step % 8 == 0 and not params.ignore_eos and bool(done.all()):
                 out = out[:, :step]
                 break
-            logits = model(tokens[:, None], cache, kv_len=longest + step)[:, 0]
+            kv_len = cache.max_len if fixed_shape else longest + step
+            logits = model(tokens[:, None], cache, kv_len=kv_len)[:, 0]
             cache.advance(1)
-            stats.target_passes += 1
+            stats.decode_passes += 1
             tokens = select(logits, params, generator)
             out[:, step] = tokens
             if not params.ignore_eos:

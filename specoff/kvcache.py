@@ -13,14 +13,17 @@ import torch
 
 class KVCache(torch.nn.Module):
     def __init__(self, n_layers: int, rows: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device, pin_memory: bool = False):
+                 dtype: torch.dtype, device, pin_memory: bool = False, lengths_device=None):
         super().__init__()
         shape = (n_layers, rows, n_kv_heads, max_len, head_dim)  # (L, B, KV, S, hd)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device,
                                               pin_memory=pin_memory), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device,
                                               pin_memory=pin_memory), persistent=False)
-        self.register_buffer("lengths", torch.zeros(rows, dtype=torch.long, device=device),
+        # Lengths live where positions are computed: the compute device, even when the
+        # cache itself sits in host memory.
+        self.register_buffer("lengths", torch.zeros(rows, dtype=torch.long,
+                                                    device=lengths_device or device),
                              persistent=False)
         self.max_len = max_len
 

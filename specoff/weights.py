@@ -210,9 +210,14 @@ def load_model(path, device=None, dtype=None):
     params = dict(model.named_parameters())  # a tied head appears once, as the embedding
     dst = {name: torch.empty(p.shape, dtype=dtype, device=device) for name, p in params.items()}
     load_into(ckpt, table, dst)
+    return materialize(model, cfg, dst, device)
+
+
+def materialize(model, cfg: ModelConfig, params: Dict[str, torch.Tensor], device):
+    """Give a model built on the meta device its real tensors (our name → tensor)."""
     if cfg.tie_word_embeddings:
-        dst["output.weight"] = dst["tok_embeddings.weight"]
-    model.load_state_dict(dst, assign=True, strict=True)
+        params["output.weight"] = params["tok_embeddings.weight"]
+    model.load_state_dict(params, assign=True, strict=True)
     if cfg.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)

@@ -39,6 +39,9 @@ def test_runs_on_a_checkpoint_with_every_prompt_source(make_checkpoint, tmp_path
     assert r.returncode == 0, r.stderr
     outputs = json.loads(out.read_text())["outputs"]
     assert len(outputs) == 3 and outputs[2]["prompt_token_ids"][:1] == [0]
+    r = cli("--target", path, "--prompt", "def", "--offload", "on", "--max-new-tokens", 4)
+    assert r.returncode == 0, r.stderr
+    assert "| streamed" in r.stdout.splitlines()[-1]
     assert all(o["finish_reason"] in ("stop", "length") for o in outputs)
 
 
@@ -57,6 +60,7 @@ def test_default_runs_without_a_target(tmp_path):
     (["--max-new-tokens", "0"], "error: max_new_tokens must be a positive integer"),
     (["--dtype", "int4"], "error: dtype 'int4' is not supported"),
     (["--limit", "0"], "error: --limit must be at least 1"),
+    (["--gpu-memory", "24GiB", "--device", "cpu"], "error: gpu_memory applies to a CUDA device"),
 ])
 def test_bad_input_is_one_line(args, message, make_checkpoint, tmp_path):
     if "--target" not in args:

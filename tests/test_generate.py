@@ -98,7 +98,8 @@ def test_bad_requests_are_refused(make_checkpoint):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(draft="somewhere"), "not supported yet"), (dict(spec="tree"), "not supported yet"),
-    (dict(offload=True), "not supported yet"), (dict(gpu_memory="24GiB"), "not supported yet"),
+    (dict(gpu_memory="24GiB"), "gpu_memory applies to a CUDA device"),
+    (dict(kv_placement="disk"), "kv_placement must be"),
     (dict(dtype="int8"), "dtype 'int8' is not supported")])
 def test_llm_refuses_what_is_not_there(kw, message, make_checkpoint):
     with pytest.raises((ValueError, NotImplementedError), match=message):

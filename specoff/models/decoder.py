@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig, rope_inv_freq
+from ..kernels.moe import fused_moe, moe_route
 from ..kvcache import KVCache
 
 
@@ -63,16 +64,25 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
-        if cache is not None:
-            cache.write(layer, k, v, positions)
-            k = cache.k[layer, :, :, :kv_len]  # (B, KV, S, hd)
-            v = cache.v[layer, :, :, :kv_len]
-        if KV != H:
-            k = k.repeat_interleave(H // KV, dim=1)
-            v = v.repeat_interleave(H // KV, dim=1)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        if cache is not None and cache.k.device != x.device:
+            # KV cache in host memory: only q/k/v and the attention output cross the bus.
+            y = cached_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), cache, layer,
+                                 positions.cpu(), kv_len).to(x.device, non_blocking=True)
+        elif cache is not None:
+            y = cached_attention(q, k, v, mask, cache, layer, positions, kv_len)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
         y = y.transpose(1, 2).reshape(B, T, H * hd)
         return self.wo(y)
+
+
+def cached_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_len):
+    """Write k, v (B, KV, T, hd) at `positions`, then attend over the row's cache."""
+    cache.write(layer, k, v, positions)
+    keys = cache.k[layer, :, :, :kv_len].to(q.dtype)  # (B, KV, S, hd)
+    values = cache.v[layer, :, :, :kv_len].to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                          enable_gqa=keys.shape[1] != q.shape[1])
 
 
 class FeedForward(nn.Module):
@@ -102,21 +112,15 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        weights, ids = moe_route(self.gate(x), self.top_k, self.renormalize)
+        if x.is_cuda:  # grouped-GEMM Triton kernels, no host sync: capturable in a graph
+            return fused_moe(x, self.w13, self.w2, weights, ids).view(shape)
         return moe_experts(x, self.w13, self.w2, weights, ids).view(shape)
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
-    """Softmax over experts in fp32, then the top k (renormalised to sum 1 if asked)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = probs.topk(top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
-
-
 def moe_experts(x, w13, w2, weights, ids):
-    """Σ_j weights[n, j] · expert_{ids[n, j]}(x[n]), one expert at a time (plain torch)."""
+    """Σ_j weights[n, j] · expert_{ids[n, j]}(x[n]), one expert at a time, in x's dtype with
+    Hugging Face's rounding (the CPU path; `nonzero` syncs, so never used in a graph)."""
     out = torch.zeros_like(x)
     I = w2.shape[-1]
     for e in range(w13.shape[0]):
@@ -154,6 +158,9 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.ring = None  # a WeightRing when decoder layers stream from host memory
+        self.use_graphs = False  # replay decode passes as per-layer CUDA graphs
+        self._graphs = {}
 
     def new_cache(self, rows: int, max_len: int, device=None, dtype=None) -> KVCache:
         cfg = self.config
@@ -185,12 +192,64 @@ class Transformer(nn.Module):
         else:
             kv_len = kv_len or cache.max_len
             positions = cache.positions(T)  # (B, T)
-            keys = torch.arange(kv_len, device=device)
-            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+            mask = causal_mask(positions, kv_len)
         h = self.tok_embeddings(input_ids)
         cos, sin = self.rope(positions, h.dtype)
+        h = self.run_layers(h, cos, sin, mask, cache, positions, kv_len)
+        return self.head(h, logits_at)
+
+    def run_layers(self, h, cos, sin, mask, cache, positions, kv_len):
+        if (self.use_graphs and h.is_cuda and cache is not None and cache.k.is_cuda
+                and kv_len == cache.max_len):
+            from ..graphs import LayerGraphs
+
+            key = (id(cache), *h.shape[:2])
+            if key not in self._graphs:
+                self._graphs = {k: g for k, g in self._graphs.items() if k[0] == id(cache)}
+                self._graphs[key] = LayerGraphs(self, cache, *h.shape[:2])
+            return self._graphs[key].run(h, cos, sin, mask, positions)
+        ring = self.ring
         for i, layer in enumerate(self.layers):
+            if ring is not None and i in ring:
+                ring.acquire(i)
             h = layer(h, cos, sin, mask, cache, i, positions, kv_len)
+            if ring is not None and i in ring:
+                ring.release(i)
+        return h
+
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
+                chunk: int, kv_start: int = 0) -> torch.Tensor:
+        """Append each row's first `lengths[b]` tokens of `input_ids` (B, T) to the cache and
+        return the logits after each row's last token, (B, vocab).
+
+        Layer outer, chunk inner: a streamed layer is loaded once per batch, whatever the
+        number of chunks. `kv_start` bounds the rows' cached lengths before the call.
+        """
+        B, T = input_ids.shape
+        positions = cache.positions(T)  # (B, T)
+        h = self.tok_embeddings(input_ids)
+        cos, sin = self.rope(positions, h.dtype)
+        ring = self.ring
+        bounds = [(lo, min(lo + chunk, T)) for lo in range(0, T, chunk)]
+        masks = [causal_mask(positions[:, lo:hi], kv_start + hi) for lo, hi in bounds]
+        for i, layer in enumerate(self.layers):
+            if ring is not None and i in ring:
+                ring.acquire(i)
+            for (lo, hi), mask in zip(bounds, masks):
+                h[:, lo:hi] = layer(h[:, lo:hi], cos[:, lo:hi], sin[:, lo:hi], mask, cache, i,
+                                    positions[:, lo:hi], kv_start + hi)
+            if ring is not None and i in ring:
+                ring.release(i)
+        cache.advance(lengths)
+        return self.head(h, (lengths - 1)[:, None])[:, 0]
+
+    def head(self, h: torch.Tensor, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         if logits_at is not None:
             h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
         return self.output(self.norm(h))
+
+
+def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """(B, 1, T, kv_len): a token at position p sees the cached keys at positions <= p."""
+    keys = torch.arange(kv_len, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]

@@ -1,0 +1,310 @@
+"""Verification attention: T new query tokens per row against a preallocated KV cache.
+
+The target model scores all draft tokens in one pass: a chain of gamma+1 tokens
+(SpecOffload, arXiv 2505.10259, section 4) or a tree of candidate continuations (SpecExec,
+arXiv 2406.02532, section 3) where each token sees the whole prefix and its tree ancestors.
+Per-row cache lengths stay ragged (rows accept different counts); the new tokens' K/V are
+already written at positions lengths[b] + t.
+
+One program takes the G = H / KV query heads of one KV head times a block of queries, so
+each K/V tile is read once for all of them (GQA). Long prefixes are split over several
+programs (flash-decoding, Dao et al. 2023) whose partial results a second kernel combines
+by log-sum-exp. Online softmax as in FlashAttention-2 (arXiv 2307.08691, algorithm 1).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _verify_attention_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, lengths_ptr, tree_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    # sizes
+    T, kv_heads, num_splits, keys_per_split, qk_scale,
+    # strides
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_mb, stride_mt, stride_mj,
+    stride_ob, stride_ot, stride_oh,
+    # meta-parameters
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_TREE: tl.constexpr, SPLIT: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Rows r = t * G + g of (batch b, kv head) against keys [split start, split end)."""
+    pid_bh = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor may pass a Python float as fp64
+    b = (pid_bh // kv_heads).to(tl.int64)  # b * stride_kb can pass 2**31 in a big cache
+    kvh = pid_bh % kv_heads
+    L = tl.load(lengths_ptr + b).to(tl.int32)
+
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_valid = rows < T * G
+    t = rows // G
+    h = kvh * G + rows % G
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+
+    start = pid_s * keys_per_split
+    # The last key these rows may see is L + t_max (a tree node's ancestors come before it).
+    t_max = tl.minimum((pid_q * BLOCK_Q + BLOCK_Q - 1) // G, T - 1)
+    end = tl.minimum(start + keys_per_split, L + t_max + 1)
+
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for s0 in range(start, end, BLOCK_N):
+        offs_s = s0 + tl.arange(0, BLOCK_N)
+        s_valid = offs_s < end
+        k = tl.load(k_base + offs_s[None, :] * stride_ks + offs_d[:, None],
+                    mask=s_valid[None, :] & d_valid[:, None], other=0.0)  # (D, N)
+        if IEEE:
+            scores = tl.dot(q, k, input_precision="ieee")
+        else:
+            scores = tl.dot(q, k)
+        scores = scores * qk_scale
+        if HAS_TREE:
+            j = offs_s - L
+            is_new = (j >= 0) & s_valid
+            allowed = tl.broadcast_to(offs_s[None, :] < L, (BLOCK_Q, BLOCK_N))
+            if s0 + BLOCK_N > L:  # only blocks reaching the new tokens read the tree mask
+                ancestor = tl.load(tree_ptr + b * stride_mb + t[:, None] * stride_mt + j[None, :] * stride_mj,
+                                   mask=row_valid[:, None] & is_new[None, :], other=0)
+                allowed = allowed | (ancestor != 0)
+        else:
+            allowed = offs_s[None, :] <= L + t[:, None]
+        allowed = allowed & s_valid[None, :]
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # A row with nothing allowed yet keeps m = -inf; subtract 0 to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :],
+                    mask=s_valid[:, None] & d_valid[None, :], other=0.0)  # (N, D)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if SPLIT:
+        part = (pid_bh * num_splits + pid_s) * (T * G) + rows
+        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=row_valid[:, None] & d_valid[None, :])
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(part_lse_ptr + part, lse, mask=row_valid)
+    else:
+        tl.store(out_ptr + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _combine_splits_kernel(
+    # pointers
+    part_o_ptr, part_lse_ptr, out_ptr,
+    # sizes
+    T, kv_heads, num_splits,
+    # strides
+    stride_ob, stride_ot, stride_oh,
+    # meta-parameters
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[row] = sum_s exp2(lse_s - lse) * o_s over the splits of one (b, kv head, row)."""
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    b = (pid_bh // kv_heads).to(tl.int64)
+    t = row // G
+    h = (pid_bh % kv_heads) * G + row % G
+    splits = tl.arange(0, BLOCK_SPLITS)
+    part = (pid_bh * num_splits + splits) * (T * G) + row
+    lse = tl.load(part_lse_ptr + part, mask=splits < num_splits, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+    offs_d = tl.arange(0, BLOCK_D)
+    o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=(splits[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    o = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + b * stride_ob + t * stride_ot + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------
+# Wrapper
+
+
+def _launcher(kernel, tensor: torch.Tensor):
+    """wrap_triton while torch.compile or make_fx traces; the bare kernel in eager mode.
+
+    On the H200 every eager call through wrap_triton's dispatcher showed a host-time floor of
+    ~0.4 ms per launch, more than the kernels themselves take at decode sizes.
+    """
+    if torch.compiler.is_compiling() or type(tensor) is not torch.Tensor:
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_config(B: int, KV: int, T: int, G: int, head_dim: int, max_keys: int, device: torch.device,
+                  num_splits: Optional[int] = None) -> dict:
+    """Query block, key block and prefix splits: enough programs to fill the GPU twice over."""
+    rows = T * G
+    block_q = min(64, max(16, triton.next_power_of_2(rows)))
+    block_n = 64 if head_dim <= 128 else 32
+    q_blocks = triton.cdiv(rows, block_q)
+    if num_splits is None:
+        base = B * KV * q_blocks
+        num_splits = min(triton.cdiv(2 * _num_sms(device), base), triton.cdiv(max_keys, 512))
+    num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n)))
+    keys_per_split = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_keys, keys_per_split)
+    return dict(BLOCK_Q=block_q, BLOCK_N=block_n, q_blocks=q_blocks, num_splits=num_splits,
+                keys_per_split=keys_per_split, num_warps=4 if block_q <= 32 else 8, num_stages=2)
+
+
+def _check(q, k_cache, v_cache, lengths, tree_mask):
+    B, T, H, hd = q.shape
+    assert k_cache.dim() == 4 and k_cache.shape[0] == B and k_cache.shape[3] == hd, "k_cache is [B, KV, S, hd]"
+    assert v_cache.shape == k_cache.shape and H % k_cache.shape[1] == 0
+    assert q.dtype == k_cache.dtype == v_cache.dtype
+    assert q.stride(3) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
+    assert lengths.shape == (B,)
+    if tree_mask is not None:
+        assert tree_mask.shape == (B, T, T) and tree_mask.dtype == torch.bool
+
+
+def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float, kv_len: int, out,
+                           num_splits: Optional[int] = None):
+    B, T, H, hd = q.shape
+    KV = k_cache.shape[1]
+    G = H // KV
+    cfg = launch_config(B, KV, T, G, hd, kv_len, q.device, num_splits)
+    split = cfg["num_splits"] > 1
+    if split:
+        part_o = torch.empty((B * KV * cfg["num_splits"] * T * G, hd), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B * KV * cfg["num_splits"] * T * G,), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    # A uint8 copy (T*T bytes a row), not a dtype view: Inductor cannot lower a bool->uint8 view.
+    tree = tree_mask.to(torch.uint8) if tree_mask is not None else lengths  # lengths: unused pointer
+    tree_strides = tree_mask.stride() if tree_mask is not None else (0, 0, 0)
+    grid = (B * KV, cfg["q_blocks"], cfg["num_splits"])
+    _launcher(_verify_attention_kernel, q)[grid](
+        q, k_cache, v_cache, lengths, tree, out, part_o, part_lse,
+        T, KV, cfg["num_splits"], cfg["keys_per_split"], scale * 1.4426950408889634,  # log2(e): exp2 below
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        tree_strides[0], tree_strides[1], tree_strides[2],
+        out.stride(0), out.stride(1), out.stride(2),
+        G=G, HEAD_DIM=hd, HAS_TREE=tree_mask is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
+        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(hd),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if split:
+        _launcher(_combine_splits_kernel, q)[(B * KV, T * G)](
+            part_o, part_lse, out,
+            T, KV, cfg["num_splits"],
+            out.stride(0), out.stride(1), out.stride(2),
+            G=G, HEAD_DIM=hd, BLOCK_SPLITS=triton.next_power_of_2(cfg["num_splits"]),
+            BLOCK_D=triton.next_power_of_2(hd), num_warps=4,
+        )
+    return out
+
+
+def _register_op():
+    """specoff::verify_attention as a torch op: traceable by torch.compile(fullgraph=True)."""
+    # Under TRITON_INTERPRET wrap_triton returns the bare kernel, invisible to tracing: stay opaque.
+    if hasattr(torch.library, "triton_op") and os.environ.get("TRITON_INTERPRET") != "1":
+        @torch.library.triton_op("specoff::verify_attention", mutates_args=())
+        def verify_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                lengths: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float,
+                                kv_len: int) -> torch.Tensor:
+            out = torch.empty_like(q)
+            return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out)
+        return verify_attention_op
+
+    @torch.library.custom_op("specoff::verify_attention", mutates_args=())
+    def verify_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            lengths: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float,
+                            kv_len: int) -> torch.Tensor:
+        out = torch.empty_like(q)
+        return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out)
+
+    @verify_attention_op.register_fake
+    def _(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len):
+        return torch.empty_like(q)
+    return verify_attention_op
+
+
+_verify_attention_op = _register_op()
+
+
+def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     tree_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                     kv_len: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
+                     num_splits: Optional[int] = None) -> torch.Tensor:
+    """Attention of q [B, T, H, hd] over cached keys 0 .. lengths[b] + T - 1 -> [B, T, H, hd].
+
+    Chain (tree_mask None): query t sees keys s < lengths[b] + t + 1. Tree: query t sees the
+    prefix s < lengths[b] and new key lengths[b] + j iff tree_mask[b, t, j]. kv_len is a
+    host-side bound on max(lengths) + T that sizes the grid (default: the cache size S).
+    With `out` or `num_splits` the kernels run eagerly; otherwise the registered op runs.
+    """
+    _check(q, k_cache, v_cache, lengths, tree_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    kv_len = k_cache.shape[2] if kv_len is None else min(int(kv_len), k_cache.shape[2])
+    if out is None and num_splits is None:
+        return _verify_attention_op(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len)
+    out = torch.empty_like(q) if out is None else out
+    assert out.shape == q.shape and out.dtype == q.dtype
+    return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out, num_splits)
+
+
+def attention_mask(lengths: torch.Tensor, T: int, kv_len: int, tree_mask: Optional[torch.Tensor] = None):
+    """Boolean [B, T, kv_len] mask: which cached key each new query may see."""
+    pos = torch.arange(kv_len, device=lengths.device)[None, None, :]  # (1, 1, S)
+    L = lengths.view(-1, 1, 1)  # (B, 1, 1)
+    t = torch.arange(T, device=lengths.device)[None, :, None]  # (1, T, 1)
+    if tree_mask is None:
+        return pos < L + t + 1
+    j = pos - L
+    is_new = (j >= 0) & (j < T)
+    ancestor = torch.gather(tree_mask, 2, j.clamp(0, T - 1).expand(-1, T, -1))  # (B, T, S)
+    return (pos < L) | (is_new & ancestor)
+
+
+def verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask=None, scale=None, kv_len=None):
+    """Plain torch in float32: the boolean mask and scaled_dot_product_attention."""
+    B, T, H, hd = q.shape
+    kv_len = k_cache.shape[2] if kv_len is None else kv_len
+    G = H // k_cache.shape[1]
+    k = k_cache[:, :, :kv_len].float().repeat_interleave(G, dim=1)  # (B, H, S, hd)
+    v = v_cache[:, :, :kv_len].float().repeat_interleave(G, dim=1)
+    mask = attention_mask(lengths, T, kv_len, tree_mask)[:, None]  # (B, 1, T, S)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k, v, attn_mask=mask, scale=scale)  # (B, H, T, hd)
+    return out.transpose(1, 2).to(q.dtype)

@@ -1,0 +1,317 @@
+"""Fused mixture-of-experts feed-forward (Mixtral, Qwen3-MoE), in two grouped-GEMM launches.
+
+Implements the sparse MoE block of Mixtral (arXiv 2401.04088, section 2.1):
+``y = sum_j w_j * SwiGLU_e(x)`` over the top-k experts ``e`` a router picks per token, with
+``SwiGLU_e(x) = (silu(x W1_e^T) * (x W3_e^T)) W2_e^T`` (Shazeer, arXiv 2002.05202).
+
+The kernel follows vLLM's fused_moe: the (token, expert) pairs are sorted by expert and each
+expert's group is padded to a multiple of BLOCK_M, so one program multiplies BLOCK_M rows
+by one expert's weights. The sort is done with torch ops on the device (no host sync), so a
+fixed token count captures in a CUDA graph. Launch 1 computes ``silu(gate) * up`` into an
+intermediate [N*top_k, I]; launch 2 multiplies by W2 and the routing weight; a sum over
+top_k returns to token order.
+
+Weight layout: ``w13`` [E, 2I, D] (rows :I gate = HF w1, rows I: up = HF w3), ``w2`` [E, D, I].
+Launch parameters come from JSON files in ``configs/`` (written by tools/tune_kernels.py),
+keyed by (E, N_out, K, dtype, device) and looked up by nearest token count.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    # pointers
+    a_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pairs_ptr, block_expert_ptr,
+    # sizes
+    num_pairs, num_padded, N, K, top_k,
+    # strides
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    # meta-parameters
+    GATED: tl.constexpr,  # out = silu(a @ w[:N].T) * (a @ w[N:2N].T)
+    A_PER_TOKEN: tl.constexpr,  # row of `a` is pair // top_k (x), else pair (intermediate)
+    WEIGHTED: tl.constexpr,  # scale each row by its routing weight
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dot instead of tf32
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N tile of out[pair] = a[row(pair)] @ w[expert(block)].T."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: neighbouring programs share weight tiles in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:  # padding block past the last expert's group
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + offs_m).to(tl.int64)
+    row_valid = pairs < num_pairs
+    if A_PER_TOKEN:
+        a_rows = pairs // top_k
+    else:
+        a_rows = pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrap columns past N so weight loads need no mask; those columns are never stored.
+    offs_wn = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + expert * stride_we + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+        if GATED:
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=offs_k[:, None] < k_left, other=0.0)
+            if IEEE:
+                acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, w_up, acc_up)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if WEIGHTED:
+        route_w = tl.load(topk_weights_ptr + pairs, mask=row_valid, other=0.0)
+        acc = acc * route_w[:, None]
+    out_ptrs = out_ptr + pairs[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_n[None, :] < N))
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configurations
+
+
+def _default_config(E: int, N_out: int, K: int, num_tokens: int, top_k: int = 2,
+                    dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Untuned fallback: small BLOCK_M when each expert sees few rows (weight-bandwidth bound)."""
+    pairs = num_tokens * top_k
+    rows_per_expert = max(1, pairs // E)
+    if rows_per_expert <= 16:
+        # Few experts in use: narrow the tiles until there are ~1024 programs to keep HBM busy.
+        active_experts = min(E, pairs)
+        block_n = 64
+        while block_n > 16 and active_experts * N_out // block_n < 1024:
+            block_n //= 2
+        cfg = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=256 if block_n == 16 else 128, GROUP_M=1,
+                   num_warps=4, num_stages=4)
+    elif rows_per_expert <= 64:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if dtype == torch.float32:  # twice the bytes per tile: halve K to stay in shared memory
+        cfg["BLOCK_K"] //= 2
+    return cfg
+
+
+def config_file_name(E: int, N_out: int, K: int, dtype: torch.dtype, device_name: str) -> str:
+    dtype_name = str(dtype).replace("torch.", "")
+    return f"E={E},N={N_out},K={K},device_name={device_name.replace(' ', '_')},dtype={dtype_name}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_configs(file_name: str) -> Optional[dict]:
+    path = os.path.join(CONFIG_DIR, file_name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {int(tokens): cfg for tokens, cfg in json.load(f).items()}
+
+
+def get_config(E: int, N_out: int, K: int, dtype: torch.dtype, device_name: str, num_tokens: int,
+               top_k: int = 2) -> dict:
+    """Launch parameters for a [tokens, K] x [E, N_out, K] grouped GEMM: tuned file or default."""
+    configs = _load_configs(config_file_name(E, N_out, K, dtype, device_name))
+    if configs:
+        return dict(configs[min(configs, key=lambda m: abs(m - num_tokens))])
+    return _default_config(E, N_out, K, num_tokens, top_k, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.get_device_name(device).replace(" ", "_")
+
+
+# ---------------------------------------------------------------------------------------
+# Routing and grouping (plain torch, on the device, no host sync)
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """Softmax over experts in float32, top-k; Mixtral renormalises, Qwen3-MoE if norm_topk_prob."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights, topk_ids
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Sort (token, expert) pairs by expert, each expert's group padded to a multiple of block_m.
+
+    Returns sorted_pairs [num_padded] int32 (pair index token*top_k + j, or num_pairs for a
+    padding row) and block_expert [num_padded // block_m] int32 (-1 past the last group).
+    num_padded is a host-side bound (at most min(E, pairs) groups each wasting block_m - 1 rows).
+    """
+    flat = topk_ids.reshape(-1).long()
+    num_pairs = flat.numel()
+    num_padded = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    num_padded = triton.cdiv(num_padded, block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded_counts = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded_counts, 0)
+    order = torch.argsort(flat, stable=True)  # pair indices grouped by expert
+    sorted_experts = flat[order]
+    rank = torch.arange(num_pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+    dest = (padded_end - padded_counts)[sorted_experts] + rank
+    sorted_pairs = torch.full((num_padded,), num_pairs, dtype=torch.int32, device=flat.device)
+    sorted_pairs.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(0, num_padded, block_m, device=flat.device)
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_pairs, block_expert
+
+
+# ---------------------------------------------------------------------------------------
+# Wrapper
+
+
+def _launcher(kernel, tensor: torch.Tensor):
+    """wrap_triton while torch.compile or make_fx traces; the bare kernel in eager mode.
+
+    On the H200 every eager call through wrap_triton's dispatcher showed a host-time floor of
+    ~0.4 ms per launch, more than the kernels themselves take at decode sizes.
+    """
+    if torch.compiler.is_compiling() or type(tensor) is not torch.Tensor:
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
+def _launch_gemm(a, w, out, topk_weights, sorted_pairs, block_expert, num_pairs, top_k, cfg, *,
+                 gated: bool, a_per_token: bool, weighted: bool):
+    N = w.shape[1] // 2 if gated else w.shape[1]
+    K = w.shape[2]
+    num_padded = sorted_pairs.numel()
+    grid = (triton.cdiv(num_padded, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _launcher(_moe_gemm_kernel, a)[grid](
+        a, w, out, topk_weights, sorted_pairs, block_expert,
+        num_pairs, num_padded, N, K, top_k,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        GATED=gated, A_PER_TOKEN=a_per_token, WEIGHTED=weighted, IEEE=a.dtype == torch.float32,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _check(x, w13, w2, topk_weights, topk_ids):
+    N, D = x.shape
+    E, two_I, D13 = w13.shape
+    assert D13 == D and two_I % 2 == 0, f"w13 {tuple(w13.shape)} does not match x {tuple(x.shape)}"
+    assert tuple(w2.shape) == (E, D, two_I // 2), f"w2 {tuple(w2.shape)} != {(E, D, two_I // 2)}"
+    assert topk_weights.shape == topk_ids.shape and topk_ids.shape[0] == N
+    assert x.dtype == w13.dtype == w2.dtype, "x and weights must share a dtype"
+    assert w13.stride(2) == 1 and w2.stride(2) == 1, "weights must be contiguous along K"
+
+
+def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None, down_config=None):
+    N, D = x.shape
+    E, I = w13.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1]
+    num_pairs = N * top_k
+    name = device_name(x.device)
+    cfg1 = gate_up_config or get_config(E, 2 * I, D, x.dtype, name, N, top_k)
+    cfg2 = dict(down_config or get_config(E, D, I, x.dtype, name, N, top_k))
+    cfg2["BLOCK_M"] = cfg1["BLOCK_M"]  # both launches share one grouping
+    sorted_pairs, block_expert = moe_align(topk_ids, E, cfg1["BLOCK_M"])
+    route_w = topk_weights.reshape(-1).float().contiguous()
+    hidden = torch.empty((num_pairs, I), dtype=x.dtype, device=x.device)  # silu(gate) * up
+    _launch_gemm(x, w13, hidden, route_w, sorted_pairs, block_expert, num_pairs, top_k, cfg1,
+                 gated=True, a_per_token=True, weighted=False)
+    down = torch.empty((num_pairs, D), dtype=x.dtype, device=x.device)  # weighted expert outputs
+    _launch_gemm(hidden, w2, down, route_w, sorted_pairs, block_expert, num_pairs, top_k, cfg2,
+                 gated=False, a_per_token=False, weighted=True)
+    torch.sum(down.view(N, top_k, D), dim=1, out=out)
+    return out
+
+
+def _register_op():
+    """specoff::fused_moe as a torch op: traceable by torch.compile(fullgraph=True)."""
+    # Under TRITON_INTERPRET wrap_triton returns the bare kernel, invisible to tracing: stay opaque.
+    if hasattr(torch.library, "triton_op") and os.environ.get("TRITON_INTERPRET") != "1":
+        @torch.library.triton_op("specoff::fused_moe", mutates_args=())
+        def fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                         topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+            return _fused_moe_into(x, w13, w2, topk_weights, topk_ids, torch.empty_like(x))
+        return fused_moe_op
+
+    @torch.library.custom_op("specoff::fused_moe", mutates_args=())
+    def fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return _fused_moe_into(x, w13, w2, topk_weights, topk_ids, torch.empty_like(x))
+
+    @fused_moe_op.register_fake
+    def _(x, w13, w2, topk_weights, topk_ids):
+        return torch.empty_like(x)
+    return fused_moe_op
+
+
+_fused_moe_op = _register_op()
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[n] = sum_j topk_weights[n, j] * SwiGLU_{topk_ids[n, j]}(x[n]); x [N, D] -> [N, D].
+
+    With `out` (a preallocated [N, D] buffer) the kernels run eagerly into it; without, the
+    registered op `torch.ops.specoff.fused_moe` runs (what torch.compile traces).
+    """
+    _check(x, w13, w2, topk_weights, topk_ids)
+    if out is None:
+        return _fused_moe_op(x, w13, w2, topk_weights, topk_ids)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    return _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out)
+
+
+def fused_moe_ref(x, w13, w2, topk_weights, topk_ids):
+    """Plain torch, float32, loop over experts (what HF MixtralSparseMoeBlock computes)."""
+    I = w2.shape[2]
+    xf = x.float()
+    out = torch.zeros_like(xf)
+    for e in range(w13.shape[0]):
+        token, slot = torch.where(topk_ids == e)
+        if token.numel() == 0:
+            continue
+        w13_e = w13[e].float()
+        gate, up = xf[token] @ w13_e[:I].T, xf[token] @ w13_e[I:].T
+        y = (torch.nn.functional.silu(gate) * up) @ w2[e].float().T
+        out.index_add_(0, token, y * topk_weights[token, slot, None].float())
+    return out.to(x.dtype)

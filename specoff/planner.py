@@ -1,0 +1,308 @@
+"""Planner v1: where the target's weights and KV cache live under a GPU memory budget, and
+how long a pass should take.
+
+The hardware profile (pinned host→GPU copy rate, matrix-product rate, HBM rate, CPU
+attention rate) is measured once per device and cached as JSON. A pass over an offloaded
+target costs max(bytes streamed / copy rate, compute), since copies and compute run on two
+streams (DESIGN.md); prefill streams each layer once and computes every prompt token.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ModelConfig
+
+GiB = 2**30
+CONTEXT_MARGIN = 256 << 20  # allocator slack, graph pools, cuBLAS workspaces
+
+
+class BudgetError(ValueError):
+    """The GPU memory budget cannot hold any plan."""
+
+
+def parse_bytes(value) -> int:
+    """'24GiB', '24GB', '512MiB', 24e9 → bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read a memory size from {value!r}; write e.g. '24GiB' or '80GB'")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    scale = (1024 if binary else 1000) ** " KMGT".index(unit or " ")
+    return int(number * scale)
+
+
+# -- hardware profile -------------------------------------------------------------------------
+
+@dataclass
+class HardwareProfile:
+    device_name: str
+    copy_gbps: float  # pinned host → device
+    gemm_tflops: float  # in the model's dtype
+    hbm_gbps: float  # device memory, read + write
+    cpu_attention_gbps: float  # KV bytes scanned per second by host-side attention
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _timed(fn, device, repeat=5) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / repeat
+
+
+def measure_profile(device, dtype=torch.bfloat16) -> HardwareProfile:
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = (256 << 20) if cuda else (32 << 20)
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=cuda)
+    host.fill_(1)
+    dev = torch.empty(n, dtype=torch.uint8, device=device)
+    copy = n / _timed(lambda: dev.copy_(host, non_blocking=True), device) / 1e9
+    dev2 = torch.empty_like(dev)
+    hbm = 2 * n / _timed(lambda: dev2.copy_(dev), device) / 1e9
+    m = 4096 if cuda else 512
+    a = torch.randn(m, m, device=device, dtype=dtype if cuda else torch.float32)
+    gemm = 2 * m**3 / _timed(lambda: a @ a, device) / 1e12
+    # Host attention: one decode query per row over a GQA cache, as the CPU path runs it.
+    rows, heads, kv, ctx, hd = 16, 32, 8, 512, 128
+    q = torch.randn(rows, heads, 1, hd, dtype=torch.float32)
+    k = torch.randn(rows, kv, ctx, hd, dtype=torch.float32)
+    att = _timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, k, enable_gqa=True), torch.device("cpu"), repeat=3)
+    cpu_att = 2 * k.numel() * k.element_size() / att / 1e9
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    return HardwareProfile(name, copy, gemm, hbm, cpu_att)
+
+
+def profile_path(device_name: str, cache_dir: Optional[Path] = None) -> Path:
+    from .synthetic import cache_dir as default_cache
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name)
+    return Path(cache_dir or default_cache()) / f"profile-{safe}.json"
+
+
+def load_profile(device, cache_dir: Optional[Path] = None, dtype=torch.bfloat16) -> HardwareProfile:
+    """The device's profile from the cache, measured and cached on first use."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    path = profile_path(name, cache_dir)
+    if path.is_file():
+        try:
+            return HardwareProfile(**json.loads(path.read_text()))
+        except (TypeError, ValueError):
+            pass  # an old or damaged cache entry: measure again
+    profile = measure_profile(device, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(profile.to_dict(), indent=1))
+    tmp.replace(path)
+    return profile
+
+
+# -- sizes ------------------------------------------------------------------------------------
+
+@dataclass
+class ModelSizes:
+    """Bytes of each part of a model in one dtype."""
+    outside_layers: int  # embeddings, head, final norm
+    layer_attention: int  # one layer's attention, norms and router
+    layer_ffn: int  # one layer's feed-forward (all experts)
+    kv_per_token: int  # all layers, K and V
+    n_layers: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, dtype: torch.dtype):
+        b = torch.empty(0, dtype=dtype).element_size()
+        D, V, hd = cfg.dim, cfg.vocab_size, cfg.head_dim
+        outside = V * D * (1 if cfg.tie_word_embeddings else 2) + D
+        attn = D * cfg.qkv_size + cfg.n_heads * hd * D + 2 * D
+        attn += cfg.qkv_size * cfg.qkv_bias + D * cfg.o_bias + 2 * hd * cfg.qk_norm
+        ffn = 3 * D * cfg.ffn_size * max(cfg.n_experts, 1)
+        attn += D * cfg.n_experts  # the router
+        kv = cfg.n_layers * 2 * cfg.n_kv_heads * hd
+        return cls(outside * b, attn * b, ffn * b, kv * b, cfg.n_layers)
+
+    @property
+    def layer(self) -> int:
+        return self.layer_attention + self.layer_ffn
+
+    @property
+    def total(self) -> int:
+        return self.outside_layers + self.n_layers * self.layer
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, logit_rows: int, dtype: torch.dtype) -> int:
+    """A generous bound on the transient memory of one layer step over `tokens` tokens, plus
+    the fp32 logits and sampling buffers of `logit_rows` positions at the head."""
+    b = torch.empty(0, dtype=dtype).element_size()
+    per_token = (6 * cfg.dim + 2 * cfg.qkv_size + 3 * max(cfg.top_k, 1) * cfg.ffn_size) * b
+    return tokens * per_token + logit_rows * 4 * 4 * cfg.vocab_size
+
+
+# -- plans ------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    offload: bool
+    budget_bytes: Optional[int]
+    resident_attention: bool = True
+    resident_layers: int = 0
+    ring_slots: int = 0
+    kv_on_gpu: bool = True
+    rows_per_pass: int = 1
+    prefill_chunk: int = 512
+    tokens_per_row: int = 1  # tokens each row brings to a decode pass
+    gpu_bytes: dict = field(default_factory=dict)
+    stream_bytes_per_pass: int = 0
+    predicted_pass_seconds: Optional[float] = None
+    predicted_prefill_seconds: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def planned_gpu_bytes(self) -> int:
+        return sum(self.gpu_bytes.values())
+
+
+def _weight_bytes_on_gpu(sizes: ModelSizes, resident_attention: bool, resident_layers: int,
+                         slots: int) -> dict:
+    streamed = sizes.n_layers - resident_layers
+    slot = sizes.layer_ffn if resident_attention else sizes.layer
+    attention = (streamed * sizes.layer_attention) if resident_attention else 0
+    return {"outside_layers": sizes.outside_layers, "resident_layers": resident_layers * sizes.layer,
+            "resident_attention": attention, "ring": min(slots, streamed) * slot}
+
+
+def plan_weights(cfg: ModelConfig, dtype: torch.dtype, budget: Optional[int], *,
+                 offload: Optional[bool], reserve: int, ring_slots: int = 3) -> Plan:
+    """Where the weights go, keeping `reserve` bytes for KV cache and activations.
+
+    offload=False: everything on the device (refused if it cannot fit); None: resident when
+    it fits, else offloaded; True: every decoder layer streams (nothing but embeddings, head,
+    norms, routers and attention stays, and attention only if it fits).
+    """
+    sizes = ModelSizes.of(cfg, dtype)
+    fixed = reserve + CONTEXT_MARGIN
+    resident_total = sizes.total + fixed
+    if offload is False or (offload is None and (budget is None or resident_total <= budget)):
+        if budget is not None and resident_total > budget:
+            raise BudgetError(
+                f"the model needs {resident_total / GiB:.1f} GiB on the GPU ({sizes.total / GiB:.1f} "
+                f"GiB of weights + {fixed / GiB:.1f} GiB for cache and activations) but "
+                f"gpu_memory is {budget / GiB:.1f} GiB; raise gpu_memory or use offload=True")
+        gpu = {"weights": sizes.total}
+        return Plan(offload=False, budget_bytes=budget, resident_layers=cfg.n_layers, gpu_bytes=gpu)
+    # Smallest offloaded plan: two slots of whole layers, nothing else resident.
+    smallest = sum(_weight_bytes_on_gpu(sizes, False, 0, 2).values()) + fixed
+    if budget is not None and smallest > budget:
+        raise BudgetError(
+            f"gpu_memory={budget / GiB:.2f} GiB is too small for any plan: the smallest "
+            f"(embeddings and head resident, two streamed layer slots, cache and activations) "
+            f"needs {smallest / GiB:.2f} GiB; raise gpu_memory to at least that")
+    best = None
+    for attention in (True, False):
+        for slots in range(max(ring_slots, 2), 1, -1):
+            gpu = _weight_bytes_on_gpu(sizes, attention, 0, slots)
+            if budget is None or sum(gpu.values()) + fixed <= budget:
+                best = (attention, slots)
+                break
+        if best:
+            break
+    attention, slots = best
+    resident = 0
+    if offload is None and budget is not None:
+        # Spare memory holds whole layers, which then never stream.
+        while resident < cfg.n_layers - 1:
+            gpu = _weight_bytes_on_gpu(sizes, attention, resident + 1, slots)
+            if sum(gpu.values()) + fixed > budget:
+                break
+            resident += 1
+    gpu = _weight_bytes_on_gpu(sizes, attention, resident, slots)
+    stream = (cfg.n_layers - resident) * (sizes.layer_ffn if attention else sizes.layer)
+    return Plan(offload=True, budget_bytes=budget, resident_attention=attention,
+                resident_layers=resident, ring_slots=slots, gpu_bytes=gpu,
+                stream_bytes_per_pass=stream)
+
+
+def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, context: int,
+             max_rows: int, tokens_per_row: int = 1, prefill_tokens: int = 0,
+             prefill_chunk: int = 512, kv_placement: Optional[str] = None,
+             profile: Optional[HardwareProfile] = None) -> Plan:
+    """Rows per pass, KV placement and predicted times for a workload, within the budget
+    left by the weights. `kv_placement` "gpu" or "host" forces the cache's place; by
+    default it is on the GPU when it fits, else (for an offloaded target) in host memory."""
+    if kv_placement not in (None, "gpu", "host"):
+        raise ValueError(f"kv_placement must be 'gpu', 'host' or None, not {kv_placement!r}")
+    sizes = ModelSizes.of(cfg, dtype)
+    budget = weights.budget_bytes
+    used = sum(weights.gpu_bytes.values()) + CONTEXT_MARGIN
+    rows_per_pass = max(1, min(rows, max_rows))
+    chunk = max(1, min(prefill_chunk, prefill_tokens or prefill_chunk))
+
+    def need(r, kv_gpu, c):
+        act = activation_bytes(cfg, max(r * tokens_per_row, r * c), r * tokens_per_row, dtype)
+        hidden = r * max(prefill_tokens, 1) * cfg.dim * torch.empty(0, dtype=dtype).element_size()
+        kv = r * context * sizes.kv_per_token if kv_gpu else 0
+        return kv, act + hidden
+
+    kv_gpu = kv_placement != "host"
+    host_kv_allowed = kv_placement is None
+    while True:
+        kv, act = need(rows_per_pass, kv_gpu, chunk)
+        if budget is None or used + kv + act <= budget:
+            break
+        if chunk > 16:
+            chunk //= 2
+        elif kv_gpu and host_kv_allowed and weights.offload:
+            kv_gpu, chunk = False, max(1, min(prefill_chunk, prefill_tokens or prefill_chunk))
+        elif rows_per_pass > 1:
+            rows_per_pass = max(1, rows_per_pass // 2)
+        else:
+            raise BudgetError(
+                f"gpu_memory={budget / GiB:.2f} GiB leaves {(budget - used) / GiB:.2f} GiB after "
+                f"the weights, too little for even one row of {context} tokens "
+                f"({(kv + act) / GiB:.2f} GiB); raise gpu_memory or shorten the context")
+    plan = Plan(**{**weights.to_dict(), "kv_on_gpu": kv_gpu, "rows_per_pass": rows_per_pass,
+                   "prefill_chunk": chunk, "tokens_per_row": tokens_per_row})
+    plan.gpu_bytes = dict(weights.gpu_bytes, kv_cache=kv, activations=act)
+    if profile is not None:
+        plan.predicted_pass_seconds = predict_pass(plan, cfg, dtype, profile, rows_per_pass,
+                                                   tokens_per_row, context)
+        plan.predicted_prefill_seconds = predict_pass(plan, cfg, dtype, profile, rows_per_pass,
+                                                      max(prefill_tokens, 1), prefill_tokens)
+    return plan
+
+
+def predict_pass(plan: Plan, cfg: ModelConfig, dtype, profile: HardwareProfile, rows: int,
+                 tokens_per_row: int, context: int) -> float:
+    """Seconds for one pass of `rows` × `tokens_per_row` tokens over a `context`-long cache."""
+    sizes = ModelSizes.of(cfg, dtype)
+    tokens = rows * tokens_per_row
+    active_ffn = 3 * cfg.dim * cfg.ffn_size * max(cfg.top_k, 1)
+    attn_params = sizes.layer_attention / torch.empty(0, dtype=dtype).element_size()
+    flops = 2 * tokens * cfg.n_layers * (attn_params + active_ffn)
+    flops += 4 * tokens * context * cfg.n_heads * cfg.head_dim * cfg.n_layers  # attention
+    compute = flops / (profile.gemm_tflops * 1e12)
+    kv_bytes = rows * context * sizes.kv_per_token
+    attention = kv_bytes / ((profile.hbm_gbps if plan.kv_on_gpu else profile.cpu_attention_gbps) * 1e9)
+    # Experts no token routes to still stream (every expert is copied each pass).
+    weights_read = sizes.total if not plan.offload else sizes.total - plan.stream_bytes_per_pass
+    compute += weights_read / (profile.hbm_gbps * 1e9)
+    copy = plan.stream_bytes_per_pass / (profile.copy_gbps * 1e9)
+    return max(copy, compute + attention) + cfg.n_layers * 20e-6

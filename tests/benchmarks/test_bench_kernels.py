@@ -1,0 +1,82 @@
+"""pytest-benchmark timings of the Triton kernels vs their references and plain torch (GPU only).
+
+Shapes: Mixtral-8x7B and Qwen3-30B-A3B. Each timed call ends with a CUDA synchronize; TFLOP/s
+and GB/s go to benchmark.extra_info. Cases and baselines come from tools/bench_kernels.py.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_kernels", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "bench_kernels.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+pytestmark = pytest.mark.gpu
+
+MOE_IMPLS = ("triton", "torch_grouped", "ref")
+ATTN_IMPLS = ("triton", "sdpa_masked", "ref")
+
+
+def run_timed(benchmark, fn, flops, bytes_):
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    timed()  # compile and warm up outside the timing
+    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(tflops=flops / seconds / 1e12, gbps=bytes_ / seconds / 1e9)
+
+
+@pytest.fixture(scope="module")
+def moe_weights():
+    cache = {}
+
+    def get(shape):
+        if shape not in cache:
+            cache.clear()
+            torch.cuda.empty_cache()
+            _, w13, w2, _, _ = bench.moe_inputs(shape, 1)
+            cache[shape] = (w13, w2)
+        return cache[shape]
+    yield get
+    cache.clear()
+
+
+@pytest.mark.parametrize("impl", MOE_IMPLS)
+@pytest.mark.parametrize("tokens", bench.MOE_TOKENS)
+@pytest.mark.parametrize("shape", list(bench.MOE_SHAPES))
+def test_bench_fused_moe(benchmark, moe_weights, shape, tokens, impl):
+    x, w13, w2, topk_weights, topk_ids = bench.moe_inputs(shape, tokens, weights=moe_weights(shape), seed=tokens)
+    flops, bytes_ = bench.moe_cost(x, w13, w2, topk_ids)
+    out = torch.empty_like(x)
+    fn = {
+        "triton": lambda: bench.fused_moe(x, w13, w2, topk_weights, topk_ids, out=out),
+        "torch_grouped": lambda: bench.moe_torch_grouped(x, w13, w2, topk_weights, topk_ids),
+        "ref": lambda: bench.fused_moe_ref(x, w13, w2, topk_weights, topk_ids),
+    }[impl]
+    benchmark.group = f"fused_moe {shape} tokens={tokens}"
+    run_timed(benchmark, fn, flops, bytes_)
+    assert torch.isfinite(fn()).all()
+
+
+@pytest.mark.parametrize("impl", ATTN_IMPLS)
+@pytest.mark.parametrize("B,T,prefix,tree", bench.ATTN_CASES)
+@pytest.mark.parametrize("shape", list(bench.ATTN_SHAPES))
+def test_bench_verify_attention(benchmark, shape, B, T, prefix, tree, impl):
+    q, k_cache, v_cache, lengths, tree_mask = bench.attention_inputs(shape, B, T, prefix, tree)
+    S = k_cache.shape[2]
+    flops, bytes_ = bench.attention_cost(q, k_cache, lengths)
+    mask = bench.attention_mask(lengths, T, S, tree_mask)[:, None]  # (B, 1, T, S)
+    out = torch.empty_like(q)
+    fn = {
+        "triton": lambda: bench.verify_attention(q, k_cache, v_cache, lengths, tree_mask, kv_len=S, out=out),
+        "sdpa_masked": lambda: bench.attention_sdpa(q, k_cache, v_cache, mask),
+        "ref": lambda: bench.verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask),
+    }[impl]
+    benchmark.group = f"verify_attention {shape} B={B} T={T} prefix={prefix} tree={tree}"
+    run_timed(benchmark, fn, flops, bytes_)
+    assert torch.isfinite(fn()).all()

@@ -1,0 +1,163 @@
+"""Verification attention against its SDPA reference: ragged rows, chain and tree masks, splits.
+
+On the CPU the kernels run in Triton's interpreter (fp32/fp16, tiny sizes); the full grid and
+bf16, torch.compile and CUDA-graph capture run under the `gpu` marker.
+"""
+import zlib
+
+import pytest
+import torch
+
+from specoff.kernels.attention import attention_mask, launch_config, verify_attention, verify_attention_ref
+
+TOL = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.gpu
+
+
+def rel_err(out, ref):
+    """Largest absolute error over the output's scale (NaN if anything is NaN)."""
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def random_tree_mask(batch, nodes, gen):
+    """Ancestor masks of random trees in topological order: parent[j] < j, node 0 the root."""
+    mask = torch.zeros(batch, nodes, nodes, dtype=torch.bool)
+    for b in range(batch):
+        for j in range(nodes):
+            mask[b, j, j] = True
+            if j > 0:
+                parent = int(torch.randint(0, j, (1,), generator=gen))
+                mask[b, j] |= mask[b, parent]
+    return mask.to(DEVICE)
+
+
+def make_inputs(B, T, H, KV, hd, S, dtype, tree, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, hd, generator=gen).to(DEVICE, dtype)
+    # The cache is a view of a bigger [layers, B, KV, S, hd] buffer, as in the model.
+    k_all = torch.randn(2, B, KV, S, hd, generator=gen).to(DEVICE, dtype)
+    v_all = torch.randn(2, B, KV, S, hd, generator=gen).to(DEVICE, dtype)
+    lengths = torch.randint(0, S - T + 1, (B,), generator=gen)
+    lengths[0] = 0  # an empty prefix: only the new tokens are visible
+    if B > 2:
+        lengths[-1] = S - T  # a full cache
+    tree_mask = random_tree_mask(B, T, gen) if tree else None
+    return q, k_all[1], v_all[1], lengths.to(DEVICE), tree_mask
+
+
+def check(B, T, H, KV, hd, S, dtype, tree, num_splits=None, kv_len=None, seed=0):
+    q, k_cache, v_cache, lengths, tree_mask = make_inputs(B, T, H, KV, hd, S, dtype, tree, seed)
+    if kv_len is not None:
+        lengths.clamp_(max=kv_len - T)
+    ref = verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask, kv_len=kv_len)
+    out = torch.full_like(q, float("nan"))  # an unwritten element stays NaN and fails
+    verify_attention(q, k_cache, v_cache, lengths, tree_mask, kv_len=kv_len, out=out, num_splits=num_splits)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    return q, k_cache, v_cache, lengths, tree_mask, ref
+
+
+# (B, T, H, KV, hd, S, tree): a few tiny cases run on the CPU interpreter.
+CPU_CASES = [
+    (3, 1, 4, 2, 32, 40, False),  # decode, GQA 2
+    (3, 5, 8, 2, 64, 70, False),  # chain of 5 drafts
+    (2, 7, 4, 4, 48, 50, True),  # tree, no GQA, head_dim not a power of two
+    (1, 20, 2, 1, 32, 60, True),  # bigger tree, query rows past one block
+]
+GPU_CASES = [(3, T, H, KV, hd, 1000, tree) for T in (1, 5, 33) for H, KV in ((32, 8), (32, 4))
+             for hd in (128,) for tree in (False, True) if not (tree and T == 1)]
+GPU_CASES += [(2, 16, 8, 8, 64, 300, True), (1, 256, 32, 8, 128, 1500, True)]
+
+
+def cases():
+    for case in CPU_CASES:
+        for dtype in (torch.float32, torch.float16):
+            yield pytest.param(*case, dtype, id=f"{case}-{dtype}")
+    for case in GPU_CASES:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            yield pytest.param(*case, dtype, marks=gpu, id=f"gpu-{case}-{dtype}")
+
+
+@pytest.mark.parametrize("B,T,H,KV,hd,S,tree,dtype", list(cases()))
+def test_verify_attention_matches_ref(B, T, H, KV, hd, S, tree, dtype):
+    seed = zlib.crc32(repr((B, T, H, KV, hd, S, tree, dtype)).encode())
+    q, k_cache, v_cache, lengths, tree_mask, ref = check(B, T, H, KV, hd, S, dtype, tree, seed=seed)
+    op_out = verify_attention(q, k_cache, v_cache, lengths, tree_mask)  # the registered op
+    assert rel_err(op_out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_long_prefix_split(tree, num_splits):
+    """Prefix long enough that the heuristic splits it; forced single and many splits agree."""
+    B, T, H, KV, hd, S = 2, 3, 2, 1, 32, 700
+    cfg = launch_config(B, KV, T, H // KV, hd, S, torch.device(DEVICE), num_splits)
+    assert (cfg["num_splits"] == 1) == (num_splits == 1)
+    check(B, T, H, KV, hd, S, torch.float32, tree, num_splits=num_splits, seed=7)
+
+
+def test_kv_len_bound_smaller_than_cache():
+    check(3, 4, 4, 2, 32, 90, torch.float16, False, kv_len=40, seed=9)
+
+
+def test_mask_chain_equals_full_tree_of_a_chain():
+    """A chain is the tree whose node t has every earlier node as ancestor."""
+    lengths = torch.tensor([0, 3])
+    chain = torch.ones(2, 4, 4, dtype=torch.bool).tril()
+    assert torch.equal(attention_mask(lengths, 4, 9), attention_mask(lengths, 4, 9, chain))
+    assert attention_mask(lengths, 4, 9)[1].sum(-1).tolist() == [4, 5, 6, 7]
+
+
+def test_compile_fullgraph_traces_the_op():
+    """Dynamo traces a function calling the op without a graph break (opaque op on the CPU)."""
+    q, k_cache, v_cache, lengths, tree_mask = make_inputs(2, 3, 4, 2, 32, 20, torch.float32, True, 3)
+
+    def step(q, lengths, tree_mask):
+        return verify_attention(q, k_cache, v_cache, lengths, tree_mask) + 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(q, lengths, tree_mask), step(q, lengths, tree_mask)) < 1e-6
+
+
+@gpu
+@pytest.mark.parametrize("tree", [False, True])
+def test_compile_inductor_matches_eager(tree):
+    torch._dynamo.reset()
+    q, k_cache, v_cache, lengths, tree_mask = make_inputs(3, 5, 32, 8, 128, 600, torch.bfloat16, tree, 4)
+
+    def step(q, lengths, tree_mask):
+        return verify_attention(q * 1.5, k_cache, v_cache, lengths, tree_mask, kv_len=600) + 1
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert rel_err(compiled(q, lengths, tree_mask), step(q, lengths, tree_mask)) < TOL[torch.bfloat16]
+
+
+@gpu
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_cuda_graph_replay(num_splits):
+    dtype = torch.bfloat16
+    B, T, H, KV, hd, S = 4, 5, 32, 8, 128, 2048
+    q, k_cache, v_cache, lengths, tree_mask = make_inputs(B, T, H, KV, hd, S, dtype, True, 5)
+    static_out = torch.empty_like(q)
+
+    def step():
+        verify_attention(q, k_cache, v_cache, lengths, tree_mask, out=static_out, num_splits=num_splits)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm up: compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (1, 2):
+        new = make_inputs(B, T, H, KV, hd, S, dtype, True, 100 + seed)
+        for static, fresh in zip((q, k_cache, v_cache, lengths, tree_mask), new):
+            static.copy_(fresh)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask)
+        assert rel_err(static_out, ref) < TOL[dtype]

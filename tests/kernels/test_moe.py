@@ -1,0 +1,172 @@
+"""Fused MoE kernel against its plain-torch reference: odd sizes, every dtype, routing, grouping.
+
+On the CPU the kernels run in Triton's interpreter (fp32/fp16, tiny sizes); the full grid and
+bf16, torch.compile and CUDA-graph capture run under the `gpu` marker.
+"""
+import json
+import zlib
+
+import pytest
+import torch
+
+from specoff.kernels import moe
+from specoff.kernels.moe import fused_moe, fused_moe_ref, moe_align, moe_route
+
+TOL = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.gpu
+
+
+def rel_err(out, ref):
+    """Largest absolute error over the output's scale (NaN if anything is NaN)."""
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed, renormalize=True):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(tokens, hidden, device=DEVICE, generator=gen).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device=DEVICE, generator=gen) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device=DEVICE, generator=gen) / inter**0.5).to(dtype)
+    logits = torch.randn(tokens, experts, device=DEVICE, generator=gen)
+    topk_weights, topk_ids = moe_route(logits, top_k, renormalize)
+    return x, w13, w2, topk_weights, topk_ids
+
+
+# (tokens, hidden, intermediate, experts, top_k): a few tiny cases run on the CPU interpreter.
+CPU_CASES = [(1, 128, 48, 8, 2), (33, 97, 40, 8, 2), (5, 64, 32, 128, 8)]
+GPU_CASES = [(n, d, i, e, k) for n in (1, 33, 222) for d, i in ((128, 256), (97, 72)) for e, k in ((8, 2), (128, 8))]
+
+
+def cases():
+    for case in CPU_CASES:
+        for dtype in (torch.float32, torch.float16):
+            yield pytest.param(*case, dtype, id=f"{case}-{dtype}")
+    for case in GPU_CASES:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            yield pytest.param(*case, dtype, marks=gpu, id=f"gpu-{case}-{dtype}")
+
+
+@pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", list(cases()))
+def test_fused_moe_matches_ref(tokens, hidden, inter, experts, top_k, dtype):
+    seed = zlib.crc32(repr((tokens, hidden, inter, experts, top_k, dtype)).encode())
+    x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed)
+    ref = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+    out = torch.full_like(x, float("nan"))  # an unwritten element stays NaN and fails
+    fused_moe(x, w13, w2, topk_weights, topk_ids, out=out)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    op_out = fused_moe(x, w13, w2, topk_weights, topk_ids)  # the registered op
+    assert rel_err(op_out, ref) < TOL[dtype]
+
+
+def test_fused_moe_on_views_of_a_flat_buffer():
+    """Weights as views at an offset into one packed buffer, int32 ids, no renormalisation."""
+    tokens, hidden, inter, experts, top_k = 9, 64, 32, 8, 2
+    x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, torch.float32, 3,
+                                                     renormalize=False)
+    flat = torch.randn(7 + w13.numel() + w2.numel(), device=DEVICE)
+    w13_view = flat[7:7 + w13.numel()].view_as(w13).copy_(w13)
+    w2_view = flat[7 + w13.numel():].view_as(w2).copy_(w2)
+    out = torch.full_like(x, float("nan"))
+    fused_moe(x, w13_view, w2_view, topk_weights, topk_ids.int(), out=out)
+    assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_moe_route(renormalize):
+    logits = torch.randn(17, 8, generator=torch.Generator().manual_seed(1))
+    topk_weights, topk_ids = moe_route(logits.half(), 2, renormalize)
+    probs = torch.softmax(logits.half().float(), dim=-1)
+    expected = probs.gather(1, topk_ids)
+    if renormalize:
+        expected = expected / expected.sum(-1, keepdim=True)
+    assert topk_weights.dtype == torch.float32
+    torch.testing.assert_close(topk_weights, expected)
+    assert torch.equal(topk_ids[:, 0], probs.argmax(-1))
+    assert (topk_weights[:, 0] >= topk_weights[:, 1]).all()
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 8, 2, 16), (37, 8, 2, 16), (20, 128, 8, 64)])
+def test_moe_align_groups_every_pair_once(tokens, experts, top_k, block_m):
+    topk_ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    sorted_pairs, block_expert = moe_align(topk_ids, experts, block_m)
+    pairs = tokens * top_k
+    valid = sorted_pairs < pairs
+    assert torch.equal(sorted_pairs[valid].sort().values, torch.arange(pairs, dtype=torch.int32))
+    rows_expert = block_expert.repeat_interleave(block_m)
+    assert torch.equal(rows_expert[valid].long(), topk_ids.reshape(-1)[sorted_pairs[valid].long()])
+    used = block_expert[block_expert >= 0]
+    assert (used[:-1] <= used[1:]).all() and (block_expert[len(used):] == -1).all()
+
+
+def test_get_config_nearest_token_count(tmp_path, monkeypatch):
+    name = moe.config_file_name(8, 256, 128, torch.float16, "Test GPU")
+    tuned = {"1": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
+             "64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)}
+    (tmp_path / name).write_text(json.dumps(tuned))
+    monkeypatch.setattr(moe, "CONFIG_DIR", str(tmp_path))
+    moe._load_configs.cache_clear()
+    assert moe.get_config(8, 256, 128, torch.float16, "Test_GPU", 5)["BLOCK_M"] == 16
+    assert moe.get_config(8, 256, 128, torch.float16, "Test_GPU", 50)["BLOCK_M"] == 64
+    assert moe.get_config(8, 256, 128, torch.bfloat16, "Test_GPU", 50) == moe._default_config(8, 256, 128, 50)
+    moe._load_configs.cache_clear()
+
+
+def test_compile_fullgraph_traces_the_op():
+    """Dynamo traces a function calling the op without a graph break (opaque op on the CPU)."""
+    x, w13, w2, _, _ = make_inputs(6, 32, 24, 4, 2, torch.float32, 5)
+    logits = torch.randn(6, 4, device=DEVICE)
+
+    def moe_block(x, logits):
+        topk_weights, topk_ids = moe_route(logits, 2, True)
+        return fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+    compiled = torch.compile(moe_block, fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(x, logits), moe_block(x, logits)) < 1e-6
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compile_inductor_matches_eager(dtype):
+    torch._dynamo.reset()
+    x, w13, w2, _, _ = make_inputs(33, 256, 128, 8, 2, dtype, 11)
+    logits = torch.randn(33, 8, device=DEVICE)
+
+    def moe_block(x, logits):
+        topk_weights, topk_ids = moe_route(logits, 2, True)
+        return fused_moe(x, w13, w2, topk_weights, topk_ids) * 2
+
+    compiled = torch.compile(moe_block, fullgraph=True)
+    assert rel_err(compiled(x, logits), moe_block(x, logits)) < TOL[dtype]
+
+
+@gpu
+def test_cuda_graph_replay():
+    dtype = torch.bfloat16
+    tokens, hidden, inter, experts, top_k = 17, 256, 128, 8, 2
+    x, w13, w2, _, _ = make_inputs(tokens, hidden, inter, experts, top_k, dtype, 21)
+    static_x = x.clone()
+    static_logits = torch.randn(tokens, experts, device=DEVICE)
+    static_out = torch.empty_like(x)
+
+    def step():
+        topk_weights, topk_ids = moe_route(static_logits, top_k, True)
+        fused_moe(static_x, w13, w2, topk_weights, topk_ids, out=static_out)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm up: compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (1, 2):
+        new_x, _, _, _, _ = make_inputs(tokens, hidden, inter, experts, top_k, dtype, 100 + seed)
+        static_x.copy_(new_x)
+        static_logits.copy_(torch.randn(tokens, experts, device=DEVICE))
+        static_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        topk_weights, topk_ids = moe_route(static_logits, top_k, True)
+        assert rel_err(static_out, fused_moe_ref(static_x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]

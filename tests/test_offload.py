@@ -1,0 +1,104 @@
+"""Offloaded execution: the packed store, the ring, and tokens equal to the resident run."""
+import pytest
+import torch
+
+import specoff
+from specoff.offload import ALIGN_BYTES, LayerLayout, build_offloaded
+from specoff.models.decoder import Transformer
+
+PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n"]
+GREEDY = specoff.SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+def test_layout_packs_the_feed_forward_first_and_aligned(make_checkpoint):
+    cfg = specoff.ModelConfig.from_hf(make_checkpoint("mixtral"))
+    with torch.device("meta"):
+        block = Transformer(cfg).layers[0]
+    for stream_attention in (False, True):
+        layout = LayerLayout.of(block, torch.float32, stream_attention)
+        offsets = sorted(off for off, _ in layout.entries.values())
+        assert all(off * 4 % ALIGN_BYTES == 0 for off in offsets)
+        assert offsets[0] == 0 and layout.numel >= sum(torch.Size(s).numel() for _, s in layout.entries.values())
+        streamed = {n for n in layout.entries if layout.streams(n)}
+        if stream_attention:
+            assert streamed == set(layout.entries) and layout.stream_numel == layout.numel
+        else:
+            assert streamed == {"feed_forward.w13", "feed_forward.w2"}
+    # views are disjoint: writing one tensor leaves the others untouched
+    flat = torch.zeros(layout.numel)
+    views = layout.views(flat)
+    views["feed_forward.w2"].fill_(1)
+    assert flat.sum() == views["feed_forward.w2"].numel()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llama", "qwen3_moe"])
+@pytest.mark.parametrize("slots, resident_attention, resident_layers",
+                         [(1, True, 0), (2, False, 0), (3, True, 1), (2, True, 3)])
+def test_offloaded_logits_equal_resident(family, slots, resident_attention, resident_layers,
+                                         make_checkpoint):
+    path = make_checkpoint(family, layers=4)
+    cfg = specoff.ModelConfig.from_hf(path)
+    resident = specoff.load_model(path, "cpu")
+    model, report = build_offloaded(path, cfg, "cpu", torch.float32, ring_slots=slots,
+                                    resident_attention=resident_attention,
+                                    resident_layers=resident_layers)
+    assert report.store_bytes == model.store.nbytes and not report.pinned
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.inference_mode():
+        for _ in range(3):  # several passes: the ring wraps around between them
+            torch.testing.assert_close(model(ids), resident(ids), rtol=0, atol=0)
+    streamed = cfg.n_layers - resident_layers
+    assert model.ring.n_slots == min(slots, streamed)
+    if streamed > slots:
+        per_layer = model.store.layout.stream_numel * 4
+        # the first `slots` layers at start-up, then one refill per layer per pass
+        assert model.ring.bytes_copied == per_layer * (model.ring.n_slots + 3 * streamed)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2"])
+def test_offloaded_generation_equals_resident(family, make_checkpoint):
+    path = make_checkpoint(family, layers=3)
+    resident = specoff.LLM(path, device="cpu", offload=False)
+    offloaded = specoff.LLM(path, device="cpu", offload=True, ring_slots=2, prefill_chunk=4)
+    assert not resident.weight_plan.offload and offloaded.weight_plan.offload
+    a = resident.generate(PROMPTS, GREEDY)
+    b = offloaded.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    stats = offloaded.last_stats
+    layer_bytes = offloaded.model.store.layout.stream_numel * 4
+    # prefill streams each layer once (whatever the chunk count), then once per decode pass
+    assert stats.bytes_streamed == layer_bytes * 3 * (stats.prefill_passes + stats.decode_passes)
+    assert stats.plan["offload"] and stats.plan["ring_slots"] == 2
+    assert resident.last_stats.bytes_streamed == 0
+
+
+def _gpu_runs(path, **kw):
+    llm = specoff.LLM(path, device="cuda", dtype="float32", **kw)
+    outs = llm.generate(PROMPTS, GREEDY)
+    return [o.token_ids for o in outs], llm
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots", [2, 3])
+@pytest.mark.parametrize("kv", ["gpu", "host"])
+def test_gpu_offloaded_equals_resident(slots, kv, make_checkpoint):
+    path = make_checkpoint("mixtral", layers=5)
+    expect, _ = _gpu_runs(path, offload=False, cuda_graphs=False)
+    got, llm = _gpu_runs(path, offload=True, ring_slots=slots, kv_placement=kv)
+    assert got == expect
+    assert llm.model.ring.n_slots == slots and llm.last_stats.plan["kv_on_gpu"] == (kv == "gpu")
+    eager, _ = _gpu_runs(path, offload=True, ring_slots=slots, kv_placement=kv, cuda_graphs=False)
+    assert eager == expect
+
+
+@pytest.mark.gpu
+def test_gpu_budget_is_never_exceeded(make_checkpoint):
+    path = make_checkpoint("mixtral", layers=6, dim=256, intermediate=512, experts=8)
+    model_bytes = specoff.planner.ModelSizes.of(specoff.ModelConfig.from_hf(path), torch.bfloat16).total
+    budget = model_bytes // 2 + (300 << 20)  # cannot hold the model: must stream
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    llm = specoff.LLM(path, device="cuda", gpu_memory=budget, offload=None)
+    assert llm.weight_plan.offload
+    llm.generate(PROMPTS * 8, specoff.SamplingParams(max_new_tokens=16, ignore_eos=True))
+    assert torch.cuda.max_memory_allocated() - base <= budget
