@@ -18,9 +18,10 @@ import torch
 from .config import ModelConfig
 from .kvcache import KVCache
 from .offload import build_offloaded
-from .planner import Plan, load_profile, parse_bytes, plan_run, plan_weights
+from .planner import ModelSizes, Plan, load_profile, parse_bytes, plan_run, plan_weights
 from .sampling import SamplingParams, select
-from .weights import default_device, load_model, load_tokenizer, parse_dtype
+from .synthetic import random_source
+from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
 
 
 def default_budget(device) -> int:
@@ -79,7 +80,8 @@ class LLM:
     """A target model (and, later, a draft) ready to generate.
 
     `LLM(target, draft=None, *, spec=None, device=None, dtype=None, gpu_memory=None,
-    offload=None, seed=0)`; `target` is a Hugging Face checkpoint folder.
+    offload=None, seed=0)`; `target` is a Hugging Face checkpoint folder, or a ModelConfig
+    for a model of that shape with seeded random weights.
     """
 
     def __init__(self, target, draft=None, *, spec=None, device=None, dtype=None,
@@ -91,12 +93,18 @@ class LLM:
                                       "supported yet; leave draft and spec unset")
         if max_rows < 1 or prefill_chunk < 1 or ring_slots < 1:
             raise ValueError("max_rows, prefill_chunk and ring_slots must be positive")
-        self.path = Path(target)
-        self.config = ModelConfig.from_hf(self.path)  # fails early on an unsupported family
         self.device = default_device(device)
         self.dtype = parse_dtype(dtype) or (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.tokenizer = load_tokenizer(self.path)
+        if isinstance(target, ModelConfig):
+            # A model of this shape with seeded random weights (benchmarks at real size).
+            self.path, self.config, self.tokenizer = None, target, None
+            source = random_source(target, seed, self.device)
+        else:
+            self.path = Path(target)
+            self.config = ModelConfig.from_hf(self.path)  # fails early on an unsupported family
+            self.tokenizer = load_tokenizer(self.path)
+            source = checkpoint_source(self.path, self.config)
         self.seed = seed
         self.max_rows = max_rows
         self.prefill_chunk = prefill_chunk
@@ -108,20 +116,26 @@ class LLM:
             self.profile = load_profile(self.device, dtype=self.dtype)
         elif gpu_memory is not None:
             raise ValueError("gpu_memory applies to a CUDA device; this LLM runs on the CPU")
-        # A quarter of the budget stays free for the KV cache and activations.
-        reserve = budget // 4 if budget is not None else 0
+        # Room kept for the KV cache and activations: a quarter of the budget, more (up to
+        # half) when max_rows rows of 512 tokens need it; layers go resident only beyond it.
+        reserve = 0
+        if budget is not None:
+            kv_512 = max_rows * 512 * ModelSizes.of(self.config, self.dtype).kv_per_token
+            reserve = max(budget // 4, min(budget // 2, kv_512))
         self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=offload,
                                         reserve=reserve, ring_slots=ring_slots)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.weight_plan.offload:
             self.model, self.load_report = build_offloaded(
-                self.path, self.config, self.device, self.dtype,
+                self.config, source, self.device, self.dtype,
                 ring_slots=self.weight_plan.ring_slots,
                 resident_attention=self.weight_plan.resident_attention,
                 resident_layers=self.weight_plan.resident_layers)
         else:
-            self.model, self.load_report = load_model(self.path, self.device, self.dtype), None
+            self.model = load_model(self.path, self.device, self.dtype, source=source,
+                                    config=self.config)
+            self.load_report = None
         self.model.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.eos_token_ids = self._eos_ids()
         self.last_stats = GenerationStats()
@@ -129,8 +143,8 @@ class LLM:
 
     def _eos_ids(self) -> set:
         ids = set(self.config.eos_token_ids)
-        gen_cfg = self.path / "generation_config.json"
-        if gen_cfg.is_file():
+        gen_cfg = self.path / "generation_config.json" if self.path else None
+        if gen_cfg is not None and gen_cfg.is_file():
             eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
             ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if not ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

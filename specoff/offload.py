@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .config import ModelConfig
-from .weights import Checkpoint, check_names, load_into, materialize, weight_table
+from .weights import materialize
 
 FFN_PREFIX = "feed_forward."
 ROUTER = "feed_forward.gate.weight"
@@ -171,18 +171,17 @@ class LoadReport:
         return dict(self.__dict__)
 
 
-def build_offloaded(path, cfg: ModelConfig, device, dtype, *, ring_slots: int,
-                    resident_attention: bool, resident_layers: int = 0, pinned: Optional[bool] = None):
-    """Load `path` into a host store and return a Transformer whose streamed layers read
-    their weights from ring slots, with the ring attached (`model.ring`) and a LoadReport."""
+def build_offloaded(cfg: ModelConfig, source, device, dtype, *, ring_slots: int,
+                    resident_attention: bool, resident_layers: int = 0,
+                    pinned: Optional[bool] = None):
+    """Fill a host store from `source` (weights.checkpoint_source or synthetic.random_source)
+    and return a Transformer whose streamed layers read their weights from ring slots, with
+    the ring attached (`model.ring`), and a LoadReport."""
     from .models.decoder import Transformer
 
     device = torch.device(device)
     pinned = device.type == "cuda" if pinned is None else pinned
     t0, peak0 = time.perf_counter(), peak_host_bytes()
-    ckpt = Checkpoint(path)
-    table = weight_table(cfg)
-    check_names(ckpt, cfg, table)
     with torch.device("meta"):
         model = Transformer(cfg)
     layout = LayerLayout.of(model.layers[0], dtype, stream_attention=not resident_attention)
@@ -191,7 +190,7 @@ def build_offloaded(path, cfg: ModelConfig, device, dtype, *, ring_slots: int,
            for n, p in model.named_parameters() if not n.startswith("layers.")}
     for i in range(cfg.n_layers):
         dst.update({f"layers.{i}.{n}": t for n, t in store.views(i).items()})
-    load_into(ckpt, table, dst)
+    source(dst)  # checkpoint tensors land straight in the store: no second host copy
     streamed = list(range(resident_layers, cfg.n_layers))
     ring = WeightRing(store, streamed, ring_slots, device) if streamed else None
     for i in range(cfg.n_layers):

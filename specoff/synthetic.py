@@ -148,3 +148,29 @@ def default_checkpoint() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def random_source(cfg, seed: int = 0, device=None, std: float = 0.02):
+    """A weight source (see weights.WeightSource) of seeded random weights at any size.
+
+    Values are drawn on `device` (the GPU when there is one) a chunk at a time and copied
+    into their destinations, which may be views into the pinned host store: a full-size
+    model is built in memory without a checkpoint on disk and without a second host copy.
+    Norm weights are ones.
+    """
+    gen_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    chunk = 1 << 26  # elements drawn at once: bounds the temporary device memory
+
+    def fill(destinations):
+        g = torch.Generator(device=gen_device).manual_seed(seed)
+        for name in sorted(destinations):
+            flat = destinations[name].view(-1)
+            if "norm" in name:
+                flat.fill_(1.0)
+                continue
+            for part in flat.split(chunk):
+                values = torch.randn(part.numel(), generator=g, device=gen_device,
+                                     dtype=part.dtype)
+                part.copy_(values.mul_(std))
+
+    return fill

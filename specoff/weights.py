@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -192,24 +192,36 @@ def default_device(device=None) -> torch.device:
     return device
 
 
-def load_model(path, device=None, dtype=None):
-    """Build the decoder of the checkpoint in `path` on `device` with weights in `dtype`.
+WeightSource = Callable[[Dict[str, torch.Tensor]], None]
 
-    Returns a `Transformer`; `model(input_ids)` gives causal logits (B, T, vocab).
-    """
-    from .models.decoder import Transformer
 
-    cfg = ModelConfig.from_hf(path)
-    device = default_device(device)
-    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+def checkpoint_source(path, cfg: ModelConfig) -> WeightSource:
+    """Fills destinations (our name → tensor) from the checkpoint in `path`, after checking
+    that its tensor names match the config."""
     ckpt = Checkpoint(path)
     table = weight_table(cfg)
     check_names(ckpt, cfg, table)
+    return lambda destinations: load_into(ckpt, table, destinations)
+
+
+def load_model(path, device=None, dtype=None, *, source: Optional[WeightSource] = None,
+               config: Optional[ModelConfig] = None):
+    """Build the decoder of the checkpoint in `path` on `device` with weights in `dtype`.
+
+    Returns a `Transformer`; `model(input_ids)` gives causal logits (B, T, vocab). With
+    `config` and `source` (e.g. synthetic.random_source) no checkpoint is read.
+    """
+    from .models.decoder import Transformer
+
+    cfg = config or ModelConfig.from_hf(path)
+    device = default_device(device)
+    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    source = source or checkpoint_source(path, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
     params = dict(model.named_parameters())  # a tied head appears once, as the embedding
     dst = {name: torch.empty(p.shape, dtype=dtype, device=device) for name, p in params.items()}
-    load_into(ckpt, table, dst)
+    source(dst)
     return materialize(model, cfg, dst, device)
 
 

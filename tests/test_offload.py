@@ -5,6 +5,7 @@ import torch
 import specoff
 from specoff.offload import ALIGN_BYTES, LayerLayout, build_offloaded
 from specoff.models.decoder import Transformer
+from specoff.weights import checkpoint_source
 
 PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n"]
 GREEDY = specoff.SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -39,7 +40,8 @@ def test_offloaded_logits_equal_resident(family, slots, resident_attention, resi
     path = make_checkpoint(family, layers=4)
     cfg = specoff.ModelConfig.from_hf(path)
     resident = specoff.load_model(path, "cpu")
-    model, report = build_offloaded(path, cfg, "cpu", torch.float32, ring_slots=slots,
+    model, report = build_offloaded(cfg, checkpoint_source(path, cfg), "cpu", torch.float32,
+                                    ring_slots=slots,
                                     resident_attention=resident_attention,
                                     resident_layers=resident_layers)
     assert report.store_bytes == model.store.nbytes and not report.pinned
@@ -102,3 +104,18 @@ def test_gpu_budget_is_never_exceeded(make_checkpoint):
     assert llm.weight_plan.offload
     llm.generate(PROMPTS * 8, specoff.SamplingParams(max_new_tokens=16, ignore_eos=True))
     assert torch.cuda.max_memory_allocated() - base <= budget
+
+
+def test_a_config_alone_gives_seeded_random_weights():
+    cfg = specoff.ModelConfig.from_dict(dict(
+        model_type="mixtral", vocab_size=300, hidden_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_local_experts=4,
+        num_experts_per_tok=2))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    a = specoff.LLM(cfg, device="cpu", offload=False, seed=3).generate(prompts, GREEDY)
+    b = specoff.LLM(cfg, device="cpu", offload=True, seed=3, ring_slots=2).generate(prompts, GREEDY)
+    c = specoff.LLM(cfg, device="cpu", offload=False, seed=4)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert a[0].text == "" and c.tokenizer is None
+    assert not torch.equal(c.model.layers[0].feed_forward.w13,
+                           specoff.LLM(cfg, device="cpu", seed=3).model.layers[0].feed_forward.w13)
