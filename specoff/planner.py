@@ -45,7 +45,8 @@ def parse_bytes(value) -> int:
 class HardwareProfile:
     device_name: str
     copy_gbps: float  # pinned host → device
-    gemm_tflops: float  # in the model's dtype
+    gemm_tflops: float  # dense matrix products in the model's dtype
+    moe_tflops: float  # the fused MoE kernel on a mid-size grouped problem
     hbm_gbps: float  # device memory, read + write
     cpu_attention_gbps: float  # KV bytes scanned per second by host-side attention
 
@@ -53,8 +54,9 @@ class HardwareProfile:
         return asdict(self)
 
 
-def _timed(fn, device, repeat=5) -> float:
-    fn()
+def _timed(fn, device, repeat=5, warmup=2) -> float:
+    for _ in range(warmup):
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -75,9 +77,22 @@ def measure_profile(device, dtype=torch.bfloat16) -> HardwareProfile:
     copy = n / _timed(lambda: dev.copy_(host, non_blocking=True), device) / 1e9
     dev2 = torch.empty_like(dev)
     hbm = 2 * n / _timed(lambda: dev2.copy_(dev), device) / 1e9
-    m = 4096 if cuda else 512
+    # Large enough that launch latency and clock ramp-up vanish (8192³ ≈ 1 ms on Hopper).
+    m = 8192 if cuda else 512
     a = torch.randn(m, m, device=device, dtype=dtype if cuda else torch.float32)
-    gemm = 2 * m**3 / _timed(lambda: a @ a, device) / 1e12
+    gemm = 2 * m**3 / _timed(lambda: a @ a, device, repeat=20 if cuda else 3) / 1e12
+    moe = gemm
+    if cuda:
+        from .kernels.moe import fused_moe, moe_route
+
+        E, D, I, N, k = 8, 2048, 7168, 8192, 2
+        x = torch.randn(N, D, device=device, dtype=dtype)
+        w13 = torch.randn(E, 2 * I, D, device=device, dtype=dtype) * 0.02
+        w2 = torch.randn(E, D, I, device=device, dtype=dtype) * 0.02
+        weights, ids = moe_route(torch.randn(N, E, device=device), k, True)
+        out = torch.empty_like(x)
+        seconds = _timed(lambda: fused_moe(x, w13, w2, weights, ids, out=out), device, repeat=10)
+        moe = 2 * N * k * 3 * D * I / seconds / 1e12
     # Host attention: one decode query per row over a GQA cache, as the CPU path runs it.
     rows, heads, kv, ctx, hd = 16, 32, 8, 512, 128
     q = torch.randn(rows, heads, 1, hd, dtype=torch.float32)
@@ -86,7 +101,7 @@ def measure_profile(device, dtype=torch.bfloat16) -> HardwareProfile:
         q, k, k, enable_gqa=True), torch.device("cpu"), repeat=3)
     cpu_att = 2 * k.numel() * k.element_size() / att / 1e9
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    return HardwareProfile(name, copy, gemm, hbm, cpu_att)
+    return HardwareProfile(name, copy, gemm, moe, hbm, cpu_att)
 
 
 def profile_path(device_name: str, cache_dir: Optional[Path] = None) -> Path:
@@ -284,8 +299,11 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     if profile is not None:
         plan.predicted_pass_seconds = predict_pass(plan, cfg, dtype, profile, rows_per_pass,
                                                    tokens_per_row, context)
-        plan.predicted_prefill_seconds = predict_pass(plan, cfg, dtype, profile, rows_per_pass,
-                                                      max(prefill_tokens, 1), prefill_tokens)
+        # Prefill pays for filling the pipeline: the first streamed layer's copy is not hidden.
+        first_copy = (plan.stream_bytes_per_pass / max(cfg.n_layers - plan.resident_layers, 1)
+                      / (profile.copy_gbps * 1e9))
+        plan.predicted_prefill_seconds = first_copy + predict_pass(
+            plan, cfg, dtype, profile, rows_per_pass, max(prefill_tokens, 1), prefill_tokens)
     return plan
 
 
@@ -296,9 +314,11 @@ def predict_pass(plan: Plan, cfg: ModelConfig, dtype, profile: HardwareProfile, 
     tokens = rows * tokens_per_row
     active_ffn = 3 * cfg.dim * cfg.ffn_size * max(cfg.top_k, 1)
     attn_params = sizes.layer_attention / torch.empty(0, dtype=dtype).element_size()
-    flops = 2 * tokens * cfg.n_layers * (attn_params + active_ffn)
-    flops += 4 * tokens * context * cfg.n_heads * cfg.head_dim * cfg.n_layers  # attention
-    compute = flops / (profile.gemm_tflops * 1e12)
+    dense = 2 * tokens * cfg.n_layers * attn_params
+    dense += 4 * tokens * context * cfg.n_heads * cfg.head_dim * cfg.n_layers  # attention
+    ffn = 2 * tokens * cfg.n_layers * active_ffn
+    ffn_rate = profile.moe_tflops if cfg.is_moe else profile.gemm_tflops
+    compute = dense / (profile.gemm_tflops * 1e12) + ffn / (ffn_rate * 1e12)
     kv_bytes = rows * context * sizes.kv_per_token
     attention = kv_bytes / ((profile.hbm_gbps if plan.kv_on_gpu else profile.cpu_attention_gbps) * 1e9)
     # Experts no token routes to still stream (every expert is copied each pass).

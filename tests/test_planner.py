@@ -19,7 +19,7 @@ QWEN3_30B = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, nu
 LLAMA_70B = dict(model_type="llama", vocab_size=128256, hidden_size=8192, num_hidden_layers=80,
                  num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672,
                  max_position_embeddings=131072)
-PROFILE = HardwareProfile("test-gpu", copy_gbps=55.4, gemm_tflops=700, hbm_gbps=4000,
+PROFILE = HardwareProfile("test-gpu", copy_gbps=55.4, gemm_tflops=700, moe_tflops=350, hbm_gbps=4000,
                           cpu_attention_gbps=50)
 
 
@@ -113,4 +113,4 @@ def test_profile_cache_round_trips(tmp_path, monkeypatch):
 def test_measured_profile_is_plausible():
     p = planner.measure_profile("cpu", torch.float32)
     assert p.device_name == "cpu"
-    assert all(v > 0 for v in (p.copy_gbps, p.gemm_tflops, p.hbm_gbps, p.cpu_attention_gbps))
+    assert all(v > 0 for v in (p.copy_gbps, p.gemm_tflops, p.moe_tflops, p.hbm_gbps, p.cpu_attention_gbps))
