@@ -17,6 +17,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate with specoff. With no --target, runs a built-in tiny model; with "
                     "no prompts, runs the first HumanEval prompts.")
     p.add_argument("--target", help="Hugging Face checkpoint folder of the target model")
+    p.add_argument("--draft", help="checkpoint folder of a draft model (same tokenizer): "
+                                   "turns on speculative decoding")
+    p.add_argument("--spec", choices=["chain", "tree"], help="speculation mode (default: chain "
+                                                              "when --draft is given)")
+    p.add_argument("--draft-len", default="auto",
+                   help="draft tokens per row per round (γ), or auto to adapt between rounds")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="one row group: the draft waits for the target instead of hiding under it")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", action="append", default=[],
                    help="one prompt per line, or JSONL with a 'prompt' field (repeatable)")
@@ -88,6 +96,11 @@ def summary(stats) -> str:
         line += (f" | pass {stats.measured_pass_seconds:.3f} s (predicted "
                  f"{stats.predicted_pass_seconds or 0:.3f} s) | streamed "
                  f"{stats.bytes_streamed / 1e9:.2f} GB")
+    if stats.acceptance_rate is not None:
+        hidden = stats.draft_hidden_fraction
+        line += (f" | acceptance {stats.acceptance_rate:.2f} | {stats.tokens_per_pass:.2f} "
+                 f"tokens/row/pass | γ {stats.draft_len} | draft hidden "
+                 f"{'-' if hidden is None else f'{100 * hidden:.0f}%'}")
     return line
 
 
@@ -110,8 +123,18 @@ def run(args) -> int:
         raise ValueError(f"--target {target} is not a folder; pass a Hugging Face checkpoint "
                          f"folder (config.json, *.safetensors, tokenizer files)")
     offload = {"auto": None, "on": True, "off": False}[args.offload]
-    llm = specoff.LLM(target, device=args.device, dtype=args.dtype, seed=args.seed,
-                      offload=offload, gpu_memory=args.gpu_memory)
+    if args.draft is not None and not Path(args.draft).is_dir():
+        raise ValueError(f"--draft {args.draft} is not a folder; pass a Hugging Face checkpoint folder")
+    if args.draft_len == "auto":
+        draft_len = None
+    elif args.draft_len.isdigit():
+        draft_len = int(args.draft_len)
+    else:
+        raise ValueError(f"--draft-len takes a number or auto, not {args.draft_len!r}")
+    llm = specoff.LLM(target, draft=args.draft, spec=args.spec, device=args.device,
+                      dtype=args.dtype, seed=args.seed, offload=offload,
+                      gpu_memory=args.gpu_memory, draft_len=draft_len,
+                      interleave=not args.no_interleave)
     with tqdm(total=len(prompts), unit="prompt", disable=None, file=sys.stderr) as bar:
         outputs = llm.generate(prompts, params, progress=bar)
     if not args.quiet:

@@ -24,6 +24,20 @@ from .synthetic import random_source
 from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
 
 
+def check_same_tokenizer(target_tok, draft_tok) -> None:
+    """A draft must map text to the target's token ids; its vocabulary may be a prefix of the
+    target's (e.g. padded embeddings on one side)."""
+    if target_tok is not None and draft_tok is not None:
+        t_vocab, d_vocab = target_tok.get_vocab(), draft_tok.get_vocab()
+        for token, i in sorted(d_vocab.items(), key=lambda kv: kv[1]):
+            if t_vocab.get(token) != i:
+                where = (f"id {t_vocab[token]} in the target" if token in t_vocab
+                         else "absent from the target")
+                raise ValueError(
+                    f"the target and draft tokenizers differ: token {token!r} is id {i} in the "
+                    f"draft but {where}; the draft must use the target's tokenizer")
+
+
 def default_budget(device) -> int:
     """All the device memory that is free now, less 1 GiB of margin."""
     free, _ = torch.cuda.mem_get_info(device)
@@ -52,8 +66,28 @@ class GenerationStats:
     predicted_prefill_seconds: Optional[float] = None
     bytes_streamed: int = 0  # host→device weight bytes over the whole run
     peak_gpu_bytes: int = 0
-    acceptance_rate: Optional[float] = None
-    tokens_per_pass: Optional[float] = None
+    acceptance_rate: Optional[float] = None  # accepted draft tokens / proposed
+    tokens_per_pass: Optional[float] = None  # tokens a row emits per target pass, on average
+    draft_hidden_fraction: Optional[float] = None  # of draft time, the part under target passes
+    groups: int = 1
+    rows_per_group: int = 0
+    draft_len: Optional[int] = None  # γ at the end of the run (it adapts)
+    target_seconds: float = 0.0  # device time of speculative target passes
+    draft_seconds: float = 0.0  # device time of drafting
+    round_seconds: float = 0.0  # wall time of the rounds that had a draft beside them
+    proposed: int = 0
+    accepted: int = 0
+    row_passes: int = 0  # (row, target pass) pairs that verified drafts
+
+    def finalize(self) -> None:
+        if self.proposed:
+            self.acceptance_rate = self.accepted / self.proposed
+            self.tokens_per_pass = (self.accepted + self.row_passes) / self.row_passes
+        if self.draft_seconds and self.round_seconds:
+            hidden = self.target_seconds + self.draft_seconds - self.round_seconds
+            self.draft_hidden_fraction = min(max(hidden / self.draft_seconds, 0.0), 1.0)
+        elif self.draft_seconds:
+            self.draft_hidden_fraction = 0.0  # serial: nothing ran beside the target
 
     @property
     def measured_pass_seconds(self) -> float:
@@ -87,10 +121,15 @@ class LLM:
     def __init__(self, target, draft=None, *, spec=None, device=None, dtype=None,
                  gpu_memory=None, offload=None, seed: int = 0, max_rows: int = 256,
                  prefill_chunk: int = 512, ring_slots: int = 3, cuda_graphs: bool = True,
-                 kv_placement: Optional[str] = None):
-        if draft is not None or spec is not None:
-            raise NotImplementedError("speculative decoding (draft=..., spec=...) is not "
-                                      "supported yet; leave draft and spec unset")
+                 kv_placement: Optional[str] = None, draft_len: Optional[int] = None,
+                 interleave: bool = True):
+        if spec not in (None, "chain", "tree"):
+            raise ValueError(f"spec must be 'chain', 'tree' or None, not {spec!r}")
+        if spec == "tree":
+            raise NotImplementedError("spec='tree' (SpecExec draft trees) is not supported yet; "
+                                      "use spec='chain'")
+        if spec is not None and draft is None:
+            raise ValueError(f"spec={spec!r} needs a draft model: pass draft=DIR")
         if max_rows < 1 or prefill_chunk < 1 or ring_slots < 1:
             raise ValueError("max_rows, prefill_chunk and ring_slots must be positive")
         self.device = default_device(device)
@@ -105,10 +144,24 @@ class LLM:
             self.config = ModelConfig.from_hf(self.path)  # fails early on an unsupported family
             self.tokenizer = load_tokenizer(self.path)
             source = checkpoint_source(self.path, self.config)
+        self.draft_config = self.draft_model = None
+        if draft is not None:
+            # Checked before any weights load: a draft must speak the target's tokens.
+            if isinstance(draft, ModelConfig):
+                self.draft_config, draft_tok = draft, None
+            else:
+                self.draft_config = ModelConfig.from_hf(draft)
+                draft_tok = load_tokenizer(draft)
+            check_same_tokenizer(self.tokenizer, draft_tok)
+        self.spec = "chain" if draft is not None else None
         self.seed = seed
         self.max_rows = max_rows
         self.prefill_chunk = prefill_chunk
         self.kv_placement = kv_placement
+        if draft_len is not None and not 1 <= draft_len <= 16:
+            raise ValueError(f"draft_len must be between 1 and 16 (or None: adaptive), not {draft_len}")
+        self.draft_len, self.interleave = draft_len, interleave
+        self.last_plan_pass_seconds = None
         self.profile = None
         budget = None
         if self.device.type == "cuda":
@@ -119,9 +172,11 @@ class LLM:
         # Room kept for the KV cache and activations: a quarter of the budget, more (up to
         # half) when max_rows rows of 512 tokens need it; layers go resident only beyond it.
         reserve = 0
+        if budget is not None and self.draft_config is not None:
+            reserve += ModelSizes.of(self.draft_config, self.dtype).total  # the draft is resident
         if budget is not None:
             kv_512 = max_rows * 512 * ModelSizes.of(self.config, self.dtype).kv_per_token
-            reserve = max(budget // 4, min(budget // 2, kv_512))
+            reserve += max(budget // 4, min(budget // 2, kv_512))
         self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=offload,
                                         reserve=reserve, ring_slots=ring_slots)
         if self.device.type == "cuda":
@@ -137,6 +192,12 @@ class LLM:
                                     config=self.config)
             self.load_report = None
         self.model.use_graphs = cuda_graphs and self.device.type == "cuda"
+        if draft is not None:
+            source = (random_source(draft, seed + 1, self.device)
+                      if isinstance(draft, ModelConfig) else None)
+            self.draft_model = load_model(None if source else draft, self.device, self.dtype,
+                                          source=source, config=self.draft_config)
+            self.draft_model.use_graphs = self.model.use_graphs
         self.eos_token_ids = self._eos_ids()
         self.last_stats = GenerationStats()
         self.plan(1, 1, 1)  # refuse a bad kv_placement or a budget that fits no run now
@@ -204,14 +265,18 @@ class LLM:
         copied0 = ring.bytes_copied if ring is not None else 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        self.last_plan_pass_seconds = plan.predicted_pass_seconds
         outputs: List[RequestOutput] = []
-        for start in range(0, len(rows), plan.rows_per_pass):
+        if self.draft_model is not None:
+            outputs = self._speculate(rows, params, generator, stats, plan)
+        for start in range(0, len(rows) if self.draft_model is None else 0, plan.rows_per_pass):
             batch = rows[start:start + plan.rows_per_pass]
             for ids, new in zip(batch, self._generate_batch(batch, params, generator, stats, plan)):
                 outputs.append(self._finish(ids, new, params))
             if progress is not None:
                 progress.update(len(batch))
         stats.tokens = sum(len(o.token_ids) for o in outputs)
+        stats.finalize()
         stats.bytes_streamed = (ring.bytes_copied - copied0) if ring is not None else 0
         if self.device.type == "cuda":
             stats.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)
@@ -267,6 +332,24 @@ class LLM:
         stats.prefill_seconds += t1 - t0
         stats.decode_seconds += t2 - t1
         return result
+
+    @torch.inference_mode()
+    def _speculate(self, rows, params, generator, stats, plan) -> List[RequestOutput]:
+        from .spec.pipeline import ChainPipeline, Request
+
+        requests = [Request(list(r)) for r in rows]
+        groups = 2 if self.interleave and len(rows) > 1 else 1
+        per_group = -(-min(len(rows), plan.rows_per_pass) // groups)
+        pipeline = ChainPipeline(self, params, requests, per_group, groups, self.draft_len,
+                                 generator, stats)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        pipeline.run()
+        _sync(self.device)
+        stats.decode_seconds += time.perf_counter() - t0
+        stats.groups, stats.rows_per_group = groups, per_group
+        stats.draft_len = pipeline.gamma
+        return [self._finish(r.prompt, r.tokens, params) for r in requests]
 
     def _finish(self, prompt_ids, new_ids, params: SamplingParams) -> RequestOutput:
         reason = "length"

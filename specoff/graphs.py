@@ -7,6 +7,8 @@ streams through (see offload.WeightRing).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .kvcache import KVCache
@@ -16,7 +18,8 @@ class LayerGraphs:
     def __init__(self, model, cache: KVCache, rows: int, tokens: int):
         cfg, device = model.config, cache.k.device
         dtype = model.tok_embeddings.weight.dtype
-        self.model, self.cache = model, cache
+        # A weak reference: the graphs must not keep their cache (the dictionary key) alive.
+        self.model, self.cache = model, weakref.proxy(cache)
         self.h = torch.zeros(rows, tokens, cfg.dim, dtype=dtype, device=device)
         self.cos = torch.zeros(rows, tokens, 1, cfg.head_dim, dtype=dtype, device=device)
         self.sin = torch.zeros_like(self.cos)

@@ -174,3 +174,50 @@ def random_source(cfg, seed: int = 0, device=None, std: float = 0.02):
                 part.copy_(values.mul_(std))
 
     return fill
+
+
+def make_upcycled_pair(out_dir, sigma: float, *, seed: int = 0, draft_family: str = "mistral",
+                       experts: int = 4, top_k: int = 2, tokenizer=None, **config_kw):
+    """A tiny (draft, target) pair in Hugging Face format: the target is the MoE of the
+    draft's family whose attention, norms, embeddings and head are the draft's and whose
+    every expert is the draft's feed-forward plus noise of σ times that weight's std, with a
+    random router (Mixtral itself was upcycled from Mistral). Returns (draft_dir, target_dir).
+    """
+    from safetensors.torch import load_file, save_file
+
+    target_family = {"mistral": "mixtral", "llama": "mixtral", "qwen3": "qwen3_moe"}[draft_family]
+    out_dir = Path(out_dir)
+    tokenizer = tokenizer or make_tokenizer()
+    draft_dir = make_tiny_checkpoint(draft_family, out_dir / "draft", seed=seed,
+                                     tokenizer=tokenizer, **config_kw)
+    target_dir = out_dir / "target"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    import json
+
+    shared = json.loads((draft_dir / "config.json").read_text())
+    kw = dict(config_kw, vocab_size=shared["vocab_size"], experts=experts, top_k=top_k,
+              rms_norm_eps=shared["rms_norm_eps"], rope_parameters=shared["rope_parameters"])
+    tiny_hf_config(target_family, **kw).save_pretrained(target_dir)
+    tokenizer.save_pretrained(target_dir)
+    draft = load_file(draft_dir / "model.safetensors")
+    g = torch.Generator().manual_seed(seed + 1000)
+    target = {}
+    for name, w in draft.items():
+        if ".mlp." not in name:
+            target[name] = w
+            continue
+        layer, proj = name.split(".mlp.")
+        for e in range(experts):
+            noisy = w + sigma * w.std() * torch.randn(w.shape, generator=g)
+            if target_family == "mixtral":
+                hf = {"gate_proj.weight": "w1", "up_proj.weight": "w3", "down_proj.weight": "w2"}
+                key = f"{layer}.block_sparse_moe.experts.{e}.{hf[proj]}.weight"
+            else:
+                key = f"{layer}.mlp.experts.{e}.{proj}"
+            target[key] = noisy.contiguous()
+        if proj == "gate_proj.weight":
+            router = torch.randn(experts, w.shape[1], generator=g) * 0.5
+            prefix = "block_sparse_moe" if target_family == "mixtral" else "mlp"
+            target[f"{layer}.{prefix}.gate.weight"] = router
+    save_file(target, target_dir / "model.safetensors", metadata={"format": "pt"})
+    return draft_dir, target_dir

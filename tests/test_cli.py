@@ -45,6 +45,25 @@ def test_runs_on_a_checkpoint_with_every_prompt_source(make_checkpoint, tmp_path
     assert all(o["finish_reason"] in ("stop", "length") for o in outputs)
 
 
+def test_speculative_run(tmp_path, tokenizer):
+    from specoff.synthetic import make_upcycled_pair
+
+    draft, target = make_upcycled_pair(tmp_path, 0.2, tokenizer=tokenizer)
+    out = tmp_path / "spec.json"
+    r = cli("--target", target, "--draft", draft, "--dataset", "humaneval", "--limit", 5,
+            "--max-new-tokens", 12, "--draft-len", 3, "--json", out, "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.splitlines()[-1]
+    assert "acceptance" in last and "tokens/row/pass" in last and "γ 3" in last
+    stats = json.loads(out.read_text())["stats"]
+    assert stats["tokens"] == 60 and 0 <= stats["acceptance_rate"] <= 1
+    plain = tmp_path / "plain.json"
+    assert cli("--target", target, "--dataset", "humaneval", "--limit", 5, "--max-new-tokens", 12,
+               "--json", plain, "--ignore-eos").returncode == 0
+    tokens = [o["token_ids"] for o in json.loads(out.read_text())["outputs"]]
+    assert tokens == [o["token_ids"] for o in json.loads(plain.read_text())["outputs"]]
+
+
 def test_default_runs_without_a_target(tmp_path):
     r = cli("--max-new-tokens", 8, "--quiet", env_cache=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -60,6 +79,8 @@ def test_default_runs_without_a_target(tmp_path):
     (["--max-new-tokens", "0"], "error: max_new_tokens must be a positive integer"),
     (["--dtype", "int4"], "error: dtype 'int4' is not supported"),
     (["--limit", "0"], "error: --limit must be at least 1"),
+    (["--draft", "/no/draft"], "error: --draft /no/draft is not a folder"),
+    (["--draft-len", "many"], "error: --draft-len takes a number or auto"),
     (["--gpu-memory", "24GiB", "--device", "cpu"], "error: gpu_memory applies to a CUDA device"),
 ])
 def test_bad_input_is_one_line(args, message, make_checkpoint, tmp_path):

@@ -97,12 +97,13 @@ def test_bad_requests_are_refused(make_checkpoint):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(draft="somewhere"), "not supported yet"), (dict(spec="tree"), "not supported yet"),
+    (dict(draft="/no/such/draft"), "no config.json in"), (dict(spec="tree"), "not supported yet"),
+    (dict(spec="chain"), "needs a draft model"),
     (dict(gpu_memory="24GiB"), "gpu_memory applies to a CUDA device"),
     (dict(kv_placement="disk"), "kv_placement must be"),
     (dict(dtype="int8"), "dtype 'int8' is not supported")])
 def test_llm_refuses_what_is_not_there(kw, message, make_checkpoint):
-    with pytest.raises((ValueError, NotImplementedError), match=message):
+    with pytest.raises((ValueError, NotImplementedError, FileNotFoundError), match=message):
         specoff.LLM(make_checkpoint("llama"), device="cpu", **kw)
 
 

@@ -8,7 +8,9 @@ that Hugging Face checkpoints are stored in.
 """
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -160,7 +162,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.ring = None  # a WeightRing when decoder layers stream from host memory
         self.use_graphs = False  # replay decode passes as per-layer CUDA graphs
-        self._graphs = {}
+        self._graphs = weakref.WeakKeyDictionary()  # KVCache → {(rows, tokens): LayerGraphs}
 
     def new_cache(self, rows: int, max_len: int, device=None, dtype=None) -> KVCache:
         cfg = self.config
@@ -203,11 +205,11 @@ class Transformer(nn.Module):
                 and kv_len == cache.max_len):
             from ..graphs import LayerGraphs
 
-            key = (id(cache), *h.shape[:2])
-            if key not in self._graphs:
-                self._graphs = {k: g for k, g in self._graphs.items() if k[0] == id(cache)}
-                self._graphs[key] = LayerGraphs(self, cache, *h.shape[:2])
-            return self._graphs[key].run(h, cos, sin, mask, positions)
+            per_cache = self._graphs.setdefault(cache, {})  # dropped with the cache
+            shape = tuple(h.shape[:2])
+            if shape not in per_cache:
+                per_cache[shape] = LayerGraphs(self, cache, *shape)
+            return per_cache[shape].run(h, cos, sin, mask, positions)
         ring = self.ring
         for i, layer in enumerate(self.layers):
             if ring is not None and i in ring:
@@ -217,30 +219,35 @@ class Transformer(nn.Module):
                 ring.release(i)
         return h
 
+    def run_parts(self, parts: List["PassPart"]) -> None:
+        """One pass over the layers for several batches of tokens (`part.h` gets each one's
+        final hidden states). Layer outer, part inner: a streamed layer is loaded once per
+        pass however many parts (prefill chunks, verification, refills) ride on it."""
+        for p in parts:
+            p.h = self.tok_embeddings(p.input_ids)
+            p.cos, p.sin = self.rope(p.positions, p.h.dtype)
+            p.mask = causal_mask(p.positions, p.kv_len)
+        ring = self.ring
+        for i, layer in enumerate(self.layers):
+            if ring is not None and i in ring:
+                ring.acquire(i)
+            for p in parts:
+                p.h = layer(p.h, p.cos, p.sin, p.mask, p.cache, i, p.positions, p.kv_len)
+            if ring is not None and i in ring:
+                ring.release(i)
+
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
                 chunk: int, kv_start: int = 0) -> torch.Tensor:
         """Append each row's first `lengths[b]` tokens of `input_ids` (B, T) to the cache and
         return the logits after each row's last token, (B, vocab).
 
-        Layer outer, chunk inner: a streamed layer is loaded once per batch, whatever the
-        number of chunks. `kv_start` bounds the rows' cached lengths before the call.
+        A streamed layer is loaded once per batch, whatever the number of chunks.
+        `kv_start` bounds the rows' cached lengths before the call.
         """
-        B, T = input_ids.shape
-        positions = cache.positions(T)  # (B, T)
-        h = self.tok_embeddings(input_ids)
-        cos, sin = self.rope(positions, h.dtype)
-        ring = self.ring
-        bounds = [(lo, min(lo + chunk, T)) for lo in range(0, T, chunk)]
-        masks = [causal_mask(positions[:, lo:hi], kv_start + hi) for lo, hi in bounds]
-        for i, layer in enumerate(self.layers):
-            if ring is not None and i in ring:
-                ring.acquire(i)
-            for (lo, hi), mask in zip(bounds, masks):
-                h[:, lo:hi] = layer(h[:, lo:hi], cos[:, lo:hi], sin[:, lo:hi], mask, cache, i,
-                                    positions[:, lo:hi], kv_start + hi)
-            if ring is not None and i in ring:
-                ring.release(i)
+        parts = prefill_parts(input_ids, cache, chunk, kv_start)
+        self.run_parts(parts)
         cache.advance(lengths)
+        h = torch.cat([p.h for p in parts], dim=1)
         return self.head(h, (lengths - 1)[:, None])[:, 0]
 
     def head(self, h: torch.Tensor, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -253,3 +260,22 @@ def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     """(B, 1, T, kv_len): a token at position p sees the cached keys at positions <= p."""
     keys = torch.arange(kv_len, device=positions.device)
     return (keys[None, None, :] <= positions[:, :, None])[:, None]
+
+
+@dataclass(eq=False)
+class PassPart:
+    """One batch of tokens in a pass: its own cache, positions and attention bound."""
+    input_ids: torch.Tensor  # (B, T)
+    cache: KVCache
+    positions: torch.Tensor  # (B, T) absolute positions, also where K/V are written
+    kv_len: int  # host-side bound on the cached positions attended to
+    h: Optional[torch.Tensor] = None  # final hidden states (B, T, D) after run_parts
+
+
+def prefill_parts(input_ids: torch.Tensor, cache: KVCache, chunk: int,
+                  kv_start: int = 0) -> List[PassPart]:
+    """Chunks of a prefill as parts of one pass, each chunk seeing the chunks before it."""
+    T = input_ids.shape[1]
+    positions = cache.positions(T)
+    return [PassPart(input_ids[:, lo:lo + chunk], cache, positions[:, lo:lo + chunk],
+                     kv_start + min(lo + chunk, T)) for lo in range(0, T, chunk)]

@@ -1,0 +1,72 @@
+"""Chain verification: which of γ drafted tokens the target accepts, and its next token.
+
+Greedy: the longest prefix of the draft that matches the target's argmax, then the target's
+own token. Sampling (Leviathan et al. 2023, "Fast Inference from Transformers via
+Speculative Decoding", §2.3; Chen et al. 2023): accept draft token x with probability
+min(1, p(x)/q(x)); at the first rejection draw from norm(max(0, p − q)); after γ
+acceptances draw a bonus token from p. The emitted tokens are then distributed exactly as
+if sampled from the target alone. Everything stays on the device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..sampling import sample_from
+
+
+def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """draft_tokens (B, γ), target_logits (B, γ+1, V) → (accepted count (B,), next token (B,))."""
+    target = target_logits.argmax(dim=-1)  # (B, γ+1)
+    match = (draft_tokens == target[:, :-1]).int()
+    accepted = match.cumprod(dim=1).sum(dim=1)
+    return accepted, target.gather(1, accepted[:, None])[:, 0]
+
+
+def sample_accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor,
+                  target_probs: torch.Tensor, generator: Optional[torch.Generator]
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """draft_tokens (B, γ) drawn from draft_probs (B, γ, V); target_probs (B, γ+1, V), both
+    after the same temperature / top-k / top-p → (accepted count (B,), next token (B,))."""
+    B, gamma = draft_tokens.shape
+    p = target_probs[:, :gamma].gather(-1, draft_tokens[..., None])[..., 0]
+    q = draft_probs.gather(-1, draft_tokens[..., None])[..., 0]
+    u = torch.rand(B, gamma, device=p.device, generator=generator)
+    accepted = (u * q < p).int().cumprod(dim=1).sum(dim=1)  # u < p/q without dividing by q
+    # Residual at the first rejection; past the last draft token q is 0, so it is p itself.
+    q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)
+    at = accepted[:, None, None].expand(-1, 1, target_probs.shape[-1])
+    p_at = target_probs.gather(1, at)[:, 0]
+    residual = (p_at - q_next.gather(1, at)[:, 0]).clamp_min(0)
+    total = residual.sum(dim=-1, keepdim=True)
+    # p == q leaves no residual mass, but then a rejection had probability 0: fall back to p.
+    residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p_at)
+    return accepted, sample_from(residual, generator)
+
+
+def emitted_tokens(draft_tokens: torch.Tensor, accepted: torch.Tensor,
+                   next_token: torch.Tensor) -> torch.Tensor:
+    """(B, γ+1): the accepted draft tokens, then the target's token at index `accepted`;
+    entries past it are meaningless."""
+    out = torch.cat([draft_tokens, torch.zeros_like(draft_tokens[:, :1])], dim=1)
+    return out.scatter(1, accepted[:, None], next_token[:, None])
+
+
+def expected_tokens_per_pass(alpha: float, draft_len: int) -> float:
+    """E = (1 − α^(γ+1)) / (1 − α): mean tokens a row emits per target pass."""
+    if alpha >= 1.0:
+        return draft_len + 1.0
+    return (1 - alpha ** (draft_len + 1)) / (1 - alpha)
+
+
+def choose_draft_len(alpha: float, target_pass_s: float, draft_step_s: float,
+                     interleaved: bool, max_len: int = 8) -> int:
+    """The γ that maximises tokens per second: E(γ) over the round time, which is
+    max(target, draft) when the draft hides under the target pass, else their sum."""
+    def rate(g):
+        draft = (g + 1) * draft_step_s
+        round_s = max(target_pass_s, draft) if interleaved else target_pass_s + draft
+        return expected_tokens_per_pass(alpha, g) / max(round_s, 1e-9)
+    return max(range(1, max_len + 1), key=rate)

@@ -1,0 +1,322 @@
+"""The SpecOffload schedule (arXiv 2505.10259 §3-4): chain speculation over two row groups.
+
+While the target's weights stream through one pass for group A (bound by the copy), the
+draft, resident on the GPU and on its own CUDA stream, drafts the next γ tokens for group
+B; then the groups swap. A row that finishes hands its slot to the next waiting prompt,
+which is prefilled inside the group's next target pass (one more part of that pass, so the
+weights still stream once). Each row accepts its own number of tokens: per-row cache
+lengths move by that number, nothing is padded or shifted.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from ..kvcache import KVCache
+from ..models.decoder import PassPart, prefill_parts
+from ..sampling import SamplingParams, logits_to_probs, sample_from, select
+from .chain import choose_draft_len, emitted_tokens, greedy_accept, sample_accept
+
+
+@dataclass
+class Request:
+    prompt: List[int]
+    tokens: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+
+@dataclass(eq=False)
+class Group:
+    """A set of rows that go through the target together, with their caches and state."""
+    rows: int
+    target_cache: KVCache
+    draft_cache: KVCache
+    last: torch.Tensor  # (B,) each row's newest token, not yet in either cache
+    request: List[Optional[int]]  # which request each row serves (None: idle)
+    refill: List[int] = field(default_factory=list)  # rows to prefill in the next pass
+    draft_tokens: Optional[torch.Tensor] = None  # (B, γ)
+    draft_probs: Optional[torch.Tensor] = None  # (B, γ, V) when sampling
+    drafted: Optional[object] = None  # event: the draft tokens are ready
+
+    @property
+    def active(self) -> bool:
+        return any(r is not None for r in self.request)
+
+
+@dataclass
+class RoundTiming:
+    target_start: object
+    target_end: object
+    draft_start: object = None
+    draft_end: object = None
+    wall: float = 0.0
+
+
+class ChainPipeline:
+    def __init__(self, llm, params: SamplingParams, requests: List[Request], rows_per_group: int,
+                 groups: int, draft_len: Optional[int], generator, stats):
+        self.llm, self.target, self.draft = llm, llm.model, llm.draft_model
+        self.params, self.requests, self.generator, self.stats = params, requests, generator, stats
+        self.device = llm.device
+        self.cuda = self.device.type == "cuda"
+        self.adaptive = draft_len is None
+        self.gamma = draft_len or 4
+        self.max_gamma = max(self.gamma, 8)
+        self.vocab = llm.config.vocab_size
+        self.alpha = 0.7  # prior acceptance rate, replaced by what is observed
+        self.waiting = list(range(len(requests)))[::-1]
+        longest = max(len(r.prompt) for r in requests)
+        self.max_len = longest + params.max_new_tokens + self.max_gamma + 2
+        self.eos = sorted(llm.eos_token_ids) if not params.ignore_eos else []
+        self.draft_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.groups = [self._new_group(rows_per_group) for _ in range(groups)]
+        self.timings: List[RoundTiming] = []
+        self.draft_step_s, self.target_pass_s = None, llm.last_plan_pass_seconds
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _new_group(self, rows: int) -> Group:
+        tcfg, dcfg = self.llm.config, self.llm.draft_config
+        dtype, device = self.llm.dtype, self.device
+        tcache = KVCache(tcfg.n_layers, rows, self.max_len, tcfg.n_kv_heads, tcfg.head_dim, dtype, device)
+        dcache = KVCache(dcfg.n_layers, rows, self.max_len, dcfg.n_kv_heads, dcfg.head_dim, dtype, device)
+        return Group(rows, tcache, dcache, torch.zeros(rows, dtype=torch.long, device=device),
+                     [None] * rows)
+
+    def _assign(self, g: Group) -> None:
+        """Give free rows the next waiting prompts; they are prefilled in the next pass."""
+        for b in range(g.rows):
+            if g.request[b] is None and self.waiting:
+                g.request[b] = self.waiting.pop()
+                g.refill.append(b)
+
+    def _stream(self, stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _event(self):
+        return torch.cuda.Event(enable_timing=True) if self.cuda else None
+
+    # -- draft -----------------------------------------------------------------------------
+
+    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the target's vocabulary (a draft vocabulary may be a prefix of it,
+        or padded past it)."""
+        V = self.vocab
+        if logits.shape[-1] > V:
+            return logits[..., :V]
+        if logits.shape[-1] < V:
+            return torch.nn.functional.pad(logits, (0, V - logits.shape[-1]), value=float("-inf"))
+        return logits
+
+    def _draft_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Target tokens the draft cannot embed (its vocabulary is a prefix of the target's)
+        become token 0: it only weakens the draft's guesses, never the output."""
+        n = self.llm.draft_config.vocab_size
+        return ids if n >= self.vocab else torch.where(ids < n, ids, torch.zeros_like(ids))
+
+    def draft_round(self, g: Group) -> None:
+        """γ draft tokens per row (γ+1 draft steps: the last writes d_γ's K/V, so that any
+        number of accepted tokens leaves the draft cache complete)."""
+        if not g.active:
+            return
+        main = torch.cuda.current_stream(self.device) if self.cuda else None
+        timing = self.timings[-1] if self.timings else None
+        with self._stream(self.draft_stream):
+            if self.cuda:
+                self.draft_stream.wait_stream(main)  # the last accept of this group is done
+                start = self._event()
+                start.record()
+            t0 = time.perf_counter()
+            tokens, drafted, probs = g.last, [], []
+            for step in range(self.gamma + 1):
+                logits = self.draft(self._draft_ids(tokens)[:, None], g.draft_cache)[:, 0]
+                g.draft_cache.advance(1)
+                if step == self.gamma:
+                    break
+                logits = self._fit_vocab(logits)
+                if self.params.greedy:
+                    tokens = logits.argmax(dim=-1)
+                else:
+                    q = logits_to_probs(logits, self.params.temperature, self.params.top_k,
+                                        self.params.top_p)
+                    tokens = sample_from(q, self.generator)
+                    probs.append(q)
+                drafted.append(tokens)
+            g.draft_tokens = torch.stack(drafted, dim=1)
+            g.draft_probs = torch.stack(probs, dim=1) if probs else None
+            if self.cuda:
+                end = self._event()
+                end.record()
+                g.drafted = end
+                for t in (g.draft_tokens, g.draft_probs):
+                    if t is not None:
+                        t.record_stream(main)
+                if timing is not None and timing.draft_start is None:
+                    timing.draft_start, timing.draft_end = start, end
+            else:
+                self.stats.draft_seconds += time.perf_counter() - t0
+                self.draft_step_s = (time.perf_counter() - t0) / (self.gamma + 1)
+
+    # -- target ----------------------------------------------------------------------------
+
+    def target_round(self, g: Group) -> None:
+        """One offloaded target pass for group g: verify its drafts and prefill its refills;
+        then commit what each row accepted."""
+        verify = g.draft_tokens is not None and any(
+            g.request[b] is not None and b not in g.refill for b in range(g.rows))
+        refill = list(g.refill)
+        if not verify and not refill:
+            return
+        if self.cuda and g.drafted is not None:
+            torch.cuda.current_stream(self.device).wait_event(g.drafted)
+        timing = RoundTiming(self._event(), self._event())
+        wall0 = time.perf_counter()
+        if self.cuda:
+            timing.target_start.record()
+        parts: List[PassPart] = []
+        gamma = g.draft_tokens.shape[1] if verify else 0
+        if verify:
+            ids = torch.cat([g.last[:, None], g.draft_tokens], dim=1)  # (B, γ+1)
+            parts.append(PassPart(ids, g.target_cache, g.target_cache.positions(gamma + 1),
+                                  self.max_len))
+        if refill:
+            prompts = [self.requests[g.request[b]].prompt for b in refill]
+            lens = torch.tensor([len(p) for p in prompts], device=self.device)
+            ids = torch.zeros(len(refill), max(len(p) for p in prompts), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, :len(p)] = torch.tensor(p)
+            tcfg = self.llm.config
+            fresh = KVCache(tcfg.n_layers, len(refill), ids.shape[1], tcfg.n_kv_heads,
+                            tcfg.head_dim, self.llm.dtype, self.device)
+            prefill = prefill_parts(ids.to(self.device), fresh, self.llm.prefill_chunk)
+            parts += prefill
+        self.target.run_parts(parts)
+        self.stats.decode_passes += 1
+
+        emitted = accepted = None
+        if verify:
+            logits = self.target.head(parts[0].h)  # (B, γ+1, V)
+            if self.params.greedy:
+                accepted, nxt = greedy_accept(g.draft_tokens, logits)
+            else:
+                p = logits_to_probs(logits, self.params.temperature, self.params.top_k,
+                                    self.params.top_p)
+                accepted, nxt = sample_accept(g.draft_tokens, g.draft_probs, p, self.generator)
+            emitted = emitted_tokens(g.draft_tokens, accepted, nxt)
+            g.target_cache.advance(1 + accepted)
+            g.draft_cache.rollback(gamma - accepted)  # drafting advanced it by γ+1
+            g.last.copy_(nxt)
+        if refill:
+            rows = torch.tensor(refill, device=self.device)
+            h = torch.cat([p.h for p in prefill], dim=1)
+            first = select(self.target.head(h, (lens - 1)[:, None])[:, 0], self.params,
+                           self.generator)
+            t_len = fresh.max_len
+            g.target_cache.k[:, rows, :, :t_len] = fresh.k
+            g.target_cache.v[:, rows, :, :t_len] = fresh.v
+            g.target_cache.lengths[rows] = lens
+            # The draft prefills the same prompts (small next to the target pass).
+            dcfg = self.llm.draft_config
+            dfresh = KVCache(dcfg.n_layers, len(refill), t_len, dcfg.n_kv_heads, dcfg.head_dim,
+                             self.llm.dtype, self.device)
+            self.draft.prefill(self._draft_ids(ids.to(self.device)), lens, dfresh,
+                               self.llm.prefill_chunk)
+            g.draft_cache.k[:, rows, :, :t_len] = dfresh.k
+            g.draft_cache.v[:, rows, :, :t_len] = dfresh.v
+            g.draft_cache.lengths[rows] = lens
+            g.last[rows] = first
+        if self.cuda:
+            timing.target_end.record()
+        # One host sync per round: bookkeeping of finished rows and refills.
+        self._commit(g, refill, emitted, accepted, gamma, first.tolist() if refill else None)
+        timing.wall = time.perf_counter() - wall0
+        if not self.cuda:
+            self.stats.target_seconds += timing.wall
+            self.target_pass_s = timing.wall
+        self.timings.append(timing)
+
+    def _commit(self, g: Group, refill, emitted, accepted, gamma, first_tokens) -> None:
+        if emitted is not None:
+            emitted, accepted = emitted.tolist(), accepted.tolist()
+            for b in range(g.rows):
+                r = g.request[b]
+                if r is None or b in refill:
+                    continue
+                self.stats.proposed += gamma
+                self.stats.accepted += accepted[b]
+                self.stats.row_passes += 1
+                self._append(g, b, emitted[b][:accepted[b] + 1])
+        for b, tok in zip(refill, first_tokens or []):
+            self._append(g, b, [tok])
+        g.refill.clear()
+        idle = [b for b in range(g.rows) if g.request[b] is None]
+        if idle:  # idle rows ride along in passes: keep their caches from growing
+            rows = torch.tensor(idle, device=self.device)
+            g.target_cache.lengths[rows] = 0
+            g.draft_cache.lengths[rows] = 0
+        self._assign(g)
+
+    def _append(self, g: Group, b: int, tokens: List[int]) -> None:
+        req = self.requests[g.request[b]]
+        for t in tokens:
+            req.tokens.append(t)
+            if t in self.eos:
+                req.finish_reason = "stop"
+            elif len(req.tokens) >= self.params.max_new_tokens:
+                req.finish_reason = "length"
+            if req.finish_reason:
+                g.request[b] = None
+                return
+
+    # -- schedule --------------------------------------------------------------------------
+
+    def _adapt(self) -> None:
+        if self.stats.proposed:
+            self.alpha = min(self.stats.accepted / self.stats.proposed, 0.99)
+        if self.adaptive and self.draft_step_s and self.target_pass_s:
+            self.gamma = choose_draft_len(self.alpha, self.target_pass_s, self.draft_step_s,
+                                          interleaved=len(self.groups) > 1, max_len=self.max_gamma)
+
+    def run(self) -> None:
+        for g in self.groups:
+            self._assign(g)
+            self.target_round(g)  # prefill only
+        self.draft_round(self.groups[0])
+        turn = 0
+        while any(g.active for g in self.groups):
+            g = self.groups[turn % len(self.groups)]
+            other = self.groups[(turn + 1) % len(self.groups)]
+            if other is not g:
+                self.draft_round(other)  # on the draft stream, under g's target pass
+            self.target_round(g)
+            if other is g:
+                self._adapt()
+                self.draft_round(g)  # serial: the draft waits for the target
+            turn += 1
+            if turn % len(self.groups) == 0:
+                self._measure()
+                self._adapt()
+        self._measure(final=True)
+
+    def _measure(self, final: bool = False) -> None:
+        """Fold finished rounds' device timings into the stats (no extra sync)."""
+        if not self.cuda:
+            return
+        if final:
+            torch.cuda.synchronize(self.device)
+        done = [t for t in self.timings if t.target_end.query()
+                and (t.draft_end is None or t.draft_end.query())]
+        for t in done:
+            target = t.target_start.elapsed_time(t.target_end) / 1e3
+            self.stats.target_seconds += target
+            self.target_pass_s = target
+            if t.draft_start is not None:
+                draft = t.draft_start.elapsed_time(t.draft_end) / 1e3
+                self.stats.draft_seconds += draft
+                self.draft_step_s = draft / (self.gamma + 1)
+                self.stats.round_seconds += t.wall
+        self.timings = [t for t in self.timings if t not in done]

@@ -1,0 +1,199 @@
+"""Chain speculation: exact greedy output, lossless sampling, refill, tokenizer checks."""
+import json
+import shutil
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency, chisquare
+
+import specoff
+from specoff.spec.chain import (choose_draft_len, emitted_tokens, expected_tokens_per_pass,
+                                greedy_accept, sample_accept)
+from specoff.synthetic import make_tiny_checkpoint, make_tokenizer, make_upcycled_pair
+
+PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n",
+           "class Stack:", "    return", "Errors should never", "y = [i * i for i in"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, tokenizer):
+    made = {}
+
+    def pair(sigma, family="mistral", **kw):
+        key = (sigma, family, tuple(sorted(kw.items())))
+        if key not in made:
+            made[key] = make_upcycled_pair(tmp_path_factory.mktemp("pair"), sigma,
+                                           draft_family=family, tokenizer=tokenizer, **kw)
+        return made[key]
+    return pair
+
+
+def target_only(target, params, prompts=PROMPTS, **kw):
+    return [o.token_ids for o in specoff.LLM(target, device="cpu", **kw).generate(prompts, params)]
+
+
+# -- acceptance rules, by hand ------------------------------------------------------------------
+
+def test_greedy_accept_by_hand():
+    logits = torch.full((3, 4, 10), -1.0)
+    argmax = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4], [9, 9, 9, 9]])
+    logits.scatter_(2, argmax[..., None], 1.0)
+    draft = torch.tensor([[5, 6, 7], [1, 0, 3], [0, 9, 9]])
+    accepted, nxt = greedy_accept(draft, logits)
+    assert accepted.tolist() == [3, 1, 0] and nxt.tolist() == [8, 2, 9]
+    out = emitted_tokens(draft, accepted, nxt)
+    assert out[0].tolist() == [5, 6, 7, 8] and out[1, :2].tolist() == [1, 2] and out[2, 0] == 9
+
+
+def expected(p, total):
+    p = p.double().numpy()
+    return p / p.sum() * total
+
+
+def test_sample_accept_is_exact():
+    """First emitted token ~ p0 whatever q is; after accepting d1, the next ~ p1."""
+    g = torch.Generator().manual_seed(0)
+    V, B, gamma = 6, 60000, 2
+    p = torch.softmax(torch.randn(gamma + 1, V, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(gamma, V, generator=g) * 1.5, -1)
+    draft = torch.stack([torch.multinomial(q[i], B, replacement=True, generator=g) for i in range(gamma)], 1)
+    accepted, nxt = sample_accept(draft, q.expand(B, -1, -1), p.expand(B, -1, -1), g)
+    out = emitted_tokens(draft, accepted, nxt)
+    first = torch.bincount(out[:, 0], minlength=V).numpy()
+    assert chisquare(first, expected(p[0], first.sum())).pvalue > 0.01
+    went_on = accepted >= 1
+    second = torch.bincount(out[went_on, 1], minlength=V).numpy()
+    assert chisquare(second, expected(p[1], second.sum())).pvalue > 0.01
+    assert 0 < went_on.float().mean() < 1  # both branches exercised
+
+
+def test_expected_tokens_and_draft_length():
+    assert expected_tokens_per_pass(0.0, 4) == 1.0
+    assert expected_tokens_per_pass(1.0, 4) == 5.0
+    assert abs(expected_tokens_per_pass(0.7, 4) - (1 - 0.7 ** 5) / 0.3) < 1e-12
+    # a draft that hides under the pass: draft as long as it stays hidden and still pays
+    assert choose_draft_len(0.9, 1.0, 0.01, interleaved=True) == 8
+    assert choose_draft_len(0.2, 1.0, 0.01, interleaved=True) >= 1
+    # serial and a slow draft: short drafts
+    assert choose_draft_len(0.7, 1.0, 0.5, interleaved=False) <= 2
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sigma, draft_len, interleave", [
+    (0.0, 4, True), (0.3, 3, True), (0.3, None, False), (1.0, 2, True)])
+def test_greedy_speculation_equals_target(sigma, draft_len, interleave, pairs):
+    draft, target = pairs(sigma)
+    params = specoff.SamplingParams(max_new_tokens=24, ignore_eos=True)
+    expect = target_only(target, params)
+    llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=4, draft_len=draft_len,
+                      interleave=interleave)  # 8 prompts through 4 rows: refills
+    got = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    assert got == expect
+    s = llm.last_stats
+    assert s.tokens == 8 * 24 and s.groups == (2 if interleave else 1)
+    if sigma == 0.0:
+        assert s.acceptance_rate > 0.95 and s.tokens_per_pass > 4
+    if sigma == 1.0:
+        assert s.acceptance_rate < 0.5
+    assert s.tokens_per_pass == pytest.approx((s.accepted + s.row_passes) / s.row_passes)
+
+
+def test_unrelated_draft_and_eos(pairs, tokenizer, tmp_path):
+    _, target = pairs(0.3)
+    draft = make_tiny_checkpoint("llama", tmp_path / "other", seed=7, tokenizer=tokenizer,
+                                 layers=1, dim=32, heads=2, kv_heads=1)
+    params = specoff.SamplingParams(max_new_tokens=30)  # EOS ends rows early
+    expect = target_only(target, params)
+    llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=3, draft_len=3)
+    outs = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == expect
+    assert llm.last_stats.acceptance_rate < 0.3
+    assert llm.last_stats.tokens == sum(len(t) for t in expect)
+
+
+def test_speculation_over_an_offloaded_target(pairs):
+    draft, target = pairs(0.3, family="qwen3", layers=4)
+    params = specoff.SamplingParams(max_new_tokens=16, ignore_eos=True)
+    expect = target_only(target, params)
+    llm = specoff.LLM(target, draft=draft, device="cpu", offload=True, ring_slots=2, max_rows=4,
+                      draft_len=3)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
+    s = llm.last_stats
+    layer_bytes = llm.model.store.layout.stream_numel * 4
+    assert s.bytes_streamed == layer_bytes * llm.config.n_layers * s.decode_passes
+
+
+def test_sampling_is_lossless(pairs, tmp_path):
+    """Joint distribution of the first three generated tokens, with and without a draft."""
+    src_draft, src_target = pairs(0.5, vocab_size=12)
+    draft, target = tmp_path / "d", tmp_path / "t"
+    for src, dst in ((src_draft, draft), (src_target, target)):
+        shutil.copytree(src, dst)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (dst / f).unlink()  # token ids only: the tiny vocabulary has no tokenizer
+    n = 3000
+    params = specoff.SamplingParams(max_new_tokens=3, temperature=1.0, top_p=0.9, seed=11,
+                                    ignore_eos=True)
+    prompts = [[3, 5, 7]] * n
+    plain = specoff.LLM(target, device="cpu", max_rows=n).generate(prompts, params)
+    spec = specoff.LLM(target, draft=draft, device="cpu", max_rows=n, draft_len=2)
+    sampled = spec.generate(prompts, params)
+    assert 0.2 < spec.last_stats.acceptance_rate < 0.95
+
+    def keys(outs):
+        return [tuple(o.token_ids) for o in outs]
+    a, b = keys(plain), keys(sampled)
+    common = sorted(k for k in set(a) | set(b) if a.count(k) + b.count(k) >= 20)
+    table = [[a.count(k) for k in common], [b.count(k) for k in common]]
+    assert len(common) >= 5
+    assert chi2_contingency(table).pvalue > 0.01
+
+
+def test_tokenizer_mismatch_is_refused_before_loading(pairs, tmp_path, monkeypatch):
+    _, target = pairs(0.3)
+    other = tmp_path / "other"
+    shutil.copytree(target, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["Ġreturn"], vocab["Ġself"] = vocab["Ġself"], vocab["Ġreturn"]  # two tokens swap ids
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    monkeypatch.setattr(specoff.engine, "load_model", lambda *a, **k: pytest.fail("loaded weights"))
+    with pytest.raises(ValueError, match=r"the target and draft tokenizers differ: token '(Ġreturn|Ġself)' "
+                                         r"is id \d+ in the draft but id \d+ in the target"):
+        specoff.LLM(target, draft=other, device="cpu")
+
+
+@pytest.mark.parametrize("draft_vocab", ["padded", "prefix"])
+def test_draft_vocabulary_padded_or_a_prefix(draft_vocab, pairs, tokenizer, tmp_path):
+    """A draft whose embeddings are padded past the tokenizer, or whose tokenizer is a prefix
+    of the target's (fewer BPE merges, same ids)."""
+    _, target = pairs(0.3)
+    if draft_vocab == "padded":
+        draft = make_tiny_checkpoint("mistral", tmp_path / "d", tokenizer=tokenizer,
+                                     vocab_size=len(tokenizer) + 64)
+    else:
+        draft = make_tiny_checkpoint("mistral", tmp_path / "d", tokenizer=make_tokenizer(320))
+    params = specoff.SamplingParams(max_new_tokens=12, ignore_eos=True)
+    llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=8, draft_len=2)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == target_only(target, params)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(spec="tree"), "not supported yet"), (dict(spec="beam"), "spec must be"),
+    (dict(draft_len=0), "draft_len must be between 1 and 16")])
+def test_bad_speculation_arguments(kw, message, pairs):
+    draft, target = pairs(0.3)
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        specoff.LLM(target, draft=draft, device="cpu", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleave", [True, False])
+def test_gpu_speculation_equals_target(interleave, pairs):
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=24, ignore_eos=True)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                      max_rows=4, draft_len=3, interleave=interleave)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
