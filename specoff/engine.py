@@ -20,7 +20,7 @@ from .kvcache import KVCache
 from .offload import build_offloaded
 from .planner import ModelSizes, Plan, load_profile, parse_bytes, plan_run, plan_weights
 from .sampling import SamplingParams, select
-from .synthetic import random_source
+from .synthetic import SyntheticModel, random_source
 from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
 
 
@@ -114,8 +114,9 @@ class LLM:
     """A target model (and, later, a draft) ready to generate.
 
     `LLM(target, draft=None, *, spec=None, device=None, dtype=None, gpu_memory=None,
-    offload=None, seed=0)`; `target` is a Hugging Face checkpoint folder, or a ModelConfig
-    for a model of that shape with seeded random weights.
+    offload=None, seed=0)`; `target` and `draft` are Hugging Face checkpoint folders, or
+    ModelConfigs (seeded random weights of that shape), or SyntheticModels (e.g. an upcycled
+    pair from synthetic.upcycled_pair) built in memory.
     """
 
     def __init__(self, target, draft=None, *, spec=None, device=None, dtype=None,
@@ -137,8 +138,12 @@ class LLM:
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if isinstance(target, ModelConfig):
             # A model of this shape with seeded random weights (benchmarks at real size).
-            self.path, self.config, self.tokenizer = None, target, None
-            source = random_source(target, seed, self.device)
+            target = SyntheticModel(target, random_source(target, seed, self.device))
+        if isinstance(draft, ModelConfig):
+            draft = SyntheticModel(draft, random_source(draft, seed + 1, self.device))
+        if isinstance(target, SyntheticModel):
+            self.path, self.config, self.tokenizer = None, target.config, None
+            source = target.source
         else:
             self.path = Path(target)
             self.config = ModelConfig.from_hf(self.path)  # fails early on an unsupported family
@@ -147,8 +152,8 @@ class LLM:
         self.draft_config = self.draft_model = None
         if draft is not None:
             # Checked before any weights load: a draft must speak the target's tokens.
-            if isinstance(draft, ModelConfig):
-                self.draft_config, draft_tok = draft, None
+            if isinstance(draft, SyntheticModel):
+                self.draft_config, draft_tok = draft.config, None
             else:
                 self.draft_config = ModelConfig.from_hf(draft)
                 draft_tok = load_tokenizer(draft)
@@ -193,10 +198,10 @@ class LLM:
             self.load_report = None
         self.model.use_graphs = cuda_graphs and self.device.type == "cuda"
         if draft is not None:
-            source = (random_source(draft, seed + 1, self.device)
-                      if isinstance(draft, ModelConfig) else None)
-            self.draft_model = load_model(None if source else draft, self.device, self.dtype,
-                                          source=source, config=self.draft_config)
+            synthetic = isinstance(draft, SyntheticModel)
+            self.draft_model = load_model(None if synthetic else draft, self.device, self.dtype,
+                                          source=draft.source if synthetic else None,
+                                          config=self.draft_config)
             self.draft_model.use_graphs = self.model.use_graphs
         self.eos_token_ids = self._eos_ids()
         self.last_stats = GenerationStats()
@@ -246,8 +251,9 @@ class LLM:
                         kv_placement=self.kv_placement, profile=self.profile)
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *,
-                 progress=None) -> List[RequestOutput]:
-        """Generate for every prompt; outputs come back in the prompts' order."""
+                 progress=None, speculate: bool = True) -> List[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order.
+        `speculate=False` runs the target alone even when a draft is loaded."""
         params = params or SamplingParams()
         rows = self.encode(prompts)
         for i, ids in enumerate(rows):
@@ -267,9 +273,10 @@ class LLM:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.last_plan_pass_seconds = plan.predicted_pass_seconds
         outputs: List[RequestOutput] = []
-        if self.draft_model is not None:
+        speculate = speculate and self.draft_model is not None
+        if speculate:
             outputs = self._speculate(rows, params, generator, stats, plan)
-        for start in range(0, len(rows) if self.draft_model is None else 0, plan.rows_per_pass):
+        for start in range(0, 0 if speculate else len(rows), plan.rows_per_pass):
             batch = rows[start:start + plan.rows_per_pass]
             for ids, new in zip(batch, self._generate_batch(batch, params, generator, stats, plan)):
                 outputs.append(self._finish(ids, new, params))

@@ -13,8 +13,10 @@ import io
 import os
 import shutil
 import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -150,30 +152,79 @@ def default_checkpoint() -> Path:
     return path
 
 
+@dataclass
+class SyntheticModel:
+    """A model to build in memory: its shape and where its weights come from."""
+    config: object  # ModelConfig
+    source: Callable  # weights.WeightSource
+
+
+def _name_seed(seed: int, name: str, expert: int = -1) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{name}/{expert}".encode())) % (2**63)
+
+
+def _draw(flat: torch.Tensor, device, std: float, seed: int, noise_seed: Optional[int] = None,
+          sigma: float = 0.0, chunk: int = 1 << 26) -> None:
+    """Fill `flat` with N(0, std²) values drawn on `device` a chunk at a time (plus, with a
+    noise seed, σ·std-scaled noise), so any size fits in bounded device memory."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.Generator(device=device).manual_seed(noise_seed) if noise_seed is not None else None
+    for part in flat.split(chunk):
+        values = torch.randn(part.numel(), generator=g, device=device, dtype=part.dtype).mul_(std)
+        if noise is not None:
+            values.add_(torch.randn(part.numel(), generator=noise, device=device,
+                                    dtype=part.dtype).mul_(sigma * std))
+        part.copy_(values)
+
+
 def random_source(cfg, seed: int = 0, device=None, std: float = 0.02):
     """A weight source (see weights.WeightSource) of seeded random weights at any size.
 
-    Values are drawn on `device` (the GPU when there is one) a chunk at a time and copied
+    Each tensor has its own seed (from its name), so two models that share tensor names
+    share those tensors. Values are drawn on `device` (the GPU when there is one) and copied
     into their destinations, which may be views into the pinned host store: a full-size
-    model is built in memory without a checkpoint on disk and without a second host copy.
-    Norm weights are ones.
+    model is built in memory with no checkpoint on disk and no second host copy. Norm
+    weights are ones.
     """
-    gen_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    chunk = 1 << 26  # elements drawn at once: bounds the temporary device memory
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def fill(destinations):
-        g = torch.Generator(device=gen_device).manual_seed(seed)
-        for name in sorted(destinations):
-            flat = destinations[name].view(-1)
+        for name, dst in destinations.items():
             if "norm" in name:
-                flat.fill_(1.0)
-                continue
-            for part in flat.split(chunk):
-                values = torch.randn(part.numel(), generator=g, device=gen_device,
-                                     dtype=part.dtype)
-                part.copy_(values.mul_(std))
-
+                dst.fill_(1.0)
+            else:
+                _draw(dst.view(-1), device, std, _name_seed(seed, name))
     return fill
+
+
+def upcycled_pair(draft_cfg, target_cfg, sigma: float, seed: int = 0, device=None,
+                  std: float = 0.02):
+    """(draft, target) SyntheticModels at any size: the target's attention, norms, embeddings
+    and head are the draft's tensors; its every expert is the draft's feed-forward plus
+    noise of σ times the weights' std; its router is random. σ sets the acceptance rate."""
+    for field_name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size"):
+        if getattr(draft_cfg, field_name) != getattr(target_cfg, field_name):
+            raise ValueError(f"an upcycled pair needs equal {field_name}: draft "
+                             f"{getattr(draft_cfg, field_name)}, target {getattr(target_cfg, field_name)}")
+    if draft_cfg.intermediate_size != target_cfg.moe_intermediate_size or draft_cfg.is_moe:
+        raise ValueError("an upcycled pair needs a dense draft whose intermediate_size equals the "
+                         "target's expert size")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def target_fill(destinations):
+        for name, dst in destinations.items():
+            if "norm" in name:
+                dst.fill_(1.0)
+            elif name.endswith(("feed_forward.w13", "feed_forward.w2")):
+                dense = name + ".weight"  # the draft's tensor of the same role
+                for e in range(dst.shape[0]):
+                    _draw(dst[e].view(-1), device, std, _name_seed(seed, dense),
+                          _name_seed(seed, name, e), sigma)
+            else:
+                _draw(dst.view(-1), device, std, _name_seed(seed, name))
+
+    return (SyntheticModel(draft_cfg, random_source(draft_cfg, seed, device, std)),
+            SyntheticModel(target_cfg, target_fill))
 
 
 def make_upcycled_pair(out_dir, sigma: float, *, seed: int = 0, draft_family: str = "mistral",

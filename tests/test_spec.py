@@ -197,3 +197,30 @@ def test_gpu_speculation_equals_target(interleave, pairs):
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
                       max_rows=4, draft_len=3, interleave=interleave)
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
+
+
+def test_in_memory_upcycled_pair():
+    """The in-memory pair (as built at full size for benchmarks): σ = 0 accepts everything."""
+    from specoff.synthetic import upcycled_pair
+
+    base = dict(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=96, rope_theta=1e4, rms_norm_eps=1e-5)
+    draft_cfg = specoff.ModelConfig.from_dict(dict(base, model_type="mistral"))
+    target_cfg = specoff.ModelConfig.from_dict(dict(base, model_type="mixtral", num_local_experts=4,
+                                                    num_experts_per_tok=2))
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    params = specoff.SamplingParams(max_new_tokens=10, ignore_eos=True)
+    rates = {}
+    for sigma in (0.0, 0.5):
+        draft, target = upcycled_pair(draft_cfg, target_cfg, sigma, device="cpu", std=0.2)
+        llm = specoff.LLM(target, draft=draft, device="cpu", draft_len=3, offload=True)
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+        plain = specoff.LLM(target, device="cpu")
+        assert got == [o.token_ids for o in plain.generate(prompts, params)]
+        rates[sigma] = llm.last_stats.acceptance_rate
+        assert torch.equal(llm.model.layers[1].attention.wqkv.weight,
+                           llm.draft_model.layers[1].attention.wqkv.weight)
+    assert rates[0.0] > 0.95 and rates[0.5] < rates[0.0]
+    with pytest.raises(ValueError, match="needs equal dim"):
+        upcycled_pair(specoff.ModelConfig.from_dict(dict(base, model_type="mistral", hidden_size=32)),
+                      target_cfg, 0.1)
