@@ -74,7 +74,9 @@ class GenerationStats:
     draft_len: Optional[int] = None  # γ at the end of the run (it adapts)
     target_seconds: float = 0.0  # device time of speculative target passes
     draft_seconds: float = 0.0  # device time of drafting
-    round_seconds: float = 0.0  # wall time of the rounds that had a draft beside them
+    round_seconds: float = 0.0  # wall time of the rounds that had drafting
+    rounds: int = 0  # rounds that had drafting
+    draft_hidden_seconds: float = 0.0  # draft time that overlapped a target pass
     proposed: int = 0
     accepted: int = 0
     row_passes: int = 0  # (row, target pass) pairs that verified drafts
@@ -83,9 +85,8 @@ class GenerationStats:
         if self.proposed:
             self.acceptance_rate = self.accepted / self.proposed
             self.tokens_per_pass = (self.accepted + self.row_passes) / self.row_passes
-        if self.draft_seconds and self.round_seconds:
-            hidden = self.target_seconds + self.draft_seconds - self.round_seconds
-            self.draft_hidden_fraction = min(max(hidden / self.draft_seconds, 0.0), 1.0)
+        if self.draft_seconds and self.rounds:
+            self.draft_hidden_fraction = self.draft_hidden_seconds / self.draft_seconds
         elif self.draft_seconds:
             self.draft_hidden_fraction = 0.0  # serial: nothing ran beside the target
 

@@ -76,6 +76,7 @@ class ChainPipeline:
         self.groups = [self._new_group(rows_per_group) for _ in range(groups)]
         self.timings: List[RoundTiming] = []
         self.draft_step_s, self.target_pass_s = None, llm.last_plan_pass_seconds
+        self._pending_draft, self._last_commit = None, None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -124,7 +125,6 @@ class ChainPipeline:
         if not g.active:
             return
         main = torch.cuda.current_stream(self.device) if self.cuda else None
-        timing = self.timings[-1] if self.timings else None
         with self._stream(self.draft_stream):
             if self.cuda:
                 self.draft_stream.wait_stream(main)  # the last accept of this group is done
@@ -155,8 +155,7 @@ class ChainPipeline:
                 for t in (g.draft_tokens, g.draft_probs):
                     if t is not None:
                         t.record_stream(main)
-                if timing is not None and timing.draft_start is None:
-                    timing.draft_start, timing.draft_end = start, end
+                self._pending_draft = (start, end)  # timed with the next target round
             else:
                 self.stats.draft_seconds += time.perf_counter() - t0
                 self.draft_step_s = (time.perf_counter() - t0) / (self.gamma + 1)
@@ -174,6 +173,9 @@ class ChainPipeline:
         if self.cuda and g.drafted is not None:
             torch.cuda.current_stream(self.device).wait_event(g.drafted)
         timing = RoundTiming(self._event(), self._event())
+        if self._pending_draft is not None:
+            timing.draft_start, timing.draft_end = self._pending_draft
+            self._pending_draft = None
         wall0 = time.perf_counter()
         if self.cuda:
             timing.target_start.record()
@@ -233,7 +235,11 @@ class ChainPipeline:
             timing.target_end.record()
         # One host sync per round: bookkeeping of finished rows and refills.
         self._commit(g, refill, emitted, accepted, gamma, first.tolist() if refill else None)
-        timing.wall = time.perf_counter() - wall0
+        # A round's wall time runs from the previous round's commit to this one's: in steady
+        # state it holds this pass and whatever drafting ran beside or before it.
+        now = time.perf_counter()
+        timing.wall = now - (self._last_commit or wall0)
+        self._last_commit = now
         if not self.cuda:
             self.stats.target_seconds += timing.wall
             self.target_pass_s = timing.wall
@@ -319,4 +325,7 @@ class ChainPipeline:
                 self.stats.draft_seconds += draft
                 self.draft_step_s = draft / (self.gamma + 1)
                 self.stats.round_seconds += t.wall
+                self.stats.rounds += 1
+                # What the round saved over running target and draft one after the other.
+                self.stats.draft_hidden_seconds += min(max(target + draft - t.wall, 0.0), draft)
         self.timings = [t for t in self.timings if t not in done]
