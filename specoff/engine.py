@@ -69,6 +69,7 @@ class GenerationStats:
     acceptance_rate: Optional[float] = None  # accepted draft tokens / proposed
     tokens_per_pass: Optional[float] = None  # tokens a row emits per target pass, on average
     draft_hidden_fraction: Optional[float] = None  # of draft time, the part under target passes
+    predicted_tokens_per_second: Optional[float] = None  # steady state, from the plan and α
     groups: int = 1
     rows_per_group: int = 0
     draft_len: Optional[int] = None  # γ at the end of the run (it adapts)
@@ -357,6 +358,17 @@ class LLM:
         stats.decode_seconds += time.perf_counter() - t0
         stats.groups, stats.rows_per_group = groups, per_group
         stats.draft_len = pipeline.gamma
+        if plan.predicted_pass_seconds and pipeline.draft_step_s and stats.proposed:
+            # Planner v2's figure: E(α, γ) tokens per row per round, a round costing the
+            # predicted pass (plus the draft's (γ+1) steps when it cannot hide).
+            from .spec.chain import expected_tokens_per_pass
+
+            alpha = stats.accepted / stats.proposed
+            draft = (pipeline.gamma + 1) * pipeline.draft_step_s
+            round_s = (max(plan.predicted_pass_seconds, draft) if groups > 1
+                       else plan.predicted_pass_seconds + draft)
+            stats.predicted_tokens_per_second = (
+                per_group * expected_tokens_per_pass(alpha, pipeline.gamma) / round_s)
         return [self._finish(r.prompt, r.tokens, params) for r in requests]
 
     def _finish(self, prompt_ids, new_ids, params: SamplingParams) -> RequestOutput:

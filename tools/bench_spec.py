@@ -101,16 +101,20 @@ def main():
     print(f"\ndevice {torch.cuda.get_device_name()} | sigma {best['sigma']} | "
           f"{args.prompts} prompts x {args.prompt_len} tokens, {args.new_tokens} new | "
           f"pure copy time per pass {copy_s:.3f} s\n")
-    print("| mode | rows/pass | tokens/s | x (a) | acceptance | tokens/row/pass | target pass s | "
+    print("| mode | rows/pass | tokens/s | predicted tokens/s | x (a) | acceptance | tokens/row/pass | target pass s | "
           "draft s/round | round s | draft hidden | γ | predicted pass s |")
-    print("| --- | " + "--- | " * 11)
+    print("| --- | " + "--- | " * 12)
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for name, s in modes.items():
         d = s.to_dict()
         rounds = max(s.decode_passes, 1)
         rows = s.rows_per_group if s.acceptance_rate is not None else d["plan"]["rows_per_pass"]
         target_pass = (s.target_seconds / rounds) if s.target_seconds else s.measured_pass_seconds
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"| {name} | {rows} | {d['tokens_per_second']:.1f} | {d['tokens_per_second'] / base:.2f} | "
+        predicted = s.predicted_tokens_per_second
+        if predicted is None and s.predicted_pass_seconds:
+            predicted = rows / s.predicted_pass_seconds
+        print(f"| {name} | {rows} | {d['tokens_per_second']:.1f} | {fmt(predicted, '.1f')} | "
+              f"{d['tokens_per_second'] / base:.2f} | "
               f"{fmt(s.acceptance_rate, '.3f')} | {fmt(s.tokens_per_pass, '.2f')} | {target_pass:.3f} | "
               f"{fmt(s.draft_seconds / rounds if s.draft_seconds else None, '.3f')} | "
               f"{fmt(s.round_seconds / s.rounds if s.rounds else None, '.3f')} | "
