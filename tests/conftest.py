@@ -19,6 +19,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Kernel tests: per-dtype tolerances relative to the output's scale.
+TOL = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.gpu
+
+
+def rel_err(out, ref):
+    """Largest absolute error over the output's scale (NaN if anything is NaN)."""
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
 FAMILIES = ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"]
 
 

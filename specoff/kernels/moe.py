@@ -23,8 +23,11 @@ import os
 from typing import Optional
 
 import torch
+
 import triton
 import triton.language as tl
+
+from . import launcher as _launcher
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -201,19 +204,6 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 # ---------------------------------------------------------------------------------------
 # Wrapper
-
-
-def _launcher(kernel, tensor: torch.Tensor):
-    """wrap_triton while torch.compile or make_fx traces; the bare kernel in eager mode.
-
-    On the H200 every eager call through wrap_triton's dispatcher showed a host-time floor of
-    ~0.4 ms per launch, more than the kernels themselves take at decode sizes.
-    """
-    if torch.compiler.is_compiling() or type(tensor) is not torch.Tensor:
-        from torch.library import wrap_triton
-
-        return wrap_triton(kernel)
-    return kernel
 
 
 def _launch_gemm(a, w, out, topk_weights, sorted_pairs, block_expert, num_pairs, top_k, cfg, *,

@@ -7,17 +7,10 @@ import zlib
 
 import pytest
 import torch
+from conftest import DEVICE, TOL, gpu, rel_err
 
 from specoff.kernels.attention import attention_mask, launch_config, verify_attention, verify_attention_ref
 
-TOL = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.gpu
-
-
-def rel_err(out, ref):
-    """Largest absolute error over the output's scale (NaN if anything is NaN)."""
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
 
 
 def random_tree_mask(batch, nodes, gen):
