@@ -20,6 +20,7 @@ from .kvcache import KVCache
 from .offload import build_offloaded
 from .planner import ModelSizes, Plan, load_profile, parse_bytes, plan_run, plan_weights
 from .sampling import SamplingParams, select
+from .spec.chain import MAX_DRAFT_LEN
 from .synthetic import SyntheticModel, random_source
 from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
 
@@ -165,8 +166,9 @@ class LLM:
         self.max_rows = max_rows
         self.prefill_chunk = prefill_chunk
         self.kv_placement = kv_placement
-        if draft_len is not None and not 1 <= draft_len <= 16:
-            raise ValueError(f"draft_len must be between 1 and 16 (or None: adaptive), not {draft_len}")
+        if draft_len is not None and not 1 <= draft_len <= MAX_DRAFT_LEN:
+            raise ValueError(f"draft_len must be between 1 and {MAX_DRAFT_LEN} (or None: "
+                             f"adaptive), not {draft_len}")
         self.draft_len, self.interleave = draft_len, interleave
         self.last_plan_pass_seconds = None
         self.profile = None
@@ -247,10 +249,14 @@ class LLM:
 
     def plan(self, rows: int, longest: int, max_new_tokens: int) -> Plan:
         """The run plan for `rows` prompts of at most `longest` tokens."""
+        spec = self.draft_config is not None
         return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
-                        context=longest + max_new_tokens, max_rows=self.max_rows,
+                        # speculation: γ+1 tokens per row per pass, caches γ+2 longer
+                        context=longest + max_new_tokens + (MAX_DRAFT_LEN + 2) * spec,
+                        max_rows=self.max_rows, tokens_per_row=MAX_DRAFT_LEN + 1 if spec else 1,
                         prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
-                        kv_placement=self.kv_placement, profile=self.profile)
+                        kv_placement=self.kv_placement, profile=self.profile,
+                        draft=self.draft_config)
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *,
                  progress=None, speculate: bool = True) -> List[RequestOutput]:

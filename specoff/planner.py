@@ -258,7 +258,8 @@ def plan_weights(cfg: ModelConfig, dtype: torch.dtype, budget: Optional[int], *,
 def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, context: int,
              max_rows: int, tokens_per_row: int = 1, prefill_tokens: int = 0,
              prefill_chunk: int = 512, kv_placement: Optional[str] = None,
-             profile: Optional[HardwareProfile] = None) -> Plan:
+             profile: Optional[HardwareProfile] = None,
+             draft: Optional[ModelConfig] = None) -> Plan:
     """Rows per pass, KV placement and predicted times for a workload, within the budget
     left by the weights. `kv_placement` "gpu" or "host" forces the cache's place; by
     default it is on the GPU when it fits, else (for an offloaded target) in host memory."""
@@ -266,7 +267,9 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         raise ValueError(f"kv_placement must be 'gpu', 'host' or None, not {kv_placement!r}")
     sizes = ModelSizes.of(cfg, dtype)
     budget = weights.budget_bytes
-    used = sum(weights.gpu_bytes.values()) + CONTEXT_MARGIN
+    draft_sizes = ModelSizes.of(draft, dtype) if draft is not None else None
+    draft_weights = draft_sizes.total if draft_sizes else 0  # a draft is wholly resident
+    used = sum(weights.gpu_bytes.values()) + draft_weights + CONTEXT_MARGIN
     rows_per_pass = max(1, min(rows, max_rows))
     chunk = max(1, min(prefill_chunk, prefill_tokens or prefill_chunk))
 
@@ -274,6 +277,9 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         act = activation_bytes(cfg, max(r * tokens_per_row, r * c), r * tokens_per_row, dtype)
         hidden = r * max(prefill_tokens, 1) * cfg.dim * torch.empty(0, dtype=dtype).element_size()
         kv = r * context * sizes.kv_per_token if kv_gpu else 0
+        if draft_sizes is not None:  # the draft's cache and steps live on the GPU
+            kv += r * context * draft_sizes.kv_per_token
+            act += activation_bytes(draft, r * max(tokens_per_row, c), r, dtype)
         return kv, act + hidden
 
     kv_gpu = kv_placement != "host"
@@ -296,6 +302,8 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     plan = Plan(**{**weights.to_dict(), "kv_on_gpu": kv_gpu, "rows_per_pass": rows_per_pass,
                    "prefill_chunk": chunk, "tokens_per_row": tokens_per_row})
     plan.gpu_bytes = dict(weights.gpu_bytes, kv_cache=kv, activations=act)
+    if draft_weights:
+        plan.gpu_bytes["draft_weights"] = draft_weights
     if profile is not None:
         plan.predicted_pass_seconds = predict_pass(plan, cfg, dtype, profile, rows_per_pass,
                                                    tokens_per_row, context)

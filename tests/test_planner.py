@@ -114,3 +114,21 @@ def test_measured_profile_is_plausible():
     p = planner.measure_profile("cpu", torch.float32)
     assert p.device_name == "cpu"
     assert all(v > 0 for v in (p.copy_gbps, p.gemm_tflops, p.moe_tflops, p.hbm_gbps, p.cpu_attention_gbps))
+
+
+def test_a_resident_draft_counts_against_the_budget():
+    target = ModelConfig.from_dict(MIXTRAL_8X7B)
+    draft = ModelConfig.from_dict(dict(MIXTRAL_8X7B, model_type="mistral"))
+    draft_bytes = ModelSizes.of(draft, torch.bfloat16).total
+    weights = planner.plan_weights(target, torch.bfloat16, 64 * GiB, offload=True,
+                                   reserve=draft_bytes + 12 * GiB)
+    plain = planner.plan_run(weights, target, torch.bfloat16, rows=256, context=170, max_rows=256)
+    spec = planner.plan_run(weights, target, torch.bfloat16, rows=256, context=170, max_rows=256,
+                            tokens_per_row=9, draft=draft)
+    assert spec.gpu_bytes["draft_weights"] == draft_bytes
+    assert spec.planned_gpu_bytes + planner.CONTEXT_MARGIN <= 64 * GiB
+    assert spec.gpu_bytes["kv_cache"] > plain.gpu_bytes["kv_cache"]  # the draft's cache too
+    # 24 GiB cannot hold a Mistral-7B draft beside any offloaded Mixtral plan
+    with pytest.raises(BudgetError, match="too small for any plan"):
+        planner.plan_weights(target, torch.bfloat16, 24 * GiB, offload=True,
+                             reserve=draft_bytes + 6 * GiB)

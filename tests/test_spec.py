@@ -181,7 +181,7 @@ def test_draft_vocabulary_padded_or_a_prefix(draft_vocab, pairs, tokenizer, tmp_
 
 @pytest.mark.parametrize("kw, message", [
     (dict(spec="tree"), "not supported yet"), (dict(spec="beam"), "spec must be"),
-    (dict(draft_len=0), "draft_len must be between 1 and 16")])
+    (dict(draft_len=9), "draft_len must be between 1 and 8")])
 def test_bad_speculation_arguments(kw, message, pairs):
     draft, target = pairs(0.3)
     with pytest.raises((ValueError, NotImplementedError), match=message):

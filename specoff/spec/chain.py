@@ -15,6 +15,8 @@ import torch
 
 from ..sampling import sample_from
 
+MAX_DRAFT_LEN = 8  # γ never exceeds this; caches and plans are sized for it
+
 
 def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +64,7 @@ def expected_tokens_per_pass(alpha: float, draft_len: int) -> float:
 
 
 def choose_draft_len(alpha: float, target_pass_s: float, draft_step_s: float,
-                     interleaved: bool, max_len: int = 8) -> int:
+                     interleaved: bool, max_len: int = MAX_DRAFT_LEN) -> int:
     """The γ that maximises tokens per second: E(γ) over the round time, which is
     max(target, draft) when the draft hides under the target pass, else their sum."""
     def rate(g):

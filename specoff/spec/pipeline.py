@@ -19,7 +19,7 @@ import torch
 from ..kvcache import KVCache
 from ..models.decoder import PassPart, prefill_parts
 from ..sampling import SamplingParams, logits_to_probs, sample_from, select
-from .chain import choose_draft_len, emitted_tokens, greedy_accept, sample_accept
+from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accept, sample_accept
 
 
 @dataclass
@@ -65,7 +65,7 @@ class ChainPipeline:
         self.cuda = self.device.type == "cuda"
         self.adaptive = draft_len is None
         self.gamma = draft_len or 4
-        self.max_gamma = max(self.gamma, 8)
+        self.max_gamma = MAX_DRAFT_LEN
         self.vocab = llm.config.vocab_size
         self.alpha = 0.7  # prior acceptance rate, replaced by what is observed
         self.waiting = list(range(len(requests)))[::-1]
