@@ -19,10 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="Hugging Face checkpoint folder of the target model")
     p.add_argument("--draft", help="checkpoint folder of a draft model (same tokenizer): "
                                    "turns on speculative decoding")
-    p.add_argument("--spec", choices=["chain", "tree"], help="speculation mode (default: chain "
-                                                              "when --draft is given)")
+    p.add_argument("--spec", choices=["chain", "tree"],
+                   help="speculation mode (default with --draft: tree for up to 4 prompts, chain above)")
     p.add_argument("--draft-len", default="auto",
                    help="draft tokens per row per round (γ), or auto to adapt between rounds")
+    p.add_argument("--tree-budget", type=int, default=64,
+                   help="draft-tree nodes per row in tree mode (1 … 2048)")
     p.add_argument("--no-interleave", action="store_true",
                    help="one row group: the draft waits for the target instead of hiding under it")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -98,8 +100,9 @@ def summary(stats) -> str:
                  f"{stats.bytes_streamed / 1e9:.2f} GB")
     if stats.acceptance_rate is not None:
         hidden = stats.draft_hidden_fraction
+        mode = (f"tree {stats.tree_budget} nodes" if stats.tree_budget else f"γ {stats.draft_len}")
         line += (f" | acceptance {stats.acceptance_rate:.2f} | {stats.tokens_per_pass:.2f} "
-                 f"tokens/row/pass | γ {stats.draft_len} | draft hidden "
+                 f"tokens/row/pass | {mode} | draft hidden "
                  f"{'-' if hidden is None else f'{100 * hidden:.0f}%'}")
     return line
 
@@ -134,7 +137,7 @@ def run(args) -> int:
     llm = specoff.LLM(target, draft=args.draft, spec=args.spec, device=args.device,
                       dtype=args.dtype, seed=args.seed, offload=offload,
                       gpu_memory=args.gpu_memory, draft_len=draft_len,
-                      interleave=not args.no_interleave)
+                      interleave=not args.no_interleave, tree_budget=args.tree_budget)
     with tqdm(total=len(prompts), unit="prompt", disable=None, file=sys.stderr) as bar:
         outputs = llm.generate(prompts, params, progress=bar)
     if not args.quiet:

@@ -21,6 +21,8 @@ from .offload import build_offloaded
 from .planner import ModelSizes, Plan, load_profile, parse_bytes, plan_run, plan_weights
 from .sampling import SamplingParams, select
 from .spec.chain import MAX_DRAFT_LEN
+
+TREE_MAX_ROWS = 4  # spec=None: tree speculation up to this many rows, chain above
 from .synthetic import SyntheticModel, random_source
 from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
 
@@ -74,6 +76,7 @@ class GenerationStats:
     groups: int = 1
     rows_per_group: int = 0
     draft_len: Optional[int] = None  # γ at the end of the run (it adapts)
+    tree_budget: Optional[int] = None  # nodes per row per tree (tree mode)
     target_seconds: float = 0.0  # device time of speculative target passes
     draft_seconds: float = 0.0  # device time of drafting
     round_seconds: float = 0.0  # wall time of the rounds that had drafting
@@ -126,12 +129,9 @@ class LLM:
                  gpu_memory=None, offload=None, seed: int = 0, max_rows: int = 256,
                  prefill_chunk: int = 512, ring_slots: int = 3, cuda_graphs: bool = True,
                  kv_placement: Optional[str] = None, draft_len: Optional[int] = None,
-                 interleave: bool = True):
+                 interleave: bool = True, tree_budget: int = 64):
         if spec not in (None, "chain", "tree"):
             raise ValueError(f"spec must be 'chain', 'tree' or None, not {spec!r}")
-        if spec == "tree":
-            raise NotImplementedError("spec='tree' (SpecExec draft trees) is not supported yet; "
-                                      "use spec='chain'")
         if spec is not None and draft is None:
             raise ValueError(f"spec={spec!r} needs a draft model: pass draft=DIR")
         if max_rows < 1 or prefill_chunk < 1 or ring_slots < 1:
@@ -161,7 +161,7 @@ class LLM:
                 self.draft_config = ModelConfig.from_hf(draft)
                 draft_tok = load_tokenizer(draft)
             check_same_tokenizer(self.tokenizer, draft_tok)
-        self.spec = "chain" if draft is not None else None
+        self.spec = spec  # None with a draft: tree for small batches, chain above
         self.seed = seed
         self.max_rows = max_rows
         self.prefill_chunk = prefill_chunk
@@ -170,6 +170,9 @@ class LLM:
             raise ValueError(f"draft_len must be between 1 and {MAX_DRAFT_LEN} (or None: "
                              f"adaptive), not {draft_len}")
         self.draft_len, self.interleave = draft_len, interleave
+        if not 1 <= tree_budget <= 2048:
+            raise ValueError(f"tree_budget must be between 1 and 2048, not {tree_budget}")
+        self.tree_budget = tree_budget
         self.last_plan_pass_seconds = None
         self.profile = None
         budget = None
@@ -282,7 +285,9 @@ class LLM:
         self.last_plan_pass_seconds = plan.predicted_pass_seconds
         outputs: List[RequestOutput] = []
         speculate = speculate and self.draft_model is not None
-        if speculate:
+        if speculate and self.spec_mode(len(rows)) == "tree":
+            outputs = self._speculate_tree(rows, params, generator, stats, plan)
+        elif speculate:
             outputs = self._speculate(rows, params, generator, stats, plan)
         for start in range(0, 0 if speculate else len(rows), plan.rows_per_pass):
             batch = rows[start:start + plan.rows_per_pass]
@@ -347,6 +352,25 @@ class LLM:
         stats.prefill_seconds += t1 - t0
         stats.decode_seconds += t2 - t1
         return result
+
+    def spec_mode(self, rows: int) -> str:
+        """spec=None picks tree speculation for interactive batches, chain above."""
+        return self.spec or ("tree" if rows <= TREE_MAX_ROWS else "chain")
+
+    def _speculate_tree(self, rows, params, generator, stats, plan) -> List[RequestOutput]:
+        from .spec.pipeline import Request
+        from .spec.tree import generate_tree
+
+        requests = [Request(list(r)) for r in rows]
+        _sync(self.device)
+        t0 = time.perf_counter()
+        generate_tree(self, requests, params, generator, stats, plan.rows_per_pass,
+                      self.tree_budget)
+        _sync(self.device)
+        stats.decode_seconds += time.perf_counter() - t0
+        stats.rows_per_group = min(len(rows), plan.rows_per_pass)
+        stats.tree_budget = self.tree_budget
+        return [self._finish(r.prompt, r.tokens, params) for r in requests]
 
     @torch.inference_mode()
     def _speculate(self, rows, params, generator, stats, plan) -> List[RequestOutput]:

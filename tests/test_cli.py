@@ -57,6 +57,11 @@ def test_speculative_run(tmp_path, tokenizer):
     assert "acceptance" in last and "tokens/row/pass" in last and "γ 3" in last
     stats = json.loads(out.read_text())["stats"]
     assert stats["tokens"] == 60 and 0 <= stats["acceptance_rate"] <= 1
+    tree = tmp_path / "tree.json"
+    r = cli("--target", target, "--draft", draft, "--prompt", "def f(x):", "--max-new-tokens", 12,
+            "--spec", "tree", "--tree-budget", 16, "--json", tree, "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert "tree 16 nodes" in r.stdout.splitlines()[-1]
     plain = tmp_path / "plain.json"
     assert cli("--target", target, "--dataset", "humaneval", "--limit", 5, "--max-new-tokens", 12,
                "--json", plain, "--ignore-eos").returncode == 0

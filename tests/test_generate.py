@@ -97,7 +97,7 @@ def test_bad_requests_are_refused(make_checkpoint):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(draft="/no/such/draft"), "no config.json in"), (dict(spec="tree"), "not supported yet"),
+    (dict(draft="/no/such/draft"), "no config.json in"), (dict(spec="tree"), "needs a draft model"),
     (dict(spec="chain"), "needs a draft model"),
     (dict(gpu_memory="24GiB"), "gpu_memory applies to a CUDA device"),
     (dict(kv_placement="disk"), "kv_placement must be"),

@@ -180,7 +180,7 @@ def test_draft_vocabulary_padded_or_a_prefix(draft_vocab, pairs, tokenizer, tmp_
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(spec="tree"), "not supported yet"), (dict(spec="beam"), "spec must be"),
+    (dict(spec="tree", tree_budget=0), "tree_budget must be between"), (dict(spec="beam"), "spec must be"),
     (dict(draft_len=9), "draft_len must be between 1 and 8")])
 def test_bad_speculation_arguments(kw, message, pairs):
     draft, target = pairs(0.3)
@@ -213,7 +213,7 @@ def test_in_memory_upcycled_pair():
     rates = {}
     for sigma in (0.0, 0.5):
         draft, target = upcycled_pair(draft_cfg, target_cfg, sigma, device="cpu", std=0.2)
-        llm = specoff.LLM(target, draft=draft, device="cpu", draft_len=3, offload=True)
+        llm = specoff.LLM(target, draft=draft, device="cpu", draft_len=3, offload=True, spec="chain")
         got = [o.token_ids for o in llm.generate(prompts, params)]
         plain = specoff.LLM(target, device="cpu")
         assert got == [o.token_ids for o in plain.generate(prompts, params)]

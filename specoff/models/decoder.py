@@ -226,13 +226,16 @@ class Transformer(nn.Module):
         for p in parts:
             p.h = self.tok_embeddings(p.input_ids)
             p.cos, p.sin = self.rope(p.positions, p.h.dtype)
-            p.mask = causal_mask(p.positions, p.kv_len)
+            if p.mask is None:
+                p.mask = causal_mask(p.positions, p.kv_len)
+            if p.slots is None:
+                p.slots = p.positions
         ring = self.ring
         for i, layer in enumerate(self.layers):
             if ring is not None and i in ring:
                 ring.acquire(i)
             for p in parts:
-                p.h = layer(p.h, p.cos, p.sin, p.mask, p.cache, i, p.positions, p.kv_len)
+                p.h = layer(p.h, p.cos, p.sin, p.mask, p.cache, i, p.slots, p.kv_len)
             if ring is not None and i in ring:
                 ring.release(i)
 
@@ -269,6 +272,10 @@ class PassPart:
     cache: KVCache
     positions: torch.Tensor  # (B, T) absolute positions, also where K/V are written
     kv_len: int  # host-side bound on the cached positions attended to
+    # Tree passes: where each token's K/V is written (default: its position) and which
+    # cached keys it sees, (B, 1, T, kv_len) (default: causal over positions).
+    slots: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
     h: Optional[torch.Tensor] = None  # final hidden states (B, T, D) after run_parts
 
 
