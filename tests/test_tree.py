@@ -151,3 +151,14 @@ def test_tree_sampling_is_lossless(pairs, tmp_path):
     common = sorted(k for k in set(a) | set(b) if a.count(k) + b.count(k) >= 20)
     assert len(common) >= 5
     assert chi2_contingency([[a.count(k) for k in common], [b.count(k) for k in common]]).pvalue > 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", [8, 64])
+def test_gpu_tree_over_an_offloaded_target(budget, pairs):
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=20, ignore_eos=True)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                      spec="tree", tree_budget=budget)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
