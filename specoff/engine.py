@@ -347,7 +347,7 @@ class LLM:
             out[:, step] = tokens
             if not params.ignore_eos:
                 done |= torch.isin(tokens, eos)
-        result = out.tolist()
+        result = out.tolist()  # once per batch, after the decode loop
         t2 = time.perf_counter()
         stats.prefill_seconds += t1 - t0
         stats.decode_seconds += t2 - t1

@@ -28,6 +28,15 @@ class Request:
     tokens: List[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
 
+    def add(self, token: int, eos, max_new_tokens: int) -> bool:
+        """Append a generated token; True once the request has finished."""
+        self.tokens.append(token)
+        if token in eos:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
 
 @dataclass(eq=False)
 class Group:
@@ -247,7 +256,7 @@ class ChainPipeline:
 
     def _commit(self, g: Group, refill, emitted, accepted, gamma, first_tokens) -> None:
         if emitted is not None:
-            emitted, accepted = emitted.tolist(), accepted.tolist()
+            emitted, accepted = emitted.tolist(), accepted.tolist()  # the round's one sync
             for b in range(g.rows):
                 r = g.request[b]
                 if r is None or b in refill:
@@ -269,13 +278,8 @@ class ChainPipeline:
     def _append(self, g: Group, b: int, tokens: List[int]) -> None:
         req = self.requests[g.request[b]]
         for t in tokens:
-            req.tokens.append(t)
-            if t in self.eos:
-                req.finish_reason = "stop"
-            elif len(req.tokens) >= self.params.max_new_tokens:
-                req.finish_reason = "length"
-            if req.finish_reason:
-                g.request[b] = None
+            if req.add(t, self.eos, self.params.max_new_tokens):
+                g.request[b] = None  # the slot is free for the next prompt
                 return
 
     # -- schedule --------------------------------------------------------------------------

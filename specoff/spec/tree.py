@@ -223,8 +223,8 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         draft.prefill(draft_ids, lens, dcache, llm.prefill_chunk)
         stats.prefill_passes += 1
         active = list(range(B))
-        for b, tok in enumerate(last.tolist()):
-            _append(batch[b], tok, eos, params.max_new_tokens)
+        for b, tok in enumerate(last.tolist()):  # once per batch, after prefill
+            batch[b].add(tok, eos, params.max_new_tokens)
         active = [b for b in active if batch[b].finish_reason is None]
         while active:
             tree = grow(draft, dcache, last, budget, vocab=tcfg.vocab_size)
@@ -243,7 +243,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
                 stats.accepted += accepted_list[b]
                 stats.row_passes += 1
                 for tok in emitted[b][:accepted_list[b] + 1]:
-                    if _append(batch[b], tok, eos, params.max_new_tokens):
+                    if batch[b].add(tok, eos, params.max_new_tokens):
                         break
             done = [b for b in active if batch[b].finish_reason is not None]
             if done:  # finished rows ride along: keep their caches from growing
@@ -252,12 +252,3 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
                 dcache.lengths[rows] = 0
             active = [b for b in active if batch[b].finish_reason is None]
 
-
-def _append(request, token: int, eos, max_new: int) -> bool:
-    """Add a token to a request; True once it has finished."""
-    request.tokens.append(token)
-    if token in eos:
-        request.finish_reason = "stop"
-    elif len(request.tokens) >= max_new:
-        request.finish_reason = "length"
-    return request.finish_reason is not None
