@@ -55,3 +55,44 @@ def make_checkpoint(tmp_path_factory, tokenizer):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, tokenizer):
+    """pairs(sigma, **config) -> (draft_dir, target_dir): a tiny upcycled pair (cached)."""
+    from specoff.synthetic import make_upcycled_pair
+
+    made = {}
+
+    def pair(sigma, family="mistral", **kw):
+        key = (sigma, family, tuple(sorted(kw.items())))
+        if key not in made:
+            made[key] = make_upcycled_pair(tmp_path_factory.mktemp("pair"), sigma,
+                                           draft_family=family, tokenizer=tokenizer, **kw)
+        return made[key]
+    return pair
+
+
+def without_tokenizers(folders, tmp_path):
+    """Copies of checkpoint folders with no tokenizer files (token-id prompts only)."""
+    import shutil
+
+    copies = []
+    for i, src in enumerate(folders):
+        dst = tmp_path / f"copy{i}"
+        shutil.copytree(src, dst)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (dst / f).unlink()
+        copies.append(dst)
+    return copies
+
+
+def same_distribution(outs_a, outs_b, min_count=20):
+    """Chi-square p-value that two sets of generations share one distribution of sequences."""
+    from scipy.stats import chi2_contingency
+
+    a = [tuple(o.token_ids) for o in outs_a]
+    b = [tuple(o.token_ids) for o in outs_b]
+    common = sorted(k for k in set(a) | set(b) if a.count(k) + b.count(k) >= min_count)
+    assert len(common) >= 5, "too few distinct sequences for a chi-square test"
+    return chi2_contingency([[a.count(k) for k in common], [b.count(k) for k in common]]).pvalue

@@ -4,28 +4,16 @@ import shutil
 
 import pytest
 import torch
-from scipy.stats import chi2_contingency, chisquare
+from scipy.stats import chisquare
 
 import specoff
+from conftest import same_distribution, without_tokenizers
 from specoff.spec.chain import (choose_draft_len, emitted_tokens, expected_tokens_per_pass,
                                 greedy_accept, sample_accept)
-from specoff.synthetic import make_tiny_checkpoint, make_tokenizer, make_upcycled_pair
+from specoff.synthetic import make_tiny_checkpoint, make_tokenizer
 
 PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n",
            "class Stack:", "    return", "Errors should never", "y = [i * i for i in"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory, tokenizer):
-    made = {}
-
-    def pair(sigma, family="mistral", **kw):
-        key = (sigma, family, tuple(sorted(kw.items())))
-        if key not in made:
-            made[key] = make_upcycled_pair(tmp_path_factory.mktemp("pair"), sigma,
-                                           draft_family=family, tokenizer=tokenizer, **kw)
-        return made[key]
-    return pair
 
 
 def target_only(target, params, prompts=PROMPTS, **kw):
@@ -126,12 +114,7 @@ def test_speculation_over_an_offloaded_target(pairs):
 
 def test_sampling_is_lossless(pairs, tmp_path):
     """Joint distribution of the first three generated tokens, with and without a draft."""
-    src_draft, src_target = pairs(0.5, vocab_size=12)
-    draft, target = tmp_path / "d", tmp_path / "t"
-    for src, dst in ((src_draft, draft), (src_target, target)):
-        shutil.copytree(src, dst)
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            (dst / f).unlink()  # token ids only: the tiny vocabulary has no tokenizer
+    draft, target = without_tokenizers(pairs(0.5, vocab_size=12), tmp_path)
     n = 3000
     params = specoff.SamplingParams(max_new_tokens=3, temperature=1.0, top_p=0.9, seed=11,
                                     ignore_eos=True)
@@ -141,13 +124,7 @@ def test_sampling_is_lossless(pairs, tmp_path):
     sampled = spec.generate(prompts, params)
     assert 0.2 < spec.last_stats.acceptance_rate < 0.95
 
-    def keys(outs):
-        return [tuple(o.token_ids) for o in outs]
-    a, b = keys(plain), keys(sampled)
-    common = sorted(k for k in set(a) | set(b) if a.count(k) + b.count(k) >= 20)
-    table = [[a.count(k) for k in common], [b.count(k) for k in common]]
-    assert len(common) >= 5
-    assert chi2_contingency(table).pvalue > 0.01
+    assert same_distribution(plain, sampled) > 0.01
 
 
 def test_tokenizer_mismatch_is_refused_before_loading(pairs, tmp_path, monkeypatch):

@@ -1,14 +1,11 @@
 """SpecExec tree mode: hand-built trees, tree attention, exact greedy and sampled output."""
-import shutil
-
 import pytest
 import torch
-from scipy.stats import chi2_contingency
 
 import specoff
+from conftest import same_distribution, without_tokenizers
 from specoff.kvcache import KVCache
 from specoff.spec.tree import Tree, accept, commit, tree_part
-from specoff.synthetic import make_upcycled_pair
 
 PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n"]
 
@@ -97,19 +94,6 @@ def test_tree_attention_equals_plain_attention_on_each_path(make_checkpoint):
         torch.testing.assert_close(logits[node], model(seq)[0, -1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory, tokenizer):
-    made = {}
-
-    def pair(sigma, **kw):
-        key = (sigma, tuple(sorted(kw.items())))
-        if key not in made:
-            made[key] = make_upcycled_pair(tmp_path_factory.mktemp("pair"), sigma,
-                                           tokenizer=tokenizer, **kw)
-        return made[key]
-    return pair
-
-
 @pytest.mark.parametrize("sigma", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("budget", [1, 8, 64])
 def test_greedy_tree_equals_target(sigma, budget, pairs):
@@ -132,12 +116,7 @@ def test_spec_none_picks_tree_for_small_batches(pairs):
 
 
 def test_tree_sampling_is_lossless(pairs, tmp_path):
-    src_draft, src_target = pairs(0.5, vocab_size=12)
-    draft, target = tmp_path / "d", tmp_path / "t"
-    for src, dst in ((src_draft, draft), (src_target, target)):
-        shutil.copytree(src, dst)
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            (dst / f).unlink()
+    draft, target = without_tokenizers(pairs(0.5, vocab_size=12), tmp_path)
     n = 2000
     params = specoff.SamplingParams(max_new_tokens=3, temperature=1.0, top_k=6, seed=5,
                                     ignore_eos=True)
@@ -146,11 +125,7 @@ def test_tree_sampling_is_lossless(pairs, tmp_path):
     tree = specoff.LLM(target, draft=draft, device="cpu", max_rows=n, spec="tree", tree_budget=8)
     sampled = tree.generate(prompts, params)
     assert tree.last_stats.accepted > 0
-    a = [tuple(o.token_ids) for o in plain]
-    b = [tuple(o.token_ids) for o in sampled]
-    common = sorted(k for k in set(a) | set(b) if a.count(k) + b.count(k) >= 20)
-    assert len(common) >= 5
-    assert chi2_contingency([[a.count(k) for k in common], [b.count(k) for k in common]]).pvalue > 0.01
+    assert same_distribution(plain, sampled) > 0.01
 
 
 @pytest.mark.gpu

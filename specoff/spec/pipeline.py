@@ -242,7 +242,8 @@ class ChainPipeline:
             g.last[rows] = first
         if self.cuda:
             timing.target_end.record()
-        # One host sync per round: bookkeeping of finished rows and refills.
+        # One host sync per round (here and in _commit): finished rows and refills are
+        # decided on the host, between target passes, never inside one.
         self._commit(g, refill, emitted, accepted, gamma, first.tolist() if refill else None)
         # A round's wall time runs from the previous round's commit to this one's: in steady
         # state it holds this pass and whatever drafting ran beside or before it.
