@@ -85,6 +85,7 @@ class GenerationStats:
     proposed: int = 0
     accepted: int = 0
     row_passes: int = 0  # (row, target pass) pairs that verified drafts
+    tail_merges: int = 0  # times the two row groups became one at the end of a workload
 
     def finalize(self) -> None:
         if self.proposed:

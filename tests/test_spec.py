@@ -80,6 +80,7 @@ def test_greedy_speculation_equals_target(sigma, draft_len, interleave, pairs):
     assert got == expect
     s = llm.last_stats
     assert s.tokens == 8 * 24 and s.groups == (2 if interleave else 1)
+    assert s.tail_merges == (1 if interleave else 0)  # the last rows finish in one group
     if sigma == 0.0:
         assert s.acceptance_rate > 0.95 and s.tokens_per_pass > 4
     if sigma == 1.0:

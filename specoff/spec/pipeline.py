@@ -218,6 +218,7 @@ class ChainPipeline:
                                     self.params.top_p)
                 accepted, nxt = sample_accept(g.draft_tokens, g.draft_probs, p, self.generator)
             emitted = emitted_tokens(g.draft_tokens, accepted, nxt)
+            g.draft_tokens = g.draft_probs = None  # verified: nothing pending
             g.target_cache.advance(1 + accepted)
             g.draft_cache.rollback(gamma - accepted)  # drafting advanced it by γ+1
             g.last.copy_(nxt)
@@ -311,7 +312,40 @@ class ChainPipeline:
             if turn % len(self.groups) == 0:
                 self._measure()
                 self._adapt()
+                self._merge_tail()
         self._measure(final=True)
+
+    def _merge_tail(self) -> None:
+        """At the tail of a workload (no prompt waiting, the live rows fit in one group) the
+        two groups become one: each pass then serves every live row, where two half-empty
+        groups would each pay a whole pass for half of them. The pending drafts are dropped
+        (the draft caches roll back over them) and the merged group drafts afresh."""
+        if len(self.groups) < 2 or self.waiting or any(g.refill for g in self.groups):
+            return
+        live = [(g, b) for g in self.groups for b in range(g.rows) if g.request[b] is not None]
+        dst = max(self.groups, key=lambda g: sum(r is not None for r in g.request))
+        if len(live) > dst.rows:
+            return
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.draft_stream)
+        for g in self.groups:
+            if g.draft_tokens is not None:  # drafted, not verified: γ+1 draft steps to undo
+                g.draft_cache.rollback(g.draft_tokens.shape[1] + 1)
+            g.draft_tokens = g.draft_probs = g.drafted = None
+        free = [b for b in range(dst.rows) if dst.request[b] is None]
+        for g, b in live:
+            if g is dst:
+                continue
+            d = free.pop(0)
+            for src, out in ((g.target_cache, dst.target_cache), (g.draft_cache, dst.draft_cache)):
+                out.k[:, d] = src.k[:, b]
+                out.v[:, d] = src.v[:, b]
+                out.lengths[d] = src.lengths[b]
+            dst.last[d] = g.last[b]
+            dst.request[d] = g.request[b]
+        self.groups = [dst]
+        self._pending_draft = None
+        self.stats.tail_merges += 1
 
     def _measure(self, final: bool = False) -> None:
         """Fold finished rounds' device timings into the stats (no extra sync)."""
