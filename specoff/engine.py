@@ -18,7 +18,7 @@ import torch
 from .config import ModelConfig
 from .kvcache import KVCache
 from .offload import build_offloaded
-from .planner import ModelSizes, Plan, load_profile, parse_bytes, plan_run, plan_weights
+from .planner import Plan, load_profile, parse_bytes, plan_run, plan_weights, weight_reserve
 from .sampling import SamplingParams, select
 from .spec.chain import MAX_DRAFT_LEN
 
@@ -182,14 +182,8 @@ class LLM:
             self.profile = load_profile(self.device, dtype=self.dtype)
         elif gpu_memory is not None:
             raise ValueError("gpu_memory applies to a CUDA device; this LLM runs on the CPU")
-        # Room kept for the KV cache and activations: a quarter of the budget, more (up to
-        # half) when max_rows rows of 512 tokens need it; layers go resident only beyond it.
-        reserve = 0
-        if budget is not None and self.draft_config is not None:
-            reserve += ModelSizes.of(self.draft_config, self.dtype).total  # the draft is resident
-        if budget is not None:
-            kv_512 = max_rows * 512 * ModelSizes.of(self.config, self.dtype).kv_per_token
-            reserve += max(budget // 4, min(budget // 2, kv_512))
+        reserve = 0 if budget is None else weight_reserve(self.config, self.dtype, budget, max_rows,
+                                                          self.draft_config)
         self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=offload,
                                         reserve=reserve, ring_slots=ring_slots)
         if self.device.type == "cuda":

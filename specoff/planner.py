@@ -204,6 +204,22 @@ def _weight_bytes_on_gpu(sizes: ModelSizes, resident_attention: bool, resident_l
             "resident_attention": attention, "ring": min(slots, streamed) * slot}
 
 
+def weight_reserve(cfg: ModelConfig, dtype: torch.dtype, budget: int, max_rows: int,
+                   draft: Optional[ModelConfig] = None) -> int:
+    """Bytes `plan_weights` keeps free of the target's weights: a resident draft's weights,
+    and room for KV caches and activations — a quarter of what the draft and the smallest
+    offloaded plan leave, more (up to half) when `max_rows` rows of 512 tokens need it.
+    Attention, more ring slots and whole layers go resident only beyond it."""
+    sizes = ModelSizes.of(cfg, dtype)
+    draft_bytes, kv_per_token = 0, sizes.kv_per_token
+    if draft is not None:
+        d = ModelSizes.of(draft, dtype)
+        draft_bytes, kv_per_token = d.total, kv_per_token + d.kv_per_token
+    smallest = min(sizes.total, sum(_weight_bytes_on_gpu(sizes, False, 0, 2).values()))
+    free = max(budget - draft_bytes - smallest - CONTEXT_MARGIN, 0)
+    return draft_bytes + max(free // 4, min(free // 2, max_rows * 512 * kv_per_token))
+
+
 def plan_weights(cfg: ModelConfig, dtype: torch.dtype, budget: Optional[int], *,
                  offload: Optional[bool], reserve: int, ring_slots: int = 3) -> Plan:
     """Where the weights go, keeping `reserve` bytes for KV cache and activations.
@@ -292,8 +308,13 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
             chunk //= 2
         elif kv_gpu and host_kv_allowed and weights.offload:
             kv_gpu, chunk = False, max(1, min(prefill_chunk, prefill_tokens or prefill_chunk))
-        elif rows_per_pass > 1:
-            rows_per_pass = max(1, rows_per_pass // 2)
+        elif rows_per_pass > 1:  # the most rows that fit: bisect on the row count
+            lo, hi = 0, rows_per_pass
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                k, a = need(mid, kv_gpu, chunk)
+                lo, hi = (mid, hi) if used + k + a <= budget else (lo, mid)
+            rows_per_pass = max(lo, 1)
         else:
             raise BudgetError(
                 f"gpu_memory={budget / GiB:.2f} GiB leaves {(budget - used) / GiB:.2f} GiB after "

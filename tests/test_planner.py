@@ -128,7 +128,27 @@ def test_a_resident_draft_counts_against_the_budget():
     assert spec.gpu_bytes["draft_weights"] == draft_bytes
     assert spec.planned_gpu_bytes + planner.CONTEXT_MARGIN <= 64 * GiB
     assert spec.gpu_bytes["kv_cache"] > plain.gpu_bytes["kv_cache"]  # the draft's cache too
-    # 24 GiB cannot hold a Mistral-7B draft beside any offloaded Mixtral plan
+
+
+def test_a_mistral_draft_beside_mixtral_in_24_gib():
+    """SpecOffload's setting: the reserve leaves the draft, its cache and the target's ring
+    room in 24 GiB by streaming the target's attention too, in two ring slots, and keeping its
+    KV on the host."""
+    target = ModelConfig.from_dict(MIXTRAL_8X7B)
+    draft = ModelConfig.from_dict(dict(MIXTRAL_8X7B, model_type="mistral"))
+    budget = 24 * GiB
+    reserve = planner.weight_reserve(target, torch.bfloat16, budget, 256, draft)
+    weights = planner.plan_weights(target, torch.bfloat16, budget, offload=None, reserve=reserve)
+    assert weights.offload and not weights.resident_attention and weights.ring_slots == 2
+    plan = planner.plan_run(weights, target, torch.bfloat16, rows=256, context=170, max_rows=256,
+                            tokens_per_row=9, prefill_tokens=128, draft=draft, profile=PROFILE)
+    assert plan.planned_gpu_bytes + planner.CONTEXT_MARGIN <= budget
+    assert not plan.kv_on_gpu and plan.rows_per_pass >= 128
+    # without a draft the same budget keeps attention resident and the cache on the GPU
+    plain = planner.plan_weights(target, torch.bfloat16, budget, offload=None,
+                                 reserve=planner.weight_reserve(target, torch.bfloat16, budget, 256))
+    assert plain.resident_attention
+    # 16 GiB cannot hold a Mistral-7B draft beside any offloaded Mixtral plan
     with pytest.raises(BudgetError, match="too small for any plan"):
-        planner.plan_weights(target, torch.bfloat16, 24 * GiB, offload=True,
-                             reserve=draft_bytes + 6 * GiB)
+        planner.plan_weights(target, torch.bfloat16, 16 * GiB, offload=None,
+                             reserve=planner.weight_reserve(target, torch.bfloat16, 16 * GiB, 256, draft))
