@@ -1,9 +1,12 @@
 """Time the Triton kernels against their references and the fastest plain-torch compositions.
 
-Prints one markdown table per kernel: median time (triton.testing.do_bench), TFLOP/s and GB/s,
-and the speed-up over the torch baseline. Shapes are Mixtral-8x7B's and Qwen3-30B-A3B's.
+Prints one markdown table: median time eager (triton.testing.do_bench) and as CUDA-graph
+replays, TFLOP/s and GB/s, the share of the measured HBM copy bandwidth, and the speed-up
+over the torch baseline. Shapes are Mixtral-8x7B's and Qwen3-30B-A3B's. The `draft` section
+times a Mistral-7B-shaped draft's decode step (random bf16 weights) as one CUDA-graph replay
+against the time to read its weights once at the measured bandwidth.
 
-    python3 tools/bench_kernels.py [--only moe|attention] [--no-ref] [--json out.json]
+    python3 tools/bench_kernels.py [--only moe|attention|draft] [--no-ref] [--json out.json]
 
 Needs a CUDA GPU. tests/benchmarks/test_bench_kernels.py imports the cases and baselines below.
 """
@@ -27,7 +30,10 @@ MOE_SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 
 ATTN_SHAPES = {"mixtral-8x7b": (32, 8, 128), "qwen3-30b-a3b": (32, 4, 128)}
 MOE_TOKENS = (1, 8, 64, 256, 1280)
 # (rows B, new tokens T, prefix length, tree?)
-ATTN_CASES = ((64, 1, 4096, False), (64, 5, 4096, False), (1, 256, 4096, True), (8, 64, 2048, True))
+ATTN_CASES = ((64, 1, 4096, False), (64, 5, 4096, False), (1, 256, 4096, True), (8, 64, 2048, True),
+              (1, 1024, 4096, True))
+DRAFT_BATCHES = (1, 4, 16)
+DRAFT_PREFIX = 256  # cached tokens per row (the cache's length: SDPA reads all of it, masked)
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,7 +147,7 @@ def _graph_ms(fn):
     return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")
 
 
-def bench_moe(with_ref: bool):
+def bench_moe(with_ref: bool, hbm: float):
     rows = []
     for shape in MOE_SHAPES:
         weights = None
@@ -156,71 +162,189 @@ def bench_moe(with_ref: bool):
             t_ref = _time_ms(lambda: fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) if with_ref else float("nan")
             rows.append(dict(kernel="fused_moe", shape=shape, case=f"tokens={tokens}", ms=t_kernel,
                              graph_ms=t_graph, torch_ms=t_torch, torch_graph_ms=float("nan"), ref_ms=t_ref,
-                             tflops=flops / t_graph / 1e9, gbps=bytes_ / t_graph / 1e6))
+                             tflops=flops / t_graph / 1e9, gbps=bytes_ / t_graph / 1e6,
+                             hbm_share=bytes_ / t_graph / 1e6 / hbm))
             print_row(rows[-1])
         del weights
         torch.cuda.empty_cache()
     return rows
 
 
-def bench_attention(with_ref: bool):
+def bench_attention(with_ref: bool, hbm: float):
     rows = []
     for shape in ATTN_SHAPES:
         for B, T, prefix, tree in ATTN_CASES:
-            q, k_cache, v_cache, lengths, tree_mask = attention_inputs(shape, B, T, prefix, tree)
-            S = k_cache.shape[2]
-            flops, bytes_ = attention_cost(q, k_cache, lengths)
-            mask = attention_mask(lengths, T, S, tree_mask)[:, None]  # (B, 1, T, S)
-            out = torch.empty_like(q)
-            kernel = lambda: verify_attention(q, k_cache, v_cache, lengths, tree_mask, kv_len=S, out=out)  # noqa: E731
-            t_kernel, t_graph = _time_ms(kernel), _graph_ms(kernel)
-            sdpa = lambda: attention_sdpa(q, k_cache, v_cache, mask)  # noqa: E731
-            t_torch, t_torch_graph = _time_ms(sdpa), _graph_ms(sdpa)
-            t_ref = (_time_ms(lambda: verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask))
-                     if with_ref else float("nan"))
-            case = f"B={B} T={T} prefix={prefix} {'tree' if tree else 'chain'}"
-            rows.append(dict(kernel="verify_attention", shape=shape, case=case, ms=t_kernel,
-                             graph_ms=t_graph, torch_ms=t_torch, torch_graph_ms=t_torch_graph, ref_ms=t_ref,
-                             tflops=flops / t_graph / 1e9, gbps=bytes_ / t_graph / 1e6))
+            rows.append(attention_row(shape, B, T, prefix, tree, with_ref, hbm))
             print_row(rows[-1])
-            del q, k_cache, v_cache, mask
             torch.cuda.empty_cache()
     return rows
 
 
-def print_header():
-    print("ms are medians; 'graph' = CUDA-graph replay (device time). TFLOP/s and GB/s use the kernel's graph "
-          "time; × torch = best torch time (eager or graph) / kernel graph time.")
+def attention_row(shape, B, T, prefix, tree, with_ref, hbm):
+    q, k_cache, v_cache, lengths, tree_mask = attention_inputs(shape, B, T, prefix, tree)
+    S = k_cache.shape[2]
+    flops, bytes_ = attention_cost(q, k_cache, lengths)
+    mask = attention_mask(lengths, T, S, tree_mask)[:, None]  # (B, 1, T, S)
+    out = torch.empty_like(q)
+    kernel = lambda: verify_attention(q, k_cache, v_cache, lengths, tree_mask, kv_len=S, out=out)  # noqa: E731
+    t_kernel, t_graph = _time_ms(kernel), _graph_ms(kernel)
+    sdpa = lambda: attention_sdpa(q, k_cache, v_cache, mask)  # noqa: E731
+    t_torch, t_torch_graph = _time_ms(sdpa), _graph_ms(sdpa)
+    t_ref = (_time_ms(lambda: verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask))
+             if with_ref else float("nan"))
+    case = f"B={B} T={T} prefix={prefix} {'tree' if tree else 'chain'}"
+    return dict(kernel="verify_attention", shape=shape, case=case, ms=t_kernel, graph_ms=t_graph, torch_ms=t_torch,
+                torch_graph_ms=t_torch_graph, ref_ms=t_ref, tflops=flops / t_graph / 1e9,
+                gbps=bytes_ / t_graph / 1e6, hbm_share=bytes_ / t_graph / 1e6 / hbm)
+
+
+# ---------------------------------------------------------------------------------------
+# Draft decode step and the HBM ceiling
+
+
+def hbm_bandwidth_gbps(gib: int = 2) -> float:
+    """Device-to-device copy of `gib` GiB, bytes read plus bytes written, as CUDA-graph replays."""
+    src = torch.randn(gib << 29, device="cuda", dtype=torch.bfloat16)  # gib GiB of bf16
+    dst = torch.empty_like(src)
+    ms = _graph_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def draft_model():
+    """Mistral-7B-shaped decoder on the GPU with seeded random bf16 weights (nothing read from disk)."""
+    from specoff.config import ModelConfig
+    from specoff.synthetic import MISTRAL_7B, random_source
+    from specoff.weights import load_model
+
+    cfg = ModelConfig.from_dict(MISTRAL_7B)
+    return load_model(None, device="cuda", dtype="bfloat16", source=random_source(cfg, 0, "cuda"), config=cfg)
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: every parameter but the embedding table (B rows of it)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    return total
+
+
+def one_graph_replay_ms(step, replays: int = 30) -> float:
+    """Capture step() as one CUDA graph; median time of single replays (launch included)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()  # warm up: compile kernels, pick cuBLAS algorithms outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def bench_draft(hbm: float, compile_step: bool = False):
+    """One greedy decode step of every row (forward at its next position, argmax) per replay.
+
+    The cache does not advance between replays, so each one rewrites the same K/V slot and
+    reads the same DRAFT_PREFIX keys. With compile_step the step is also traced by
+    torch.compile (Inductor fuses the norms, rotary and SwiGLU element-wise ops into a few
+    kernels a layer) and that is captured as one graph: a minute or more of compiling.
+    """
+    model = draft_model()
+    weights = weight_bytes_per_step(model)
+    floor_ms = weights / hbm / 1e6
+    rows = []
+    for B in DRAFT_BATCHES:
+        rows.append(draft_row(model, B, weights, floor_ms, hbm))
+        print_row(rows[-1])
+        torch.cuda.empty_cache()
+    if compile_step:
+        rows.append(draft_row(model, DRAFT_BATCHES[-1], weights, floor_ms, hbm, compiled=True))
+        print_row(rows[-1])
+    print(f"draft: {weights / 1e9:.2f} GB of weights a step, {floor_ms:.3f} ms to read them at {hbm:.0f} GB/s; "
+          "one-graph step / floor: " + ", ".join(f"{r['case']} {r['over_floor']:.2f}x" for r in rows)
+          + " (goal <= 1.3x at batch <= 16)", flush=True)
+    return rows
+
+
+def draft_row(model, B: int, weights: int, floor_ms: float, hbm: float, compiled: bool = False) -> dict:
+    cache = model.new_cache(B, DRAFT_PREFIX)
+    cache.lengths.fill_(DRAFT_PREFIX - 1)
+    ids = torch.randint(3, model.config.vocab_size, (B, 1), device="cuda")
+    next_ids = torch.empty(B, 1, dtype=torch.long, device="cuda")
+
+    def forward(ids):
+        return torch.argmax(model(ids, cache)[:, -1], dim=-1, keepdim=True)  # (B, 1)
+
+    forward = torch.compile(forward, fullgraph=True, dynamic=False) if compiled else forward
+
+    def step():
+        next_ids.copy_(forward(ids))
+
+    with torch.inference_mode():
+        t_eager = _time_ms(step)
+        t_graph = one_graph_replay_ms(step)
+    kv_bytes = 2 * cache.k.numel() * cache.k.element_size()
+    case = f"B={B} prefix={DRAFT_PREFIX}" + (" compiled" if compiled else "")
+    return dict(kernel="draft_step", shape="mistral-7b", case=case,
+                ms=t_eager, graph_ms=t_graph, torch_ms=t_eager, torch_graph_ms=float("nan"), ref_ms=float("nan"),
+                tflops=weights * B / t_graph / 1e9,  # 2 flops per bf16 parameter (2 bytes) per row
+                gbps=(weights + kv_bytes) / t_graph / 1e6, hbm_share=weights / t_graph / 1e6 / hbm,
+                weight_gb=weights / 1e9, kv_gb=kv_bytes / 1e9, floor_ms=floor_ms, over_floor=t_graph / floor_ms)
+
+
+def print_header(hbm: float):
+    print(f"ms are medians; 'graph' = CUDA-graph replay (device time). TFLOP/s and GB/s use the kernel's graph "
+          f"time; % HBM = GB/s over the measured copy bandwidth, {hbm:.0f} GB/s (draft: its weights alone); "
+          "× torch = best torch time (eager or graph) / kernel graph time (draft: eager step / one-graph step).")
     print("| kernel | shape | case | kernel ms | kernel graph ms | torch ms | torch graph ms | ref ms "
-          "| TFLOP/s | GB/s | × torch |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+          "| TFLOP/s | GB/s | % HBM | × torch |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
 
 
 def print_row(r):
     best_torch = min(t for t in (r["torch_ms"], r["torch_graph_ms"]) if not math.isnan(t))
     print(f"| {r['kernel']} | {r['shape']} | {r['case']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | "
           f"{r['torch_ms']:.4f} | {r['torch_graph_ms']:.4f} | {r['ref_ms']:.3f} | {r['tflops']:.1f} | "
-          f"{r['gbps']:.0f} | {best_torch / r['graph_ms']:.2f} |", flush=True)
+          f"{r['gbps']:.0f} | {100 * r['hbm_share']:.0f}% | {best_torch / r['graph_ms']:.2f} |", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["moe", "attention"])
+    parser.add_argument("--only", choices=["moe", "attention", "draft"])
     parser.add_argument("--no-ref", action="store_true", help="skip the slow float32 references")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--draft-compile", action="store_true",
+                        help="also time the torch.compile'd draft step (a minute or more of compiling)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels needs a CUDA GPU")
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print_header()  # rows print as they are measured
+    import triton
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    hbm = hbm_bandwidth_gbps()
+    torch.cuda.empty_cache()
+    print_header(hbm)  # rows print as they are measured
     rows = []
     if args.only in (None, "moe"):
-        rows += bench_moe(not args.no_ref)
+        rows += bench_moe(not args.no_ref, hbm)
     if args.only in (None, "attention"):
-        rows += bench_attention(not args.no_ref)
+        rows += bench_attention(not args.no_ref, hbm)
+    if args.only in (None, "draft"):
+        rows += bench_draft(hbm, args.draft_compile)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(dict(hbm_gbps=hbm, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

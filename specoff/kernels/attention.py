@@ -4,7 +4,9 @@ The target model scores all draft tokens in one pass: a chain of gamma+1 tokens
 (SpecOffload, arXiv 2505.10259, section 4) or a tree of candidate continuations (SpecExec,
 arXiv 2406.02532, section 3) where each token sees the whole prefix and its tree ancestors.
 Per-row cache lengths stay ragged (rows accept different counts); the new tokens' K/V are
-already written at positions lengths[b] + t.
+already written at positions lengths[b] + t. A tree pass may also see N >= T new keys (a
+draft expanding T nodes of an N-node tree whose other nodes are already cached), each
+query's visible ones given by a [B, T, N] ancestor mask, in any order.
 
 One program takes the G = H / KV query heads of one KV head times a block of queries, so
 each K/V tile is read once for all of them (GQA). Long prefixes are split over several
@@ -26,11 +28,52 @@ from . import launcher as _launcher
 
 
 @triton.jit
+def _load_tile(ptrs, mask, EVEN: tl.constexpr):
+    """A K or V tile; the mask only where a tile can run past the head dim or the keys."""
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid, offs_d, d_valid, L, t,
+                        tree_allowed, acc, l_i, m_i, qk_scale, HAS_TREE: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step over key tile offs_s where each row sees only its allowed keys:
+    tree_allowed, or (chain) keys up to its own position L + t."""
+    # Pointers and the chain mask are made where they are used: made early, they stay live
+    # across the dot and cost registers (30 more a thread, one program fewer per SM).
+    k = tl.load(k_base + offs_s[None, :] * stride_ks + offs_d[:, None],
+                mask=s_valid[None, :] & d_valid[:, None], other=0.0)  # (D, N)
+    if IEEE:
+        scores = tl.dot(q, k, input_precision="ieee")
+    else:
+        scores = tl.dot(q, k)
+    if HAS_TREE:
+        allowed = tree_allowed
+    else:
+        allowed = (offs_s[None, :] <= L + t[:, None]) & s_valid[None, :]
+    scores = tl.where(allowed, scores * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # A row with nothing allowed yet keeps m = -inf; subtract 0 to avoid inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :],
+                mask=s_valid[:, None] & d_valid[None, :], other=0.0)  # (N, D)
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _verify_attention_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, lengths_ptr, tree_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     # sizes
-    T, kv_heads, num_splits, keys_per_split, qk_scale,
+    T, N, kv_heads, num_splits, keys_per_split, qk_scale,
     # strides
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kh, stride_ks,
@@ -39,9 +82,17 @@ def _verify_attention_kernel(
     stride_ob, stride_ot, stride_oh,
     # meta-parameters
     G: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_TREE: tl.constexpr, SPLIT: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Rows r = t * G + g of (batch b, kv head) against keys [split start, split end)."""
+    """Rows r = t * G + g of (batch b, kv head) against keys [split start, split end).
+
+    With WHOLE_TILES (large query blocks: tensor-core bound) the whole tiles of the prefix,
+    which every row sees, run first in a loop with no masks at all; then the tiles holding
+    the prefix's end and the new keys run masked per row, a tree tile that no row of the
+    block may see skipped. Small blocks (bandwidth bound) run every tile masked: one loop
+    needs fewer registers, so more programs share an SM.
+    """
     pid_bh = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -60,50 +111,67 @@ def _verify_attention_kernel(
                 mask=row_valid[:, None] & d_valid[None, :], other=0.0)
 
     start = pid_s * keys_per_split
-    # The last key these rows may see is L + t_max (a tree node's ancestors come before it).
-    t_max = tl.minimum((pid_q * BLOCK_Q + BLOCK_Q - 1) // G, T - 1)
-    end = tl.minimum(start + keys_per_split, L + t_max + 1)
+    if HAS_TREE:  # ancestors may sit in any of the N new slots
+        end = tl.minimum(start + keys_per_split, L + N)
+    else:  # the last key these rows may see is L + t_max
+        t_max = tl.minimum((pid_q * BLOCK_Q + BLOCK_Q - 1) // G, T - 1)
+        end = tl.minimum(start + keys_per_split, L + t_max + 1)
 
+    offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    tree_base = tree_ptr + b * stride_mb
     m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for s0 in range(start, end, BLOCK_N):
-        offs_s = s0 + tl.arange(0, BLOCK_N)
+
+    full_end = start
+    if WHOLE_TILES:
+        full_end = start + tl.maximum(tl.minimum(end, L) - start, 0) // BLOCK_N * BLOCK_N
+        # Tile pointers from the scalar key offset: no pointer tensors carried through the loop.
+        k_offs = offs_n[None, :] * stride_ks + offs_d[:, None]  # (D, N)
+        v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]  # (N, D)
+        # Every row sees every key here: scores stay finite, so no -inf guards either.
+        for s0 in range(start, full_end, BLOCK_N):
+            k = _load_tile(k_base + s0 * stride_ks + k_offs, d_valid[:, None], HEAD_DIM == BLOCK_D)  # (D, N)
+            if IEEE:
+                scores = tl.dot(q, k, input_precision="ieee")
+            else:
+                scores = tl.dot(q, k)
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+            p = tl.exp2(scores * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_tile(v_base + s0 * stride_vs + v_offs, d_valid[None, :], HEAD_DIM == BLOCK_D)  # (N, D)
+            if IEEE:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+
+    for s0 in range(full_end, end, BLOCK_N):
+        offs_s = s0 + offs_n
         s_valid = offs_s < end
-        k = tl.load(k_base + offs_s[None, :] * stride_ks + offs_d[:, None],
-                    mask=s_valid[None, :] & d_valid[:, None], other=0.0)  # (D, N)
-        if IEEE:
-            scores = tl.dot(q, k, input_precision="ieee")
-        else:
-            scores = tl.dot(q, k)
-        scores = scores * qk_scale
         if HAS_TREE:
             j = offs_s - L
-            is_new = (j >= 0) & s_valid
-            allowed = tl.broadcast_to(offs_s[None, :] < L, (BLOCK_Q, BLOCK_N))
-            if s0 + BLOCK_N > L:  # only blocks reaching the new tokens read the tree mask
-                ancestor = tl.load(tree_ptr + b * stride_mb + t[:, None] * stride_mt + j[None, :] * stride_mj,
-                                   mask=row_valid[:, None] & is_new[None, :], other=0)
-                allowed = allowed | (ancestor != 0)
+            key_new = ((j >= 0) & s_valid)[None, :]
+            if (BLOCK_Q % G == 0) and ((G & (G - 1)) == 0):  # load each token's mask row once, not G times
+                tq = pid_q * (BLOCK_Q // G) + tl.arange(0, BLOCK_Q // G)
+                ancestor = tl.load(tree_base + (tq[:, None] * stride_mt + j[None, :] * stride_mj),
+                                   mask=(tq < T)[:, None] & key_new, other=0)  # (BLOCK_Q // G, BLOCK_N)
+                ancestor = tl.reshape(tl.broadcast_to(ancestor[:, None, :], (BLOCK_Q // G, G, BLOCK_N)),
+                                      (BLOCK_Q, BLOCK_N))
+            else:
+                ancestor = tl.load(tree_base + (t[:, None] * stride_mt + j[None, :] * stride_mj),
+                                   mask=row_valid[:, None] & key_new, other=0)
+            allowed = ((offs_s < L)[None, :] | (ancestor != 0)) & s_valid[None, :]
+            if tl.max(tl.max(allowed.to(tl.int32), 1), 0) > 0:  # no row of the block sees this tile: skip it
+                acc, l_i, m_i = _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid,
+                                                    offs_d, d_valid, L, t, allowed, acc, l_i, m_i, qk_scale,
+                                                    HAS_TREE, IEEE)
         else:
-            allowed = offs_s[None, :] <= L + t[:, None]
-        allowed = allowed & s_valid[None, :]
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # A row with nothing allowed yet keeps m = -inf; subtract 0 to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :],
-                    mask=s_valid[:, None] & d_valid[None, :], other=0.0)  # (N, D)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            acc, l_i, m_i = _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid,
+                                                offs_d, d_valid, L, t, 0, acc, l_i, m_i, qk_scale, HAS_TREE, IEEE)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if SPLIT:
@@ -159,20 +227,47 @@ def _num_sms(device: torch.device) -> int:
 
 
 def launch_config(B: int, KV: int, T: int, G: int, head_dim: int, max_keys: int, device: torch.device,
-                  num_splits: Optional[int] = None) -> dict:
-    """Query block, key block and prefix splits: enough programs to fill the GPU twice over."""
+                  num_splits: Optional[int] = None, elem_size: int = 2) -> dict:
+    """Query block, key block and prefix splits for T * G query rows per (row, kv head).
+
+    Few rows (decode, short chains) are bound by the K/V bytes: small query blocks, mma.sync,
+    and about two programs per SM so that enough loads are in flight. Many rows (trees, long
+    chains) are bound by the tensor cores: 128-row blocks of 8 warps (two warpgroups of 64
+    rows for wgmma, one CTA per SM), with the prefix split so that the programs come close
+    to a whole number of waves. fp32 (exact dots on CUDA cores, for tests) takes half-size key tiles.
+    """
     rows = T * G
-    block_q = min(64, max(16, triton.next_power_of_2(rows)))
+    sms = _num_sms(device)
     block_n = 64 if head_dim <= 128 else 32
-    q_blocks = triton.cdiv(rows, block_q)
-    if num_splits is None:
-        base = B * KV * q_blocks
-        num_splits = min(triton.cdiv(2 * _num_sms(device), base), triton.cdiv(max_keys, 512))
+    if rows >= 128 and elem_size == 4:
+        cfg = dict(BLOCK_Q=128, BLOCK_N=32, num_warps=8, num_stages=2, WHOLE_TILES=True)
+        slots = sms
+    elif rows >= 128:
+        cfg = dict(BLOCK_Q=128, BLOCK_N=block_n, num_warps=8, num_stages=3, WHOLE_TILES=True)
+        slots = sms  # ~130 KB of shared memory: one CTA per SM
+    elif rows >= 64:
+        cfg = dict(BLOCK_Q=64, BLOCK_N=block_n, num_warps=4, num_stages=2, WHOLE_TILES=True)
+        slots = 2 * sms
+    else:
+        block_q = max(16, triton.next_power_of_2(rows))
+        cfg = dict(BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=4, num_stages=2, WHOLE_TILES=False)
+        slots = None
+    block_n = cfg["BLOCK_N"]  # fp32: 32
+    q_blocks = triton.cdiv(rows, cfg["BLOCK_Q"])
+    base = B * KV * q_blocks
+    max_splits = max(1, min(triton.cdiv(max_keys, 512), triton.cdiv(max_keys, block_n)))
+    if num_splits is None and slots is None:
+        num_splits = min(triton.cdiv(2 * sms, base), max_splits)
+    elif num_splits is None:
+        # Waves of equal programs: time ~ ceil(programs / slots) / splits; fewest splits on a tie.
+        def waves_per_split(s):
+            return triton.cdiv(base * s, slots) / s
+        best = min(waves_per_split(s) for s in range(1, max_splits + 1))
+        num_splits = next(s for s in range(1, max_splits + 1) if waves_per_split(s) <= 1.05 * best)
     num_splits = max(1, min(num_splits, triton.cdiv(max_keys, block_n)))
     keys_per_split = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_keys, keys_per_split)
-    return dict(BLOCK_Q=block_q, BLOCK_N=block_n, q_blocks=q_blocks, num_splits=num_splits,
-                keys_per_split=keys_per_split, num_warps=4 if block_q <= 32 else 8, num_stages=2)
+    return dict(cfg, q_blocks=q_blocks, num_splits=num_splits, keys_per_split=keys_per_split)
 
 
 def _check(q, k_cache, v_cache, lengths, tree_mask):
@@ -183,35 +278,43 @@ def _check(q, k_cache, v_cache, lengths, tree_mask):
     assert q.stride(3) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
     assert lengths.shape == (B,)
     if tree_mask is not None:
-        assert tree_mask.shape == (B, T, T) and tree_mask.dtype == torch.bool
+        assert tree_mask.dim() == 3 and tree_mask.shape[:2] == (B, T) and tree_mask.shape[2] >= T
+        assert tree_mask.dtype == torch.bool
 
 
 def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float, kv_len: int, out,
-                           num_splits: Optional[int] = None):
+                           num_splits: Optional[int] = None, config: Optional[dict] = None):
+    """config: launch_config's dict with some entries replaced (tools/tune_kernels.py --attention)."""
     B, T, H, hd = q.shape
     KV = k_cache.shape[1]
     G = H // KV
-    cfg = launch_config(B, KV, T, G, hd, kv_len, q.device, num_splits)
+    cfg = launch_config(B, KV, T, G, hd, kv_len, q.device, num_splits, q.element_size())
+    if config:
+        cfg = dict(cfg, **config)
+        cfg["q_blocks"] = triton.cdiv(T * G, cfg["BLOCK_Q"])
+        cfg["keys_per_split"] = triton.cdiv(triton.cdiv(kv_len, cfg["num_splits"]), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+        cfg["num_splits"] = triton.cdiv(kv_len, cfg["keys_per_split"])
     split = cfg["num_splits"] > 1
     if split:
         part_o = torch.empty((B * KV * cfg["num_splits"] * T * G, hd), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B * KV * cfg["num_splits"] * T * G,), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused
-    # A uint8 copy (T*T bytes a row), not a dtype view: Inductor cannot lower a bool->uint8 view.
-    tree = tree_mask.to(torch.uint8) if tree_mask is not None else lengths  # lengths: unused pointer
-    tree_strides = tree_mask.stride() if tree_mask is not None else (0, 0, 0)
+    # The bool mask itself (Triton loads *i1 as bytes): no uint8 copy, no extra launch per call.
+    tree = tree_mask if tree_mask is not None else lengths  # lengths: unused pointer
+    tree_strides = tree.stride() if tree_mask is not None else (0, 0, 0)
+    N = tree_mask.shape[2] if tree_mask is not None else T
     grid = (B * KV, cfg["q_blocks"], cfg["num_splits"])
     _launcher(_verify_attention_kernel, q)[grid](
         q, k_cache, v_cache, lengths, tree, out, part_o, part_lse,
-        T, KV, cfg["num_splits"], cfg["keys_per_split"], scale * 1.4426950408889634,  # log2(e): exp2 below
+        T, N, KV, cfg["num_splits"], cfg["keys_per_split"], scale * 1.4426950408889634,  # log2(e): exp2 below
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         tree_strides[0], tree_strides[1], tree_strides[2],
         out.stride(0), out.stride(1), out.stride(2),
-        G=G, HEAD_DIM=hd, HAS_TREE=tree_mask is not None, SPLIT=split, IEEE=q.dtype == torch.float32,
-        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(hd),
+        G=G, HEAD_DIM=hd, HAS_TREE=tree_mask is not None, SPLIT=split, WHOLE_TILES=cfg["WHOLE_TILES"],
+        IEEE=q.dtype == torch.float32, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(hd),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split:
@@ -259,9 +362,10 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_splits: Optional[int] = None) -> torch.Tensor:
     """Attention of q [B, T, H, hd] over cached keys 0 .. lengths[b] + T - 1 -> [B, T, H, hd].
 
-    Chain (tree_mask None): query t sees keys s < lengths[b] + t + 1. Tree: query t sees the
-    prefix s < lengths[b] and new key lengths[b] + j iff tree_mask[b, t, j]. kv_len is a
-    host-side bound on max(lengths) + T that sizes the grid (default: the cache size S).
+    Chain (tree_mask None): query t sees keys s < lengths[b] + t + 1. Tree (tree_mask
+    [B, T, N], N >= T new keys already in the cache): query t sees the prefix s < lengths[b]
+    and new key lengths[b] + j iff tree_mask[b, t, j]. kv_len is a
+    host-side bound on max(lengths) + T (or + N) that sizes the grid (default: the cache size S).
     With `out` or `num_splits` the kernels run eagerly; otherwise the registered op runs.
     """
     _check(q, k_cache, v_cache, lengths, tree_mask)
@@ -281,9 +385,10 @@ def attention_mask(lengths: torch.Tensor, T: int, kv_len: int, tree_mask: Option
     t = torch.arange(T, device=lengths.device)[None, :, None]  # (1, T, 1)
     if tree_mask is None:
         return pos < L + t + 1
+    N = tree_mask.shape[2]  # new keys, N >= T
     j = pos - L
-    is_new = (j >= 0) & (j < T)
-    ancestor = torch.gather(tree_mask, 2, j.clamp(0, T - 1).expand(-1, T, -1))  # (B, T, S)
+    is_new = (j >= 0) & (j < N)
+    ancestor = torch.gather(tree_mask, 2, j.clamp(0, N - 1).expand(-1, T, -1))  # (B, T, S)
     return (pos < L) | (is_new & ancestor)
 
 

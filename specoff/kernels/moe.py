@@ -106,17 +106,68 @@ def _moe_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _moe_align_kernel(
+    # pointers
+    topk_ids_ptr, sorted_pairs_ptr, block_expert_ptr,
+    # sizes
+    num_pairs, num_padded, num_experts,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """moe_align in one program: per-expert counts, padded offsets, then each pair's slot.
+
+    A pair's slot is its expert's padded start plus the number of earlier pairs of that
+    expert (a running count over chunks plus a cumulative sum of one-hot rows within one),
+    so the order within a group is the pair order, as in the stable argsort of moe_align.
+    """
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for p0 in range(0, num_pairs, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, 0)
+    padded_start = padded_end - padded
+
+    for r0 in range(0, num_padded, BLOCK_P):  # every row a padding row until a pair lands there
+        offs = r0 + tl.arange(0, BLOCK_P)
+        tl.store(sorted_pairs_ptr + offs, tl.full((BLOCK_P,), 0, tl.int32) + num_pairs, mask=offs < num_padded)
+    num_blocks = num_padded // BLOCK_M
+    for k0 in range(0, num_blocks, BLOCK_P):
+        blocks = k0 + tl.arange(0, BLOCK_P)
+        # The group holding row blocks * BLOCK_M: how many groups end at or before it.
+        expert = tl.sum((padded_end[None, :] <= (blocks * BLOCK_M)[:, None]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + blocks, tl.where(expert < num_experts, expert, -1), mask=blocks < num_blocks)
+    tl.debug_barrier()  # the padding fill above lands before the pairs below overwrite it
+
+    seen = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for p0 in range(0, num_pairs, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        ids = tl.load(topk_ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # (P, E)
+        rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # earlier pairs of the same expert in this chunk
+        slot = tl.sum(onehot * (padded_start + seen)[None, :], 1) + rank
+        tl.store(sorted_pairs_ptr + slot, offs, mask=offs < num_pairs)
+        seen += tl.sum(onehot, 0)
+
+
 # ---------------------------------------------------------------------------------------
 # Launch configurations
 
 
 def _default_config(E: int, N_out: int, K: int, num_tokens: int, top_k: int = 2,
-                    dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Untuned fallback: small BLOCK_M when each expert sees few rows (weight-bandwidth bound)."""
+                    dtype: torch.dtype = torch.bfloat16, max_shared: int = 1 << 30) -> dict:
+    """Untuned fallback, by rows per expert (what one expert's weight tile is reused over).
+
+    Few rows: weight-bandwidth bound, narrow tiles until ~1024 programs keep HBM busy. Many
+    rows: tensor-core bound, 128x128 tiles of 8 warps (two wgmma warpgroups) four stages deep
+    (192 KB of shared memory for the gated launch on Hopper). Stages shrink to fit max_shared.
+    """
     pairs = num_tokens * top_k
     rows_per_expert = max(1, pairs // E)
     if rows_per_expert <= 16:
-        # Few experts in use: narrow the tiles until there are ~1024 programs to keep HBM busy.
         active_experts = min(E, pairs)
         block_n = 64
         while block_n > 16 and active_experts * N_out // block_n < 1024:
@@ -125,11 +176,30 @@ def _default_config(E: int, N_out: int, K: int, num_tokens: int, top_k: int = 2,
                    num_warps=4, num_stages=4)
     elif rows_per_expert <= 64:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    elif rows_per_expert < 256:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     if dtype == torch.float32:  # twice the bytes per tile: halve K to stay in shared memory
         cfg["BLOCK_K"] //= 2
+    elem = 4 if dtype == torch.float32 else 2
+    while cfg["num_stages"] > 2 and cfg["num_stages"] * shared_bytes_per_stage(cfg, elem, gated=True) > max_shared:
+        cfg["num_stages"] -= 1
     return cfg
+
+
+def shared_bytes_per_stage(cfg: dict, elem_size: int, gated: bool) -> int:
+    """One pipeline stage's tiles: BLOCK_M x BLOCK_K of activations, one or two BLOCK_K x BLOCK_N of weights."""
+    return (cfg["BLOCK_M"] * cfg["BLOCK_K"] + (2 if gated else 1) * cfg["BLOCK_K"] * cfg["BLOCK_N"]) * elem_size
+
+
+@functools.lru_cache(maxsize=None)
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory one program may use (opt-in maximum); no limit in the CPU interpreter."""
+    if device.type != "cuda":
+        return 1 << 30
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
 def config_file_name(E: int, N_out: int, K: int, dtype: torch.dtype, device_name: str) -> str:
@@ -147,12 +217,12 @@ def _load_configs(file_name: str) -> Optional[dict]:
 
 
 def get_config(E: int, N_out: int, K: int, dtype: torch.dtype, device_name: str, num_tokens: int,
-               top_k: int = 2) -> dict:
+               top_k: int = 2, max_shared: int = 1 << 30) -> dict:
     """Launch parameters for a [tokens, K] x [E, N_out, K] grouped GEMM: tuned file or default."""
     configs = _load_configs(config_file_name(E, N_out, K, dtype, device_name))
     if configs:
         return dict(configs[min(configs, key=lambda m: abs(m - num_tokens))])
-    return _default_config(E, N_out, K, num_tokens, top_k, dtype)
+    return _default_config(E, N_out, K, num_tokens, top_k, dtype, max_shared)
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,17 +245,46 @@ def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     return topk_weights, topk_ids
 
 
+def padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Host-side bound on the grouped rows: at most min(E, pairs) groups each waste block_m - 1."""
+    return triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
+
+
+# One align program loops over the pairs; past this many the torch version's parallel sort
+# should win (a guess: not measured).
+FUSED_ALIGN_MAX_PAIRS = 4096
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """Sort (token, expert) pairs by expert, each expert's group padded to a multiple of block_m.
 
     Returns sorted_pairs [num_padded] int32 (pair index token*top_k + j, or num_pairs for a
     padding row) and block_expert [num_padded // block_m] int32 (-1 past the last group).
-    num_padded is a host-side bound (at most min(E, pairs) groups each wasting block_m - 1 rows).
+    One Triton launch for up to FUSED_ALIGN_MAX_PAIRS pairs, else moe_align_torch: its ~25
+    small kernels take an estimated ~50 us even in a CUDA graph, a fifth of the 1-token MoE.
     """
+    num_pairs = topk_ids.numel()
+    if num_pairs > FUSED_ALIGN_MAX_PAIRS:
+        return moe_align_torch(topk_ids, num_experts, block_m)
+    topk_ids = topk_ids.contiguous()  # read as a flat [num_pairs] array
+    num_padded = padded_rows(num_pairs, num_experts, block_m)
+    sorted_pairs = torch.empty((num_padded,), dtype=torch.int32, device=topk_ids.device)
+    block_expert = torch.empty((num_padded // block_m,), dtype=torch.int32, device=topk_ids.device)
+    block_e = triton.next_power_of_2(num_experts)
+    block_p = max(16, min(1024, 8192 // block_e, triton.next_power_of_2(max(num_pairs, num_padded // block_m))))
+    _launcher(_moe_align_kernel, topk_ids)[(1,)](
+        topk_ids, sorted_pairs, block_expert,
+        num_pairs, num_padded, num_experts,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=8 if block_p * block_e >= 4096 else 4,
+    )
+    return sorted_pairs, block_expert
+
+
+def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """moe_align in plain torch ops on the device (stable argsort, no host sync)."""
     flat = topk_ids.reshape(-1).long()
     num_pairs = flat.numel()
-    num_padded = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
-    num_padded = triton.cdiv(num_padded, block_m) * block_m
+    num_padded = padded_rows(num_pairs, num_experts, block_m)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded_counts = (counts + block_m - 1) // block_m * block_m
@@ -237,9 +336,9 @@ def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None
     E, I = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
     num_pairs = N * top_k
-    name = device_name(x.device)
-    cfg1 = gate_up_config or get_config(E, 2 * I, D, x.dtype, name, N, top_k)
-    cfg2 = dict(down_config or get_config(E, D, I, x.dtype, name, N, top_k))
+    name, max_shared = device_name(x.device), max_shared_memory(x.device)
+    cfg1 = gate_up_config or get_config(E, 2 * I, D, x.dtype, name, N, top_k, max_shared)
+    cfg2 = dict(down_config or get_config(E, D, I, x.dtype, name, N, top_k, max_shared))
     cfg2["BLOCK_M"] = cfg1["BLOCK_M"]  # both launches share one grouping
     sorted_pairs, block_expert = moe_align(topk_ids, E, cfg1["BLOCK_M"])
     route_w = topk_weights.reshape(-1).float().contiguous()

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import DEVICE, TOL, gpu, rel_err
 
-from specoff.kernels.attention import attention_mask, launch_config, verify_attention, verify_attention_ref
+from specoff.kernels.attention import (_verify_attention_into, attention_mask, launch_config, verify_attention,
+                                      verify_attention_ref)
 
 
 
@@ -57,10 +58,15 @@ CPU_CASES = [
     (3, 5, 8, 2, 64, 70, False),  # chain of 5 drafts
     (2, 7, 4, 4, 48, 50, True),  # tree, no GQA, head_dim not a power of two
     (1, 20, 2, 1, 32, 60, True),  # bigger tree, query rows past one block
+    (2, 40, 4, 1, 16, 200, True),  # 160 rows: 128-row blocks, whole prefix tiles then masked ones
+    (1, 33, 4, 1, 48, 120, False),  # 132 rows, head_dim 48: masked head dim in the unmasked loop
+    (1, 130, 2, 1, 16, 300, True),  # 130 nodes: tiles of later nodes skipped for early rows
+    (2, 9, 6, 2, 32, 50, True),  # GQA 3: the tree mask read per row, not per token
 ]
 GPU_CASES = [(3, T, H, KV, hd, 1000, tree) for T in (1, 5, 33) for H, KV in ((32, 8), (32, 4))
              for hd in (128,) for tree in (False, True) if not (tree and T == 1)]
-GPU_CASES += [(2, 16, 8, 8, 64, 300, True), (1, 256, 32, 8, 128, 1500, True)]
+GPU_CASES += [(2, 16, 8, 8, 64, 300, True), (1, 256, 32, 8, 128, 1500, True), (2, 1024, 32, 8, 128, 3000, True),
+              (4, 64, 32, 8, 128, 2500, False)]
 
 
 def cases():
@@ -88,6 +94,66 @@ def test_long_prefix_split(tree, num_splits):
     cfg = launch_config(B, KV, T, H // KV, hd, S, torch.device(DEVICE), num_splits)
     assert (cfg["num_splits"] == 1) == (num_splits == 1)
     check(B, T, H, KV, hd, S, torch.float32, tree, num_splits=num_splits, seed=7)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_tree_queries_over_more_cached_nodes(num_splits):
+    """T queries over an N-node tree (N > T, the other nodes already cached, in any order):
+    a draft expanding some nodes of its tree; ancestors may sit in later slots."""
+    B, T, N, H, KV, hd, S = 2, 3, 9, 4, 2, 32, 60
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(B, T, H, hd, generator=gen).to(DEVICE)
+    k_cache = torch.randn(B, KV, S, hd, generator=gen).to(DEVICE)
+    v_cache = torch.randn(B, KV, S, hd, generator=gen).to(DEVICE)
+    lengths = torch.tensor([4, 30], device=DEVICE)
+    full = random_tree_mask(B, N, gen)
+    order = torch.randperm(N, generator=gen).to(DEVICE)  # slots in a shuffled order
+    full = full[:, order][:, :, order]
+    tree_mask = full[:, [7, 0, 4]]  # (B, T, N): three of the nodes as queries
+    ref = verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask)
+    out = torch.full_like(q, float("nan"))
+    verify_attention(q, k_cache, v_cache, lengths, tree_mask, out=out, num_splits=num_splits)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("config", [dict(BLOCK_Q=128, BLOCK_N=32, num_splits=3), dict(BLOCK_Q=16, num_splits=1),
+                                    dict(BLOCK_Q=64, BLOCK_N=64, num_splits=2)])
+def test_launch_config_overrides(config):
+    """Every tile shape the tuner may pick computes the same function (tools/tune_kernels.py --attention)."""
+    B, T, H, KV, hd, S = 2, 24, 4, 2, 32, 150
+    q, k_cache, v_cache, lengths, tree_mask = make_inputs(B, T, H, KV, hd, S, torch.float32, True, 11)
+    ref = verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask)
+    out = torch.full_like(q, float("nan"))
+    _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, hd**-0.5, S, out, config=config)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_tree_of_more_cached_nodes_in_any_order():
+    """T = 6 queries over N = 10 new keys (4 cached earlier), ancestors in no particular order."""
+    B, T, N, H, KV, hd, S = 2, 6, 10, 4, 2, 32, 64
+    gen = torch.Generator().manual_seed(5)
+    q, k_cache, v_cache, lengths, _ = make_inputs(B, T, H, KV, hd, S, torch.float32, False, 12)
+    lengths.clamp_(max=S - N)
+    tree_mask = torch.rand(B, T, N, generator=gen).to(DEVICE) < 0.4
+    tree_mask[:, :, 0] = False  # a key no query sees
+    tree_mask[:, torch.arange(T), torch.arange(T) + N - T] = True  # each query sees itself
+    ref = verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask)
+    out = torch.full_like(q, float("nan"))
+    verify_attention(q, k_cache, v_cache, lengths, tree_mask, out=out)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("B,KV,T,G,keys,splits", [(1, 8, 256, 4, 4352, 2), (1, 4, 256, 8, 4352, 2),
+                                                   (8, 8, 64, 4, 2112, 1), (1, 8, 1024, 4, 5120, 1)])
+def test_launch_config_fills_whole_waves(monkeypatch, B, KV, T, G, keys, splits):
+    """Tree-sized blocks (compute-bound) on a 132-SM GPU: splits make about one whole wave."""
+    from specoff.kernels import attention
+
+    monkeypatch.setattr(attention, "_num_sms", lambda device: 132)
+    cfg = launch_config(B, KV, T, G, 128, keys, torch.device("cpu"))
+    assert cfg["BLOCK_Q"] == 128 and cfg["num_warps"] == 8
+    assert cfg["num_splits"] == splits
+    assert cfg["keys_per_split"] % cfg["BLOCK_N"] == 0 and cfg["keys_per_split"] * splits >= keys
 
 
 def test_kv_len_bound_smaller_than_cache():

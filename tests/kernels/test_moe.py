@@ -26,8 +26,10 @@ def make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed, renormalize=
 
 
 # (tokens, hidden, intermediate, experts, top_k): a few tiny cases run on the CPU interpreter.
-CPU_CASES = [(1, 128, 48, 8, 2), (33, 97, 40, 8, 2), (5, 64, 32, 128, 8)]
+CPU_CASES = [(1, 128, 48, 8, 2), (33, 97, 40, 8, 2), (5, 64, 32, 128, 8),
+             (600, 64, 32, 2, 1)]  # 300 rows an expert: the 128-row default tiles
 GPU_CASES = [(n, d, i, e, k) for n in (1, 33, 222) for d, i in ((128, 256), (97, 72)) for e, k in ((8, 2), (128, 8))]
+GPU_CASES += [(300, 128, 256, 8, 2), (1100, 256, 128, 8, 2)]  # 75 and 275 rows an expert: 64- and 128-row tiles
 
 
 def cases():
@@ -90,6 +92,18 @@ def test_moe_align_groups_every_pair_once(tokens, experts, top_k, block_m):
     assert torch.equal(rows_expert[valid].long(), topk_ids.reshape(-1)[sorted_pairs[valid].long()])
     used = block_expert[block_expert >= 0]
     assert (used[:-1] <= used[1:]).all() and (block_expert[len(used):] == -1).all()
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 8, 2, 16), (37, 8, 2, 16), (300, 8, 2, 64),
+                                                          (20, 128, 8, 64), (9, 128, 8, 16)])
+def test_moe_align_kernel_equals_torch(tokens, experts, top_k, block_m):
+    """The one-program Triton align and the torch-ops align give the same arrays, element for element."""
+    gen = torch.Generator().manual_seed(tokens)
+    topk_ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(DEVICE)
+    for ids in (topk_ids, topk_ids.int()):
+        sorted_pairs, block_expert = moe_align(ids, experts, block_m)
+        sorted_ref, block_ref = moe.moe_align_torch(ids, experts, block_m)
+        assert torch.equal(sorted_pairs, sorted_ref) and torch.equal(block_expert, block_ref)
 
 
 def test_get_config_nearest_token_count(tmp_path, monkeypatch):
