@@ -1,11 +1,17 @@
-"""SpecExec tree mode: hand-built trees, tree attention, exact greedy and sampled output."""
+"""SpecExec tree mode: hand-built trees, best-first growth, tree attention, the budget choice,
+exact greedy and sampled output."""
+import heapq
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import specoff
-from conftest import same_distribution, without_tokenizers
+from conftest import DEVICE, same_distribution, without_tokenizers
 from specoff.kvcache import KVCache
-from specoff.spec.tree import Tree, accept, commit, tree_part
+from specoff.planner import TreeBudgetTuner, choose_tree_budget, expected_tree_rates, tree_budget_ladder
+from specoff.spec.tree import Tree, accept, commit, grow, tree_part
 
 PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n"]
 
@@ -94,8 +100,278 @@ def test_tree_attention_equals_plain_attention_on_each_path(make_checkpoint):
         torch.testing.assert_close(logits[node], model(seq)[0, -1], rtol=1e-4, atol=1e-4)
 
 
+def test_tree_kernel_equals_masked_attention(make_checkpoint, monkeypatch):
+    """The Triton verification kernel (Triton's interpreter on the CPU) gives the tree pass
+    the logits of plain masked attention: all nodes at once, and a subset of them over a tree
+    whose other nodes are cached (as the draft's expansion passes run)."""
+    from specoff.models import decoder
+
+    model = specoff.load_model(make_checkpoint("qwen3_moe"), DEVICE, "float32")
+    prefix = torch.tensor([[5, 9, 2, 7, 3], [4, 4, 8, 1, 0]], device=DEVICE)
+    tree = Tree.from_parents(TOKENS * 2, PARENTS * 2)
+    tree = Tree(*(getattr(tree, f).to(DEVICE) for f in
+                  ("tokens", "parent", "depth", "logp", "ancestors", "expanded", "has_kv")), size=6)
+    cache = model.new_cache(2, 32)
+    model.prefill(prefix, torch.tensor([5, 3], device=DEVICE), cache, chunk=4)
+    logits = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setattr(decoder, "TREE_ATTENTION", mode)
+        part = tree_part(tree, torch.arange(6, device=DEVICE).expand(2, -1), cache)
+        model.run_parts([part])
+        subset = tree_part(tree, torch.tensor([[5, 2, 3], [1, 4, 0]], device=DEVICE), cache)
+        model.run_parts([subset])
+        logits[mode] = (model.head(part.h), model.head(subset.h))
+    for ref, out in zip(logits["torch"], logits["triton"]):
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(logits["torch"][1][0], logits["torch"][0][0, [5, 2, 3]],
+                               rtol=1e-4, atol=1e-4)
+
+
+class TableDraft:
+    """A draft whose next-token log-probabilities depend on the last token only: table[token]."""
+
+    def __init__(self, table):
+        self.table = table
+        self.config = SimpleNamespace(vocab_size=table.shape[0])
+        self.passes = 0
+
+    def run_parts(self, parts):
+        self.passes += 1
+        for p in parts:
+            p.h = p.input_ids
+
+    def head(self, h):
+        return self.table[h]
+
+
+def best_first(table, root, budget, children, max_depth):
+    """Brute force: the `budget` most probable nodes of the tree of top-`children` proposals."""
+    heap, out = [(0.0, (root,))], []
+    while heap and len(out) < budget:
+        neg, path = heapq.heappop(heap)
+        out.append(path)
+        if len(path) - 1 < max_depth:
+            lp, tok = table[path[-1]].topk(children)
+            for l, t in zip(lp.tolist(), tok.tolist()):
+                heapq.heappush(heap, (neg - l, path + (t,)))
+    return set(out)
+
+
+def check_tree(tree, table):
+    """Invariants: real nodes hang off real parents with matching depth, ancestors and
+    cumulative log-probability; (parent, token) pairs are unique; returns the token paths."""
+    paths = set()
+    for b in range(tree.tokens.shape[0]):
+        seen = set()
+        for i in range(tree.size):
+            if tree.logp[b, i] == float("-inf"):
+                assert tree.parent[b, i] == -1 and tree.expanded[b, i]  # an empty slot
+                continue
+            p = int(tree.parent[b, i])
+            path, j = [], i
+            while j >= 0:
+                path.append(int(tree.tokens[b, j]))
+                j = int(tree.parent[b, j])
+            paths.add(tuple(reversed(path)))
+            if i == 0:
+                continue
+            assert 0 <= p < tree.size and tree.logp[b, p] > float("-inf")
+            assert tree.depth[b, i] == tree.depth[b, p] + 1 and (p, int(tree.tokens[b, i])) not in seen
+            seen.add((p, int(tree.tokens[b, i])))
+            expect = tree.ancestors[b, p].clone()
+            expect[i] = True
+            assert torch.equal(tree.ancestors[b, i], expect)
+            step = table[tree.tokens[b, p], tree.tokens[b, i]]
+            assert math.isclose(tree.logp[b, i], tree.logp[b, p] + step, abs_tol=1e-4)
+            assert not tree.expanded[b, i] or tree.has_kv[b, i]
+    return paths
+
+
+def table_draft(vocab=12, seed=0, sharp=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(sharp * torch.randn(vocab, vocab, generator=g), dim=-1)
+
+
+@pytest.mark.parametrize("width", [1, 3, 8, 20])
+def test_growth_keeps_the_best_first_top_budget_set(width):
+    """Whatever the width (nodes expanded per pass), growth ends with the exact `budget`
+    most probable nodes: wide passes fill the tree with poor children that later, better
+    ones replace, and growth stops only once no open node could still enter."""
+    table = table_draft()
+    budget, children, depth = 20, 3, 4
+    cache = KVCache(1, 1, 64, 1, 2, torch.float32, "cpu")
+    draft = TableDraft(table)
+    tree = grow(draft, cache, torch.tensor([7]), budget, width=width, children=children,
+                max_depth=depth)
+    assert tree.size == budget
+    assert check_tree(tree, table) == best_first(table, 7, budget, children, depth)
+    # The stop rule holds at the end: no open node beats the worst one kept...
+    worst = tree.logp[0, :budget].min()
+    open_ = ~tree.expanded[0, :budget] & (tree.depth[0, :budget] < depth)
+    assert (tree.logp[0, :budget][open_] <= worst).all()
+    # ... and growth stopped on it, well before the bound on passes.
+    assert draft.passes < depth + 2 * math.ceil(budget / width)
+
+
+def test_wide_growth_replaces_leaves():
+    """Two passes fill a 12-node tree with the root's and its children's proposals; the
+    remaining passes replace some of them (slots reused) to reach the best-first set."""
+    table = table_draft(seed=3)
+    cache = KVCache(1, 1, 64, 1, 2, torch.float32, "cpu")
+    early = grow(TableDraft(table), cache, torch.tensor([2]), 12, width=12, children=4,
+                 max_depth=6, max_passes=2)
+    full = grow(TableDraft(table), cache, torch.tensor([2]), 12, width=12, children=4, max_depth=6)
+    best = best_first(table, 2, 12, 4, 6)
+    assert early.size == full.size == 12
+    assert check_tree(early, table) != best and check_tree(full, table) == best
+
+
+def test_growth_stops_at_the_depth_cap_and_on_a_sure_chain():
+    """A draft sure of each next token: the tree is the chain, cut at the depth cap, plus the
+    best siblings; with the cap far away, a budget-8 tree is the 8-node chain."""
+    vocab = 10
+    g = torch.Generator().manual_seed(1)
+    probs = 0.01 * torch.softmax(torch.randn(vocab, vocab, generator=g), dim=-1)  # no ties
+    for t in range(vocab):
+        probs[t, (t + 1) % vocab] = 0.99
+    table = torch.log_softmax(probs.log(), dim=-1)
+    cache = KVCache(1, 1, 64, 1, 2, torch.float32, "cpu")
+    draft = TableDraft(table)
+    tree = grow(draft, cache, torch.tensor([0]), 8, width=1, children=2, max_depth=32)
+    assert sorted(check_tree(tree, table), key=len)[-1] == tuple(range(8))
+    # Seven passes expand the chain's first seven nodes, whose siblings fall out one by one;
+    # then the open leaf (node 7, the worst of the 8) cannot beat the worst: no eighth pass.
+    assert draft.passes == 7
+    tree = grow(draft, cache, torch.tensor([0]), 8, width=4, children=2, max_depth=3)
+    assert int(tree.depth[0, :8].max()) == 3
+    assert check_tree(tree, table) == best_first(table, 0, 8, 2, 3)
+
+
+def test_growth_batches_rows_with_different_trees():
+    """Rows grow independently in one set of passes (a row that stops early pads with
+    empty slots or keeps its best nodes) and each gets its own best-first set."""
+    table = table_draft(seed=5)
+    cache = KVCache(1, 3, 64, 1, 2, torch.float32, "cpu")
+    cache.advance(torch.tensor([3, 0, 7]))
+    roots = [1, 4, 9]
+    tree = grow(TableDraft(table), cache, torch.tensor(roots), 16, width=4, children=3,
+                max_depth=3)
+    for b, root in enumerate(roots):
+        row = Tree(*(getattr(tree, f)[b:b + 1] for f in
+                     ("tokens", "parent", "depth", "logp", "ancestors", "expanded", "has_kv")),
+                   size=tree.size)
+        assert check_tree(row, table) == best_first(table, root, 16, 3, 3)
+
+
+def test_grown_draft_log_probs_match_plain_decoding(make_checkpoint):
+    """A real draft: every node's cumulative log-probability, computed through tree
+    attention over slots that growth fills, drops and reuses, equals the plain causal
+    model's along the node's path: every ancestor's K/V was in place when it was read."""
+    model = specoff.load_model(make_checkpoint("llama"), "cpu")
+    prefix = [5, 9, 2, 7, 3]
+    cache = model.new_cache(1, 64)
+    model.prefill(torch.tensor([prefix]), torch.tensor([5]), cache, chunk=8)
+    tree = grow(model, cache, torch.tensor([11]), 24, width=6, children=4, max_depth=5)
+    for i in range(tree.size):
+        nodes = tree.ancestors[0, i].nonzero().flatten()
+        nodes = nodes[tree.depth[0, nodes].argsort()]
+        seq = prefix + tree.tokens[0, nodes].tolist()
+        logprobs = torch.log_softmax(model(torch.tensor([seq]))[0].float(), dim=-1)
+        expect = sum(logprobs[len(prefix) + k - 1, seq[len(prefix) + k]] for k in range(1, len(nodes)))
+        assert math.isclose(float(tree.logp[0, i]), float(expect), abs_tol=1e-4), i
+
+
+def test_next_round_repairs_the_last_accepted_leaf(make_checkpoint):
+    """After a commit that ends on a leaf the draft never expanded (its K/V never computed),
+    the next round's first pass recomputes it: the draft cache then equals a fresh prefill."""
+    model = specoff.load_model(make_checkpoint("llama"), "cpu")
+    prefix = [5, 9, 2, 7, 3]
+    cache = model.new_cache(1, 64)
+    model.prefill(torch.tensor([prefix]), torch.tensor([5]), cache, chunk=8)
+    tree = grow(model, cache, torch.tensor([11]), 16, width=4, children=4, max_depth=4)
+    leaf = int(((~tree.has_kv[0, :16]) * (tree.depth[0, :16] + 1)).argmax())
+    assert not tree.has_kv[0, leaf] and tree.depth[0, leaf] >= 2
+    nodes = tree.ancestors[0, leaf].nonzero().flatten()
+    path = nodes[tree.depth[0, nodes].argsort()][None]
+    accepted = tree.depth[0, leaf][None]
+    seq = prefix + tree.tokens[0, path[0]].tolist()
+    commit(cache, path, accepted)
+    grow(model, cache, torch.tensor([13]), 8, tree=tree, prev=tree.tokens[0, leaf][None])
+    fresh = model.new_cache(1, 64)
+    model.prefill(torch.tensor([seq + [13]]), torch.tensor([len(seq) + 1]), fresh, chunk=8)
+    n = len(seq) + 1
+    torch.testing.assert_close(cache.k[:, :, :, :n], fresh.k[:, :, :, :n], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache.v[:, :, :, :n], fresh.v[:, :, :, :n], rtol=1e-4, atol=1e-4)
+
+
+# -- the budget choice ------------------------------------------------------------------------
+
+LADDER = [16, 32, 64, 128, 256, 512, 1024]
+# Tokens per row per pass at each budget, and the tree growth time: a SpecExec-like curve.
+PER_PASS = {16: 3.0, 64: 5.0, 256: 6.0, 1024: 6.4}
+GROW = {16: 0.01, 64: 0.02, 256: 0.05, 1024: 0.3}
+
+
+def test_copy_bound_pass_picks_a_big_tree():
+    """At batch 1 an offloaded pass costs the copy whatever the tokens: the budget is set by
+    the acceptance curve against the growth time."""
+    flat = {n: 1.6 for n in PER_PASS}
+    assert choose_tree_budget(LADDER, PER_PASS, flat, GROW) == 256
+    # 3/1.61, 5/1.62, 6/1.65, 6.4/1.9 tokens/s at the budgets measured.
+    rates = expected_tree_rates(list(PER_PASS), PER_PASS, flat, GROW)
+    assert rates[256] == pytest.approx(6 / 1.65) and rates[1024] == pytest.approx(6.4 / 1.9)
+
+
+def test_steep_pass_time_picks_a_small_tree():
+    """A pass that grows with its tokens (compute-bound, e.g. a resident target) makes the
+    extra accepted tokens of a bigger tree cost more than they bring."""
+    steep = {n: 0.05 + 0.002 * n for n in PER_PASS}
+    assert choose_tree_budget(LADDER, PER_PASS, steep, GROW) == 16
+    # Milder: a budget between two measured ones (acceptance 5.5 interpolated in log(budget),
+    # pass and growth in budget) beats both: 5.5 / 0.594 against 5 / 0.552 and 6 / 0.678.
+    mild = {n: 0.5 + 0.0005 * n for n in PER_PASS}
+    assert choose_tree_budget(LADDER, PER_PASS, mild, GROW) == 128
+
+
+def test_untried_budgets_use_the_planner_prediction():
+    """Between the budgets measured, acceptance is interpolated in log(budget) and the pass
+    comes from the planner's prediction, scaled to the nearest measurement."""
+    tokens = {16: 3.0, 256: 7.0}
+    predict = lambda n: 1.0 + 0.004 * n  # noqa: E731
+    measured = {n: 1.1 * predict(n) for n in tokens}  # the planner is 10% optimistic
+    rates = expected_tree_rates(LADDER, tokens, measured, {}, predict)
+    assert rates[64] == pytest.approx(5.0 / (1.1 * predict(64)))
+    assert rates[1024] == pytest.approx(7.0 / (1.1 * predict(1024)))  # no credit past 256
+    assert choose_tree_budget(LADDER, tokens, measured, {}, predict) == 64
+    # A measured dip (noise) does not make a bigger tree look worse than a smaller one.
+    assert expected_tree_rates([64], {16: 3.0, 64: 2.5}, {16: 1.0, 64: 1.0}, {})[64] == 3.0
+
+
+def test_tuner_probes_then_settles_on_the_best_budget():
+    ladder = tree_budget_ladder(1024)
+    assert ladder == LADDER and tree_budget_ladder(64) == [16, 32, 64] and tree_budget_ladder(8) == [8]
+
+    def world(n):  # tokens per pass, pass and growth seconds of a round at budget n
+        return 1 + 1.25 * math.log2(n) - 0.05 * math.log2(n) ** 2, 1.6 + 4e-4 * n, 2e-4 * n
+
+    true = {n: world(n)[0] / (world(n)[1] + world(n)[2]) for n in ladder}
+    tuner = TreeBudgetTuner(ladder, revisit_every=8)
+    assert tuner.probes == [16, 64, 256, 1024] and tuner.choice is None
+    used = []
+    for _ in range(40):
+        n = tuner.next_budget()
+        used.append(n)
+        tuner.record(n, *world(n))
+    assert used[:8] == [16, 16, 64, 64, 256, 256, 1024, 1024]
+    assert tuner.choice == max(true, key=true.get)
+    assert used.count(tuner.choice) > 20  # mostly the choice, with a neighbour now and then
+    assert {c["budget"] for c in tuner.curve()} == set(used)
+    fixed = TreeBudgetTuner([64])
+    assert [fixed.next_budget() for _ in range(3)] == [64] * 3 and fixed.choice == 64
+
+
 @pytest.mark.parametrize("sigma", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("budget", [1, 8, 64])
+@pytest.mark.parametrize("budget", [1, 8, 64, "auto"])
 def test_greedy_tree_equals_target(sigma, budget, pairs):
     draft, target = pairs(sigma)
     params = specoff.SamplingParams(max_new_tokens=20)
@@ -103,8 +379,14 @@ def test_greedy_tree_equals_target(sigma, budget, pairs):
     llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=budget)
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
     s = llm.last_stats
-    if budget > 1:
-        assert s.tokens_per_pass >= 1 and s.tree_budget == budget
+    assert s.rounds == len(s.tree_budgets) == s.decode_passes
+    assert sum(c["rounds"] for c in s.tree_curve) == s.rounds and s.draft_seconds > 0
+    if budget == "auto":  # on the CPU: budgets 16, 32, 64; 16 and 64 probed twice first
+        assert s.tree_budgets[:4] == [16, 16, 64, 64] and s.tree_budget in (16, 32, 64)
+    else:
+        assert set(s.tree_budgets) == {budget} and s.tree_budget == budget
+    if budget != 1:
+        assert s.tokens_per_pass >= 1
     if sigma == 0.0 and budget == 64:
         assert s.tokens_per_pass > 2.5
 
@@ -129,7 +411,7 @@ def test_tree_sampling_is_lossless(pairs, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("budget", [8, 64])
+@pytest.mark.parametrize("budget", [8, 64, "auto"])
 def test_gpu_tree_over_an_offloaded_target(budget, pairs):
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=20, ignore_eos=True)

@@ -17,8 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig, rope_inv_freq
+from ..kernels.attention import verify_attention
 from ..kernels.moe import fused_moe, moe_route
 from ..kvcache import KVCache
+
+# Tree passes: "auto" runs the Triton verification kernel where the cache is on a GPU and
+# the plain-torch masked attention elsewhere; "triton" or "torch" forces one (tests).
+TREE_ATTENTION = "auto"
 
 
 class RMSNorm(nn.Module):
@@ -65,6 +70,13 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(mask, TreeMask):
+            if cache is not None and cache.k.device == x.device and mask.use_kernel(x):
+                cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
+                y = verify_attention(q, cache.k[layer], cache.v[layer], mask.lengths,
+                                     mask.ancestors, kv_len=kv_len)  # (B, T, H, hd)
+                return self.wo(y.reshape(B, T, H * hd))
+            mask = mask.dense(kv_len)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         if cache is not None and cache.k.device != x.device:
             # KV cache in host memory: only q/k/v and the attention output cross the bus.
@@ -259,6 +271,33 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))
 
 
+@dataclass(eq=False)
+class TreeMask:
+    """Tree attention (SpecExec, arXiv 2406.02532 §3): query t of row b sees the row's cached
+    prefix (keys < lengths[b]) and the slot lengths[b] + j of every j with ancestors[b, t, j]."""
+    lengths: torch.Tensor  # (B,)
+    ancestors: torch.Tensor  # (B, T, N) bool, N >= T tree slots
+    _dense: Optional[tuple] = None  # (kv_len, (B, 1, T, kv_len) mask), built once per pass
+
+    def dense(self, kv_len: int) -> torch.Tensor:
+        """The (B, 1, T, kv_len) boolean mask for plain masked attention."""
+        if self._dense is None or self._dense[0] != kv_len:
+            B, T, N = self.ancestors.shape
+            device = self.lengths.device
+            keys = torch.arange(kv_len, device=device)
+            prefix = (keys[None, None, :] < self.lengths[:, None, None]).expand(B, T, kv_len)
+            slots = (self.lengths[:, None] + torch.arange(N, device=device))[:, None, :]
+            nodes = torch.zeros(B, T, kv_len, dtype=torch.bool, device=device)
+            nodes.scatter_(2, slots.expand(B, T, N), self.ancestors)
+            self._dense = (kv_len, (prefix | nodes)[:, None])
+        return self._dense[1]
+
+    def use_kernel(self, x: torch.Tensor) -> bool:
+        if TREE_ATTENTION == "auto":
+            return x.is_cuda
+        return TREE_ATTENTION == "triton"
+
+
 def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     """(B, 1, T, kv_len): a token at position p sees the cached keys at positions <= p."""
     keys = torch.arange(kv_len, device=positions.device)
@@ -273,9 +312,9 @@ class PassPart:
     positions: torch.Tensor  # (B, T) absolute positions, also where K/V are written
     kv_len: int  # host-side bound on the cached positions attended to
     # Tree passes: where each token's K/V is written (default: its position) and which
-    # cached keys it sees, (B, 1, T, kv_len) (default: causal over positions).
+    # cached keys it sees, a TreeMask or (B, 1, T, kv_len) (default: causal over positions).
     slots: Optional[torch.Tensor] = None
-    mask: Optional[torch.Tensor] = None
+    mask: Optional[object] = None
     h: Optional[torch.Tensor] = None  # final hidden states (B, T, D) after run_parts
 
 
