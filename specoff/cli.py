@@ -14,8 +14,8 @@ DEFAULT_PROMPTS = 8  # HumanEval prompts run when none are given
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="generate.py",
-        description="Generate with specoff. With no --target, runs a built-in tiny model; with "
-                    "no prompts, runs the first HumanEval prompts.")
+        description="Generate with specoff. With no --target, runs the demo pair shipped with "
+                    "specoff (speculation on); with no prompts, runs the first HumanEval prompts.")
     p.add_argument("--target", help="Hugging Face checkpoint folder of the target model")
     p.add_argument("--draft", help="checkpoint folder of a draft model (same tokenizer): "
                                    "turns on speculative decoding")
@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculation mode (default with --draft: tree for up to 4 prompts, chain above)")
     p.add_argument("--draft-len", default="auto",
                    help="draft tokens per row per round (γ), or auto to adapt between rounds")
-    p.add_argument("--tree-budget", type=int, default=64,
-                   help="draft-tree nodes per row in tree mode (1 … 2048)")
+    p.add_argument("--tree-budget", default="auto",
+                   help="draft-tree nodes per row in tree mode (1 … 2048), or auto to choose "
+                        "between rounds by measured tokens/s")
     p.add_argument("--no-interleave", action="store_true",
                    help="one row group: the draft waits for the target instead of hiding under it")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -101,6 +102,8 @@ def summary(stats) -> str:
     if stats.acceptance_rate is not None:
         hidden = stats.draft_hidden_fraction
         mode = (f"tree {stats.tree_budget} nodes" if stats.tree_budget else f"γ {stats.draft_len}")
+        if stats.tree_budgets and len(set(stats.tree_budgets)) > 1:
+            mode += f" (auto: tried {', '.join(map(str, sorted(set(stats.tree_budgets))))})"
         line += (f" | acceptance {stats.acceptance_rate:.2f} | {stats.tokens_per_pass:.2f} "
                  f"tokens/row/pass | {mode} | draft hidden "
                  f"{'-' if hidden is None else f'{100 * hidden:.0f}%'}")
@@ -111,14 +114,19 @@ def run(args) -> int:
     from tqdm import tqdm
 
     import specoff
+    from specoff import demo
     from specoff.synthetic import default_checkpoint
 
     prompts = gather_prompts(args)
     params = specoff.SamplingParams(max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p,
                                     top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-    target = args.target
-    if target is None:
+    target, draft = args.target, args.draft
+    if target is None and draft is None and demo.available():
+        target, draft = demo.target_dir(), demo.draft_dir()
+        print(f"no --target given: using the demo pair shipped with specoff (a Mixtral and a "
+              f"draft trained on the stdlib) in {demo.DEMO_DIR}", file=sys.stderr)
+    elif target is None:
         target = default_checkpoint()
         print(f"no --target given: using the built-in tiny random model in {target}",
               file=sys.stderr)
@@ -128,16 +136,22 @@ def run(args) -> int:
     offload = {"auto": None, "on": True, "off": False}[args.offload]
     if args.draft is not None and not Path(args.draft).is_dir():
         raise ValueError(f"--draft {args.draft} is not a folder; pass a Hugging Face checkpoint folder")
+    if args.tree_budget == "auto":
+        tree_budget = "auto"
+    elif args.tree_budget.isdigit():
+        tree_budget = int(args.tree_budget)
+    else:
+        raise ValueError(f"--tree-budget takes a number or auto, not {args.tree_budget!r}")
     if args.draft_len == "auto":
         draft_len = None
     elif args.draft_len.isdigit():
         draft_len = int(args.draft_len)
     else:
         raise ValueError(f"--draft-len takes a number or auto, not {args.draft_len!r}")
-    llm = specoff.LLM(target, draft=args.draft, spec=args.spec, device=args.device,
+    llm = specoff.LLM(target, draft=draft, spec=args.spec, device=args.device,
                       dtype=args.dtype, seed=args.seed, offload=offload,
                       gpu_memory=args.gpu_memory, draft_len=draft_len,
-                      interleave=not args.no_interleave, tree_budget=args.tree_budget)
+                      interleave=not args.no_interleave, tree_budget=tree_budget)
     with tqdm(total=len(prompts), unit="prompt", disable=None, file=sys.stderr) as bar:
         outputs = llm.generate(prompts, params, progress=bar)
     if not args.quiet:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -76,16 +76,29 @@ class GenerationStats:
     groups: int = 1
     rows_per_group: int = 0
     draft_len: Optional[int] = None  # γ at the end of the run (it adapts)
-    tree_budget: Optional[int] = None  # nodes per row per tree (tree mode)
+    tree_budget: Optional[int] = None  # nodes per row per tree (tree mode; "auto": the choice)
+    tree_budgets: Optional[List[int]] = None  # tree mode: each round's budget, in order
+    # Tree mode, per budget tried: rounds, tokens_per_pass (per row), pass_seconds, grow_seconds.
+    tree_curve: Optional[List[dict]] = None
     target_seconds: float = 0.0  # device time of speculative target passes
-    draft_seconds: float = 0.0  # device time of drafting
+    draft_seconds: float = 0.0  # device time of drafting (tree mode: growing the trees)
     round_seconds: float = 0.0  # wall time of the rounds that had drafting
     rounds: int = 0  # rounds that had drafting
     draft_hidden_seconds: float = 0.0  # draft time that overlapped a target pass
     proposed: int = 0
     accepted: int = 0
     row_passes: int = 0  # (row, target pass) pairs that verified drafts
+    accepted_histogram: Optional[List[int]] = None  # [k]: row passes that accepted k drafts
     tail_merges: int = 0  # times the two row groups became one at the end of a workload
+
+    def count_verified(self, proposed: int, accepted: int) -> None:
+        """One row's drafts checked by one target pass: `accepted` of `proposed` kept."""
+        self.proposed += proposed
+        self.accepted += accepted
+        self.row_passes += 1
+        histogram = self.accepted_histogram = self.accepted_histogram or []
+        histogram.extend([0] * (accepted + 1 - len(histogram)))
+        histogram[accepted] += 1
 
     def finalize(self) -> None:
         if self.proposed:
@@ -130,7 +143,8 @@ class LLM:
                  gpu_memory=None, offload=None, seed: int = 0, max_rows: int = 256,
                  prefill_chunk: int = 512, ring_slots: int = 3, cuda_graphs: bool = True,
                  kv_placement: Optional[str] = None, draft_len: Optional[int] = None,
-                 interleave: bool = True, tree_budget: int = 64):
+                 interleave: bool = True, tree_budget: Union[int, str] = "auto",
+                 tree_budget_max: Optional[int] = None):
         if spec not in (None, "chain", "tree"):
             raise ValueError(f"spec must be 'chain', 'tree' or None, not {spec!r}")
         if spec is not None and draft is None:
@@ -171,9 +185,15 @@ class LLM:
             raise ValueError(f"draft_len must be between 1 and {MAX_DRAFT_LEN} (or None: "
                              f"adaptive), not {draft_len}")
         self.draft_len, self.interleave = draft_len, interleave
-        if not 1 <= tree_budget <= 2048:
-            raise ValueError(f"tree_budget must be between 1 and 2048, not {tree_budget}")
-        self.tree_budget = tree_budget
+        if tree_budget != "auto" and not (isinstance(tree_budget, int) and 1 <= tree_budget <= 2048):
+            raise ValueError(f"tree_budget must be between 1 and 2048, or 'auto', not {tree_budget!r}")
+        # "auto": the budget is chosen per round, up to tree_budget_max; on a CPU a pass costs
+        # in proportion to its tokens, so big trees never pay there.
+        tree_budget_max = tree_budget_max or (1024 if self.device.type == "cuda" else 64)
+        if not 1 <= tree_budget_max <= 2048:
+            raise ValueError(f"tree_budget_max must be between 1 and 2048, not {tree_budget_max}")
+        self.tree_budget, self.tree_budget_max = tree_budget, tree_budget_max
+        self._tree_tuners = {}  # (rows per pass, budget ladder) → TreeBudgetTuner
         self.last_plan_pass_seconds = None
         self.profile = None
         budget = None
@@ -207,7 +227,18 @@ class LLM:
             self.draft_model.use_graphs = self.model.use_graphs
         self.eos_token_ids = self._eos_ids()
         self.last_stats = GenerationStats()
-        self.plan(1, 1, 1)  # refuse a bad kv_placement or a budget that fits no run now
+        from .planner import BudgetError
+
+        while True:  # refuse a bad kv_placement or a budget that fits no run now
+            try:
+                self.plan(1, 1, 1)
+                break
+            except BudgetError:
+                # Auto tree budgets stop where one row's tree no longer fits.
+                if (self.tree_budget != "auto" or self.spec_mode(1) != "tree"
+                        or self.draft_config is None or self.tree_budget_max <= 16):
+                    raise
+                self.tree_budget_max //= 2
 
     def _eos_ids(self) -> set:
         ids = set(self.config.eos_token_ids)
@@ -248,10 +279,13 @@ class LLM:
     def plan(self, rows: int, longest: int, max_new_tokens: int) -> Plan:
         """The run plan for `rows` prompts of at most `longest` tokens."""
         spec = self.draft_config is not None
+        # Chain: γ+1 tokens per row per pass, caches γ+2 longer; tree: the largest tree.
+        tokens = 1 + MAX_DRAFT_LEN * spec
+        if spec and self.spec_mode(rows) == "tree":
+            tokens = self.tree_capacity
         return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
-                        # speculation: γ+1 tokens per row per pass, caches γ+2 longer
-                        context=longest + max_new_tokens + (MAX_DRAFT_LEN + 2) * spec,
-                        max_rows=self.max_rows, tokens_per_row=MAX_DRAFT_LEN + 1 if spec else 1,
+                        context=longest + max_new_tokens + (tokens + 1) * spec,
+                        max_rows=self.max_rows, tokens_per_row=tokens,
                         prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
                         kv_placement=self.kv_placement, profile=self.profile,
                         draft=self.draft_config)
@@ -348,23 +382,49 @@ class LLM:
         stats.decode_seconds += t2 - t1
         return result
 
+    @property
+    def tree_capacity(self) -> int:
+        """The largest tree (nodes per row) a round may grow."""
+        return self.tree_budget_max if self.tree_budget == "auto" else self.tree_budget
+
     def spec_mode(self, rows: int) -> str:
         """spec=None picks tree speculation for interactive batches, chain above."""
         return self.spec or ("tree" if rows <= TREE_MAX_ROWS else "chain")
 
     def _speculate_tree(self, rows, params, generator, stats, plan) -> List[RequestOutput]:
+        from .planner import TreeBudgetTuner, expected_tree_rates, predict_pass, tree_budget_ladder
         from .spec.pipeline import Request
         from .spec.tree import generate_tree
 
         requests = [Request(list(r)) for r in rows]
+        per_pass = min(len(rows), plan.rows_per_pass)
+        predict = None
+        if self.profile is not None:  # the target pass at n nodes per row, from the profile
+            context = max(len(r) for r in rows) + params.max_new_tokens
+            predict = lambda n: predict_pass(plan, self.config, self.dtype, self.profile,  # noqa: E731
+                                             per_pass, n, context + n)
+        ladder = (tree_budget_ladder(self.tree_budget_max) if self.tree_budget == "auto"
+                  else [self.tree_budget])
+        # What one call learnt about the budgets serves the next ones at the same batch size.
+        tuner = self._tree_tuners.setdefault((per_pass, tuple(ladder)), TreeBudgetTuner(ladder))
+        tuner.predict_pass = predict
         _sync(self.device)
         t0 = time.perf_counter()
-        generate_tree(self, requests, params, generator, stats, plan.rows_per_pass,
-                      self.tree_budget)
+        generate_tree(self, requests, params, generator, stats, plan.rows_per_pass, tuner)
         _sync(self.device)
         stats.decode_seconds += time.perf_counter() - t0
-        stats.rows_per_group = min(len(rows), plan.rows_per_pass)
-        stats.tree_budget = self.tree_budget
+        stats.rows_per_group = per_pass
+        stats.tree_budget = tuner.choice
+        if predict is not None and tuner.samples:
+            # The planner's figure at the chosen budget: its predicted pass, measured growth
+            # and acceptance.
+            n = stats.tree_budget
+            curve = {c["budget"]: c for c in tuner.curve()}
+            rate = expected_tree_rates(
+                [n], {b: c["tokens_per_pass"] for b, c in curve.items()}, {},
+                {b: c["grow_seconds"] for b, c in curve.items()}, predict)[n]
+            stats.predicted_pass_seconds = predict(n)
+            stats.predicted_tokens_per_second = per_pass * rate
         return [self._finish(r.prompt, r.tokens, params) for r in requests]
 
     @torch.inference_mode()

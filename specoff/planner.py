@@ -5,15 +5,21 @@ The hardware profile (pinned host→GPU copy rate, matrix-product rate, HBM rate
 attention rate) is measured once per device and cached as JSON. A pass over an offloaded
 target costs max(bytes streamed / copy rate, compute), since copies and compute run on two
 streams (DESIGN.md); prefill streams each layer once and computes every prompt token.
+
+Tree speculation (SpecExec): the node budget that maximises tokens/s, from the pass time at
+that many tokens, the measured tree growth and the measured acceptance-vs-budget curve
+(choose_tree_budget), picked again between rounds (TreeBudgetTuner).
 """
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -355,3 +361,157 @@ def predict_pass(plan: Plan, cfg: ModelConfig, dtype, profile: HardwareProfile, 
     compute += weights_read / (profile.hbm_gbps * 1e9)
     copy = plan.stream_bytes_per_pass / (profile.copy_gbps * 1e9)
     return max(copy, compute + attention) + cfg.n_layers * 20e-6
+
+
+# -- tree budget (SpecExec mode) --------------------------------------------------------------
+
+def tree_budget_ladder(max_budget: int, min_budget: int = 16) -> List[int]:
+    """The budgets auto mode chooses among: powers of two from min_budget up to max_budget
+    (and max_budget itself)."""
+    low = min(min_budget, max_budget)
+    ladder, n = [], low
+    while n < max_budget:
+        ladder.append(n)
+        n *= 2
+    return ladder + [max_budget]
+
+
+def _linear(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear through (xs, ys) (xs ascending), the end segments extended with a
+    slope of at least 0; a single point is a constant."""
+    if len(xs) == 1:
+        return ys[0]
+    i = max(1, min(bisect.bisect_left(xs, x), len(xs) - 1))
+    slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+    if x < xs[0] or x > xs[-1]:
+        slope = max(slope, 0.0)
+    return max(ys[i - 1] + slope * (x - xs[i - 1]), 0.0)
+
+
+def _tokens_per_pass(n: int, measured: Dict[int, float]) -> float:
+    """The acceptance curve at budget n: measured points made non-decreasing (a bigger tree
+    never accepts less, on average), linear in log2(budget) between them, from 1 token at
+    budget 1, flat past the largest budget tried (no credit for what was not seen)."""
+    points = sorted(measured.items())
+    if points[0][0] > 1:
+        points.insert(0, (1, 1.0))
+    xs, ys, top = [], [], 0.0
+    for b, y in points:
+        top = max(top, y)
+        xs.append(math.log2(b))
+        ys.append(top)
+    x = math.log2(n)
+    return ys[-1] if x >= xs[-1] else _linear(x, xs, ys)
+
+
+def _seconds(n: int, measured: Dict[int, float], predict: Optional[Callable[[int], float]]) -> float:
+    """A cost at budget n: measured where tried; else the prediction scaled by measured /
+    predicted at the nearest budget tried; else linear in n through the measured points."""
+    if n in measured:
+        return measured[n]
+    if not measured:
+        return predict(n) if predict is not None else 0.0
+    if predict is not None:
+        near = min(measured, key=lambda b: abs(math.log2(b) - math.log2(n)))
+        scale = measured[near] / predict(near) if predict(near) > 0 else 1.0
+        return predict(n) * scale
+    xs = sorted(measured)
+    return _linear(n, xs, [measured[b] for b in xs])
+
+
+def expected_tree_rates(budgets: Sequence[int], tokens_per_pass: Dict[int, float],
+                        pass_seconds: Dict[int, float], grow_seconds: Dict[int, float],
+                        predict_pass: Optional[Callable[[int], float]] = None) -> Dict[int, float]:
+    """Tokens per row per second at each budget: E[tokens per pass](n) / (target pass(n) +
+    tree growth(n)), from the budgets measured so far (dicts keyed by budget) and, for the
+    target pass at budgets not tried, the planner's prediction `predict_pass(n)`."""
+    if not tokens_per_pass:
+        raise ValueError("no budget measured yet")
+    rates = {}
+    for n in budgets:
+        seconds = _seconds(n, pass_seconds, predict_pass) + _seconds(n, grow_seconds, None)
+        rates[n] = _tokens_per_pass(n, tokens_per_pass) / max(seconds, 1e-9)
+    return rates
+
+
+def choose_tree_budget(budgets: Sequence[int], tokens_per_pass: Dict[int, float],
+                       pass_seconds: Dict[int, float], grow_seconds: Dict[int, float],
+                       predict_pass: Optional[Callable[[int], float]] = None) -> int:
+    """The budget with the most expected tokens per second (the smaller one on a tie)."""
+    rates = expected_tree_rates(budgets, tokens_per_pass, pass_seconds, grow_seconds, predict_pass)
+    return max(sorted(rates), key=lambda n: (rates[n], -n))
+
+
+class TreeBudgetTuner:
+    """Picks the tree budget before each round and learns from each round (SpecExec mode).
+
+    First a few probe budgets (every other rung of the ladder, both ends included) run
+    `probe_rounds` rounds each; then every round runs `choose_tree_budget` over the whole
+    ladder on the means of the last `window` rounds at each budget tried; every
+    `revisit_every` rounds one round goes to a neighbour of the choice, the less measured
+    one, so the curve follows the text. A one-rung ladder is a fixed budget.
+    """
+
+    def __init__(self, ladder: Sequence[int], predict_pass: Optional[Callable[[int], float]] = None,
+                 *, probe_rounds: int = 2, revisit_every: int = 8, window: int = 8):
+        self.ladder = sorted(set(ladder))
+        last = len(self.ladder) - 1
+        self.probes = [self.ladder[i] for i in sorted(set(range(0, last + 1, 2)) | {last})]
+        self.predict_pass = predict_pass
+        self.probe_rounds, self.revisit_every, self.window = probe_rounds, revisit_every, window
+        self.samples: Dict[int, List[Tuple[float, float, float]]] = {}
+        self.since_revisit = 0
+
+    @property
+    def max_budget(self) -> int:
+        return self.ladder[-1]
+
+    def _means(self, column: int) -> Dict[int, float]:
+        return {b: sum(s[column] for s in rows[-self.window:]) / len(rows[-self.window:])
+                for b, rows in self.samples.items()}
+
+    @property
+    def choice(self) -> Optional[int]:
+        """The best budget by what has been measured (None before any round)."""
+        if len(self.ladder) == 1:
+            return self.ladder[0]
+        if not self.samples:
+            return None
+        return choose_tree_budget(self.ladder, self._means(0), self._means(1), self._means(2),
+                                  self.predict_pass)
+
+    def next_budget(self) -> int:
+        for b in self.probes:
+            if len(self.samples.get(b, ())) < self.probe_rounds:
+                return b
+        best = self.choice
+        if self.since_revisit >= self.revisit_every and len(self.ladder) > 1:
+            self.since_revisit = 0
+            i = self.ladder.index(best)
+            near = [self.ladder[j] for j in (i + 1, i - 1) if 0 <= j < len(self.ladder)]
+            return min(near, key=lambda b: len(self.samples.get(b, ())))
+        return best
+
+    def record(self, budget: int, tokens_per_pass: float, pass_seconds: float,
+               grow_seconds: float) -> None:
+        """One round at `budget`: tokens a row emitted per target pass (accepted + 1, averaged
+        over the active rows), the target pass's and the tree growth's seconds."""
+        self.samples.setdefault(budget, []).append((tokens_per_pass, pass_seconds, grow_seconds))
+        self.since_revisit += 1
+
+    def curve(self) -> List[dict]:
+        """Per budget tried: rounds and the means over all of them."""
+        return tree_curve([(b, *s) for b, rows in self.samples.items() for s in rows])
+
+
+def tree_curve(rounds: Sequence[Tuple[int, float, float, float]]) -> List[dict]:
+    """Rounds (budget, tokens per pass, pass seconds, grow seconds) summed up per budget:
+    rounds and the means."""
+    out = []
+    for b in sorted({r[0] for r in rounds}):
+        rows = [r for r in rounds if r[0] == b]
+        n = len(rows)
+        out.append(dict(budget=b, rounds=n, tokens_per_pass=sum(r[1] for r in rows) / n,
+                        pass_seconds=sum(r[2] for r in rows) / n,
+                        grow_seconds=sum(r[3] for r in rows) / n))
+    return out

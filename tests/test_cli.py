@@ -62,6 +62,12 @@ def test_speculative_run(tmp_path, tokenizer):
             "--spec", "tree", "--tree-budget", 16, "--json", tree, "--ignore-eos")
     assert r.returncode == 0, r.stderr
     assert "tree 16 nodes" in r.stdout.splitlines()[-1]
+    r = cli("--target", target, "--draft", draft, "--prompt", "def f(x):", "--max-new-tokens", 24,
+            "--spec", "tree", "--tree-budget", "auto", "--json", tree, "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(tree.read_text())["stats"]
+    assert stats["tree_budgets"][:2] == [16, 16] and stats["tree_budget"] in (16, 32, 64)
+    assert f"tree {stats['tree_budget']} nodes" in r.stdout.splitlines()[-1]
     plain = tmp_path / "plain.json"
     assert cli("--target", target, "--dataset", "humaneval", "--limit", 5, "--max-new-tokens", 12,
                "--json", plain, "--ignore-eos").returncode == 0
@@ -70,10 +76,13 @@ def test_speculative_run(tmp_path, tokenizer):
 
 
 def test_default_runs_without_a_target(tmp_path):
+    from specoff import demo
+
     r = cli("--max-new-tokens", 8, "--quiet", env_cache=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "rows 8 | tokens" in r.stdout
-    assert (tmp_path / "default-tiny-mixtral-v1" / "config.json").is_file()
+    # The shipped demo pair when it is installed (tests/test_demo.py), else the random model.
+    assert (tmp_path / "default-tiny-mixtral-v1" / "config.json").is_file() != demo.available()
     r = cli("--max-new-tokens", 4, "--prompt", "def", env_cache=tmp_path)  # reuses the cache
     assert r.returncode == 0 and "rows 1 |" in r.stdout
 
@@ -86,6 +95,7 @@ def test_default_runs_without_a_target(tmp_path):
     (["--limit", "0"], "error: --limit must be at least 1"),
     (["--draft", "/no/draft"], "error: --draft /no/draft is not a folder"),
     (["--draft-len", "many"], "error: --draft-len takes a number or auto"),
+    (["--tree-budget", "lots"], "error: --tree-budget takes a number or auto"),
     (["--gpu-memory", "24GiB", "--device", "cpu"], "error: gpu_memory applies to a CUDA device"),
 ])
 def test_bad_input_is_one_line(args, message, make_checkpoint, tmp_path):

@@ -263,9 +263,7 @@ class ChainPipeline:
                 r = g.request[b]
                 if r is None or b in refill:
                     continue
-                self.stats.proposed += gamma
-                self.stats.accepted += accepted[b]
-                self.stats.row_passes += 1
+                self.stats.count_verified(gamma, accepted[b])
                 self._append(g, b, emitted[b][:accepted[b] + 1])
         for b, tok in zip(refill, first_tokens or []):
             self._append(g, b, [tok])
