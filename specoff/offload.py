@@ -139,6 +139,13 @@ class WeightRing:
             self.buffers[slot].copy_(src, non_blocking=True)
             self.copied[slot].record(self.copy_stream)
 
+    def reload(self) -> None:
+        """Fetch every slot's first tenant again, after the store's values changed."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # no pass is still reading a slot
+        for j in range(self.n_slots):
+            self._fetch(j)
+
     def acquire(self, layer: int) -> None:
         """Make the current stream wait until `layer`'s weights are in its slot."""
         if self.cuda:
@@ -152,6 +159,24 @@ class WeightRing:
         if self.cuda:
             self.released[j % k].record(torch.cuda.current_stream(self.device))
         self._fetch(j + k if j + k < n else j % k)
+
+
+def copy_gbps(device, nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """Measured host→device copy rate in GB/s from pinned memory (on a CPU device: a copy
+    between two host buffers), for the physical limit of a pass: bytes streamed / rate."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(host, non_blocking=True)  # warm-up
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        dst.copy_(host, non_blocking=True)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return nbytes * repeat / (time.perf_counter() - t0) / 1e9
 
 
 def peak_host_bytes() -> int:
@@ -204,3 +229,22 @@ def build_offloaded(cfg: ModelConfig, source, device, dtype, *, ring_slots: int,
     report = LoadReport(time.perf_counter() - t0, store.nbytes, pinned, peak_host_bytes(),
                         peak_host_bytes() - peak0)
     return model, report
+
+
+@torch.no_grad()
+def refill(model, source) -> None:
+    """Rewrite an offloaded model's decoder-layer weights in place from `source` (e.g. an
+    upcycled target at another σ): the host store, the device copies of what the plan keeps
+    resident, and the ring's slots. No allocation: the pinned store, the ring and the
+    captured CUDA graphs stay as they are."""
+    store, ring = model.store, model.ring
+    views = [store.views(i) for i in range(len(model.layers))]
+    source({f"layers.{i}.{n}": t for i, layer in enumerate(views) for n, t in layer.items()})
+    for i, block in enumerate(model.layers):
+        params = dict(block.named_parameters())
+        for name, host in views[i].items():
+            in_ring = ring is not None and i in ring and store.layout.streams(name)
+            if not in_ring and params[name].data_ptr() != host.data_ptr():
+                params[name].copy_(host)  # a resident copy on the device
+    if ring is not None:
+        ring.reload()

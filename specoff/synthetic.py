@@ -272,3 +272,126 @@ def make_upcycled_pair(out_dir, sigma: float, *, seed: int = 0, draft_family: st
             target[f"{layer}.{prefix}.gate.weight"] = router
     save_file(target, target_dir / "model.safetensors", metadata={"format": "pt"})
     return draft_dir, target_dir
+
+
+# -- real shapes and acceptance calibration ------------------------------------------------------
+
+# Hugging Face config values of the published models (weights are drawn, never downloaded).
+MIXTRAL_8X7B = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+                    rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None)
+MISTRAL_7B = {k: v for k, v in MIXTRAL_8X7B.items()
+              if k not in ("num_local_experts", "num_experts_per_tok")}
+MISTRAL_7B["model_type"] = "mistral"
+
+
+def pair_configs(draft: dict, target: dict, layers: Optional[int] = None):
+    """(draft, target) ModelConfigs from Hugging Face config dicts, with `layers` decoder
+    layers each when given (a shorter pair of the same shape)."""
+    from .config import ModelConfig
+
+    over = {} if layers is None else {"num_hidden_layers": layers}
+    return ModelConfig.from_dict({**draft, **over}), ModelConfig.from_dict({**target, **over})
+
+
+@torch.inference_mode()
+def streamed_logits(model: SyntheticModel, ids: torch.Tensor, dtype=torch.float32,
+                    last_only: bool = False) -> torch.Tensor:
+    """Causal logits (B, T, V) of `ids` (B, T) (or (B, V) at the last position) under a
+    SyntheticModel, without building it whole: each decoder layer's weights are drawn on
+    ids' device, applied to every token and dropped, so a model of any size runs in the
+    memory of one layer."""
+    from .config import rope_inv_freq
+    from .models.decoder import Transformer, TransformerBlock
+
+    cfg, device = model.config, ids.device
+    with torch.device("meta"):
+        shell = Transformer(cfg)
+    outside = {n: torch.empty(p.shape, dtype=dtype, device=device)
+               for n, p in shell.named_parameters() if not n.startswith("layers.")}
+    model.source(outside)
+    if cfg.tie_word_embeddings:
+        outside["output.weight"] = outside["tok_embeddings.weight"]
+    del shell.layers
+    shell.load_state_dict(outside, assign=True, strict=True)
+    shell.inv_freq = rope_inv_freq(cfg).to(device)
+    B, T = ids.shape
+    positions = torch.arange(T, device=device).expand(B, T)
+    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    h = shell.tok_embeddings(ids)
+    cos, sin = shell.rope(positions, h.dtype)
+    for i in range(cfg.n_layers):
+        with torch.device("meta"):
+            block = TransformerBlock(cfg)
+        params = {n: torch.empty(p.shape, dtype=dtype, device=device)
+                  for n, p in block.named_parameters()}
+        model.source({f"layers.{i}.{n}": t for n, t in params.items()})
+        block.load_state_dict(params, assign=True, strict=True)
+        h = block(h, cos, sin, mask)
+        del block, params  # this layer's weights go before the next one's are drawn
+    if last_only:
+        return shell.head(h[:, -1:])[:, -1]
+    return shell.head(h)
+
+
+def draft_trajectories(draft: SyntheticModel, rows: int, prompt_len: int, new_tokens: int,
+                       device, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """(rows, prompt_len + new_tokens): random prompts, each extended by the draft's own
+    greedy tokens: the contexts a chain of drafted tokens is verified in."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, draft.config.vocab_size, (rows, prompt_len), generator=g).to(device)
+    for _ in range(new_tokens):
+        nxt = streamed_logits(draft, ids, dtype, last_only=True).argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return ids
+
+
+def greedy_agreement(target: SyntheticModel, trajectories: torch.Tensor, prompt_len: int,
+                     dtype=torch.float32) -> float:
+    """How often the target's argmax equals the draft's greedy token along the draft's
+    trajectories: the per-token greedy acceptance α (chain mode with γ = 1 measures it)."""
+    picks = streamed_logits(target, trajectories[:, :-1], dtype)[:, prompt_len - 1:].argmax(-1)
+    return (picks == trajectories[:, prompt_len:]).float().mean().item()
+
+
+def sigma_for_acceptance(alpha: float, draft_cfg, target_cfg, device=None, *, dtype=None,
+                         seed: int = 0, std: float = 0.02, rows: int = 32, prompt_len: int = 32,
+                         new_tokens: int = 16, tol: float = 0.01, max_iter: int = 16):
+    """(σ, measured α): the noise scale of an upcycled pair (see upcycled_pair) at which the
+    target agrees with the draft's greedy token a fraction `alpha` of the time.
+
+    α is teacher-forced greedy agreement along the draft's own greedy continuations of
+    random prompts (the same prompts at every σ, so α(σ) is a smooth decreasing curve),
+    found by doubling σ until α falls below the request, then bisecting in log σ. Every
+    evaluation draws the target layer by layer (streamed_logits): cheap at any size.
+    Returns the evaluated σ whose α came closest.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be strictly between 0 and 1, not {alpha}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    draft, _ = upcycled_pair(draft_cfg, target_cfg, 0.0, seed, device, std)
+    ids = draft_trajectories(draft, rows, prompt_len, new_tokens, device, dtype, seed)
+    tried = {}
+
+    def measure(sigma: float) -> float:
+        if sigma not in tried:
+            target = upcycled_pair(draft_cfg, target_cfg, sigma, seed, device, std)[1]
+            tried[sigma] = greedy_agreement(target, ids, prompt_len, dtype)
+        return tried[sigma]
+
+    lo, hi = 0.0, 1e-3
+    while measure(hi) > alpha and hi < 1e3:
+        lo, hi = hi, hi * 4
+    for _ in range(max_iter):
+        best = min(tried, key=lambda s: abs(tried[s] - alpha))
+        if abs(tried[best] - alpha) <= tol:
+            break
+        mid = (lo * hi) ** 0.5 if lo > 0 else hi / 4
+        if measure(mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    best = min(tried, key=lambda s: abs(tried[s] - alpha))
+    return best, tried[best]

@@ -19,85 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import specoff  # noqa: E402
-from specoff import planner  # noqa: E402
+from specoff import baselines, planner  # noqa: E402
+from specoff.offload import copy_gbps as pinned_copy_gbps  # noqa: E402
+from specoff.synthetic import MIXTRAL_8X7B  # noqa: E402
 
-MIXTRAL_8X7B = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
-                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
-                    rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None)
-
-
-def pinned_copy_gbps(nbytes=1 << 30, repeat=5) -> float:
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    return nbytes * repeat / (time.perf_counter() - t0) / 1e9
-
-
-def hf_model_on_our_tensors(llm, hf_cfg_dict, layers=None, pageable=False):
-    """A transformers Mixtral whose parameters are our tensors (views into the pinned store
-    for the layers): the same weights, no second host copy. With `pageable`, its first
-    `layers` layers are ordinary-memory copies instead (how accelerate holds weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    layers = layers or hf_cfg_dict["num_hidden_layers"]
-    hf_cfg = AutoConfig.for_model(**dict(hf_cfg_dict, num_hidden_layers=layers))
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
-    cfg, m = llm.config, llm.model
-    H, KV = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    sd = {"model.embed_tokens.weight": m.tok_embeddings.weight, "model.norm.weight": m.norm.weight,
-          "lm_head.weight": m.output.weight}
-    for i in range(layers):
-        host = m.store.views(i)  # every layer's full tensors live in the host store
-        if pageable:
-            host = {n: t.clone() for n, t in host.items()}
-        p = f"model.layers.{i}."
-        wqkv = host["attention.wqkv.weight"]
-        sd.update({p + "self_attn.q_proj.weight": wqkv[:H], p + "self_attn.k_proj.weight": wqkv[H:H + KV],
-                   p + "self_attn.v_proj.weight": wqkv[H + KV:], p + "self_attn.o_proj.weight": host["attention.wo.weight"],
-                   p + "input_layernorm.weight": host["attention_norm.weight"],
-                   p + "post_attention_layernorm.weight": host["ffn_norm.weight"],
-                   p + "mlp.gate.weight": host["feed_forward.gate.weight"],
-                   p + "mlp.experts.gate_up_proj": host["feed_forward.w13"],
-                   p + "mlp.experts.down_proj": host["feed_forward.w2"]})
-    expected = {n: tuple(t.shape) for n, t in hf.state_dict().items()}
-    got = {n: tuple(t.shape) for n, t in sd.items()}
-    if expected != got:
-        diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
-        raise SystemExit(f"this transformers' Mixtral layout differs from the one assumed: {diff}")
-    hf.load_state_dict(sd, assign=True, strict=True)
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg).to("cuda")
-    return hf.eval()
-
-
-@torch.inference_mode()
-def accelerate_decode_seconds(hf, ids, steps):
-    """Per-step time of transformers + accelerate with every decoder layer offloaded to CPU."""
-    from accelerate import dispatch_model
-
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0}
-    device_map.update({f"model.layers.{i}": "cpu" for i in range(len(hf.model.layers))})
-    hf = dispatch_model(hf, device_map=device_map, main_device=0)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
-    torch.cuda.synchronize()
-    prefill = time.perf_counter() - t0
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = hf(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return prefill, times
+def accelerate_decode_seconds(llm, hf_cfg, prompts, steps, layers=None, pageable=False):
+    """(prefill, median decode step) seconds of transformers + accelerate with every decoder
+    layer offloaded to the CPU, on our own tensors (specoff.baselines): views into the pinned
+    store, or with `pageable` ordinary-memory copies of the first `layers` layers."""
+    hf = baselines.hf_model(llm.model, llm.config, hf_cfg, layers=layers, pageable=pageable)
+    hf = baselines.dispatch(hf, 0, "cuda")
+    timed = baselines.hf_generate(hf, prompts, steps + 1, "cuda")
+    return timed["prefill_seconds"], timed["step_seconds"]
 
 
 def main():
@@ -121,7 +54,7 @@ def main():
 
     hf_cfg = dict(MIXTRAL_8X7B, num_hidden_layers=args.layers)
     cfg = specoff.ModelConfig.from_dict(hf_cfg)
-    copy_gbps = pinned_copy_gbps()
+    copy_gbps = pinned_copy_gbps("cuda")
     t0 = time.perf_counter()
     llm = specoff.LLM(cfg, device="cuda", dtype="bfloat16", gpu_memory=args.gpu_memory,
                       offload=None if args.offload == "auto" else True,
@@ -155,22 +88,18 @@ def main():
         try:
             if not llm.weight_plan.offload:
                 raise ImportError("the model is resident under this budget: use --offload on")
-            hf = hf_model_on_our_tensors(llm, hf_cfg)
-            ids = torch.tensor(prompts, device="cuda")
-            pre, steps = accelerate_decode_seconds(hf, ids, args.accelerate_steps)
+            pre, step = accelerate_decode_seconds(llm, hf_cfg, prompts, args.accelerate_steps)
             result["accelerate_prefill_seconds"] = pre
-            result["accelerate_step_seconds"] = sorted(steps)[len(steps) // 2]
+            result["accelerate_step_seconds"] = step
             result["speedup_vs_accelerate"] = result["accelerate_step_seconds"] / s.measured_pass_seconds
-            del hf
             n = args.accelerate_pageable_layers
             if n:
-                hf = hf_model_on_our_tensors(llm, hf_cfg, layers=n, pageable=True)
-                _, steps = accelerate_decode_seconds(hf, ids, args.accelerate_steps)
-                per_step = sorted(steps)[len(steps) // 2] * args.layers / n
+                _, step = accelerate_decode_seconds(llm, hf_cfg, prompts, args.accelerate_steps,
+                                                    layers=n, pageable=True)
+                per_step = step * args.layers / n
                 result["accelerate_pageable_step_seconds"] = per_step
                 result["accelerate_pageable_layers_measured"] = n
                 result["speedup_vs_accelerate_pageable"] = per_step / s.measured_pass_seconds
-                del hf
         except ImportError as e:
             result["accelerate_error"] = str(e)
 

@@ -21,20 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import specoff  # noqa: E402
-from specoff.synthetic import upcycled_pair  # noqa: E402
-
-MIXTRAL = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
-               num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
-               rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None)
-MISTRAL = dict(MIXTRAL, model_type="mistral")
-for key in ("num_local_experts", "num_experts_per_tok"):
-    MISTRAL.pop(key)
-
+from specoff.synthetic import MIXTRAL_8X7B, MISTRAL_7B, pair_configs, upcycled_pair  # noqa: E402
 
 def build(args, sigma):
-    target_cfg = specoff.ModelConfig.from_dict(dict(MIXTRAL, num_hidden_layers=args.layers))
-    draft_cfg = specoff.ModelConfig.from_dict(dict(MISTRAL, num_hidden_layers=args.layers))
+    draft_cfg, target_cfg = pair_configs(MISTRAL_7B, MIXTRAL_8X7B, args.layers)
     draft, target = upcycled_pair(draft_cfg, target_cfg, sigma, seed=0, device="cuda", std=args.std)
     return specoff.LLM(target, draft=draft, device="cuda", dtype="bfloat16",
                        gpu_memory=args.gpu_memory, offload=True, max_rows=args.rows)
@@ -63,7 +53,7 @@ def main():
     p.add_argument("--json")
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, MIXTRAL["vocab_size"], (args.prompts, args.prompt_len), generator=g).tolist()
+    prompts = torch.randint(3, MIXTRAL_8X7B["vocab_size"], (args.prompts, args.prompt_len), generator=g).tolist()
     gamma = args.draft_len or None
 
     calibration = []

