@@ -281,9 +281,16 @@ MIXTRAL_8X7B = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, nu
                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
                     num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
                     rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None)
-MISTRAL_7B = {k: v for k, v in MIXTRAL_8X7B.items()
-              if k not in ("num_local_experts", "num_experts_per_tok")}
-MISTRAL_7B["model_type"] = "mistral"
+
+
+def dense_of(moe: dict, model_type: str = "mistral") -> dict:
+    """The dense config whose feed-forward is one expert of the MoE config `moe`."""
+    dense = {k: v for k, v in moe.items() if k not in ("num_local_experts", "num_experts_per_tok")}
+    dense["model_type"] = model_type
+    return dense
+
+
+MISTRAL_7B = dense_of(MIXTRAL_8X7B)
 
 
 def pair_configs(draft: dict, target: dict, layers: Optional[int] = None):

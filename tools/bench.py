@@ -68,7 +68,7 @@ import specoff  # noqa: E402
 from specoff import baselines  # noqa: E402
 from specoff.offload import copy_gbps, peak_host_bytes, refill  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
-from specoff.synthetic import (MISTRAL_7B, MIXTRAL_8X7B, draft_trajectories,  # noqa: E402
+from specoff.synthetic import (MISTRAL_7B, MIXTRAL_8X7B, dense_of, draft_trajectories,  # noqa: E402
                                greedy_agreement, pair_configs, sigma_for_acceptance,
                                upcycled_pair)
 
@@ -77,9 +77,7 @@ TINY_TARGET = dict(model_type="mixtral", vocab_size=512, hidden_size=64, num_hid
                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
                    rope_theta=1e4, rms_norm_eps=1e-5, sliding_window=None)
-TINY_DRAFT = {k: v for k, v in TINY_TARGET.items()
-              if k not in ("num_local_experts", "num_experts_per_tok")}
-TINY_DRAFT["model_type"] = "mistral"
+TINY_DRAFT = dense_of(TINY_TARGET)
 
 # Per mode defaults of the options left unset (GPU: sized for a call of at most ~9 minutes).
 DEFAULTS = {
@@ -761,6 +759,8 @@ def demo_table(rows: List[dict]) -> str:
 
 
 def header(bench: Bench, rows: List[dict]) -> str:
+    if rows and all(r.get("scenario") == "demo" for r in rows):  # the shipped pair, not the upcycled one
+        return f"device {bench.device_name} | the trained demo pair (specoff/demo) | run {bench.run_id}"
     ok = [r for r in rows if r.get("sigma") is not None]
     sigma = ", ".join(sorted({f"σ={r['sigma']:.4g} (α={r['alpha_calibrated']:.3f})" for r in ok}))
     return (f"device {bench.device_name} | {bench.pair_name}, {bench.target_cfg.n_layers} layers, "
