@@ -445,22 +445,27 @@ def choose_tree_budget(budgets: Sequence[int], tokens_per_pass: Dict[int, float]
 class TreeBudgetTuner:
     """Picks the tree budget before each round and learns from each round (SpecExec mode).
 
-    First a few probe budgets (every other rung of the ladder, both ends included) run
-    `probe_rounds` rounds each; then every round runs `choose_tree_budget` over the whole
-    ladder on the means of the last `window` rounds at each budget tried; every
-    `revisit_every` rounds one round goes to a neighbour of the choice, the less measured
-    one, so the curve follows the text. A one-rung ladder is a fixed budget.
+    A short hill climb first, over every other rung of the ladder (both ends included):
+    start in the middle, then try the probe rungs next to the best one measured so far until
+    both of its neighbours have `probe_rounds` rounds (usually three or four probe rounds,
+    not a sweep of the ladder: a 32-token request at batch 1 has only ~8 rounds). Then every
+    round runs `choose_tree_budget` over the whole ladder on the means of the last `window`
+    rounds at each budget tried; every `revisit_every` rounds one round goes to a neighbour of
+    the choice, the less measured one, so the curve follows the text. A one-rung ladder is a
+    fixed budget.
     """
 
     def __init__(self, ladder: Sequence[int], predict_pass: Optional[Callable[[int], float]] = None,
-                 *, probe_rounds: int = 2, revisit_every: int = 8, window: int = 8):
+                 *, probe_rounds: int = 1, revisit_every: int = 8, window: int = 8):
         self.ladder = sorted(set(ladder))
         last = len(self.ladder) - 1
         self.probes = [self.ladder[i] for i in sorted(set(range(0, last + 1, 2)) | {last})]
+        self.start = self.probes[len(self.probes) // 2]
         self.predict_pass = predict_pass
         self.probe_rounds, self.revisit_every, self.window = probe_rounds, revisit_every, window
         self.samples: Dict[int, List[Tuple[float, float, float]]] = {}
         self.since_revisit = 0
+        self.climbing = len(self.ladder) > 1
 
     @property
     def max_budget(self) -> int:
@@ -480,10 +485,27 @@ class TreeBudgetTuner:
         return choose_tree_budget(self.ladder, self._means(0), self._means(1), self._means(2),
                                   self.predict_pass)
 
+    def _rate(self, budget: int) -> float:
+        rows = self.samples[budget][-self.window:]
+        return sum(t for t, _, _ in rows) / sum(p + g for _, p, g in rows)
+
+    def _climb(self) -> Optional[int]:
+        """The next probe of the hill climb, or None once it has ended."""
+        measured = [b for b in self.probes if len(self.samples.get(b, ())) >= self.probe_rounds]
+        if not measured:
+            return self.start
+        i = self.probes.index(max(measured, key=self._rate))
+        for j in (i + 1, i - 1):
+            if 0 <= j < len(self.probes) and self.probes[j] not in measured:
+                return self.probes[j]
+        return None
+
     def next_budget(self) -> int:
-        for b in self.probes:
-            if len(self.samples.get(b, ())) < self.probe_rounds:
-                return b
+        if self.climbing:
+            probe = self._climb()
+            if probe is not None:
+                return probe
+            self.climbing = False
         best = self.choice
         if self.since_revisit >= self.revisit_every and len(self.ladder) > 1:
             self.since_revisit = 0

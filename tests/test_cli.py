@@ -66,7 +66,7 @@ def test_speculative_run(tmp_path, tokenizer):
             "--spec", "tree", "--tree-budget", "auto", "--json", tree, "--ignore-eos")
     assert r.returncode == 0, r.stderr
     stats = json.loads(tree.read_text())["stats"]
-    assert stats["tree_budgets"][:2] == [16, 16] and stats["tree_budget"] in (16, 32, 64)
+    assert stats["tree_budgets"][:2] == [64, 16] and stats["tree_budget"] in (16, 32, 64)
     assert f"tree {stats['tree_budget']} nodes" in r.stdout.splitlines()[-1]
     plain = tmp_path / "plain.json"
     assert cli("--target", target, "--dataset", "humaneval", "--limit", 5, "--max-new-tokens", 12,
