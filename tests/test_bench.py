@@ -108,6 +108,14 @@ def test_time_limit_skips_what_does_not_fit(tmp_path):
     assert len(jsonl(tmp_path, "interactive")) == len(rows)
 
 
+def test_engines_and_configs_select_runs(tmp_path):
+    records = bench.main(["--tiny", "--scenario", "interactive", "--out", str(tmp_path), "--quiet",
+                          "--engines", "specoff-chain", "--configs", "batch 1"])
+    rows = records["interactive"]
+    assert rows and {(r["engine"], r["config"]) for r in rows} == {("specoff-chain", "batch 1")}
+    assert all(r["status"] == "ok" for r in rows)
+
+
 def test_text_ids_without_a_tokenizer():
     ids = bench.text_ids("def add(a, b):\n    return a + b\n", 512)
     assert len(ids) == 8 and all(3 <= i < 512 for i in ids)  # 32 bytes, 4 per id

@@ -810,7 +810,9 @@ def plots(bench: Bench, scenario: str, rows: List[dict]) -> List[Path]:
                 ax.plot([x - width / 2, x + width / 2], [r["bound_tokens_per_second"]] * 2, "k-", lw=2)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(configs))], configs, rotation=20, fontsize=8)
     ax.set_ylabel("tokens/s (black: physical limit)")
-    ax.set_yscale("log")
+    rates = [r["tokens_per_second"] for r in ok if r.get("tokens_per_second")]
+    if len(rates) > 1 and max(rates) > 10 * min(rates):  # peers an order of magnitude apart
+        ax.set_yscale("log")
     ax.legend(fontsize=7)
     save(fig, "tokens_per_second")
 
@@ -859,7 +861,7 @@ def plots(bench: Bench, scenario: str, rows: List[dict]) -> List[Path]:
         right.set_xscale("log", base=2)
         right.set_xlabel("tree budget (batch 1)")
         save(fig, "sweep")
-    if scenario == "interactive":
+    if scenario == "interactive" and any(r["engine"] == "specoff-tree" for r in ok):
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
         for c, config in enumerate(configs):
             tree = [r for r in ok if r["config"] == config and r["engine"] == "specoff-tree"
@@ -936,6 +938,11 @@ def parse_args(argv=None):
     p.add_argument("--peer-steps", type=int, help="accelerate decode steps timed (then extrapolated)")
     p.add_argument("--assisted-prompts", type=int, help="hf-assisted: prompts run (batch 1 each)")
     p.add_argument("--calibration-rows", type=int)
+    p.add_argument("--engines", help="comma-separated: run only these engines (e.g. hf-assisted,"
+                                      "hf-accelerate-pinned); ratios need their reference engine "
+                                      "in the same run")
+    p.add_argument("--configs", help="comma-separated: run only configs whose name starts with one "
+                                     "of these (e.g. humaneval,long-1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -960,13 +967,21 @@ def main(argv=None) -> Dict[str, List[dict]]:
         torch.set_num_threads(threads)
 
 
+def selected(args, job: Job) -> bool:
+    """Whether --engines and --configs keep this job."""
+    engines = split(args.engines) if args.engines else None
+    configs = split(args.configs) if args.configs else None
+    return ((engines is None or job.engine in engines)
+            and (configs is None or any(job.config.startswith(c) for c in configs)))
+
+
 def run(args) -> Dict[str, List[dict]]:
     from tqdm import tqdm
 
     if not args.tiny and not torch.cuda.is_available() and args.device != "cpu":
         raise SystemExit("error: the real-size pair needs a CUDA GPU; use --tiny for a CPU smoke run")
     bench = Bench(args)
-    plan = {name: SCENARIOS[name](bench) for name in args.scenario}
+    plan = {name: [j for j in SCENARIOS[name](bench) if selected(args, j)] for name in args.scenario}
     bar = tqdm(total=sum(map(len, plan.values())), unit="run", disable=args.quiet, file=sys.stderr,
                dynamic_ncols=True)
     for i, (name, jobs) in enumerate(plan.items()):
