@@ -25,6 +25,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
 
 
+def dtype_cases(cpu_cases, gpu_cases):
+    """pytest params of kernel cases × dtypes: fp32/fp16 on any device (the interpreter gets
+    bf16 wrong), bf16 too on the GPU cases, which carry the gpu marker."""
+    for case in cpu_cases:
+        for dtype in (torch.float32, torch.float16):
+            yield pytest.param(*case, dtype, id=f"{case}-{dtype}")
+    for case in gpu_cases:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            yield pytest.param(*case, dtype, marks=gpu, id=f"gpu-{case}-{dtype}")
+
+
 def rel_err(out, ref):
     """Largest absolute error over the output's scale (NaN if anything is NaN)."""
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()

@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, gpu, rel_err
+from conftest import DEVICE, TOL, dtype_cases, gpu, rel_err
 
 from specoff.kernels.attention import (_verify_attention_into, attention_mask, launch_config, verify_attention,
                                       verify_attention_ref)
@@ -69,16 +69,7 @@ GPU_CASES += [(2, 16, 8, 8, 64, 300, True), (1, 256, 32, 8, 128, 1500, True), (2
               (4, 64, 32, 8, 128, 2500, False)]
 
 
-def cases():
-    for case in CPU_CASES:
-        for dtype in (torch.float32, torch.float16):
-            yield pytest.param(*case, dtype, id=f"{case}-{dtype}")
-    for case in GPU_CASES:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            yield pytest.param(*case, dtype, marks=gpu, id=f"gpu-{case}-{dtype}")
-
-
-@pytest.mark.parametrize("B,T,H,KV,hd,S,tree,dtype", list(cases()))
+@pytest.mark.parametrize("B,T,H,KV,hd,S,tree,dtype", list(dtype_cases(CPU_CASES, GPU_CASES)))
 def test_verify_attention_matches_ref(B, T, H, KV, hd, S, tree, dtype):
     seed = zlib.crc32(repr((B, T, H, KV, hd, S, tree, dtype)).encode())
     q, k_cache, v_cache, lengths, tree_mask, ref = check(B, T, H, KV, hd, S, dtype, tree, seed=seed)

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, gpu, rel_err
+from conftest import DEVICE, TOL, dtype_cases, gpu, rel_err
 
 from specoff.kernels import moe
 from specoff.kernels.moe import fused_moe, fused_moe_ref, moe_align, moe_route
@@ -32,16 +32,7 @@ GPU_CASES = [(n, d, i, e, k) for n in (1, 33, 222) for d, i in ((128, 256), (97,
 GPU_CASES += [(300, 128, 256, 8, 2), (1100, 256, 128, 8, 2)]  # 75 and 275 rows an expert: 64- and 128-row tiles
 
 
-def cases():
-    for case in CPU_CASES:
-        for dtype in (torch.float32, torch.float16):
-            yield pytest.param(*case, dtype, id=f"{case}-{dtype}")
-    for case in GPU_CASES:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            yield pytest.param(*case, dtype, marks=gpu, id=f"gpu-{case}-{dtype}")
-
-
-@pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", list(cases()))
+@pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", list(dtype_cases(CPU_CASES, GPU_CASES)))
 def test_fused_moe_matches_ref(tokens, hidden, inter, experts, top_k, dtype):
     seed = zlib.crc32(repr((tokens, hidden, inter, experts, top_k, dtype)).encode())
     x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed)
