@@ -435,7 +435,8 @@ class LLM:
         groups = 2 if self.interleave and len(rows) > 1 else 1
         per_group = -(-min(len(rows), plan.rows_per_pass) // groups)
         pipeline = ChainPipeline(self, params, requests, per_group, groups, self.draft_len,
-                                 generator, stats)
+                                 generator, stats, kv_on_gpu=plan.kv_on_gpu,
+                                 prefill_chunk=plan.prefill_chunk)
         _sync(self.device)
         t0 = time.perf_counter()
         pipeline.run()

@@ -299,6 +299,9 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         act = activation_bytes(cfg, max(r * tokens_per_row, r * c), r * tokens_per_row, dtype)
         hidden = r * max(prefill_tokens, 1) * cfg.dim * torch.empty(0, dtype=dtype).element_size()
         kv = r * context * sizes.kv_per_token if kv_gpu else 0
+        # Prompts fill a cache away from the GPU (or rows of a larger one) through a
+        # one-layer scratch of their K/V (decoder.PrefillStage).
+        hidden += r * max(prefill_tokens, 1) * sizes.kv_per_token // cfg.n_layers
         if draft_sizes is not None:  # the draft's cache and steps live on the GPU
             kv += r * context * draft_sizes.kv_per_token
             act += activation_bytes(draft, r * max(tokens_per_row, c), r, dtype)

@@ -74,6 +74,30 @@ def test_offloaded_generation_equals_resident(family, make_checkpoint):
     assert resident.last_stats.bytes_streamed == 0
 
 
+def test_staged_prefill_fills_rows_of_a_larger_cache(make_checkpoint):
+    """Prompts prefilled straight into rows of a bigger cache (PrefillStage: the K/V are built
+    one layer at a time in a scratch, then moved) match a plain prefill, chunks and all."""
+    model = specoff.LLM(make_checkpoint("mixtral", layers=3), device="cpu").model
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    lens = torch.tensor([5, 3])
+    plain = model.new_cache(2, 12)
+    expect = model.prefill(ids, lens, plain, chunk=2)
+    big = model.new_cache(4, 12)
+    big.lengths[:] = torch.tensor([4, 0, 7, 0])  # rows 0 and 2 hold other prompts
+    before = big.k[:, [0, 2]].clone()
+    rows = torch.tensor([3, 1])
+    got = model.prefill(ids, lens, big, chunk=2, rows=rows)
+    torch.testing.assert_close(got, expect)
+    assert big.lengths.tolist() == [4, 3, 7, 5]
+    for b, r in enumerate(rows.tolist()):
+        n = lens[b]
+        torch.testing.assert_close(big.k[:, r, :, :n], plain.k[:, b, :, :n])
+        torch.testing.assert_close(big.v[:, r, :, :n], plain.v[:, b, :, :n])
+    assert torch.equal(big.k[:, [0, 2]], before)  # the other rows are untouched
+    with pytest.raises(ValueError, match="empty rows"):
+        model.prefill(ids, lens, big, chunk=2, kv_start=4, rows=rows)
+
+
 def _gpu_runs(path, **kw):
     llm = specoff.LLM(path, device="cuda", dtype="float32", **kw)
     outs = llm.generate(PROMPTS, GREEDY)
@@ -102,6 +126,28 @@ def test_gpu_budget_is_never_exceeded(make_checkpoint):
     llm = specoff.LLM(path, device="cuda", gpu_memory=budget, offload=True)
     assert llm.weight_plan.offload
     llm.generate(PROMPTS * 8, specoff.SamplingParams(max_new_tokens=16, ignore_eos=True))
+    assert torch.cuda.max_memory_allocated() - base <= budget
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleave", [True, False])
+def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, make_checkpoint, tmp_path):
+    """Chain speculation with the target's cache in host memory (CPU attention, refills
+    prefilled on the GPU through a PrefillStage) gives the target's tokens, within budget."""
+    from specoff.synthetic import make_upcycled_pair
+
+    draft, target = make_upcycled_pair(tmp_path, 0.3, layers=4)
+    params = specoff.SamplingParams(max_new_tokens=20, ignore_eos=True)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32")
+              .generate(PROMPTS * 3, params)]
+    budget = 1 << 30
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                      gpu_memory=budget, kv_placement="host", max_rows=4, draft_len=3,
+                      interleave=interleave, spec="chain")
+    assert [o.token_ids for o in llm.generate(PROMPTS * 3, params)] == expect
+    assert not llm.last_stats.plan["kv_on_gpu"]
     assert torch.cuda.max_memory_allocated() - base <= budget
 
 

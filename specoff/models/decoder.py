@@ -242,26 +242,39 @@ class Transformer(nn.Module):
                 p.mask = causal_mask(p.positions, p.kv_len)
             if p.slots is None:
                 p.slots = p.positions
+        stages = list({id(p.stage): p.stage for p in parts if p.stage is not None}.values())
         ring = self.ring
         for i, layer in enumerate(self.layers):
             if ring is not None and i in ring:
                 ring.acquire(i)
             for p in parts:
-                p.h = layer(p.h, p.cos, p.sin, p.mask, p.cache, i, p.slots, p.kv_len)
+                # A staged prefill builds this layer's K/V in its one-layer scratch.
+                cache, at = (p.stage.scratch, 0) if p.stage is not None else (p.cache, i)
+                p.h = layer(p.h, p.cos, p.sin, p.mask, cache, at, p.slots, p.kv_len)
             if ring is not None and i in ring:
                 ring.release(i)
+            for stage in stages:
+                stage.flush(i)
+        for stage in stages:
+            stage.finish()
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
-                chunk: int, kv_start: int = 0) -> torch.Tensor:
+                chunk: int, kv_start: int = 0, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Append each row's first `lengths[b]` tokens of `input_ids` (B, T) to the cache and
         return the logits after each row's last token, (B, vocab).
 
         A streamed layer is loaded once per batch, whatever the number of chunks.
-        `kv_start` bounds the rows' cached lengths before the call.
+        `kv_start` bounds the rows' cached lengths before the call. `rows` (B,): fill those
+        rows of a larger cache (they must be empty); a cache away from the compute device
+        (host memory) is filled through a PrefillStage, attention running on the device.
         """
-        parts = prefill_parts(input_ids, cache, chunk, kv_start)
+        parts = prefill_parts(input_ids, cache, chunk, kv_start, rows=rows,
+                              device=self.tok_embeddings.weight.device)
         self.run_parts(parts)
-        cache.advance(lengths)
+        if rows is None:
+            cache.advance(lengths)
+        else:
+            cache.lengths[rows.to(cache.lengths.device)] = lengths.to(cache.lengths.device)
         h = torch.cat([p.h for p in parts], dim=1)
         return self.head(h, (lengths - 1)[:, None])[:, 0]
 
@@ -316,12 +329,73 @@ class PassPart:
     slots: Optional[torch.Tensor] = None
     mask: Optional[object] = None
     h: Optional[torch.Tensor] = None  # final hidden states (B, T, D) after run_parts
+    stage: Optional["PrefillStage"] = None  # K/V built on the device, then moved to `cache`
 
 
-def prefill_parts(input_ids: torch.Tensor, cache: KVCache, chunk: int,
-                  kv_start: int = 0) -> List[PassPart]:
-    """Chunks of a prefill as parts of one pass, each chunk seeing the chunks before it."""
+def prefill_parts(input_ids: torch.Tensor, cache: KVCache, chunk: int, kv_start: int = 0,
+                  rows: Optional[torch.Tensor] = None, device=None) -> List[PassPart]:
+    """Chunks of a prefill as parts of one pass, each chunk seeing the chunks before it.
+
+    Prompts go through a PrefillStage (they must start empty: kv_start 0) when they fill
+    `rows` of a larger cache or when the cache is away from the compute `device`."""
     T = input_ids.shape[1]
-    positions = cache.positions(T)
+    device = device or input_ids.device
+    stage = None
+    if rows is not None or cache.k.device.type != torch.device(device).type:
+        if kv_start:
+            raise ValueError("a staged prefill starts from empty rows (kv_start=0)")
+        stage = PrefillStage(cache, rows, T, device)
+        positions = torch.arange(T, device=device).expand(input_ids.shape[0], T)
+    else:
+        positions = cache.positions(T)
     return [PassPart(input_ids[:, lo:lo + chunk], cache, positions[:, lo:lo + chunk],
-                     kv_start + min(lo + chunk, T)) for lo in range(0, T, chunk)]
+                     kv_start + min(lo + chunk, T), stage=stage) for lo in range(0, T, chunk)]
+
+
+class PrefillStage:
+    """Prompts prefilled into empty `rows` of a cache (all of them when None) that is not
+    theirs alone or not on the compute device. Each layer's K/V are built in a one-layer
+    scratch on the device, where attention runs over the chunks so far; after the layer the
+    scratch moves into the cache's rows. A cache in host memory receives it through pinned
+    staging, finished on the host while the device computes the next layer: no CPU
+    attention, and the cache needs no room on the device."""
+
+    def __init__(self, cache: KVCache, rows: Optional[torch.Tensor], T: int, device):
+        n = cache.rows if rows is None else len(rows)
+        L_, _, KV, _, hd = cache.k.shape
+        self.cache, self.T = cache, T
+        self.rows = None if rows is None else rows.to(cache.k.device)
+        self.scratch = KVCache(1, n, T, KV, hd, cache.k.dtype, device)
+        self.host = cache.k.device.type == "cpu" and torch.device(device).type == "cuda"
+        if self.host:  # two buffers: one fills from the device while the host empties the other
+            self.staging = [torch.empty(2, n, KV, T, hd, dtype=cache.k.dtype, pin_memory=True)
+                            for _ in range(2)]
+        self.pending = None  # (layer, event, staging buffer) not yet in the cache
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        T = self.T
+        for dst, src in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
+            if self.rows is None:
+                dst[:, :, :T].copy_(src)
+            else:
+                dst[self.rows, :, :T] = src
+
+    def flush(self, layer: int) -> None:
+        k, v = self.scratch.k[0], self.scratch.v[0]
+        if not self.host:
+            self._store(layer, k, v)
+            return
+        buf = self.staging[layer % 2]
+        buf[0].copy_(k, non_blocking=True)
+        buf[1].copy_(v, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.finish()  # the previous layer's, while this one's copy runs
+        self.pending = (layer, event, buf)
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            layer, event, buf = self.pending
+            self.pending = None
+            event.synchronize()
+            self._store(layer, buf[0], buf[1])

@@ -67,11 +67,15 @@ class RoundTiming:
 
 class ChainPipeline:
     def __init__(self, llm, params: SamplingParams, requests: List[Request], rows_per_group: int,
-                 groups: int, draft_len: Optional[int], generator, stats):
+                 groups: int, draft_len: Optional[int], generator, stats, *,
+                 kv_on_gpu: bool = True, prefill_chunk: Optional[int] = None):
         self.llm, self.target, self.draft = llm, llm.model, llm.draft_model
         self.params, self.requests, self.generator, self.stats = params, requests, generator, stats
         self.device = llm.device
         self.cuda = self.device.type == "cuda"
+        # The plan's KV placement (the target's cache may sit in pinned host memory, its
+        # attention then on the CPU) and prefill chunk; the draft's cache is on the device.
+        self.kv_on_gpu, self.chunk = kv_on_gpu, prefill_chunk or llm.prefill_chunk
         self.adaptive = draft_len is None
         self.gamma = draft_len or 4
         self.max_gamma = MAX_DRAFT_LEN
@@ -92,7 +96,9 @@ class ChainPipeline:
     def _new_group(self, rows: int) -> Group:
         tcfg, dcfg = self.llm.config, self.llm.draft_config
         dtype, device = self.llm.dtype, self.device
-        tcache = KVCache(tcfg.n_layers, rows, self.max_len, tcfg.n_kv_heads, tcfg.head_dim, dtype, device)
+        where = device if self.kv_on_gpu else torch.device("cpu")
+        tcache = KVCache(tcfg.n_layers, rows, self.max_len, tcfg.n_kv_heads, tcfg.head_dim, dtype,
+                         where, pin_memory=where.type != device.type, lengths_device=device)
         dcache = KVCache(dcfg.n_layers, rows, self.max_len, dcfg.n_kv_heads, dcfg.head_dim, dtype, device)
         return Group(rows, tcache, dcache, torch.zeros(rows, dtype=torch.long, device=device),
                      [None] * rows)
@@ -200,10 +206,9 @@ class ChainPipeline:
             ids = torch.zeros(len(refill), max(len(p) for p in prompts), dtype=torch.long)
             for i, p in enumerate(prompts):
                 ids[i, :len(p)] = torch.tensor(p)
-            tcfg = self.llm.config
-            fresh = KVCache(tcfg.n_layers, len(refill), ids.shape[1], tcfg.n_kv_heads,
-                            tcfg.head_dim, self.llm.dtype, self.device)
-            prefill = prefill_parts(ids.to(self.device), fresh, self.llm.prefill_chunk)
+            ids, rows = ids.to(self.device), torch.tensor(refill, device=self.device)
+            # Straight into the rows' cache, attention on the device (decoder.PrefillStage).
+            prefill = prefill_parts(ids, g.target_cache, self.chunk, rows=rows, device=self.device)
             parts += prefill
         self.target.run_parts(parts)
         self.stats.decode_passes += 1
@@ -223,23 +228,12 @@ class ChainPipeline:
             g.draft_cache.rollback(gamma - accepted)  # drafting advanced it by γ+1
             g.last.copy_(nxt)
         if refill:
-            rows = torch.tensor(refill, device=self.device)
             h = torch.cat([p.h for p in prefill], dim=1)
             first = select(self.target.head(h, (lens - 1)[:, None])[:, 0], self.params,
                            self.generator)
-            t_len = fresh.max_len
-            g.target_cache.k[:, rows, :, :t_len] = fresh.k
-            g.target_cache.v[:, rows, :, :t_len] = fresh.v
             g.target_cache.lengths[rows] = lens
             # The draft prefills the same prompts (small next to the target pass).
-            dcfg = self.llm.draft_config
-            dfresh = KVCache(dcfg.n_layers, len(refill), t_len, dcfg.n_kv_heads, dcfg.head_dim,
-                             self.llm.dtype, self.device)
-            self.draft.prefill(self._draft_ids(ids.to(self.device)), lens, dfresh,
-                               self.llm.prefill_chunk)
-            g.draft_cache.k[:, rows, :, :t_len] = dfresh.k
-            g.draft_cache.v[:, rows, :, :t_len] = dfresh.v
-            g.draft_cache.lengths[rows] = lens
+            self.draft.prefill(self._draft_ids(ids), lens, g.draft_cache, self.chunk, rows=rows)
             g.last[rows] = first
         if self.cuda:
             timing.target_end.record()
