@@ -26,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree-budget", default="auto",
                    help="draft-tree nodes per row in tree mode (1 … 2048), or auto to choose "
                         "between rounds by measured tokens/s")
-    p.add_argument("--no-interleave", action="store_true",
-                   help="one row group: the draft waits for the target instead of hiding under it")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--interleave", action="store_true",
+                       help="two row groups: the draft hides under the other group's target pass "
+                            "(default: whichever the planner predicts faster)")
+    group.add_argument("--no-interleave", action="store_true",
+                       help="one row group: every pass serves every row, the draft runs between")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", action="append", default=[],
                    help="one prompt per line, or JSONL with a 'prompt' field (repeatable)")
@@ -151,7 +155,8 @@ def run(args) -> int:
     llm = specoff.LLM(target, draft=draft, spec=args.spec, device=args.device,
                       dtype=args.dtype, seed=args.seed, offload=offload,
                       gpu_memory=args.gpu_memory, draft_len=draft_len,
-                      interleave=not args.no_interleave, tree_budget=tree_budget)
+                      interleave=False if args.no_interleave else (True if args.interleave else None),
+                      tree_budget=tree_budget)
     with tqdm(total=len(prompts), unit="prompt", disable=None, file=sys.stderr) as bar:
         outputs = llm.generate(prompts, params, progress=bar)
     if not args.quiet:

@@ -143,7 +143,7 @@ class LLM:
                  gpu_memory=None, offload=None, seed: int = 0, max_rows: int = 256,
                  prefill_chunk: int = 512, ring_slots: int = 3, cuda_graphs: bool = True,
                  kv_placement: Optional[str] = None, draft_len: Optional[int] = None,
-                 interleave: bool = True, tree_budget: Union[int, str] = "auto",
+                 interleave: Optional[bool] = None, tree_budget: Union[int, str] = "auto",
                  tree_budget_max: Optional[int] = None):
         if spec not in (None, "chain", "tree"):
             raise ValueError(f"spec must be 'chain', 'tree' or None, not {spec!r}")
@@ -432,7 +432,7 @@ class LLM:
         from .spec.pipeline import ChainPipeline, Request
 
         requests = [Request(list(r)) for r in rows]
-        groups = 2 if self.interleave and len(rows) > 1 else 1
+        groups = self.chain_groups(len(rows), plan, max(map(len, rows)) + params.max_new_tokens)
         per_group = -(-min(len(rows), plan.rows_per_pass) // groups)
         pipeline = ChainPipeline(self, params, requests, per_group, groups, self.draft_len,
                                  generator, stats, kv_on_gpu=plan.kv_on_gpu,
@@ -456,6 +456,22 @@ class LLM:
             stats.predicted_tokens_per_second = (
                 per_group * expected_tokens_per_pass(alpha, pipeline.gamma) / round_s)
         return [self._finish(r.prompt, r.tokens, params) for r in requests]
+
+    def chain_groups(self, rows: int, plan: Plan, context: int) -> int:
+        """Row groups of a chain run: two interleaved (the draft hides under the other
+        group's target pass) or one (each pass serves every row, the draft runs between
+        passes). interleave=None picks the faster by the planner's prediction: two groups
+        pay only when drafting for all rows takes a good part of a pass; an offloaded
+        target's copy-bound pass usually dwarfs the draft, and one group then gets twice
+        the rows into each pass."""
+        if rows < 2 or self.interleave is False:
+            return 1
+        if self.interleave or self.profile is None or not plan.predicted_pass_seconds:
+            return 2 if self.interleave else 1
+        from .planner import chain_groups
+
+        return chain_groups(plan, self.config, self.draft_config, self.dtype, self.profile,
+                            min(rows, plan.rows_per_pass), self.draft_len or 4, context)
 
     def _finish(self, prompt_ids, new_ids, params: SamplingParams) -> RequestOutput:
         reason = "length"

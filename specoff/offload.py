@@ -15,7 +15,7 @@ import resource
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 

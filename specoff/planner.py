@@ -54,7 +54,6 @@ class HardwareProfile:
     gemm_tflops: float  # dense matrix products in the model's dtype
     moe_tflops: float  # the fused MoE kernel on a mid-size grouped problem
     hbm_gbps: float  # device memory, read + write
-    cpu_attention_gbps: float  # KV bytes scanned per second by host-side attention
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,29 +98,24 @@ def measure_profile(device, dtype=torch.bfloat16) -> HardwareProfile:
         out = torch.empty_like(x)
         seconds = _timed(lambda: fused_moe(x, w13, w2, weights, ids, out=out), device, repeat=10)
         moe = 2 * N * k * 3 * D * I / seconds / 1e12
-    # Host attention: one decode query per row over a GQA cache, as the CPU path runs it.
-    rows, heads, kv, ctx, hd = 16, 32, 8, 512, 128
-    q = torch.randn(rows, heads, 1, hd, dtype=torch.float32)
-    k = torch.randn(rows, kv, ctx, hd, dtype=torch.float32)
-    att = _timed(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q, k, k, enable_gqa=True), torch.device("cpu"), repeat=3)
-    cpu_att = 2 * k.numel() * k.element_size() / att / 1e9
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    return HardwareProfile(name, copy, gemm, moe, hbm, cpu_att)
+    return HardwareProfile(name, copy, gemm, moe, hbm)
 
 
-def profile_path(device_name: str, cache_dir: Optional[Path] = None) -> Path:
+def profile_path(device_name: str, cache_dir: Optional[Path] = None,
+                 dtype: torch.dtype = torch.bfloat16) -> Path:
     from .synthetic import cache_dir as default_cache
 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name)
-    return Path(cache_dir or default_cache()) / f"profile-{safe}.json"
+    # Rates depend on the dtype (fp32 products run at a fraction of bf16's).
+    return Path(cache_dir or default_cache()) / f"profile-{safe}-{str(dtype).split('.')[-1]}.json"
 
 
 def load_profile(device, cache_dir: Optional[Path] = None, dtype=torch.bfloat16) -> HardwareProfile:
-    """The device's profile from the cache, measured and cached on first use."""
+    """The device's profile in `dtype` from the cache, measured and cached on first use."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    path = profile_path(name, cache_dir)
+    path = profile_path(name, cache_dir, dtype)
     if path.is_file():
         try:
             return HardwareProfile(**json.loads(path.read_text()))
@@ -302,6 +296,8 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         # Prompts fill a cache away from the GPU (or rows of a larger one) through a
         # one-layer scratch of their K/V (decoder.PrefillStage).
         hidden += r * max(prefill_tokens, 1) * sizes.kv_per_token // cfg.n_layers
+        if not kv_gpu:  # a layer of it streams in for attention (two in flight)
+            hidden += 2 * r * context * sizes.kv_per_token // cfg.n_layers
         if draft_sizes is not None:  # the draft's cache and steps live on the GPU
             kv += r * context * draft_sizes.kv_per_token
             act += activation_bytes(draft, r * max(tokens_per_row, c), r, dtype)
@@ -358,12 +354,42 @@ def predict_pass(plan: Plan, cfg: ModelConfig, dtype, profile: HardwareProfile, 
     ffn_rate = profile.moe_tflops if cfg.is_moe else profile.gemm_tflops
     compute = dense / (profile.gemm_tflops * 1e12) + ffn / (ffn_rate * 1e12)
     kv_bytes = rows * context * sizes.kv_per_token
-    attention = kv_bytes / ((profile.hbm_gbps if plan.kv_on_gpu else profile.cpu_attention_gbps) * 1e9)
+    attention = kv_bytes / (profile.hbm_gbps * 1e9)
     # Experts no token routes to still stream (every expert is copied each pass).
     weights_read = sizes.total if not plan.offload else sizes.total - plan.stream_bytes_per_pass
     compute += weights_read / (profile.hbm_gbps * 1e9)
-    copy = plan.stream_bytes_per_pass / (profile.copy_gbps * 1e9)
+    # A cache in host memory streams in beside the weights (decoder.streamed_attention).
+    copy = (plan.stream_bytes_per_pass + (0 if plan.kv_on_gpu else kv_bytes)) / (profile.copy_gbps * 1e9)
     return max(copy, compute + attention) + cfg.n_layers * 20e-6
+
+
+def predict_draft_step(cfg: ModelConfig, dtype, profile: HardwareProfile, rows: int,
+                       context: int) -> float:
+    """Seconds for one decode step of a resident draft over `rows` rows: its weights and
+    cache read from device memory, its matrix products, and a floor per layer for the
+    launches of a replayed graph."""
+    sizes = ModelSizes.of(cfg, dtype)
+    params = sizes.total / torch.empty(0, dtype=dtype).element_size()
+    read = (sizes.total + rows * context * sizes.kv_per_token) / (profile.hbm_gbps * 1e9)
+    return max(read, 2 * rows * params / (profile.gemm_tflops * 1e12)) + cfg.n_layers * 30e-6
+
+
+def chain_groups(plan: Plan, cfg: ModelConfig, draft: ModelConfig, dtype,
+                 profile: HardwareProfile, rows: int, gamma: int, context: int,
+                 alpha: float = 0.7) -> int:
+    """1 or 2 row groups for a chain run of `rows` rows, whichever the profile predicts
+    faster: two groups hide the draft under the other group's target pass but serve half
+    the rows per pass, (R/2)·E / max(target, draft); one group serves them all,
+    R·E / (target + draft)."""
+    from .spec.chain import expected_tokens_per_pass
+
+    def rate(r, interleaved):
+        target = predict_pass(plan, cfg, dtype, profile, r, gamma + 1, context)
+        drafting = (gamma + 1) * predict_draft_step(draft, dtype, profile, r, context)
+        round_s = max(target, drafting) if interleaved else target + drafting
+        return r * expected_tokens_per_pass(alpha, gamma) / round_s
+
+    return 2 if rows > 1 and rate(-(-rows // 2), True) > rate(rows, False) else 1
 
 
 # -- tree budget (SpecExec mode) --------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_gpu_budget_is_never_exceeded(make_checkpoint):
 @pytest.mark.gpu
 @pytest.mark.parametrize("interleave", [True, False])
 def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, make_checkpoint, tmp_path):
-    """Chain speculation with the target's cache in host memory (CPU attention, refills
+    """Chain speculation with the target's cache in host memory (streamed to the GPU, refills
     prefilled on the GPU through a PrefillStage) gives the target's tokens, within budget."""
     from specoff.synthetic import make_upcycled_pair
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import specoff
-from conftest import DEVICE, same_distribution, without_tokenizers
+from conftest import DEVICE, gpu, same_distribution, without_tokenizers
 from specoff.kvcache import KVCache
 from specoff.planner import TreeBudgetTuner, choose_tree_budget, expected_tree_rates, tree_budget_ladder
-from specoff.spec.tree import Tree, accept, commit, grow, tree_part
+from specoff.spec.tree import Tree, accept, commit, expand, grow, growth_shape, tree_part
 
 PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n"]
 
@@ -302,6 +302,174 @@ def test_next_round_repairs_the_last_accepted_leaf(make_checkpoint):
     n = len(seq) + 1
     torch.testing.assert_close(cache.k[:, :, :, :n], fresh.k[:, :, :, :n], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cache.v[:, :, :, :n], fresh.v[:, :, :, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_growth_shape_widens_for_big_budgets():
+    """Up to ~128 nodes a pass cost about one on a GPU: big trees grow in wide passes."""
+    assert [growth_shape(n)[0] for n in (8, 16, 64, 128, 256, 512, 1024, 2048, 4096)] == [
+        8, 16, 16, 32, 64, 64, 128, 256, 256]
+
+
+def merge_case():
+    """Five slots: root 10 (expanded), 11 and 12 under it, two empty slots."""
+    tree = Tree.empty(torch.tensor([10]), 5)
+    tree.size = 5
+    tree.logp[0, 0] = 0.0
+    tree.expanded[0, 0] = True
+    for slot, (tok, lp) in enumerate([(11, -1.0), (12, -2.0)], start=1):
+        tree.tokens[0, slot], tree.parent[0, slot], tree.depth[0, slot] = tok, 0, 1
+        tree.logp[0, slot], tree.ancestors[0, slot, [0, slot]] = lp, True
+        tree.expanded[0, slot] = tree.has_kv[0, slot] = False
+    return tree
+
+
+def nodes_of(tree):
+    """{token path: (cumulative log-probability, depth)} of the real nodes, checking ancestors."""
+    out = {}
+    for i in range(tree.size):
+        if tree.logp[0, i] == float("-inf"):
+            assert tree.parent[0, i] == -1 and tree.expanded[0, i]
+            continue
+        path, j = [], i
+        while j >= 0:
+            path.append(j)
+            j = int(tree.parent[0, j])
+        assert tree.ancestors[0, i, :tree.size].nonzero().flatten().tolist() == sorted(path)
+        out[tuple(int(tree.tokens[0, j]) for j in reversed(path))] = (float(tree.logp[0, i]),
+                                                                      int(tree.depth[0, i]))
+    return out
+
+
+def test_merge_fills_empty_slots_then_replaces_the_worst_leaves():
+    """Fixed-shape merge: candidates take empty slots while there are some, never a dead one
+    (-inf); once full the best `size` stay (whole subtrees dropped, their slots reused), and
+    a child tied with its parent ranks after it."""
+    tree = merge_case()
+    tree.merge(torch.tensor([[-1.5, -0.5, -3.0, float("-inf")]]), torch.tensor([[1, 0, 2, 0]]),
+               torch.tensor([[13, 14, 15, 16]]))
+    assert nodes_of(tree) == {(10,): (0.0, 0), (10, 11): (-1.0, 1), (10, 12): (-2.0, 1),
+                              (10, 11, 13): (-1.5, 2), (10, 14): (-0.5, 1)}
+    assert tree.tokens[0].tolist() == [10, 11, 12, 13, 14]  # the empty slots, in order
+    assert not tree.expanded[0, 3:].any() and not tree.has_kv[0, 3:].any()
+    # Full: 17 under 14 (-0.75) beats 12 (-2), which goes; 18 under 13 (-1.625) does not enter.
+    tree.merge(torch.tensor([[-0.75, -1.625]]), torch.tensor([[4, 3]]), torch.tensor([[17, 18]]))
+    assert nodes_of(tree) == {(10,): (0.0, 0), (10, 11): (-1.0, 1), (10, 11, 13): (-1.5, 2),
+                              (10, 14): (-0.5, 1), (10, 14, 17): (-0.75, 2)}
+    assert tree.tokens[0, 2] == 17 and tree.depth[0, 2] == 2  # 12's slot, reused
+    before = [t.clone() for t in tree.tensors()]
+    # A child as probable as its parent, the worst node (-1.5): the parent stays, it does not enter.
+    tree.merge(torch.tensor([[-1.5, float("-inf")]]), torch.tensor([[3, 0]]), torch.tensor([[19, 1]]))
+    assert all(torch.equal(a, b) for a, b in zip(before, tree.tensors()))
+
+
+def test_a_pass_with_nothing_open_leaves_the_tree_as_it_is(make_checkpoint):
+    """Once growth stops, another pass (the GPU's look-ahead one) changes no array, and the
+    K/V it rewrites (padding picks) is what was there: the same inputs give the same values."""
+    table = table_draft(seed=2)
+    cache = KVCache(1, 1, 64, 1, 2, torch.float32, "cpu")
+    draft = TableDraft(table)
+    tree = grow(draft, cache, torch.tensor([4]), 16, width=4, children=3, max_depth=4)
+    before = [t.clone() for t in tree.tensors()]
+    assert expand(draft, cache, tree, 4, 3, 4).item()
+    assert all(torch.equal(a, b) for a, b in zip(before, tree.tensors()))
+    model = specoff.load_model(make_checkpoint("llama"), "cpu")
+    cache = model.new_cache(1, 64)
+    model.prefill(torch.tensor([[5, 9, 2, 7, 3]]), torch.tensor([5]), cache, chunk=8)
+    tree = grow(model, cache, torch.tensor([11]), 24, width=16, children=4, max_depth=3)
+    before = [t.clone() for t in tree.tensors()]
+    k = cache.k.clone()
+    assert expand(model, cache, tree, 16, 4, 3).item()
+    assert all(torch.equal(a, b) for a, b in zip(before, tree.tensors()))
+    slots = 5 + tree.has_kv[0, :24].nonzero().flatten()
+    torch.testing.assert_close(cache.k[:, :, :, slots], k[:, :, :, slots], rtol=1e-5, atol=1e-5)
+
+
+def grow_rounds(model, graphs, budgets, device):
+    """Rounds of growth over two rows, each followed by the commit of the row's deepest
+    path, so that later passes see new roots, prefixes and `prev` tokens."""
+    prefix = torch.tensor([[5, 9, 2, 7, 3], [4, 4, 8, 1, 6]], device=device)
+    cache = model.new_cache(2, 256)
+    model.prefill(prefix, torch.tensor([5, 4], device=device), cache, chunk=8)
+    tree = Tree.empty(torch.zeros(2, dtype=torch.long, device=device), max(budgets))
+    root, prev, rounds = torch.tensor([11, 12], device=device), None, []
+    for r, budget in enumerate(budgets):
+        grow(model, cache, root, budget, width=8, children=4, max_depth=5, tree=tree, prev=prev,
+             graphs=graphs)
+        rounds.append(([t.clone() for t in tree.tensors()], cache.k.clone(), cache.v.clone()))
+        real = tree.logp[:, :budget] > float("-inf")
+        leaf = (tree.depth[:, :budget] * real).argmax(dim=1)  # (B,)
+        depth = tree.depth.gather(1, leaf[:, None])[:, 0]
+        path = torch.zeros(2, int(depth.max()) + 1, dtype=torch.long, device=device)
+        for b in range(2):
+            nodes = tree.ancestors[b, leaf[b], :budget].nonzero().flatten()
+            nodes = nodes[tree.depth[b, nodes].argsort()]
+            path[b] = torch.cat([nodes, nodes[-1:].expand(path.shape[1] - len(nodes))])
+        commit(cache, path, depth)
+        prev = tree.tokens.gather(1, leaf[:, None])[:, 0]
+        root = (prev * 7 + r) % 50 + 1
+    return rounds, cache
+
+
+def same_rounds(eager, captured, tol):
+    for (trees, k, v), (trees_g, k_g, v_g) in zip(eager, captured):
+        for name, a, b in zip(("tokens", "parent", "depth", "logp", "ancestors", "expanded",
+                               "has_kv"), trees, trees_g):
+            if name == "logp":
+                torch.testing.assert_close(b, a, rtol=0, atol=tol)
+            else:
+                assert torch.equal(a, b), name
+        torch.testing.assert_close(k_g, k, rtol=0, atol=tol)
+        torch.testing.assert_close(v_g, v, rtol=0, atol=tol)
+
+
+def test_graph_path_plumbing(make_checkpoint, monkeypatch):
+    """The graph path (static tree and root/prev buffers, one runner per budget, the copy
+    back) on the CPU, with a stand-in capture whose replay runs the pass again: it gives the
+    eager path's trees and draft cache, round after round."""
+    from specoff.spec import tree as tree_mod
+
+    class Replay:
+        def __init__(self, step, done):
+            self.step, self.done = step, done
+
+        def replay(self):
+            self.done.copy_(self.step())
+
+    def capture(self, step):  # runs nothing, as a capture does
+        saved = [t.clone() for t in self.tree.tensors()] + [self.cache.k.clone(), self.cache.v.clone()]
+        done = step()
+        for t, s in zip(list(self.tree.tensors()) + [self.cache.k, self.cache.v], saved):
+            t.copy_(s)
+        return Replay(step, done), done
+
+    monkeypatch.setattr(tree_mod.GrowthGraphs, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    model = specoff.load_model(make_checkpoint("llama"), "cpu")
+    budgets = [24, 24, 16, 24]
+    eager, _ = grow_rounds(model, False, budgets, "cpu")
+    captured, cache = grow_rounds(model, True, budgets, "cpu")
+    same_rounds(eager, captured, 0.0)
+    runners = [v for k, v in tree_mod._growth_graphs[cache].items() if k != "pool"]
+    assert sorted(r.tree.size for r in runners) == [16, 24]
+    assert all(set(r.graphs) == {"first", "wide"} for r in runners)
+
+
+@gpu
+@pytest.mark.parametrize("family, dtype", [("llama", "float32"), ("llama", "bfloat16"),
+                                           ("qwen3_moe", "float32")])
+def test_captured_growth_equals_eager(family, dtype, make_checkpoint):
+    """CUDA graphs of the growth passes (captured, then replayed over new roots, prefixes and
+    budgets) grow exactly the eager passes' trees and draft K/V."""
+    from specoff.spec import tree as tree_mod
+
+    model = specoff.load_model(make_checkpoint(family), "cuda", dtype)
+    budgets = [64, 64, 32, 64, 64]
+    eager, _ = grow_rounds(model, False, budgets, "cuda")
+    captured, cache = grow_rounds(model, True, budgets, "cuda")
+    same_rounds(eager, captured, 1e-5 if dtype == "float32" else 1e-2)
+    runners = [v for k, v in tree_mod._growth_graphs[cache].items() if k != "pool"]
+    assert sorted(r.tree.size for r in runners) == [32, 64]
+    assert all(set(r.graphs) == {"first", "wide"} for r in runners)
 
 
 # -- the budget choice ------------------------------------------------------------------------

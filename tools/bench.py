@@ -369,7 +369,8 @@ def run_specoff(bench: Bench, job: Job) -> dict:
         # The pair does not fit this budget; the target alone may (sweep-budget).
         llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=False, fit=False, offload=offload)
     llm.spec = "tree" if engine == "specoff-tree" else "chain"
-    llm.interleave = engine != "specoff-chain-serial"
+    # specoff-chain (and tree) leave the choice of groups to the planner.
+    llm.interleave = {"specoff-chain-serial": False, "specoff-chain-interleaved": True}.get(engine)
     llm.draft_len = p.get("draft_len")
     llm.tree_budget = p.get("tree_budget", llm.tree_budget)
     llm.max_rows = p["max_rows"]
@@ -521,7 +522,7 @@ def estimate(bench: Bench, job: Job) -> Optional[float]:
         return None
     n, new = len(p["prompts"]), p["new_tokens"]
     rows = max(1, min(p.get("max_rows", n), n))
-    if job.engine in ("specoff-chain-interleaved", "specoff-chain") and rows > 1:
+    if job.engine == "specoff-chain-interleaved" and rows > 1:
         rows //= 2  # one group per pass
     if job.engine == "specoff-offload":
         return math.ceil(n / rows) * (new + 2) * pass_s
@@ -816,8 +817,8 @@ def plots(bench: Bench, scenario: str, rows: List[dict]) -> List[Path]:
     ax.legend(fontsize=7)
     save(fig, "tokens_per_second")
 
-    # Pass-time breakdown of the first config: copy, target compute beyond it (CPU attention
-    # included when the KV cache is on the host), drafting not hidden under the pass.
+    # Pass-time breakdown of the first config: the weights' copy, target compute beyond it
+    # (with a streamed host KV cache's copy), drafting not hidden under the pass.
     first = [r for r in ok if r["config"] == configs[0] and r.get("target_pass_seconds")]
     if first:
         fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(first)), 4))
@@ -828,7 +829,7 @@ def plots(bench: Bench, scenario: str, rows: List[dict]) -> List[Path]:
             exposed = draft * (1 - (r.get("draft_hidden_fraction") or 0.0))
             ax.bar(i, copy, color="C0", label="copy (bytes / bandwidth)" if i == 0 else None)
             ax.bar(i, target - copy, bottom=copy, color="C1",
-                   label="target compute + CPU attention beyond the copy" if i == 0 else None)
+                   label="target compute (+ host KV copy) beyond the copy" if i == 0 else None)
             ax.bar(i, exposed, bottom=target, color="C2", label="draft, not hidden" if i == 0 else None)
         ax.set_xticks(range(len(first)), [label(r) for r in first], rotation=20, fontsize=7)
         ax.set_ylabel(f"seconds per target pass ({configs[0]})")

@@ -2,11 +2,13 @@
 
 Prints one markdown table: median time eager (triton.testing.do_bench) and as CUDA-graph
 replays, TFLOP/s and GB/s, the share of the measured HBM copy bandwidth, and the speed-up
-over the torch baseline. Shapes are Mixtral-8x7B's and Qwen3-30B-A3B's. The `draft` section
-times a Mistral-7B-shaped draft's decode step (random bf16 weights) as one CUDA-graph replay
-against the time to read its weights once at the measured bandwidth.
+over the torch baseline. Shapes are Mixtral-8x7B's and Qwen3-30B-A3B's. The `fused` section
+times RMSNorm, rotary embedding and SwiGLU at the decode shapes of a Mistral-7B draft against
+the torch compositions they replace. The `draft` section times that draft's decode step
+(random bf16 weights) as one CUDA-graph replay against the time to read its weights once at
+the measured bandwidth.
 
-    python3 tools/bench_kernels.py [--only moe|attention|draft] [--no-ref] [--json out.json]
+    python3 tools/bench_kernels.py [--only moe|attention|fused|draft] [--no-ref] [--json out.json]
 
 Needs a CUDA GPU. tests/benchmarks/test_bench_kernels.py imports the cases and baselines below.
 """
@@ -23,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from specoff.kernels.attention import attention_mask, verify_attention, verify_attention_ref  # noqa: E402
+from specoff.kernels.fused import rms_norm, rms_norm_ref, rope, rope_ref, silu_mul, silu_mul_ref  # noqa: E402
 from specoff.kernels.moe import fused_moe, fused_moe_ref, moe_route  # noqa: E402
 
 # name: (hidden D, intermediate I, experts E, top_k) and (heads H, kv heads KV, head_dim)
@@ -198,6 +201,45 @@ def attention_row(shape, B, T, prefix, tree, with_ref, hbm):
                 gbps=bytes_ / t_graph / 1e6, hbm_share=bytes_ / t_graph / 1e6 / hbm)
 
 
+def bench_fused(hbm: float):
+    """Each fused element-wise kernel against its torch composition (the `*_ref`, what the decoder
+    runs without it) at a Mistral-7B draft's decode shapes, one token a row, bf16.
+
+    A few hundred KB a launch: launch-bound, so the graph columns are the ones that count.
+    """
+    from specoff.config import ModelConfig
+    from specoff.synthetic import MISTRAL_7B
+
+    cfg = ModelConfig.from_dict(MISTRAL_7B)
+    D, H, KV, hd, eps = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    rows = []
+    for B in DRAFT_BATCHES:
+        gen = torch.Generator(device="cuda").manual_seed(B)
+        x = torch.randn(B, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        weight = (1 + 0.1 * torch.randn(D, device="cuda", generator=gen)).to(torch.bfloat16)
+        qkv = torch.randn(B, 1, (H + 2 * KV) * hd, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q = qkv[..., :H * hd].view(B, 1, H, hd)  # views of the fused projection, as in the decoder
+        k = qkv[..., H * hd:(H + KV) * hd].view(B, 1, KV, hd)
+        cos = torch.rand(B, 1, 1, hd, device="cuda", generator=gen).to(torch.bfloat16)
+        sin = torch.rand(B, 1, 1, hd, device="cuda", generator=gen).to(torch.bfloat16)
+        gate_up = torch.randn(B, 1, 2 * cfg.intermediate_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cases = {  # name: (kernel, torch composition, elements read and written)
+            "rms_norm": (lambda: rms_norm(x, weight, eps), lambda: rms_norm_ref(x, weight, eps), 2 * x.numel() + D),
+            "rope": (lambda: rope(q, k, cos, sin), lambda: rope_ref(q, k, cos, sin),
+                     2 * (q.numel() + k.numel() + cos.numel())),
+            "silu_mul": (lambda: silu_mul(gate_up), lambda: silu_mul_ref(gate_up), 3 * gate_up.numel() // 2),
+        }
+        for name, (kernel, composition, elements) in cases.items():
+            bytes_ = 2 * elements
+            t_graph = _graph_ms(kernel)
+            rows.append(dict(kernel=name, shape="mistral-7b", case=f"B={B}", ms=_time_ms(kernel), graph_ms=t_graph,
+                             torch_ms=_time_ms(composition), torch_graph_ms=_graph_ms(composition),
+                             ref_ms=float("nan"), tflops=float("nan"), gbps=bytes_ / t_graph / 1e6,
+                             hbm_share=bytes_ / t_graph / 1e6 / hbm))
+            print_row(rows[-1])
+    return rows
+
+
 # ---------------------------------------------------------------------------------------
 # Draft decode step and the HBM ceiling
 
@@ -321,7 +363,7 @@ def print_row(r):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["moe", "attention", "draft"])
+    parser.add_argument("--only", choices=["moe", "attention", "fused", "draft"])
     parser.add_argument("--no-ref", action="store_true", help="skip the slow float32 references")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--draft-compile", action="store_true",
@@ -340,6 +382,8 @@ def main():
         rows += bench_moe(not args.no_ref, hbm)
     if args.only in (None, "attention"):
         rows += bench_attention(not args.no_ref, hbm)
+    if args.only in (None, "fused"):
+        rows += bench_fused(hbm)
     if args.only in (None, "draft"):
         rows += bench_draft(hbm, args.draft_compile)
     if args.json:

@@ -18,12 +18,24 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, rope_inv_freq
 from ..kernels.attention import verify_attention
+from ..kernels.fused import rms_norm, rope, silu_mul
 from ..kernels.moe import fused_moe, moe_route
 from ..kvcache import KVCache
 
 # Tree passes: "auto" runs the Triton verification kernel where the cache is on a GPU and
 # the plain-torch masked attention elsewhere; "triton" or "torch" forces one (tests).
 TREE_ATTENTION = "auto"
+
+# RMSNorm, rotary embedding and the SwiGLU activation: "auto" runs the fused Triton kernels
+# (specoff/kernels/fused.py: 5 launches a dense layer where the torch ops launch ~28) on CUDA
+# tensors and the plain-torch ops elsewhere; "triton" or "torch" forces one (tests, benchmarks).
+FUSED_ELEMENTWISE = "auto"
+
+
+def use_fused_elementwise(x: torch.Tensor) -> bool:
+    if FUSED_ELEMENTWISE == "auto":
+        return x.is_cuda
+    return FUSED_ELEMENTWISE == "triton"
 
 
 class RMSNorm(nn.Module):
@@ -33,6 +45,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused_elementwise(x):
+            return rms_norm(x, self.weight, self.eps)
         # Normalise in fp32, scale in the input dtype: Hugging Face's exact rounding.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -46,6 +60,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, T, nh, hd); cos, sin: (B, T, 1, hd)."""
+    if use_fused_elementwise(x):
+        return rope(x, None, cos, sin)[0]
     return x * cos + rotate_half(x) * sin
 
 
@@ -69,7 +85,10 @@ class Attention(nn.Module):
         q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if use_fused_elementwise(x):
+            q, k = rope(q, k, cos, sin)  # one launch for both
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(mask, TreeMask):
             if cache is not None and cache.k.device == x.device and mask.use_kernel(x):
                 cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
@@ -79,9 +98,7 @@ class Attention(nn.Module):
             mask = mask.dense(kv_len)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         if cache is not None and cache.k.device != x.device:
-            # KV cache in host memory: only q/k/v and the attention output cross the bus.
-            y = cached_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), cache, layer,
-                                 positions.cpu(), kv_len).to(x.device, non_blocking=True)
+            y = streamed_attention(q, k, v, mask, cache, layer, positions, kv_len)
         elif cache is not None:
             y = cached_attention(q, k, v, mask, cache, layer, positions, kv_len)
         else:
@@ -99,6 +116,24 @@ def cached_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_le
                                           enable_gqa=keys.shape[1] != q.shape[1])
 
 
+def streamed_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_len):
+    """Attention over a cache in pinned host memory: the layer's keys and values cross the
+    bus to the device and, with the new tokens written in, back (PCIe is full duplex, so the
+    way back does not slow the weights' way in). On the H200 host this beat attention on the
+    CPU for verification passes (γ+1 queries a row) by far, and costs the pass about the
+    copy of the cache's bytes (planner.predict_pass)."""
+    keys = cache.k[layer, :, :, :kv_len].to(q.device, non_blocking=True)  # (B, KV, S, hd)
+    values = cache.v[layer, :, :, :kv_len].to(q.device, non_blocking=True)
+    B, KV, T, hd = k.shape
+    idx = positions.clamp(max=kv_len - 1)[:, None, :, None].expand(B, KV, T, hd)
+    keys.scatter_(2, idx, k.to(keys.dtype))
+    values.scatter_(2, idx, v.to(values.dtype))
+    cache.k[layer, :, :, :kv_len].copy_(keys, non_blocking=True)
+    cache.v[layer, :, :, :kv_len].copy_(values, non_blocking=True)
+    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                          enable_gqa=KV != q.shape[1])
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(x·w1) ⊙ x·w3), with w1 and w3 stored stacked as w13."""
 
@@ -108,6 +143,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused_elementwise(x):
+            return self.w2(silu_mul(self.w13(x)))
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 

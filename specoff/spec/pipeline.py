@@ -318,8 +318,8 @@ class ChainPipeline:
         dst = max(self.groups, key=lambda g: sum(r is not None for r in g.request))
         if len(live) > dst.rows:
             return
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.draft_stream)
+        if self.cuda:  # the host copies below touch caches (maybe in host memory) in flight
+            torch.cuda.synchronize(self.device)
         for g in self.groups:
             if g.draft_tokens is not None:  # drafted, not verified: γ+1 draft steps to undo
                 g.draft_cache.rollback(g.draft_tokens.shape[1] + 1)

@@ -5,11 +5,15 @@ token (the root) under a node budget N. Each draft pass expands, at once, the `w
 probable nodes not yet expanded (attention over the row's cached prefix plus the node's
 ancestors, positions = prefix length + depth) and proposes each one's top `children`
 tokens. The tree keeps the N best of its nodes and the proposals by cumulative
-log-probability: while there is room the proposals are appended; once full, a proposal
+log-probability: while there is room the proposals take empty slots; once full, a proposal
 better than the worst node takes the worst leaf's slot (its draft K/V slot and ancestor
 row are reused). A child is never more probable than its parent, so whenever the most
 probable unexpanded node is no better than the worst kept node, no further growth can
 change the top-N set: growth stops there, or when every open node is at the depth cap.
+
+Every pass has the same shapes (rows, width, N slots, empty ones at -inf) and no host
+sync, so on a GPU it is captured once as a CUDA graph and replayed; the host reads each
+pass's stop flag while the next pass runs, and a pass with nothing open changes nothing.
 
 Verification: the target scores every node in one pass with the same ancestor mask.
 Acceptance treats the tree as a cache of target distributions: the target picks a token at
@@ -25,6 +29,7 @@ log-probability, the ancestor mask and two flags (expanded, draft K/V present).
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -39,9 +44,10 @@ NEG_INF = float("-inf")
 
 
 def growth_shape(budget: int) -> Tuple[int, int]:
-    """Default (width, children) for a budget: a draft pass over 16 … 64 nodes costs about
-    what a pass over one does on a GPU, so wide passes grow big trees in few passes."""
-    width = min(budget, max(16, min(64, budget // 4)))
+    """Default (width, children) for a budget: a draft pass over up to ~128 nodes costs about
+    what a pass over one does on a GPU (the weights' read), so wide passes grow big trees in
+    few passes: 16 nodes a pass up to budget 64, then budget / 4 up to 64, budget / 8 up to 256."""
+    width = min(budget, max(16, min(64, budget // 4), min(256, budget // 8)))
     children = 4 if budget <= 32 else 8
     return width, children
 
@@ -76,6 +82,10 @@ class Tree:
     def capacity(self) -> int:
         return self.tokens.shape[1]
 
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        return (self.tokens, self.parent, self.depth, self.logp, self.ancestors, self.expanded,
+                self.has_kv)
+
     def reset(self, root: torch.Tensor) -> None:
         """Only the root (B,), not yet expanded and without draft K/V."""
         self.tokens.zero_()
@@ -90,6 +100,14 @@ class Tree:
         self.ancestors[:, 0, 0] = True
         self.expanded[:, 0] = self.has_kv[:, 0] = False
         self.size = 1
+
+    def load(self, src: "Tree") -> None:
+        """This tree := `src` (of capacity <= this one's) in the first slots, the others empty."""
+        self.reset(src.tokens[:, 0])
+        N = src.capacity
+        for dst, values in zip(self.tensors(), src.tensors()):
+            (dst[:, :N, :N] if dst.dim() == 3 else dst[:, :N]).copy_(values)
+        self.size = src.size
 
     @classmethod
     def from_parents(cls, tokens, parents) -> "Tree":
@@ -109,48 +127,52 @@ class Tree:
         tree.has_kv.zero_()
         return tree
 
-    def merge(self, cand_logp: torch.Tensor, cand_parent: torch.Tensor, cand_tokens: torch.Tensor,
-              new_size: int) -> None:
-        """Keep the `new_size` best of the tree's nodes and the candidate children (B, M) by
+    def open_nodes(self, max_depth: int) -> torch.Tensor:
+        """(B, size) bool: the nodes whose children could still enter the row's top `size`:
+        unexpanded, under the depth cap and above the row's worst node (-inf while the row has
+        an empty slot; a child is never above its parent, so nothing else can enter)."""
+        logp = self.logp[:, :self.size]
+        worst = logp.min(dim=1, keepdim=True).values
+        return ~self.expanded[:, :self.size] & (self.depth[:, :self.size] < max_depth) & (logp > worst)
+
+    def merge(self, cand_logp: torch.Tensor, cand_parent: torch.Tensor,
+              cand_tokens: torch.Tensor) -> None:
+        """Keep the `size` best of the tree's nodes and the candidate children (B, M) by
         cumulative log-probability, ties to the shallower node: a parent always outranks its
         children, so what is kept is a tree and only whole subtrees (in practice leaves) are
-        dropped. Kept candidates take the dropped nodes' slots, then fresh ones; a candidate
-        at -inf (nothing to propose) becomes an empty slot."""
+        dropped. Empty slots and candidates at -inf are never kept. Kept candidates take the
+        dropped nodes' slots and the empty ones; fixed shapes, no host sync."""
         B, M = cand_logp.shape
-        S = self.size
-        device = cand_logp.device
-        rows = torch.arange(B, device=device)[:, None]
-        dead = cand_logp == NEG_INF
+        N, device = self.size, cand_logp.device
         cand_depth = self.depth.gather(1, cand_parent) + 1
-        logp = torch.cat([self.logp[:, :S], cand_logp], dim=1)  # (B, S + M)
-        depth = torch.cat([self.depth[:, :S], cand_depth], dim=1)
+        logp = torch.cat([self.logp[:, :N], cand_logp], dim=1)  # (B, N + M)
+        depth = torch.cat([self.depth[:, :N], cand_depth], dim=1)
         by_depth = depth.argsort(dim=1, stable=True)
         order = by_depth.gather(1, logp.gather(1, by_depth).argsort(dim=1, descending=True,
                                                                     stable=True))
         rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(S + M, device=device).expand(B, -1).contiguous())
-        kept = rank < new_size
-        keep_old, keep_new = kept[:, :S], kept[:, S:]
-        free = torch.cat([~keep_old, torch.ones(B, new_size - S, dtype=torch.bool, device=device)], 1)
-        K = min(M, new_size)
-        slot = (~free).long().argsort(dim=1, stable=True)[:, :K]  # free slots first
+            1, order, torch.arange(N + M, device=device).expand(B, -1).contiguous())
+        kept = (rank < N) & (logp > NEG_INF)
+        keep_old, keep_new = kept[:, :N], kept[:, N:]
+        # Dropped nodes only make room for kept candidates, so the free slots (dropped or
+        # empty) number at least the kept candidates; free slots left over were empty.
+        K = min(M, N)
+        slot = keep_old.long().argsort(dim=1, stable=True)[:, :K]  # free slots first
         pick = (~keep_new).long().argsort(dim=1, stable=True)[:, :K]  # kept candidates first
-        # Column k places a candidate iff k < the row's count; the other columns write a kept
-        # node's own values back (their slots differ from the placed ones).
+        # Column k places a candidate iff k < the row's count; the other columns write a slot's
+        # own values back (their slots differ from the placed ones).
         fill = torch.arange(K, device=device) < keep_new.sum(1, keepdim=True)  # (B, K)
-        gone = dead.gather(1, pick)
         parent = cand_parent.gather(1, pick)
-        values = [(self.tokens, torch.where(gone, 0, cand_tokens.gather(1, pick))),
-                  (self.parent, torch.where(gone, -1, parent)),
-                  (self.depth, torch.where(gone, 0, cand_depth.gather(1, pick))),
-                  (self.logp, cand_logp.gather(1, pick)),
-                  (self.expanded, gone), (self.has_kv, gone)]
-        own = self.ancestors[rows, parent] & ~gone[..., None]  # (B, K, C): the parent's set
+        values = [(self.tokens, cand_tokens.gather(1, pick)), (self.parent, parent),
+                  (self.depth, cand_depth.gather(1, pick)), (self.logp, cand_logp.gather(1, pick)),
+                  (self.expanded, False), (self.has_kv, False)]
+        ancestors = self.ancestors[:, :N, :N]
+        own = ancestors.gather(1, parent[..., None].expand(-1, -1, N))  # (B, K, N): the parent's set
         own.scatter_(2, slot[..., None], True)  # and the node itself
         for buf, value in values:
             buf.scatter_(1, slot, torch.where(fill, value, buf.gather(1, slot)))
-        self.ancestors[rows, slot] = torch.where(fill[..., None], own, self.ancestors[rows, slot])
-        self.size = new_size
+        rows_at = slot[..., None].expand(-1, -1, N)
+        ancestors.scatter_(1, rows_at, torch.where(fill[..., None], own, ancestors.gather(1, rows_at)))
 
 
 def tree_mask(lengths: torch.Tensor, ancestors: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -185,20 +207,168 @@ def root_part(tree: Tree, prev: torch.Tensor, cache: KVCache, vocab_size: int) -
 
 
 @torch.inference_mode()
+def expand(draft, cache: KVCache, tree: Tree, width: int, children: int, max_depth: int,
+           vocab: Optional[int] = None, *, root: bool = False,
+           prev: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One growth pass over the tree's `size` slots, in fixed shapes with no host sync (a
+    CUDA graph captures it): expand the `width` best open nodes (`root`: the root alone, with
+    `prev` before it, see root_part) and merge their top `children` proposals. Picks past
+    the open nodes only pad the pass: their K/V is rewritten (the same values: a node's
+    ancestors are in place) or lands in an empty slot. Returns the stop flag, 0-dim bool:
+    no node is open for the next pass. A pass with no node open leaves the tree as it is."""
+    B = tree.tokens.shape[0]
+    open_ = tree.open_nodes(max_depth)
+    if root:
+        nodes = torch.zeros(B, 1, dtype=torch.long, device=open_.device)
+        best = tree.logp[:, :1].masked_fill(~open_[:, :1], NEG_INF)
+    else:
+        best, nodes = tree.logp[:, :tree.size].masked_fill(~open_, NEG_INF).topk(width, dim=1)
+    dvocab = draft.config.vocab_size
+    if prev is not None:
+        part = root_part(tree, prev, cache, dvocab)
+        draft.run_parts([part])
+        h = part.h[:, 1:]
+    else:
+        part = tree_part(tree, nodes, cache, dvocab)
+        draft.run_parts([part])
+        h = part.h
+    valid = best > NEG_INF
+    computed = valid | root  # the root's K/V is needed even with nothing to expand (budget 1)
+    tree.has_kv.scatter_(1, nodes, tree.has_kv.gather(1, nodes) | computed)
+    tree.expanded.scatter_(1, nodes, tree.expanded.gather(1, nodes) | valid)
+    logprobs = torch.log_softmax(draft.head(h).float(), dim=-1)  # (B, w, V)
+    if vocab is not None:
+        logprobs = logprobs[..., :vocab]
+    top_lp, top_tok = logprobs.topk(min(children, logprobs.shape[-1]), dim=-1)  # (B, w, c)
+    # -inf under a padding pick, whatever its (maybe NaN) output.
+    cand_logp = torch.where(valid[..., None], best[..., None] + top_lp, NEG_INF).reshape(B, -1)
+    cand_parent = nodes[..., None].expand_as(top_tok).reshape(B, -1)
+    tree.merge(cand_logp, cand_parent, top_tok.reshape(B, -1))
+    return ~tree.open_nodes(max_depth).any()
+
+
+def first_pass(draft, cache: KVCache, tree: Tree, root: torch.Tensor, budget: int, children: int,
+               max_depth: int, vocab: Optional[int] = None,
+               prev: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reset the tree to `root` (B,) over `budget` slots and expand the root (see expand)."""
+    tree.reset(root)
+    tree.size = budget
+    return expand(draft, cache, tree, 1, children, max_depth, vocab, root=True, prev=prev)
+
+
+class GrowthGraphs:
+    """The growth passes of one (draft, draft cache, rows, budget, growth shape) as CUDA graphs
+    over a static tree: the first pass with `prev` and the wide pass, each captured once
+    (warm-up on a side stream, like graphs.LayerGraphs) and replayed. The caller's tree gets
+    a copy of the static one after growth (a few kernels)."""
+    capture_seconds = 0.0  # spent capturing, all instances: round timings leave it out
+
+    def __init__(self, draft, cache: KVCache, rows: int, budget: int, width: int, children: int,
+                 max_depth: int, vocab: Optional[int], pool):
+        # A weak reference: the graphs must not keep their cache (the dictionary key) alive.
+        self.draft, self.cache, self.pool = draft, weakref.proxy(cache), pool
+        self.shape = (budget, children, max_depth, vocab)
+        self.width = width
+        self.root = torch.zeros(rows, dtype=torch.long, device=cache.k.device)
+        self.prev = torch.zeros_like(self.root)
+        self.tree = Tree.empty(self.root, budget)
+        self.graphs = {}  # "first" | "wide" → (CUDAGraph, its stop flag)
+
+    def first(self, root: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+        self.root.copy_(root)
+        if prev is None:  # once per batch (the first round): eager
+            return first_pass(self.draft, self.cache, self.tree, self.root, *self.shape)
+        self.prev.copy_(prev)
+        return self._replay("first", lambda: first_pass(self.draft, self.cache, self.tree,
+                                                        self.root, *self.shape, prev=self.prev))
+
+    def wide(self) -> torch.Tensor:
+        _, children, max_depth, vocab = self.shape
+        return self._replay("wide", lambda: expand(self.draft, self.cache, self.tree, self.width,
+                                                   children, max_depth, vocab))
+
+    def _replay(self, name, step) -> torch.Tensor:
+        if name not in self.graphs:
+            self.graphs[name] = self._capture(step)
+        graph, done = self.graphs[name]
+        graph.replay()
+        return done
+
+    def _capture(self, step):
+        # The warm-up pass runs for real; the tree is put back so that the replay after the
+        # capture repeats it (the same K/V written to the same slots).
+        stream = torch.cuda.current_stream(self.root.device)
+        stream.synchronize()
+        start = time.perf_counter()
+        saved = [t.clone() for t in self.tree.tensors()]
+        side = torch.cuda.Stream(self.root.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            step()
+        stream.wait_stream(side)
+        for t, s in zip(self.tree.tensors(), saved):
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            done = step()
+        stream.synchronize()
+        GrowthGraphs.capture_seconds += time.perf_counter() - start
+        return graph, done
+
+
+# Draft KVCache → {"pool": memory pool, (draft, rows, budget, …): GrowthGraphs}, dropped with
+# the cache. The graphs share a pool: they replay one at a time and their only outputs, the
+# stop flags, are copied out right after each replay.
+_growth_graphs = weakref.WeakKeyDictionary()
+
+
+def growth_graphs(draft, cache: KVCache, rows: int, budget: int, width: int, children: int,
+                  max_depth: int, vocab: Optional[int]) -> GrowthGraphs:
+    per_cache = _growth_graphs.setdefault(cache, {})
+    key = (draft, rows, budget, width, children, max_depth, vocab)
+    if key not in per_cache:
+        if "pool" not in per_cache:
+            per_cache["pool"] = torch.cuda.graph_pool_handle()
+        per_cache[key] = GrowthGraphs(draft, cache, rows, budget, width, children, max_depth,
+                                      vocab, per_cache["pool"])
+    return per_cache[key]
+
+
+def _flag_to_host(flag: torch.Tensor):
+    """Start copying a device stop flag to the host: (pinned copy, event) on a GPU."""
+    if not flag.is_cuda:
+        return flag, None
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _read_flag(pending) -> bool:
+    host, event = pending
+    if event is not None:
+        event.synchronize()
+    return bool(host)
+
+
+@torch.inference_mode()
 def grow(draft, cache: KVCache, root: torch.Tensor, budget: int, *, width: Optional[int] = None,
          children: Optional[int] = None, max_depth: int = 32, max_passes: Optional[int] = None,
          vocab: Optional[int] = None, tree: Optional[Tree] = None,
-         prev: Optional[torch.Tensor] = None) -> Tree:
+         prev: Optional[torch.Tensor] = None, graphs: Optional[bool] = None) -> Tree:
     """Grow a best-first tree of at most `budget` nodes from `root` (B,) (module docstring).
 
     width, children: nodes expanded per draft pass and children proposed per node (default
     growth_shape(budget)); max_depth caps the depth; max_passes bounds the draft passes.
-    `tree` is reused when given (capacity >= budget). `prev` (B,): the token at position
-    lengths - 1, recomputed in the first pass (see root_part). Every node that can end an
-    accepted path has its draft K/V, except unexpanded leaves: root_part repairs those.
+    `tree` is reused when given (capacity >= budget); its size is then `budget`. `prev` (B,):
+    the token at position lengths - 1, recomputed in the first pass (see root_part). Every
+    node that can end an accepted path has its draft K/V, except unexpanded leaves:
+    root_part repairs those. `graphs`: replay CUDA graphs of the passes (default: where the
+    draft has `use_graphs`, no streamed layers and the cache is on the GPU).
     """
     default_width, default_children = growth_shape(budget)
-    width, children = width or default_width, children or default_children
+    width, children = min(width or default_width, budget), children or default_children
     max_passes = max_passes or max_depth + 2 * -(-budget // width)
     if prev is not None:
         prev = prev.clone()  # it may be a view of the tree reset below
@@ -206,44 +376,27 @@ def grow(draft, cache: KVCache, root: torch.Tensor, budget: int, *, width: Optio
         tree = Tree.empty(root, budget)
     else:
         assert tree.capacity >= budget, "the tree was allocated for a smaller budget"
-        tree.reset(root)
-    B, device = root.shape[0], root.device
-    rows = torch.arange(B, device=device)[:, None]
-    dvocab = draft.config.vocab_size
+    if graphs is None:
+        graphs = (getattr(draft, "use_graphs", False) and getattr(draft, "ring", None) is None
+                  and cache.k.is_cuda)
+    if graphs:
+        runner = growth_graphs(draft, cache, root.shape[0], budget, width, children, max_depth,
+                               vocab)
+        first, wide = lambda: runner.first(root, prev), runner.wide  # noqa: E731
+    else:
+        first = lambda: first_pass(draft, cache, tree, root, budget, children,  # noqa: E731
+                                   max_depth, vocab, prev=prev)
+        wide = lambda: expand(draft, cache, tree, width, children, max_depth, vocab)  # noqa: E731
+    # On a GPU the host reads pass i's stop flag while pass i + 1 runs (then a no-op if the
+    # tree was done): the GPU never waits for the host.
+    lag = 1 if root.is_cuda else 0
+    pending = []
     for step in range(max_passes):
-        S = tree.size
-        logp = tree.logp[:, :S]
-        # Once a row is full, a child (never above its parent) enters only by beating the
-        # row's worst node; a row with an empty slot has min -inf and takes anything.
-        worst = logp.min(dim=1).values if S == budget else torch.full((B,), NEG_INF, device=device)
-        open_ = (~tree.expanded[:, :S] & (tree.depth[:, :S] < max_depth)
-                 & (logp > worst[:, None]))
-        best, nodes = logp.masked_fill(~open_, NEG_INF).topk(min(width, S), dim=1)
-        count = int((best > NEG_INF).sum(1).max())  # host sync once per draft pass
-        if count == 0 and step > 0:
+        pending.append(_flag_to_host(first() if step == 0 else wide()))
+        if len(pending) > lag and _read_flag(pending[-1 - lag]):
             break
-        best, nodes = best[:, :max(count, 1)], nodes[:, :max(count, 1)]
-        if step == 0 and prev is not None:  # the root alone, with last round's leaf
-            part = root_part(tree, prev, cache, dvocab)
-            draft.run_parts([part])
-            h = part.h[:, 1:]
-        else:
-            part = tree_part(tree, nodes, cache, dvocab)
-            draft.run_parts([part])
-            h = part.h
-        valid = best > NEG_INF  # the other picks only pad the pass (their K/V is rewritten)
-        tree.has_kv[rows, nodes] = True
-        if count == 0:
-            break  # a budget of 1: the root needed its K/V, nothing more
-        tree.expanded[rows, nodes] |= valid
-        logprobs = torch.log_softmax(draft.head(h).float(), dim=-1)  # (B, w, V)
-        if vocab is not None:
-            logprobs = logprobs[..., :vocab]
-        top_lp, top_tok = logprobs.topk(min(children, logprobs.shape[-1]), dim=-1)  # (B, w, c)
-        cand_logp = (best[..., None] + top_lp).reshape(B, -1)  # -inf under an invalid pick
-        cand_parent = nodes[..., None].expand_as(top_tok).reshape(B, -1)
-        tree.merge(cand_logp, cand_parent, top_tok.reshape(B, -1),
-                   min(budget, S + cand_logp.shape[1]))
+    if graphs:
+        tree.load(runner.tree)
     return tree
 
 
@@ -334,10 +487,12 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         while active:
             n = tuner.next_budget()
             _sync(device)  # one sync each side of the growth: it is timed per round
-            t0 = time.perf_counter()
+            t0, captured = time.perf_counter(), GrowthGraphs.capture_seconds
             grow(draft, dcache, last, n, vocab=tcfg.vocab_size, tree=tree, prev=prev)
             _sync(device)
             t1 = time.perf_counter()
+            # The budget's curve is steady-state growth: a first round's graph capture left out.
+            grow_seconds = t1 - t0 - (GrowthGraphs.capture_seconds - captured)
             part = tree_part(tree, torch.arange(tree.size, device=device).expand(B, -1), tcache)
             target.run_parts([part])
             stats.decode_passes += 1
@@ -353,7 +508,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             emitted, accepted_list, nodes = emitted.tolist(), accepted.tolist(), nodes.tolist()
             t2 = time.perf_counter()
             rounds.append((n, sum(accepted_list[b] + 1 for b in active) / len(active), t2 - t1,
-                           t1 - t0))
+                           grow_seconds))
             tuner.record(*rounds[-1])
             stats.tree_budgets.append(n)
             stats.rounds += 1
