@@ -350,7 +350,9 @@ class LLM:
         ids = torch.zeros(B, longest, dtype=torch.long)
         for b, r in enumerate(rows):
             ids[b, :len(r)] = torch.tensor(r)
-        last_logits = model.prefill(ids.to(device), lens, cache, plan.prefill_chunk)
+        # The plan's chunk is for rows_per_pass rows; fewer rows take longer chunks.
+        chunk = max(plan.prefill_chunk, plan.prefill_chunk * plan.rows_per_pass // B)
+        last_logits = model.prefill(ids.to(device), lens, cache, chunk)
         stats.prefill_passes += 1
         tokens = select(last_logits, params, generator)
         _sync(device)

@@ -375,6 +375,10 @@ def run_specoff(bench: Bench, job: Job) -> dict:
     llm.tree_budget = p.get("tree_budget", llm.tree_budget)
     llm.max_rows = p["max_rows"]
     prompts = p["prompts"]
+    if engine == "specoff-offload":
+        # One full batch: the plan's rows (a last batch of a few rows would cost whole passes).
+        longest = max(len(q) for q in prompts)
+        prompts = prompts[:llm.plan(len(prompts), longest, p["new_tokens"]).rows_per_pass]
     outputs = llm.generate(prompts, specoff.SamplingParams(max_new_tokens=p["new_tokens"], ignore_eos=True),
                            speculate=engine != "specoff-offload")
     s = llm.last_stats

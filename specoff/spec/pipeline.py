@@ -76,6 +76,11 @@ class ChainPipeline:
         # The plan's KV placement (the target's cache may sit in pinned host memory, its
         # attention then on the CPU) and prefill chunk; the draft's cache is on the device.
         self.kv_on_gpu, self.chunk = kv_on_gpu, prefill_chunk or llm.prefill_chunk
+        # The plan's chunk is sized for prefilling every row at once; a refill of a few rows
+        # takes as many tokens per part (rows × chunk), so it runs in few parts: each part
+        # costs its launches on every layer, which for chunks of ~10 tokens outweighed the
+        # copy-bound pass itself.
+        self.part_tokens = self.chunk * rows_per_group * groups
         self.adaptive = draft_len is None
         self.gamma = draft_len or 4
         self.max_gamma = MAX_DRAFT_LEN
@@ -208,7 +213,8 @@ class ChainPipeline:
                 ids[i, :len(p)] = torch.tensor(p)
             ids, rows = ids.to(self.device), torch.tensor(refill, device=self.device)
             # Straight into the rows' cache, attention on the device (decoder.PrefillStage).
-            prefill = prefill_parts(ids, g.target_cache, self.chunk, rows=rows, device=self.device)
+            chunk = max(self.chunk, self.part_tokens // len(refill))
+            prefill = prefill_parts(ids, g.target_cache, chunk, rows=rows, device=self.device)
             parts += prefill
         self.target.run_parts(parts)
         self.stats.decode_passes += 1
@@ -233,7 +239,7 @@ class ChainPipeline:
                            self.generator)
             g.target_cache.lengths[rows] = lens
             # The draft prefills the same prompts (small next to the target pass).
-            self.draft.prefill(self._draft_ids(ids), lens, g.draft_cache, self.chunk, rows=rows)
+            self.draft.prefill(self._draft_ids(ids), lens, g.draft_cache, chunk, rows=rows)
             g.last[rows] = first
         if self.cuda:
             timing.target_end.record()
