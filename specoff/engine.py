@@ -70,6 +70,10 @@ class GenerationStats:
     bytes_streamed: int = 0  # host→device weight bytes over the whole run
     peak_gpu_bytes: int = 0
     acceptance_rate: Optional[float] = None  # accepted draft tokens / proposed
+    # Per-position acceptance α (the E(α, γ) formula's): accepted / (accepted + rejections),
+    # a rejection being a row that kept fewer drafts than it was offered. accepted / proposed
+    # counts the drafts after a rejection as refused too, and so reads low.
+    token_acceptance: Optional[float] = None
     tokens_per_pass: Optional[float] = None  # tokens a row emits per target pass, on average
     draft_hidden_fraction: Optional[float] = None  # of draft time, the part under target passes
     predicted_tokens_per_second: Optional[float] = None  # steady state, from the plan and α
@@ -88,6 +92,7 @@ class GenerationStats:
     proposed: int = 0
     accepted: int = 0
     row_passes: int = 0  # (row, target pass) pairs that verified drafts
+    rejections: int = 0  # of those, the ones that kept fewer drafts than offered
     accepted_histogram: Optional[List[int]] = None  # [k]: row passes that accepted k drafts
     tail_merges: int = 0  # times the two row groups became one at the end of a workload
 
@@ -95,6 +100,7 @@ class GenerationStats:
         """One row's drafts checked by one target pass: `accepted` of `proposed` kept."""
         self.proposed += proposed
         self.accepted += accepted
+        self.rejections += accepted < proposed
         self.row_passes += 1
         histogram = self.accepted_histogram = self.accepted_histogram or []
         histogram.extend([0] * (accepted + 1 - len(histogram)))
@@ -103,6 +109,7 @@ class GenerationStats:
     def finalize(self) -> None:
         if self.proposed:
             self.acceptance_rate = self.accepted / self.proposed
+            self.token_acceptance = self.accepted / max(self.accepted + self.rejections, 1)
             self.tokens_per_pass = (self.accepted + self.row_passes) / self.row_passes
         if self.draft_seconds and self.rounds:
             self.draft_hidden_fraction = self.draft_hidden_seconds / self.draft_seconds
@@ -412,7 +419,8 @@ class LLM:
         tuner.predict_pass = predict
         _sync(self.device)
         t0 = time.perf_counter()
-        generate_tree(self, requests, params, generator, stats, plan.rows_per_pass, tuner)
+        generate_tree(self, requests, params, generator, stats, plan.rows_per_pass, tuner,
+                      kv_on_gpu=plan.kv_on_gpu)
         _sync(self.device)
         stats.decode_seconds += time.perf_counter() - t0
         stats.rows_per_group = per_pass
@@ -451,7 +459,7 @@ class LLM:
             # predicted pass (plus the draft's (γ+1) steps when it cannot hide).
             from .spec.chain import expected_tokens_per_pass
 
-            alpha = stats.accepted / stats.proposed
+            alpha = stats.accepted / max(stats.accepted + stats.rejections, 1)
             draft = (pipeline.gamma + 1) * pipeline.draft_step_s
             round_s = (max(plan.predicted_pass_seconds, draft) if groups > 1
                        else plan.predicted_pass_seconds + draft)

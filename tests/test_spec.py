@@ -202,3 +202,16 @@ def test_in_memory_upcycled_pair():
     with pytest.raises(ValueError, match="needs equal dim"):
         upcycled_pair(specoff.ModelConfig.from_dict(dict(base, model_type="mistral", hidden_size=32)),
                       target_cfg, 0.1)
+
+
+def test_token_acceptance_counts_only_the_first_rejection():
+    """α per position (E(α, γ)'s): drafts after a row's first rejection are never judged."""
+    from specoff.engine import GenerationStats
+
+    s = GenerationStats()
+    s.count_verified(4, 4)  # all kept
+    s.count_verified(4, 1)  # one kept, then a rejection
+    s.count_verified(4, 0)  # rejected at once
+    s.finalize()
+    assert s.acceptance_rate == 5 / 12 and s.token_acceptance == 5 / 7
+    assert s.accepted_histogram == [1, 1, 0, 0, 1] and s.tokens_per_pass == 8 / 3

@@ -588,11 +588,12 @@ def test_tree_sampling_is_lossless(pairs, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("budget", [8, 64, "auto"])
-def test_gpu_tree_over_an_offloaded_target(budget, pairs):
+@pytest.mark.parametrize("budget, kv", [(8, None), (64, None), ("auto", None), (64, "host")])
+def test_gpu_tree_over_an_offloaded_target(budget, kv, pairs):
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=20, ignore_eos=True)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
-                      spec="tree", tree_budget=budget)
+                      spec="tree", tree_budget=budget, kv_placement=kv)
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
+    assert llm.last_stats.plan["kv_on_gpu"] == (kv != "host")

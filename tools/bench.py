@@ -409,6 +409,7 @@ def run_specoff(bench: Bench, job: Job) -> dict:
                                  if s.draft_seconds else None),
         round_seconds=s.round_seconds / s.rounds if s.rounds and s.round_seconds else None,
         draft_hidden_fraction=s.draft_hidden_fraction, acceptance_rate=s.acceptance_rate,
+        token_acceptance=s.token_acceptance,
         tokens_per_pass=tpp if spec else None, accepted_histogram=s.accepted_histogram,
         draft_len_final=s.draft_len, tree_budget_final=s.tree_budget,
         tree_curve=getattr(s, "tree_curve", None),
@@ -741,7 +742,8 @@ def table(rows: List[dict]) -> str:
             f"| {r['config']} | {r['engine']} | {setting(r)} | {r.get('rows') or '–'} "
             f"| {fmt(tps, '.1f')} | {fmt(r.get('predicted_tokens_per_second'), '.1f')} | "
             f"{fmt(ratio('specoff-offload'))} | {fmt(ratio('hf-accelerate'))} | {fmt(ratio('hf-assisted'))} | "
-            f"{fmt(r.get('acceptance_rate'), '.3f')} | {fmt(r.get('tokens_per_pass'))} | "
+            f"{fmt(r.get('token_acceptance') if r.get('engine') != 'specoff-tree' else None, '.3f')} | "
+            f"{fmt(r.get('tokens_per_pass'))} | "
             f"{fmt(r.get('target_pass_seconds'), '.3f')} | {fmt(r.get('copy_seconds_per_pass'), '.3f')} | "
             f"{fmt(r.get('draft_seconds_per_round'), '.3f')} | {fmt(r.get('draft_hidden_fraction'))} | "
             f"{fmt(r.get('bound_tokens_per_second'), '.1f')} | "

@@ -286,7 +286,9 @@ class ChainPipeline:
 
     def _adapt(self) -> None:
         if self.stats.proposed:
-            self.alpha = min(self.stats.accepted / self.stats.proposed, 0.99)
+            # Per-position α, the E(α, γ) formula's (GenerationStats.token_acceptance).
+            s = self.stats
+            self.alpha = min(s.accepted / max(s.accepted + s.rejections, 1), 0.99)
         if self.adaptive and self.draft_step_s and self.target_pass_s:
             self.gamma = choose_draft_len(self.alpha, self.target_pass_s, self.draft_step_s,
                                           interleaved=len(self.groups) > 1, max_len=self.max_gamma)

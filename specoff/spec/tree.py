@@ -438,6 +438,10 @@ def commit(cache: KVCache, path: torch.Tensor, accepted: torch.Tensor) -> None:
     P = path.shape[1]
     src = (cache.lengths[:, None] + path).clamp(max=S - 1)  # (B, P)
     dst = (cache.lengths[:, None] + torch.arange(P, device=path.device)).clamp(max=S - 1)
+    if cache.k.device != src.device:  # a cache in host memory (decoder.streamed_attention)
+        if src.is_cuda:
+            torch.cuda.synchronize(src.device)  # the pass's write-back has landed
+        src, dst = src.to(cache.k.device), dst.to(cache.k.device)
     index = lambda i: i[None, :, None, :, None].expand(L_, B, KV, P, hd)  # noqa: E731
     for buf in (cache.k, cache.v):
         moved = buf.gather(3, index(src))
@@ -452,7 +456,7 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_per_pass: int,
-                  budget) -> TreeBudgetTuner:
+                  budget, kv_on_gpu: bool = True) -> TreeBudgetTuner:
     """Tree-mode generation for `requests` (spec.pipeline.Request), `rows_per_pass` at a time.
     `budget`: nodes per row per tree, or a TreeBudgetTuner that picks one before each round
     from the rounds it has seen (these and earlier ones). Returns the tuner."""
@@ -469,7 +473,11 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         lens = torch.tensor([len(r.prompt) for r in batch], device=device)
         longest = max(len(r.prompt) for r in batch)
         max_len = longest + params.max_new_tokens + capacity + 2
-        tcache = KVCache(tcfg.n_layers, B, max_len, tcfg.n_kv_heads, tcfg.head_dim, llm.dtype, device)
+        # The target's cache where the plan puts it: in pinned host memory it streams to the
+        # GPU for each layer's attention (decoder.streamed_attention).
+        where = device if kv_on_gpu else torch.device("cpu")
+        tcache = KVCache(tcfg.n_layers, B, max_len, tcfg.n_kv_heads, tcfg.head_dim, llm.dtype,
+                         where, pin_memory=where.type != device.type, lengths_device=device)
         dcache = KVCache(dcfg.n_layers, B, max_len, dcfg.n_kv_heads, dcfg.head_dim, llm.dtype, device)
         ids = torch.zeros(B, longest, dtype=torch.long)
         for b, r in enumerate(batch):
