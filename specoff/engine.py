@@ -106,10 +106,14 @@ class GenerationStats:
         histogram.extend([0] * (accepted + 1 - len(histogram)))
         histogram[accepted] += 1
 
+    def position_acceptance(self) -> float:
+        """Per-position α so far (see token_acceptance)."""
+        return self.accepted / max(self.accepted + self.rejections, 1)
+
     def finalize(self) -> None:
         if self.proposed:
             self.acceptance_rate = self.accepted / self.proposed
-            self.token_acceptance = self.accepted / max(self.accepted + self.rejections, 1)
+            self.token_acceptance = self.position_acceptance()
             self.tokens_per_pass = (self.accepted + self.row_passes) / self.row_passes
         if self.draft_seconds and self.rounds:
             self.draft_hidden_fraction = self.draft_hidden_seconds / self.draft_seconds
@@ -459,7 +463,7 @@ class LLM:
             # predicted pass (plus the draft's (γ+1) steps when it cannot hide).
             from .spec.chain import expected_tokens_per_pass
 
-            alpha = stats.accepted / max(stats.accepted + stats.rejections, 1)
+            alpha = stats.position_acceptance()
             draft = (pipeline.gamma + 1) * pipeline.draft_step_s
             round_s = (max(plan.predicted_pass_seconds, draft) if groups > 1
                        else plan.predicted_pass_seconds + draft)

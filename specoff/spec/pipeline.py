@@ -73,8 +73,8 @@ class ChainPipeline:
         self.params, self.requests, self.generator, self.stats = params, requests, generator, stats
         self.device = llm.device
         self.cuda = self.device.type == "cuda"
-        # The plan's KV placement (the target's cache may sit in pinned host memory, its
-        # attention then on the CPU) and prefill chunk; the draft's cache is on the device.
+        # The plan's KV placement (the target's cache may sit in pinned host memory, streamed
+        # to the device for attention) and prefill chunk; the draft's cache is on the device.
         self.kv_on_gpu, self.chunk = kv_on_gpu, prefill_chunk or llm.prefill_chunk
         # The plan's chunk is sized for prefilling every row at once; a refill of a few rows
         # takes as many tokens per part (rows × chunk), so it runs in few parts: each part
@@ -286,9 +286,7 @@ class ChainPipeline:
 
     def _adapt(self) -> None:
         if self.stats.proposed:
-            # Per-position α, the E(α, γ) formula's (GenerationStats.token_acceptance).
-            s = self.stats
-            self.alpha = min(s.accepted / max(s.accepted + s.rejections, 1), 0.99)
+            self.alpha = min(self.stats.position_acceptance(), 0.99)
         if self.adaptive and self.draft_step_s and self.target_pass_s:
             self.gamma = choose_draft_len(self.alpha, self.target_pass_s, self.draft_step_s,
                                           interleaved=len(self.groups) > 1, max_len=self.max_gamma)
