@@ -152,7 +152,8 @@ class LLM:
 
     def __init__(self, target, draft=None, *, spec=None, device=None, dtype=None,
                  gpu_memory=None, offload=None, seed: int = 0, max_rows: int = 256,
-                 prefill_chunk: int = 512, ring_slots: int = 3, cuda_graphs: bool = True,
+                 prefill_chunk: int = 512, ring_slots: int = 3,
+                 ring_pieces: Optional[int] = None, cuda_graphs: bool = True,
                  kv_placement: Optional[str] = None, draft_len: Optional[int] = None,
                  interleave: Optional[bool] = None, tree_budget: Union[int, str] = "auto",
                  tree_budget_max: Optional[int] = None):
@@ -216,7 +217,8 @@ class LLM:
         reserve = 0 if budget is None else weight_reserve(self.config, self.dtype, budget, max_rows,
                                                           self.draft_config)
         self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=offload,
-                                        reserve=reserve, ring_slots=ring_slots)
+                                        reserve=reserve, ring_slots=ring_slots,
+                                        ring_pieces=ring_pieces)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.weight_plan.offload:
@@ -224,7 +226,8 @@ class LLM:
                 self.config, source, self.device, self.dtype,
                 ring_slots=self.weight_plan.ring_slots,
                 resident_attention=self.weight_plan.resident_attention,
-                resident_layers=self.weight_plan.resident_layers)
+                resident_layers=self.weight_plan.resident_layers,
+                ring_pieces=self.weight_plan.ring_pieces)
         else:
             self.model = load_model(self.path, self.device, self.dtype, source=source,
                                     config=self.config)

@@ -139,6 +139,12 @@ class ModelSizes:
     layer_ffn: int  # one layer's feed-forward (all experts)
     kv_per_token: int  # all layers, K and V
     n_layers: int
+    n_experts: int = 0
+
+    @property
+    def piece_options(self) -> List[int]:
+        """How many ring units a streamed layer may split into (by its experts)."""
+        return [1] + [p for p in (2, 4, 8) if self.n_experts >= p and self.n_experts % p == 0]
 
     @classmethod
     def of(cls, cfg: ModelConfig, dtype: torch.dtype):
@@ -150,7 +156,7 @@ class ModelSizes:
         ffn = 3 * D * cfg.ffn_size * max(cfg.n_experts, 1)
         attn += D * cfg.n_experts  # the router
         kv = cfg.n_layers * 2 * cfg.n_kv_heads * hd
-        return cls(outside * b, attn * b, ffn * b, kv * b, cfg.n_layers)
+        return cls(outside * b, attn * b, ffn * b, kv * b, cfg.n_layers, cfg.n_experts)
 
     @property
     def layer(self) -> int:
@@ -178,6 +184,7 @@ class Plan:
     resident_attention: bool = True
     resident_layers: int = 0
     ring_slots: int = 0
+    ring_pieces: int = 1  # a streamed layer moves in this many ring units
     kv_on_gpu: bool = True
     rows_per_pass: int = 1
     prefill_chunk: int = 512
@@ -196,12 +203,20 @@ class Plan:
 
 
 def _weight_bytes_on_gpu(sizes: ModelSizes, resident_attention: bool, resident_layers: int,
-                         slots: int) -> dict:
+                         slots: int, pieces: int = 1) -> dict:
     streamed = sizes.n_layers - resident_layers
-    slot = sizes.layer_ffn if resident_attention else sizes.layer
+    # A slot holds one piece: a share of the experts, and the attention when it streams
+    # (it rides with piece 0, so every slot is sized for that one).
+    slot = sizes.layer_ffn // pieces + (0 if resident_attention else sizes.layer_attention)
     attention = (streamed * sizes.layer_attention) if resident_attention else 0
     return {"outside_layers": sizes.outside_layers, "resident_layers": resident_layers * sizes.layer,
-            "resident_attention": attention, "ring": min(slots, streamed) * slot}
+            "resident_attention": attention, "ring": min(slots, streamed * pieces) * slot}
+
+
+def smallest_weights(sizes: ModelSizes) -> int:
+    """GPU bytes of the smallest offloaded plan: embeddings and head resident, everything
+    else streamed through two slots of the smallest pieces."""
+    return sum(_weight_bytes_on_gpu(sizes, False, 0, 2, sizes.piece_options[-1]).values())
 
 
 def weight_reserve(cfg: ModelConfig, dtype: torch.dtype, budget: int, max_rows: int,
@@ -209,24 +224,32 @@ def weight_reserve(cfg: ModelConfig, dtype: torch.dtype, budget: int, max_rows: 
     """Bytes `plan_weights` keeps free of the target's weights: a resident draft's weights,
     and room for KV caches and activations — a quarter of what the draft and the smallest
     offloaded plan leave, more (up to half) when `max_rows` rows of 512 tokens need it.
-    Attention, more ring slots and whole layers go resident only beyond it."""
+    Attention, more ring slots and whole layers go resident only beyond it.
+
+    With a draft, rows come first (up to all that is free): the draft's cache must sit on
+    the GPU, every row of a pass needs it, and tokens per second grow with the rows while
+    resident attention or a wider ring saves a few percent of a copy-bound pass."""
     sizes = ModelSizes.of(cfg, dtype)
-    draft_bytes, kv_per_token = 0, sizes.kv_per_token
+    smallest = min(sizes.total, smallest_weights(sizes))
     if draft is not None:
         d = ModelSizes.of(draft, dtype)
-        draft_bytes, kv_per_token = d.total, kv_per_token + d.kv_per_token
-    smallest = min(sizes.total, sum(_weight_bytes_on_gpu(sizes, False, 0, 2).values()))
-    free = max(budget - draft_bytes - smallest - CONTEXT_MARGIN, 0)
-    return draft_bytes + max(free // 4, min(free // 2, max_rows * 512 * kv_per_token))
+        free = max(budget - d.total - smallest - CONTEXT_MARGIN, 0)
+        rows_need = max_rows * 512 * d.kv_per_token + activation_bytes(draft, max_rows * 8, max_rows, dtype)
+        return d.total + max(free // 4, min(free, rows_need))
+    free = max(budget - smallest - CONTEXT_MARGIN, 0)
+    return max(free // 4, min(free // 2, max_rows * 512 * sizes.kv_per_token))
 
 
 def plan_weights(cfg: ModelConfig, dtype: torch.dtype, budget: Optional[int], *,
-                 offload: Optional[bool], reserve: int, ring_slots: int = 3) -> Plan:
+                 offload: Optional[bool], reserve: int, ring_slots: int = 3,
+                 ring_pieces: Optional[int] = None) -> Plan:
     """Where the weights go, keeping `reserve` bytes for KV cache and activations.
 
     offload=False: everything on the device (refused if it cannot fit); None: resident when
     it fits, else offloaded; True: every decoder layer streams (nothing but embeddings, head,
-    norms, routers and attention stays, and attention only if it fits).
+    norms, routers and attention stays, and attention only if it fits). A streamed
+    mixture-of-experts layer moves in whole-layer slots where they fit, else in pieces of
+    its experts (`ring_pieces`; None lets the budget decide).
     """
     sizes = ModelSizes.of(cfg, dtype)
     fixed = reserve + CONTEXT_MARGIN
@@ -239,35 +262,45 @@ def plan_weights(cfg: ModelConfig, dtype: torch.dtype, budget: Optional[int], *,
                 f"gpu_memory is {budget / GiB:.1f} GiB; raise gpu_memory or use offload=True")
         gpu = {"weights": sizes.total}
         return Plan(offload=False, budget_bytes=budget, resident_layers=cfg.n_layers, gpu_bytes=gpu)
-    # Smallest offloaded plan: two slots of whole layers, nothing else resident.
-    smallest = sum(_weight_bytes_on_gpu(sizes, False, 0, 2).values()) + fixed
+    options = sizes.piece_options
+    if ring_pieces is not None:
+        if ring_pieces not in options:
+            raise ValueError(f"ring_pieces={ring_pieces} does not split this model's layers: "
+                             f"it takes one of {options} (a layer splits by its experts)")
+        options = [ring_pieces]
+    # Smallest offloaded plan: two slots of the smallest pieces, nothing else resident.
+    smallest = sum(_weight_bytes_on_gpu(sizes, False, 0, 2, options[-1]).values()) + fixed
     if budget is not None and smallest > budget:
+        split = " of the smallest pieces" if options[-1] > 1 else ""
         raise BudgetError(
             f"gpu_memory={budget / GiB:.2f} GiB is too small for any plan: the smallest "
-            f"(embeddings and head resident, two streamed layer slots, cache and activations) "
-            f"needs {smallest / GiB:.2f} GiB; raise gpu_memory to at least that")
+            f"(embeddings and head resident, two streamed layer slots{split}, cache and "
+            f"activations) needs {smallest / GiB:.2f} GiB; raise gpu_memory to at least that")
     best = None
     for attention in (True, False):
-        for slots in range(max(ring_slots, 2), 1, -1):
-            gpu = _weight_bytes_on_gpu(sizes, attention, 0, slots)
-            if budget is None or sum(gpu.values()) + fixed <= budget:
-                best = (attention, slots)
+        for pieces in options:  # whole layers first: fewer, larger copies
+            for slots in range(max(ring_slots, 2), 1, -1):
+                gpu = _weight_bytes_on_gpu(sizes, attention, 0, slots, pieces)
+                if budget is None or sum(gpu.values()) + fixed <= budget:
+                    best = (attention, pieces, slots)
+                    break
+            if best:
                 break
         if best:
             break
-    attention, slots = best
+    attention, pieces, slots = best
     resident = 0
     if offload is None and budget is not None:
         # Spare memory holds whole layers, which then never stream.
         while resident < cfg.n_layers - 1:
-            gpu = _weight_bytes_on_gpu(sizes, attention, resident + 1, slots)
+            gpu = _weight_bytes_on_gpu(sizes, attention, resident + 1, slots, pieces)
             if sum(gpu.values()) + fixed > budget:
                 break
             resident += 1
-    gpu = _weight_bytes_on_gpu(sizes, attention, resident, slots)
+    gpu = _weight_bytes_on_gpu(sizes, attention, resident, slots, pieces)
     stream = (cfg.n_layers - resident) * (sizes.layer_ffn if attention else sizes.layer)
     return Plan(offload=True, budget_bytes=budget, resident_attention=attention,
-                resident_layers=resident, ring_slots=slots, gpu_bytes=gpu,
+                resident_layers=resident, ring_slots=slots, ring_pieces=pieces, gpu_bytes=gpu,
                 stream_bytes_per_pass=stream)
 
 
@@ -360,7 +393,8 @@ def predict_pass(plan: Plan, cfg: ModelConfig, dtype, profile: HardwareProfile, 
     compute += weights_read / (profile.hbm_gbps * 1e9)
     # A cache in host memory streams in beside the weights (decoder.streamed_attention).
     copy = (plan.stream_bytes_per_pass + (0 if plan.kv_on_gpu else kv_bytes)) / (profile.copy_gbps * 1e9)
-    return max(copy, compute + attention) + cfg.n_layers * 20e-6
+    # launches: a layer streamed in pieces runs its experts once a piece
+    return max(copy, compute + attention) + cfg.n_layers * 20e-6 * plan.ring_pieces
 
 
 def predict_draft_step(cfg: ModelConfig, dtype, profile: HardwareProfile, rows: int,

@@ -57,7 +57,8 @@ def test_throughput_rows_are_sane(run):
     rows = records["throughput"]
     main = [r for r in rows if r["config"] == "humaneval x6"]
     assert {r["engine"] for r in main} == {
-        "specoff-offload", "specoff-chain-serial", "specoff-chain-interleaved", "specoff-tree",
+        "specoff-offload", "specoff-offload-group", "specoff-chain-serial",
+        "specoff-chain-interleaved", "specoff-chain", "specoff-tree",
         "hf-accelerate", "hf-accelerate-pinned", "hf-assisted"}
     assert {r["config"] for r in rows} == {"humaneval x6", "long-48 x6"}
     for r in rows:
@@ -71,7 +72,8 @@ def test_throughput_rows_are_sane(run):
             assert r["fraction_of_bound"] == pytest.approx(r["tokens_per_second"] / r["bound_tokens_per_second"])
             if r["bound_is_limit"]:
                 assert r["bound_tokens_per_second"] >= r["tokens_per_second"]
-        if r["engine"] in ("specoff-chain-serial", "specoff-chain-interleaved", "specoff-tree"):
+        if r["engine"] in ("specoff-chain-serial", "specoff-chain-interleaved", "specoff-chain",
+                           "specoff-tree"):
             assert 0.0 <= r["acceptance_rate"] <= 1.0 and r["tokens_per_pass"] >= 1.0
             assert sum(r["accepted_histogram"]) == r["stats"]["row_passes"]
     long_rows = [r for r in rows if r["config"] == "long-48 x6" and r["engine"].startswith("specoff")]
@@ -79,6 +81,8 @@ def test_throughput_rows_are_sane(run):
     by = {r["engine"]: r for r in main}
     assert by["specoff-chain-interleaved"]["tokens"] == 8 * 6  # 2 x rows prompts, all returned
     assert by["specoff-offload"]["tokens"] == 4 * 6
+    assert by["specoff-offload-group"]["tokens"] == 2 * 6  # the rows of one of two groups
+    assert by["specoff-chain"]["tokens"] == 4 * 6
     assert by["hf-accelerate-pinned"]["matches_specoff"] is True  # same weights, same tokens
     assert by["hf-accelerate"]["layers_measured"] == 1 and by["hf-accelerate"]["scale"] == 2.0
     assert by["hf-assisted"]["rows"] == 1 and by["hf-assisted"]["tokens_per_pass"] >= 1.0

@@ -57,6 +57,38 @@ def test_offloaded_logits_equal_resident(family, slots, resident_attention, resi
         assert model.ring.bytes_copied == per_layer * (model.ring.n_slots + 3 * streamed)
 
 
+@pytest.mark.parametrize("family, pieces", [("mixtral", 2), ("mixtral", 4), ("qwen3_moe", 2)])
+@pytest.mark.parametrize("slots, resident_attention", [(2, True), (3, False), (1, False)])
+def test_layers_streamed_in_pieces_give_the_resident_logits(family, pieces, slots,
+                                                           resident_attention, make_checkpoint):
+    """A layer split by its experts into ring units (ring_pieces): each slot holds a share of
+    the experts (piece 0 the attention too, when it streams); logits match the resident
+    model up to the order of the expert sums, and each pass copies each layer once."""
+    path = make_checkpoint(family, layers=3)
+    cfg = specoff.ModelConfig.from_hf(path)
+    resident = specoff.load_model(path, "cpu")
+    model, _ = build_offloaded(cfg, checkpoint_source(path, cfg), "cpu", torch.float32,
+                               ring_slots=slots, resident_attention=resident_attention,
+                               ring_pieces=pieces)
+    ring = model.ring
+    assert ring.pieces == pieces and len(model.layers[0].feed_forward.pieces) == pieces
+    assert ring.slot_bytes < model.store.layout.stream_numel * 4 * 0.75  # a fraction of a layer
+    assert model.layers[0].feed_forward.w13.device.type == "cpu"  # the experts stay in the store
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.testing.assert_close(model(ids), resident(ids), rtol=1e-5, atol=1e-5)
+    per_layer = ring.unit_numel * 4
+    assert ring.unit_numel >= cfg.n_experts * 3 * cfg.dim * cfg.ffn_size
+    first = sum(n for j in range(ring.n_slots) for *_, n, _ in ring.plans[ring.units[j][1]]) * 4
+    assert ring.bytes_copied == first + 3 * cfg.n_layers * per_layer
+
+
+def test_ring_pieces_must_split_the_experts(make_checkpoint):
+    with pytest.raises(ValueError, match="ring_pieces=2 does not split"):
+        specoff.LLM(make_checkpoint("llama", layers=2), device="cpu", offload=True, ring_pieces=2)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2"])
 def test_offloaded_generation_equals_resident(family, make_checkpoint):
     path = make_checkpoint(family, layers=3)
@@ -66,6 +98,11 @@ def test_offloaded_generation_equals_resident(family, make_checkpoint):
     a = resident.generate(PROMPTS, GREEDY)
     b = offloaded.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    if family == "mixtral":  # streamed in pieces of its experts: the same tokens
+        pieces = specoff.LLM(path, device="cpu", offload=True, ring_slots=2, ring_pieces=2,
+                             prefill_chunk=4)
+        assert pieces.weight_plan.ring_pieces == 2
+        assert [o.token_ids for o in pieces.generate(PROMPTS, GREEDY)] == [o.token_ids for o in a]
     stats = offloaded.last_stats
     layer_bytes = offloaded.model.store.layout.stream_numel * 4
     # prefill streams each layer once (whatever the chunk count), then once per decode pass
@@ -115,6 +152,11 @@ def test_gpu_offloaded_equals_resident(slots, kv, make_checkpoint):
     assert llm.model.ring.n_slots == slots and llm.last_stats.plan["kv_on_gpu"] == (kv == "gpu")
     eager, _ = _gpu_runs(path, offload=True, ring_slots=slots, kv_placement=kv, cuda_graphs=False)
     assert eager == expect
+    # layers streamed in pieces of their experts (the copy stream refills a slot per piece)
+    for pieces in (2, 4):  # 4 experts: one a slot
+        got, llm = _gpu_runs(path, offload=True, ring_slots=slots, kv_placement=kv,
+                             ring_pieces=pieces)
+        assert got == expect and llm.model.ring.pieces == pieces
 
 
 @pytest.mark.gpu
@@ -143,12 +185,14 @@ def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, make_checkpoi
     budget = 1 << 30
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
-    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
-                      gpu_memory=budget, kv_placement="host", max_rows=4, draft_len=3,
-                      interleave=interleave, spec="chain")
-    assert [o.token_ids for o in llm.generate(PROMPTS * 3, params)] == expect
-    assert not llm.last_stats.plan["kv_on_gpu"]
-    assert torch.cuda.max_memory_allocated() - base <= budget
+    for pieces in (1, 2):
+        llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                          gpu_memory=budget, kv_placement="host", max_rows=4, draft_len=3,
+                          interleave=interleave, spec="chain", ring_pieces=pieces)
+        assert [o.token_ids for o in llm.generate(PROMPTS * 3, params)] == expect
+        assert not llm.last_stats.plan["kv_on_gpu"] and llm.model.ring.pieces == pieces
+        assert torch.cuda.max_memory_allocated() - base <= budget
+        del llm
 
 
 def test_a_config_alone_gives_seeded_random_weights():

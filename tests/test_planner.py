@@ -130,27 +130,50 @@ def test_a_resident_draft_counts_against_the_budget():
 
 
 def test_a_mistral_draft_beside_mixtral_in_24_gib():
-    """SpecOffload's setting: the reserve leaves the draft, its cache and the target's ring
-    room in 24 GiB by streaming the target's attention too, in two ring slots, and keeping its
-    KV on the host."""
+    """SpecOffload's setting: rows come first, so the target streams its attention too,
+    through two ring slots of single-expert pieces, with its KV on the host; the draft's
+    cache gets the rest."""
     target = ModelConfig.from_dict(MIXTRAL_8X7B)
     draft = ModelConfig.from_dict(dict(MIXTRAL_8X7B, model_type="mistral"))
     budget = 24 * GiB
     reserve = planner.weight_reserve(target, torch.bfloat16, budget, 256, draft)
     weights = planner.plan_weights(target, torch.bfloat16, budget, offload=None, reserve=reserve)
     assert weights.offload and not weights.resident_attention and weights.ring_slots == 2
-    plan = planner.plan_run(weights, target, torch.bfloat16, rows=256, context=170, max_rows=256,
-                            tokens_per_row=9, prefill_tokens=128, draft=draft, profile=PROFILE)
+    assert weights.ring_pieces == 8  # one expert a slot
+    assert weights.gpu_bytes["ring"] < ModelSizes.of(target, torch.bfloat16).layer / 3
+    plan = planner.plan_run(weights, target, torch.bfloat16, rows=256, context=379, max_rows=256,
+                            tokens_per_row=6, prefill_tokens=340, draft=draft, profile=PROFILE)
     assert plan.planned_gpu_bytes + planner.CONTEXT_MARGIN <= budget
-    assert not plan.kv_on_gpu and plan.rows_per_pass >= 120
-    # without a draft the same budget keeps attention resident and the cache on the GPU
+    # whole-layer slots left room for 72 rows of this workload
+    assert not plan.kv_on_gpu and plan.rows_per_pass >= 140
+    # without a draft the same budget keeps attention resident, in whole-layer slots
     plain = planner.plan_weights(target, torch.bfloat16, budget, offload=None,
                                  reserve=planner.weight_reserve(target, torch.bfloat16, budget, 256))
-    assert plain.resident_attention
-    # 16 GiB cannot hold a Mistral-7B draft beside any offloaded Mixtral plan
+    assert plain.resident_attention and plain.ring_pieces == 1
+    # 16 GiB holds the 13.5 GiB draft beside the smallest ring (few rows); 14 GiB cannot
+    reserve16 = planner.weight_reserve(target, torch.bfloat16, 16 * GiB, 256, draft)
+    small = planner.plan_run(
+        planner.plan_weights(target, torch.bfloat16, 16 * GiB, offload=None, reserve=reserve16),
+        target, torch.bfloat16, rows=256, context=379, max_rows=256, tokens_per_row=6,
+        prefill_tokens=340, draft=draft)
+    assert 1 <= small.rows_per_pass < 64
     with pytest.raises(BudgetError, match="too small for any plan"):
-        planner.plan_weights(target, torch.bfloat16, 16 * GiB, offload=None,
-                             reserve=planner.weight_reserve(target, torch.bfloat16, 16 * GiB, 256, draft))
+        planner.plan_weights(target, torch.bfloat16, 14 * GiB, offload=None,
+                             reserve=planner.weight_reserve(target, torch.bfloat16, 14 * GiB, 256, draft))
+
+
+def test_forced_ring_pieces_must_split_the_experts():
+    target = ModelConfig.from_dict(MIXTRAL_8X7B)
+    plan = planner.plan_weights(target, torch.bfloat16, 24 * GiB, offload=True, reserve=GiB,
+                                ring_pieces=4)
+    assert plan.ring_pieces == 4
+    with pytest.raises(ValueError, match="ring_pieces=3 does not split"):
+        planner.plan_weights(target, torch.bfloat16, 24 * GiB, offload=True, reserve=GiB,
+                             ring_pieces=3)
+    dense = ModelConfig.from_dict(LLAMA_70B)
+    with pytest.raises(ValueError, match=r"takes one of \[1\]"):
+        planner.plan_weights(dense, torch.bfloat16, 24 * GiB, offload=True, reserve=GiB,
+                             ring_pieces=2)
 
 
 def test_chain_groups_interleave_only_where_the_draft_is_a_good_part_of_a_pass():

@@ -101,15 +101,16 @@ def test_unrelated_draft_and_eos(pairs, tokenizer, tmp_path):
     assert llm.last_stats.tokens == sum(len(t) for t in expect)
 
 
-def test_speculation_over_an_offloaded_target(pairs):
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_speculation_over_an_offloaded_target(pairs, pieces):
     draft, target = pairs(0.3, family="qwen3", layers=4)
     params = specoff.SamplingParams(max_new_tokens=16, ignore_eos=True)
     expect = target_only(target, params)
     llm = specoff.LLM(target, draft=draft, device="cpu", offload=True, ring_slots=2, max_rows=4,
-                      draft_len=3)
+                      draft_len=3, ring_pieces=pieces)
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
     s = llm.last_stats
-    layer_bytes = llm.model.store.layout.stream_numel * 4
+    layer_bytes = llm.model.ring.unit_numel * 4  # every streamed element, once a pass
     assert s.bytes_streamed == layer_bytes * llm.config.n_layers * s.decode_passes
 
 

@@ -91,7 +91,7 @@ DEFAULTS = {
                  rows_sweep="2,4", gammas="2,auto", alphas="0.5,0.9", peer_layers=1, peer_steps=0,
                  assisted_prompts=1, calibration_rows=16),
 }
-ENGINES_SPECOFF = ("specoff-offload", "specoff-chain-serial", "specoff-chain-interleaved",
+ENGINES_SPECOFF = ("specoff-offload", "specoff-offload-group", "specoff-chain-serial", "specoff-chain-interleaved",
                    "specoff-chain", "specoff-tree")
 BUDGET_LADDER = [48, 64, 96, 128]  # GiB tried when the pair does not fit the budget
 END_RESERVE_S = 15.0  # kept back from --time-limit for plots and tables
@@ -364,7 +364,7 @@ def run_specoff(bench: Bench, job: Job) -> dict:
     try:
         llm = bench.llm_for(cal["sigma"], p["gpu_memory"], fit=fit, workload=workload, offload=offload)
     except Skip:
-        if engine != "specoff-offload" or fit:
+        if not engine.startswith("specoff-offload") or fit:
             raise
         # The pair does not fit this budget; the target alone may (sweep-budget).
         llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=False, fit=False, offload=offload)
@@ -375,12 +375,16 @@ def run_specoff(bench: Bench, job: Job) -> dict:
     llm.tree_budget = p.get("tree_budget", llm.tree_budget)
     llm.max_rows = p["max_rows"]
     prompts = p["prompts"]
-    if engine == "specoff-offload":
-        # One full batch: the plan's rows (a last batch of a few rows would cost whole passes).
+    offload_only = engine.startswith("specoff-offload")
+    if offload_only:
+        # One full batch: the plan's rows (a last batch of a few rows would cost whole passes);
+        # -group: as many rows as one of two interleaved groups serves a pass, for the ratio
+        # at equal rows per pass.
         longest = max(len(q) for q in prompts)
-        prompts = prompts[:llm.plan(len(prompts), longest, p["new_tokens"]).rows_per_pass]
+        rows = llm.plan(len(prompts), longest, p["new_tokens"]).rows_per_pass
+        prompts = prompts[:-(-rows // 2) if engine == "specoff-offload-group" else rows]
     outputs = llm.generate(prompts, specoff.SamplingParams(max_new_tokens=p["new_tokens"], ignore_eos=True),
-                           speculate=engine != "specoff-offload")
+                           speculate=not offload_only)
     s = llm.last_stats
     d = s.to_dict()
     plan = s.plan
@@ -529,7 +533,7 @@ def estimate(bench: Bench, job: Job) -> Optional[float]:
     rows = max(1, min(p.get("max_rows", n), n))
     if job.engine == "specoff-chain-interleaved" and rows > 1:
         rows //= 2  # one group per pass
-    if job.engine == "specoff-offload":
+    if job.engine.startswith("specoff-offload"):
         return math.ceil(n / rows) * (new + 2) * pass_s
     if job.engine.startswith("specoff"):
         return (n * new / (rows * 2.5) + 2 * math.ceil(n / rows)) * pass_s * 1.2
@@ -558,14 +562,16 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
     main_new = configs[0][2]
     configs += [(f"long-{L} x{main_new}", long_prompts(n, int(L), vocab), main_new)
                 for L in split(a.long_prompts)]
-    engines = ["specoff-offload", "specoff-chain-interleaved", "specoff-chain-serial",
-               "hf-accelerate", "hf-assisted", "hf-accelerate-pinned", "specoff-tree"]
+    engines = ["specoff-offload", "specoff-offload-group", "specoff-chain-interleaved",
+               "specoff-chain-serial", "specoff-chain", "hf-accelerate", "hf-assisted",
+               "hf-accelerate-pinned", "specoff-tree"]
     # The budget must hold the main config's interleaved rows with their KV cache on the GPU.
     workload = (2 * rows, max(map(len, configs[0][1])), main_new)
     for config, prompts, new in configs:
         for engine in engines:
             per_pass = 2 * rows if engine == "specoff-chain-interleaved" else rows
-            use = prompts if engine in ("specoff-chain-interleaved", "specoff-chain-serial") else prompts[:rows]
+            chain = engine.startswith("specoff-chain")
+            use = prompts if chain else prompts[:rows]
             jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new, max_rows=per_pass,
                             draft_len=a.draft_len, tree_budget=a.throughput_tree_budget,
                             fit_workload=workload))

@@ -149,7 +149,8 @@ def _moe_align_kernel(
         onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # (P, E)
         rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # earlier pairs of the same expert in this chunk
         slot = tl.sum(onehot * (padded_start + seen)[None, :], 1) + rank
-        tl.store(sorted_pairs_ptr + slot, offs, mask=offs < num_pairs)
+        # A pair of no expert here (id -1: routed to experts another call computes) has no row.
+        tl.store(sorted_pairs_ptr + slot, offs, mask=(offs < num_pairs) & (ids >= 0))
         seen += tl.sum(onehot, 0)
 
 
@@ -285,16 +286,22 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     flat = topk_ids.reshape(-1).long()
     num_pairs = flat.numel()
     num_padded = padded_rows(num_pairs, num_experts, block_m)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    # Pairs of no expert here (id -1) count in an extra group E that gets no rows.
+    flat = torch.where(flat >= 0, flat, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded_counts = (counts + block_m - 1) // block_m * block_m
+    padded_counts[num_experts] = 0
     padded_end = torch.cumsum(padded_counts, 0)
     order = torch.argsort(flat, stable=True)  # pair indices grouped by expert
     sorted_experts = flat[order]
     rank = torch.arange(num_pairs, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
     dest = (padded_end - padded_counts)[sorted_experts] + rank
-    sorted_pairs = torch.full((num_padded,), num_pairs, dtype=torch.int32, device=flat.device)
+    dest = torch.where(sorted_experts < num_experts, dest, num_padded)  # → the spare row
+    sorted_pairs = torch.full((num_padded + 1,), num_pairs, dtype=torch.int32, device=flat.device)
     sorted_pairs.scatter_(0, dest, order.to(torch.int32))
+    sorted_pairs = sorted_pairs[:num_padded]
+    padded_end = padded_end[:num_experts]
     block_starts = torch.arange(0, num_padded, block_m, device=flat.device)
     block_expert = torch.searchsorted(padded_end, block_starts, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
@@ -331,7 +338,8 @@ def _check(x, w13, w2, topk_weights, topk_ids):
     assert w13.stride(2) == 1 and w2.stride(2) == 1, "weights must be contiguous along K"
 
 
-def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None, down_config=None):
+def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None, down_config=None,
+                    partial: bool = False):
     N, D = x.shape
     E, I = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -345,7 +353,8 @@ def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None
     hidden = torch.empty((num_pairs, I), dtype=x.dtype, device=x.device)  # silu(gate) * up
     _launch_gemm(x, w13, hidden, route_w, sorted_pairs, block_expert, num_pairs, top_k, cfg1,
                  gated=True, a_per_token=True, weighted=False)
-    down = torch.empty((num_pairs, D), dtype=x.dtype, device=x.device)  # weighted expert outputs
+    # Weighted expert outputs; pairs of experts not in w13 (partial) get no row: zero them.
+    down = (torch.zeros if partial else torch.empty)((num_pairs, D), dtype=x.dtype, device=x.device)
     _launch_gemm(hidden, w2, down, route_w, sorted_pairs, block_expert, num_pairs, top_k, cfg2,
                  gated=False, a_per_token=False, weighted=True)
     torch.sum(down.view(N, top_k, D), dim=1, out=out)
@@ -377,13 +386,22 @@ _fused_moe_op = _register_op()
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, out: Optional[torch.Tensor] = None, *,
+              experts_from: Optional[int] = None) -> torch.Tensor:
     """out[n] = sum_j topk_weights[n, j] * SwiGLU_{topk_ids[n, j]}(x[n]); x [N, D] -> [N, D].
 
     With `out` (a preallocated [N, D] buffer) the kernels run eagerly into it; without, the
     registered op `torch.ops.specoff.fused_moe` runs (what torch.compile traces).
+    `experts_from=f`: w13 / w2 hold experts [f, f + E) of a larger set (a layer streamed in
+    pieces); the sum runs over the pairs routed to those only (eager kernels).
     """
     _check(x, w13, w2, topk_weights, topk_ids)
+    if experts_from is not None:
+        E = w13.shape[0]
+        local = torch.where((topk_ids >= experts_from) & (topk_ids < experts_from + E),
+                            topk_ids - experts_from, -1)
+        return _fused_moe_into(x, w13, w2, topk_weights, local,
+                               torch.empty_like(x) if out is None else out, partial=True)
     if out is None:
         return _fused_moe_op(x, w13, w2, topk_weights, topk_ids)
     assert out.shape == x.shape and out.dtype == x.dtype

@@ -159,14 +159,29 @@ class MoEFeedForward(nn.Module):
         self.gate = nn.Linear(D, E, bias=False)
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))
         self.w2 = nn.Parameter(torch.empty(E, D, I))
+        # A layer streamed in pieces (offload.build_offloaded, ring_pieces > 1): per piece
+        # (first expert, w13, w2) views of its ring slot; w13 / w2 above are then host views.
+        self.pieces = None
+
+    def route(self, x: torch.Tensor):
+        """x (..., D) → (x as (N, D), routing weights (N, k), expert ids (N, k))."""
+        x = x.reshape(-1, x.shape[-1])
+        return (x,) + tuple(moe_route(self.gate(x), self.top_k, self.renormalize))
+
+    def experts(self, routed, w13, w2, first: int = 0) -> torch.Tensor:
+        """Σ over the token's routed experts that lie in [first, first + len(w13)) of their
+        weighted outputs, (N, D). All experts: the whole feed-forward."""
+        x, weights, ids = routed
+        if x.is_cuda:  # grouped-GEMM Triton kernels, no host sync: capturable in a graph
+            if w13.shape[0] == self.w13.shape[0]:
+                return fused_moe(x, w13, w2, weights, ids)
+            return fused_moe(x, w13, w2, weights, ids, experts_from=first)
+        if w13.shape[0] != self.w13.shape[0]:  # the others match no expert here
+            ids = torch.where((ids >= first) & (ids < first + w13.shape[0]), ids - first, -1)
+        return moe_experts(x, w13, w2, weights, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, D)
-        weights, ids = moe_route(self.gate(x), self.top_k, self.renormalize)
-        if x.is_cuda:  # grouped-GEMM Triton kernels, no host sync: capturable in a graph
-            return fused_moe(x, self.w13, self.w2, weights, ids).view(shape)
-        return moe_experts(x, self.w13, self.w2, weights, ids).view(shape)
+        return self.experts(self.route(x), self.w13, self.w2).view(x.shape)
 
 
 def moe_experts(x, w13, w2, weights, ids):
@@ -192,9 +207,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.feed_forward = MoEFeedForward(cfg) if cfg.is_moe else FeedForward(cfg)
 
+    def attend(self, h, cos, sin, mask, cache=None, layer=0, positions=None, kv_len=None):
+        return h + self.attention(self.attention_norm(h), cos, sin, mask, cache, layer, positions,
+                                  kv_len)
+
     def forward(self, h, cos, sin, mask, cache=None, layer=0, positions=None, kv_len=None):
-        h = h + self.attention(self.attention_norm(h), cos, sin, mask, cache, layer, positions,
-                               kv_len)
+        h = self.attend(h, cos, sin, mask, cache, layer, positions, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -250,8 +268,9 @@ class Transformer(nn.Module):
         return self.head(h, logits_at)
 
     def run_layers(self, h, cos, sin, mask, cache, positions, kv_len):
+        pieces = self.ring.pieces if self.ring is not None else 1
         if (self.use_graphs and h.is_cuda and cache is not None and cache.k.is_cuda
-                and kv_len == cache.max_len):
+                and kv_len == cache.max_len and pieces == 1):
             from ..graphs import LayerGraphs
 
             per_cache = self._graphs.setdefault(cache, {})  # dropped with the cache
@@ -259,14 +278,35 @@ class Transformer(nn.Module):
             if shape not in per_cache:
                 per_cache[shape] = LayerGraphs(self, cache, *shape)
             return per_cache[shape].run(h, cos, sin, mask, positions)
-        ring = self.ring
         for i, layer in enumerate(self.layers):
-            if ring is not None and i in ring:
-                ring.acquire(i)
-            h = layer(h, cos, sin, mask, cache, i, positions, kv_len)
-            if ring is not None and i in ring:
-                ring.release(i)
+            h, = self.layer_step(i, [(h, cos, sin, mask, cache, i, positions, kv_len)])
         return h
+
+    def layer_step(self, i: int, calls: list) -> list:
+        """Layer i over several batches of tokens (`calls`: the block's forward arguments,
+        hidden states first), its streamed weights acquired from the ring once for all of
+        them. A layer streamed in pieces runs attention, then each piece's experts for every
+        batch as that piece arrives, releasing each slot as soon as it is read."""
+        layer, ring = self.layers[i], self.ring
+        if ring is None or i not in ring:
+            return [layer(*c) for c in calls]
+        ring.acquire(i)  # piece 0: the attention too, when it streams
+        ffn = layer.feed_forward
+        if ring.pieces == 1 or ffn.pieces is None:
+            out = [layer(*c) for c in calls]
+            ring.release(i)
+            return out
+        hs = [layer.attend(*c) for c in calls]
+        routed = [ffn.route(layer.ffn_norm(h)) for h in hs]
+        acc = [None] * len(hs)
+        for s, (first, w13, w2) in enumerate(ffn.pieces):
+            if s:
+                ring.acquire(i, s)
+            for n, r in enumerate(routed):
+                y = ffn.experts(r, w13, w2, first)
+                acc[n] = y if acc[n] is None else acc[n] + y
+            ring.release(i, s)
+        return [h + a.view(h.shape) for h, a in zip(hs, acc)]
 
     def run_parts(self, parts: List["PassPart"]) -> None:
         """One pass over the layers for several batches of tokens (`part.h` gets each one's
@@ -280,16 +320,14 @@ class Transformer(nn.Module):
             if p.slots is None:
                 p.slots = p.positions
         stages = list({id(p.stage): p.stage for p in parts if p.stage is not None}.values())
-        ring = self.ring
-        for i, layer in enumerate(self.layers):
-            if ring is not None and i in ring:
-                ring.acquire(i)
+        for i in range(len(self.layers)):
+            calls = []
             for p in parts:
                 # A staged prefill builds this layer's K/V in its one-layer scratch.
                 cache, at = (p.stage.scratch, 0) if p.stage is not None else (p.cache, i)
-                p.h = layer(p.h, p.cos, p.sin, p.mask, cache, at, p.slots, p.kv_len)
-            if ring is not None and i in ring:
-                ring.release(i)
+                calls.append((p.h, p.cos, p.sin, p.mask, cache, at, p.slots, p.kv_len))
+            for p, h in zip(parts, self.layer_step(i, calls)):
+                p.h = h
             for stage in stages:
                 stage.flush(i)
         for stage in stages:

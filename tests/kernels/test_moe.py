@@ -58,6 +58,40 @@ def test_fused_moe_on_views_of_a_flat_buffer():
     assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("tokens,experts,top_k,pieces", [(1, 8, 2, 2), (33, 8, 2, 4), (20, 16, 4, 8)])
+def test_fused_moe_in_pieces_sums_to_the_whole(tokens, experts, top_k, pieces):
+    """A layer streamed in pieces (offload ring_pieces): each call computes the pairs routed
+    to its share of the experts, from that share's weights alone; the pieces sum to the
+    whole, and a pair of no expert in the share contributes nothing."""
+    hidden, inter, dtype = 64, 32, torch.float32
+    x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, tokens)
+    per = experts // pieces
+    total = torch.zeros_like(x)
+    for s in range(pieces):
+        lo = s * per
+        out = torch.full_like(x, float("nan"))
+        fused_moe(x, w13[lo:lo + per].clone(), w2[lo:lo + per].clone(), topk_weights, topk_ids,
+                  out=out, experts_from=lo)
+        own = torch.where((topk_ids >= lo) & (topk_ids < lo + per), topk_weights, 0.0)
+        assert rel_err(out, fused_moe_ref(x, w13, w2, own, topk_ids)) < TOL[dtype]
+        total += out
+    assert rel_err(total, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_moe_align_skips_pairs_of_no_expert(block_m):
+    """Ids -1 (routed to experts another piece computes) get no row, in both aligns."""
+    gen = torch.Generator().manual_seed(block_m)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(23)])
+    local = torch.where(ids < 4, ids, -1).to(DEVICE)
+    sorted_pairs, block_expert = moe_align(local, 4, block_m)
+    sorted_ref, block_ref = moe.moe_align_torch(local, 4, block_m)
+    assert torch.equal(sorted_pairs, sorted_ref) and torch.equal(block_expert, block_ref)
+    valid = sorted_pairs < local.numel()
+    expected = torch.nonzero(local.reshape(-1) >= 0).flatten().to(torch.int32)
+    assert torch.equal(sorted_pairs[valid].sort().values, expected.to(sorted_pairs.device))
+
+
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_moe_route(renormalize):
     logits = torch.randn(17, 8, generator=torch.Generator().manual_seed(1))
