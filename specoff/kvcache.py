@@ -8,7 +8,17 @@ free: the row simply does not advance over them, and the next write overwrites t
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Optional
+
 import torch
+
+
+@lru_cache(maxsize=None)
+def _writer() -> ThreadPoolExecutor:
+    """One host thread for staged cache writes: in order, so a layer's writes land as issued."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="specoff-kv-writer")
 
 
 class KVCache(torch.nn.Module):
@@ -26,6 +36,7 @@ class KVCache(torch.nn.Module):
                                                     device=lengths_device or device),
                              persistent=False)
         self.max_len = max_len
+        self._pending = []  # (layer, event, staged k, v, positions): host writes not yet done
 
     @property
     def rows(self) -> int:
@@ -43,6 +54,44 @@ class KVCache(torch.nn.Module):
         idx = positions.clamp(max=self.max_len - 1)[:, None, :, None].expand(B, KV, T, hd)
         self.k[layer].scatter_(2, idx, k_new.to(self.k.dtype))
         self.v[layer].scatter_(2, idx, v_new.to(self.v.dtype))
+
+    def stage_write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
+                    positions: torch.Tensor) -> None:
+        """For a cache in host memory: new keys/values (B, KV, T, hd) computed on the device,
+        for per-row `positions` (B, T). Only they cross back, into pinned staging; a host
+        thread writes them into the cache once their copy is done, so the thread that
+        issues the pass never waits on the device (writes waited for on it, one per layer,
+        made the 24 GiB chain pass slower than copying whole layers back)."""
+        cuda = k_new.is_cuda
+        staged = []
+        for t in (k_new.to(self.k.dtype), v_new.to(self.v.dtype), positions):
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+            staged.append(buf.copy_(t, non_blocking=cuda))
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((layer, _writer().submit(self._write, layer, event, *staged)))
+
+    @torch.inference_mode()  # (thread-local: the caller's mode does not reach the thread)
+    def _write(self, layer, event, k, v, positions) -> None:
+        if event is not None:
+            event.synchronize()
+        B, KV, T, hd = k.shape
+        idx = positions[:, None, :, None].expand(B, KV, T, hd)
+        self.k[layer].scatter_(2, idx, k)
+        self.v[layer].scatter_(2, idx, v)
+
+    def finish_writes(self, layer: Optional[int] = None) -> None:
+        """Wait for the staged host writes of `layer` (before reading or writing it again on
+        the host or over the bus), or for all of them (the pass is over)."""
+        keep = []
+        for at, future in self._pending:
+            if layer is not None and at != layer:
+                keep.append((at, future))
+            else:
+                future.result()
+        self._pending = keep
 
     def advance(self, n) -> None:
         """Keep the next `n` written tokens of each row (an int or a LongTensor of shape (B,))."""

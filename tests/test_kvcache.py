@@ -1,4 +1,5 @@
 """The preallocated cache: per-row offsets, advance, rollback, reset."""
+import pytest
 import torch
 
 from specoff.kvcache import KVCache
@@ -36,3 +37,31 @@ def test_advance_by_row_and_rollback_overwrites_rejected_tokens():
     assert cache.lengths.tolist() == [0, 1]
     cache.reset()
     assert cache.lengths.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_staged_writes_land_in_order_once_finished(inference):
+    """stage_write (a host cache's new tokens, computed on the device) hands the write to a
+    host thread; finish_writes(layer) waits for that layer's, finish_writes() for all; writes
+    to one place land in the order issued, in or out of inference mode."""
+    with torch.inference_mode(inference):  # the engine builds its caches in inference mode
+        cache = KVCache(2, 3, 8, 2, 4, torch.float32, "cpu")
+    first = torch.randn(3, 2, 2, 4)
+    second = torch.randn(3, 2, 2, 4)
+    positions = torch.tensor([[0, 1], [4, 5], [6, 7]])
+    mode = torch.inference_mode() if inference else torch.no_grad()
+    with mode:
+        cache.stage_write(1, first, -first, positions)
+        cache.stage_write(0, first, first, positions)
+        cache.stage_write(1, second[:, :, :1], -second[:, :, :1], positions[:, :1])  # over column 0
+        cache.finish_writes(layer=1)
+        assert [layer for layer, _ in cache._pending] in ([0], [])
+        cache.finish_writes()
+    assert not cache._pending
+    for b in range(3):
+        p0, p1 = positions[b].tolist()
+        assert torch.equal(cache.k[1, b, :, p0], second[b, :, 0])
+        assert torch.equal(cache.k[1, b, :, p1], first[b, :, 1])
+        assert torch.equal(cache.v[1, b, :, p0], -second[b, :, 0])
+        assert torch.equal(cache.k[0, b, :, p1], first[b, :, 1])
+    assert cache.k[1, 0, :, 2:].abs().sum() == 0  # nothing else written

@@ -118,18 +118,20 @@ def cached_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_le
 
 def streamed_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_len):
     """Attention over a cache in pinned host memory: the layer's keys and values cross the
-    bus to the device and, with the new tokens written in, back (PCIe is full duplex, so the
-    way back does not slow the weights' way in). On the H200 host this beat attention on the
-    CPU for verification passes (γ+1 queries a row) by far, and costs the pass about the
-    copy of the cache's bytes (planner.predict_pass)."""
+    bus to the device, the new tokens are written in there, and only the new tokens cross
+    back (KVCache.stage_write; the whole layer back had cost the 24 GiB chain pass ~0.1 s
+    more). On the H200 host this beat attention on the CPU for verification passes (γ+1
+    queries a row) by far, and costs the pass about the copy of the cache's bytes
+    (planner.predict_pass)."""
+    cache.finish_writes(layer=layer)  # an earlier part's tokens of this layer, if any
     keys = cache.k[layer, :, :, :kv_len].to(q.device, non_blocking=True)  # (B, KV, S, hd)
     values = cache.v[layer, :, :, :kv_len].to(q.device, non_blocking=True)
     B, KV, T, hd = k.shape
-    idx = positions.clamp(max=kv_len - 1)[:, None, :, None].expand(B, KV, T, hd)
+    slots = positions.clamp(max=kv_len - 1)
+    idx = slots[:, None, :, None].expand(B, KV, T, hd)
     keys.scatter_(2, idx, k.to(keys.dtype))
     values.scatter_(2, idx, v.to(values.dtype))
-    cache.k[layer, :, :, :kv_len].copy_(keys, non_blocking=True)
-    cache.v[layer, :, :, :kv_len].copy_(values, non_blocking=True)
+    cache.stage_write(layer, k, v, slots)
     return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                           enable_gqa=KV != q.shape[1])
 
@@ -280,6 +282,8 @@ class Transformer(nn.Module):
             return per_cache[shape].run(h, cos, sin, mask, positions)
         for i, layer in enumerate(self.layers):
             h, = self.layer_step(i, [(h, cos, sin, mask, cache, i, positions, kv_len)])
+        if cache is not None:
+            cache.finish_writes()  # a host cache's last staged tokens (one wait, pass end)
         return h
 
     def layer_step(self, i: int, calls: list) -> list:
@@ -330,6 +334,8 @@ class Transformer(nn.Module):
                 p.h = h
             for stage in stages:
                 stage.flush(i)
+        for cache in {id(p.cache): p.cache for p in parts}.values():
+            cache.finish_writes()  # a host cache's last staged tokens (one wait, pass end)
         for stage in stages:
             stage.finish()
 
@@ -449,6 +455,9 @@ class PrefillStage:
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         T = self.T
+        # A pass's other part wrote this layer's rows too (verification rides over the rows
+        # being refilled): its staged host writes land first, the prompt's over them.
+        self.cache.finish_writes(layer=layer)
         for dst, src in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
             if self.rows is None:
                 dst[:, :, :T].copy_(src)
