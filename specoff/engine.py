@@ -76,7 +76,10 @@ class GenerationStats:
     token_acceptance: Optional[float] = None
     tokens_per_pass: Optional[float] = None  # tokens a row emits per target pass, on average
     draft_hidden_fraction: Optional[float] = None  # of draft time, the part under target passes
-    predicted_tokens_per_second: Optional[float] = None  # steady state, from the plan and α
+    # From the plan and α: chain mode counts this workload's passes (spec.chain.chain_passes:
+    # first prefill, tail and all, every row to max_new_tokens), tree mode the steady state.
+    predicted_tokens_per_second: Optional[float] = None
+    predicted_passes: Optional[int] = None
     groups: int = 1
     rows_per_group: int = 0
     draft_len: Optional[int] = None  # γ at the end of the run (it adapts)
@@ -461,17 +464,22 @@ class LLM:
         stats.decode_seconds += time.perf_counter() - t0
         stats.groups, stats.rows_per_group = groups, per_group
         stats.draft_len = pipeline.gamma
-        if plan.predicted_pass_seconds and pipeline.draft_step_s and stats.proposed:
-            # Planner v2's figure: E(α, γ) tokens per row per round, a round costing the
-            # predicted pass (plus the draft's (γ+1) steps when it cannot hide).
-            from .spec.chain import expected_tokens_per_pass
+        if stats.proposed:
+            # Planner v2's figure: this workload's passes at the measured α and final γ
+            # (E(α, γ) tokens per row per pass in steady state, plus the first prefill and
+            # the tail), each costing the predicted pass (plus the draft's γ+1 steps when
+            # they cannot hide under the other group's pass).
+            from .spec.chain import chain_passes
 
-            alpha = stats.position_acceptance()
+            stats.predicted_passes = chain_passes(len(rows), per_group, groups,
+                                                  params.max_new_tokens,
+                                                  stats.position_acceptance(), pipeline.gamma)
+        if plan.predicted_pass_seconds and pipeline.draft_step_s and stats.proposed:
             draft = (pipeline.gamma + 1) * pipeline.draft_step_s
             round_s = (max(plan.predicted_pass_seconds, draft) if groups > 1
                        else plan.predicted_pass_seconds + draft)
             stats.predicted_tokens_per_second = (
-                per_group * expected_tokens_per_pass(alpha, pipeline.gamma) / round_s)
+                len(rows) * params.max_new_tokens / (stats.predicted_passes * round_s))
         return [self._finish(r.prompt, r.tokens, params) for r in requests]
 
     def chain_groups(self, rows: int, plan: Plan, context: int) -> int:

@@ -8,7 +8,7 @@ from scipy.stats import chisquare
 
 import specoff
 from conftest import same_distribution, without_tokenizers
-from specoff.spec.chain import (choose_draft_len, emitted_tokens, expected_tokens_per_pass,
+from specoff.spec.chain import (chain_passes, choose_draft_len, emitted_tokens, expected_tokens_per_pass,
                                 greedy_accept, sample_accept)
 from specoff.synthetic import make_tiny_checkpoint, make_tokenizer
 
@@ -86,6 +86,20 @@ def test_greedy_speculation_equals_target(sigma, draft_len, interleave, pairs):
     if sigma == 1.0:
         assert s.acceptance_rate < 0.5
     assert s.tokens_per_pass == pytest.approx((s.accepted + s.row_passes) / s.row_passes)
+    # the planner's model of this workload's passes, at the α the run measured
+    assert abs(s.predicted_passes - s.decode_passes) <= max(2, 0.2 * s.decode_passes)
+
+
+def test_chain_passes_counts_prefill_refills_and_the_tail():
+    assert chain_passes(4, 4, 1, 32, 0.0, 4) == 32  # the prefill's token, then one a pass
+    assert chain_passes(4, 4, 1, 32, 1.0, 4) == 1 + 7  # then γ+1 a pass: ⌈31 / 5⌉
+    assert chain_passes(8, 4, 2, 32, 1.0, 4) == 2 + 2 * 7  # a prefill and 7 rounds a group
+    # 2 rows, 4 prompts of 6 tokens: prefill, done, refills' prefill, done
+    assert chain_passes(4, 2, 1, 6, 1.0, 4) == 4
+    # a finite workload pays more than the steady state's N·M / (R·E) passes
+    steady = 492 * 32 / (144 * expected_tokens_per_pass(0.7, 4))
+    assert steady < chain_passes(492, 144, 1, 32, 0.7, 4) < 1.5 * steady
+    assert chain_passes(492, 144, 1, 32, 0.7, 4) == chain_passes(492, 144, 1, 32, 0.7, 4, seed=0)
 
 
 def test_unrelated_draft_and_eos(pairs, tokenizer, tmp_path):

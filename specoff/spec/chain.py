@@ -63,6 +63,61 @@ def expected_tokens_per_pass(alpha: float, draft_len: int) -> float:
     return (1 - alpha ** (draft_len + 1)) / (1 - alpha)
 
 
+def chain_passes(prompts: int, rows_per_group: int, groups: int, new_tokens: int,
+                 alpha: float, draft_len: int, seed: int = 0) -> int:
+    """Target passes a chain run takes for `prompts` prompts of `new_tokens` tokens each,
+    simulated as spec.pipeline.ChainPipeline schedules them: a pass per group to prefill,
+    then rounds in turn, each row emitting 1 + a tokens a pass with P(a ≥ k) = α^k (k ≤ γ),
+    freed rows refilled (the prompt prefilled in the group's next pass, which gives its
+    first token), two groups merged into one at the tail. Where E tokens per row per pass
+    is the steady state, this counts what a finite workload pays: its first prefill, the
+    overshoot of each row's last pass, and the rounds with rows left empty at the tail."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    waiting = prompts
+    left = [[0] * rows_per_group for _ in range(groups)]  # tokens still to emit; 0: free
+    refill = [set() for _ in range(groups)]
+
+    def assign(g):
+        nonlocal waiting
+        for b in range(rows_per_group):
+            if left[g][b] == 0 and waiting:
+                waiting -= 1
+                left[g][b] = new_tokens
+                refill[g].add(b)
+
+    def round_(g) -> int:
+        live = [b for b in range(rows_per_group) if left[g][b] and b not in refill[g]]
+        if not live and not refill[g]:
+            return 0
+        if live:
+            accepted = np.minimum(rng.geometric(1 - alpha, len(live)) - 1 if alpha < 1
+                                  else np.full(len(live), draft_len), draft_len)
+            for b, a in zip(live, accepted):
+                left[g][b] = max(left[g][b] - 1 - int(a), 0)
+        for b in refill[g]:
+            left[g][b] -= 1
+        refill[g].clear()
+        assign(g)
+        return 1
+
+    passes = 0
+    for g in range(groups):
+        assign(g)
+        passes += round_(g)
+    turn = 0
+    while any(any(row) for row in left):
+        passes += round_(turn % len(left))
+        turn += 1
+        live = sum(1 for row in left for n in row if n)
+        if (len(left) == 2 and turn % 2 == 0 and not waiting and not any(refill)
+                and live <= rows_per_group):  # ChainPipeline._merge_tail
+            left = [[n for row in left for n in row if n] + [0] * (rows_per_group - live)]
+            refill = [set()]
+    return passes
+
+
 def choose_draft_len(alpha: float, target_pass_s: float, draft_step_s: float,
                      interleaved: bool, max_len: int = MAX_DRAFT_LEN) -> int:
     """The γ that maximises tokens per second: E(γ) over the round time, which is
