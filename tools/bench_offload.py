@@ -109,7 +109,8 @@ def main():
         ("model", f"Mixtral-8x7B shape, {args.layers} layers, bf16 random weights"),
         ("workload", f"{args.rows} rows x {args.prompt_len} prompt + {args.new_tokens} new tokens"),
         ("GPU budget / peak allocated", f"{args.gpu_memory} / {s.peak_gpu_bytes / 2**30:.2f} GiB"),
-        ("plan", f"ring {plan['ring_slots']} slots, resident attention {plan['resident_attention']}, "
+        ("plan", f"ring {plan['ring_slots']} slots of 1/{plan.get('ring_pieces', 1)} layer, "
+                 f"resident attention {plan['resident_attention']}, "
                  f"{plan['resident_layers']} resident layers, KV on {'GPU' if plan['kv_on_gpu'] else 'host'}"),
         ("pinned copy bandwidth (this run)", f"{copy_gbps:.1f} GB/s"),
         ("bytes streamed per decode pass", f"{stream / gb:.2f} GB"),
