@@ -1,0 +1,166 @@
+"""Where a target pass's time goes: a short chain run under torch.profiler, summarised per
+CUDA stream.
+
+The 24 GiB chain pass of the Mixtral-8x7B-shaped pair runs 0.2–0.55 s over its weight
+copy (README, "The benchmark suite"); this tool says whether the copy stream sat idle
+(the ring waiting for compute to release a slot, or the host not issuing) or the bus was
+shared (the host cache's layers, the refills' prefill). It builds the upcycled pair in
+memory as tools/bench.py does, runs one warm-up generation, then profiles a second one and
+prints, per stream: busy seconds, bytes copied host→device and device→host, and the
+longest idle gaps of the busiest copy stream with the operation that ended each gap.
+
+    python tools/profile_pass.py --gpu-memory 24GiB --rows 144 --new-tokens 8 \\
+        --trace $OUT/pass-trace.json --json $OUT/pass-profile.json
+    python tools/profile_pass.py --tiny          # CPU smoke run (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import specoff  # noqa: E402
+from specoff.synthetic import MIXTRAL_8X7B, dense_of, pair_configs, upcycled_pair  # noqa: E402
+
+TINY_TARGET = dict(MIXTRAL_8X7B, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=256, num_hidden_layers=3)
+
+
+def _union(intervals: List[tuple]) -> float:
+    """Total length covered by (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def summarize(trace: dict, top_gaps: int = 5) -> dict:
+    """Per-stream busy time, copy bytes and the copy stream's idle gaps from a Kineto
+    (chrome trace) dict; times in seconds."""
+    streams: Dict[int, dict] = {}
+    for ev in trace.get("traceEvents", []):
+        cat = ev.get("cat", "")
+        if cat not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in ev:
+            continue
+        args = ev.get("args", {})
+        sid = int(args.get("stream", ev.get("tid", -1)) or -1)
+        st = streams.setdefault(sid, dict(intervals=[], events=[], h2d=0, d2h=0, kernels=0))
+        start, dur = ev["ts"] * 1e-6, ev["dur"] * 1e-6
+        st["intervals"].append((start, start + dur))
+        st["events"].append((start, start + dur, ev.get("name", "")))
+        name = ev.get("name", "")
+        nbytes = int(args.get("bytes", 0) or 0)
+        if cat == "gpu_memcpy" and "HtoD" in name:
+            st["h2d"] += nbytes
+        elif cat == "gpu_memcpy" and "DtoH" in name:
+            st["d2h"] += nbytes
+        elif cat == "kernel":
+            st["kernels"] += 1
+    if not streams:
+        return {"streams": {}, "span_seconds": 0.0, "note": "no device activity (CPU run)"}
+    first = min(s for st in streams.values() for s, _ in st["intervals"])
+    last = max(e for st in streams.values() for _, e in st["intervals"])
+    out = {"span_seconds": last - first, "streams": {}}
+    for sid, st in streams.items():
+        out["streams"][str(sid)] = dict(
+            busy_seconds=_union(st["intervals"]), h2d_bytes=st["h2d"], d2h_bytes=st["d2h"],
+            kernels=st["kernels"], operations=len(st["events"]))
+    # The weight stream: the one that copied most host→device bytes.
+    copy_sid = max(streams, key=lambda s: streams[s]["h2d"])
+    events = sorted(streams[copy_sid]["events"])
+    gaps = []
+    for (s0, e0, _), (s1, e1, name) in zip(events, events[1:]):
+        if s1 > e0:
+            gaps.append((s1 - e0, e0 - first, name))
+    gaps.sort(reverse=True)
+    out["copy_stream"] = str(copy_sid)
+    out["copy_stream_idle_seconds"] = sum(g for g, _, _ in gaps)
+    out["copy_stream_gaps"] = [dict(seconds=g, at=t, next=name) for g, t, name in gaps[:top_gaps]]
+    return out
+
+
+def build(args):
+    if args.tiny:
+        draft_cfg, target_cfg = pair_configs(dense_of(TINY_TARGET), TINY_TARGET)
+        device, budget = torch.device("cpu"), None
+    else:
+        draft_cfg, target_cfg = pair_configs(dense_of(MIXTRAL_8X7B), MIXTRAL_8X7B, args.layers)
+        device, budget = torch.device("cuda"), args.gpu_memory
+    draft, target = upcycled_pair(draft_cfg, target_cfg, args.sigma, args.seed, device)
+    llm = specoff.LLM(target, draft=draft, device=device, gpu_memory=budget, offload=True,
+                      max_rows=args.rows, draft_len=args.draft_len, seed=args.seed,
+                      interleave={"on": True, "off": False}.get(args.interleave), spec="chain")
+    return llm, target_cfg.vocab_size
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="toy pair on the CPU: a smoke run")
+    p.add_argument("--gpu-memory", default="24GiB")
+    p.add_argument("--layers", type=int, help="decoder layers of the pair (default: all)")
+    p.add_argument("--rows", type=int, default=144, help="rows per pass (the plan may give fewer)")
+    p.add_argument("--prompts", type=int, help="prompts (default: rows + rows // 4: refills ride along)")
+    p.add_argument("--prompt-len", type=int, default=113, help="tokens a prompt (HumanEval's mean)")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--draft-len", type=int, default=4)
+    p.add_argument("--interleave", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--sigma", type=float, default=0.0158)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", help="write the chrome trace here")
+    p.add_argument("--json", help="write the summary here")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.rows, args.prompt_len, args.new_tokens = min(args.rows, 4), 12, 4
+    elif not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (or --tiny)")
+    llm, vocab = build(args)
+    gen = torch.Generator().manual_seed(args.seed)
+    n = args.prompts or args.rows + args.rows // 4
+    prompts = torch.randint(3, vocab, (n, args.prompt_len), generator=gen).tolist()
+    params = specoff.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    llm.generate(prompts[: max(1, args.rows // 4)], params)  # warm-up: kernels, graphs
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if not args.tiny:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    trace_path = Path(args.trace) if args.trace else Path("/tmp") / f"specoff-pass-{time.time_ns()}.json"
+    prof.export_chrome_trace(str(trace_path))
+    summary = summarize(json.loads(trace_path.read_text()))
+    s = llm.last_stats
+    summary.update(
+        wall_seconds=wall, passes=s.decode_passes, rows_per_group=s.rows_per_group,
+        groups=s.groups, target_seconds=s.target_seconds, plan=s.plan,
+        pass_seconds=s.target_seconds / s.decode_passes if s.decode_passes and s.target_seconds else None,
+        copy_seconds_per_pass=(s.plan.get("stream_bytes_per_pass", 0) / (llm.profile.copy_gbps * 1e9)
+                               if llm.profile else None))
+    if not args.trace:
+        trace_path.unlink()
+    print(f"{summary['passes']} passes of {summary['groups']} x {summary['rows_per_group']} rows, "
+          f"wall {wall:.2f} s, span on the device {summary['span_seconds']:.2f} s")
+    for sid, st in summary["streams"].items():
+        print(f"  stream {sid}: busy {st['busy_seconds']:.3f} s, H2D {st['h2d_bytes'] / 1e9:.2f} GB, "
+              f"D2H {st['d2h_bytes'] / 1e9:.2f} GB, {st['kernels']} kernels")
+    if "copy_stream" in summary:
+        print(f"  copy stream {summary['copy_stream']} idle {summary['copy_stream_idle_seconds']:.3f} s; "
+              f"longest gaps: " + ", ".join(f"{g['seconds'] * 1e3:.1f} ms before {g['next'][:40]}"
+                                            for g in summary["copy_stream_gaps"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
