@@ -76,8 +76,9 @@ class GenerationStats:
     token_acceptance: Optional[float] = None
     tokens_per_pass: Optional[float] = None  # tokens a row emits per target pass, on average
     draft_hidden_fraction: Optional[float] = None  # of draft time, the part under target passes
-    # From the plan and α: chain mode counts this workload's passes (spec.chain.chain_passes:
-    # first prefill, tail and all, every row to max_new_tokens), tree mode the steady state.
+    # From the plan (and α): plain and chain runs count this workload's passes (prefill
+    # included; chain: spec.chain.chain_passes, tail and all; every row to max_new_tokens),
+    # tree mode gives the steady state.
     predicted_tokens_per_second: Optional[float] = None
     predicted_passes: Optional[int] = None
     groups: int = 1
@@ -341,6 +342,14 @@ class LLM:
                 outputs.append(self._finish(ids, new, params))
             if progress is not None:
                 progress.update(len(batch))
+        if not speculate and plan.predicted_pass_seconds and plan.predicted_prefill_seconds:
+            # Every batch: its prefill pass (which gives the first token), then one decode
+            # pass a token; every row runs to max_new_tokens.
+            batches = -(-len(rows) // plan.rows_per_pass)
+            seconds = batches * (plan.predicted_prefill_seconds
+                                 + (params.max_new_tokens - 1) * plan.predicted_pass_seconds)
+            stats.predicted_passes = batches * params.max_new_tokens
+            stats.predicted_tokens_per_second = len(rows) * params.max_new_tokens / seconds
         stats.tokens = sum(len(o.token_ids) for o in outputs)
         stats.finalize()
         stats.bytes_streamed = (ring.bytes_copied - copied0) if ring is not None else 0

@@ -169,6 +169,9 @@ def test_gpu_budget_is_never_exceeded(make_checkpoint):
     assert llm.weight_plan.offload
     llm.generate(PROMPTS * 8, specoff.SamplingParams(max_new_tokens=16, ignore_eos=True))
     assert torch.cuda.max_memory_allocated() - base <= budget
+    s = llm.last_stats  # the workload's prediction: a prefill and 15 decode passes a batch
+    batches = -(-len(PROMPTS) * 8 // s.plan["rows_per_pass"])
+    assert s.predicted_passes == 16 * batches and s.predicted_tokens_per_second > 0
 
 
 @pytest.mark.gpu
