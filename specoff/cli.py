@@ -156,7 +156,10 @@ def run(args) -> int:
                       dtype=args.dtype, seed=args.seed, offload=offload,
                       gpu_memory=args.gpu_memory, draft_len=draft_len,
                       interleave=False if args.no_interleave else (True if args.interleave else None),
-                      tree_budget=tree_budget)
+                      tree_budget=tree_budget,
+                      # The weights are placed for the rows this run can use: a few prompts
+                      # leave the budget to resident weights and whole-layer ring slots.
+                      max_rows=max(1, min(256, len(prompts))))
     with tqdm(total=len(prompts), unit="prompt", disable=None, file=sys.stderr) as bar:
         outputs = llm.generate(prompts, params, progress=bar)
     if not args.quiet:

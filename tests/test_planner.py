@@ -162,6 +162,21 @@ def test_a_mistral_draft_beside_mixtral_in_24_gib():
                              reserve=planner.weight_reserve(target, torch.bfloat16, 14 * GiB, 256, draft))
 
 
+def test_a_few_rows_leave_the_budget_to_the_weights():
+    """The weights are placed for the rows a run can use (the CLI passes its prompt count):
+    an interactive run keeps attention resident in larger slots, a throughput run gives the
+    memory to rows."""
+    target = ModelConfig.from_dict(MIXTRAL_8X7B)
+    draft = ModelConfig.from_dict(dict(MIXTRAL_8X7B, model_type="mistral"))
+    plans = {rows: planner.plan_weights(target, torch.bfloat16, 24 * GiB, offload=None,
+                                        reserve=planner.weight_reserve(target, torch.bfloat16,
+                                                                       24 * GiB, rows, draft))
+             for rows in (1, 256)}
+    assert plans[1].resident_attention and not plans[256].resident_attention
+    assert plans[1].ring_pieces < plans[256].ring_pieces
+    assert sum(plans[1].gpu_bytes.values()) > 4 * sum(plans[256].gpu_bytes.values())
+
+
 def test_forced_ring_pieces_must_split_the_experts():
     target = ModelConfig.from_dict(MIXTRAL_8X7B)
     plan = planner.plan_weights(target, torch.bfloat16, 24 * GiB, offload=True, reserve=GiB,
