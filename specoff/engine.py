@@ -378,7 +378,8 @@ class LLM:
             ids[b, :len(r)] = torch.tensor(r)
         # The plan's chunk is for rows_per_pass rows; fewer rows take longer chunks.
         chunk = max(plan.prefill_chunk, plan.prefill_chunk * plan.rows_per_pass // B)
-        last_logits = model.prefill(ids.to(device), lens, cache, chunk)
+        last_logits = model.prefill(ids.to(device), lens, cache, chunk,
+                                    lengths_host=[len(r) for r in rows])
         stats.prefill_passes += 1
         tokens = select(last_logits, params, generator)
         _sync(device)

@@ -111,6 +111,45 @@ def test_offloaded_generation_equals_resident(family, make_checkpoint):
     assert resident.last_stats.bytes_streamed == 0
 
 
+def test_length_buckets():
+    from specoff.models.decoder import length_buckets
+
+    assert length_buckets([340, 100, 300, 90, 260, 10]) == [[0, 2, 4], [1, 3], [5]]
+    assert length_buckets([5, 5, 5]) == [[0, 1, 2]]
+    assert len(length_buckets(list(range(1, 400)), max_buckets=4)) == 4
+
+
+@pytest.mark.parametrize("into_rows", [False, True])
+def test_length_bucketed_prefill_equals_the_padded_one(into_rows, make_checkpoint):
+    """Prompts of far-apart lengths prefill in length buckets (fewer padded tokens, the same
+    part size in tokens): logits and cached K/V match the batch padded to its longest."""
+    from specoff.models.decoder import PrefillBatch
+
+    model = specoff.LLM(make_checkpoint("mixtral", layers=3), device="cpu").model
+    gen = torch.Generator().manual_seed(0)
+    host = [23, 4, 19, 2, 11, 22]
+    ids = torch.randint(3, 200, (len(host), max(host)), generator=gen)
+    lens = torch.tensor(host)
+    rows = torch.tensor([6, 0, 3, 1, 7, 2]) if into_rows else None
+    caches = []
+    with torch.inference_mode():
+        for lengths_host in (None, host):
+            cache = model.new_cache(8 if into_rows else len(host), 32)
+            logits = model.prefill(ids, lens, cache, chunk=5, rows=rows, lengths_host=lengths_host)
+            caches.append((logits, cache))
+    (a, plain), (b, bucketed) = caches
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert torch.equal(bucketed.lengths, plain.lengths)
+    for i, n in enumerate(host):
+        r = int(rows[i]) if into_rows else i
+        torch.testing.assert_close(bucketed.k[:, r, :, :n], plain.k[:, r, :, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bucketed.v[:, r, :, :n], plain.v[:, r, :, :n], rtol=1e-5, atol=1e-5)
+    batch = PrefillBatch(ids, model.new_cache(len(host), 32), 5, lengths_host=host)
+    assert len(batch.groups) > 1 and batch.padded_tokens < 0.8 * ids.numel()
+    # every part holds at most the tokens the caller sized a part for (chunk x rows)
+    assert max(p.input_ids.numel() for p in batch.parts) <= 5 * len(host)
+
+
 def test_staged_prefill_fills_rows_of_a_larger_cache(make_checkpoint):
     """Prompts prefilled straight into rows of a bigger cache (PrefillStage: the K/V are built
     one layer at a time in a scratch, then moved) match a plain prefill, chunks and all."""

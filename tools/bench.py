@@ -68,6 +68,7 @@ import specoff  # noqa: E402
 from specoff import baselines  # noqa: E402
 from specoff.offload import copy_gbps, peak_host_bytes, refill  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
+from specoff.spec.chain import chain_passes  # noqa: E402
 from specoff.synthetic import (MISTRAL_7B, MIXTRAL_8X7B, dense_of, draft_trajectories,  # noqa: E402
                                greedy_agreement, pair_configs, sigma_for_acceptance,
                                upcycled_pair)
@@ -535,6 +536,10 @@ def estimate(bench: Bench, job: Job) -> Optional[float]:
         rows //= 2  # one group per pass
     if job.engine.startswith("specoff-offload"):
         return math.ceil(n / rows) * (new + 2) * pass_s
+    if job.engine.startswith("specoff-chain"):  # the planner's workload model, α 0.7 prior
+        groups = 2 if job.engine == "specoff-chain-interleaved" and rows > 1 else 1
+        gamma = p.get("draft_len") or 4
+        return chain_passes(n, rows, groups, new, 0.7, gamma) * pass_s * 1.15
     if job.engine.startswith("specoff"):
         return (n * new / (rows * 2.5) + 2 * math.ceil(n / rows)) * pass_s * 1.2
     if job.engine == "hf-assisted":

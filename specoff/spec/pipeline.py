@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 
 from ..kvcache import KVCache
-from ..models.decoder import PassPart, prefill_parts
+from ..models.decoder import PassPart, PrefillBatch
 from ..sampling import SamplingParams, logits_to_probs, sample_from, select
 from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accept, sample_accept
 
@@ -214,8 +214,10 @@ class ChainPipeline:
             ids, rows = ids.to(self.device), torch.tensor(refill, device=self.device)
             # Straight into the rows' cache, attention on the device (decoder.PrefillStage).
             chunk = max(self.chunk, self.part_tokens // len(refill))
-            prefill = prefill_parts(ids, g.target_cache, chunk, rows=rows, device=self.device)
-            parts += prefill
+            host_lens = [len(p) for p in prompts]
+            prefill = PrefillBatch(ids, g.target_cache, chunk, rows=rows, device=self.device,
+                                   lengths_host=host_lens)
+            parts += prefill.parts
         self.target.run_parts(parts)
         self.stats.decode_passes += 1
 
@@ -234,12 +236,12 @@ class ChainPipeline:
             g.draft_cache.rollback(gamma - accepted)  # drafting advanced it by γ+1
             g.last.copy_(nxt)
         if refill:
-            h = torch.cat([p.h for p in prefill], dim=1)
-            first = select(self.target.head(h, (lens - 1)[:, None])[:, 0], self.params,
+            first = select(self.target.head(prefill.last_hidden(lens))[:, 0], self.params,
                            self.generator)
             g.target_cache.lengths[rows] = lens
             # The draft prefills the same prompts (small next to the target pass).
-            self.draft.prefill(self._draft_ids(ids), lens, g.draft_cache, chunk, rows=rows)
+            self.draft.prefill(self._draft_ids(ids), lens, g.draft_cache, chunk, rows=rows,
+                               lengths_host=host_lens)
             g.last[rows] = first
         if self.cuda:
             timing.target_end.record()

@@ -483,9 +483,11 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         for b, r in enumerate(batch):
             ids[b, :len(r.prompt)] = torch.tensor(r.prompt)
         ids = ids.to(device)
-        last = select(target.prefill(ids, lens, tcache, llm.prefill_chunk), params, generator)
+        host_lens = [len(r.prompt) for r in batch]
+        last = select(target.prefill(ids, lens, tcache, llm.prefill_chunk, lengths_host=host_lens),
+                      params, generator)
         draft_ids = torch.where(ids < dcfg.vocab_size, ids, torch.zeros_like(ids))
-        draft.prefill(draft_ids, lens, dcache, llm.prefill_chunk)
+        draft.prefill(draft_ids, lens, dcache, llm.prefill_chunk, lengths_host=host_lens)
         stats.prefill_passes += 1
         for b, tok in enumerate(last.tolist()):  # once per batch, after prefill
             batch[b].add(tok, eos, params.max_new_tokens)
