@@ -195,10 +195,11 @@ class WeightRing:
         slot = j % self.n_slots
         layer, piece = self.units[j]
         src, dst = self.store.flat[layer], self.buffers[slot]
-        copies = [(dst[d:d + n], src[s:s + n]) for _, s, d, n, _ in self.plans[piece]]
         if self.pieces == 1:  # a whole layer's prefix: one copy
             n = self.store.layout.stream_numel
             copies = [(dst[:n], src[:n])]
+        else:
+            copies = [(dst[d:d + n], src[s:s + n]) for _, s, d, n, _ in self.plans[piece]]
         self.bytes_copied += sum(c[1].numel() for c in copies) * src.element_size()
         if not self.cuda:
             for d, s in copies:

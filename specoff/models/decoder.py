@@ -280,7 +280,7 @@ class Transformer(nn.Module):
             if shape not in per_cache:
                 per_cache[shape] = LayerGraphs(self, cache, *shape)
             return per_cache[shape].run(h, cos, sin, mask, positions)
-        for i, layer in enumerate(self.layers):
+        for i in range(len(self.layers)):
             h, = self.layer_step(i, [(h, cos, sin, mask, cache, i, positions, kv_len)])
         if cache is not None:
             cache.finish_writes()  # a host cache's last staged tokens (one wait, pass end)
