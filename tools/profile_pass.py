@@ -16,6 +16,7 @@ longest idle gaps of the busiest copy stream with the operation that ended each 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import sys
 import time
@@ -82,11 +83,69 @@ def summarize(trace: dict, top_gaps: int = 5) -> dict:
     for (s0, e0, _), (s1, e1, name) in zip(events, events[1:]):
         if s1 > e0:
             gaps.append((s1 - e0, e0 - first, name))
+    # Was the GPU computing while the copy stream waited? A gap with the compute streams
+    # idle too means nothing was issued (the host was behind); with them busy, the ring
+    # waited for a slot to be released.
+    compute = sorted(iv for sid, st in streams.items() if sid != copy_sid for iv in st["intervals"])
+    merged: List[list] = []
+    for s, e in compute:
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    starts = [m[0] for m in merged]
+
+    def busy_within(a: float, b: float) -> float:
+        i = max(0, bisect.bisect_right(starts, a) - 1)
+        t = 0.0
+        while i < len(merged) and merged[i][0] < b:
+            t += max(0.0, min(b, merged[i][1]) - max(a, merged[i][0]))
+            i += 1
+        return t
+
+    buckets = [("<0.05 ms", 5e-5), ("0.05-0.5 ms", 5e-4), ("0.5-5 ms", 5e-3), ("5-50 ms", 5e-2),
+               (">50 ms", float("inf"))]
+    hist = {name: dict(count=0, seconds=0.0, compute_busy_seconds=0.0) for name, _ in buckets}
+    for (s0, e0, _), (s1, _e1, _n) in zip(events, events[1:]):
+        g = s1 - e0
+        if g <= 0:
+            continue
+        name = next(n for n, hi in buckets if g < hi)
+        hist[name]["count"] += 1
+        hist[name]["seconds"] += g
+        hist[name]["compute_busy_seconds"] += busy_within(e0, s1)
+    out["copy_gap_histogram"] = hist
+    out["host_during_gaps"] = host_during(trace, [(e0, s1) for (s0, e0, _), (s1, _e, _n)
+                                                  in zip(events, events[1:]) if s1 - e0 > 5e-4])
     gaps.sort(reverse=True)
     out["copy_stream"] = str(copy_sid)
     out["copy_stream_idle_seconds"] = sum(g for g, _, _ in gaps)
     out["copy_stream_gaps"] = [dict(seconds=g, at=t, next=name) for g, t, name in gaps[:top_gaps]]
     return out
+
+
+def host_during(trace: dict, windows: List[tuple], top: int = 12) -> List[dict]:
+    """What the host threads ran while the copy stream waited: per (thread, operation) the
+    seconds its events overlap the given windows, largest first. Nested events each count,
+    so this ranks operations; it does not add up to the gaps."""
+    windows = sorted(windows)
+    starts = [w[0] for w in windows]
+    acc: Dict[tuple, float] = {}
+    for ev in trace.get("traceEvents", []):
+        if ev.get("ph") != "X" or "dur" not in ev or ev.get("cat") not in (
+                "cpu_op", "cuda_runtime", "cuda_driver", "user_annotation", "python_function"):
+            continue
+        a, b = ev["ts"] * 1e-6, (ev["ts"] + ev["dur"]) * 1e-6
+        i = max(0, bisect.bisect_right(starts, a) - 1)
+        t = 0.0
+        while i < len(windows) and windows[i][0] < b:
+            t += max(0.0, min(b, windows[i][1]) - max(a, windows[i][0]))
+            i += 1
+        if t > 0:
+            key = (str(ev.get("tid")), ev.get("name", "")[:60])
+            acc[key] = acc.get(key, 0.0) + t
+    ranked = sorted(acc.items(), key=lambda kv: -kv[1])[:top]
+    return [dict(thread=k[0], op=k[1], seconds=v) for k, v in ranked]
 
 
 def build(args):
@@ -111,6 +170,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--rows", type=int, default=144, help="rows per pass (the plan may give fewer)")
     p.add_argument("--prompts", type=int, help="prompts (default: rows + rows // 4: refills ride along)")
     p.add_argument("--prompt-len", type=int, default=113, help="tokens a prompt (HumanEval's mean)")
+    p.add_argument("--humaneval", action="store_true",
+                   help="HumanEval's prompts (tools/bench.py's mapping) instead of random ones")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--draft-len", type=int, default=4)
     p.add_argument("--interleave", choices=["auto", "on", "off"], default="auto")
@@ -126,7 +187,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     llm, vocab = build(args)
     gen = torch.Generator().manual_seed(args.seed)
     n = args.prompts or args.rows + args.rows // 4
-    prompts = torch.randint(3, vocab, (n, args.prompt_len), generator=gen).tolist()
+    if args.humaneval:
+        from bench import humaneval_prompts  # tools/bench.py, beside this file
+        prompts = humaneval_prompts(n, vocab)
+    else:
+        prompts = torch.randint(3, vocab, (n, args.prompt_len), generator=gen).tolist()
     params = specoff.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     llm.generate(prompts[: max(1, args.rows // 4)], params)  # warm-up: kernels, graphs
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -157,6 +222,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(f"  copy stream {summary['copy_stream']} idle {summary['copy_stream_idle_seconds']:.3f} s; "
               f"longest gaps: " + ", ".join(f"{g['seconds'] * 1e3:.1f} ms before {g['next'][:40]}"
                                             for g in summary["copy_stream_gaps"]))
+        for h in summary["host_during_gaps"]:
+            print(f"    host thread {h['thread']} in {h['op']}: {h['seconds']:.3f} s of the gaps")
+        for name, h in summary["copy_gap_histogram"].items():
+            print(f"    gaps {name}: {h['count']} totalling {h['seconds']:.3f} s, compute busy "
+                  f"{h['compute_busy_seconds']:.3f} s of it")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
     return summary
