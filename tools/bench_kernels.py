@@ -3,10 +3,10 @@
 Prints one markdown table: median time eager (triton.testing.do_bench) and as CUDA-graph
 replays, TFLOP/s and GB/s, the share of the measured HBM read bandwidth, and the speed-up
 over the torch baseline. Shapes are Mixtral-8x7B's and Qwen3-30B-A3B's. The `fused` section
-times RMSNorm, rotary embedding and SwiGLU at the decode shapes of a Mistral-7B draft against
-the torch compositions they replace. The `draft` section times that draft's decode step
-(random bf16 weights) as one CUDA-graph replay against the time to read its weights once at
-the measured bandwidth.
+times RMSNorm (alone and with the residual add before it), rotary embedding and SwiGLU at the
+decode shapes of a Mistral-7B draft against the torch compositions they replace. The `draft`
+section times that draft's decode step (random bf16 weights) as one CUDA-graph replay against
+the time to read its weights once at the measured bandwidth.
 
     python3 tools/bench_kernels.py [--only moe|attention|fused|draft] [--no-ref] [--json out.json]
 
@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from specoff.kernels.attention import attention_mask, verify_attention, verify_attention_ref  # noqa: E402
-from specoff.kernels.fused import rms_norm, rms_norm_ref, rope, rope_ref, silu_mul, silu_mul_ref  # noqa: E402
+from specoff.kernels.fused import (add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, rope, rope_ref,  # noqa: E402
+                                   silu_mul, silu_mul_ref)
 from specoff.kernels.moe import fused_moe, fused_moe_ref, moe_route  # noqa: E402
 
 # name: (hidden D, intermediate I, experts E, top_k) and (heads H, kv heads KV, head_dim)
@@ -223,8 +224,12 @@ def bench_fused(hbm: float):
         cos = torch.rand(B, 1, 1, hd, device="cuda", generator=gen).to(torch.bfloat16)
         sin = torch.rand(B, 1, 1, hd, device="cuda", generator=gen).to(torch.bfloat16)
         gate_up = torch.randn(B, 1, 2 * cfg.intermediate_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+        residual = torch.randn(B, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         cases = {  # name: (kernel, torch composition, elements read and written)
             "rms_norm": (lambda: rms_norm(x, weight, eps), lambda: rms_norm_ref(x, weight, eps), 2 * x.numel() + D),
+            # x and residual read, h and the norm written
+            "add_rms_norm": (lambda: add_rms_norm(x, residual, weight, eps),
+                             lambda: add_rms_norm_ref(x, residual, weight, eps), 4 * x.numel() + D),
             "rope": (lambda: rope(q, k, cos, sin), lambda: rope_ref(q, k, cos, sin),
                      2 * (q.numel() + k.numel() + cos.numel())),
             "silu_mul": (lambda: silu_mul(gate_up), lambda: silu_mul_ref(gate_up), 3 * gate_up.numel() // 2),

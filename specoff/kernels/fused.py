@@ -11,6 +11,9 @@ does, op by op:
   the promoted dtype. Only the fp32 sum of squares runs in another order than torch's
   reduction, so an output can differ in its last bit or two where the normalised fp32 value
   lies within a few fp32 ulps of a rounding boundary of the dtype.
+- add_rms_norm: h = x + residual (rounded to the dtype as torch's add: bit-exact), then
+  rms_norm(h), in one launch that reads x and residual once and writes h and the norm; the
+  residual add before a pre-norm block's second norm (h + attention, then ffn_norm).
 - rope (Su et al. 2021, RoFormer, arXiv 2104.09864, section 3.4.2, in the rotate-half layout
   of Hugging Face checkpoints): x * cos, rotate_half(x) * sin and their sum each rounded to
   x's dtype, as torch's three kernels: bit-exact.
@@ -58,6 +61,19 @@ def _exp(x):
 
 
 @triton.jit
+def _normalise(x, w_ptr, cols, col_valid, D, eps, dtype: tl.constexpr):
+    """w * (x * rsqrt(mean(x^2) + eps)).to(dtype) over the rows of the fp32 tile x (zeros
+    past D), left in fp32: the caller rounds it once, as torch's mul in the promoted dtype."""
+    # torch's CUDA mean: the sum times the fp32 reciprocal of D; eps rounded to fp32 as torch does.
+    inv_d = tl.math.div_rn(1.0, tl.cast(D, tl.float32))
+    mean = tl.sum(x * x, 1) * inv_d
+    rstd = tl.math.rsqrt(_add_rn(mean, tl.cast(eps, tl.float32)))  # Inductor may pass eps as fp64
+    x_normed = (x * rstd[:, None]).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
+    return w[None, :] * x_normed
+
+
+@triton.jit
 def _rms_norm_kernel(
     # pointers
     x_ptr, w_ptr, out_ptr,
@@ -78,14 +94,36 @@ def _rms_norm_kernel(
     col_valid = cols < D
     mask = row_valid[:, None] & col_valid[None, :]
     x = tl.load(x_ptr + x_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    # torch's CUDA mean: the sum times the fp32 reciprocal of D; eps rounded to fp32 as torch does.
-    inv_d = tl.math.div_rn(1.0, tl.cast(D, tl.float32))
-    mean = tl.sum(x * x, 1) * inv_d
-    rstd = tl.math.rsqrt(_add_rn(mean, tl.cast(eps, tl.float32)))  # Inductor may pass eps as fp64
-    x_normed = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
-    out = w[None, :] * x_normed  # rounded once below, as torch's mul in the promoted dtype
+    out = _normalise(x, w_ptr, cols, col_valid, D, eps, x_ptr.dtype.element_ty)
     tl.store(out_ptr + row[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    # pointers
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    # sizes
+    rows, D, eps,
+    # strides
+    stride_x, stride_res,
+    # meta-parameters
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """ROWS rows of h = x + residual (res_out) and out = rms_norm(h), as _rms_norm_kernel."""
+    dtype = res_out_ptr.dtype.element_ty
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_valid = row < rows
+    row = row.to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_valid = cols < D
+    mask = row_valid[:, None] & col_valid[None, :]
+    x = tl.load(x_ptr + row[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    res = tl.load(res_ptr + row[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = _add_rn(x, res).to(dtype)  # torch's add: the fp32 sum rounded to the dtype
+    out_rows = row[:, None] * D + cols[None, :]
+    tl.store(res_out_ptr + out_rows, h, mask=mask)
+    out = _normalise(h.to(tl.float32), w_ptr, cols, col_valid, D, eps, dtype)
+    tl.store(out_ptr + out_rows, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -185,6 +223,10 @@ def _rms_norm_empty(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
 
 
+def _add_empty(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _rms_norm_into(x, weight, eps: float, out):
     D = x.shape[-1]
     # Rows as (outer, inner): q or k split from the fused QKV projection, (B, T, H, hd), is a
@@ -196,15 +238,40 @@ def _rms_norm_into(x, weight, eps: float, out):
     if rows == 0:
         return out
     block_d = triton.next_power_of_2(D)
-    rows_per_program = max(1, min(16, 2048 // block_d))
-    tile = rows_per_program * block_d
+    rows_per_program, num_warps = _rms_norm_launch(block_d)
     _launcher(_rms_norm_kernel, x)[(triton.cdiv(rows, rows_per_program),)](
         x3, weight, out,
         rows, x3.shape[1], D, eps,
         x3.stride(0), x3.stride(1),
-        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=4 if tile <= 2048 else 8 if tile <= 8192 else 16,
+        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out
+
+
+def _rms_norm_launch(block_d: int):
+    """(rows a program, num_warps) for rows of block_d columns: tiles of about 2048 elements."""
+    rows_per_program = max(1, min(16, 2048 // block_d))
+    tile = rows_per_program * block_d
+    return rows_per_program, 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+
+
+def _add_rms_norm_into(x, residual, weight, eps: float, out, residual_out):
+    D = x.shape[-1]
+    x2, res2 = x.reshape(-1, D), residual.reshape(-1, D)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    res2 = res2 if res2.stride(1) == 1 else res2.contiguous()
+    rows = x2.shape[0]
+    if rows == 0:
+        return out, residual_out
+    block_d = triton.next_power_of_2(D)
+    rows_per_program, num_warps = _rms_norm_launch(block_d)
+    _launcher(_add_rms_norm_kernel, x)[(triton.cdiv(rows, rows_per_program),)](
+        x2, res2, weight, out, residual_out,
+        rows, D, eps,
+        x2.stride(0), res2.stride(0),
+        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out, residual_out
 
 
 def _rope_empty(q: torch.Tensor, k: Optional[torch.Tensor]) -> List[torch.Tensor]:
@@ -276,6 +343,11 @@ def _rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return _rms_norm_into(x, weight, eps, _rms_norm_empty(x, weight))
 
 
+def _add_rms_norm_impl(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _add_rms_norm_into(x, residual, weight, eps, _rms_norm_empty(x, weight), _add_empty(x))
+
+
 def _rope_impl(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor) -> List[torch.Tensor]:
     outs = _rope_empty(q, k)
     _rope_into(q, k, cos, sin, outs[0], outs[1] if k is not None else None)
@@ -287,6 +359,8 @@ def _silu_mul_impl(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 _rms_norm_op = _register("rms_norm", _rms_norm_impl, lambda x, weight, eps: _rms_norm_empty(x, weight))
+_add_rms_norm_op = _register("add_rms_norm", _add_rms_norm_impl,
+                             lambda x, residual, weight, eps: (_rms_norm_empty(x, weight), _add_empty(x)))
 _rope_op = _register("rope", _rope_impl, lambda q, k, cos, sin: _rope_empty(q, k))
 _silu_mul_op = _register("silu_mul", _silu_mul_impl, _silu_mul_empty)
 
@@ -309,6 +383,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     assert out.shape == x.shape and out.is_contiguous()
     assert out.dtype == torch.promote_types(x.dtype, weight.dtype)
     return _rms_norm_into(x, weight, float(eps), out)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 out: Optional[torch.Tensor] = None, residual_out: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(h, weight, eps), h) for h = x + residual, x and residual (..., D) of one dtype.
+
+    h is rounded as torch's `x + residual` (bit-exact) and normalised as rms_norm rounds, in
+    one launch. `out` and `residual_out` (preallocated, both or neither) may alias neither
+    input. Eagerly (or with them) the kernel launches directly; while torch.compile traces,
+    the registered op `torch.ops.specoff.add_rms_norm` runs.
+    """
+    assert x.dtype in _DTYPES and weight.dtype in _DTYPES, f"unsupported dtypes {x.dtype}, {weight.dtype}"
+    assert residual.shape == x.shape and residual.dtype == x.dtype, "x and residual share a shape and dtype"
+    assert weight.shape == (x.shape[-1],) and weight.stride(0) == 1, "weight is a contiguous (D,) vector"
+    assert triton.next_power_of_2(x.shape[-1]) <= 65536, "one row is one tile: D <= 65536"
+    assert (out is None) == (residual_out is None), "out and residual_out come together"
+    if out is None and _tracing(x):
+        normed, h = _add_rms_norm_op(x, residual, weight, float(eps))
+        return normed, h
+    if out is None:
+        out, residual_out = _rms_norm_empty(x, weight), _add_empty(x)
+    assert out.shape == x.shape and out.is_contiguous()
+    assert out.dtype == torch.promote_types(x.dtype, weight.dtype)
+    assert residual_out.shape == x.shape and residual_out.dtype == x.dtype and residual_out.is_contiguous()
+    return _add_rms_norm_into(x, residual, weight, float(eps), out, residual_out)
 
 
 def rope(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, *,
@@ -364,6 +464,13 @@ def rms_norm_ref(x, weight, eps):
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def add_rms_norm_ref(x, residual, weight, eps):
+    """(rms_norm_ref(h), h) for h = x + residual, as the decoder's `h = h + attention(...)`
+    before its ffn_norm."""
+    h = x + residual
+    return rms_norm_ref(h, weight, eps), h
 
 
 def rotate_half_ref(x):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, rope_inv_freq
 from ..kernels.attention import verify_attention
-from ..kernels.fused import rms_norm, rope, silu_mul
+from ..kernels.fused import add_rms_norm, rms_norm, rope, silu_mul
 from ..kernels.moe import fused_moe, moe_route
 from ..kvcache import KVCache
 
@@ -27,8 +27,10 @@ from ..kvcache import KVCache
 TREE_ATTENTION = "auto"
 
 # RMSNorm, rotary embedding and the SwiGLU activation: "auto" runs the fused Triton kernels
-# (specoff/kernels/fused.py: 5 launches a dense layer where the torch ops launch ~28) on CUDA
-# tensors and the plain-torch ops elsewhere; "triton" or "torch" forces one (tests, benchmarks).
+# (specoff/kernels/fused.py: one launch for each norm, for rotary on q and k, and for SwiGLU,
+# where the torch ops launch ~28; the attention's residual add rides in the ffn norm's launch)
+# on CUDA tensors and the plain-torch ops elsewhere; "triton" or "torch" forces one (tests,
+# benchmarks).
 FUSED_ELEMENTWISE = "auto"
 
 
@@ -51,6 +53,13 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor):
+        """(self(h), h) for h = residual + x: one fused launch on the Triton path."""
+        if use_fused_elementwise(x):
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        h = residual + x
+        return self(h), h
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -210,12 +219,15 @@ class TransformerBlock(nn.Module):
         self.feed_forward = MoEFeedForward(cfg) if cfg.is_moe else FeedForward(cfg)
 
     def attend(self, h, cos, sin, mask, cache=None, layer=0, positions=None, kv_len=None):
-        return h + self.attention(self.attention_norm(h), cos, sin, mask, cache, layer, positions,
-                                  kv_len)
+        """(h + attention(attention_norm(h)), ffn_norm of that): the residual add and the
+        feed-forward's norm are one launch on the Triton path."""
+        y = self.attention(self.attention_norm(h), cos, sin, mask, cache, layer, positions, kv_len)
+        normed, h = self.ffn_norm.add_norm(y, h)
+        return h, normed
 
     def forward(self, h, cos, sin, mask, cache=None, layer=0, positions=None, kv_len=None):
-        h = self.attend(h, cos, sin, mask, cache, layer, positions, kv_len)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h, normed = self.attend(h, cos, sin, mask, cache, layer, positions, kv_len)
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):
@@ -300,8 +312,9 @@ class Transformer(nn.Module):
             out = [layer(*c) for c in calls]
             ring.release(i)
             return out
-        hs = [layer.attend(*c) for c in calls]
-        routed = [ffn.route(layer.ffn_norm(h)) for h in hs]
+        attended = [layer.attend(*c) for c in calls]  # (h, ffn_norm(h)) each
+        hs = [h for h, _ in attended]
+        routed = [ffn.route(normed) for _, normed in attended]
         acc = [None] * len(hs)
         for s, (first, w13, w2) in enumerate(ffn.pieces):
             if s:

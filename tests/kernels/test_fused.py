@@ -1,4 +1,5 @@
-"""Fused RMSNorm, rotary embedding and SwiGLU kernels against their plain-torch references.
+"""Fused RMSNorm (alone and after a residual add), rotary embedding and SwiGLU kernels against
+their plain-torch references.
 
 On the CPU the kernels run in Triton's interpreter (fp32/fp16); bf16, model-sized shapes,
 bit-equality with torch's CUDA kernels, Inductor and CUDA-graph capture run under the
@@ -10,7 +11,8 @@ import pytest
 import torch
 from conftest import DEVICE, TOL, dtype_cases, gpu, rel_err
 
-from specoff.kernels.fused import rms_norm, rms_norm_ref, rope, rope_ref, silu_mul, silu_mul_ref
+from specoff.kernels.fused import (add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, rope, rope_ref,
+                                   silu_mul, silu_mul_ref)
 from specoff.models import decoder
 
 # Last-place distance allowed where the fp32 sum of squares runs in another order than torch's
@@ -83,6 +85,51 @@ def test_rms_norm_promotes_to_the_weight_dtype():
     assert out.dtype == ref.dtype == torch.float32
     # x_normed may differ in its last fp16 bit: up to 2**-11 relative after the exact fp32 scaling.
     assert ((out - ref).abs() <= 2**-10 * ref.abs()).all()
+
+
+# ---------------------------------------------------------------------------------------
+# add_rms_norm
+
+ADD_RMS_GPU = [(1, 4096), (4, 4096), (16, 4096), (33, 511), (222, 128)]
+
+
+def add_rms_norm_inputs(rows, hidden, dtype, *case):
+    """x like an attention output; the residual over a wide range of magnitudes, so that many
+    sums round (and some cancel)."""
+    gen = generator("add", rows, hidden, dtype, *case)
+    x = (3 * torch.randn(rows, hidden, device=DEVICE, generator=gen)).to(dtype)
+    scale = torch.exp2(torch.randint(-16, 8, (rows, hidden), device=DEVICE, generator=gen).float())
+    residual = (scale * torch.randn(rows, hidden, device=DEVICE, generator=gen)).to(dtype)
+    weight = (1 + 0.2 * torch.randn(hidden, device=DEVICE, generator=gen)).to(dtype)
+    return x, residual, weight
+
+
+@pytest.mark.parametrize("rows,hidden,dtype", list(dtype_cases(RMS_CPU, ADD_RMS_GPU)))
+def test_add_rms_norm_matches_ref(rows, hidden, dtype):
+    """h bit-equal to torch's x + residual; the norm of h as rms_norm's, to the bit."""
+    x, residual, weight = add_rms_norm_inputs(rows, hidden, dtype)
+    ref, h_ref = add_rms_norm_ref(x, residual, weight, 1e-5)
+    out, h = nan_like(x), nan_like(x)
+    add_rms_norm(x, residual, weight, 1e-5, out=out, residual_out=h)
+    assert torch.equal(h, h_ref)
+    assert rel_err(out, ref) < TOL[dtype]
+    assert ulps(out, ref).max() <= RMS_NORM_ULPS[dtype]
+    assert torch.equal(out, rms_norm(h_ref, weight, 1e-5))  # one normalisation code for both kernels
+    out_alloc, h_alloc = add_rms_norm(x, residual, weight, 1e-5)  # the allocating path
+    assert torch.equal(out_alloc, out) and torch.equal(h_alloc, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_rms_norm_keeps_leading_dims_and_strides(dtype):
+    """(B, T, D) in, contiguous (B, T, D) out, from an x whose rows are padded."""
+    B, T, D = 2, 3, 96
+    x, residual, weight = add_rms_norm_inputs(B * T, D, dtype, "strided")
+    padded = torch.cat([x, torch.zeros_like(x[:, :8])], dim=1).view(B, T, D + 8)
+    x, residual = padded[..., :D], residual.view(B, T, D)
+    out, h = add_rms_norm(x, residual, weight, 1e-6)
+    ref, h_ref = add_rms_norm_ref(x, residual, weight, 1e-6)
+    assert out.shape == h.shape == (B, T, D) and out.is_contiguous() and h.is_contiguous()
+    assert torch.equal(h, h_ref) and ulps(out, ref).max() <= RMS_NORM_ULPS[dtype]
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,9 +212,9 @@ def test_silu_mul_keeps_leading_dims_and_strides():
 # Tracing, graphs and the decoder
 
 
-def elementwise_block(x, weight, q, k, cos, sin, gate_up):
+def elementwise_block(x, weight, q, k, cos, sin, gate_up, residual):
     q, k = rope(q, k, cos, sin)
-    return rms_norm(x, weight, 1e-5), q, k, silu_mul(gate_up)
+    return (rms_norm(x, weight, 1e-5), q, k, silu_mul(gate_up)) + add_rms_norm(x, residual, weight, 1e-5)
 
 
 def block_inputs(dtype):
@@ -176,11 +223,12 @@ def block_inputs(dtype):
     weight = (1 + 0.2 * torch.randn(256, device=DEVICE, generator=gen)).to(dtype)
     q, k, cos, sin = rope_inputs(2, 3, 4, 2, 64, dtype)
     gate_up = torch.randn(6, 384, device=DEVICE, generator=gen).to(dtype)
-    return x, weight, q, k, cos, sin, gate_up
+    residual = torch.randn(6, 256, device=DEVICE, generator=gen).to(dtype)
+    return x, weight, q, k, cos, sin, gate_up, residual
 
 
 def test_compile_fullgraph_traces_the_ops():
-    """Dynamo traces the three ops without a graph break (opaque ops on the CPU)."""
+    """Dynamo traces the four ops without a graph break (opaque ops on the CPU)."""
     args = block_inputs(torch.float32)
     compiled = torch.compile(elementwise_block, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(*args), elementwise_block(*args)):
@@ -222,11 +270,13 @@ def test_cuda_graph_replay():
             out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        x, weight, q, k, cos, sin, gate_up = static_in
+        x, weight, q, k, cos, sin, gate_up, residual = static_in
         q_ref, k_ref = rope_ref(q, k, cos, sin)
         assert ulps(outs[0], rms_norm_ref(x, weight, 1e-5)).max() <= RMS_NORM_ULPS[dtype]
         assert torch.equal(outs[1], q_ref) and torch.equal(outs[2], k_ref)
         assert torch.equal(outs[3], silu_mul_ref(gate_up))
+        normed_ref, h_ref = add_rms_norm_ref(x, residual, weight, 1e-5)
+        assert torch.equal(outs[5], h_ref) and ulps(outs[4], normed_ref).max() <= RMS_NORM_ULPS[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu)])
