@@ -369,6 +369,7 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     With `out` or `num_splits` the kernels run eagerly; otherwise the registered op runs.
     """
     _check(q, k_cache, v_cache, lengths, tree_mask)
+    lengths = lengths.contiguous()  # the kernels index it as a flat array
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kv_len = k_cache.shape[2] if kv_len is None else min(int(kv_len), k_cache.shape[2])
     if out is None and num_splits is None:

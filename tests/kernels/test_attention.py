@@ -151,6 +151,21 @@ def test_kv_len_bound_smaller_than_cache():
     check(3, 4, 4, 2, 32, 90, torch.float16, False, kv_len=40, seed=9)
 
 
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_strided_lengths(num_splits):
+    """Lengths given as a column of a wider tensor (a strided view) are each row's own."""
+    q, k_cache, v_cache, lengths, _ = make_inputs(3, 3, 4, 2, 32, 40, torch.float32, False, seed=4)
+    lengths = torch.tensor([0, 30, 11], device=DEVICE)
+    wide = torch.stack([torch.full_like(lengths, 7), lengths], dim=1)
+    assert not wide[:, 1].is_contiguous()
+    ref = verify_attention_ref(q, k_cache, v_cache, lengths)
+    out = torch.full_like(q, float("nan"))
+    verify_attention(q, k_cache, v_cache, wide[:, 1], out=out, num_splits=num_splits)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    if num_splits is None:  # the registered op, too
+        assert rel_err(verify_attention(q, k_cache, v_cache, wide[:, 1]), ref) < TOL[torch.float32]
+
+
 def test_mask_chain_equals_full_tree_of_a_chain():
     """A chain is the tree whose node t has every earlier node as ancestor."""
     lengths = torch.tensor([0, 3])
