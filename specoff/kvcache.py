@@ -8,17 +8,28 @@ free: the row simply does not advance over them, and the next write overwrites t
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
-from typing import Optional
-
 import torch
 
 
-@lru_cache(maxsize=None)
-def _writer() -> ThreadPoolExecutor:
-    """One host thread for staged cache writes: in order, so a layer's writes land as issued."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="specoff-kv-writer")
+class _CudaArray:
+    """__cuda_array_interface__ (v3) of raw device-addressable memory."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = dict(shape=(nbytes,), typestr="|u1", data=(ptr, False),
+                                             strides=None, version=3)
+
+
+def device_alias(t: torch.Tensor, device) -> torch.Tensor:
+    """A CUDA tensor over the memory of `t`, a contiguous tensor in pinned host memory.
+
+    With unified addressing (every 64-bit CUDA platform) pinned host memory is mapped into
+    the device's address space at its host address, so a kernel can read and write it
+    directly across the bus. The alias does not own the memory: `t` must outlive it."""
+    if not (t.is_pinned() and t.is_contiguous()):
+        raise ValueError("device_alias needs a contiguous tensor in pinned host memory")
+    raw = torch.as_tensor(_CudaArray(t.data_ptr(), t.numel() * t.element_size()),
+                          device=torch.device(device))
+    return raw.view(t.dtype).view(t.shape)
 
 
 class KVCache(torch.nn.Module):
@@ -36,7 +47,7 @@ class KVCache(torch.nn.Module):
                                                     device=lengths_device or device),
                              persistent=False)
         self.max_len = max_len
-        self._pending = []  # (layer, event, staged k, v, positions): host writes not yet done
+        self._mapped = None  # (k, v) device views of a pinned host cache (see mapped)
 
     @property
     def rows(self) -> int:
@@ -55,43 +66,16 @@ class KVCache(torch.nn.Module):
         self.k[layer].scatter_(2, idx, k_new.to(self.k.dtype))
         self.v[layer].scatter_(2, idx, v_new.to(self.v.dtype))
 
-    def stage_write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
-                    positions: torch.Tensor) -> None:
-        """For a cache in host memory: new keys/values (B, KV, T, hd) computed on the device,
-        for per-row `positions` (B, T). Only they cross back, into pinned staging; a host
-        thread writes them into the cache once their copy is done, so the thread that
-        issues the pass never waits on the device (writes waited for on it, one per layer,
-        made the 24 GiB chain pass slower than copying whole layers back)."""
-        cuda = k_new.is_cuda
-        staged = []
-        for t in (k_new.to(self.k.dtype), v_new.to(self.v.dtype), positions):
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
-            staged.append(buf.copy_(t, non_blocking=cuda))
-        event = None
-        if cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self._pending.append((layer, _writer().submit(self._write, layer, event, *staged)))
-
-    @torch.inference_mode()  # (thread-local: the caller's mode does not reach the thread)
-    def _write(self, layer, event, k, v, positions) -> None:
-        if event is not None:
-            event.synchronize()
-        B, KV, T, hd = k.shape
-        idx = positions[:, None, :, None].expand(B, KV, T, hd)
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
-
-    def finish_writes(self, layer: Optional[int] = None) -> None:
-        """Wait for the staged host writes of `layer` (before reading or writing it again on
-        the host or over the bus), or for all of them (the pass is over)."""
-        keep = []
-        for at, future in self._pending:
-            if layer is not None and at != layer:
-                keep.append((at, future))
-            else:
-                future.result()
-        self._pending = keep
+    def mapped(self) -> tuple:
+        """(k, v) as device tensors over this cache's pinned host memory, for a cache that
+        sits in host memory beside a CUDA device: kernels write new tokens straight into
+        it across the bus (posted writes, the bus's otherwise idle device→host direction),
+        ordered on their stream like any other kernel, with no staging, no host thread and
+        no wait on the host (decoder.streamed_attention, PrefillStage)."""
+        if self._mapped is None:
+            self._mapped = (device_alias(self.k, self.lengths.device),
+                            device_alias(self.v, self.lengths.device))
+        return self._mapped
 
     def advance(self, n) -> None:
         """Keep the next `n` written tokens of each row (an int or a LongTensor of shape (B,))."""

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from specoff.kvcache import KVCache
+from specoff.kvcache import KVCache, device_alias
 
 
 def entries(n_rows, T, value_of):
@@ -39,29 +39,33 @@ def test_advance_by_row_and_rollback_overwrites_rejected_tokens():
     assert cache.lengths.tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("inference", [True, False])
-def test_staged_writes_land_in_order_once_finished(inference):
-    """stage_write (a host cache's new tokens, computed on the device) hands the write to a
-    host thread; finish_writes(layer) waits for that layer's, finish_writes() for all; writes
-    to one place land in the order issued, in or out of inference mode."""
-    with torch.inference_mode(inference):  # the engine builds its caches in inference mode
-        cache = KVCache(2, 3, 8, 2, 4, torch.float32, "cpu")
-    first = torch.randn(3, 2, 2, 4)
-    second = torch.randn(3, 2, 2, 4)
-    positions = torch.tensor([[0, 1], [4, 5], [6, 7]])
-    mode = torch.inference_mode() if inference else torch.no_grad()
-    with mode:
-        cache.stage_write(1, first, -first, positions)
-        cache.stage_write(0, first, first, positions)
-        cache.stage_write(1, second[:, :, :1], -second[:, :, :1], positions[:, :1])  # over column 0
-        cache.finish_writes(layer=1)
-        assert [layer for layer, _ in cache._pending] in ([0], [])
-        cache.finish_writes()
-    assert not cache._pending
-    for b in range(3):
-        p0, p1 = positions[b].tolist()
-        assert torch.equal(cache.k[1, b, :, p0], second[b, :, 0])
-        assert torch.equal(cache.k[1, b, :, p1], first[b, :, 1])
-        assert torch.equal(cache.v[1, b, :, p0], -second[b, :, 0])
-        assert torch.equal(cache.k[0, b, :, p1], first[b, :, 1])
-    assert cache.k[1, 0, :, 2:].abs().sum() == 0  # nothing else written
+def test_device_alias_needs_pinned_memory():
+    with pytest.raises(ValueError, match="pinned host memory"):
+        device_alias(torch.zeros(4), "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mapped_cache_is_written_and_read_by_device_kernels(dtype):
+    """KVCache.mapped: device tensors over a pinned host cache. A scatter on the device lands
+    in host memory (seen on the host after the stream's work is done), a device read sees
+    what the host wrote, and an asynchronous copy issued after the write on the same stream
+    carries the written values (the order streamed_attention relies on)."""
+    cache = KVCache(2, 3, 8, 2, 4, dtype, "cpu", pin_memory=True, lengths_device="cuda")
+    k, v = cache.mapped()
+    assert k.is_cuda and k.shape == cache.k.shape and k.dtype == dtype
+    assert k.data_ptr() == cache.k.data_ptr()  # the same memory, no copy
+    new = torch.randn(3, 2, 2, 4, device="cuda").to(dtype)
+    positions = torch.tensor([[0, 1], [4, 5], [6, 7]], device="cuda")
+    idx = positions[:, None, :, None].expand(3, 2, 2, 4)
+    k[1].scatter_(2, idx, new)
+    v[1].scatter_(2, idx, -new)
+    layer = cache.k[1].to("cuda", non_blocking=True)  # after the write, same stream
+    torch.cuda.synchronize()
+    for b, (p0, p1) in enumerate(positions.tolist()):
+        assert torch.equal(cache.k[1, b, :, p0:p1 + 1], new[b].cpu())
+        assert torch.equal(cache.v[1, b, :, p0:p1 + 1], -new[b].cpu())
+    assert torch.equal(layer.cpu(), cache.k[1])
+    assert cache.k[0].abs().sum() == 0 and cache.k[1, 0, :, 2:].abs().sum() == 0
+    cache.v[0, 2, 1, 3] = 5.0  # a host write, read by a device kernel
+    assert torch.equal(v[0, 2, 1, 3].cpu(), torch.full((4,), 5.0, dtype=dtype))

@@ -65,6 +65,38 @@ def test_ragged_prefill_then_steps_through_the_cache(pair):
         close(torch.stack([s[b] for s in stepped]), expect[lengths[b]:])
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+@torch.inference_mode()
+def test_chain_attention_kernel_matches_transformers(family, make_checkpoint, monkeypatch):
+    """Passes over the cache with the Triton verification kernel (decoder.CHAIN_ATTENTION;
+    Triton's interpreter here, the default on CUDA): a ragged prefill, single-token steps and
+    a 3-token verification step give transformers' logits."""
+    from specoff.models import decoder
+
+    monkeypatch.setattr(decoder, "CHAIN_ATTENTION", "triton")
+    path = make_checkpoint(family)
+    ours, ref = specoff.load_model(path, device="cpu", dtype=torch.float32), reference(path)
+    g = torch.Generator().manual_seed(2)
+    lengths, steps = [4, 9, 1], [1, 1, 3]
+    rows = [torch.randint(0, ours.config.vocab_size, (n + sum(steps),), generator=g) for n in lengths]
+    cache = ours.new_cache(len(rows), max(lengths) + sum(steps))
+    prompt = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    for b, r in enumerate(rows):
+        prompt[b, :lengths[b]] = r[:lengths[b]]
+    got = [ours(prompt, cache)]
+    cache.advance(torch.tensor(lengths))
+    done = 0
+    for T in steps:
+        ids = torch.stack([r[lengths[b] + done:lengths[b] + done + T] for b, r in enumerate(rows)])
+        got.append(ours(ids, cache))
+        cache.advance(T)
+        done += T
+    for b, r in enumerate(rows):
+        expect = ref(r[None]).logits[0]
+        close(got[0][b, :lengths[b]], expect[:lengths[b]])
+        close(torch.cat([s[b] for s in got[1:]]), expect[lengths[b]:])
+
+
 @torch.inference_mode()
 def test_logits_at_picks_positions(make_checkpoint):
     model = specoff.load_model(make_checkpoint("llama"), device="cpu")

@@ -26,6 +26,13 @@ from ..kvcache import KVCache
 # the plain-torch masked attention elsewhere; "triton" or "torch" forces one (tests).
 TREE_ATTENTION = "auto"
 
+# Chain passes (a few new tokens a row: decode, verification of γ + 1): "auto" runs the
+# Triton verification kernel over the cache where it is on a GPU or streamed to one, and
+# torch's masked attention elsewhere and for longer parts (prefill chunks); "triton" or
+# "torch" forces one (tests, benchmarks). CHAIN_KERNEL_TOKENS bounds the new tokens a row.
+CHAIN_ATTENTION = "auto"
+CHAIN_KERNEL_TOKENS = 16
+
 # RMSNorm, rotary embedding and the SwiGLU activation: "auto" runs the fused Triton kernels
 # (specoff/kernels/fused.py: one launch for each norm, for rotary on q and k, and for SwiGLU,
 # where the torch ops launch ~28; the attention's residual add rides in the ffn norm's launch)
@@ -88,6 +95,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache], layer: int,
                 positions: Optional[torch.Tensor], kv_len: Optional[int]) -> torch.Tensor:
+        """`mask`: a TreeMask, or the causal mask of `positions` (causal_mask), which run
+        consecutively in each row."""
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
@@ -98,7 +107,8 @@ class Attention(nn.Module):
             q, k = rope(q, k, cos, sin)  # one launch for both
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(mask, TreeMask):
+        causal = not isinstance(mask, TreeMask)
+        if not causal:
             if cache is not None and cache.k.device == x.device and mask.use_kernel(x):
                 cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
                 y = verify_attention(q, cache.k[layer], cache.v[layer], mask.lengths,
@@ -107,42 +117,67 @@ class Attention(nn.Module):
             mask = mask.dense(kv_len)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         if cache is not None and cache.k.device != x.device:
-            y = streamed_attention(q, k, v, mask, cache, layer, positions, kv_len)
+            y = streamed_attention(q, k, v, mask, cache, layer, positions, kv_len, causal)
         elif cache is not None:
-            y = cached_attention(q, k, v, mask, cache, layer, positions, kv_len)
+            y = cached_attention(q, k, v, mask, cache, layer, positions, kv_len, causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
         y = y.transpose(1, 2).reshape(B, T, H * hd)
         return self.wo(y)
 
 
-def cached_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_len):
-    """Write k, v (B, KV, T, hd) at `positions`, then attend over the row's cache."""
-    cache.write(layer, k, v, positions)
-    keys = cache.k[layer, :, :, :kv_len].to(q.dtype)  # (B, KV, S, hd)
-    values = cache.v[layer, :, :, :kv_len].to(q.dtype)
+def use_chain_kernel(q: torch.Tensor, causal: bool) -> bool:
+    """Whether q (B, H, T, hd) under the causal mask attends with verify_attention."""
+    if not causal:
+        return False
+    if CHAIN_ATTENTION == "auto":
+        return q.is_cuda and q.shape[2] <= CHAIN_KERNEL_TOKENS
+    return CHAIN_ATTENTION == "triton"
+
+
+def attend(q, keys, values, mask, positions, kv_len, causal: bool):
+    """q (B, H, T, hd) over keys/values (B, KV, >= kv_len, hd) holding the new tokens at
+    `positions` (B, T), under `mask` (B, 1, T, kv_len). A `causal` mask (positions run
+    consecutively in each row) may go to the verification kernel instead: the row's keys
+    below positions[b, 0] + t + 1, as the mask says."""
+    if use_chain_kernel(q, causal):
+        y = verify_attention(q.transpose(1, 2), keys, values, positions[:, 0], kv_len=kv_len)
+        return y.transpose(1, 2)
+    keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                           enable_gqa=keys.shape[1] != q.shape[1])
 
 
-def streamed_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_len):
+def cached_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_len,
+                     causal: bool = True):
+    """Write k, v (B, KV, T, hd) at `positions`, then attend over the row's cache."""
+    cache.write(layer, k, v, positions)
+    if use_chain_kernel(q, causal) and cache.k.dtype == q.dtype:
+        return attend(q, cache.k[layer], cache.v[layer], mask, positions, kv_len, causal)
+    keys = cache.k[layer, :, :, :kv_len].to(q.dtype)  # (B, KV, S, hd)
+    values = cache.v[layer, :, :, :kv_len].to(q.dtype)
+    return attend(q, keys, values, mask, positions, kv_len, causal)
+
+
+def streamed_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_len,
+                       causal: bool = True):
     """Attention over a cache in pinned host memory: the layer's keys and values cross the
-    bus to the device, the new tokens are written in there, and only the new tokens cross
-    back (KVCache.stage_write; the whole layer back had cost the 24 GiB chain pass ~0.1 s
-    more). On the H200 host this beat attention on the CPU for verification passes (γ+1
-    queries a row) by far, and costs the pass about the copy of the cache's bytes
-    (planner.predict_pass)."""
-    cache.finish_writes(layer=layer)  # an earlier part's tokens of this layer, if any
-    keys = cache.k[layer, :, :, :kv_len].to(q.device, non_blocking=True)  # (B, KV, S, hd)
-    values = cache.v[layer, :, :, :kv_len].to(q.device, non_blocking=True)
+    bus to the device, the new tokens are written in there and, by the same kernels,
+    straight into the host cache (KVCache.mapped: no staging, no host thread, no wait). On
+    the H200 host this beat attention on the CPU for verification passes (γ+1 queries a row)
+    by far, and costs the pass about the copy of the cache's bytes (planner.predict_pass).
+    The whole (B, KV, max_len, hd) block moves in one asynchronous DMA: copying only
+    [0, kv_len) of every row, or gathering it across the bus with a device kernel reading
+    the mapped cache, gave the same pass time (1.81–1.83 s, Mixtral 8x7B, 144 rows)."""
+    keys, values = (c[layer].to(q.device, non_blocking=True) for c in (cache.k, cache.v))
     B, KV, T, hd = k.shape
     slots = positions.clamp(max=kv_len - 1)
     idx = slots[:, None, :, None].expand(B, KV, T, hd)
-    keys.scatter_(2, idx, k.to(keys.dtype))
-    values.scatter_(2, idx, v.to(values.dtype))
-    cache.stage_write(layer, k, v, slots)
-    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                          enable_gqa=KV != q.shape[1])
+    for dev, host, new in zip((keys, values), cache.mapped(), (k, v)):
+        new = new.to(dev.dtype)
+        dev.scatter_(2, idx, new)
+        host[layer].scatter_(2, idx, new)
+    return attend(q, keys.to(q.dtype), values.to(q.dtype), mask, positions, kv_len, causal)
 
 
 class FeedForward(nn.Module):
@@ -294,8 +329,6 @@ class Transformer(nn.Module):
             return per_cache[shape].run(h, cos, sin, mask, positions)
         for i in range(len(self.layers)):
             h, = self.layer_step(i, [(h, cos, sin, mask, cache, i, positions, kv_len)])
-        if cache is not None:
-            cache.finish_writes()  # a host cache's last staged tokens (one wait, pass end)
         return h
 
     def layer_step(self, i: int, calls: list) -> list:
@@ -347,10 +380,6 @@ class Transformer(nn.Module):
                 p.h = h
             for stage in stages:
                 stage.flush(i)
-        for cache in {id(p.cache): p.cache for p in parts}.values():
-            cache.finish_writes()  # a host cache's last staged tokens (one wait, pass end)
-        for stage in stages:
-            stage.finish()
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
                 chunk: int, kv_start: int = 0, rows: Optional[torch.Tensor] = None,
@@ -515,49 +544,31 @@ class PrefillStage:
     """Prompts prefilled into empty `rows` of a cache (all of them when None) that is not
     theirs alone or not on the compute device. Each layer's K/V are built in a one-layer
     scratch on the device, where attention runs over the chunks so far; after the layer the
-    scratch moves into the cache's rows. A cache in host memory receives it through pinned
-    staging, finished on the host while the device computes the next layer: no CPU
-    attention, and the cache needs no room on the device."""
+    scratch moves into the cache's rows. A cache in pinned host memory is written from the
+    device across the bus (KVCache.mapped): no CPU attention, no wait on the host, and the
+    cache needs no room on the device. (Copying each layer into pinned staging and moving it
+    into the rows from the host measured 1.02-1.7x slower for a 144-row HumanEval prefill of
+    Mixtral 8x7B at 24 GiB on an H200: 1.90-4.04 s against 1.86-2.38 s.)"""
 
     def __init__(self, cache: KVCache, rows: Optional[torch.Tensor], T: int, device):
         n = cache.rows if rows is None else len(rows)
-        L_, _, KV, _, hd = cache.k.shape
+        _, _, KV, _, hd = cache.k.shape
         self.cache, self.T = cache, T
         self.rows = None if rows is None else rows.to(cache.k.device)
+        self.rows_device = None if rows is None else rows.to(device)
         self.scratch = KVCache(1, n, T, KV, hd, cache.k.dtype, device)
         self.host = cache.k.device.type == "cpu" and torch.device(device).type == "cuda"
-        if self.host:  # two buffers: one fills from the device while the host empties the other
-            self.staging = [torch.empty(2, n, KV, T, hd, dtype=cache.k.dtype, pin_memory=True)
-                            for _ in range(2)]
-        self.pending = None  # (layer, event, staging buffer) not yet in the cache
 
-    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, into=None) -> None:
         T = self.T
-        # A pass's other part wrote this layer's rows too (verification rides over the rows
-        # being refilled): its staged host writes land first, the prompt's over them.
-        self.cache.finish_writes(layer=layer)
-        for dst, src in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
+        for dst, src in zip(into or (self.cache.k, self.cache.v), (k, v)):
             if self.rows is None:
-                dst[:, :, :T].copy_(src)
+                dst[layer, :, :, :T].copy_(src)
             else:
-                dst[self.rows, :, :T] = src
+                rows = self.rows if dst.device == self.rows.device else self.rows_device
+                dst[layer][rows, :, :T] = src
 
     def flush(self, layer: int) -> None:
         k, v = self.scratch.k[0], self.scratch.v[0]
-        if not self.host:
-            self._store(layer, k, v)
-            return
-        buf = self.staging[layer % 2]
-        buf[0].copy_(k, non_blocking=True)
-        buf[1].copy_(v, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.finish()  # the previous layer's, while this one's copy runs
-        self.pending = (layer, event, buf)
-
-    def finish(self) -> None:
-        if self.pending is not None:
-            layer, event, buf = self.pending
-            self.pending = None
-            event.synchronize()
-            self._store(layer, buf[0], buf[1])
+        # on the current stream: ordered after the pass's other writes to the layer
+        self._store(layer, k, v, into=self.cache.mapped() if self.host else None)
