@@ -183,3 +183,8 @@ def test_profile_pass_summarises_streams_and_copy_gaps():
     assert s["copy_stream_gaps"][0]["seconds"] == pytest.approx(150e-6)
     out = profile_pass.main(["--tiny"])
     assert out["passes"] >= 1 and out["streams"] == {}
+    rows = profile_pass.main(["--tiny", "--offload-only", "--compare", "CHAIN_ATTENTION=auto,torch"])
+    assert [r["value"] for r in rows["compare"]] == ["auto", "torch", "auto", "torch"]
+    assert all(r["passes"] >= 1 and r["pass_seconds"] > 0 for r in rows["compare"])
+    with pytest.raises(SystemExit, match="no option"):
+        profile_pass.main(["--tiny", "--set", "NOT_AN_OPTION=1"])

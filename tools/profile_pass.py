@@ -175,8 +175,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--draft-len", type=int, default=4)
     p.add_argument("--interleave", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--offload-only", action="store_true",
+                   help="the target alone over one batch of the plan's rows (no speculation)")
     p.add_argument("--sigma", type=float, default=0.0158)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a specoff.models.decoder option for the run (CHAIN_ATTENTION=torch, ...)")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="no profiler: time the run with each value of a specoff.models.decoder "
+                        "option in turn, twice over (ABAB), and print a row for each (repeatable: "
+                        "one option after the other, each set back afterwards)")
+    p.add_argument("--repeat", type=int, default=0,
+                   help="no profiler: time the run this many times (with the --set options)")
     p.add_argument("--trace", help="write the chrome trace here")
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
@@ -184,6 +194,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         args.rows, args.prompt_len, args.new_tokens = min(args.rows, 4), 12, 4
     elif not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --tiny)")
+    from specoff.models import decoder
+    for item in args.set:
+        name, value = item.split("=", 1)
+        _option(decoder, name)
+        setattr(decoder, name, value)
     llm, vocab = build(args)
     gen = torch.Generator().manual_seed(args.seed)
     n = args.prompts or args.rows + args.rows // 4
@@ -193,13 +208,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
     else:
         prompts = torch.randint(3, vocab, (n, args.prompt_len), generator=gen).tolist()
     params = specoff.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    llm.generate(prompts[: max(1, args.rows // 4)], params)  # warm-up: kernels, graphs
+    speculate = not args.offload_only
+    if args.offload_only:  # one full batch (a last batch of a few rows would cost whole passes)
+        rows = llm.plan(len(prompts), max(len(q) for q in prompts), args.new_tokens).rows_per_pass
+        prompts = prompts[:rows]
+    generate = lambda batch: llm.generate(batch, params, speculate=speculate)  # noqa: E731
+    generate(prompts[: max(1, args.rows // 4)])  # warm-up: kernels, graphs
+    if args.compare or args.repeat:
+        return compare(llm, lambda: generate(prompts), args)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if not args.tiny:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     t0 = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
-        llm.generate(prompts, params)
+        generate(prompts)
     wall = time.perf_counter() - t0
     trace_path = Path(args.trace) if args.trace else Path("/tmp") / f"specoff-pass-{time.time_ns()}.json"
     prof.export_chrome_trace(str(trace_path))
@@ -208,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     summary.update(
         wall_seconds=wall, passes=s.decode_passes, rows_per_group=s.rows_per_group,
         groups=s.groups, target_seconds=s.target_seconds, plan=s.plan,
-        pass_seconds=s.target_seconds / s.decode_passes if s.decode_passes and s.target_seconds else None,
+        pass_seconds=pass_seconds(s),
         copy_seconds_per_pass=(s.plan.get("stream_bytes_per_pass", 0) / (llm.profile.copy_gbps * 1e9)
                                if llm.profile else None))
     if not args.trace:
@@ -230,6 +252,52 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _option(module, name: str):
+    if not name.isupper() or not hasattr(module, name):
+        raise SystemExit(f"{module.__name__} has no option {name}")
+
+
+def pass_seconds(s) -> Optional[float]:
+    """Mean time of a decode pass: device time of speculative passes, wall time of plain ones."""
+    if not s.decode_passes:
+        return None
+    return (s.target_seconds or s.decode_seconds) / s.decode_passes
+
+
+def compare(llm, run, args) -> dict:
+    """The same generation timed unprofiled: `--repeat` times as set, then under each value
+    of each `--compare` option, ABAB (the option set back after its runs)."""
+    from specoff.models import decoder
+
+    rows = []
+
+    def timed(name=None, value=None):
+        for graphs in getattr(llm.model, "_graphs", {}).values():
+            graphs.clear()  # per-layer graphs captured under another value
+        t0 = time.perf_counter()
+        run()
+        s = llm.last_stats
+        rows.append(dict(option=name, value=value, wall_seconds=time.perf_counter() - t0,
+                         passes=s.decode_passes, target_seconds=s.target_seconds,
+                         prefill_seconds=s.prefill_seconds, pass_seconds=pass_seconds(s),
+                         tokens_per_second=s.tokens_per_second))
+        print(json.dumps(rows[-1]), flush=True)
+
+    for _ in range(args.repeat):
+        timed()
+    for item in args.compare:
+        name, values = item.split("=", 1)
+        _option(decoder, name)
+        before = getattr(decoder, name)
+        for value in values.split(",") * 2:
+            setattr(decoder, name, value)
+            timed(name, value)
+        setattr(decoder, name, before)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return {"compare": rows}
 
 
 if __name__ == "__main__":
