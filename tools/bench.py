@@ -609,9 +609,11 @@ def sweep_budget_jobs(bench: Bench) -> List[Job]:
     for gib in split(a.budgets):
         budget = f"{gib}GiB"
         # The pair first: where it does not fit, the offload run builds the target alone.
-        for engine in ("specoff-chain-interleaved", "specoff-offload"):
-            use = prompts if engine == "specoff-chain-interleaved" else prompts[:a.rows]
-            per_pass = 2 * a.rows if engine == "specoff-chain-interleaved" else a.rows
+        # specoff-chain is what a user gets (the planner picks the groups); --engines picks.
+        for engine in ("specoff-chain", "specoff-chain-interleaved", "specoff-offload"):
+            chain = engine.startswith("specoff-chain")
+            use = prompts if chain else prompts[:a.rows]
+            per_pass = 2 * a.rows if chain else a.rows
             jobs.append(job(bench, "sweep-budget", budget, engine, prompts=use, new_tokens=new,
                             max_rows=per_pass, draft_len=a.draft_len, gpu_memory=budget,
                             budget_gib=float(gib), fit=False, offload="auto",
