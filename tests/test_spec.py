@@ -90,11 +90,30 @@ def test_greedy_speculation_equals_target(sigma, draft_len, interleave, pairs):
     assert abs(s.predicted_passes - s.decode_passes) <= max(2, 0.2 * s.decode_passes)
 
 
-def test_chain_passes_counts_prefill_refills_and_the_tail():
-    assert chain_passes(4, 4, 1, 32, 0.0, 4) == 32  # the prefill's token, then one a pass
-    assert chain_passes(4, 4, 1, 32, 1.0, 4) == 1 + 7  # then γ+1 a pass: ⌈31 / 5⌉
-    assert chain_passes(8, 4, 2, 32, 1.0, 4) == 2 + 2 * 7  # a prefill and 7 rounds a group
-    # 2 rows, 4 prompts of 6 tokens: prefill, done, refills' prefill, done
+@pytest.mark.parametrize("interleave", [False, True])
+def test_new_prompts_are_verified_in_their_first_pass(interleave, pairs):
+    """A prompt's first target pass prefills it with its drafts appended and verifies them:
+    with a draft the target always agrees with, γ+1 tokens from that pass on; one-token
+    prompts (nothing for the draft to cache before its first step) included."""
+    draft, target = pairs(0.0)
+    prompts = [[7], [3, 9, 12, 40], [11, 5], [8] * 9, [21], [30, 31, 32]]
+    params = specoff.SamplingParams(max_new_tokens=5, ignore_eos=True)
+    expect = target_only(target, params, prompts)
+    rows = 3 if interleave else 2  # per group: six prompts need three rounds of each group
+    llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=2 * rows if interleave else rows,
+                      draft_len=4, interleave=interleave)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expect
+    s = llm.last_stats
+    assert s.acceptance_rate == 1.0
+    assert s.decode_passes == (2 if interleave else 3)  # every prompt done in one pass
+
+
+def test_chain_passes_counts_refills_and_the_tail():
+    assert chain_passes(4, 4, 1, 32, 0.0, 4) == 32  # one token a pass
+    # γ+1 a pass from the first (the prompt is prefilled with its drafts): ⌈32 / 5⌉
+    assert chain_passes(4, 4, 1, 32, 1.0, 4) == 7
+    assert chain_passes(8, 4, 2, 32, 1.0, 4) == 2 * 7  # 7 rounds a group
+    # 2 rows, 4 prompts of 6 tokens: 5 + 1 tokens, then the refills' 5 + 1
     assert chain_passes(4, 2, 1, 6, 1.0, 4) == 4
     # a finite workload pays more than the steady state's N·M / (R·E) passes
     steady = 492 * 32 / (144 * expected_tokens_per_pass(0.7, 4))

@@ -525,17 +525,19 @@ class PrefillBatch:
         self.parts = [p for _, parts in self.groups for p in parts]
         self.padded_tokens = sum(p.input_ids.numel() for p in self.parts)
 
-    def last_hidden(self, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D): each row's hidden state at its last prompt token (after run_parts)."""
+    def last_hidden(self, lengths: torch.Tensor, count: int = 1) -> torch.Tensor:
+        """(B, count, D): each row's hidden states at its last `count` tokens, positions
+        lengths[b] − count … lengths[b] − 1 (after run_parts)."""
         out = None
         for sel, parts in self.groups:
             h = torch.cat([p.h for p in parts], dim=1)
-            at = (lengths if sel is None else lengths[sel.to(lengths.device)]) - 1
-            last = h.gather(1, at.to(h.device)[:, None, None].expand(-1, 1, h.shape[-1]))
+            end = lengths if sel is None else lengths[sel.to(lengths.device)]
+            at = end.to(h.device)[:, None] - count + torch.arange(count, device=h.device)
+            last = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
             if sel is None:
                 return last
             if out is None:
-                out = last.new_empty(len(lengths), 1, h.shape[-1])
+                out = last.new_empty(len(lengths), count, h.shape[-1])
             out[sel.to(out.device)] = last
         return out
 

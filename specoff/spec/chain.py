@@ -66,12 +66,12 @@ def expected_tokens_per_pass(alpha: float, draft_len: int) -> float:
 def chain_passes(prompts: int, rows_per_group: int, groups: int, new_tokens: int,
                  alpha: float, draft_len: int, seed: int = 0) -> int:
     """Target passes a chain run takes for `prompts` prompts of `new_tokens` tokens each,
-    simulated as spec.pipeline.ChainPipeline schedules them: a pass per group to prefill,
-    then rounds in turn, each row emitting 1 + a tokens a pass with P(a ≥ k) = α^k (k ≤ γ),
-    freed rows refilled (the prompt prefilled in the group's next pass, which gives its
-    first token), two groups merged into one at the tail. Where E tokens per row per pass
-    is the steady state, this counts what a finite workload pays: its first prefill, the
-    overshoot of each row's last pass, and the rounds with rows left empty at the tail."""
+    simulated as spec.pipeline.ChainPipeline schedules them: rounds in turn, each row
+    emitting 1 + a tokens a pass with P(a ≥ k) = α^k (k ≤ γ), a new prompt's first pass
+    included (it is prefilled with its drafts appended and verified like the others), freed
+    rows refilled in the group's next pass, two groups merged into one at the tail. Where E
+    tokens per row per pass is the steady state, this counts what a finite workload pays:
+    the overshoot of each row's last pass, and the rounds with rows left empty at the tail."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -88,16 +88,13 @@ def chain_passes(prompts: int, rows_per_group: int, groups: int, new_tokens: int
                 refill[g].add(b)
 
     def round_(g) -> int:
-        live = [b for b in range(rows_per_group) if left[g][b] and b not in refill[g]]
-        if not live and not refill[g]:
+        live = [b for b in range(rows_per_group) if left[g][b]]
+        if not live:
             return 0
-        if live:
-            accepted = np.minimum(rng.geometric(1 - alpha, len(live)) - 1 if alpha < 1
-                                  else np.full(len(live), draft_len), draft_len)
-            for b, a in zip(live, accepted):
-                left[g][b] = max(left[g][b] - 1 - int(a), 0)
-        for b in refill[g]:
-            left[g][b] -= 1
+        accepted = np.minimum(rng.geometric(1 - alpha, len(live)) - 1 if alpha < 1
+                              else np.full(len(live), draft_len), draft_len)
+        for b, a in zip(live, accepted):
+            left[g][b] = max(left[g][b] - 1 - int(a), 0)
         refill[g].clear()
         assign(g)
         return 1
@@ -105,7 +102,6 @@ def chain_passes(prompts: int, rows_per_group: int, groups: int, new_tokens: int
     passes = 0
     for g in range(groups):
         assign(g)
-        passes += round_(g)
     turn = 0
     while any(any(row) for row in left):
         passes += round_(turn % len(left))

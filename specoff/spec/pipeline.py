@@ -2,10 +2,12 @@
 
 While the target's weights stream through one pass for group A (bound by the copy), the
 draft, resident on the GPU and on its own CUDA stream, drafts the next γ tokens for group
-B; then the groups swap. A row that finishes hands its slot to the next waiting prompt,
-which is prefilled inside the group's next target pass (one more part of that pass, so the
-weights still stream once). Each row accepts its own number of tokens: per-row cache
-lengths move by that number, nothing is padded or shifted.
+B; then the groups swap. A row that finishes hands its slot to the next waiting prompt: the
+draft prefills it and drafts γ tokens after it like any other row's, and the group's next
+target pass prefills the prompt with those drafts appended (one more part of that pass, so
+the weights still stream once) and verifies them, so a new prompt's first pass gives 1 + a
+tokens, not one. Each row accepts its own number of tokens: per-row cache lengths move by
+that number, nothing is padded or shifted.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class Group:
     last: torch.Tensor  # (B,) each row's newest token, not yet in either cache
     request: List[Optional[int]]  # which request each row serves (None: idle)
     refill: List[int] = field(default_factory=list)  # rows to prefill in the next pass
+    draft_filled: List[int] = field(default_factory=list)  # of those, prefilled in the draft
     draft_tokens: Optional[torch.Tensor] = None  # (B, γ)
     draft_probs: Optional[torch.Tensor] = None  # (B, γ, V) when sampling
     drafted: Optional[object] = None  # event: the draft tokens are ready
@@ -139,9 +142,38 @@ class ChainPipeline:
         n = self.llm.draft_config.vocab_size
         return ids if n >= self.vocab else torch.where(ids < n, ids, torch.zeros_like(ids))
 
+    def _refill_prompts(self, g: Group, rows: List[int]):
+        """The prompts of `rows` as (B, longest) ids on the device, lengths (device), lengths
+        (host ints)."""
+        prompts = [self.requests[g.request[b]].prompt for b in rows]
+        host = [len(p) for p in prompts]
+        ids = torch.zeros(len(rows), max(host), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        return ids.to(self.device), torch.tensor(host, device=self.device), host
+
+    def _prefill_draft(self, g: Group) -> None:
+        """New prompts into the draft: all but the last token, which becomes the row's `last`,
+        so the draft's γ+1 steps run for these rows as for the others."""
+        rows = [b for b in g.refill if b not in g.draft_filled]
+        if not rows:
+            return
+        ids, lens, host = self._refill_prompts(g, rows)
+        at = torch.tensor(rows, device=self.device)
+        g.last[at] = ids.gather(1, (lens - 1)[:, None])[:, 0]
+        g.draft_cache.lengths[at] = 0
+        some = [i for i, n in enumerate(host) if n > 1]  # one-token prompts: nothing to cache
+        if some:
+            sel = torch.tensor(some, device=self.device)
+            chunk = max(self.chunk, self.part_tokens // len(some))
+            self.draft.prefill(self._draft_ids(ids[sel]), lens[sel] - 1, g.draft_cache, chunk,
+                               rows=at[sel], lengths_host=[host[i] - 1 for i in some])
+        g.draft_filled += rows
+
     def draft_round(self, g: Group) -> None:
         """γ draft tokens per row (γ+1 draft steps: the last writes d_γ's K/V, so that any
-        number of accepted tokens leaves the draft cache complete)."""
+        number of accepted tokens leaves the draft cache complete). Rows given a new prompt
+        are prefilled in the draft first."""
         if not g.active:
             return
         main = torch.cuda.current_stream(self.device) if self.cuda else None
@@ -151,6 +183,7 @@ class ChainPipeline:
                 start = self._event()
                 start.record()
             t0 = time.perf_counter()
+            self._prefill_draft(g)
             tokens, drafted, probs = g.last, [], []
             for step in range(self.gamma + 1):
                 logits = self.draft(self._draft_ids(tokens)[:, None], g.draft_cache)[:, 0]
@@ -183,12 +216,14 @@ class ChainPipeline:
     # -- target ----------------------------------------------------------------------------
 
     def target_round(self, g: Group) -> None:
-        """One offloaded target pass for group g: verify its drafts and prefill its refills;
-        then commit what each row accepted."""
-        verify = g.draft_tokens is not None and any(
-            g.request[b] is not None and b not in g.refill for b in range(g.rows))
+        """One offloaded target pass for group g: verify its drafts, and prefill its new
+        prompts with their drafts appended (verified the same way); then commit what each
+        row accepted."""
         refill = list(g.refill)
-        if not verify and not refill:
+        verify = any(g.request[b] is not None and b not in refill for b in range(g.rows))
+        if g.draft_tokens is None:
+            if verify or refill:  # ChainPipeline.run drafts every group before its pass
+                raise RuntimeError("a target round before the group's draft round")
             return
         if self.cuda and g.drafted is not None:
             torch.cuda.current_stream(self.device).wait_event(g.drafted)
@@ -200,54 +235,53 @@ class ChainPipeline:
         if self.cuda:
             timing.target_start.record()
         parts: List[PassPart] = []
-        gamma = g.draft_tokens.shape[1] if verify else 0
+        gamma = g.draft_tokens.shape[1]
         if verify:
             ids = torch.cat([g.last[:, None], g.draft_tokens], dim=1)  # (B, γ+1)
             parts.append(PassPart(ids, g.target_cache, g.target_cache.positions(gamma + 1),
                                   self.max_len))
         if refill:
-            prompts = [self.requests[g.request[b]].prompt for b in refill]
-            lens = torch.tensor([len(p) for p in prompts], device=self.device)
-            ids = torch.zeros(len(refill), max(len(p) for p in prompts), dtype=torch.long)
-            for i, p in enumerate(prompts):
-                ids[i, :len(p)] = torch.tensor(p)
-            ids, rows = ids.to(self.device), torch.tensor(refill, device=self.device)
+            ids, lens, host = self._refill_prompts(g, refill)
+            rows = torch.tensor(refill, device=self.device)
+            # Each prompt, then its γ drafts (the draft took the prompt's last token as `last`).
+            ids = torch.cat([ids, ids.new_zeros(len(refill), gamma)], dim=1)
+            if gamma:
+                at = lens[:, None] + torch.arange(gamma, device=self.device)
+                ids.scatter_(1, at, g.draft_tokens[rows])
             # Straight into the rows' cache, attention on the device (decoder.PrefillStage).
             chunk = max(self.chunk, self.part_tokens // len(refill))
-            host_lens = [len(p) for p in prompts]
             prefill = PrefillBatch(ids, g.target_cache, chunk, rows=rows, device=self.device,
-                                   lengths_host=host_lens)
+                                   lengths_host=[n + gamma for n in host])
             parts += prefill.parts
         self.target.run_parts(parts)
         self.stats.decode_passes += 1
 
-        emitted = accepted = None
-        if verify:
-            logits = self.target.head(parts[0].h)  # (B, γ+1, V)
-            if self.params.greedy:
-                accepted, nxt = greedy_accept(g.draft_tokens, logits)
-            else:
-                p = logits_to_probs(logits, self.params.temperature, self.params.top_k,
-                                    self.params.top_p)
-                accepted, nxt = sample_accept(g.draft_tokens, g.draft_probs, p, self.generator)
-            emitted = emitted_tokens(g.draft_tokens, accepted, nxt)
-            g.draft_tokens = g.draft_probs = None  # verified: nothing pending
-            g.target_cache.advance(1 + accepted)
-            g.draft_cache.rollback(gamma - accepted)  # drafting advanced it by γ+1
-            g.last.copy_(nxt)
+        # The target's logits after `last` and each draft, (B, γ+1, V); a new prompt's are
+        # those after its last token and each draft, so it is verified like any other row.
+        h = parts[0].h if verify else None
         if refill:
-            first = select(self.target.head(prefill.last_hidden(lens))[:, 0], self.params,
-                           self.generator)
-            g.target_cache.lengths[rows] = lens
-            # The draft prefills the same prompts (small next to the target pass).
-            self.draft.prefill(self._draft_ids(ids), lens, g.draft_cache, chunk, rows=rows,
-                               lengths_host=host_lens)
-            g.last[rows] = first
+            fresh = prefill.last_hidden(lens + gamma, gamma + 1)
+            if h is None:
+                h = fresh.new_zeros(g.rows, gamma + 1, fresh.shape[-1])
+            h = h.index_copy(0, rows.to(h.device), fresh)
+            g.target_cache.lengths[rows] = lens - 1  # as if `last` were not yet cached
+        logits = self.target.head(h)
+        if self.params.greedy:
+            accepted, nxt = greedy_accept(g.draft_tokens, logits)
+        else:
+            p = logits_to_probs(logits, self.params.temperature, self.params.top_k,
+                                self.params.top_p)
+            accepted, nxt = sample_accept(g.draft_tokens, g.draft_probs, p, self.generator)
+        emitted = emitted_tokens(g.draft_tokens, accepted, nxt)
+        g.draft_tokens = g.draft_probs = None  # verified: nothing pending
+        g.target_cache.advance(1 + accepted)
+        g.draft_cache.rollback(gamma - accepted)  # drafting advanced it by γ+1
+        g.last.copy_(nxt)
         if self.cuda:
             timing.target_end.record()
-        # One host sync per round (here and in _commit): finished rows and refills are
-        # decided on the host, between target passes, never inside one.
-        self._commit(g, refill, emitted, accepted, gamma, first.tolist() if refill else None)
+        # One host sync per round (in _commit): finished rows and refills are decided on the
+        # host, between target passes, never inside one.
+        self._commit(g, emitted, accepted, gamma)
         # A round's wall time runs from the previous round's commit to this one's: in steady
         # state it holds this pass and whatever drafting ran beside or before it.
         now = time.perf_counter()
@@ -258,18 +292,15 @@ class ChainPipeline:
             self.target_pass_s = timing.wall
         self.timings.append(timing)
 
-    def _commit(self, g: Group, refill, emitted, accepted, gamma, first_tokens) -> None:
-        if emitted is not None:
-            emitted, accepted = emitted.tolist(), accepted.tolist()  # the round's one sync
-            for b in range(g.rows):
-                r = g.request[b]
-                if r is None or b in refill:
-                    continue
-                self.stats.count_verified(gamma, accepted[b])
-                self._append(g, b, emitted[b][:accepted[b] + 1])
-        for b, tok in zip(refill, first_tokens or []):
-            self._append(g, b, [tok])
+    def _commit(self, g: Group, emitted, accepted, gamma) -> None:
+        emitted, accepted = emitted.tolist(), accepted.tolist()  # the round's one sync
+        for b in range(g.rows):
+            if g.request[b] is None:
+                continue
+            self.stats.count_verified(gamma, accepted[b])
+            self._append(g, b, emitted[b][:accepted[b] + 1])
         g.refill.clear()
+        g.draft_filled.clear()
         idle = [b for b in range(g.rows) if g.request[b] is None]
         if idle:  # idle rows ride along in passes: keep their caches from growing
             rows = torch.tensor(idle, device=self.device)
@@ -296,7 +327,8 @@ class ChainPipeline:
     def run(self) -> None:
         for g in self.groups:
             self._assign(g)
-            self.target_round(g)  # prefill only
+        # Every group is drafted before its first pass (the second group's under the
+        # first's pass): its prompts' first pass verifies drafts too.
         self.draft_round(self.groups[0])
         turn = 0
         while any(g.active for g in self.groups):
@@ -346,6 +378,7 @@ class ChainPipeline:
         self.groups = [dst]
         self._pending_draft = None
         self.stats.tail_merges += 1
+        self.draft_round(dst)  # before its next pass, as every group's
 
     def _measure(self, final: bool = False) -> None:
         """Fold finished rounds' device timings into the stats (no extra sync)."""
