@@ -188,3 +188,37 @@ def test_profile_pass_summarises_streams_and_copy_gaps():
     assert all(r["passes"] >= 1 and r["pass_seconds"] > 0 for r in rows["compare"])
     with pytest.raises(SystemExit, match="no option"):
         profile_pass.main(["--tiny", "--set", "NOT_AN_OPTION=1"])
+
+
+def test_time_estimate_plans_other_budgets():
+    """A run at another GPU budget is estimated with that budget's rows (fewer rows, more
+    passes) and a rebuild; a budget the pair cannot fit leaves the offload run to the target
+    alone. Planner arithmetic only: the real-size configs, no weights."""
+    from types import SimpleNamespace
+
+    from specoff.planner import parse_bytes, plan_weights, weight_reserve
+    from specoff.synthetic import MISTRAL_7B, MIXTRAL_8X7B
+
+    draft, target = pair_configs(MISTRAL_7B, MIXTRAL_8X7B)
+    dtype, at = torch.bfloat16, parse_bytes("24GiB")
+    weights = plan_weights(target, dtype, at, offload=True,
+                           reserve=weight_reserve(target, dtype, at, 164, draft))
+    fake = SimpleNamespace(args=SimpleNamespace(rows=164), cuda=True, pass_seconds=2.0,
+                           llm=SimpleNamespace(weight_plan=weights, draft_config=draft),
+                           llm_key=("24GiB", True, False, "on"), target_cfg=target,
+                           built=dict(configs=(target, draft), dtype=dtype, profile=None, seconds=20.0))
+    prompts = [[1] * 113] * 327 + [[1] * 340]
+
+    def job(engine, gpu_memory):
+        return SimpleNamespace(engine=engine, params=dict(
+            prompts=prompts, new_tokens=32, max_rows=328, gpu_memory=gpu_memory, offload="on",
+            draft_len=4))
+
+    rows24, _, build24 = bench.rebuild_estimate(fake, job("specoff-chain", "24GiB"))
+    rows16, _, build16 = bench.rebuild_estimate(fake, job("specoff-chain", "16GiB"))
+    assert build24 == 0 and build16 > 20.0  # the built pair, or a rebuild
+    assert 0 < rows16 < rows24 <= 328
+    assert bench.estimate(fake, job("specoff-chain", "16GiB")) > 3 * bench.estimate(
+        fake, job("specoff-chain", "24GiB"))
+    assert bench.rebuild_estimate(fake, job("specoff-chain", "12GiB"))[0] is None  # no fit
+    assert bench.rebuild_estimate(fake, job("specoff-offload", "12GiB"))[0] > 0  # target alone

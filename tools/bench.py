@@ -186,6 +186,7 @@ class Bench:
         self.calibrations: Dict[float, dict] = {}
         self.trajectories = None
         self.pass_seconds = None  # the slowest target pass seen, for time estimates
+        self.built: Optional[dict] = None  # the last built pair's configs, profile, build time
         self.reference_tokens: Dict[str, list] = {}  # config → specoff-offload's greedy tokens
         self.records: Dict[str, List[dict]] = {}
 
@@ -287,6 +288,8 @@ class Bench:
         else:
             raise Skip(f"does not fit gpu_memory={gpu_memory}: {why}")
         self.llm, self.llm_key, self.llm_sigma = llm, key, sigma
+        self.built = dict(configs=(llm.config, llm.draft_config), dtype=llm.dtype,
+                          profile=llm.profile, seconds=time.perf_counter() - t0)
         used = budget if self.cuda else None
         self.llm_info = dict(
             build_seconds=time.perf_counter() - t0, gpu_memory=used, with_draft=with_draft,
@@ -524,24 +527,67 @@ def split(text: str) -> list:
     return [v.strip() for v in str(text).split(",") if v.strip()]
 
 
+def rebuild_estimate(bench: Bench, job: Job) -> tuple:
+    """(rows per pass or None, pass seconds or None, seconds to build) for a specoff job at
+    another budget than the pair built now: the planner's rows there (a smaller budget serves
+    fewer rows, so the same prompts take more passes) and the last build's time. None rows:
+    the pair does not fit that budget."""
+    p, a = job.params, bench.args
+    if bench.built is None or not bench.cuda:
+        return None, None, 0.0
+    from specoff.planner import plan_run, plan_weights, weight_reserve
+
+    cfg, draft = bench.built["configs"]
+    dtype, profile = bench.built["dtype"], bench.built["profile"]
+    budget = parse_bytes(p["gpu_memory"])
+    prompts, new = p["prompts"], p["new_tokens"]
+    longest = max(map(len, prompts))
+    same = bench.llm is not None and bench.llm_key[0] == p["gpu_memory"]
+    # Where the pair does not fit, an offload run builds the target alone (run_specoff).
+    for with_draft in (True, False) if job.engine.startswith("specoff-offload") else (True,):
+        d = draft if with_draft else None
+        try:
+            if same and (bench.llm.draft_config is not None) == with_draft:
+                weights = bench.llm.weight_plan
+            else:
+                reserve = weight_reserve(cfg, dtype, budget, a.rows, d)
+                weights = plan_weights(cfg, dtype, budget, reserve=reserve,
+                                       offload=True if p["offload"] == "on" else None)
+            plan = plan_run(weights, cfg, dtype, rows=len(prompts), context=longest + new + 10,
+                            max_rows=p.get("max_rows", len(prompts)), tokens_per_row=9 if d else 1,
+                            prefill_tokens=longest, profile=profile, draft=d)
+        except BudgetError:
+            continue
+        build = 0.0 if same else bench.built["seconds"] + 15.0  # and the warm-up run
+        return plan.rows_per_pass, plan.predicted_pass_seconds, build
+    return None, None, 0.0 if same else bench.built["seconds"]
+
+
 def estimate(bench: Bench, job: Job) -> Optional[float]:
-    """Rough seconds a run takes, from the slowest target pass seen so far."""
+    """Rough seconds a run takes, from the slowest target pass seen so far (and, for a job
+    at another budget, that budget's plan and a rebuild)."""
     p, a = job.params, bench.args
     pass_s = bench.pass_seconds
     if pass_s is None:
         return None
     n, new = len(p["prompts"]), p["new_tokens"]
     rows = max(1, min(p.get("max_rows", n), n))
+    build = 0.0
+    if job.engine.startswith("specoff"):
+        planned, planned_pass, build = rebuild_estimate(bench, job)
+        if planned is not None:
+            rows = min(rows, planned)
+            pass_s = max(pass_s, planned_pass or 0.0)
     if job.engine == "specoff-chain-interleaved" and rows > 1:
         rows //= 2  # one group per pass
     if job.engine.startswith("specoff-offload"):
-        return math.ceil(n / rows) * (new + 2) * pass_s
+        return build + math.ceil(n / rows) * (new + 2) * pass_s
     if job.engine.startswith("specoff-chain"):  # the planner's workload model, α 0.7 prior
         groups = 2 if job.engine == "specoff-chain-interleaved" and rows > 1 else 1
         gamma = p.get("draft_len") or 4
-        return chain_passes(n, rows, groups, new, 0.7, gamma) * pass_s * 1.15
+        return build + chain_passes(n, rows, groups, new, 0.7, gamma) * pass_s * 1.15
     if job.engine.startswith("specoff"):
-        return (n * new / (rows * 2.5) + 2 * math.ceil(n / rows)) * pass_s * 1.2
+        return build + (n * new / (rows * 2.5) + 2 * math.ceil(n / rows)) * pass_s * 1.2
     if job.engine == "hf-assisted":
         return a.assisted_prompts * (new / 2 + 1) * pass_s * 1.8 + 10
     if job.engine == "hf-accelerate":
