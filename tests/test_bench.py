@@ -52,6 +52,16 @@ def test_every_scenario_writes_json_lines_plots_and_a_table(run, capsys):
         assert (out / f"{scenario}-{'budget' if scenario == 'interactive' else 'sweep'}.png").is_file()
 
 
+def test_interactive_runs_are_warmed_once_per_shape(run):
+    """A short run first for each speculative shape of the interactive scenario (one-time
+    compiles and captures stay out of its figures); none for the throughput runs."""
+    _, records = run
+    spec = [r for r in records["interactive"] if r["engine"].startswith("specoff")]
+    shapes = {(r["engine"], r["batch"], str(r.get("tree_budget")), r.get("draft_len")) for r in spec}
+    assert sum(r["warmup_seconds"] is not None for r in spec) == len(shapes) > 0
+    assert all(r.get("warmup_seconds") is None for r in records["throughput"])
+
+
 def test_throughput_rows_are_sane(run):
     out, records = run
     rows = records["throughput"]
