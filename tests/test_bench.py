@@ -52,14 +52,17 @@ def test_every_scenario_writes_json_lines_plots_and_a_table(run, capsys):
         assert (out / f"{scenario}-{'budget' if scenario == 'interactive' else 'sweep'}.png").is_file()
 
 
-def test_interactive_runs_are_warmed_once_per_shape(run):
+def test_interactive_runs_are_warmed_and_built_for_their_batch(run):
     """A short run first for each speculative shape of the interactive scenario (one-time
-    compiles and captures stay out of its figures); none for the throughput runs."""
+    compiles and captures stay out of its figures), none for the throughput runs; and the
+    pair built for the batch's rows, as the command line builds it for its prompts."""
     _, records = run
     spec = [r for r in records["interactive"] if r["engine"].startswith("specoff")]
     shapes = {(r["engine"], r["batch"], str(r.get("tree_budget")), r.get("draft_len")) for r in spec}
     assert sum(r["warmup_seconds"] is not None for r in spec) == len(shapes) > 0
     assert all(r.get("warmup_seconds") is None for r in records["throughput"])
+    # each batch's own build: the weights leave room for its rows, not --rows
+    assert all(r["build_rows"] == r["batch"] for r in records["interactive"] if r["status"] == "ok")
 
 
 def test_throughput_rows_are_sane(run):
@@ -215,7 +218,7 @@ def test_time_estimate_plans_other_budgets():
                            reserve=weight_reserve(target, dtype, at, 164, draft))
     fake = SimpleNamespace(args=SimpleNamespace(rows=164), cuda=True, pass_seconds=2.0,
                            llm=SimpleNamespace(weight_plan=weights, draft_config=draft),
-                           llm_key=("24GiB", True, False, "on"), target_cfg=target,
+                           llm_key=("24GiB", True, False, "on", 164), target_cfg=target,
                            built=dict(configs=(target, draft), dtype=dtype, profile=None, seconds=20.0))
     prompts = [[1] * 113] * 327 + [[1] * 340]
 

@@ -237,14 +237,18 @@ class Bench:
             torch.cuda.empty_cache()
 
     def llm_for(self, sigma: float, gpu_memory: str, *, with_draft: bool = True, fit: bool = True,
-                workload: Optional[tuple] = None, offload: str = "on"):
+                workload: Optional[tuple] = None, offload: str = "on",
+                max_rows: Optional[int] = None):
         """The one LLM for this σ and budget, reused across runs: a σ change rewrites the
         target's weights in place, a budget change rebuilds it. With `fit`, a budget that the
         pair does not fit (or where `workload` = (rows, longest prompt, new tokens) would lose
         rows or push the KV cache to the host) is raised along BUDGET_LADDER, said in the
         records; without it, Skip. `offload`: "on" streams every layer, "auto" lets the
-        planner keep what fits resident."""
-        key = (gpu_memory, with_draft, fit, offload)
+        planner keep what fits resident. `max_rows` (default --rows): the rows the weights
+        leave room for, as the command line does with its prompt count (interactive runs:
+        the batch, so the spare memory goes to the ring and resident weights)."""
+        max_rows = max_rows or self.args.rows
+        key = (gpu_memory, with_draft, fit, offload, max_rows)
         if self.llm is not None and self.llm_key == key:
             if sigma != self.llm_sigma:
                 t0 = time.perf_counter()
@@ -269,7 +273,7 @@ class Bench:
                 llm = specoff.LLM(target, draft=draft if with_draft else None, device=self.device,
                                   dtype=self.dtype, gpu_memory=budget if self.cuda else None,
                                   offload=True if not self.cuda or offload == "on" else None,
-                                  max_rows=a.rows, draft_len=a.draft_len, seed=a.seed)
+                                  max_rows=max_rows, draft_len=a.draft_len, seed=a.seed)
             except BudgetError as e:
                 why = why or str(e)
                 continue
@@ -277,7 +281,7 @@ class Bench:
                 rows, longest, new = workload
                 llm.max_rows = rows
                 plan = llm.plan(rows, longest, new)
-                llm.max_rows = a.rows
+                llm.max_rows = max_rows
                 if not plan.kv_on_gpu or plan.rows_per_pass < rows:
                     why = why or (f"{rows} rows of {longest}+{new} tokens get "
                                   f"{plan.rows_per_pass} rows, KV on "
@@ -294,6 +298,7 @@ class Bench:
         used = budget if self.cuda else None
         self.llm_info = dict(
             build_seconds=time.perf_counter() - t0, gpu_memory=used, with_draft=with_draft,
+            build_rows=max_rows,
             offload=offload if self.cuda else "on",
             budget_note=(f"at {gpu_memory}: {why}; every engine of this config runs at {used}"
                          if used != gpu_memory and self.cuda else None),
@@ -367,12 +372,14 @@ def run_specoff(bench: Bench, job: Job) -> dict:
     engine = job.engine
     fit, workload, offload = p["fit"], p.get("fit_workload"), p["offload"]
     try:
-        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], fit=fit, workload=workload, offload=offload)
+        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], fit=fit, workload=workload, offload=offload,
+                            max_rows=p.get("build_rows"))
     except Skip:
         if not engine.startswith("specoff-offload") or fit:
             raise
         # The pair does not fit this budget; the target alone may (sweep-budget).
-        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=False, fit=False, offload=offload)
+        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=False, fit=False, offload=offload,
+                            max_rows=p.get("build_rows"))
     llm.spec = "tree" if engine == "specoff-tree" else "chain"
     # specoff-chain (and tree) leave the choice of groups to the planner.
     llm.interleave = {"specoff-chain-serial": False, "specoff-chain-interleaved": True}.get(engine)
@@ -456,7 +463,7 @@ def run_hf(bench: Bench, job: Job) -> dict:
     p, a = job.params, bench.args
     cal = bench.calibrate(p["alpha"])
     llm = bench.llm_for(cal["sigma"], p["gpu_memory"], fit=p["fit"], workload=p.get("fit_workload"),
-                        offload=p["offload"])
+                        offload=p["offload"], max_rows=p.get("build_rows"))
     cfg, dtype, L = llm.config, llm.dtype, llm.config.n_layers
     sizes = ModelSizes.of(cfg, dtype)
     assisted = job.engine == "hf-assisted"
@@ -555,7 +562,9 @@ def rebuild_estimate(bench: Bench, job: Job) -> tuple:
     budget = parse_bytes(p["gpu_memory"])
     prompts, new = p["prompts"], p["new_tokens"]
     longest = max(map(len, prompts))
-    same = bench.llm is not None and bench.llm_key[0] == p["gpu_memory"]
+    build_rows = p.get("build_rows") or a.rows
+    same = (bench.llm is not None and bench.llm_key[0] == p["gpu_memory"]
+            and bench.llm_key[-1] == build_rows)
     # Where the pair does not fit, an offload run builds the target alone (run_specoff).
     for with_draft in (True, False) if job.engine.startswith("specoff-offload") else (True,):
         d = draft if with_draft else None
@@ -563,7 +572,7 @@ def rebuild_estimate(bench: Bench, job: Job) -> tuple:
             if same and (bench.llm.draft_config is not None) == with_draft:
                 weights = bench.llm.weight_plan
             else:
-                reserve = weight_reserve(cfg, dtype, budget, a.rows, d)
+                reserve = weight_reserve(cfg, dtype, budget, build_rows, d)
                 weights = plan_weights(cfg, dtype, budget, reserve=reserve,
                                        offload=True if p["offload"] == "on" else None)
             plan = plan_run(weights, cfg, dtype, rows=len(prompts), context=longest + new + 10,
@@ -652,12 +661,14 @@ def interactive_jobs(bench: Bench) -> List[Job]:
         for budget in split(a.tree_budgets):
             budget = budget if budget == "auto" else int(budget)
             jobs.append(job(bench, "interactive", config, "specoff-tree", prompts=prompts, batch=batch,
-                            new_tokens=a.interactive_new_tokens, max_rows=batch, tree_budget=budget))
+                            new_tokens=a.interactive_new_tokens, max_rows=batch, tree_budget=budget,
+                            build_rows=batch))
         jobs.append(job(bench, "interactive", config, "specoff-chain", prompts=prompts, batch=batch,
-                        new_tokens=a.interactive_new_tokens, max_rows=batch, draft_len=a.draft_len))
+                        new_tokens=a.interactive_new_tokens, max_rows=batch, draft_len=a.draft_len,
+                        build_rows=batch))
         if batch == 1:
             jobs.append(job(bench, "interactive", config, "hf-assisted", prompts=prompts, batch=1,
-                            new_tokens=a.interactive_new_tokens, max_rows=1))
+                            new_tokens=a.interactive_new_tokens, max_rows=1, build_rows=1))
     return jobs
 
 
