@@ -64,7 +64,9 @@ class RoundTiming:
     target_start: object
     target_end: object
     draft_start: object = None
+    draft_steps: object = None  # after the draft's prefill of new prompts, before its steps
     draft_end: object = None
+    draft_step_count: int = 0  # γ + 1
     wall: float = 0.0
 
 
@@ -184,6 +186,10 @@ class ChainPipeline:
                 start.record()
             t0 = time.perf_counter()
             self._prefill_draft(g)
+            t_steps = time.perf_counter()
+            if self.cuda:
+                steps = self._event()
+                steps.record()
             tokens, drafted, probs = g.last, [], []
             for step in range(self.gamma + 1):
                 logits = self.draft(self._draft_ids(tokens)[:, None], g.draft_cache)[:, 0]
@@ -208,10 +214,12 @@ class ChainPipeline:
                 for t in (g.draft_tokens, g.draft_probs):
                     if t is not None:
                         t.record_stream(main)
-                self._pending_draft = (start, end)  # timed with the next target round
+                # timed with the next target round
+                self._pending_draft = (start, steps, end, self.gamma + 1)
             else:
                 self.stats.draft_seconds += time.perf_counter() - t0
-                self.draft_step_s = (time.perf_counter() - t0) / (self.gamma + 1)
+                # γ is chosen from the steps alone: a round with new prompts also prefills them
+                self.draft_step_s = (time.perf_counter() - t_steps) / (self.gamma + 1)
 
     # -- target ----------------------------------------------------------------------------
 
@@ -229,7 +237,8 @@ class ChainPipeline:
             torch.cuda.current_stream(self.device).wait_event(g.drafted)
         timing = RoundTiming(self._event(), self._event())
         if self._pending_draft is not None:
-            timing.draft_start, timing.draft_end = self._pending_draft
+            (timing.draft_start, timing.draft_steps, timing.draft_end,
+             timing.draft_step_count) = self._pending_draft
             self._pending_draft = None
         wall0 = time.perf_counter()
         if self.cuda:
@@ -395,7 +404,9 @@ class ChainPipeline:
             if t.draft_start is not None:
                 draft = t.draft_start.elapsed_time(t.draft_end) / 1e3
                 self.stats.draft_seconds += draft
-                self.draft_step_s = draft / (self.gamma + 1)
+                # γ is chosen from the steps alone: a round with new prompts prefills them too
+                steps = t.draft_steps.elapsed_time(t.draft_end) / 1e3
+                self.draft_step_s = steps / t.draft_step_count
                 self.stats.round_seconds += t.wall
                 self.stats.rounds += 1
                 # What the round saved over running target and draft one after the other.
