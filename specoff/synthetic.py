@@ -283,14 +283,46 @@ MIXTRAL_8X7B = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, nu
                     rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None)
 
 
-def dense_of(moe: dict, model_type: str = "mistral") -> dict:
-    """The dense config whose feed-forward is one expert of the MoE config `moe`."""
-    dense = {k: v for k, v in moe.items() if k not in ("num_local_experts", "num_experts_per_tok")}
-    dense["model_type"] = model_type
+MIXTRAL_8X22B = dict(model_type="mixtral", vocab_size=32768, hidden_size=6144, num_hidden_layers=56,
+                     num_attention_heads=48, num_key_value_heads=8, intermediate_size=16384,
+                     num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=65536,
+                     rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None)
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                     moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                     max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6,
+                     tie_word_embeddings=False, use_sliding_window=False, sliding_window=None)
+
+_MOE_KEYS = ("num_local_experts", "num_experts", "num_experts_per_tok", "norm_topk_prob",
+             "decoder_sparse_step", "mlp_only_layers", "moe_intermediate_size",
+             "output_router_logits", "router_aux_loss_coef")
+
+
+def dense_of(moe: dict, model_type: Optional[str] = None) -> dict:
+    """The dense config whose feed-forward is one expert of the MoE config `moe` (its
+    family's dense sibling by default: Mistral for Mixtral, Qwen3 for Qwen3-MoE)."""
+    dense = {k: v for k, v in moe.items() if k not in _MOE_KEYS}
+    if "moe_intermediate_size" in moe:
+        dense["intermediate_size"] = moe["moe_intermediate_size"]
+    dense["model_type"] = model_type or {"mixtral": "mistral", "qwen3_moe": "qwen3"}[moe["model_type"]]
     return dense
 
 
 MISTRAL_7B = dense_of(MIXTRAL_8X7B)
+
+# Real-size upcycled pairs: (draft config, target config, what to call them, the most layers
+# a 128 GiB host holds of the target in bf16 once). A draft shares the target's attention,
+# norms, embeddings and head, so it has the target's width and depth: the Mixtral-8x22B pair's
+# draft is its dense twin (390M parameters a layer), Qwen3-30B-A3B's a 1.7B dense model with
+# one 768-wide expert as its feed-forward.
+PAIRS = {
+    "mixtral-8x7b": (MISTRAL_7B, MIXTRAL_8X7B, "Mistral-7B / Mixtral-8x7B shapes", 32),
+    "mixtral-8x22b": (dense_of(MIXTRAL_8X22B), MIXTRAL_8X22B,
+                      "dense twin / Mixtral-8x22B shapes", 20),
+    "qwen3-30b-a3b": (dense_of(QWEN3_30B_A3B), QWEN3_30B_A3B,
+                      "dense Qwen3 (one expert wide) / Qwen3-30B-A3B shapes", 48),
+}
 
 
 def pair_configs(draft: dict, target: dict, layers: Optional[int] = None):

@@ -140,7 +140,7 @@ def test_text_ids_without_a_tokenizer():
 
 
 def tiny_pair():
-    return pair_configs(bench.TINY_DRAFT, bench.TINY_TARGET)
+    return pair_configs(*bench.TINY_PAIRS["mixtral"][:2])
 
 
 def test_sigma_for_acceptance_hits_the_request():
@@ -235,3 +235,32 @@ def test_time_estimate_plans_other_budgets():
         fake, job("specoff-chain", "24GiB"))
     assert bench.rebuild_estimate(fake, job("specoff-chain", "12GiB"))[0] is None  # no fit
     assert bench.rebuild_estimate(fake, job("specoff-offload", "12GiB"))[0] > 0  # target alone
+
+
+def test_qwen3_moe_pair_runs_and_transformers_agrees(tmp_path):
+    """--pair picks the families: the Qwen3-MoE pair's toy twin through specoff's engines and
+    transformers' own Qwen3-MoE classes on the same weights, with the same greedy tokens."""
+    records = bench.main(["--tiny", "--pair", "qwen3-30b-a3b", "--scenario", "throughput",
+                          "--configs", "humaneval", "--engines",
+                          "specoff-offload,specoff-chain,hf-accelerate-pinned",
+                          "--out", str(tmp_path), "--quiet"])
+    rows = records["throughput"]
+    assert [r["status"] for r in rows] == ["ok"] * 3, [r["note"] for r in rows]
+    assert {r["pair"] for r in rows} == {"tiny qwen3/qwen3-moe"}
+    pinned = next(r for r in rows if r["engine"] == "hf-accelerate-pinned")
+    assert pinned["matches_specoff"] is True
+    chain = next(r for r in rows if r["engine"] == "specoff-chain")
+    assert chain["tokens_per_pass"] > 1
+
+
+@pytest.mark.parametrize("name", list(bench.PAIRS))
+def test_real_size_pairs_are_upcycled_pairs(name):
+    """Every --pair is a valid upcycled pair at real size (shapes checked, no weights drawn)
+    whose target fits a 128 GiB host once at its default depth."""
+    from specoff.planner import ModelSizes
+
+    draft_hf, target_hf, _, layers = bench.PAIRS[name]
+    draft, target = pair_configs(draft_hf, target_hf, layers)
+    upcycled_pair(draft, target, 0.01, device="cpu")  # raises on a mismatch
+    assert target.is_moe and not draft.is_moe and layers <= target_hf["num_hidden_layers"]
+    assert ModelSizes.of(target, torch.bfloat16).total < 100 * 2**30

@@ -10,8 +10,11 @@ The pair is an upcycled one built in memory with seeded random weights (DESIGN.m
 measurement"): a Mistral-7B-shaped draft, resident on the GPU, and a Mixtral-8x7B-shaped
 target whose experts are the draft's feed-forward plus noise σ, streamed from pinned host
 memory. σ is found for the requested acceptance α (synthetic.sigma_for_acceptance) unless
---sigma pins it; every row carries σ and the measured α. `--tiny` runs the same code on a
-toy pair on the CPU.
+--sigma pins it; every row carries σ and the measured α. `--pair` picks other shapes
+(synthetic.PAIRS): mixtral-8x22b (20 of its 56 layers by default: what a 128 GiB host holds
+once; its draft is its dense twin) and qwen3-30b-a3b (128 experts of 768, top-8; a 1.7B dense
+draft one expert wide). `--tiny` runs the same code on a toy pair of the same families on
+the CPU.
 
 Budget: every engine and peer of a run gets the same GPU budget (--gpu-memory, 24GiB by
 default). Where the pair does not fit it (the Mistral-7B-shaped draft alone is 14.5 GB and
@@ -69,7 +72,7 @@ from specoff import baselines  # noqa: E402
 from specoff.offload import copy_gbps, peak_host_bytes, refill  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
 from specoff.spec.chain import chain_passes  # noqa: E402
-from specoff.synthetic import (MISTRAL_7B, MIXTRAL_8X7B, dense_of, draft_trajectories,  # noqa: E402
+from specoff.synthetic import (PAIRS, dense_of, draft_trajectories,  # noqa: E402
                                greedy_agreement, pair_configs, sigma_for_acceptance,
                                upcycled_pair)
 
@@ -78,11 +81,19 @@ TINY_TARGET = dict(model_type="mixtral", vocab_size=512, hidden_size=64, num_hid
                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
                    rope_theta=1e4, rms_norm_eps=1e-5, sliding_window=None)
-TINY_DRAFT = dense_of(TINY_TARGET)
+TINY_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                      moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                      max_position_embeddings=4096, rope_theta=1e4, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, use_sliding_window=False, sliding_window=None)
+# --tiny: a toy pair of the requested pair's families
+TINY_PAIRS = {"mixtral": (dense_of(TINY_TARGET), TINY_TARGET, "tiny mistral/mixtral"),
+              "qwen3_moe": (dense_of(TINY_QWEN3_MOE), TINY_QWEN3_MOE, "tiny qwen3/qwen3-moe")}
 
 # Per mode defaults of the options left unset (GPU: sized for a call of at most ~9 minutes).
 DEFAULTS = {
-    "gpu": dict(layers=32, rows=128, new_tokens="32,16,64,128", long_prompts="512,1024,2048",
+    "gpu": dict(rows=128, new_tokens="32,16,64,128", long_prompts="512,1024,2048",
                 interactive_new_tokens=32, batches="1,4", tree_budgets="16,64,256,1024,auto",
                 throughput_tree_budget=16, budgets="8,12,16,24,48", rows_sweep="32,64,128,256",
                 gammas="1,2,4,6,8,auto", alphas="0.5,0.6,0.7,0.8,0.9", peer_layers=4,
@@ -164,12 +175,13 @@ class Bench:
                                                   else "cuda"))
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
-        self.draft_hf, self.target_hf = (TINY_DRAFT, TINY_TARGET) if args.tiny else (MISTRAL_7B, MIXTRAL_8X7B)
-        self.draft_hf = dict(self.draft_hf, num_hidden_layers=args.layers)
-        self.target_hf = dict(self.target_hf, num_hidden_layers=args.layers)
+        draft_hf, target_hf, self.pair_name, _ = PAIRS[args.pair]
+        if args.tiny:
+            draft_hf, target_hf, self.pair_name = TINY_PAIRS[target_hf["model_type"]]
+        self.full_layers = target_hf["num_hidden_layers"]
+        self.draft_hf = dict(draft_hf, num_hidden_layers=args.layers)
+        self.target_hf = dict(target_hf, num_hidden_layers=args.layers)
         self.draft_cfg, self.target_cfg = pair_configs(self.draft_hf, self.target_hf)
-        self.pair_name = "tiny mistral/mixtral" if args.tiny else "Mistral-7B / Mixtral-8x7B shapes"
-        self.full_layers = (TINY_TARGET if args.tiny else MIXTRAL_8X7B)["num_hidden_layers"]
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -1008,7 +1020,8 @@ def parse_args(argv=None):
     p.add_argument("--offload", choices=["auto", "on"], default="on",
                    help="on: every target layer streams; auto: the planner keeps what fits "
                         "resident (sweep-budget always uses auto: that is what it measures)")
-    p.add_argument("--layers", type=int, help="decoder layers of the pair (default: all)")
+    p.add_argument("--layers", type=int, help="decoder layers of the pair (default: all, or as many "
+                                              "as a 128 GiB host holds once: PAIRS)")
     p.add_argument("--alpha", type=float, default=0.7, help="per-token greedy acceptance to find σ for")
     p.add_argument("--sigma", type=float, help="pin σ instead (its α is still measured)")
     p.add_argument("--std", type=float, default=0.02, help="the random weights' std")
@@ -1034,9 +1047,14 @@ def parse_args(argv=None):
                                       "in the same run")
     p.add_argument("--configs", help="comma-separated: run only configs whose name starts with one "
                                      "of these (e.g. humaneval,long-1024)")
+    p.add_argument("--pair", choices=list(PAIRS), default="mixtral-8x7b",
+                   help="the upcycled pair's shapes (--tiny: a toy pair of the same families)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.layers is None and not args.tiny:
+        # all of the target's layers, or as many as the host holds once (said in the records)
+        args.layers = PAIRS[args.pair][3]
     for key, value in DEFAULTS["tiny" if args.tiny else "gpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
