@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -311,6 +312,20 @@ def dense_of(moe: dict, model_type: Optional[str] = None) -> dict:
 
 MISTRAL_7B = dense_of(MIXTRAL_8X7B)
 
+TINY_MIXTRAL = dict(model_type="mixtral", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
+                    rope_theta=1e4, rms_norm_eps=1e-5, sliding_window=None)
+TINY_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                      moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                      max_position_embeddings=4096, rope_theta=1e4, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, use_sliding_window=False, sliding_window=None)
+# Toy pairs of the same families (CPU smoke runs), by the target's family.
+TINY_PAIRS = {"mixtral": (dense_of(TINY_MIXTRAL), TINY_MIXTRAL, "tiny mistral/mixtral"),
+              "qwen3_moe": (dense_of(TINY_QWEN3_MOE), TINY_QWEN3_MOE, "tiny qwen3/qwen3-moe")}
+
 # Real-size upcycled pairs: (draft config, target config, what to call them, the most layers
 # a 128 GiB host holds of the target in bf16 once). A draft shares the target's attention,
 # norms, embeddings and head, so it has the target's width and depth: the Mixtral-8x22B pair's
@@ -332,6 +347,110 @@ def pair_configs(draft: dict, target: dict, layers: Optional[int] = None):
 
     over = {} if layers is None else {"num_hidden_layers": layers}
     return ModelConfig.from_dict({**draft, **over}), ModelConfig.from_dict({**target, **over})
+
+
+def checkpoint_bytes(cfg, dtype=torch.bfloat16) -> int:
+    """Bytes of a model's weights in a checkpoint of `dtype`."""
+    from .planner import ModelSizes
+
+    return ModelSizes.of(cfg, dtype).total
+
+
+@torch.inference_mode()
+def write_checkpoint(model: SyntheticModel, hf_config: dict, out_dir, dtype=torch.bfloat16,
+                     tokenizer=None, progress: Optional[Callable[[str], None]] = None) -> Path:
+    """Write a SyntheticModel as a Hugging Face folder (config.json, one safetensors shard
+    per decoder layer plus one for embeddings, final norm and head, the index, and the
+    tokenizer when given), drawing one layer's weights at a time: the model never sits in
+    memory whole. Tensors get their checkpoint names (weights.weight_table), so both
+    specoff and transformers load the folder."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from .models.decoder import Transformer, TransformerBlock
+    from .weights import weight_table
+
+    cfg, out = model.config, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    AutoConfig.for_model(**hf_config).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    table = weight_table(cfg)
+    with torch.device("meta"):
+        outside = {n: p.shape for n, p in Transformer(cfg).named_parameters()
+                   if not n.startswith("layers.")}
+        block = {n: p.shape for n, p in TransformerBlock(cfg).named_parameters()}
+    groups = [{f"layers.{i}.{n}": shape for n, shape in block.items()} for i in range(cfg.n_layers)]
+    groups.append(outside)
+    weight_map, total = {}, 0
+    for k, shapes in enumerate(groups):
+        ours = {n: torch.empty(shape, dtype=dtype) for n, shape in shapes.items()}
+        model.source(ours)
+        if cfg.tie_word_embeddings:
+            ours.pop("output.weight", None)
+        tensors = {}
+        for name, t in ours.items():
+            for piece in table[name]:
+                part = t if piece.expert is None else t[piece.expert]
+                if piece.rows >= 0:
+                    part = part.narrow(0, piece.row, piece.rows)
+                tensors[piece.hf_name] = part.contiguous()
+        shard = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(tensors, out / shard, metadata={"format": "pt"})
+        weight_map.update({n: shard for n in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        if progress is not None:
+            progress(shard)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def write_upcycled_pair(out_dir, draft_hf: dict, target_hf: dict, sigma: float, *,
+                        layers: Optional[int] = None, seed: int = 0, std: float = 0.02,
+                        dtype=torch.bfloat16, device=None, tokenizer=None,
+                        disk_bytes: Optional[int] = None,
+                        progress: Optional[Callable[[str], None]] = None):
+    """The upcycled pair of `upcycled_pair` at any size, as two Hugging Face folders
+    OUT/draft and OUT/target, for peers that load checkpoints from disk. `layers` None: all
+    of them, or, when both do not fit `disk_bytes` (default: the free space at OUT), as
+    many as do. Returns (draft_dir, target_dir, layers written)."""
+    out = Path(out_dir)
+    created = not out.exists()
+    try:
+        return _write_upcycled_pair(out, draft_hf, target_hf, sigma, layers, seed, std, dtype,
+                                    device, tokenizer, disk_bytes, progress)
+    except BaseException:  # nothing half-written stays behind
+        for name in ("draft", "target"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_upcycled_pair(out, draft_hf, target_hf, sigma, layers, seed, std, dtype, device,
+                         tokenizer, disk_bytes, progress):
+    full = target_hf["num_hidden_layers"]
+    per_layer = {}
+    for n in (1, 2):
+        d, t = pair_configs(draft_hf, target_hf, n)
+        per_layer[n] = checkpoint_bytes(d, dtype) + checkpoint_bytes(t, dtype)
+    layer_bytes = per_layer[2] - per_layer[1]
+    fixed = per_layer[1] - layer_bytes
+    if layers is None:
+        out.mkdir(parents=True, exist_ok=True)
+        room = shutil.disk_usage(out).free if disk_bytes is None else disk_bytes
+        layers = min(full, int((room * 0.95 - fixed) // layer_bytes))
+        if layers < 1:
+            raise ValueError(f"{out} has {room / 2**30:.1f} GiB free; the pair needs "
+                             f"{(fixed + layer_bytes) / 2**30:.1f} GiB for even one layer")
+    draft_cfg, target_cfg = pair_configs(draft_hf, target_hf, layers)
+    draft, target = upcycled_pair(draft_cfg, target_cfg, sigma, seed, device, std)
+    dirs = []
+    for name, model, hf in (("draft", draft, draft_hf), ("target", target, target_hf)):
+        hf = dict(hf, num_hidden_layers=layers, torch_dtype=str(dtype).split(".")[-1])
+        dirs.append(write_checkpoint(model, hf, out / name, dtype, tokenizer, progress))
+    return dirs[0], dirs[1], layers
 
 
 @torch.inference_mode()

@@ -264,3 +264,81 @@ def test_real_size_pairs_are_upcycled_pairs(name):
     upcycled_pair(draft, target, 0.01, device="cpu")  # raises on a mismatch
     assert target.is_moe and not draft.is_moe and layers <= target_hf["num_hidden_layers"]
     assert ModelSizes.of(target, torch.bfloat16).total < 100 * 2**30
+
+
+# -- upcycled pairs on disk (tools/make_checkpoint.py --upcycle) --------------------------------
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_upcycled_pair_on_disk_loads_in_specoff_and_transformers(family, tmp_path):
+    """The folders hold the pair tools/bench.py builds in memory: the target's attention is the
+    draft's, its experts the draft's feed-forward plus σ noise; specoff and transformers load
+    them and decode the same greedy tokens."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from specoff.synthetic import TINY_PAIRS, make_tokenizer, write_upcycled_pair
+
+    draft_hf, target_hf, _ = TINY_PAIRS[family]
+    sigma = 0.5
+    draft, target, layers = write_upcycled_pair(tmp_path, draft_hf, target_hf, sigma,
+                                                dtype=torch.float32, device="cpu",
+                                                tokenizer=make_tokenizer())
+    assert layers == target_hf["num_hidden_layers"]
+
+    def tensors(folder):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        out = {}
+        for name, shard in index.items():
+            with safe_open(str(folder / shard), "pt") as f:
+                out[name] = f.get_tensor(name)
+        return out
+
+    d, t = tensors(draft), tensors(target)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(d[q], t[q]) and torch.equal(d["lm_head.weight"], t["lm_head.weight"])
+    moe = "block_sparse_moe.experts.3.w1" if family == "mixtral" else "mlp.experts.3.gate_proj"
+    dense, expert = d["model.layers.0.mlp.gate_proj.weight"], t[f"model.layers.0.{moe}.weight"]
+    noise = (expert - dense).std() / dense.std()
+    assert 0.8 * sigma < noise < 1.2 * sigma
+
+    llm = specoff.LLM(target, draft=draft, device="cpu")
+    ours = llm.generate(["def add(a, b):"], specoff.SamplingParams(max_new_tokens=8))[0]
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    ids = torch.tensor([ours.prompt_token_ids])
+    theirs = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert theirs[0, ids.shape[1]:].tolist() == ours.token_ids
+
+
+def test_upcycled_pair_takes_the_layers_the_disk_holds(tmp_path):
+    from specoff.synthetic import TINY_PAIRS, checkpoint_bytes, write_upcycled_pair
+
+    draft_hf, target_hf, _ = TINY_PAIRS["mixtral"]
+    target_hf = dict(target_hf, num_hidden_layers=6)
+    one = sum(checkpoint_bytes(c, torch.float32) for c in pair_configs(draft_hf, target_hf, 1))
+    two = sum(checkpoint_bytes(c, torch.float32) for c in pair_configs(draft_hf, target_hf, 2))
+    room = int((one + 2 * (two - one)) / 0.95) + 1  # three layers' worth
+    *_, layers = write_upcycled_pair(tmp_path / "a", draft_hf, target_hf, 0.1, dtype=torch.float32,
+                                     device="cpu", disk_bytes=room)
+    assert layers == 3
+    cfg = json.loads((tmp_path / "a" / "target" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3
+    with pytest.raises(ValueError, match="GiB free; the pair needs"):
+        write_upcycled_pair(tmp_path / "b", draft_hf, target_hf, 0.1, dtype=torch.float32,
+                            device="cpu", disk_bytes=one // 2)
+    assert not (tmp_path / "b").exists()  # nothing half-written stays behind
+
+
+def test_make_checkpoint_upcycle_command(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_checkpoint_tool",
+                                                  ROOT / "tools" / "make_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "pair"
+    assert tool.main(["--upcycle", "qwen3-30b-a3b", str(out), "--tiny", "--sigma", "0.2",
+                      "--quiet"]) == 0
+    assert "tiny qwen3/qwen3-moe pair at σ = 0.2" in capsys.readouterr().out
+    assert (out / "draft" / "config.json").is_file() and (out / "target" / "tokenizer.json").is_file()
+    assert tool.main(["--upcycle", "qwen3-30b-a3b", str(out), "--tiny", "--sigma", "0.2"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert tool.main(["--upcycle", "mixtral-8x7b", str(tmp_path / "x"), "--tiny"]) == 2
+    assert "needs one of --sigma" in capsys.readouterr().err

@@ -72,24 +72,11 @@ from specoff import baselines  # noqa: E402
 from specoff.offload import copy_gbps, peak_host_bytes, refill  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
 from specoff.spec.chain import chain_passes  # noqa: E402
-from specoff.synthetic import (PAIRS, dense_of, draft_trajectories,  # noqa: E402
+from specoff.synthetic import (PAIRS, TINY_PAIRS, draft_trajectories,  # noqa: E402
                                greedy_agreement, pair_configs, sigma_for_acceptance,
                                upcycled_pair)
 
 GiB = 2**30
-TINY_TARGET = dict(model_type="mixtral", vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                   num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
-                   rope_theta=1e4, rms_norm_eps=1e-5, sliding_window=None)
-TINY_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                      moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-                      max_position_embeddings=4096, rope_theta=1e4, rms_norm_eps=1e-6,
-                      tie_word_embeddings=False, use_sliding_window=False, sliding_window=None)
-# --tiny: a toy pair of the requested pair's families
-TINY_PAIRS = {"mixtral": (dense_of(TINY_TARGET), TINY_TARGET, "tiny mistral/mixtral"),
-              "qwen3_moe": (dense_of(TINY_QWEN3_MOE), TINY_QWEN3_MOE, "tiny qwen3/qwen3-moe")}
 
 # Per mode defaults of the options left unset (GPU: sized for a call of at most ~9 minutes).
 DEFAULTS = {
