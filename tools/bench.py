@@ -713,9 +713,10 @@ def sweep_gamma_jobs(bench: Bench) -> List[Job]:
     jobs = []
     for gamma in split(a.gammas):
         draft_len = None if gamma == "auto" else int(gamma)
-        jobs.append(job(bench, "sweep-gamma", f"gamma {gamma}", "specoff-chain-interleaved",
-                        prompts=prompts, new_tokens=new, max_rows=2 * a.rows, draft_len=draft_len,
-                        gamma=gamma))
+        # specoff-chain: the planner's groups, what a user gets; --engines picks
+        for engine in ("specoff-chain", "specoff-chain-interleaved"):
+            jobs.append(job(bench, "sweep-gamma", f"gamma {gamma}", engine, prompts=prompts,
+                            new_tokens=new, max_rows=2 * a.rows, draft_len=draft_len, gamma=gamma))
     for budget in split(a.tree_budgets):
         value = budget if budget == "auto" else int(budget)
         jobs.append(job(bench, "sweep-gamma", f"tree {budget}", "specoff-tree", prompts=prompts[:1],
