@@ -312,16 +312,12 @@ def dense_of(moe: dict, model_type: Optional[str] = None) -> dict:
 
 MISTRAL_7B = dense_of(MIXTRAL_8X7B)
 
-TINY_MIXTRAL = dict(model_type="mixtral", vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
-                    rope_theta=1e4, rms_norm_eps=1e-5, sliding_window=None)
-TINY_QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                      moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-                      max_position_embeddings=4096, rope_theta=1e4, rms_norm_eps=1e-6,
-                      tie_word_embeddings=False, use_sliding_window=False, sliding_window=None)
+# The same families at toy sizes (CPU smoke runs): the real configs with small dimensions.
+_TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e4)
+TINY_MIXTRAL = dict(MIXTRAL_8X7B, **_TINY, intermediate_size=128, num_local_experts=4)
+TINY_QWEN3_MOE = dict(QWEN3_30B_A3B, **_TINY, head_dim=16, intermediate_size=128,
+                      moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
 # Toy pairs of the same families (CPU smoke runs), by the target's family.
 TINY_PAIRS = {"mixtral": (dense_of(TINY_MIXTRAL), TINY_MIXTRAL, "tiny mistral/mixtral"),
               "qwen3_moe": (dense_of(TINY_QWEN3_MOE), TINY_QWEN3_MOE, "tiny qwen3/qwen3-moe")}
