@@ -219,7 +219,7 @@ def test_time_estimate_plans_other_budgets():
     fake = SimpleNamespace(args=SimpleNamespace(rows=164), cuda=True, pass_seconds=2.0,
                            llm=SimpleNamespace(weight_plan=weights, draft_config=draft),
                            llm_key=("24GiB", True, False, "on", 164), target_cfg=target,
-                           built=dict(configs=(target, draft), dtype=dtype, profile=None, seconds=20.0))
+                           draft_cfg=draft, dtype=dtype, built=dict(profile=None, seconds=20.0))
     prompts = [[1] * 113] * 327 + [[1] * 340]
 
     def job(engine, gpu_memory):

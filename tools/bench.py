@@ -71,7 +71,7 @@ import specoff  # noqa: E402
 from specoff import baselines  # noqa: E402
 from specoff.offload import copy_gbps, peak_host_bytes, refill  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
-from specoff.spec.chain import chain_passes  # noqa: E402
+from specoff.spec.chain import MAX_DRAFT_LEN, chain_passes  # noqa: E402
 from specoff.synthetic import (PAIRS, TINY_PAIRS, draft_trajectories,  # noqa: E402
                                greedy_agreement, pair_configs, sigma_for_acceptance,
                                upcycled_pair)
@@ -185,7 +185,7 @@ class Bench:
         self.calibrations: Dict[float, dict] = {}
         self.trajectories = None
         self.pass_seconds = None  # the slowest target pass seen, for time estimates
-        self.built: Optional[dict] = None  # the last built pair's configs, profile, build time
+        self.built: Optional[dict] = None  # the last build's hardware profile and seconds
         self.warmed: set = set()  # speculative shapes run once before their timed run
         self.reference_tokens: Dict[str, list] = {}  # config → specoff-offload's greedy tokens
         self.records: Dict[str, List[dict]] = {}
@@ -292,11 +292,10 @@ class Bench:
         else:
             raise Skip(f"does not fit gpu_memory={gpu_memory}: {why}")
         self.llm, self.llm_key, self.llm_sigma = llm, key, sigma
-        self.built = dict(configs=(llm.config, llm.draft_config), dtype=llm.dtype,
-                          profile=llm.profile, seconds=time.perf_counter() - t0)
+        self.built = dict(profile=llm.profile, seconds=time.perf_counter() - t0)
         used = budget if self.cuda else None
         self.llm_info = dict(
-            build_seconds=time.perf_counter() - t0, gpu_memory=used, with_draft=with_draft,
+            build_seconds=self.built["seconds"], gpu_memory=used, with_draft=with_draft,
             build_rows=max_rows,
             offload=offload if self.cuda else "on",
             budget_note=(f"at {gpu_memory}: {why}; every engine of this config runs at {used}"
@@ -556,8 +555,7 @@ def rebuild_estimate(bench: Bench, job: Job) -> tuple:
         return None, None, 0.0
     from specoff.planner import plan_run, plan_weights, weight_reserve
 
-    cfg, draft = bench.built["configs"]
-    dtype, profile = bench.built["dtype"], bench.built["profile"]
+    cfg, draft, dtype, profile = bench.target_cfg, bench.draft_cfg, bench.dtype, bench.built["profile"]
     budget = parse_bytes(p["gpu_memory"])
     prompts, new = p["prompts"], p["new_tokens"]
     longest = max(map(len, prompts))
@@ -574,8 +572,10 @@ def rebuild_estimate(bench: Bench, job: Job) -> tuple:
                 reserve = weight_reserve(cfg, dtype, budget, build_rows, d)
                 weights = plan_weights(cfg, dtype, budget, reserve=reserve,
                                        offload=True if p["offload"] == "on" else None)
-            plan = plan_run(weights, cfg, dtype, rows=len(prompts), context=longest + new + 10,
-                            max_rows=p.get("max_rows", len(prompts)), tokens_per_row=9 if d else 1,
+            tokens = 1 + MAX_DRAFT_LEN if d else 1  # as LLM.plan sizes a pass
+            plan = plan_run(weights, cfg, dtype, rows=len(prompts),
+                            context=longest + new + (tokens + 1) * bool(d),
+                            max_rows=p.get("max_rows", len(prompts)), tokens_per_row=tokens,
                             prefill_tokens=longest, profile=profile, draft=d)
         except BudgetError:
             continue

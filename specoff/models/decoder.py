@@ -152,10 +152,9 @@ def cached_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_le
                      causal: bool = True):
     """Write k, v (B, KV, T, hd) at `positions`, then attend over the row's cache."""
     cache.write(layer, k, v, positions)
-    if use_chain_kernel(q, causal) and cache.k.dtype == q.dtype:
-        return attend(q, cache.k[layer], cache.v[layer], mask, positions, kv_len, causal)
-    keys = cache.k[layer, :, :, :kv_len].to(q.dtype)  # (B, KV, S, hd)
-    values = cache.v[layer, :, :, :kv_len].to(q.dtype)
+    keys, values = cache.k[layer], cache.v[layer]  # (B, KV, S, hd)
+    if keys.dtype != q.dtype:
+        keys, values = keys[:, :, :kv_len].to(q.dtype), values[:, :, :kv_len].to(q.dtype)
     return attend(q, keys, values, mask, positions, kv_len, causal)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ..kvcache import KVCache
 from ..models.decoder import PassPart, PrefillBatch
-from ..sampling import SamplingParams, logits_to_probs, sample_from, select
+from ..sampling import SamplingParams, logits_to_probs, sample_from
 from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accept, sample_accept
 
 
@@ -49,7 +49,9 @@ class Group:
     last: torch.Tensor  # (B,) each row's newest token, not yet in either cache
     request: List[Optional[int]]  # which request each row serves (None: idle)
     refill: List[int] = field(default_factory=list)  # rows to prefill in the next pass
-    draft_filled: List[int] = field(default_factory=list)  # of those, prefilled in the draft
+    # Their prompts as (ids (R, longest), lengths, lengths as ints), built by the draft round
+    # that prefills them in the draft and reused by the target round
+    prompts: Optional[tuple] = None
     draft_tokens: Optional[torch.Tensor] = None  # (B, γ)
     draft_probs: Optional[torch.Tensor] = None  # (B, γ, V) when sampling
     drafted: Optional[object] = None  # event: the draft tokens are ready
@@ -144,24 +146,20 @@ class ChainPipeline:
         n = self.llm.draft_config.vocab_size
         return ids if n >= self.vocab else torch.where(ids < n, ids, torch.zeros_like(ids))
 
-    def _refill_prompts(self, g: Group, rows: List[int]):
-        """The prompts of `rows` as (B, longest) ids on the device, lengths (device), lengths
-        (host ints)."""
-        prompts = [self.requests[g.request[b]].prompt for b in rows]
-        host = [len(p) for p in prompts]
-        ids = torch.zeros(len(rows), max(host), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p)
-        return ids.to(self.device), torch.tensor(host, device=self.device), host
-
     def _prefill_draft(self, g: Group) -> None:
         """New prompts into the draft: all but the last token, which becomes the row's `last`,
         so the draft's γ+1 steps run for these rows as for the others."""
-        rows = [b for b in g.refill if b not in g.draft_filled]
-        if not rows:
+        g.prompts = None
+        if not g.refill:
             return
-        ids, lens, host = self._refill_prompts(g, rows)
-        at = torch.tensor(rows, device=self.device)
+        prompts = [self.requests[g.request[b]].prompt for b in g.refill]
+        host = [len(p) for p in prompts]
+        ids = torch.zeros(len(prompts), max(host), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        ids, lens = ids.to(self.device), torch.tensor(host, device=self.device)
+        g.prompts = (ids, lens, host)
+        at = torch.tensor(g.refill, device=self.device)
         g.last[at] = ids.gather(1, (lens - 1)[:, None])[:, 0]
         g.draft_cache.lengths[at] = 0
         some = [i for i, n in enumerate(host) if n > 1]  # one-token prompts: nothing to cache
@@ -170,7 +168,6 @@ class ChainPipeline:
             chunk = max(self.chunk, self.part_tokens // len(some))
             self.draft.prefill(self._draft_ids(ids[sel]), lens[sel] - 1, g.draft_cache, chunk,
                                rows=at[sel], lengths_host=[host[i] - 1 for i in some])
-        g.draft_filled += rows
 
     def draft_round(self, g: Group) -> None:
         """γ draft tokens per row (γ+1 draft steps: the last writes d_γ's K/V, so that any
@@ -211,7 +208,7 @@ class ChainPipeline:
                 end = self._event()
                 end.record()
                 g.drafted = end
-                for t in (g.draft_tokens, g.draft_probs):
+                for t in (g.draft_tokens, g.draft_probs, *(g.prompts or ())[:2]):
                     if t is not None:
                         t.record_stream(main)
                 # timed with the next target round
@@ -250,7 +247,7 @@ class ChainPipeline:
             parts.append(PassPart(ids, g.target_cache, g.target_cache.positions(gamma + 1),
                                   self.max_len))
         if refill:
-            ids, lens, host = self._refill_prompts(g, refill)
+            ids, lens, host = g.prompts  # the draft round's
             rows = torch.tensor(refill, device=self.device)
             # Each prompt, then its γ drafts (the draft took the prompt's last token as `last`).
             ids = torch.cat([ids, ids.new_zeros(len(refill), gamma)], dim=1)
@@ -309,7 +306,7 @@ class ChainPipeline:
             self.stats.count_verified(gamma, accepted[b])
             self._append(g, b, emitted[b][:accepted[b] + 1])
         g.refill.clear()
-        g.draft_filled.clear()
+        g.prompts = None
         idle = [b for b in range(g.rows) if g.request[b] is None]
         if idle:  # idle rows ride along in passes: keep their caches from growing
             rows = torch.tensor(idle, device=self.device)
