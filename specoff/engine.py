@@ -90,6 +90,9 @@ class GenerationStats:
     tree_curve: Optional[List[dict]] = None
     target_seconds: float = 0.0  # device time of speculative target passes
     draft_seconds: float = 0.0  # device time of drafting (tree mode: growing the trees)
+    # chain: the part of draft_seconds spent prefilling new prompts in the draft (device time
+    # of the draft stream, including waits for the host to issue it)
+    draft_prefill_seconds: float = 0.0
     round_seconds: float = 0.0  # wall time of the rounds that had drafting
     rounds: int = 0  # rounds that had drafting
     draft_hidden_seconds: float = 0.0  # draft time that overlapped a target pass

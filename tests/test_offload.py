@@ -111,20 +111,16 @@ def test_offloaded_generation_equals_resident(family, make_checkpoint):
     assert resident.last_stats.bytes_streamed == 0
 
 
-def test_length_buckets():
-    from specoff.models.decoder import length_buckets
-
-    assert length_buckets([340, 100, 300, 90, 260, 10]) == [[0, 2, 4], [1, 3], [5]]
-    assert length_buckets([5, 5, 5]) == [[0, 1, 2]]
-    assert len(length_buckets(list(range(1, 400)), max_buckets=4)) == 4
-
-
 @pytest.mark.parametrize("into_rows", [False, True])
-def test_length_bucketed_prefill_equals_the_padded_one(into_rows, make_checkpoint):
-    """Prompts of far-apart lengths prefill in length buckets (fewer padded tokens, the same
-    part size in tokens): logits and cached K/V match the batch padded to its longest."""
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+def test_packed_prefill_equals_the_padded_one(into_rows, attention, make_checkpoint, monkeypatch):
+    """Prompts of far-apart lengths prefill packed in one row (no padding, each token seeing
+    its own prompt only; the Triton kernel or the dense mask), in parts of the size the
+    caller asked for: logits and cached K/V match the batch padded to its longest."""
+    from specoff.models import decoder
     from specoff.models.decoder import PrefillBatch
 
+    monkeypatch.setattr(decoder, "CHAIN_ATTENTION", attention)
     model = specoff.LLM(make_checkpoint("mixtral", layers=3), device="cpu").model
     gen = torch.Generator().manual_seed(0)
     host = [23, 4, 19, 2, 11, 22]
@@ -135,19 +131,27 @@ def test_length_bucketed_prefill_equals_the_padded_one(into_rows, make_checkpoin
     with torch.inference_mode():
         for lengths_host in (None, host):
             cache = model.new_cache(8 if into_rows else len(host), 32)
+            before = cache.k.clone()
             logits = model.prefill(ids, lens, cache, chunk=5, rows=rows, lengths_host=lengths_host)
-            caches.append((logits, cache))
-    (a, plain), (b, bucketed) = caches
+            caches.append((logits, cache, before))
+    (a, plain, _), (b, packed, before) = caches
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    assert torch.equal(bucketed.lengths, plain.lengths)
+    assert torch.equal(packed.lengths, plain.lengths)
     for i, n in enumerate(host):
         r = int(rows[i]) if into_rows else i
-        torch.testing.assert_close(bucketed.k[:, r, :, :n], plain.k[:, r, :, :n], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(bucketed.v[:, r, :, :n], plain.v[:, r, :, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed.k[:, r, :, :n], plain.k[:, r, :, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed.v[:, r, :, :n], plain.v[:, r, :, :n], rtol=1e-5, atol=1e-5)
+        r_past = packed.k[:, r, :, n:]  # nothing written past a prompt's end
+        assert torch.equal(r_past, before[:, r, :, n:])
+    if into_rows:  # rows no prompt went to are untouched
+        assert torch.equal(packed.k[:, [4, 5]], before[:, [4, 5]])
     batch = PrefillBatch(ids, model.new_cache(len(host), 32), 5, lengths_host=host)
-    assert len(batch.groups) > 1 and batch.padded_tokens < 0.8 * ids.numel()
+    assert batch.packed and batch.padded_tokens == sum(host)
     # every part holds at most the tokens the caller sized a part for (chunk x rows)
     assert max(p.input_ids.numel() for p in batch.parts) <= 5 * len(host)
+    assert len(batch.parts) == -(-sum(host) // (5 * len(host)))
+    # equal lengths: nothing to gain, the plain padded batch
+    assert not PrefillBatch(ids[:, :4], model.new_cache(len(host), 32), 5, lengths_host=[4] * 6).packed
 
 
 def test_staged_prefill_fills_rows_of_a_larger_cache(make_checkpoint):

@@ -45,9 +45,9 @@ def _union(intervals: List[tuple]) -> float:
     return total
 
 
-def summarize(trace: dict, top_gaps: int = 5) -> dict:
-    """Per-stream busy time, copy bytes and the copy stream's idle gaps from a Kineto
-    (chrome trace) dict; times in seconds."""
+def summarize(trace: dict, top_gaps: int = 5, top_ops: int = 6) -> dict:
+    """Per-stream busy time, copy bytes, the operations that took most of each stream's
+    time and the copy stream's idle gaps from a Kineto (chrome trace) dict; in seconds."""
     streams: Dict[int, dict] = {}
     for ev in trace.get("traceEvents", []):
         cat = ev.get("cat", "")
@@ -73,9 +73,14 @@ def summarize(trace: dict, top_gaps: int = 5) -> dict:
     last = max(e for st in streams.values() for _, e in st["intervals"])
     out = {"span_seconds": last - first, "streams": {}}
     for sid, st in streams.items():
+        by_name: Dict[str, float] = {}
+        for s, e, name in st["events"]:
+            by_name[name[:70]] = by_name.get(name[:70], 0.0) + (e - s)
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:top_ops]
         out["streams"][str(sid)] = dict(
             busy_seconds=_union(st["intervals"]), h2d_bytes=st["h2d"], d2h_bytes=st["d2h"],
-            kernels=st["kernels"], operations=len(st["events"]))
+            kernels=st["kernels"], operations=len(st["events"]),
+            top=[dict(op=n, seconds=t) for n, t in top])
     # The weight stream: the one that copied most host→device bytes.
     copy_sid = max(streams, key=lambda s: streams[s]["h2d"])
     events = sorted(streams[copy_sid]["events"])
@@ -197,8 +202,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     from specoff.models import decoder
     for item in args.set:
         name, value = item.split("=", 1)
-        _option(decoder, name)
-        setattr(decoder, name, value)
+        setattr(decoder, name, _option(decoder, name, value))
     llm, vocab = build(args)
     gen = torch.Generator().manual_seed(args.seed)
     n = args.prompts or args.rows + args.rows // 4
@@ -235,11 +239,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                if llm.profile else None))
     if not args.trace:
         trace_path.unlink()
+    if s.rounds:
+        summary.update(draft_seconds=s.draft_seconds, draft_prefill_seconds=s.draft_prefill_seconds,
+                       rounds=s.rounds, round_seconds=s.round_seconds)
+        print(f"draft {s.draft_seconds / s.rounds:.3f} s a round (prefilling new prompts "
+              f"{s.draft_prefill_seconds / s.rounds:.3f} s), target {s.target_seconds / s.decode_passes:.3f} s "
+              f"a pass, round {s.round_seconds / s.rounds:.3f} s")
     print(f"{summary['passes']} passes of {summary['groups']} x {summary['rows_per_group']} rows, "
           f"wall {wall:.2f} s, span on the device {summary['span_seconds']:.2f} s")
     for sid, st in summary["streams"].items():
         print(f"  stream {sid}: busy {st['busy_seconds']:.3f} s, H2D {st['h2d_bytes'] / 1e9:.2f} GB, "
               f"D2H {st['d2h_bytes'] / 1e9:.2f} GB, {st['kernels']} kernels")
+        for op in st["top"]:
+            print(f"      {op['seconds']:.3f} s  {op['op']}")
     if "copy_stream" in summary:
         print(f"  copy stream {summary['copy_stream']} idle {summary['copy_stream_idle_seconds']:.3f} s; "
               f"longest gaps: " + ", ".join(f"{g['seconds'] * 1e3:.1f} ms before {g['next'][:40]}"
@@ -254,9 +266,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
     return summary
 
 
-def _option(module, name: str):
+def _option(module, name: str, value: Optional[str] = None):
+    """The module's option `name` (an upper-case attribute), `value` as its type."""
     if not name.isupper() or not hasattr(module, name):
         raise SystemExit(f"{module.__name__} has no option {name}")
+    if value is None:
+        return None
+    current = getattr(module, name)
+    kind = int if current is None else type(current)  # None: an unset bound
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"{module.__name__}.{name} takes a {kind.__name__}, not {value!r}")
 
 
 def pass_seconds(s) -> Optional[float]:
@@ -282,7 +303,10 @@ def compare(llm, run, args) -> dict:
         rows.append(dict(option=name, value=value, wall_seconds=time.perf_counter() - t0,
                          passes=s.decode_passes, target_seconds=s.target_seconds,
                          prefill_seconds=s.prefill_seconds, pass_seconds=pass_seconds(s),
-                         tokens_per_second=s.tokens_per_second))
+                         tokens_per_second=s.tokens_per_second,
+                         draft_seconds_per_round=s.draft_seconds / s.rounds if s.rounds else None,
+                         draft_prefill_seconds_per_round=(s.draft_prefill_seconds / s.rounds
+                                                          if s.rounds else None)))
         print(json.dumps(rows[-1]), flush=True)
 
     for _ in range(args.repeat):
@@ -292,7 +316,7 @@ def compare(llm, run, args) -> dict:
         _option(decoder, name)
         before = getattr(decoder, name)
         for value in values.split(",") * 2:
-            setattr(decoder, name, value)
+            setattr(decoder, name, _option(decoder, name, value))
             timed(name, value)
         setattr(decoder, name, before)
     if args.json:

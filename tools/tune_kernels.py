@@ -314,13 +314,14 @@ def resource_report():
                                      ((32, 8, 128), 1, 1024, True)):
         cfg = attention.launch_config(B, KV, T, H // KV, hd, 4096 + T, torch.device("cuda"), elem_size=2)
         args = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", lengths_ptr="*i64",
-                    tree_ptr="*i1" if tree else "*i64", out_ptr="*bf16", part_o_ptr="*fp32", part_lse_ptr="*fp32",
+                    tree_ptr="*i1" if tree else "*i64", seg_ptr="*i64", out_ptr="*bf16", part_o_ptr="*fp32", part_lse_ptr="*fp32",
                     T="i32", N="i32", kv_heads="i32", num_splits="i32", keys_per_split="i32/16", qk_scale="fp32",
-                    stride_mj=1, G=H // KV, HEAD_DIM=hd, HAS_TREE=tree, SPLIT=cfg["num_splits"] > 1, IEEE=False,
+                    stride_mj=1, G=H // KV, HEAD_DIM=hd, HAS_TREE=tree, SEGMENTED=False, SPLIT=cfg["num_splits"] > 1, IEEE=False,
                     WHOLE_TILES=cfg["WHOLE_TILES"],
                     BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=hd,
                     **strides("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_ks",
-                              "stride_vb", "stride_vh", "stride_vs", "stride_mb", "stride_mt", "stride_ob",
+                              "stride_vb", "stride_vh", "stride_vs", "stride_mb", "stride_mt", "stride_sb",
+                              "stride_st", "stride_ob",
                               "stride_ot", "stride_oh"))
         compiled = compile_for(attention._verify_attention_kernel, args, cfg["num_warps"], cfg["num_stages"])
         shown = {k: cfg[k] for k in ("BLOCK_Q", "BLOCK_N", "num_warps", "num_stages", "num_splits")}

@@ -6,7 +6,9 @@ arXiv 2406.02532, section 3) where each token sees the whole prefix and its tree
 Per-row cache lengths stay ragged (rows accept different counts); the new tokens' K/V are
 already written at positions lengths[b] + t. A tree pass may also see N >= T new keys (a
 draft expanding T nodes of an N-node tree whose other nodes are already cached), each
-query's visible ones given by a [B, T, N] ancestor mask, in any order.
+query's visible ones given by a [B, T, N] ancestor mask, in any order. A chain may also be
+segmented: prompts packed one after another in one row (a prefill of prompts of different
+lengths with no padding), each query seeing only the keys of its own prompt up to itself.
 
 One program takes the G = H / KV query heads of one KV head times a block of queries, so
 each K/V tile is read once for all of them (GQA). Long prefixes are split over several
@@ -71,7 +73,7 @@ def _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid
 @triton.jit
 def _verify_attention_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, lengths_ptr, tree_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, lengths_ptr, tree_ptr, seg_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     # sizes
     T, N, kv_heads, num_splits, keys_per_split, qk_scale,
     # strides
@@ -79,9 +81,11 @@ def _verify_attention_kernel(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_mb, stride_mt, stride_mj,
+    stride_sb, stride_st,
     stride_ob, stride_ot, stride_oh,
     # meta-parameters
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_TREE: tl.constexpr, SPLIT: tl.constexpr,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_TREE: tl.constexpr, SEGMENTED: tl.constexpr,
+    SPLIT: tl.constexpr,
     WHOLE_TILES: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -92,6 +96,8 @@ def _verify_attention_kernel(
     the prefix's end and the new keys run masked per row, a tree tile that no row of the
     block may see skipped. Small blocks (bandwidth bound) run every tile masked: one loop
     needs fewer registers, so more programs share an SM.
+    SEGMENTED (chain only, no whole tiles): row t sees keys seg[b, t] <= s <= L + t; the
+    block starts at its rows' first segment start, and a tile no row sees is skipped.
     """
     pid_bh = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -116,6 +122,10 @@ def _verify_attention_kernel(
     else:  # the last key these rows may see is L + t_max
         t_max = tl.minimum((pid_q * BLOCK_Q + BLOCK_Q - 1) // G, T - 1)
         end = tl.minimum(start + keys_per_split, L + t_max + 1)
+    if SEGMENTED:  # keys before every row's segment: none of the block's business
+        seg_lo = tl.load(seg_ptr + b * stride_sb + t * stride_st, mask=row_valid, other=0).to(tl.int32)
+        block_lo = tl.min(tl.where(row_valid, seg_lo, 2147483647), 0)
+        start = tl.maximum(start, block_lo // BLOCK_N * BLOCK_N)
 
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
@@ -126,7 +136,7 @@ def _verify_attention_kernel(
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
 
     full_end = start
-    if WHOLE_TILES:
+    if WHOLE_TILES and not SEGMENTED:
         full_end = start + tl.maximum(tl.minimum(end, L) - start, 0) // BLOCK_N * BLOCK_N
         # Tile pointers from the scalar key offset: no pointer tensors carried through the loop.
         k_offs = offs_n[None, :] * stride_ks + offs_d[:, None]  # (D, N)
@@ -169,6 +179,13 @@ def _verify_attention_kernel(
                 acc, l_i, m_i = _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid,
                                                     offs_d, d_valid, L, t, allowed, acc, l_i, m_i, qk_scale,
                                                     HAS_TREE, IEEE)
+        elif SEGMENTED:
+            allowed = ((offs_s[None, :] <= L + t[:, None]) & (offs_s[None, :] >= seg_lo[:, None])
+                       & s_valid[None, :])
+            if tl.max(tl.max(allowed.to(tl.int32), 1), 0) > 0:
+                acc, l_i, m_i = _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid,
+                                                    offs_d, d_valid, L, t, allowed, acc, l_i, m_i, qk_scale,
+                                                    True, IEEE)
         else:
             acc, l_i, m_i = _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid,
                                                 offs_d, d_valid, L, t, 0, acc, l_i, m_i, qk_scale, HAS_TREE, IEEE)
@@ -283,12 +300,16 @@ def _check(q, k_cache, v_cache, lengths, tree_mask):
 
 
 def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float, kv_len: int, out,
-                           num_splits: Optional[int] = None, config: Optional[dict] = None):
+                           num_splits: Optional[int] = None, config: Optional[dict] = None,
+                           seg_start: Optional[torch.Tensor] = None):
     """config: launch_config's dict with some entries replaced (tools/tune_kernels.py --attention)."""
     B, T, H, hd = q.shape
     KV = k_cache.shape[1]
     G = H // KV
-    cfg = launch_config(B, KV, T, G, hd, kv_len, q.device, num_splits, q.element_size())
+    # Packed prompts: a query sees its own prompt, not the whole prefix, so splitting the
+    # keys would mostly make programs with nothing to do.
+    cfg = launch_config(B, KV, T, G, hd, kv_len, q.device,
+                        1 if seg_start is not None and num_splits is None else num_splits, q.element_size())
     if config:
         cfg = dict(cfg, **config)
         cfg["q_blocks"] = triton.cdiv(T * G, cfg["BLOCK_Q"])
@@ -304,16 +325,20 @@ def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float
     tree = tree_mask if tree_mask is not None else lengths  # lengths: unused pointer
     tree_strides = tree.stride() if tree_mask is not None else (0, 0, 0)
     N = tree_mask.shape[2] if tree_mask is not None else T
+    seg = seg_start if seg_start is not None else lengths  # lengths: unused pointer
+    seg_strides = seg_start.stride() if seg_start is not None else (0, 0)
     grid = (B * KV, cfg["q_blocks"], cfg["num_splits"])
     _launcher(_verify_attention_kernel, q)[grid](
-        q, k_cache, v_cache, lengths, tree, out, part_o, part_lse,
+        q, k_cache, v_cache, lengths, tree, seg, out, part_o, part_lse,
         T, N, KV, cfg["num_splits"], cfg["keys_per_split"], scale * 1.4426950408889634,  # log2(e): exp2 below
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         tree_strides[0], tree_strides[1], tree_strides[2],
+        seg_strides[0], seg_strides[1],
         out.stride(0), out.stride(1), out.stride(2),
-        G=G, HEAD_DIM=hd, HAS_TREE=tree_mask is not None, SPLIT=split, WHOLE_TILES=cfg["WHOLE_TILES"],
+        G=G, HEAD_DIM=hd, HAS_TREE=tree_mask is not None, SEGMENTED=seg_start is not None, SPLIT=split,
+        WHOLE_TILES=cfg["WHOLE_TILES"],
         IEEE=q.dtype == torch.float32, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(hd),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -359,19 +384,29 @@ _verify_attention_op = _register_op()
 def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      tree_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                      kv_len: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
-                     num_splits: Optional[int] = None) -> torch.Tensor:
+                     num_splits: Optional[int] = None,
+                     seg_start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of q [B, T, H, hd] over cached keys 0 .. lengths[b] + T - 1 -> [B, T, H, hd].
 
-    Chain (tree_mask None): query t sees keys s < lengths[b] + t + 1. Tree (tree_mask
+    Chain (tree_mask None): query t sees keys s < lengths[b] + t + 1, and with `seg_start`
+    [B, T] (packed prompts) only those from seg_start[b, t] on. Tree (tree_mask
     [B, T, N], N >= T new keys already in the cache): query t sees the prefix s < lengths[b]
     and new key lengths[b] + j iff tree_mask[b, t, j]. kv_len is a
     host-side bound on max(lengths) + T (or + N) that sizes the grid (default: the cache size S).
-    With `out` or `num_splits` the kernels run eagerly; otherwise the registered op runs.
+    With `out`, `num_splits` or `seg_start` the kernels run eagerly; otherwise the registered
+    op runs.
     """
     _check(q, k_cache, v_cache, lengths, tree_mask)
     lengths = lengths.contiguous()  # the kernels index it as a flat array
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kv_len = k_cache.shape[2] if kv_len is None else min(int(kv_len), k_cache.shape[2])
+    if seg_start is not None:
+        if tree_mask is not None:
+            raise ValueError("seg_start is for chains: no tree_mask with it")
+        assert seg_start.shape == q.shape[:2], "seg_start is [B, T]"
+        out = torch.empty_like(q) if out is None else out
+        return _verify_attention_into(q, k_cache, v_cache, lengths, None, scale, kv_len, out,
+                                      num_splits, seg_start=seg_start)
     if out is None and num_splits is None:
         return _verify_attention_op(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len)
     out = torch.empty_like(q) if out is None else out
@@ -379,13 +414,15 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out, num_splits)
 
 
-def attention_mask(lengths: torch.Tensor, T: int, kv_len: int, tree_mask: Optional[torch.Tensor] = None):
+def attention_mask(lengths: torch.Tensor, T: int, kv_len: int, tree_mask: Optional[torch.Tensor] = None,
+                   seg_start: Optional[torch.Tensor] = None):
     """Boolean [B, T, kv_len] mask: which cached key each new query may see."""
     pos = torch.arange(kv_len, device=lengths.device)[None, None, :]  # (1, 1, S)
     L = lengths.view(-1, 1, 1)  # (B, 1, 1)
     t = torch.arange(T, device=lengths.device)[None, :, None]  # (1, T, 1)
     if tree_mask is None:
-        return pos < L + t + 1
+        seen = pos < L + t + 1
+        return seen if seg_start is None else seen & (pos >= seg_start[:, :, None])
     N = tree_mask.shape[2]  # new keys, N >= T
     j = pos - L
     is_new = (j >= 0) & (j < N)
@@ -393,14 +430,15 @@ def attention_mask(lengths: torch.Tensor, T: int, kv_len: int, tree_mask: Option
     return (pos < L) | (is_new & ancestor)
 
 
-def verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask=None, scale=None, kv_len=None):
+def verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask=None, scale=None, kv_len=None,
+                         seg_start=None):
     """Plain torch in float32: the boolean mask and scaled_dot_product_attention."""
     B, T, H, hd = q.shape
     kv_len = k_cache.shape[2] if kv_len is None else kv_len
     G = H // k_cache.shape[1]
     k = k_cache[:, :, :kv_len].float().repeat_interleave(G, dim=1)  # (B, H, S, hd)
     v = v_cache[:, :, :kv_len].float().repeat_interleave(G, dim=1)
-    mask = attention_mask(lengths, T, kv_len, tree_mask)[:, None]  # (B, 1, T, S)
+    mask = attention_mask(lengths, T, kv_len, tree_mask, seg_start)[:, None]  # (B, 1, T, S)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.float().transpose(1, 2), k, v, attn_mask=mask, scale=scale)  # (B, H, T, hd)
     return out.transpose(1, 2).to(q.dtype)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig, rope_inv_freq
-from ..kernels.attention import verify_attention
+from ..kernels.attention import attention_mask, verify_attention
 from ..kernels.fused import add_rms_norm, rms_norm, rope, silu_mul
 from ..kernels.moe import fused_moe, moe_route
 from ..kvcache import KVCache
@@ -26,12 +26,17 @@ from ..kvcache import KVCache
 # the plain-torch masked attention elsewhere; "triton" or "torch" forces one (tests).
 TREE_ATTENTION = "auto"
 
-# Chain passes (a few new tokens a row: decode, verification of γ + 1): "auto" runs the
-# Triton verification kernel over the cache where it is on a GPU or streamed to one, and
-# torch's masked attention elsewhere and for longer parts (prefill chunks); "triton" or
-# "torch" forces one (tests, benchmarks). CHAIN_KERNEL_TOKENS bounds the new tokens a row.
+# Causal attention over a cache (decode, verification of γ + 1, prefill chunks): "auto" runs
+# the Triton verification kernel where the cache is on a GPU or streamed to one, and torch's
+# masked attention elsewhere; "triton" or "torch" forces one (tests, benchmarks).
+# CHAIN_KERNEL_TOKENS (None: no bound) bounds the new tokens a row that go to the kernel.
+# Prefill chunks go there too: torch's masked attention picked cuDNN on the H200, which
+# builds a plan for each new shape (~40 ms of host time; refills bring new (rows, length)
+# shapes every round): a chain run's first pass over a workload ran 2.09 s against 1.84 s
+# once the shapes were known, and the draft's prefill of new prompts 0.32 against 0.07 s.
+# On known shapes the two measured the same (tools/profile_pass.py --compare).
 CHAIN_ATTENTION = "auto"
-CHAIN_KERNEL_TOKENS = 16
+CHAIN_KERNEL_TOKENS: Optional[int] = None
 
 # RMSNorm, rotary embedding and the SwiGLU activation: "auto" runs the fused Triton kernels
 # (specoff/kernels/fused.py: one launch for each norm, for rotary on q and k, and for SwiGLU,
@@ -107,12 +112,11 @@ class Attention(nn.Module):
             q, k = rope(q, k, cos, sin)  # one launch for both
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal = not isinstance(mask, TreeMask)
+        causal = not isinstance(mask, (TreeMask, SegmentMask))
         if not causal:
             if cache is not None and cache.k.device == x.device and mask.use_kernel(x):
                 cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
-                y = verify_attention(q, cache.k[layer], cache.v[layer], mask.lengths,
-                                     mask.ancestors, kv_len=kv_len)  # (B, T, H, hd)
+                y = mask.attend(q, cache.k[layer], cache.v[layer], kv_len)  # (B, T, H, hd)
                 return self.wo(y.reshape(B, T, H * hd))
             mask = mask.dense(kv_len)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
@@ -131,7 +135,7 @@ def use_chain_kernel(q: torch.Tensor, causal: bool) -> bool:
     if not causal:
         return False
     if CHAIN_ATTENTION == "auto":
-        return q.is_cuda and q.shape[2] <= CHAIN_KERNEL_TOKENS
+        return q.is_cuda and (CHAIN_KERNEL_TOKENS is None or q.shape[2] <= CHAIN_KERNEL_TOKENS)
     return CHAIN_ATTENTION == "triton"
 
 
@@ -434,6 +438,31 @@ class TreeMask:
             return x.is_cuda
         return TREE_ATTENTION == "triton"
 
+    def attend(self, q, keys, values, kv_len: int) -> torch.Tensor:
+        return verify_attention(q, keys, values, self.lengths, self.ancestors, kv_len=kv_len)
+
+
+@dataclass(eq=False)
+class SegmentMask:
+    """Prompts packed one after another in one row (PrefillBatch): the part's query t sits
+    at slot lengths[0] + t and sees the slots from its own prompt's first, seg_start[0, t],
+    up to its own; never another prompt's."""
+    lengths: torch.Tensor  # (1,) the part's first slot
+    seg_start: torch.Tensor  # (1, T)
+
+    def dense(self, kv_len: int) -> torch.Tensor:
+        T = self.seg_start.shape[1]
+        return attention_mask(self.lengths, T, kv_len, seg_start=self.seg_start)[:, None]
+
+    def use_kernel(self, x: torch.Tensor) -> bool:
+        if CHAIN_ATTENTION == "auto":
+            return x.is_cuda
+        return CHAIN_ATTENTION == "triton"
+
+    def attend(self, q, keys, values, kv_len: int) -> torch.Tensor:
+        return verify_attention(q, keys, values, self.lengths, kv_len=kv_len,
+                                seg_start=self.seg_start)
+
 
 def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     """(B, 1, T, kv_len): a token at position p sees the cached keys at positions <= p."""
@@ -448,12 +477,14 @@ class PassPart:
     cache: KVCache
     positions: torch.Tensor  # (B, T) absolute positions, also where K/V are written
     kv_len: int  # host-side bound on the cached positions attended to
-    # Tree passes: where each token's K/V is written (default: its position) and which
-    # cached keys it sees, a TreeMask or (B, 1, T, kv_len) (default: causal over positions).
+    # Tree passes and packed prompts: where each token's K/V is written (default: its
+    # position) and which cached keys it sees, a TreeMask, a SegmentMask or (B, 1, T, kv_len)
+    # (default: causal over positions).
     slots: Optional[torch.Tensor] = None
     mask: Optional[object] = None
     h: Optional[torch.Tensor] = None  # final hidden states (B, T, D) after run_parts
-    stage: Optional["PrefillStage"] = None  # K/V built on the device, then moved to `cache`
+    # PrefillStage or PackedStage: K/V built on the device, then moved to `cache`
+    stage: Optional[object] = None
 
 
 def prefill_parts(input_ids: torch.Tensor, cache: KVCache, chunk: int, kv_start: int = 0,
@@ -476,69 +507,79 @@ def prefill_parts(input_ids: torch.Tensor, cache: KVCache, chunk: int, kv_start:
                      kv_start + min(lo + chunk, T), stage=stage) for lo in range(0, T, chunk)]
 
 
-def length_buckets(lengths: Sequence[int], waste: float = 0.25, max_buckets: int = 8
-                   ) -> List[List[int]]:
-    """Row indices grouped by length, longest first: a bucket closes at a row shorter than
-    (1 − waste) × the bucket's longest, so padding to that longest wastes at most `waste` of
-    a row; after `max_buckets` the last one takes the rest."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    buckets: List[List[int]] = []
-    for i in order:
-        if buckets and (lengths[i] >= (1 - waste) * lengths[buckets[-1][0]]
-                        or len(buckets) == max_buckets):
-            buckets[-1].append(i)
-        else:
-            buckets.append([i])
-    return buckets
-
-
 class PrefillBatch:
     """The parts of one prefill (B prompts padded to T), and each row's last hidden state
-    after the pass. With the lengths known on the host and far apart (HumanEval: longest 340
-    tokens, mean 113), rows run in length buckets, each padded to its own longest and filling
-    its rows through a PrefillStage, with parts of the same size in tokens (chunk × B): a third
-    of the tokens and of the parts (each part costs its launches on every layer)."""
+    after the pass. With the lengths known on the host and not all equal (HumanEval: longest
+    340 tokens, mean 113), the prompts are packed one after another in one row, without
+    padding, each token attending within its own prompt (SegmentMask, the verification
+    kernel on a GPU), their K/V built in a one-row scratch and moved into the cache's rows
+    after each layer (PackedStage). Parts hold what the caller sized one for (chunk × B
+    tokens). Against padding every prompt to the longest that is a third of the tokens, and
+    against padding prompts in length buckets (a part per bucket on every layer) a single
+    part per chunk: a refill of ~12 HumanEval prompts in the draft issued 8 parts a layer,
+    ~4,000 launches that kept the host busy 0.07-0.13 s a round."""
 
     def __init__(self, input_ids: torch.Tensor, cache: KVCache, chunk: int, kv_start: int = 0,
                  rows: Optional[torch.Tensor] = None, device=None,
-                 lengths_host: Optional[Sequence[int]] = None, min_saving: float = 0.2):
+                 lengths_host: Optional[Sequence[int]] = None):
         B, T = input_ids.shape
-        buckets = [list(range(B))]
-        if kv_start == 0 and lengths_host is not None and B > 1:
-            split = length_buckets(lengths_host)
-            padded = sum(len(b) * lengths_host[b[0]] for b in split)
-            if padded <= (1 - min_saving) * B * T:
-                buckets = split
-        self.groups = []  # (batch rows, or None for all; their parts)
-        if len(buckets) == 1:
-            self.groups.append((None, prefill_parts(input_ids, cache, chunk, kv_start, rows=rows,
-                                                    device=device)))
-        else:
-            tokens = chunk * B  # what the caller sized a part for
-            for bucket in buckets:
-                sel = torch.tensor(bucket, device=input_ids.device)
-                into = sel if rows is None else rows[sel.to(rows.device)]
-                ids = input_ids[sel, :lengths_host[bucket[0]]]
-                self.groups.append((sel, prefill_parts(ids, cache, max(1, tokens // len(bucket)),
-                                                       rows=into, device=device)))
-        self.parts = [p for _, parts in self.groups for p in parts]
-        self.padded_tokens = sum(p.input_ids.numel() for p in self.parts)
+        self.packed = (kv_start == 0 and lengths_host is not None and B > 1
+                       and min(lengths_host) != max(lengths_host))
+        if not self.packed:
+            self.parts = prefill_parts(input_ids, cache, chunk, kv_start, rows=rows, device=device)
+            self.padded_tokens = input_ids.numel()
+            return
+        device = torch.device(device) if device is not None else input_ids.device
+        lens = torch.tensor([int(n) for n in lengths_host])
+        starts = torch.cumsum(lens, 0) - lens
+        prompt = torch.repeat_interleave(torch.arange(B), lens)  # each packed token's prompt
+        pos = torch.arange(int(lens.sum())) - starts[prompt]  # ... and position in it
+        N = len(pos)
+        ids = input_ids.reshape(-1)[(prompt * T + pos).to(input_ids.device)][None]  # (1, N)
+        self.starts = starts.to(device)
+        into = prompt if rows is None else rows[prompt.to(rows.device)]  # each token's row
+        stage = PackedStage(cache, into, pos, N, device)
+        positions, seg_start = pos.to(device)[None], starts[prompt].to(device)[None]
+        slots = torch.arange(N, device=device)[None]
+        step = max(1, chunk * B)
+        self.parts = [PassPart(ids[:, lo:lo + step].to(device), cache, positions[:, lo:lo + step],
+                               min(lo + step, N), slots=slots[:, lo:lo + step],
+                               mask=SegmentMask(torch.tensor([lo], device=device),
+                                                seg_start[:, lo:lo + step]),
+                               stage=stage)
+                      for lo in range(0, N, step)]
+        self.padded_tokens = N
 
     def last_hidden(self, lengths: torch.Tensor, count: int = 1) -> torch.Tensor:
         """(B, count, D): each row's hidden states at its last `count` tokens, positions
         lengths[b] − count … lengths[b] − 1 (after run_parts)."""
-        out = None
-        for sel, parts in self.groups:
-            h = torch.cat([p.h for p in parts], dim=1)
-            end = lengths if sel is None else lengths[sel.to(lengths.device)]
-            at = end.to(h.device)[:, None] - count + torch.arange(count, device=h.device)
-            last = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
-            if sel is None:
-                return last
-            if out is None:
-                out = last.new_empty(len(lengths), count, h.shape[-1])
-            out[sel.to(out.device)] = last
-        return out
+        h = torch.cat([p.h for p in self.parts], dim=1)
+        at = lengths.to(h.device)[:, None] - count + torch.arange(count, device=h.device)
+        if self.packed:
+            return h[0][self.starts.to(h.device)[:, None] + at]
+        return h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
+
+
+class PackedStage:
+    """The K/V of prompts packed in one row (PrefillBatch), built one layer at a time in a
+    one-row scratch on the device; after each layer every token's K/V moves to its row and
+    position of the cache (a cache in pinned host memory written from the device across
+    the bus, as PrefillStage does)."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor, N: int,
+                 device):
+        _, _, KV, _, hd = cache.k.shape
+        self.cache = cache
+        self.scratch = KVCache(1, 1, N, KV, hd, cache.k.dtype, device)
+        self.host = cache.k.device.type == "cpu" and torch.device(device).type == "cuda"
+        at = cache.k.device if not self.host else torch.device(device)
+        self.rows, self.positions = rows.to(at), positions.to(at)
+
+    def flush(self, layer: int) -> None:
+        # on the current stream: ordered after the pass's other writes to the layer
+        for dst, src in zip(self.cache.mapped() if self.host else (self.cache.k, self.cache.v),
+                            (self.scratch.k[0, 0], self.scratch.v[0, 0])):  # (KV, N, hd)
+            dst[layer][self.rows, :, self.positions] = src.transpose(0, 1).to(dst.dtype)
 
 
 class PrefillStage:

@@ -215,6 +215,7 @@ class ChainPipeline:
                 self._pending_draft = (start, steps, end, self.gamma + 1)
             else:
                 self.stats.draft_seconds += time.perf_counter() - t0
+                self.stats.draft_prefill_seconds += t_steps - t0
                 # γ is chosen from the steps alone: a round with new prompts also prefills them
                 self.draft_step_s = (time.perf_counter() - t_steps) / (self.gamma + 1)
 
@@ -403,6 +404,7 @@ class ChainPipeline:
                 self.stats.draft_seconds += draft
                 # γ is chosen from the steps alone: a round with new prompts prefills them too
                 steps = t.draft_steps.elapsed_time(t.draft_end) / 1e3
+                self.stats.draft_prefill_seconds += draft - steps
                 self.draft_step_s = steps / t.draft_step_count
                 self.stats.round_seconds += t.wall
                 self.stats.rounds += 1

@@ -226,3 +226,42 @@ def test_cuda_graph_replay(num_splits):
         torch.cuda.synchronize()
         ref = verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask)
         assert rel_err(static_out, ref) < TOL[dtype]
+
+
+def packed_segments(lengths, gen):
+    """seg_start [1, T] for prompts of `lengths` packed in one row: each token's prompt start."""
+    starts = torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)
+    return torch.cat([torch.full((n,), int(s)) for s, n in zip(starts, lengths)])[None]
+
+
+@pytest.mark.parametrize("prefix,num_splits", [(0, None), (0, 3), (7, None)])
+@pytest.mark.parametrize("G", [1, 4])
+def test_segmented_chain_attends_within_each_prompt(prefix, num_splits, G):
+    """Prompts packed one after another in one row (a prefill without padding): each query
+    sees its own prompt's keys up to itself, never another prompt's, whatever the splits. A
+    nonzero prefix: a later chunk of the packed row, earlier chunks' keys already cached."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [9, 1, 40, 3, 17]
+    seg = packed_segments(lengths, gen)  # (1, 70)
+    T = seg.shape[1] - prefix
+    KV, hd = 2, 32
+    H = KV * G
+    S = seg.shape[1] + 5
+    q = torch.randn(1, T, H, hd, generator=gen).to(DEVICE)
+    k = torch.randn(1, KV, S, hd, generator=gen).to(DEVICE)
+    v = torch.randn(1, KV, S, hd, generator=gen).to(DEVICE)
+    lengths_t = torch.tensor([prefix], device=DEVICE)
+    seg_q = seg[:, prefix:].to(DEVICE)
+    ref = verify_attention_ref(q, k, v, lengths_t, kv_len=prefix + T, seg_start=seg_q)
+    out = torch.full_like(q, float("nan"))
+    verify_attention(q, k, v, lengths_t, kv_len=prefix + T, out=out, num_splits=num_splits, seg_start=seg_q)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    # each prompt alone gives the same rows
+    a = int(sum(lengths[:2]))  # the third prompt: 40 tokens from 10
+    if a >= prefix:
+        alone = verify_attention_ref(q[:, a - prefix:a - prefix + 40], k[:, :, a:a + 40], v[:, :, a:a + 40],
+                                     torch.zeros(1, dtype=torch.long, device=DEVICE), kv_len=40)
+        assert rel_err(out[:, a - prefix:a - prefix + 40], alone) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="tree_mask"):
+        verify_attention(q, k, v, lengths_t, torch.ones(1, T, T, dtype=torch.bool, device=DEVICE),
+                         seg_start=seg_q)
