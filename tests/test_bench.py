@@ -53,14 +53,18 @@ def test_every_scenario_writes_json_lines_plots_and_a_table(run, capsys):
 
 
 def test_interactive_runs_are_warmed_and_built_for_their_batch(run):
-    """A short run first for each speculative shape of the interactive scenario (one-time
-    compiles and captures stay out of its figures), none for the throughput runs; and the
-    pair built for the batch's rows, as the command line builds it for its prompts."""
+    """A short run first for each speculative shape of the interactive scenario and each
+    specoff engine and config of the throughput one (one-time compiles and captures stay out
+    of their figures), none for the peers; and the pair built for the batch's rows, as the
+    command line builds it for its prompts."""
     _, records = run
     spec = [r for r in records["interactive"] if r["engine"].startswith("specoff")]
     shapes = {(r["engine"], r["batch"], str(r.get("tree_budget")), r.get("draft_len")) for r in spec}
     assert sum(r["warmup_seconds"] is not None for r in spec) == len(shapes) > 0
-    assert all(r.get("warmup_seconds") is None for r in records["throughput"])
+    ours = [r for r in records["throughput"] if r["engine"].startswith("specoff") and r["status"] == "ok"]
+    assert ours and all(r["warmup_seconds"] > 0 for r in ours)
+    assert all(r.get("warmup_seconds") is None for r in records["throughput"]
+               if not r["engine"].startswith("specoff"))
     # each batch's own build: the weights leave room for its rows, not --rows
     assert all(r["build_rows"] == r["batch"] for r in records["interactive"] if r["status"] == "ok")
 

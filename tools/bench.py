@@ -292,6 +292,7 @@ class Bench:
         else:
             raise Skip(f"does not fit gpu_memory={gpu_memory}: {why}")
         self.llm, self.llm_key, self.llm_sigma = llm, key, sigma
+        self.warmed = set()  # a new LLM: its graphs and shapes are new too
         self.built = dict(profile=llm.profile, seconds=time.perf_counter() - t0)
         used = budget if self.cuda else None
         self.llm_info = dict(
@@ -403,6 +404,21 @@ def run_specoff(bench: Bench, job: Job) -> dict:
         if key not in bench.warmed:
             t0 = time.perf_counter()
             llm.generate(prompts, specoff.SamplingParams(max_new_tokens=8, ignore_eos=True))
+            warmup = time.perf_counter() - t0
+            bench.warmed.add(key)
+    elif p.get("batch") is None and getattr(bench.args, "warmup_tokens", 0):
+        # Throughput runs: a fresh process compiles Triton kernels for each new specialization
+        # of their integer arguments (prefill parts, refills, verification) as it meets them:
+        # a first run of a workload measured 30.6 s against 19.6-20.1 s for each run after it
+        # on the H200 (2026-11-30, tools/profile_pass.py --compare, which cuDNN's plans also
+        # slowed). A short run over the rows and a quarter more (refills) meets most of them.
+        key = (engine, len(prompts), max(map(len, prompts)), llm.draft_len)
+        if key not in bench.warmed:
+            groups = 2 if engine == "specoff-chain-interleaved" else 1
+            first = prompts if offload_only else prompts[:groups * p["max_rows"] * 5 // 4]
+            t0 = time.perf_counter()
+            llm.generate(first, specoff.SamplingParams(max_new_tokens=bench.args.warmup_tokens,
+                                                       ignore_eos=True), speculate=not offload_only)
             warmup = time.perf_counter() - t0
             bench.warmed.add(key)
     outputs = llm.generate(prompts, specoff.SamplingParams(max_new_tokens=p["new_tokens"], ignore_eos=True),
@@ -603,12 +619,16 @@ def estimate(bench: Bench, job: Job) -> Optional[float]:
             pass_s = max(pass_s, planned_pass or 0.0)
     if job.engine == "specoff-chain-interleaved" and rows > 1:
         rows //= 2  # one group per pass
+    warm = getattr(a, "warmup_tokens", 0) or 0
     if job.engine.startswith("specoff-offload"):
-        return build + math.ceil(n / rows) * (new + 2) * pass_s
+        return build + (math.ceil(n / rows) * (new + 2) + (warm + 2 if warm else 0)) * pass_s
     if job.engine.startswith("specoff-chain"):  # the planner's workload model, α 0.7 prior
         groups = 2 if job.engine == "specoff-chain-interleaved" and rows > 1 else 1
         gamma = p.get("draft_len") or 4
-        return build + chain_passes(n, rows, groups, new, 0.7, gamma) * pass_s * 1.15
+        passes = chain_passes(n, rows, groups, new, 0.7, gamma)
+        if warm:
+            passes += chain_passes(min(n, rows * groups * 5 // 4), rows, groups, warm, 0.7, gamma)
+        return build + passes * pass_s * 1.15
     if job.engine.startswith("specoff"):  # interactive: a warm-up run of 8 tokens first
         warmup = (8 / 2.5 + 2) if p.get("batch") is not None else 0.0
         return build + (n * new / (rows * 2.5) + 2 * math.ceil(n / rows) + warmup) * pass_s * 1.2
@@ -1021,6 +1041,10 @@ def parse_args(argv=None):
     p.add_argument("--long-prompts", help="comma-separated prompt lengths in tokens")
     p.add_argument("--draft-len", type=int, default=4, help="γ of the chain engines (0: adaptive)")
     p.add_argument("--interactive-new-tokens", type=int)
+    p.add_argument("--warmup-tokens", type=int, default=4,
+                   help="throughput runs of specoff: a short run of this many new tokens first, "
+                        "timed apart (warmup_seconds), so that Triton's compiles and first-use "
+                        "costs stay out of the figures (0: none)")
     p.add_argument("--batches", help="interactive batch sizes")
     p.add_argument("--tree-budgets", help="comma-separated node budgets, 'auto' allowed")
     p.add_argument("--throughput-tree-budget", type=int)
