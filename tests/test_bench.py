@@ -198,6 +198,9 @@ def test_profile_pass_summarises_streams_and_copy_gaps():
     assert s["streams"]["7"]["d2h_bytes"] == 64 and s["streams"]["7"]["kernels"] == 2
     assert s["copy_stream_idle_seconds"] == pytest.approx(200e-6)
     assert s["copy_stream_gaps"][0]["seconds"] == pytest.approx(150e-6)
+    # each stream's operations by total time, largest first
+    assert [op["op"] for op in s["streams"]["7"]["top"]] == ["fused_moe", "sdpa", "Memcpy DtoH (Device -> Pinned)"]
+    assert s["streams"]["7"]["top"][0]["seconds"] == pytest.approx(60e-6)
     out = profile_pass.main(["--tiny"])
     assert out["passes"] >= 1 and out["streams"] == {}
     rows = profile_pass.main(["--tiny", "--offload-only", "--compare", "CHAIN_ATTENTION=auto,torch"])
@@ -205,6 +208,13 @@ def test_profile_pass_summarises_streams_and_copy_gaps():
     assert all(r["passes"] >= 1 and r["pass_seconds"] > 0 for r in rows["compare"])
     with pytest.raises(SystemExit, match="no option"):
         profile_pass.main(["--tiny", "--set", "NOT_AN_OPTION=1"])
+    # values take the option's type (an unset bound: int; "none" unsets it)
+    from specoff.models import decoder
+    assert profile_pass._option(decoder, "CHAIN_KERNEL_TOKENS", "16") == 16
+    assert profile_pass._option(decoder, "CHAIN_KERNEL_TOKENS", "none") is None
+    assert profile_pass._option(decoder, "CHAIN_ATTENTION", "torch") == "torch"
+    with pytest.raises(SystemExit, match="takes int values"):
+        profile_pass._option(decoder, "CHAIN_KERNEL_TOKENS", "many")
 
 
 def test_time_estimate_plans_other_budgets():

@@ -273,11 +273,13 @@ def _option(module, name: str, value: Optional[str] = None):
     if value is None:
         return None
     current = getattr(module, name)
+    if value.lower() == "none":
+        return None
     kind = int if current is None else type(current)  # None: an unset bound
     try:
         return kind(value)
     except ValueError:
-        raise SystemExit(f"{module.__name__}.{name} takes a {kind.__name__}, not {value!r}")
+        raise SystemExit(f"{module.__name__}.{name} takes {kind.__name__} values, not {value!r}")
 
 
 def pass_seconds(s) -> Optional[float]:

@@ -515,9 +515,9 @@ class PrefillBatch:
     kernel on a GPU), their K/V built in a one-row scratch and moved into the cache's rows
     after each layer (PackedStage). Parts hold what the caller sized one for (chunk × B
     tokens). Against padding every prompt to the longest that is a third of the tokens, and
-    against padding prompts in length buckets (a part per bucket on every layer) a single
-    part per chunk: a refill of ~12 HumanEval prompts in the draft issued 8 parts a layer,
-    ~4,000 launches that kept the host busy 0.07-0.13 s a round."""
+    against padding in length buckets (a part per bucket on every layer: up to 8 for a
+    refill of ~12 HumanEval prompts) one part per chunk. (Chain run, 24 GiB, H200: 146.9 ->
+    151.4 tokens/s, the draft's prefill of new prompts 0.130 -> 0.117 s a round.)"""
 
     def __init__(self, input_ids: torch.Tensor, cache: KVCache, chunk: int, kv_start: int = 0,
                  rows: Optional[torch.Tensor] = None, device=None,
