@@ -18,7 +18,8 @@ import torch
 from .config import ModelConfig
 from .kvcache import KVCache
 from .offload import build_offloaded
-from .planner import Plan, load_profile, parse_bytes, plan_run, plan_weights, weight_reserve
+from .planner import (Plan, load_profile, parse_bytes, plan_run, plan_weights, predict_draft_prefill,
+                      weight_reserve)
 from .sampling import SamplingParams, select
 from .spec.chain import MAX_DRAFT_LEN
 
@@ -93,6 +94,9 @@ class GenerationStats:
     # chain: the part of draft_seconds spent prefilling new prompts in the draft (device time
     # of the draft stream, including waits for the host to issue it)
     draft_prefill_seconds: float = 0.0
+    # chain: the draft's work a round as the planner sees it (γ+1 steps at their measured
+    # time, plus the prefill of new prompts predicted from its FLOPs)
+    predicted_draft_seconds: Optional[float] = None
     round_seconds: float = 0.0  # wall time of the rounds that had drafting
     rounds: int = 0  # rounds that had drafting
     draft_hidden_seconds: float = 0.0  # draft time that overlapped a target pass
@@ -488,7 +492,16 @@ class LLM:
                                                   params.max_new_tokens,
                                                   stats.position_acceptance(), pipeline.gamma)
         if plan.predicted_pass_seconds and pipeline.draft_step_s and stats.proposed:
-            draft = (pipeline.gamma + 1) * pipeline.draft_step_s
+            # The draft's round: its γ+1 steps (as measured: they pick γ) and, on average,
+            # its prefill of the new prompts (predicted from its FLOPs; one part a refill).
+            prefill = 0.0
+            if self.profile is not None:
+                prefill = predict_draft_prefill(
+                    self.draft_config, self.dtype, self.profile,
+                    sum(len(r) - 1 for r in rows), parts=stats.predicted_passes)
+                prefill /= stats.predicted_passes
+            draft = (pipeline.gamma + 1) * pipeline.draft_step_s + prefill
+            stats.predicted_draft_seconds = draft
             round_s = (max(plan.predicted_pass_seconds, draft) if groups > 1
                        else plan.predicted_pass_seconds + draft)
             stats.predicted_tokens_per_second = (

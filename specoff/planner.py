@@ -408,6 +408,17 @@ def predict_draft_step(cfg: ModelConfig, dtype, profile: HardwareProfile, rows: 
     return max(read, 2 * rows * params / (profile.gemm_tflops * 1e12)) + cfg.n_layers * 30e-6
 
 
+def predict_draft_prefill(cfg: ModelConfig, dtype, profile: HardwareProfile, tokens: int,
+                          parts: int = 1) -> float:
+    """Seconds for a resident draft to prefill `tokens` prompt tokens in `parts` parts: the
+    layers' matrix products (2 FLOPs a weight a token) at the measured GEMM rate (attention
+    within prompts of a few hundred tokens is small beside them), and a floor per layer and
+    part for the launches, which run eagerly."""
+    sizes = ModelSizes.of(cfg, dtype)
+    weights = sizes.n_layers * sizes.layer / torch.empty(0, dtype=dtype).element_size()
+    return 2 * tokens * weights / (profile.gemm_tflops * 1e12) + parts * cfg.n_layers * 0.3e-3
+
+
 def chain_groups(plan: Plan, cfg: ModelConfig, draft: ModelConfig, dtype,
                  profile: HardwareProfile, rows: int, gamma: int, context: int,
                  alpha: float = 0.7) -> int:

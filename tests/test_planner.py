@@ -208,3 +208,20 @@ def test_chain_groups_interleave_only_where_the_draft_is_a_good_part_of_a_pass()
                             tokens_per_row=5, draft=draft, profile=slow)
     assert planner.chain_groups(plan, target, draft, bf16, slow, 256, 4, 400) == 2
     assert planner.chain_groups(plan, target, draft, bf16, slow, 1, 4, 400) == 1
+
+
+def test_draft_prefill_prediction_is_its_flops_and_launches():
+    """A Mistral-7B-shaped draft prefilling 1,356 tokens (~12 HumanEval prompts, a refill
+    round) in one part: 2 FLOPs a layer weight a token at the GEMM rate, plus a launch floor
+    per layer; the embeddings and head are left out (a lookup; the head sees one token)."""
+    draft = ModelConfig.from_dict(dict(MIXTRAL_8X7B, model_type="mistral"))
+    bf16 = torch.bfloat16
+    sizes = ModelSizes.of(draft, bf16)
+    weights = sizes.n_layers * sizes.layer / 2
+    assert 6.9e9 < weights < 7.0e9  # Mistral 7B without its 0.26 B embedding and head
+    t = planner.predict_draft_prefill(draft, bf16, PROFILE, 1356)
+    assert t == pytest.approx(2 * 1356 * weights / 700e12 + 32 * 0.3e-3)
+    assert 0.03 < t < 0.05
+    # more parts, more launches; twice the tokens, twice the products
+    assert planner.predict_draft_prefill(draft, bf16, PROFILE, 1356, parts=3) == pytest.approx(t + 2 * 32 * 0.3e-3)
+    assert planner.predict_draft_prefill(draft, bf16, PROFILE, 2712) - t == pytest.approx(t - 32 * 0.3e-3)

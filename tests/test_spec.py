@@ -249,3 +249,24 @@ def test_token_acceptance_counts_only_the_first_rejection():
     s.finalize()
     assert s.acceptance_rate == 5 / 12 and s.token_acceptance == 5 / 7
     assert s.accepted_histogram == [1, 1, 0, 0, 1] and s.tokens_per_pass == 8 / 3
+
+
+def test_chain_prediction_counts_the_drafts_prefill(pairs):
+    """Planner v2's figure for a chain run: the workload's passes, each costing the predicted
+    pass plus (one group) the draft's round: its γ+1 steps and its share of prefilling the
+    new prompts, predicted from its FLOPs (a profile set by hand: the CPU has none)."""
+    from specoff.planner import HardwareProfile, predict_draft_prefill
+
+    draft, target = pairs(0.3)
+    prompts = [[5, 6, 7, 8], [9, 10], [11] * 7, [12, 13, 14], [15], [16, 17, 18, 19, 20]]
+    params = specoff.SamplingParams(max_new_tokens=6, ignore_eos=True)
+    llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=2, draft_len=3, interleave=False)
+    llm.profile = profile = HardwareProfile("slow", copy_gbps=1.0, gemm_tflops=1e-4, moe_tflops=1e-4,
+                                            hbm_gbps=1.0)
+    llm.generate(prompts, params)
+    s = llm.last_stats
+    prefill = predict_draft_prefill(llm.draft_config, llm.dtype, profile, sum(len(p) - 1 for p in prompts),
+                                    parts=s.predicted_passes) / s.predicted_passes
+    assert prefill > 0 and s.predicted_draft_seconds > prefill
+    assert s.predicted_tokens_per_second == pytest.approx(
+        len(prompts) * 6 / (s.predicted_passes * (s.predicted_pass_seconds + s.predicted_draft_seconds)))

@@ -451,6 +451,7 @@ def run_specoff(bench: Bench, job: Job) -> dict:
                                  if s.draft_seconds else None),
         draft_prefill_seconds_per_round=(s.draft_prefill_seconds / (s.rounds or s.decode_passes)
                                          if s.draft_prefill_seconds else None),
+        predicted_draft_seconds_per_round=s.predicted_draft_seconds,
         round_seconds=s.round_seconds / s.rounds if s.rounds and s.round_seconds else None,
         draft_hidden_fraction=s.draft_hidden_fraction, acceptance_rate=s.acceptance_rate,
         token_acceptance=s.token_acceptance,
