@@ -6,9 +6,10 @@ over the torch baseline. Shapes are Mixtral-8x7B's and Qwen3-30B-A3B's. The `fus
 times RMSNorm (alone and with the residual add before it), rotary embedding and SwiGLU at the
 decode shapes of a Mistral-7B draft against the torch compositions they replace. The `draft`
 section times that draft's decode step (random bf16 weights) as one CUDA-graph replay against
-the time to read its weights once at the measured bandwidth.
+the time to read its weights once at the measured bandwidth. The `prefill` section times the
+attention of prompts packed in one row (segmented chains) against SDPA over them padded.
 
-    python3 tools/bench_kernels.py [--only moe|attention|fused|draft] [--no-ref] [--json out.json]
+    python3 tools/bench_kernels.py [--only moe|attention|prefill|fused|draft] [--no-ref] [--json out.json]
 
 Needs a CUDA GPU. tests/benchmarks/test_bench_kernels.py imports the cases and baselines below.
 """
@@ -36,6 +37,9 @@ MOE_TOKENS = (1, 8, 64, 256, 1280)
 # (rows B, new tokens T, prefix length, tree?)
 ATTN_CASES = ((64, 1, 4096, False), (64, 5, 4096, False), (1, 256, 4096, True), (8, 64, 2048, True),
               (1, 1024, 4096, True))
+# Packed prefill (prompts one after another in one row, each attending within itself): a
+# refill round's ~12 HumanEval-like prompts and a first prefill of 144.
+PREFILL_PROMPTS = (12, 144)
 DRAFT_BATCHES = (1, 4, 16)
 DRAFT_PREFIX = 256  # cached tokens per row (the cache's length: SDPA reads all of it, masked)
 
@@ -86,6 +90,45 @@ def attention_inputs(shape: str, B: int, T: int, prefix: int, tree: bool, dtype=
                 mask[:, j] |= mask[torch.arange(B), parent[j]]
         tree_mask = mask.cuda()
     return q, k_cache, v_cache, lengths, tree_mask
+
+
+def packed_prefill_inputs(shape: str, prompts: int, dtype=torch.bfloat16, seed=0, device="cuda"):
+    """q [1, N, H, hd], K/V [1, KV, N, hd] and seg_start [1, N] for `prompts` prompts of
+    HumanEval-like lengths (40-340 tokens, seeded) packed in one row; and the lengths."""
+    H, KV, hd = ATTN_SHAPES[shape]
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(40, 341, (prompts,), generator=gen)
+    starts = torch.cumsum(lengths, 0) - lengths
+    seg_start = torch.repeat_interleave(starts, lengths)[None].to(device)
+    N = int(lengths.sum())
+    q = torch.randn(1, N, H, hd, generator=gen).to(device, dtype)
+    k = torch.randn(1, KV, N, hd, generator=gen).to(device, dtype)
+    v = torch.randn(1, KV, N, hd, generator=gen).to(device, dtype)
+    return q, k, v, seg_start, lengths.tolist()
+
+
+def packed_prefill_padded(q, k, v, lengths):
+    """The same prompts padded to the longest, (B, H, T, hd) and (B, KV, T, hd): what plain
+    SDPA (causal, no mask) runs on."""
+    B, T = len(lengths), max(lengths)
+    H, KV, hd = q.shape[2], k.shape[1], q.shape[3]
+    qp = q.new_zeros(B, H, T, hd)
+    kp, vp = k.new_zeros(B, KV, T, hd), v.new_zeros(B, KV, T, hd)
+    at = 0
+    for b, n in enumerate(lengths):
+        qp[b, :, :n] = q[0, at:at + n].transpose(0, 1)
+        kp[b, :, :n], vp[b, :, :n] = k[0, :, at:at + n], v[0, :, at:at + n]
+        at += n
+    return qp, kp, vp
+
+
+def packed_prefill_cost(q, k, lengths):
+    """(flops, bytes): each prompt's causal half of QK^T and PV; K, V and q read once."""
+    H, hd, KV = q.shape[2], q.shape[3], k.shape[1]
+    pairs = sum(n * (n + 1) // 2 for n in lengths)
+    flops = 4 * pairs * H * hd
+    bytes_ = 2 * k.numel() * k.element_size() + 2 * q.numel() * q.element_size()
+    return flops, bytes_
 
 
 def attention_cost(q, k_cache, lengths):
@@ -200,6 +243,30 @@ def attention_row(shape, B, T, prefix, tree, with_ref, hbm):
     return dict(kernel="verify_attention", shape=shape, case=case, ms=t_kernel, graph_ms=t_graph, torch_ms=t_torch,
                 torch_graph_ms=t_torch_graph, ref_ms=t_ref, tflops=flops / t_graph / 1e9,
                 gbps=bytes_ / t_graph / 1e6, hbm_share=bytes_ / t_graph / 1e6 / hbm)
+
+
+def bench_packed_prefill(hbm: float):
+    """Prefill attention of packed prompts (the verification kernel's segmented chains)
+    against SDPA over the same prompts padded to the longest (causal: flash, no mask)."""
+    rows = []
+    for shape in ATTN_SHAPES:
+        for n in PREFILL_PROMPTS:
+            q, k, v, seg_start, lengths = packed_prefill_inputs(shape, n)
+            flops, bytes_ = packed_prefill_cost(q, k, lengths)
+            zero, out, N = torch.zeros(1, dtype=torch.long, device="cuda"), torch.empty_like(q), q.shape[1]
+            kernel = lambda: verify_attention(q, k, v, zero, kv_len=N, out=out, seg_start=seg_start)  # noqa: E731
+            qp, kp, vp = packed_prefill_padded(q, k, v, lengths)
+            sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                qp, kp, vp, is_causal=True, enable_gqa=True)
+            t_graph = _graph_ms(kernel)
+            rows.append(dict(kernel="packed_prefill_attention", shape=shape,
+                             case=f"{n} prompts, {N} tokens", ms=_time_ms(kernel), graph_ms=t_graph,
+                             torch_ms=_time_ms(sdpa), torch_graph_ms=_graph_ms(sdpa), ref_ms=float("nan"),
+                             tflops=flops / t_graph / 1e9, gbps=bytes_ / t_graph / 1e6,
+                             hbm_share=bytes_ / t_graph / 1e6 / hbm))
+            print_row(rows[-1])
+            torch.cuda.empty_cache()
+    return rows
 
 
 def bench_fused(hbm: float):
@@ -370,7 +437,7 @@ def print_row(r):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["moe", "attention", "fused", "draft"])
+    parser.add_argument("--only", choices=["moe", "attention", "prefill", "fused", "draft"])
     parser.add_argument("--no-ref", action="store_true", help="skip the slow float32 references")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--draft-compile", action="store_true",
@@ -389,6 +456,8 @@ def main():
         rows += bench_moe(not args.no_ref, hbm)
     if args.only in (None, "attention"):
         rows += bench_attention(not args.no_ref, hbm)
+    if args.only in (None, "prefill"):
+        rows += bench_packed_prefill(hbm)
     if args.only in (None, "fused"):
         rows += bench_fused(hbm)
     if args.only in (None, "draft"):

@@ -80,3 +80,21 @@ def test_bench_verify_attention(benchmark, shape, B, T, prefix, tree, impl):
     benchmark.group = f"verify_attention {shape} B={B} T={T} prefix={prefix} tree={tree}"
     run_timed(benchmark, fn, flops, bytes_)
     assert torch.isfinite(fn()).all()
+
+
+@pytest.mark.parametrize("impl", ("triton", "sdpa_padded"))
+@pytest.mark.parametrize("prompts", bench.PREFILL_PROMPTS)
+@pytest.mark.parametrize("shape", list(bench.ATTN_SHAPES))
+def test_bench_packed_prefill_attention(benchmark, shape, prompts, impl):
+    q, k, v, seg_start, lengths = bench.packed_prefill_inputs(shape, prompts)
+    flops, bytes_ = bench.packed_prefill_cost(q, k, lengths)
+    if impl == "triton":
+        zero, out, N = torch.zeros(1, dtype=torch.long, device="cuda"), torch.empty_like(q), q.shape[1]
+        fn = lambda: bench.verify_attention(q, k, v, zero, kv_len=N, out=out, seg_start=seg_start)  # noqa: E731
+    else:
+        qp, kp, vp = bench.packed_prefill_padded(q, k, v, lengths)
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            qp, kp, vp, is_causal=True, enable_gqa=True)
+    benchmark.group = f"packed_prefill_attention {shape} prompts={prompts}"
+    run_timed(benchmark, fn, flops, bytes_)
+    assert torch.isfinite(fn()).all()
