@@ -63,6 +63,8 @@ def test_interactive_runs_are_warmed_and_built_for_their_batch(run):
     assert sum(r["warmup_seconds"] is not None for r in spec) == len(shapes) > 0
     ours = [r for r in records["throughput"] if r["engine"].startswith("specoff") and r["status"] == "ok"]
     assert ours and all(r["warmup_seconds"] > 0 for r in ours)
+    # Triton compiles are counted where kernels compile (not under the CPU's interpreter)
+    assert all("triton_compiles" in r and "warmup_triton_compiles" in r for r in ours)
     assert all(r.get("warmup_seconds") is None for r in records["throughput"]
                if not r["engine"].startswith("specoff"))
     # each batch's own build: the weights leave room for its rows, not --rows

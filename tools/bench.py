@@ -69,6 +69,7 @@ import torch  # noqa: E402
 
 import specoff  # noqa: E402
 from specoff import baselines  # noqa: E402
+from specoff.kernels import compiled_kernels  # noqa: E402
 from specoff.offload import copy_gbps, peak_host_bytes, refill  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
 from specoff.spec.chain import MAX_DRAFT_LEN, chain_passes  # noqa: E402
@@ -395,6 +396,7 @@ def run_specoff(bench: Bench, job: Job) -> dict:
         rows = llm.plan(len(prompts), longest, p["new_tokens"]).rows_per_pass
         prompts = prompts[:-(-rows // 2) if engine == "specoff-offload-group" else rows]
     warmup = None
+    compiled0 = compiled_kernels()
     if not offload_only and p.get("batch") is not None:
         # Interactive runs are short: the first use in a process of a speculative shape
         # (Triton compiling the draft's tree kernels, graph captures) took 3.7 s of a 58 s
@@ -421,8 +423,10 @@ def run_specoff(bench: Bench, job: Job) -> dict:
                                                        ignore_eos=True), speculate=not offload_only)
             warmup = time.perf_counter() - t0
             bench.warmed.add(key)
+    compiled1 = compiled_kernels()
     outputs = llm.generate(prompts, specoff.SamplingParams(max_new_tokens=p["new_tokens"], ignore_eos=True),
                            speculate=not offload_only)
+    compiled2 = compiled_kernels()
     s = llm.last_stats
     d = s.to_dict()
     plan = s.plan
@@ -467,7 +471,10 @@ def run_specoff(bench: Bench, job: Job) -> dict:
         fraction_of_bound=d["tokens_per_second"] / limit if limit else None,
         bound_is_limit=bench.cuda, layers_measured=llm.config.n_layers,
         prompt_tokens_mean=sum(map(len, prompts)) / len(prompts),
-        prompt_tokens_max=max(map(len, prompts)), warmup_seconds=warmup, stats=d)
+        prompt_tokens_max=max(map(len, prompts)), warmup_seconds=warmup,
+        # Triton compiles (new kernel specializations) before and during the timed run
+        warmup_triton_compiles=None if compiled0 is None else compiled1 - compiled0,
+        triton_compiles=None if compiled0 is None else compiled2 - compiled1, stats=d)
 
 
 def run_hf(bench: Bench, job: Job) -> dict:

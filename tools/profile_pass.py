@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import specoff  # noqa: E402
+from specoff.kernels import compiled_kernels  # noqa: E402
 from specoff.synthetic import MIXTRAL_8X7B, dense_of, pair_configs, upcycled_pair  # noqa: E402
 
 TINY_TARGET = dict(MIXTRAL_8X7B, hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -217,22 +218,29 @@ def main(argv: Optional[List[str]] = None) -> dict:
         rows = llm.plan(len(prompts), max(len(q) for q in prompts), args.new_tokens).rows_per_pass
         prompts = prompts[:rows]
     generate = lambda batch: llm.generate(batch, params, speculate=speculate)  # noqa: E731
-    generate(prompts[: max(1, args.rows // 4)])  # warm-up: kernels, graphs
+    # Warm-up as tools/bench.py's: the rows and a quarter more (refills), a few tokens, so
+    # that Triton's compiles (triton_compiles below counts the rest) and graph captures
+    # mostly happen before the profiled run.
+    warm = args.rows + args.rows // 4
+    llm.generate(prompts[:warm], specoff.SamplingParams(max_new_tokens=4, ignore_eos=True),
+                 speculate=speculate)
     if args.compare or args.repeat:
         return compare(llm, lambda: generate(prompts), args)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if not args.tiny:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    compiled = compiled_kernels()
     t0 = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
         generate(prompts)
     wall = time.perf_counter() - t0
+    compiles = None if compiled is None else compiled_kernels() - compiled
     trace_path = Path(args.trace) if args.trace else Path("/tmp") / f"specoff-pass-{time.time_ns()}.json"
     prof.export_chrome_trace(str(trace_path))
     summary = summarize(json.loads(trace_path.read_text()))
     s = llm.last_stats
     summary.update(
-        wall_seconds=wall, passes=s.decode_passes, rows_per_group=s.rows_per_group,
+        wall_seconds=wall, triton_compiles=compiles, passes=s.decode_passes, rows_per_group=s.rows_per_group,
         groups=s.groups, target_seconds=s.target_seconds, plan=s.plan,
         pass_seconds=pass_seconds(s),
         copy_seconds_per_pass=(s.plan.get("stream_bytes_per_pass", 0) / (llm.profile.copy_gbps * 1e9)
@@ -246,7 +254,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
               f"{s.draft_prefill_seconds / s.rounds:.3f} s), target {s.target_seconds / s.decode_passes:.3f} s "
               f"a pass, round {s.round_seconds / s.rounds:.3f} s")
     print(f"{summary['passes']} passes of {summary['groups']} x {summary['rows_per_group']} rows, "
-          f"wall {wall:.2f} s, span on the device {summary['span_seconds']:.2f} s")
+          f"wall {wall:.2f} s, span on the device {summary['span_seconds']:.2f} s, "
+          f"Triton compiles during it: {compiles}")
     for sid, st in summary["streams"].items():
         print(f"  stream {sid}: busy {st['busy_seconds']:.3f} s, H2D {st['h2d_bytes'] / 1e9:.2f} GB, "
               f"D2H {st['d2h_bytes'] / 1e9:.2f} GB, {st['kernels']} kernels")
@@ -299,10 +308,13 @@ def compare(llm, run, args) -> dict:
     def timed(name=None, value=None):
         for graphs in getattr(llm.model, "_graphs", {}).values():
             graphs.clear()  # per-layer graphs captured under another value
+        compiled = compiled_kernels()
         t0 = time.perf_counter()
         run()
         s = llm.last_stats
+        compiles = None if compiled is None else compiled_kernels() - compiled
         rows.append(dict(option=name, value=value, wall_seconds=time.perf_counter() - t0,
+                         triton_compiles=compiles,
                          passes=s.decode_passes, target_seconds=s.target_seconds,
                          prefill_seconds=s.prefill_seconds, pass_seconds=pass_seconds(s),
                          tokens_per_second=s.tokens_per_second,

@@ -13,3 +13,23 @@ def launcher(kernel, tensor: torch.Tensor):
 
         return wrap_triton(kernel)
     return kernel
+
+
+def compiled_kernels():
+    """How many compiled specializations this package's Triton kernels hold, over all
+    devices (Triton compiles a kernel again for each new combination of its constexprs and
+    of its integer arguments' divisibility by 16, on the host, the first time it meets one);
+    None where they run without compiling (TRITON_INTERPRET). A difference of two readings
+    counts the compiles between them."""
+    from triton.runtime.jit import JITFunction
+
+    from . import attention, fused, moe
+
+    total, found = 0, False
+    for module in (attention, fused, moe):
+        for obj in vars(module).values():
+            if isinstance(obj, JITFunction):
+                found = True
+                for caches in obj.device_caches.values():
+                    total += len(caches[0])  # (kernel cache, key cache, target, backend, binder)
+    return total if found else None

@@ -265,3 +265,22 @@ def test_segmented_chain_attends_within_each_prompt(prefix, num_splits, G):
     with pytest.raises(ValueError, match="tree_mask"):
         verify_attention(q, k, v, lengths_t, torch.ones(1, T, T, dtype=torch.bool, device=DEVICE),
                          seg_start=seg_q)
+
+
+def test_compiled_kernels_counts_new_specializations():
+    """specoff.kernels.compiled_kernels: None under the interpreter (nothing compiles); on a
+    GPU a first launch of a new specialization adds to it and a second launch adds nothing
+    (what tools/bench.py and tools/profile_pass.py count during timed runs)."""
+    from specoff.kernels import compiled_kernels
+
+    if DEVICE != "cuda":
+        import os
+
+        assert os.environ.get("TRITON_INTERPRET") != "1" or compiled_kernels() is None
+        return
+    q, k, v, lengths, _ = make_inputs(2, 37, 8, 2, 64, 301, torch.float16, False, seed=3)
+    before = compiled_kernels()
+    verify_attention(q, k, v, lengths, out=torch.empty_like(q), num_splits=3)
+    once = compiled_kernels()
+    verify_attention(q, k, v, lengths, out=torch.empty_like(q), num_splits=3)
+    assert once >= before and once > 0 and compiled_kernels() == once
