@@ -30,6 +30,8 @@ def compiled_kernels():
         for obj in vars(module).values():
             if isinstance(obj, JITFunction):
                 found = True
-                for caches in obj.device_caches.values():
-                    total += len(caches[0])  # (kernel cache, key cache, target, backend, binder)
+                try:  # (kernel cache, ...) in Triton 3.x; a diagnostic must never fail a run
+                    total += sum(len(caches[0]) for caches in obj.device_caches.values())
+                except (AttributeError, TypeError, IndexError):
+                    return None
     return total if found else None
