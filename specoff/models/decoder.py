@@ -394,8 +394,8 @@ class Transformer(nn.Module):
         `kv_start` bounds the rows' cached lengths before the call. `rows` (B,): fill those
         rows of a larger cache (they must be empty); a cache away from the compute device
         (host memory) is filled through a PrefillStage, attention running on the device.
-        `lengths_host` (the lengths as ints) lets prompts of very different lengths run in
-        length buckets (PrefillBatch), padded to their bucket's longest, not the batch's.
+        `lengths_host` (the lengths as ints) lets prompts of different lengths run packed in
+        one row, without padding (PrefillBatch, PackedStage).
         """
         batch = PrefillBatch(input_ids, cache, chunk, kv_start, rows=rows,
                              device=self.tok_embeddings.weight.device, lengths_host=lengths_host)

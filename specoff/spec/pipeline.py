@@ -255,7 +255,7 @@ class ChainPipeline:
             if gamma:
                 at = lens[:, None] + torch.arange(gamma, device=self.device)
                 ids.scatter_(1, at, g.draft_tokens[rows])
-            # Straight into the rows' cache, attention on the device (decoder.PrefillStage).
+            # Straight into the rows' cache, attention on the device (decoder.PrefillBatch).
             chunk = max(self.chunk, self.part_tokens // len(refill))
             prefill = PrefillBatch(ids, g.target_cache, chunk, rows=rows, device=self.device,
                                    lengths_host=[n + gamma for n in host])
