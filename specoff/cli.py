@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree-budget", default="auto",
                    help="draft-tree nodes per row in tree mode (1 … 2048), or auto to choose "
                         "between rounds by measured tokens/s")
+    p.add_argument("--tree-scores", choices=["learned", "draft"], default="learned",
+                   help="how tree mode ranks nodes: by acceptance learned from the target's "
+                        "verdicts (default) or by the draft's log-probabilities")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--interleave", action="store_true",
                        help="two row groups: the draft hides under the other group's target pass "
@@ -156,7 +159,7 @@ def run(args) -> int:
                       dtype=args.dtype, seed=args.seed, offload=offload,
                       gpu_memory=args.gpu_memory, draft_len=draft_len,
                       interleave=False if args.no_interleave else (True if args.interleave else None),
-                      tree_budget=tree_budget,
+                      tree_budget=tree_budget, tree_scores=args.tree_scores,
                       # The weights are placed for the rows this run can use: a few prompts
                       # leave the budget to resident weights and whole-layer ring slots.
                       max_rows=max(1, min(256, len(prompts))))

@@ -167,7 +167,7 @@ class LLM:
                  ring_pieces: Optional[int] = None, cuda_graphs: bool = True,
                  kv_placement: Optional[str] = None, draft_len: Optional[int] = None,
                  interleave: Optional[bool] = None, tree_budget: Union[int, str] = "auto",
-                 tree_budget_max: Optional[int] = None):
+                 tree_budget_max: Optional[int] = None, tree_scores: str = "learned"):
         if spec not in (None, "chain", "tree"):
             raise ValueError(f"spec must be 'chain', 'tree' or None, not {spec!r}")
         if spec is not None and draft is None:
@@ -216,6 +216,12 @@ class LLM:
         if not 1 <= tree_budget_max <= 2048:
             raise ValueError(f"tree_budget_max must be between 1 and 2048, not {tree_budget_max}")
         self.tree_budget, self.tree_budget_max = tree_budget, tree_budget_max
+        if tree_scores not in ("learned", "draft"):
+            raise ValueError(f"tree_scores must be 'learned' (acceptance learned from the "
+                             f"target's verdicts) or 'draft' (the draft's log-probabilities), "
+                             f"not {tree_scores!r}")
+        self.tree_scores = tree_scores
+        self._tree_acceptance = None
         self._tree_tuners = {}  # (rows per pass, budget ladder) → TreeBudgetTuner
         self.last_plan_pass_seconds = None
         self.profile = None
@@ -225,8 +231,12 @@ class LLM:
             self.profile = load_profile(self.device, dtype=self.dtype)
         elif gpu_memory is not None:
             raise ValueError("gpu_memory applies to a CUDA device; this LLM runs on the CPU")
-        reserve = 0 if budget is None else weight_reserve(self.config, self.dtype, budget, max_rows,
-                                                          self.draft_config)
+        # Tree mode's verification passes carry rows × the largest tree: room for them too.
+        tree_rows = 0 if self.draft_config is None or spec == "chain" else (
+            max_rows if spec == "tree" else min(max_rows, TREE_MAX_ROWS))
+        reserve = 0 if budget is None else weight_reserve(
+            self.config, self.dtype, budget, max_rows, self.draft_config,
+            tree_tokens=tree_rows * (self.tree_capacity + 1))
         self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=offload,
                                         reserve=reserve, ring_slots=ring_slots,
                                         ring_pieces=ring_pieces)
@@ -422,6 +432,22 @@ class LLM:
     def tree_capacity(self) -> int:
         """The largest tree (nodes per row) a round may grow."""
         return self.tree_budget_max if self.tree_budget == "auto" else self.tree_budget
+
+    def tree_acceptance_model(self):
+        """Tree mode's learned acceptance (spec.tree.AcceptanceModel), kept across calls so
+        that later trees start from what earlier verifications taught; None with
+        tree_scores="draft" (nodes ranked by the draft's log-probabilities)."""
+        if self.tree_scores != "learned":
+            return None
+        if self._tree_acceptance is None:
+            from .spec.tree import AcceptanceModel
+            self._tree_acceptance = AcceptanceModel(self.device)
+        return self._tree_acceptance
+
+    def reset_tree_acceptance(self) -> None:
+        """Forget what tree mode learned about acceptance (the next tree starts from the
+        draft's probabilities)."""
+        self._tree_acceptance = None
 
     def spec_mode(self, rows: int) -> str:
         """spec=None picks tree speculation for interactive batches, chain above."""

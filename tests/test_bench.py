@@ -59,7 +59,8 @@ def test_interactive_runs_are_warmed_and_built_for_their_batch(run):
     command line builds it for its prompts."""
     _, records = run
     spec = [r for r in records["interactive"] if r["engine"].startswith("specoff")]
-    shapes = {(r["engine"], r["batch"], str(r.get("tree_budget")), r.get("draft_len")) for r in spec}
+    shapes = {(r["engine"], r["batch"], str(r.get("tree_budget")), r.get("draft_len"),
+               r.get("tree_scores")) for r in spec}
     assert sum(r["warmup_seconds"] is not None for r in spec) == len(shapes) > 0
     ours = [r for r in records["throughput"] if r["engine"].startswith("specoff") and r["status"] == "ok"]
     assert ours and all(r["warmup_seconds"] > 0 for r in ours)
@@ -110,7 +111,10 @@ def test_throughput_rows_are_sane(run):
 def test_interactive_and_sweeps(run):
     _, records = run
     trees = [r for r in records["interactive"] if r["engine"] == "specoff-tree"]
-    assert {(r["batch"], r["tree_budget"]) for r in trees} == {(1, 4), (1, "auto"), (3, 4), (3, "auto")}
+    assert {(r["batch"], r["tree_budget"], r["tree_scores"]) for r in trees} == {
+        (b, n, s) for b in (1, 3) for n in (4, "auto") for s in ("learned", "draft")}
+    assert all(bench.setting(r).endswith("draft scores") == (r["tree_scores"] == "draft")
+               for r in trees)
     assert all(isinstance(r["tree_budget_final"], int) for r in trees)
     assert all(r["draft_seconds_per_round"] > 0 and r["target_pass_seconds"] > 0 for r in trees)
     sigma = {r["alpha"]: r for r in records["sweep-sigma"] if r["engine"] == "specoff-chain-interleaved"}

@@ -11,7 +11,8 @@ import specoff
 from conftest import DEVICE, gpu, same_distribution, without_tokenizers
 from specoff.kvcache import KVCache
 from specoff.planner import TreeBudgetTuner, choose_tree_budget, expected_tree_rates, tree_budget_ladder
-from specoff.spec.tree import Tree, accept, commit, expand, grow, growth_shape, tree_part
+from specoff.spec.tree import (AcceptanceModel, Tree, accept, commit, expand, grow, growth_shape,
+                               tree_part)
 
 PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n"]
 
@@ -109,8 +110,7 @@ def test_tree_kernel_equals_masked_attention(make_checkpoint, monkeypatch):
     model = specoff.load_model(make_checkpoint("qwen3_moe"), DEVICE, "float32")
     prefix = torch.tensor([[5, 9, 2, 7, 3], [4, 4, 8, 1, 0]], device=DEVICE)
     tree = Tree.from_parents(TOKENS * 2, PARENTS * 2)
-    tree = Tree(*(getattr(tree, f).to(DEVICE) for f in
-                  ("tokens", "parent", "depth", "logp", "ancestors", "expanded", "has_kv")), size=6)
+    tree = tree.to(DEVICE)
     cache = model.new_cache(2, 32)
     model.prefill(prefix, torch.tensor([5, 3], device=DEVICE), cache, chunk=4)
     logits = {}
@@ -157,9 +157,11 @@ def best_first(table, root, budget, children, max_depth):
     return set(out)
 
 
-def check_tree(tree, table):
-    """Invariants: real nodes hang off real parents with matching depth, ancestors and
-    cumulative log-probability; (parent, token) pairs are unique; returns the token paths."""
+def check_tree(tree, table, acceptance=None):
+    """Invariants: real nodes hang off real parents with matching depth, ancestors, rank
+    among the parent's proposals, draft log-probability and cumulative score (the draft's
+    log-probability, or `acceptance`'s estimate); (parent, token) pairs are unique; returns
+    the token paths."""
     paths = set()
     for b in range(tree.tokens.shape[0]):
         seen = set()
@@ -181,7 +183,11 @@ def check_tree(tree, table):
             expect = tree.ancestors[b, p].clone()
             expect[i] = True
             assert torch.equal(tree.ancestors[b, i], expect)
-            step = table[tree.tokens[b, p], tree.tokens[b, i]]
+            own = table[tree.tokens[b, p], tree.tokens[b, i]]
+            rank = int((table[tree.tokens[b, p]] > own).sum())
+            assert math.isclose(tree.own[b, i], own, abs_tol=1e-5) and tree.rank[b, i] == rank
+            step = own if acceptance is None else acceptance.score(
+                table[tree.tokens[b, p]].topk(rank + 1).values)[rank]
             assert math.isclose(tree.logp[b, i], tree.logp[b, p] + step, abs_tol=1e-4)
             assert not tree.expanded[b, i] or tree.has_kv[b, i]
     return paths
@@ -247,6 +253,63 @@ def test_growth_stops_at_the_depth_cap_and_on_a_sure_chain():
     assert check_tree(tree, table) == best_first(table, 0, 8, 2, 3)
 
 
+def test_acceptance_model_counts_each_proposal_against_its_parents_pick():
+    """Every proposed node is one trial of its (rank, draft log-probability) cell, a hit
+    when the target's pick after its parent is its token; the estimate blends the counts
+    with the draft's probability at the cell's centre."""
+    tree = Tree.from_parents(TOKENS, PARENTS)
+    tree.rank[0] = torch.tensor([0, 0, 1, 0, 0, 2])
+    tree.own[0] = torch.tensor([0.0, -0.05, -3.5, -0.05, -0.7, -20.0])
+    model = AcceptanceModel("cpu", ranks=2, prior=2.0)
+    # Target picks after each node: 11 after the root (node 1 hits, node 2 misses), 13 after
+    # node 1 (node 3 hits), 9 after node 2 (node 4 misses), 15 after node 3 (node 5 hits).
+    picks = torch.tensor([[11, 13, 9, 15, 0, 0]])
+    model.observe(tree, picks)
+    bins = len(AcceptanceModel.EDGES) + 1
+    cell = lambda rank, b: rank * bins + b  # noqa: E731 -- bins: -log p 0.05 → 0, 0.7 → 3, 3.5 → 7, 20 → 14
+    trials, hits = torch.zeros(2 * bins), torch.zeros(2 * bins)
+    for c, hit in [(cell(0, 0), 1), (cell(1, 7), 0), (cell(0, 0), 1), (cell(0, 3), 0),
+                   (cell(1, 14), 1)]:  # rank 2 counts as the last rank kept
+        trials[c] += 1
+        hits[c] += hit
+    assert torch.equal(model.trials.view(-1), trials) and torch.equal(model.hits.view(-1), hits)
+    p0 = model.p0.view(-1)
+    expect = ((hits + 2.0 * p0) / (trials + 2.0)).log().clamp(max=0.0)
+    assert torch.allclose(model.table.view(-1), expect)
+    # The scores of top-k proposals read the table by rank and draft log-probability.
+    assert torch.allclose(model.score(torch.tensor([[-0.05, -3.5]])),
+                          expect[[cell(0, 0), cell(1, 7)]][None])
+    # An empty slot (parent -1) is not a trial; counts halve past the cap.
+    tree.parent[0, 5], tree.logp[0, 5] = -1, float("-inf")
+    capped = AcceptanceModel("cpu", ranks=2, cap=3.0)
+    capped.observe(tree, picks)
+    assert capped.trials.sum() == 2.0 and capped.hits.sum() == 1.0
+
+
+def test_learned_scores_grow_the_tree_the_target_accepts():
+    """A flat draft whose top token is always the target's pick: ranked by the draft's
+    log-probabilities the tree is bushy and shallow; once the model has seen a few verified
+    trees, growth follows the draft's top tokens deep and the walk accepts far more."""
+    table = table_draft(seed=2, sharp=0.3)
+    picks_of = lambda tree: table.argmax(-1)[tree.tokens]  # noqa: E731 -- the target = draft greedy
+    budget, children = 16, 3
+    cache = KVCache(1, 1, 64, 1, 2, torch.float32, "cpu")
+    params = specoff.SamplingParams()
+    bushy = grow(TableDraft(table), cache, torch.tensor([4]), budget, children=children)
+    model = AcceptanceModel("cpu", ranks=children)
+    for root in range(6):  # rounds: grow, verify, learn
+        tree = grow(TableDraft(table), cache, torch.tensor([root]), budget, children=children,
+                    acceptance=model)
+        accept(tree, logits_picking(picks_of(tree)[0].tolist(), vocab=12), params, None, model)
+    deep = grow(TableDraft(table), cache, torch.tensor([4]), budget, children=children,
+                acceptance=model)
+    check_tree(deep, table, model)
+    walked = [int(accept(t, logits_picking(picks_of(t)[0].tolist(), vocab=12), params, None)[1])
+              for t in (bushy, deep)]
+    assert walked[0] <= 3 and walked[1] >= 12
+    assert int(deep.depth[0, :budget].max()) > int(bushy.depth[0, :budget].max())
+
+
 def test_growth_batches_rows_with_different_trees():
     """Rows grow independently in one set of passes (a row that stops early pads with
     empty slots or keeps its best nodes) and each gets its own best-first set."""
@@ -257,9 +320,7 @@ def test_growth_batches_rows_with_different_trees():
     tree = grow(TableDraft(table), cache, torch.tensor(roots), 16, width=4, children=3,
                 max_depth=3)
     for b, root in enumerate(roots):
-        row = Tree(*(getattr(tree, f)[b:b + 1] for f in
-                     ("tokens", "parent", "depth", "logp", "ancestors", "expanded", "has_kv")),
-                   size=tree.size)
+        row = Tree(*(t[b:b + 1] for t in tree.tensors()), size=tree.size)
         assert check_tree(row, table) == best_first(table, root, 16, 3, 3)
 
 
@@ -384,17 +445,22 @@ def test_a_pass_with_nothing_open_leaves_the_tree_as_it_is(make_checkpoint):
     torch.testing.assert_close(cache.k[:, :, :, slots], k[:, :, :, slots], rtol=1e-5, atol=1e-5)
 
 
-def grow_rounds(model, graphs, budgets, device):
+def grow_rounds(model, graphs, budgets, device, learn=False):
     """Rounds of growth over two rows, each followed by the commit of the row's deepest
-    path, so that later passes see new roots, prefixes and `prev` tokens."""
+    path, so that later passes see new roots, prefixes and `prev` tokens. `learn`: nodes
+    ranked by an AcceptanceModel that counts each tree against made-up target picks, so its
+    table changes between rounds (graphs must read the current one)."""
     prefix = torch.tensor([[5, 9, 2, 7, 3], [4, 4, 8, 1, 6]], device=device)
     cache = model.new_cache(2, 256)
     model.prefill(prefix, torch.tensor([5, 4], device=device), cache, chunk=8)
     tree = Tree.empty(torch.zeros(2, dtype=torch.long, device=device), max(budgets))
     root, prev, rounds = torch.tensor([11, 12], device=device), None, []
+    acceptance = AcceptanceModel(device, ranks=4) if learn else None
     for r, budget in enumerate(budgets):
         grow(model, cache, root, budget, width=8, children=4, max_depth=5, tree=tree, prev=prev,
-             graphs=graphs)
+             graphs=graphs, acceptance=acceptance)
+        if learn:
+            acceptance.observe(tree, (tree.tokens * 3 + r) % 7)
         rounds.append(([t.clone() for t in tree.tensors()], cache.k.clone(), cache.v.clone()))
         real = tree.logp[:, :budget] > float("-inf")
         leaf = (tree.depth[:, :budget] * real).argmax(dim=1)  # (B,)
@@ -413,8 +479,8 @@ def grow_rounds(model, graphs, budgets, device):
 def same_rounds(eager, captured, tol):
     for (trees, k, v), (trees_g, k_g, v_g) in zip(eager, captured):
         for name, a, b in zip(("tokens", "parent", "depth", "logp", "ancestors", "expanded",
-                               "has_kv"), trees, trees_g):
-            if name == "logp":
+                               "has_kv", "rank", "own"), trees, trees_g):
+            if name in ("logp", "own"):
                 torch.testing.assert_close(b, a, rtol=0, atol=tol)
             else:
                 assert torch.equal(a, b), name
@@ -455,17 +521,19 @@ def test_graph_path_plumbing(make_checkpoint, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("family, dtype", [("llama", "float32"), ("llama", "bfloat16"),
-                                           ("qwen3_moe", "float32")])
-def test_captured_growth_equals_eager(family, dtype, make_checkpoint):
-    """CUDA graphs of the growth passes (captured, then replayed over new roots, prefixes and
-    budgets) grow exactly the eager passes' trees and draft K/V."""
+@pytest.mark.parametrize("family, dtype, learn", [("llama", "float32", False),
+                                                  ("llama", "bfloat16", False),
+                                                  ("qwen3_moe", "float32", False),
+                                                  ("llama", "float32", True)])
+def test_captured_growth_equals_eager(family, dtype, learn, make_checkpoint):
+    """CUDA graphs of the growth passes (captured, then replayed over new roots, prefixes,
+    budgets and learned acceptance tables) grow exactly the eager passes' trees and draft K/V."""
     from specoff.spec import tree as tree_mod
 
     model = specoff.load_model(make_checkpoint(family), "cuda", dtype)
     budgets = [64, 64, 32, 64, 64]
-    eager, _ = grow_rounds(model, False, budgets, "cuda")
-    captured, cache = grow_rounds(model, True, budgets, "cuda")
+    eager, _ = grow_rounds(model, False, budgets, "cuda", learn)
+    captured, cache = grow_rounds(model, True, budgets, "cuda", learn)
     same_rounds(eager, captured, 1e-5 if dtype == "float32" else 1e-2)
     runners = [v for k, v in tree_mod._growth_graphs[cache].items() if k != "pool"]
     assert sorted(r.tree.size for r in runners) == [32, 64]
@@ -566,6 +634,29 @@ def test_greedy_tree_equals_target(sigma, budget, pairs):
         assert s.tokens_per_pass >= 1
     if sigma == 0.0 and budget == 64:
         assert s.tokens_per_pass > 2.5
+
+
+def test_tree_scores_learned_or_drafted(pairs):
+    """Ranking by the draft's log-probabilities (tree_scores="draft") keeps exact output too;
+    the learned model counts every verified tree, lives across calls, and can be reset."""
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=12)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(PROMPTS, params)]
+    plain = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=16,
+                        tree_scores="draft")
+    assert [o.token_ids for o in plain.generate(PROMPTS, params)] == expect
+    assert plain.tree_acceptance_model() is None
+    learned = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=16)
+    assert [o.token_ids for o in learned.generate(PROMPTS, params)] == expect
+    model = learned.tree_acceptance_model()
+    seen = float(model.trials.sum())
+    assert seen >= learned.last_stats.proposed > 0  # ≥: proposals past a row's end count too
+    learned.generate(PROMPTS[:1], params)
+    assert learned.tree_acceptance_model() is model and float(model.trials.sum()) > seen
+    learned.reset_tree_acceptance()
+    assert float(learned.tree_acceptance_model().trials.sum()) == 0
+    with pytest.raises(ValueError, match="tree_scores"):
+        specoff.LLM(target, draft=draft, device="cpu", tree_scores="best")
 
 
 def test_spec_none_picks_tree_for_small_batches(pairs):

@@ -83,11 +83,13 @@ GiB = 2**30
 DEFAULTS = {
     "gpu": dict(rows=128, new_tokens="32,16,64,128", long_prompts="512,1024,2048",
                 interactive_new_tokens=32, batches="1,4", tree_budgets="16,64,256,1024,auto",
+                tree_scores="learned",
                 throughput_tree_budget=16, budgets="8,12,16,24,48", rows_sweep="32,64,128,256",
                 gammas="1,2,4,6,8,auto", alphas="0.5,0.6,0.7,0.8,0.9", peer_layers=4,
                 peer_steps=3, assisted_prompts=1, calibration_rows=32),
     "tiny": dict(layers=2, rows=4, new_tokens="6", long_prompts="48", interactive_new_tokens=6,
-                 batches="1,3", tree_budgets="4,auto", throughput_tree_budget=4, budgets="8,24",
+                 batches="1,3", tree_budgets="4,auto", tree_scores="learned,draft",
+                 throughput_tree_budget=4, budgets="8,24",
                  rows_sweep="2,4", gammas="2,auto", alphas="0.5,0.9", peer_layers=1, peer_steps=0,
                  assisted_prompts=1, calibration_rows=16),
 }
@@ -385,6 +387,10 @@ def run_specoff(bench: Bench, job: Job) -> dict:
     llm.interleave = {"specoff-chain-serial": False, "specoff-chain-interleaved": True}.get(engine)
     llm.draft_len = p.get("draft_len")
     llm.tree_budget = p.get("tree_budget", llm.tree_budget)
+    # Each run learns tree acceptance from scratch (its warm-up included): figures do not
+    # depend on which runs came before in the process.
+    llm.tree_scores = p.get("tree_scores", "learned")
+    llm.reset_tree_acceptance()
     llm.max_rows = p["max_rows"]
     prompts = p["prompts"]
     offload_only = engine.startswith("specoff-offload")
@@ -402,7 +408,7 @@ def run_specoff(bench: Bench, job: Job) -> dict:
         # (Triton compiling the draft's tree kernels, graph captures) took 3.7 s of a 58 s
         # batch-1 tree run on the H200 (2026-11-30). A short run of the same rows and
         # settings first keeps that out of the figures, as llm_for's warm-up does for cuBLAS.
-        key = (engine, len(prompts), llm.tree_budget, llm.draft_len)
+        key = (engine, len(prompts), llm.tree_budget, llm.draft_len, llm.tree_scores)
         if key not in bench.warmed:
             t0 = time.perf_counter()
             llm.generate(prompts, specoff.SamplingParams(max_new_tokens=8, ignore_eos=True))
@@ -687,11 +693,16 @@ def interactive_jobs(bench: Bench) -> List[Job]:
     jobs = []
     for batch in map(int, split(a.batches)):
         prompts, config = texts[:batch], f"batch {batch}"
-        for budget in split(a.tree_budgets):
+        for entry in split(a.tree_budgets):
+            budget, _, only = entry.partition(":")  # "1024:draft": those scores alone
             budget = budget if budget == "auto" else int(budget)
-            jobs.append(job(bench, "interactive", config, "specoff-tree", prompts=prompts, batch=batch,
-                            new_tokens=a.interactive_new_tokens, max_rows=batch, tree_budget=budget,
-                            build_rows=batch))
+            for scores in [only] if only else split(a.tree_scores):
+                if scores not in ("learned", "draft"):
+                    raise ValueError(f"tree scores are 'learned' or 'draft', not {scores!r} "
+                                     f"(--tree-budgets {entry!r} / --tree-scores)")
+                jobs.append(job(bench, "interactive", config, "specoff-tree", prompts=prompts,
+                                batch=batch, new_tokens=a.interactive_new_tokens, max_rows=batch,
+                                tree_budget=budget, tree_scores=scores, build_rows=batch))
         jobs.append(job(bench, "interactive", config, "specoff-chain", prompts=prompts, batch=batch,
                         new_tokens=a.interactive_new_tokens, max_rows=batch, draft_len=a.draft_len,
                         build_rows=batch))
@@ -819,7 +830,9 @@ def setting(r: dict) -> str:
     """The speculation setting of a run: γ or the tree budget (requested→final when adaptive)."""
     if r["engine"] == "specoff-tree":
         final = r.get("tree_budget_final")
-        return f"budget {r.get('tree_budget')}" + (f"→{final}" if r.get("tree_budget") == "auto" and final else "")
+        scores = "" if r.get("tree_scores", "learned") == "learned" else ", draft scores"
+        return (f"budget {r.get('tree_budget')}" + (f"→{final}" if r.get("tree_budget") == "auto" and final else "")
+                + scores)
     if r["engine"].startswith("specoff-chain"):
         final = r.get("draft_len_final")
         return f"γ={r.get('draft_len') or 'auto'}" + (f"→{final}" if not r.get("draft_len") and final else "")
@@ -986,7 +999,7 @@ def plots(bench: Bench, scenario: str, rows: List[dict]) -> List[Path]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
         for c, config in enumerate(configs):
             tree = [r for r in ok if r["config"] == config and r["engine"] == "specoff-tree"
-                    and r.get("tree_budget") != "auto"]
+                    and r.get("tree_budget") != "auto" and r.get("tree_scores", "learned") == "learned"]
             chain = next((r for r in ok if r["config"] == config and r["engine"] == "specoff-chain"), None)
             xs = [r["tree_budget"] for r in tree]
             left.plot(xs, [r["tokens_per_second"] for r in tree], "o-", color=f"C{c}", label=f"tree, {config}")
@@ -994,7 +1007,7 @@ def plots(bench: Bench, scenario: str, rows: List[dict]) -> List[Path]:
                        label=f"tree, {config}")
             for r in ok:  # "auto": a star at the budget it settled on
                 if r["config"] == config and r["engine"] == "specoff-tree" and r.get("tree_budget") == "auto" \
-                        and r.get("tree_budget_final"):
+                        and r.get("tree_budget_final") and r.get("tree_scores", "learned") == "learned":
                     left.plot(r["tree_budget_final"], r["tokens_per_second"], "*", ms=12, color=f"C{c}")
                     right.plot(r["tree_budget_final"], r.get("tokens_per_pass") or 0, "*", ms=12, color=f"C{c}")
             if chain is not None:
@@ -1054,7 +1067,11 @@ def parse_args(argv=None):
                         "timed apart (warmup_seconds), so that Triton's compiles and first-use "
                         "costs stay out of the figures (0: none)")
     p.add_argument("--batches", help="interactive batch sizes")
-    p.add_argument("--tree-budgets", help="comma-separated node budgets, 'auto' allowed")
+    p.add_argument("--tree-budgets", help="comma-separated node budgets, 'auto' allowed; "
+                   "interactive: N:learned or N:draft runs that budget with those scores alone")
+    p.add_argument("--tree-scores", help="interactive tree runs: comma-separated 'learned' (nodes "
+                   "ranked by acceptance learned from the target's verdicts, the default) and/or "
+                   "'draft' (by the draft's log-probabilities)")
     p.add_argument("--throughput-tree-budget", type=int)
     p.add_argument("--budgets", help="sweep-budget: GiB values")
     p.add_argument("--rows-sweep", help="sweep-rows: rows per group")

@@ -63,6 +63,8 @@ class Tree:
     ancestors: torch.Tensor  # (B, C, C) bool: ancestors[b, i, j] iff j is i or an ancestor of i
     expanded: torch.Tensor  # (B, C) bool: the node's children were proposed (or the slot is empty)
     has_kv: torch.Tensor  # (B, C) bool: the draft's K/V of the node sits in its slot
+    rank: torch.Tensor  # (B, C) long: the node's rank among its parent's proposals (0: the draft's top)
+    own: torch.Tensor  # (B, C) float: the draft's log-probability of the node's token after its parent
     size: int  # slots in use (the same in every row)
 
     @classmethod
@@ -74,7 +76,9 @@ class Tree:
                    logp=torch.empty(B, capacity, device=device),
                    ancestors=torch.empty(B, capacity, capacity, dtype=torch.bool, device=device),
                    expanded=torch.empty(B, capacity, dtype=torch.bool, device=device),
-                   has_kv=torch.empty(B, capacity, dtype=torch.bool, device=device), size=1)
+                   has_kv=torch.empty(B, capacity, dtype=torch.bool, device=device),
+                   rank=torch.empty(B, capacity, dtype=torch.long, device=device),
+                   own=torch.empty(B, capacity, device=device), size=1)
         tree.reset(root)
         return tree
 
@@ -84,7 +88,10 @@ class Tree:
 
     def tensors(self) -> Tuple[torch.Tensor, ...]:
         return (self.tokens, self.parent, self.depth, self.logp, self.ancestors, self.expanded,
-                self.has_kv)
+                self.has_kv, self.rank, self.own)
+
+    def to(self, device) -> "Tree":
+        return Tree(*(t.to(device) for t in self.tensors()), size=self.size)
 
     def reset(self, root: torch.Tensor) -> None:
         """Only the root (B,), not yet expanded and without draft K/V."""
@@ -95,6 +102,8 @@ class Tree:
         self.ancestors.zero_()
         self.expanded.fill_(True)
         self.has_kv.fill_(True)
+        self.rank.zero_()
+        self.own.zero_()
         self.tokens[:, 0] = root
         self.logp[:, 0] = 0.0
         self.ancestors[:, 0, 0] = True
@@ -123,6 +132,7 @@ class Tree:
             tree.ancestors[:, i] = tree.ancestors[torch.arange(B), p]
             tree.ancestors[:, i, i] = True
         tree.logp.zero_()
+        tree.own.zero_()
         tree.expanded.zero_()
         tree.has_kv.zero_()
         return tree
@@ -136,12 +146,15 @@ class Tree:
         return ~self.expanded[:, :self.size] & (self.depth[:, :self.size] < max_depth) & (logp > worst)
 
     def merge(self, cand_logp: torch.Tensor, cand_parent: torch.Tensor,
-              cand_tokens: torch.Tensor) -> None:
+              cand_tokens: torch.Tensor, cand_rank: Optional[torch.Tensor] = None,
+              cand_own: Optional[torch.Tensor] = None) -> None:
         """Keep the `size` best of the tree's nodes and the candidate children (B, M) by
         cumulative log-probability, ties to the shallower node: a parent always outranks its
         children, so what is kept is a tree and only whole subtrees (in practice leaves) are
         dropped. Empty slots and candidates at -inf are never kept. Kept candidates take the
-        dropped nodes' slots and the empty ones; fixed shapes, no host sync."""
+        dropped nodes' slots and the empty ones; fixed shapes, no host sync. cand_rank,
+        cand_own: each candidate's rank among its parent's proposals and its draft
+        log-probability (default 0 and cand_logp)."""
         B, M = cand_logp.shape
         N, device = self.size, cand_logp.device
         cand_depth = self.depth.gather(1, cand_parent) + 1
@@ -166,13 +179,77 @@ class Tree:
         values = [(self.tokens, cand_tokens.gather(1, pick)), (self.parent, parent),
                   (self.depth, cand_depth.gather(1, pick)), (self.logp, cand_logp.gather(1, pick)),
                   (self.expanded, False), (self.has_kv, False)]
+        values.append((self.rank, 0 if cand_rank is None else cand_rank.gather(1, pick)))
+        values.append((self.own, (cand_logp if cand_own is None else cand_own).gather(1, pick)))
         ancestors = self.ancestors[:, :N, :N]
-        own = ancestors.gather(1, parent[..., None].expand(-1, -1, N))  # (B, K, N): the parent's set
-        own.scatter_(2, slot[..., None], True)  # and the node itself
+        anc = ancestors.gather(1, parent[..., None].expand(-1, -1, N))  # (B, K, N): the parent's set
+        anc.scatter_(2, slot[..., None], True)  # and the node itself
         for buf, value in values:
             buf.scatter_(1, slot, torch.where(fill, value, buf.gather(1, slot)))
         rows_at = slot[..., None].expand(-1, -1, N)
-        ancestors.scatter_(1, rows_at, torch.where(fill[..., None], own, ancestors.gather(1, rows_at)))
+        ancestors.scatter_(1, rows_at, torch.where(fill[..., None], anc, ancestors.gather(1, rows_at)))
+
+
+class AcceptanceModel:
+    """How likely the target is to pick a proposed child, learned from verification.
+
+    The draft's own probabilities can be far from the chance that the target agrees: a
+    random-weight draft spreads its mass thin (top token ~1%) while its pick is right 70% of
+    the time, so ranking nodes by draft log-probability grows wide, shallow trees. Like
+    Sequoia's positional acceptance vector (arXiv 2402.12374), but keyed by the child's rank
+    among its parent's proposals *and* a bin of its draft log-probability, this keeps
+    per-cell counts of proposals and of those the target picked. Every verified tree adds
+    one sample per proposed node (its parent's target pick is known at every node, on the
+    accepted path or not). The estimate is (hits + w·p₀) / (proposals + w), where p₀ is the
+    draft's probability at the bin's centre: an unseen cell scores as the draft says.
+    Growth ranks nodes by the sum of these log-estimates along the path, a monotone score
+    (each term <= 0), so growth's stopping rule still holds; exactness of acceptance does not
+    depend on the tree's shape. Counts halve once they pass `cap`, to follow a drift.
+    `table` is updated in place: CUDA graphs of growth read the current values.
+    """
+    EDGES = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0)  # -log p
+
+    def __init__(self, device, ranks: int = 8, prior: float = 4.0, cap: float = 1e5):
+        device = torch.device(device)
+        self.edges = torch.tensor(self.EDGES, device=device)
+        bounds = (0.0,) + self.EDGES + (16.0,)
+        centres = torch.tensor([(a + b) / 2 for a, b in zip(bounds, bounds[1:])], device=device)
+        self.p0 = torch.exp(-centres).expand(ranks, -1).contiguous()  # (ranks, bins)
+        self.prior, self.cap = prior, cap
+        self.hits = torch.zeros_like(self.p0)
+        self.trials = torch.zeros_like(self.p0)
+        self.table = torch.log(self.p0)  # (ranks, bins) log-estimates
+
+    @property
+    def ranks(self) -> int:
+        return self.table.shape[0]
+
+    def cells(self, rank: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """Flat cell index of (rank, draft log-probability)."""
+        bins = torch.bucketize(-own.float(), self.edges)
+        return rank.clamp(max=self.ranks - 1) * self.table.shape[1] + bins
+
+    def score(self, own: torch.Tensor) -> torch.Tensor:
+        """Log-estimates for top-k proposals own (..., k) in rank order."""
+        rank = torch.arange(own.shape[-1], device=own.device).expand_as(own)
+        return self.table.view(-1)[self.cells(rank, own)]
+
+    def observe(self, tree: "Tree", picks: torch.Tensor) -> None:
+        """Count a verified tree: picks (B, N), the target's token after each node."""
+        N = tree.size
+        if N < 2:
+            return
+        parent = tree.parent[:, 1:N]
+        valid = (parent >= 0) & (tree.logp[:, 1:N] > NEG_INF)
+        hit = (tree.tokens[:, 1:N] == picks.gather(1, parent.clamp(min=0))) & valid
+        cell = self.cells(tree.rank[:, 1:N], tree.own[:, 1:N]).reshape(-1)
+        self.trials.view(-1).scatter_add_(0, cell, valid.reshape(-1).float())
+        self.hits.view(-1).scatter_add_(0, cell, hit.reshape(-1).float())
+        halve = torch.where(self.trials.sum() > self.cap, 0.5, 1.0)
+        self.trials.mul_(halve)
+        self.hits.mul_(halve)
+        estimate = (self.hits + self.prior * self.p0) / (self.trials + self.prior)
+        self.table.copy_(estimate.log().clamp(max=0.0))
 
 
 def tree_mask(lengths: torch.Tensor, ancestors: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -208,14 +285,16 @@ def root_part(tree: Tree, prev: torch.Tensor, cache: KVCache, vocab_size: int) -
 
 @torch.inference_mode()
 def expand(draft, cache: KVCache, tree: Tree, width: int, children: int, max_depth: int,
-           vocab: Optional[int] = None, *, root: bool = False,
-           prev: Optional[torch.Tensor] = None) -> torch.Tensor:
+           vocab: Optional[int] = None, acceptance: Optional[AcceptanceModel] = None, *,
+           root: bool = False, prev: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One growth pass over the tree's `size` slots, in fixed shapes with no host sync (a
     CUDA graph captures it): expand the `width` best open nodes (`root`: the root alone, with
     `prev` before it, see root_part) and merge their top `children` proposals. Picks past
     the open nodes only pad the pass: their K/V is rewritten (the same values: a node's
     ancestors are in place) or lands in an empty slot. Returns the stop flag, 0-dim bool:
-    no node is open for the next pass. A pass with no node open leaves the tree as it is."""
+    no node is open for the next pass. A pass with no node open leaves the tree as it is.
+    `acceptance`: nodes are ranked by its learned log-estimates instead of the draft's
+    log-probabilities (AcceptanceModel)."""
     B = tree.tokens.shape[0]
     open_ = tree.open_nodes(max_depth)
     if root:
@@ -240,20 +319,25 @@ def expand(draft, cache: KVCache, tree: Tree, width: int, children: int, max_dep
     if vocab is not None:
         logprobs = logprobs[..., :vocab]
     top_lp, top_tok = logprobs.topk(min(children, logprobs.shape[-1]), dim=-1)  # (B, w, c)
+    step = top_lp if acceptance is None else acceptance.score(top_lp)
     # -inf under a padding pick, whatever its (maybe NaN) output.
-    cand_logp = torch.where(valid[..., None], best[..., None] + top_lp, NEG_INF).reshape(B, -1)
+    cand_logp = torch.where(valid[..., None], best[..., None] + step, NEG_INF).reshape(B, -1)
     cand_parent = nodes[..., None].expand_as(top_tok).reshape(B, -1)
-    tree.merge(cand_logp, cand_parent, top_tok.reshape(B, -1))
+    cand_rank = torch.arange(top_tok.shape[-1], device=top_tok.device).expand_as(top_tok)
+    tree.merge(cand_logp, cand_parent, top_tok.reshape(B, -1), cand_rank.reshape(B, -1),
+               top_lp.reshape(B, -1))
     return ~tree.open_nodes(max_depth).any()
 
 
 def first_pass(draft, cache: KVCache, tree: Tree, root: torch.Tensor, budget: int, children: int,
                max_depth: int, vocab: Optional[int] = None,
+               acceptance: Optional[AcceptanceModel] = None,
                prev: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reset the tree to `root` (B,) over `budget` slots and expand the root (see expand)."""
     tree.reset(root)
     tree.size = budget
-    return expand(draft, cache, tree, 1, children, max_depth, vocab, root=True, prev=prev)
+    return expand(draft, cache, tree, 1, children, max_depth, vocab, acceptance, root=True,
+                  prev=prev)
 
 
 class GrowthGraphs:
@@ -264,10 +348,10 @@ class GrowthGraphs:
     capture_seconds = 0.0  # spent capturing, all instances: round timings leave it out
 
     def __init__(self, draft, cache: KVCache, rows: int, budget: int, width: int, children: int,
-                 max_depth: int, vocab: Optional[int], pool):
+                 max_depth: int, vocab: Optional[int], acceptance: Optional[AcceptanceModel], pool):
         # A weak reference: the graphs must not keep their cache (the dictionary key) alive.
         self.draft, self.cache, self.pool = draft, weakref.proxy(cache), pool
-        self.shape = (budget, children, max_depth, vocab)
+        self.shape = (budget, children, max_depth, vocab, acceptance)
         self.width = width
         self.root = torch.zeros(rows, dtype=torch.long, device=cache.k.device)
         self.prev = torch.zeros_like(self.root)
@@ -283,9 +367,9 @@ class GrowthGraphs:
                                                         self.root, *self.shape, prev=self.prev))
 
     def wide(self) -> torch.Tensor:
-        _, children, max_depth, vocab = self.shape
+        _, children, max_depth, vocab, acceptance = self.shape
         return self._replay("wide", lambda: expand(self.draft, self.cache, self.tree, self.width,
-                                                   children, max_depth, vocab))
+                                                   children, max_depth, vocab, acceptance))
 
     def _replay(self, name, step) -> torch.Tensor:
         if name not in self.graphs:
@@ -323,14 +407,15 @@ _growth_graphs = weakref.WeakKeyDictionary()
 
 
 def growth_graphs(draft, cache: KVCache, rows: int, budget: int, width: int, children: int,
-                  max_depth: int, vocab: Optional[int]) -> GrowthGraphs:
+                  max_depth: int, vocab: Optional[int],
+                  acceptance: Optional[AcceptanceModel] = None) -> GrowthGraphs:
     per_cache = _growth_graphs.setdefault(cache, {})
-    key = (draft, rows, budget, width, children, max_depth, vocab)
+    key = (draft, rows, budget, width, children, max_depth, vocab, id(acceptance))
     if key not in per_cache:
         if "pool" not in per_cache:
             per_cache["pool"] = torch.cuda.graph_pool_handle()
         per_cache[key] = GrowthGraphs(draft, cache, rows, budget, width, children, max_depth,
-                                      vocab, per_cache["pool"])
+                                      vocab, acceptance, per_cache["pool"])
     return per_cache[key]
 
 
@@ -356,7 +441,8 @@ def _read_flag(pending) -> bool:
 def grow(draft, cache: KVCache, root: torch.Tensor, budget: int, *, width: Optional[int] = None,
          children: Optional[int] = None, max_depth: int = 32, max_passes: Optional[int] = None,
          vocab: Optional[int] = None, tree: Optional[Tree] = None,
-         prev: Optional[torch.Tensor] = None, graphs: Optional[bool] = None) -> Tree:
+         prev: Optional[torch.Tensor] = None, graphs: Optional[bool] = None,
+         acceptance: Optional[AcceptanceModel] = None) -> Tree:
     """Grow a best-first tree of at most `budget` nodes from `root` (B,) (module docstring).
 
     width, children: nodes expanded per draft pass and children proposed per node (default
@@ -365,7 +451,8 @@ def grow(draft, cache: KVCache, root: torch.Tensor, budget: int, *, width: Optio
     the token at position lengths - 1, recomputed in the first pass (see root_part). Every
     node that can end an accepted path has its draft K/V, except unexpanded leaves:
     root_part repairs those. `graphs`: replay CUDA graphs of the passes (default: where the
-    draft has `use_graphs`, no streamed layers and the cache is on the GPU).
+    draft has `use_graphs`, no streamed layers and the cache is on the GPU). `acceptance`:
+    rank nodes by its learned estimates (AcceptanceModel) rather than draft log-probabilities.
     """
     default_width, default_children = growth_shape(budget)
     width, children = min(width or default_width, budget), children or default_children
@@ -381,12 +468,13 @@ def grow(draft, cache: KVCache, root: torch.Tensor, budget: int, *, width: Optio
                   and cache.k.is_cuda)
     if graphs:
         runner = growth_graphs(draft, cache, root.shape[0], budget, width, children, max_depth,
-                               vocab)
+                               vocab, acceptance)
         first, wide = lambda: runner.first(root, prev), runner.wide  # noqa: E731
     else:
         first = lambda: first_pass(draft, cache, tree, root, budget, children,  # noqa: E731
-                                   max_depth, vocab, prev=prev)
-        wide = lambda: expand(draft, cache, tree, width, children, max_depth, vocab)  # noqa: E731
+                                   max_depth, vocab, acceptance, prev=prev)
+        wide = lambda: expand(draft, cache, tree, width, children, max_depth, vocab,  # noqa: E731
+                              acceptance)
     # On a GPU the host reads pass i's stop flag while pass i + 1 runs (then a no-op if the
     # tree was done): the GPU never waits for the host.
     lag = 1 if root.is_cuda else 0
@@ -401,8 +489,10 @@ def grow(draft, cache: KVCache, root: torch.Tensor, budget: int, *, width: Optio
 
 
 def accept(tree: Tree, target_logits: torch.Tensor, params: SamplingParams,
-           generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Walk the tree with the target's picks. target_logits (B, N, V) at every node.
+           generator: Optional[torch.Generator],
+           acceptance: Optional[AcceptanceModel] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Walk the tree with the target's picks. target_logits (B, N, V) at every node;
+    `acceptance` counts the tree's proposals against the picks (AcceptanceModel.observe).
 
     Returns (path (B, D+1) node indices, root first, padded with the last node; accepted
     (B,) nodes past the root; next token (B,))."""
@@ -414,6 +504,8 @@ def accept(tree: Tree, target_logits: torch.Tensor, params: SamplingParams,
     else:
         probs = logits_to_probs(target_logits, params.temperature, params.top_k, params.top_p)
         picks = sample_from(probs, generator)
+    if acceptance is not None:
+        acceptance.observe(tree, picks)
     rows = torch.arange(B, device=device)
     cur = torch.zeros(B, dtype=torch.long, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
@@ -465,6 +557,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     tcfg, dcfg, device = llm.config, llm.draft_config, llm.device
     eos = set(llm.eos_token_ids) if not params.ignore_eos else set()
     capacity = tuner.max_budget
+    acceptance = llm.tree_acceptance_model()
     stats.tree_budgets = stats.tree_budgets or []
     rounds = []  # (budget, tokens per row per pass, pass seconds, growth seconds)
     for start in range(0, len(requests), rows_per_pass):
@@ -498,7 +591,8 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             n = tuner.next_budget()
             _sync(device)  # one sync each side of the growth: it is timed per round
             t0, captured = time.perf_counter(), GrowthGraphs.capture_seconds
-            grow(draft, dcache, last, n, vocab=tcfg.vocab_size, tree=tree, prev=prev)
+            grow(draft, dcache, last, n, vocab=tcfg.vocab_size, tree=tree, prev=prev,
+                 acceptance=acceptance)
             _sync(device)
             t1 = time.perf_counter()
             # The budget's curve is steady-state growth: a first round's graph capture left out.
@@ -506,7 +600,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             part = tree_part(tree, torch.arange(tree.size, device=device).expand(B, -1), tcache)
             target.run_parts([part])
             stats.decode_passes += 1
-            path, accepted, nxt = accept(tree, target.head(part.h), params, generator)
+            path, accepted, nxt = accept(tree, target.head(part.h), params, generator, acceptance)
             commit(tcache, path, accepted)
             commit(dcache, path, accepted)
             prev = tree.tokens[rows, path[:, -1]]
