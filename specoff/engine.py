@@ -236,7 +236,7 @@ class LLM:
             max_rows if spec == "tree" else min(max_rows, TREE_MAX_ROWS))
         reserve = 0 if budget is None else weight_reserve(
             self.config, self.dtype, budget, max_rows, self.draft_config,
-            tree_tokens=tree_rows * (self.tree_capacity + 1))
+            tree_rows=tree_rows, tree_nodes=self.tree_capacity + 1)
         self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=offload,
                                         reserve=reserve, ring_slots=ring_slots,
                                         ring_pieces=ring_pieces)

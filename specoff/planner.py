@@ -220,7 +220,8 @@ def smallest_weights(sizes: ModelSizes) -> int:
 
 
 def weight_reserve(cfg: ModelConfig, dtype: torch.dtype, budget: int, max_rows: int,
-                   draft: Optional[ModelConfig] = None, tree_tokens: int = 0) -> int:
+                   draft: Optional[ModelConfig] = None, tree_rows: int = 0,
+                   tree_nodes: int = 0) -> int:
     """Bytes `plan_weights` keeps free of the target's weights: a resident draft's weights,
     and room for KV caches and activations — a quarter of what the draft and the smallest
     offloaded plan leave, more (up to half) when `max_rows` rows of 512 tokens need it.
@@ -229,19 +230,20 @@ def weight_reserve(cfg: ModelConfig, dtype: torch.dtype, budget: int, max_rows: 
     With a draft, rows come first (up to all that is free): the draft's cache must sit on
     the GPU, every row of a pass needs it, and tokens per second grow with the rows while
     resident attention or a wider ring saves a few percent of a copy-bound pass.
-    `tree_tokens`: the most tree nodes one verification pass may carry (rows × the largest
-    tree, where tree mode can run): their activations, logits and K/V are kept room for too,
-    or the run plan would have to drop rows or move the cache to the host."""
+    `tree_rows`, `tree_nodes`: the rows tree mode may run at once and the nodes of its
+    largest tree (with the bonus token): room is kept for such a verification pass too (its
+    activations, logits and K/V beside 512-token prompts), or the run plan would have to
+    drop rows or move the cache to the host."""
     sizes = ModelSizes.of(cfg, dtype)
     smallest = min(sizes.total, smallest_weights(sizes))
     if draft is not None:
         d = ModelSizes.of(draft, dtype)
         free = max(budget - d.total - smallest - CONTEXT_MARGIN, 0)
         rows_need = max_rows * 512 * d.kv_per_token + activation_bytes(draft, max_rows * 8, max_rows, dtype)
-        tree_need = (activation_bytes(cfg, tree_tokens, tree_tokens, dtype)
-                     + activation_bytes(draft, tree_tokens, 0, dtype)
-                     + (tree_tokens + max_rows * 512) * (sizes.kv_per_token + d.kv_per_token)
-                     ) if tree_tokens else 0
+        tokens = tree_rows * tree_nodes
+        tree_need = (activation_bytes(cfg, tokens, tokens, dtype)
+                     + activation_bytes(draft, tokens, 0, dtype)
+                     + tree_rows * (tree_nodes + 512) * (sizes.kv_per_token + d.kv_per_token))
         return d.total + max(free // 4, min(free, max(rows_need, tree_need)))
     free = max(budget - smallest - CONTEXT_MARGIN, 0)
     return max(free // 4, min(free // 2, max_rows * 512 * sizes.kv_per_token))

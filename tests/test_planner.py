@@ -186,8 +186,9 @@ def test_tree_rows_keep_room_for_their_verification_pass():
     draft = ModelConfig.from_dict(dict(MIXTRAL_8X7B, model_type="mistral"))
     bf16, budget = torch.bfloat16, 24 * GiB
 
-    def run(rows, tree_tokens):
-        reserve = planner.weight_reserve(target, bf16, budget, rows, draft, tree_tokens=tree_tokens)
+    def run(rows, tree_rows, max_rows=None):
+        reserve = planner.weight_reserve(target, bf16, budget, max_rows or rows, draft,
+                                         tree_rows=tree_rows, tree_nodes=1025)
         weights = planner.plan_weights(target, bf16, budget, offload=True, reserve=reserve)
         return weights, planner.plan_run(weights, target, bf16, rows=rows, context=1454,
                                          max_rows=rows, tokens_per_row=1024, prefill_tokens=300,
@@ -195,11 +196,13 @@ def test_tree_rows_keep_room_for_their_verification_pass():
 
     _, squeezed = run(4, 0)
     assert squeezed.rows_per_pass < 4 or not squeezed.kv_on_gpu
-    weights, plan = run(4, 4 * 1025)
+    weights, plan = run(4, 4)
     assert plan.rows_per_pass == 4 and plan.kv_on_gpu
     assert plan.planned_gpu_bytes + planner.CONTEXT_MARGIN <= budget
     # One row's tree fits what the weights leave anyway: the same weights as without it.
-    assert run(1, 1025)[0].gpu_bytes == run(1, 0)[0].gpu_bytes
+    assert run(1, 1)[0].gpu_bytes == run(1, 0)[0].gpu_bytes
+    # A throughput build (164 rows; tree mode would run 4 of them at most) is not squeezed.
+    assert run(164, 4)[0].gpu_bytes == run(164, 0)[0].gpu_bytes
 
 
 def test_forced_ring_pieces_must_split_the_experts():
