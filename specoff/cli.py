@@ -111,6 +111,8 @@ def summary(stats) -> str:
         mode = (f"tree {stats.tree_budget} nodes" if stats.tree_budget else f"γ {stats.draft_len}")
         if stats.tree_budgets and len(set(stats.tree_budgets)) > 1:
             mode += f" (auto: tried {', '.join(map(str, sorted(set(stats.tree_budgets))))})"
+        if stats.tree_budget and stats.tree_scores:
+            mode += f", {stats.tree_scores} ranks"
         line += (f" | acceptance {stats.acceptance_rate:.2f} | {stats.tokens_per_pass:.2f} "
                  f"tokens/row/pass | {mode} | draft hidden "
                  f"{'-' if hidden is None else f'{100 * hidden:.0f}%'}")

@@ -87,6 +87,7 @@ class GenerationStats:
     draft_len: Optional[int] = None  # γ at the end of the run (it adapts)
     tree_budget: Optional[int] = None  # nodes per row per tree (tree mode; "auto": the choice)
     tree_budgets: Optional[List[int]] = None  # tree mode: each round's budget, in order
+    tree_scores: Optional[str] = None  # tree mode: "learned" or "draft" node ranking
     # Tree mode, per budget tried: rounds, tokens_per_pass (per row), pass_seconds, grow_seconds.
     tree_curve: Optional[List[dict]] = None
     target_seconds: float = 0.0  # device time of speculative target passes
@@ -478,6 +479,7 @@ class LLM:
         stats.decode_seconds += time.perf_counter() - t0
         stats.rows_per_group = per_pass
         stats.tree_budget = tuner.choice
+        stats.tree_scores = self.tree_scores
         if predict is not None and tuner.samples:
             # The planner's figure at the chosen budget: its predicted pass, measured growth
             # and acceptance.

@@ -61,7 +61,13 @@ def test_speculative_run(tmp_path, tokenizer):
     r = cli("--target", target, "--draft", draft, "--prompt", "def f(x):", "--max-new-tokens", 12,
             "--spec", "tree", "--tree-budget", 16, "--json", tree, "--ignore-eos")
     assert r.returncode == 0, r.stderr
-    assert "tree 16 nodes" in r.stdout.splitlines()[-1]
+    assert "tree 16 nodes, learned ranks" in r.stdout.splitlines()[-1]
+    r = cli("--target", target, "--draft", draft, "--prompt", "def f(x):", "--max-new-tokens", 12,
+            "--spec", "tree", "--tree-budget", 16, "--tree-scores", "draft", "--json", tree,
+            "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert "tree 16 nodes, draft ranks" in r.stdout.splitlines()[-1]
+    assert json.loads(tree.read_text())["stats"]["tree_scores"] == "draft"
     r = cli("--target", target, "--draft", draft, "--prompt", "def f(x):", "--max-new-tokens", 24,
             "--spec", "tree", "--tree-budget", "auto", "--json", tree, "--ignore-eos")
     assert r.returncode == 0, r.stderr
