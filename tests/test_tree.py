@@ -369,6 +369,8 @@ def test_growth_shape_widens_for_big_budgets():
     """Up to ~128 nodes a pass cost about one on a GPU: big trees grow in wide passes."""
     assert [growth_shape(n)[0] for n in (8, 16, 64, 128, 256, 512, 1024, 2048, 4096)] == [
         8, 16, 16, 32, 64, 64, 128, 256, 256]
+    # Over many rows a pass expands at most 512 nodes in all.
+    assert [growth_shape(1024, rows)[0] for rows in (1, 4, 8, 144, 1000)] == [128, 128, 64, 3, 1]
 
 
 def merge_case():
@@ -657,6 +659,43 @@ def test_tree_scores_learned_or_drafted(pairs):
     assert float(learned.tree_acceptance_model().trials.sum()) == 0
     with pytest.raises(ValueError, match="tree_scores"):
         specoff.LLM(target, draft=draft, device="cpu", tree_scores="best")
+
+
+MANY = PROMPTS + ["class Stack:", "for i in range(10):", "# a comment", "return x + 1", "a"]
+
+
+@pytest.mark.parametrize("sigma, budget, rows", [(0.0, 8, 2), (0.3, 16, 3), (1.0, 4, 1),
+                                                 (0.3, "auto", 2)])
+def test_greedy_tree_refills_rows(sigma, budget, rows, pairs):
+    """More prompts than rows: a finished row takes the next prompt, prefilled inside the
+    next verification pass (one prefill pass in all, for the first rows); every prompt's
+    output equals the target's own greedy output, whatever the lengths (EOS allowed)."""
+    draft, target = pairs(sigma)
+    params = specoff.SamplingParams(max_new_tokens=9)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(MANY, params)]
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=budget,
+                      max_rows=rows)
+    assert [o.token_ids for o in llm.generate(MANY, params)] == expect
+    s = llm.last_stats
+    assert s.rows_per_group == rows and s.prefill_passes == 1
+    # Each pass serves `rows` rows: far fewer passes than prompts run one batch at a time.
+    assert s.decode_passes < len(MANY) * params.max_new_tokens / rows
+    if sigma == 0.0:
+        assert s.tokens_per_pass > 3
+
+
+def test_tree_refill_with_one_token_answers_and_sampling(pairs):
+    """Answers of one token (each row frees right after its prompt's pass) and sampled
+    output: every prompt is served, the right number of tokens each."""
+    draft, target = pairs(0.3)
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=8, max_rows=2)
+    one = llm.generate(MANY, specoff.SamplingParams(max_new_tokens=1, ignore_eos=True))
+    plain = specoff.LLM(target, device="cpu").generate(
+        MANY, specoff.SamplingParams(max_new_tokens=1, ignore_eos=True))
+    assert [o.token_ids for o in one] == [o.token_ids for o in plain]
+    sampled = llm.generate(MANY, specoff.SamplingParams(max_new_tokens=7, temperature=0.8,
+                                                        seed=3, ignore_eos=True))
+    assert all(len(o.token_ids) == 7 for o in sampled)
 
 
 def test_spec_none_picks_tree_for_small_batches(pairs):

@@ -679,8 +679,9 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
     for config, prompts, new in configs:
         for engine in engines:
             per_pass = 2 * rows if engine == "specoff-chain-interleaved" else rows
-            chain = engine.startswith("specoff-chain")
-            use = prompts if chain else prompts[:rows]
+            # Engines that refill rows from a queue get every prompt; the others one batch.
+            refills = engine.startswith("specoff-chain") or engine == "specoff-tree"
+            use = prompts if refills else prompts[:rows]
             jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new, max_rows=per_pass,
                             draft_len=a.draft_len, tree_budget=a.throughput_tree_budget,
                             fit_workload=workload))

@@ -36,18 +36,25 @@ from typing import Optional, Tuple
 import torch
 
 from ..kvcache import KVCache
-from ..models.decoder import PassPart, TreeMask
+from ..models.decoder import PassPart, PrefillBatch, TreeMask
 from ..planner import TreeBudgetTuner, tree_curve
 from ..sampling import SamplingParams, logits_to_probs, sample_from, select
 
 NEG_INF = float("-inf")
 
 
-def growth_shape(budget: int) -> Tuple[int, int]:
+GROWTH_TOKENS = 512  # the most nodes one growth pass expands over all rows (default shape)
+
+
+def growth_shape(budget: int, rows: int = 1) -> Tuple[int, int]:
     """Default (width, children) for a budget: a draft pass over up to ~128 nodes costs about
     what a pass over one does on a GPU (the weights' read), so wide passes grow big trees in
-    few passes: 16 nodes a pass up to budget 64, then budget / 4 up to 64, budget / 8 up to 256."""
+    few passes: 16 nodes a pass up to budget 64, then budget / 4 up to 64, budget / 8 up to
+    256. Over many rows a pass's nodes are capped at GROWTH_TOKENS in all: past that the
+    draft's pass costs its FLOPs (144 rows × 16 nodes ~ 33 TFLOP), while growth by acceptance
+    ranks is deep and narrow, opening few nodes a pass per row."""
     width = min(budget, max(16, min(64, budget // 4), min(256, budget // 8)))
+    width = max(1, min(width, GROWTH_TOKENS // max(rows, 1)))
     children = 4 if budget <= 32 else 8
     return width, children
 
@@ -454,7 +461,7 @@ def grow(draft, cache: KVCache, root: torch.Tensor, budget: int, *, width: Optio
     draft has `use_graphs`, no streamed layers and the cache is on the GPU). `acceptance`:
     rank nodes by its learned estimates (AcceptanceModel) rather than draft log-probabilities.
     """
-    default_width, default_children = growth_shape(budget)
+    default_width, default_children = growth_shape(budget, root.shape[0])
     width, children = min(width or default_width, budget), children or default_children
     max_passes = max_passes or max_depth + 2 * -(-budget // width)
     if prev is not None:
@@ -546,12 +553,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _prompt_ids(prompts, device) -> Tuple[torch.Tensor, torch.Tensor, list]:
+    """(ids (R, longest) zero-padded, lengths, lengths as ints) of token lists."""
+    host = [len(p) for p in prompts]
+    ids = torch.zeros(len(prompts), max(host), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    return ids.to(device), torch.tensor(host, device=device), host
+
+
 @torch.inference_mode()
 def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_per_pass: int,
                   budget, kv_on_gpu: bool = True) -> TreeBudgetTuner:
-    """Tree-mode generation for `requests` (spec.pipeline.Request), `rows_per_pass` at a time.
+    """Tree-mode generation for `requests` (spec.pipeline.Request) over `rows_per_pass` rows.
     `budget`: nodes per row per tree, or a TreeBudgetTuner that picks one before each round
-    from the rounds it has seen (these and earlier ones). Returns the tuner."""
+    from the rounds it has seen (these and earlier ones). Returns the tuner.
+
+    With more prompts than rows, a row that finishes takes the next waiting prompt: its
+    prefill joins the next round's verification pass (more parts of the same pass: the
+    weights still stream once) and gives its first token; its draft prefill follows that
+    pass. Until then the row rides along "parked": its cache length is set past every
+    prompt, so the tree growth and the verification pass write their slots out of the way
+    of the prompt being prefilled into the same row. Idle rows with nothing to wait for ride
+    along at length 1."""
     tuner = budget if isinstance(budget, TreeBudgetTuner) else TreeBudgetTuner([budget])
     target, draft = llm.model, llm.draft_model
     tcfg, dcfg, device = llm.config, llm.draft_config, llm.device
@@ -560,74 +584,106 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     acceptance = llm.tree_acceptance_model()
     stats.tree_budgets = stats.tree_budgets or []
     rounds = []  # (budget, tokens per row per pass, pass seconds, growth seconds)
-    for start in range(0, len(requests), rows_per_pass):
-        batch = requests[start:start + rows_per_pass]
-        B = len(batch)
-        lens = torch.tensor([len(r.prompt) for r in batch], device=device)
-        longest = max(len(r.prompt) for r in batch)
-        max_len = longest + params.max_new_tokens + capacity + 2
-        # The target's cache where the plan puts it: in pinned host memory it streams to the
-        # GPU for each layer's attention (decoder.streamed_attention).
-        where = device if kv_on_gpu else torch.device("cpu")
-        tcache = KVCache(tcfg.n_layers, B, max_len, tcfg.n_kv_heads, tcfg.head_dim, llm.dtype,
-                         where, pin_memory=where.type != device.type, lengths_device=device)
-        dcache = KVCache(dcfg.n_layers, B, max_len, dcfg.n_kv_heads, dcfg.head_dim, llm.dtype, device)
-        ids = torch.zeros(B, longest, dtype=torch.long)
-        for b, r in enumerate(batch):
-            ids[b, :len(r.prompt)] = torch.tensor(r.prompt)
-        ids = ids.to(device)
-        host_lens = [len(r.prompt) for r in batch]
-        last = select(target.prefill(ids, lens, tcache, llm.prefill_chunk, lengths_host=host_lens),
-                      params, generator)
-        draft_ids = torch.where(ids < dcfg.vocab_size, ids, torch.zeros_like(ids))
-        draft.prefill(draft_ids, lens, dcache, llm.prefill_chunk, lengths_host=host_lens)
-        stats.prefill_passes += 1
-        for b, tok in enumerate(last.tolist()):  # once per batch, after prefill
-            batch[b].add(tok, eos, params.max_new_tokens)
-        active = [b for b in range(B) if batch[b].finish_reason is None]
-        tree, prev = Tree.empty(last, capacity), None
-        rows = torch.arange(B, device=device)
-        while active:
-            n = tuner.next_budget()
-            _sync(device)  # one sync each side of the growth: it is timed per round
-            t0, captured = time.perf_counter(), GrowthGraphs.capture_seconds
-            grow(draft, dcache, last, n, vocab=tcfg.vocab_size, tree=tree, prev=prev,
-                 acceptance=acceptance)
-            _sync(device)
-            t1 = time.perf_counter()
-            # The budget's curve is steady-state growth: a first round's graph capture left out.
-            grow_seconds = t1 - t0 - (GrowthGraphs.capture_seconds - captured)
-            part = tree_part(tree, torch.arange(tree.size, device=device).expand(B, -1), tcache)
-            target.run_parts([part])
-            stats.decode_passes += 1
-            path, accepted, nxt = accept(tree, target.head(part.h), params, generator, acceptance)
-            commit(tcache, path, accepted)
-            commit(dcache, path, accepted)
-            prev = tree.tokens[rows, path[:, -1]]
-            emitted = torch.cat([tree.tokens.gather(1, path[:, 1:]), nxt[:, None]], dim=1)
-            emitted = emitted.scatter(1, accepted[:, None], nxt[:, None])
-            last = nxt
-            nodes = (tree.logp[:, :tree.size] > NEG_INF).sum(1) - 1  # proposed, past the root
-            # One sync per round.
-            emitted, accepted_list, nodes = emitted.tolist(), accepted.tolist(), nodes.tolist()
-            t2 = time.perf_counter()
-            rounds.append((n, sum(accepted_list[b] + 1 for b in active) / len(active), t2 - t1,
-                           grow_seconds))
+    B = min(rows_per_pass, len(requests))
+    longest = max(len(r.prompt) for r in requests)
+    max_len = longest + params.max_new_tokens + capacity + 2
+    park = max_len - capacity - 1  # past every prompt; the tree's slots and commit fit after it
+    # The target's cache where the plan puts it: in pinned host memory it streams to the GPU
+    # for each layer's attention (decoder.streamed_attention).
+    where = device if kv_on_gpu else torch.device("cpu")
+    tcache = KVCache(tcfg.n_layers, B, max_len, tcfg.n_kv_heads, tcfg.head_dim, llm.dtype,
+                     where, pin_memory=where.type != device.type, lengths_device=device)
+    dcache = KVCache(dcfg.n_layers, B, max_len, dcfg.n_kv_heads, dcfg.head_dim, llm.dtype, device)
+    draft_ids = lambda ids: torch.where(ids < dcfg.vocab_size, ids, torch.zeros_like(ids))  # noqa: E731
+    waiting = list(range(len(requests)))[::-1]
+    serving = [waiting.pop() for _ in range(B)]  # the request of each row (None: idle)
+    ids, lens, host = _prompt_ids([requests[i].prompt for i in serving], device)
+    last = select(target.prefill(ids, lens, tcache, llm.prefill_chunk, lengths_host=host),
+                  params, generator)
+    draft.prefill(draft_ids(ids), lens, dcache, llm.prefill_chunk, lengths_host=host)
+    stats.prefill_passes += 1
+    for b, tok in enumerate(last.tolist()):  # once, after the first prefill
+        if requests[serving[b]].add(tok, eos, params.max_new_tokens):
+            serving[b] = None
+    tree, prev = Tree.empty(last, capacity), None
+    rows = torch.arange(B, device=device)
+    refill: list = []  # rows whose new prompt the next pass prefills
+
+    def place_free_rows() -> None:
+        """Give free rows the waiting prompts (prefilled in the next pass) and park them;
+        rows with nothing left to serve ride along at length 1."""
+        free = [b for b in range(B) if serving[b] is None]
+        for b in free:
+            if waiting:
+                serving[b] = waiting.pop()
+                refill.append(b)
+        if free:
+            at = torch.tensor(free, device=device)
+            length = torch.tensor([park if b in refill else 1 for b in free], device=device)
+            tcache.lengths[at] = length
+            dcache.lengths[at] = length
+
+    place_free_rows()
+    while any(r is not None for r in serving):
+        verified = [b for b in range(B) if serving[b] is not None and b not in refill]
+        n = tuner.next_budget()
+        _sync(device)  # one sync each side of the growth: it is timed per round
+        t0, captured = time.perf_counter(), GrowthGraphs.capture_seconds
+        grow(draft, dcache, last, n, vocab=tcfg.vocab_size, tree=tree, prev=prev,
+             acceptance=acceptance)
+        _sync(device)
+        t1 = time.perf_counter()
+        # The budget's curve is steady-state growth: a first round's graph capture left out.
+        grow_seconds = t1 - t0 - (GrowthGraphs.capture_seconds - captured)
+        parts = [tree_part(tree, torch.arange(tree.size, device=device).expand(B, -1), tcache)]
+        if refill:
+            new_ids, new_lens, new_host = _prompt_ids([requests[serving[b]].prompt for b in refill],
+                                                      device)
+            at = torch.tensor(refill, device=device)
+            chunk = max(llm.prefill_chunk, llm.prefill_chunk * B // len(refill))
+            prefill = PrefillBatch(new_ids, tcache, chunk, rows=at, device=device,
+                                   lengths_host=new_host)
+            parts += prefill.parts
+        target.run_parts(parts)
+        stats.decode_passes += 1
+        path, accepted, nxt = accept(tree, target.head(parts[0].h), params, generator, acceptance)
+        commit(tcache, path, accepted)
+        commit(dcache, path, accepted)
+        prev = tree.tokens[rows, path[:, -1]]
+        emitted = torch.cat([tree.tokens.gather(1, path[:, 1:]), nxt[:, None]], dim=1)
+        emitted = emitted.scatter(1, accepted[:, None], nxt[:, None])
+        last = nxt
+        nodes = (tree.logp[:, :tree.size] > NEG_INF).sum(1) - 1  # proposed, past the root
+        first = []
+        if refill:  # the new prompts' first tokens, then their draft prefill
+            first_tok = select(target.head(prefill.last_hidden(new_lens))[:, 0], params, generator)
+            tcache.lengths[at] = new_lens
+            draft.prefill(draft_ids(new_ids), new_lens, dcache, llm.prefill_chunk, rows=at,
+                          lengths_host=new_host)
+            last[at] = first_tok
+            prev[at] = new_ids.gather(1, (new_lens - 1)[:, None])[:, 0]
+            first = first_tok.tolist()
+        # One sync per round.
+        emitted, accepted_list, nodes = emitted.tolist(), accepted.tolist(), nodes.tolist()
+        t2 = time.perf_counter()
+        if verified:
+            rounds.append((n, sum(accepted_list[b] + 1 for b in verified) / len(verified),
+                           t2 - t1, grow_seconds))
             tuner.record(*rounds[-1])
-            stats.tree_budgets.append(n)
-            stats.rounds += 1
-            stats.draft_seconds += t1 - t0
-            stats.target_seconds += t2 - t1
-            for b in active:
-                stats.count_verified(nodes[b], accepted_list[b])
-                for tok in emitted[b][:accepted_list[b] + 1]:
-                    if batch[b].add(tok, eos, params.max_new_tokens):
-                        break
-            active = [b for b in active if batch[b].finish_reason is None]
-            done = [b for b in range(B) if batch[b].finish_reason is not None]
-            if done:  # finished rows ride along: keep their caches from growing
-                gone = torch.tensor(done, device=device)
-                tcache.lengths[gone] = 1
-                dcache.lengths[gone] = 1
+        stats.tree_budgets.append(n)
+        stats.rounds += 1
+        stats.draft_seconds += t1 - t0
+        stats.target_seconds += t2 - t1
+        for b in verified:
+            stats.count_verified(nodes[b], accepted_list[b])
+            for tok in emitted[b][:accepted_list[b] + 1]:
+                if requests[serving[b]].add(tok, eos, params.max_new_tokens):
+                    serving[b] = None
+                    break
+        for b, tok in zip(refill, first):
+            if requests[serving[b]].add(tok, eos, params.max_new_tokens):
+                serving[b] = None
+        refill.clear()
+        place_free_rows()
     stats.tree_curve = tree_curve(rounds)
     return tuner
