@@ -727,3 +727,17 @@ def test_gpu_tree_over_an_offloaded_target(budget, kv, pairs):
                       spec="tree", tree_budget=budget, kv_placement=kv)
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
     assert llm.last_stats.plan["kv_on_gpu"] == (kv != "host")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv", [None, "host"])
+def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, pairs):
+    """Refills on the GPU: new prompts prefilled (packed) in the verification pass, into a
+    device cache or one in pinned host memory; growth replayed as CUDA graphs."""
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=12)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(MANY, params)]
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                      spec="tree", tree_budget=16, kv_placement=kv, max_rows=3)
+    assert [o.token_ids for o in llm.generate(MANY, params)] == expect
+    assert llm.last_stats.prefill_passes == 1 and llm.last_stats.rows_per_group == 3
