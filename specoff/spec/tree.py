@@ -200,9 +200,10 @@ class Tree:
 class AcceptanceModel:
     """How likely the target is to pick a proposed child, learned from verification.
 
-    The draft's own probabilities can be far from the chance that the target agrees: a
-    random-weight draft spreads its mass thin (top token ~1%) while its pick is right 70% of
-    the time, so ranking nodes by draft log-probability grows wide, shallow trees. Like
+    The draft's own probabilities can be far from the chance that the target agrees: where
+    they understate it, ranking nodes by draft log-probability grows wide, shallow trees
+    (the random-weight Mixtral-8x7B benchmark pair, batch 1, budget 1024 on the H200: 4.78
+    tokens a pass by draft ranks, 8.73 by learned ones). Like
     Sequoia's positional acceptance vector (arXiv 2402.12374), but keyed by the child's rank
     among its parent's proposals *and* a bin of its draft log-probability, this keeps
     per-cell counts of proposals and of those the target picked. Every verified tree adds
