@@ -171,8 +171,8 @@ def humaneval_prompts(n: int) -> List[str]:
 
 
 def _row(**kw) -> dict:
-    row = dict(model=None, mode=None, gamma=None, budget=None, tokens_per_pass=None,
-               acceptance_rate=None, loss=None, tokens=None, tokens_per_second=None,
+    row = dict(model=None, mode=None, gamma=None, budget=None, tree_scores=None,
+               tokens_per_pass=None, acceptance_rate=None, loss=None, tokens=None, tokens_per_second=None,
                matches_target=None, prompts=None, max_new_tokens=None, device=None, dtype=None)
     row.update(kw)
     return row
@@ -180,14 +180,15 @@ def _row(**kw) -> dict:
 
 def evaluate(device=None, gammas=(2, 3, 4, 6, 8), budgets=(8, 16, 64, 256), n_prompts: int = 8,
              max_new_tokens: int = 64, dtype=None, heldout_tokens: int = 32768,
-             target=None, draft=None) -> List[dict]:
+             target=None, draft=None, tree_scores=("learned", "draft")) -> List[dict]:
     """The held-out report of the demo pair (or of any `target`/`draft` folders).
 
     Rows (flat dicts, the same keys in each): held-out loss of each model (mode "heldout");
     teacher-forced greedy α on held-out text (mode "teacher_forced"); greedy generation on
     the first `n_prompts` HumanEval prompts by the target alone (mode "plain"), in chain
-    mode for each γ and in tree mode for each budget, with the engine's measured acceptance
-    rate and tokens per target pass, and whether the output equals the target's own (in
+    mode for each γ and in tree mode for each budget and way of ranking the tree's nodes
+    (`tree_scores`: learned acceptance, the draft's probabilities), with the engine's
+    measured acceptance rate and tokens per target pass, and whether the output equals the target's own (in
     float32 it must; in bfloat16 a near-tie may break differently in a batched pass).
     `tokens` counts held-out tokens in the first three rows, generated tokens after them.
     """
@@ -221,7 +222,8 @@ def evaluate(device=None, gammas=(2, 3, 4, 6, 8), budgets=(8, 16, 64, 256), n_pr
     del plain
     runs = [("chain", dict(spec="chain", draft_len=g, interleave=False), dict(gamma=g))
             for g in gammas]
-    runs += [("tree", dict(spec="tree", tree_budget=b), dict(budget=b)) for b in budgets]
+    runs += [("tree", dict(spec="tree", tree_budget=b, tree_scores=scores),
+              dict(budget=b, tree_scores=scores)) for scores in tree_scores for b in budgets]
     for mode, kw, key in runs:
         llm = specoff.LLM(target, draft=draft, **common, **kw)
         outputs, figures = _timed(llm, prompts, params)
