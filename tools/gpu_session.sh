@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One GPU-machine call of named steps, each under its own time limit, results under $OUT:
+#
+#   bash tools/gpu_session.sh tests interactive          # e.g. run(command="bash tools/gpu_session.sh tests")
+#
+# Steps (each appends to $OUT/<step>.log; bench steps write JSONL, PNG and markdown under
+# $OUT/<step>/):
+#   tests        the GPU-marked tests of the engine and the segmented/compiled kernel tests
+#   interactive  tree (16, 64, 256, 1024, auto; 1024 by draft ranks) and chain, batch 1
+#   interactive4 tree (1024, auto) and chain, batch 4
+#   throughput   specoff-offload and specoff-chain in one run (HumanEval x3, 32 tokens)
+#   tree-throughput  specoff-tree over the same queue (TREE nodes a row, default 16) and
+#                specoff-chain, in one run
+#   kernels      tools/bench_kernels.py --only prefill
+# SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540) and TREE may
+# be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
+# steps). A call runs at most 10 minutes: pick steps whose limits fit.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+SIGMA=${SIGMA:-0.01583}
+LIMIT=${LIMIT:-540}
+export PYTHONUNBUFFERED=1
+[ -d .carry/site ] && export PYTHONPATH="$PWD/.carry/site${PYTHONPATH:+:$PYTHONPATH}"
+pip install -q -e . --no-deps >/dev/null 2>&1 || true
+mkdir -p "$OUT"
+bench() {  # bench STEP ARGS...: tools/bench.py with the common settings
+    local step=$1; shift
+    python tools/bench.py --no-fit-budget --sigma "$SIGMA" --quiet --time-limit "$LIMIT" \
+        --out "$OUT/$step" "$@" ${EXTRA:-} 2>&1 | grep -v '^!\[' | tee -a "$OUT/$step.log" | tail -25
+}
+for step in "$@"; do
+    echo "== $step ($(date -u +%H:%M:%S))"
+    case $step in
+        tests)
+            timeout 300 python -m pytest -q -m gpu tests/test_tree.py tests/test_spec.py \
+                tests/test_offload.py tests/test_generate.py tests/test_kvcache.py 2>&1 \
+                | tee -a "$OUT/tests.log" | tail -5
+            timeout 200 python -m pytest -q tests/kernels/test_attention.py -k "segmented or compiled" \
+                2>&1 | tee -a "$OUT/tests.log" | tail -3 ;;
+        interactive)
+            bench "$step" --scenario interactive --batches 1 --interactive-new-tokens 128 \
+                --tree-budgets 16,64,256,1024,auto,1024:draft --engines specoff-chain,specoff-tree ;;
+        interactive4)
+            bench "$step" --scenario interactive --batches 4 --interactive-new-tokens 128 \
+                --tree-budgets 1024,auto --engines specoff-chain,specoff-tree ;;
+        throughput)
+            bench "$step" --scenario throughput --new-tokens 32 --rows 164 --prompts 492 \
+                --configs humaneval --engines specoff-offload,specoff-chain ;;
+        tree-throughput)
+            bench "$step" --scenario throughput --new-tokens 32 --rows 164 --prompts 492 \
+                --configs humaneval --engines specoff-chain,specoff-tree \
+                --throughput-tree-budget "${TREE:-16}" ;;
+        kernels)
+            timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
+        *)
+            echo "unknown step $step (tests, interactive, interactive4, throughput, tree-throughput, kernels)" >&2
+            exit 2 ;;
+    esac
+done
