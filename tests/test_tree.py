@@ -704,16 +704,19 @@ def test_spec_none_picks_tree_for_small_batches(pairs):
     assert llm.spec_mode(1) == "tree" and llm.spec_mode(64) == "chain"
 
 
-def test_tree_sampling_is_lossless(pairs, tmp_path):
+@pytest.mark.parametrize("rows", [2000, 250])
+def test_tree_sampling_is_lossless(rows, pairs, tmp_path):
+    """Sampled tree output has the target's own distribution, with every prompt in one batch
+    and with rows refilled from the queue (first tokens sampled from the refill's prefill)."""
     draft, target = without_tokenizers(pairs(0.5, vocab_size=12), tmp_path)
     n = 2000
     params = specoff.SamplingParams(max_new_tokens=3, temperature=1.0, top_k=6, seed=5,
                                     ignore_eos=True)
     prompts = [[3, 5, 7]] * n
     plain = specoff.LLM(target, device="cpu", max_rows=n).generate(prompts, params)
-    tree = specoff.LLM(target, draft=draft, device="cpu", max_rows=n, spec="tree", tree_budget=8)
+    tree = specoff.LLM(target, draft=draft, device="cpu", max_rows=rows, spec="tree", tree_budget=8)
     sampled = tree.generate(prompts, params)
-    assert tree.last_stats.accepted > 0
+    assert tree.last_stats.accepted > 0 and tree.last_stats.rows_per_group == rows
     assert same_distribution(plain, sampled) > 0.01
 
 
