@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -38,6 +38,15 @@ class Request:
         elif len(self.tokens) >= max_new_tokens:
             self.finish_reason = "length"
         return self.finish_reason is not None
+
+
+def pad_prompts(prompts, device) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """(ids (R, longest) zero-padded, lengths, lengths as ints) of token lists, on `device`."""
+    host = [len(p) for p in prompts]
+    ids = torch.zeros(len(prompts), max(host), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    return ids.to(device), torch.tensor(host, device=device), host
 
 
 @dataclass(eq=False)
@@ -152,12 +161,8 @@ class ChainPipeline:
         g.prompts = None
         if not g.refill:
             return
-        prompts = [self.requests[g.request[b]].prompt for b in g.refill]
-        host = [len(p) for p in prompts]
-        ids = torch.zeros(len(prompts), max(host), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p)
-        ids, lens = ids.to(self.device), torch.tensor(host, device=self.device)
+        ids, lens, host = pad_prompts([self.requests[g.request[b]].prompt for b in g.refill],
+                                      self.device)
         g.prompts = (ids, lens, host)
         at = torch.tensor(g.refill, device=self.device)
         g.last[at] = ids.gather(1, (lens - 1)[:, None])[:, 0]

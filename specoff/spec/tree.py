@@ -39,6 +39,7 @@ from ..kvcache import KVCache
 from ..models.decoder import PassPart, PrefillBatch, TreeMask
 from ..planner import TreeBudgetTuner, tree_curve
 from ..sampling import SamplingParams, logits_to_probs, sample_from, select
+from .pipeline import pad_prompts
 
 NEG_INF = float("-inf")
 
@@ -554,15 +555,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prompt_ids(prompts, device) -> Tuple[torch.Tensor, torch.Tensor, list]:
-    """(ids (R, longest) zero-padded, lengths, lengths as ints) of token lists."""
-    host = [len(p) for p in prompts]
-    ids = torch.zeros(len(prompts), max(host), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-    return ids.to(device), torch.tensor(host, device=device), host
-
-
 @torch.inference_mode()
 def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_per_pass: int,
                   budget, kv_on_gpu: bool = True) -> TreeBudgetTuner:
@@ -598,7 +590,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     draft_ids = lambda ids: torch.where(ids < dcfg.vocab_size, ids, torch.zeros_like(ids))  # noqa: E731
     waiting = list(range(len(requests)))[::-1]
     serving = [waiting.pop() for _ in range(B)]  # the request of each row (None: idle)
-    ids, lens, host = _prompt_ids([requests[i].prompt for i in serving], device)
+    ids, lens, host = pad_prompts([requests[i].prompt for i in serving], device)
     last = select(target.prefill(ids, lens, tcache, llm.prefill_chunk, lengths_host=host),
                   params, generator)
     draft.prefill(draft_ids(ids), lens, dcache, llm.prefill_chunk, lengths_host=host)
@@ -638,7 +630,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         grow_seconds = t1 - t0 - (GrowthGraphs.capture_seconds - captured)
         parts = [tree_part(tree, torch.arange(tree.size, device=device).expand(B, -1), tcache)]
         if refill:
-            new_ids, new_lens, new_host = _prompt_ids([requests[serving[b]].prompt for b in refill],
+            new_ids, new_lens, new_host = pad_prompts([requests[serving[b]].prompt for b in refill],
                                                       device)
             at = torch.tensor(refill, device=device)
             chunk = max(llm.prefill_chunk, llm.prefill_chunk * B // len(refill))
@@ -655,7 +647,6 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         emitted = emitted.scatter(1, accepted[:, None], nxt[:, None])
         last = nxt
         nodes = (tree.logp[:, :tree.size] > NEG_INF).sum(1) - 1  # proposed, past the root
-        first = []
         if refill:  # the new prompts' first tokens, then their draft prefill
             first_tok = select(target.head(prefill.last_hidden(new_lens))[:, 0], params, generator)
             tcache.lengths[at] = new_lens
@@ -663,9 +654,9 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
                           lengths_host=new_host)
             last[at] = first_tok
             prev[at] = new_ids.gather(1, (new_lens - 1)[:, None])[:, 0]
-            first = first_tok.tolist()
-        # One sync per round.
+        # One sync per round (the first tokens are ready once the others are).
         emitted, accepted_list, nodes = emitted.tolist(), accepted.tolist(), nodes.tolist()
+        first = first_tok.tolist() if refill else []
         t2 = time.perf_counter()
         if verified:
             rounds.append((n, sum(accepted_list[b] + 1 for b in verified) / len(verified),
