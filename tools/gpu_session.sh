@@ -10,7 +10,7 @@
 #   interactive4 tree (1024, auto) and chain, batch 4
 #   throughput   specoff-offload and specoff-chain in one run (HumanEval x3, 32 tokens)
 #   tree-throughput  specoff-tree over the same queue (TREE nodes a row, default 16) and
-#                specoff-chain, in one run
+#                specoff-chain, in one run (ENGINES overrides the engines)
 #   kernels      tools/bench_kernels.py --only prefill
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540) and TREE may
 # be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
@@ -49,7 +49,7 @@ for step in "$@"; do
                 --configs humaneval --engines specoff-offload,specoff-chain ;;
         tree-throughput)
             bench "$step" --scenario throughput --new-tokens 32 --rows 164 --prompts 492 \
-                --configs humaneval --engines specoff-chain,specoff-tree \
+                --configs humaneval --engines "${ENGINES:-specoff-chain,specoff-tree}" \
                 --throughput-tree-budget "${TREE:-16}" ;;
         kernels)
             timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
