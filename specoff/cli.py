@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", help="checkpoint folder of a draft model (same tokenizer): "
                                    "turns on speculative decoding")
     p.add_argument("--spec", choices=["chain", "tree"],
-                   help="speculation mode (default with --draft: tree for up to 4 prompts, chain above)")
+                   help="speculation mode (default with --draft: tree for up to 4 prompts, and "
+                        "above where the target streams from host memory to a GPU; else chain)")
     p.add_argument("--draft-len", default="auto",
                    help="draft tokens per row per round (γ), or auto to adapt between rounds")
     p.add_argument("--tree-budget", default="auto",

@@ -23,7 +23,13 @@ from .planner import (Plan, load_profile, parse_bytes, plan_run, plan_weights, p
 from .sampling import SamplingParams, select
 from .spec.chain import MAX_DRAFT_LEN
 
-TREE_MAX_ROWS = 4  # spec=None: tree speculation up to this many rows, chain above
+TREE_MAX_ROWS = 4  # interactive batches: up to this many rows, tree budgets up to tree_budget_max
+# Above TREE_MAX_ROWS, tree_budget="auto" grows trees of this many nodes a row: a pass carries
+# rows × (nodes + 1) tokens, and bigger trees cost rows of the plan. At 24 GiB on the H200
+# (Mixtral-8x7B / Mistral-7B shapes, α 0.7, session 10) budgets 8 / 16 / 32 / 64 ran 145 /
+# 130 / 106 / 77 rows at 3.22 / 3.91 / 4.61 / 5.26 tokens per row per pass: 162 / 188 / 167 /
+# 142 tokens/s, against 148-151 for chain γ=4 at 144 rows in the same runs.
+THROUGHPUT_TREE_BUDGET = 16
 from .synthetic import SyntheticModel, random_source
 from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
 
@@ -232,12 +238,13 @@ class LLM:
             self.profile = load_profile(self.device, dtype=self.dtype)
         elif gpu_memory is not None:
             raise ValueError("gpu_memory applies to a CUDA device; this LLM runs on the CPU")
-        # Tree mode's verification passes carry rows × the largest tree: room for them too.
+        # Tree mode's verification passes carry rows × the largest tree: room for an
+        # interactive batch's (a throughput run's trees are small: the run plan fits them).
         tree_rows = 0 if self.draft_config is None or spec == "chain" else (
             max_rows if spec == "tree" else min(max_rows, TREE_MAX_ROWS))
         reserve = 0 if budget is None else weight_reserve(
             self.config, self.dtype, budget, max_rows, self.draft_config,
-            tree_rows=tree_rows, tree_nodes=self.tree_capacity + 1)
+            tree_rows=tree_rows, tree_nodes=self.tree_capacity_for(max(tree_rows, 1)) + 1)
         self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=offload,
                                         reserve=reserve, ring_slots=ring_slots,
                                         ring_pieces=ring_pieces)
@@ -318,7 +325,7 @@ class LLM:
         # Chain: γ+1 tokens per row per pass, caches γ+2 longer; tree: the largest tree.
         tokens = 1 + MAX_DRAFT_LEN * spec
         if spec and self.spec_mode(rows) == "tree":
-            tokens = self.tree_capacity
+            tokens = self.tree_capacity_for(rows)
         return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
                         context=longest + max_new_tokens + (tokens + 1) * spec,
                         max_rows=self.max_rows, tokens_per_row=tokens,
@@ -431,8 +438,24 @@ class LLM:
 
     @property
     def tree_capacity(self) -> int:
-        """The largest tree (nodes per row) a round may grow."""
-        return self.tree_budget_max if self.tree_budget == "auto" else self.tree_budget
+        """The largest tree (nodes per row) a round may grow at an interactive batch."""
+        return self.tree_capacity_for(1)
+
+    def tree_ladder(self, rows: int) -> List[int]:
+        """The tree budgets a run over `rows` rows may use: the fixed budget, or with "auto"
+        the ladder up to tree_budget_max for interactive batches (the tuner picks per
+        round) and THROUGHPUT_TREE_BUDGET above TREE_MAX_ROWS rows (bigger trees cost rows)."""
+        from .planner import tree_budget_ladder
+
+        if self.tree_budget != "auto":
+            return [self.tree_budget]
+        if rows > TREE_MAX_ROWS:
+            return [min(THROUGHPUT_TREE_BUDGET, self.tree_budget_max)]
+        return tree_budget_ladder(self.tree_budget_max)
+
+    def tree_capacity_for(self, rows: int) -> int:
+        """The largest tree (nodes per row) a round over `rows` rows may grow."""
+        return max(self.tree_ladder(rows))
 
     def tree_acceptance_model(self):
         """Tree mode's learned acceptance (spec.tree.AcceptanceModel), kept across calls so
@@ -451,13 +474,24 @@ class LLM:
         self._tree_acceptance = None
 
     def spec_mode(self, rows: int) -> str:
-        """spec=None picks tree speculation for interactive batches, chain above."""
-        return self.spec or ("tree" if rows <= TREE_MAX_ROWS else "chain")
+        """spec=None picks tree speculation for interactive batches and, above them, where
+        the target streams from host memory to a GPU (a copy-bound pass verifies a tree's
+        tokens nearly for free: 1.23-1.27× chain at 130-144 rows on the H200, session 10);
+        chain where chain settings were asked for (draft_len, interleave) or the target's
+        pass costs its compute (resident, or on the CPU)."""
+        if self.spec:
+            return self.spec
+        if rows <= TREE_MAX_ROWS:
+            return "tree"
+        if self.draft_len is not None or self.interleave:
+            return "chain"
+        streams = self.weight_plan.offload and self.device.type == "cuda"
+        return "tree" if streams else "chain"
 
     def _speculate_tree(self, rows, params, generator, stats, plan) -> List[RequestOutput]:
-        from .planner import TreeBudgetTuner, expected_tree_rates, predict_pass, tree_budget_ladder
+        from .planner import TreeBudgetTuner, expected_tree_rates, predict_pass
         from .spec.pipeline import Request
-        from .spec.tree import generate_tree
+        from .spec.tree import generate_tree, tree_passes
 
         requests = [Request(list(r)) for r in rows]
         per_pass = min(len(rows), plan.rows_per_pass)
@@ -466,8 +500,7 @@ class LLM:
             context = max(len(r) for r in rows) + params.max_new_tokens
             predict = lambda n: predict_pass(plan, self.config, self.dtype, self.profile,  # noqa: E731
                                              per_pass, n, context + n)
-        ladder = (tree_budget_ladder(self.tree_budget_max) if self.tree_budget == "auto"
-                  else [self.tree_budget])
+        ladder = self.tree_ladder(len(rows))
         # What one call learnt about the budgets serves the next ones at the same batch size.
         tuner = self._tree_tuners.setdefault((per_pass, tuple(ladder)), TreeBudgetTuner(ladder))
         tuner.predict_pass = predict
@@ -481,8 +514,9 @@ class LLM:
         stats.tree_budget = tuner.choice
         stats.tree_scores = self.tree_scores
         if predict is not None and tuner.samples:
-            # The planner's figure at the chosen budget: its predicted pass, measured growth
-            # and acceptance.
+            # The planner's figure at the chosen budget: its predicted pass plus the measured
+            # growth a round, over the passes this workload takes at the acceptance seen
+            # (tree_passes: refills and the tail included), after the first prompts' prefill.
             n = stats.tree_budget
             curve = {c["budget"]: c for c in tuner.curve()}
             rate = expected_tree_rates(
@@ -490,6 +524,12 @@ class LLM:
                 {b: c["grow_seconds"] for b, c in curve.items()}, predict)[n]
             stats.predicted_pass_seconds = predict(n)
             stats.predicted_tokens_per_second = per_pass * rate
+            if stats.accepted_histogram and len(rows) > per_pass:
+                stats.predicted_passes = tree_passes(len(rows), per_pass, params.max_new_tokens,
+                                                     stats.accepted_histogram, self.seed)
+                round_s = stats.predicted_pass_seconds + curve[n]["grow_seconds"]
+                seconds = (plan.predicted_prefill_seconds or 0.0) + stats.predicted_passes * round_s
+                stats.predicted_tokens_per_second = len(rows) * params.max_new_tokens / seconds
         return [self._finish(r.prompt, r.tokens, params) for r in requests]
 
     @torch.inference_mode()

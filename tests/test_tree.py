@@ -744,3 +744,56 @@ def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, pairs):
                       spec="tree", tree_budget=16, kv_placement=kv, max_rows=3)
     assert [o.token_ids for o in llm.generate(MANY, params)] == expect
     assert llm.last_stats.prefill_passes == 1 and llm.last_stats.rows_per_group == 3
+
+
+def test_spec_none_picks_tree_where_the_target_streams(pairs):
+    """Above the interactive batches spec=None picks tree mode where the target streams from
+    host memory to a GPU (its pass is copy-bound), chain where chain settings were asked
+    for; "auto" trees there are THROUGHPUT_TREE_BUDGET nodes, the plan sized for them."""
+    from specoff.engine import MAX_DRAFT_LEN, THROUGHPUT_TREE_BUDGET, TREE_MAX_ROWS
+    from specoff.planner import tree_budget_ladder
+
+    draft, target = pairs(0.3)
+    llm = specoff.LLM(target, draft=draft, device="cpu", offload=True)
+    assert llm.spec_mode(64) == "chain"  # on the CPU a pass costs its tokens
+    llm.device = torch.device("cuda")  # the choice only: nothing runs
+    assert llm.spec_mode(1) == llm.spec_mode(64) == "tree"
+    llm.draft_len = 4
+    assert llm.spec_mode(64) == "chain" and llm.spec_mode(TREE_MAX_ROWS) == "tree"
+    llm.draft_len, llm.interleave = None, True
+    assert llm.spec_mode(64) == "chain"
+    llm.device = torch.device("cpu")
+    assert llm.tree_ladder(64) == [THROUGHPUT_TREE_BUDGET]
+    assert llm.tree_ladder(TREE_MAX_ROWS) == tree_budget_ladder(llm.tree_budget_max)
+    assert llm.plan(64, 10, 8).tokens_per_row == 1 + MAX_DRAFT_LEN  # chain: spec_mode(64)
+    llm.spec = "tree"
+    assert llm.plan(64, 10, 8).tokens_per_row == THROUGHPUT_TREE_BUDGET
+    assert llm.plan(2, 10, 8).tokens_per_row == llm.tree_budget_max
+    llm.tree_budget = 8
+    assert llm.tree_ladder(64) == llm.tree_ladder(1) == [8]
+
+
+def test_tree_passes_counts_what_generate_tree_runs(pairs):
+    """The workload model: simple schedules exactly, and the passes of real refilled runs
+    from their own accepted histograms."""
+    from specoff.spec.tree import tree_passes
+
+    assert tree_passes(3, 4, 1, [1]) == 0  # the prefill pass gives every answer
+    assert tree_passes(10, 4, 1, [1]) == 2  # 6 refills over 4 rows: two passes
+    assert tree_passes(1, 1, 9, [0, 0, 0, 0, 1]) == 2  # 8 tokens at 5 a pass
+    assert tree_passes(5, 1, 3, [1]) == 2 + 4 * 3  # a refill's first pass gives one token
+    with pytest.raises(ValueError, match="histogram"):
+        tree_passes(3, 2, 4, [])
+    prompts = MANY * 3
+    for sigma in (1.0, 0.3):
+        draft, target = pairs(sigma)
+        llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=8,
+                          max_rows=3)
+        llm.generate(prompts, specoff.SamplingParams(max_new_tokens=9, ignore_eos=True))
+        s = llm.last_stats
+        model = sum(tree_passes(len(prompts), 3, 9, s.accepted_histogram, seed)
+                    for seed in range(5)) / 5
+        # Draws from one histogram: exact where acceptance is alike across prompts (σ=1, as
+        # on the real-size pair); the tiny pair at σ=0.3 accepts far more on some prompts
+        # than others, and the slow prompts' extra passes are what an i.i.d. model misses.
+        assert abs(model - s.decode_passes) <= (2 if sigma == 1.0 else 0.15 * s.decode_passes)

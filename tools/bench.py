@@ -676,15 +676,17 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
                "hf-accelerate-pinned", "specoff-tree"]
     # The budget must hold the main config's interleaved rows with their KV cache on the GPU.
     workload = (2 * rows, max(map(len, configs[0][1])), main_new)
+    tree_budgets = [int(b) for b in split(str(a.throughput_tree_budget))]
     for config, prompts, new in configs:
         for engine in engines:
             per_pass = 2 * rows if engine == "specoff-chain-interleaved" else rows
             # Engines that refill rows from a queue get every prompt; the others one batch.
             refills = engine.startswith("specoff-chain") or engine == "specoff-tree"
             use = prompts if refills else prompts[:rows]
-            jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new, max_rows=per_pass,
-                            draft_len=a.draft_len, tree_budget=a.throughput_tree_budget,
-                            fit_workload=workload))
+            for budget in tree_budgets if engine == "specoff-tree" else tree_budgets[:1]:
+                jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new,
+                                max_rows=per_pass, draft_len=a.draft_len, tree_budget=budget,
+                                fit_workload=workload))
     return jobs
 
 
@@ -1073,7 +1075,8 @@ def parse_args(argv=None):
     p.add_argument("--tree-scores", help="interactive tree runs: comma-separated 'learned' (nodes "
                    "ranked by acceptance learned from the target's verdicts, the default) and/or "
                    "'draft' (by the draft's log-probabilities)")
-    p.add_argument("--throughput-tree-budget", type=int)
+    p.add_argument("--throughput-tree-budget", help="throughput tree runs: comma-separated node "
+                   "budgets per row (one specoff-tree run each)")
     p.add_argument("--budgets", help="sweep-budget: GiB values")
     p.add_argument("--rows-sweep", help="sweep-rows: rows per group")
     p.add_argument("--gammas", help="sweep-gamma: γ values, 'auto' allowed")
