@@ -209,6 +209,8 @@ def test_profile_pass_summarises_streams_and_copy_gaps():
     assert s["streams"]["7"]["top"][0]["seconds"] == pytest.approx(60e-6)
     out = profile_pass.main(["--tiny"])
     assert out["passes"] >= 1 and out["streams"] == {}
+    out = profile_pass.main(["--tiny", "--spec", "tree", "--tree-budget", "4"])
+    assert out["passes"] >= 1 and out["rounds"] == out["passes"] and out["draft_seconds"] > 0
     rows = profile_pass.main(["--tiny", "--offload-only", "--compare", "CHAIN_ATTENTION=auto,torch"])
     assert [r["value"] for r in rows["compare"]] == ["auto", "torch", "auto", "torch"]
     assert all(r["passes"] >= 1 and r["pass_seconds"] > 0 for r in rows["compare"])

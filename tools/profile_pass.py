@@ -1,5 +1,5 @@
-"""Where a target pass's time goes: a short chain run under torch.profiler, summarised per
-CUDA stream.
+"""Where a target pass's time goes: a short chain (or tree: --spec tree) run under
+torch.profiler, summarised per CUDA stream.
 
 The 24 GiB chain pass of the Mixtral-8x7B-shaped pair runs 0.2–0.55 s over its weight
 copy (README, "The benchmark suite"); this tool says whether the copy stream sat idle
@@ -11,6 +11,7 @@ longest idle gaps of the busiest copy stream with the operation that ended each 
 
     python tools/profile_pass.py --gpu-memory 24GiB --rows 144 --new-tokens 8 \\
         --trace $OUT/pass-trace.json --json $OUT/pass-profile.json
+    python tools/profile_pass.py --spec tree --tree-budget 16 --rows 144 --humaneval ...
     python tools/profile_pass.py --tiny          # CPU smoke run (CI)
 """
 from __future__ import annotations
@@ -162,9 +163,12 @@ def build(args):
         draft_cfg, target_cfg = pair_configs(dense_of(MIXTRAL_8X7B), MIXTRAL_8X7B, args.layers)
         device, budget = torch.device("cuda"), args.gpu_memory
     draft, target = upcycled_pair(draft_cfg, target_cfg, args.sigma, args.seed, device)
+    # Built as tools/bench.py builds it (spec=None: room for an interactive tree), then set.
     llm = specoff.LLM(target, draft=draft, device=device, gpu_memory=budget, offload=True,
-                      max_rows=args.rows, draft_len=args.draft_len, seed=args.seed,
-                      interleave={"on": True, "off": False}.get(args.interleave), spec="chain")
+                      max_rows=args.rows, seed=args.seed)
+    llm.spec, llm.tree_budget = args.spec, args.tree_budget
+    llm.draft_len = args.draft_len
+    llm.interleave = {"on": True, "off": False}.get(args.interleave)
     return llm, target_cfg.vocab_size
 
 
@@ -179,6 +183,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--humaneval", action="store_true",
                    help="HumanEval's prompts (tools/bench.py's mapping) instead of random ones")
     p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--spec", choices=["chain", "tree"], default="chain")
+    p.add_argument("--tree-budget", type=int, default=16, help="--spec tree: nodes a row")
     p.add_argument("--draft-len", type=int, default=4)
     p.add_argument("--interleave", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--offload-only", action="store_true",
@@ -250,9 +256,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if s.rounds:
         summary.update(draft_seconds=s.draft_seconds, draft_prefill_seconds=s.draft_prefill_seconds,
                        rounds=s.rounds, round_seconds=s.round_seconds)
-        print(f"draft {s.draft_seconds / s.rounds:.3f} s a round (prefilling new prompts "
-              f"{s.draft_prefill_seconds / s.rounds:.3f} s), target {s.target_seconds / s.decode_passes:.3f} s "
-              f"a pass, round {s.round_seconds / s.rounds:.3f} s")
+        prefill = (f" (prefilling new prompts {s.draft_prefill_seconds / s.rounds:.3f} s)"
+                   if s.draft_prefill_seconds else "")
+        round_s = f", round {s.round_seconds / s.rounds:.3f} s" if s.round_seconds else ""
+        print(f"{'tree growth' if s.tree_budget else 'draft'} {s.draft_seconds / s.rounds:.3f} s "
+              f"a round{prefill}, target {s.target_seconds / s.decode_passes:.3f} s a pass{round_s}")
     print(f"{summary['passes']} passes of {summary['groups']} x {summary['rows_per_group']} rows, "
           f"wall {wall:.2f} s, span on the device {summary['span_seconds']:.2f} s, "
           f"Triton compiles during it: {compiles}")
