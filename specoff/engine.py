@@ -24,11 +24,14 @@ from .sampling import SamplingParams, select
 from .spec.chain import MAX_DRAFT_LEN
 
 TREE_MAX_ROWS = 4  # interactive batches: up to this many rows, tree budgets up to tree_budget_max
-# Above TREE_MAX_ROWS, tree_budget="auto" grows trees of this many nodes a row: a pass carries
-# rows × (nodes + 1) tokens, and bigger trees cost rows of the plan. At 24 GiB on the H200
-# (Mixtral-8x7B / Mistral-7B shapes, α 0.7, session 10) budgets 8 / 16 / 32 / 64 ran 145 /
-# 130 / 106 / 77 rows at 3.22 / 3.91 / 4.61 / 5.26 tokens per row per pass: 162 / 188 / 167 /
-# 142 tokens/s, against 148-151 for chain γ=4 at 144 rows in the same runs.
+# Above TREE_MAX_ROWS, tree_budget="auto" keeps a pass's tree tokens (rows × nodes) under
+# TREE_PASS_TOKENS, and trees at THROUGHPUT_TREE_BUDGET nodes at least. On the H200 a
+# streamed pass carried 4 × 1025 tree tokens (batch 4, budget 1024) and 130 × 17 within the
+# copy's time; bigger trees also cost rows of the plan (their activations and logits). At
+# 24 GiB (Mixtral-8x7B / Mistral-7B shapes, α 0.7, session 10) budgets 8 / 16 / 32 / 64 ran
+# 145 / 130 / 106 / 77 rows at 3.22 / 3.91 / 4.61 / 5.26 tokens per row per pass: 162 / 188 /
+# 167 / 142 tokens/s, against 148-151 for chain γ=4 at 144 rows in the same runs.
+TREE_PASS_TOKENS = 4096
 THROUGHPUT_TREE_BUDGET = 16
 from .synthetic import SyntheticModel, random_source
 from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
@@ -443,15 +446,21 @@ class LLM:
 
     def tree_ladder(self, rows: int) -> List[int]:
         """The tree budgets a run over `rows` rows may use: the fixed budget, or with "auto"
-        the ladder up to tree_budget_max for interactive batches (the tuner picks per
-        round) and THROUGHPUT_TREE_BUDGET above TREE_MAX_ROWS rows (bigger trees cost rows)."""
+        a ladder the tuner picks from each round: up to tree_budget_max for interactive
+        batches; above TREE_MAX_ROWS rows, up to the largest power of two whose trees keep
+        the pass under TREE_PASS_TOKENS (THROUGHPUT_TREE_BUDGET nodes at least: 16 from
+        128 rows up, 32 from 64, ..., 512 at 5 to 7 rows)."""
         from .planner import tree_budget_ladder
 
         if self.tree_budget != "auto":
             return [self.tree_budget]
+        top = self.tree_budget_max
         if rows > TREE_MAX_ROWS:
-            return [min(THROUGHPUT_TREE_BUDGET, self.tree_budget_max)]
-        return tree_budget_ladder(self.tree_budget_max)
+            top = THROUGHPUT_TREE_BUDGET
+            while 2 * top * rows < TREE_PASS_TOKENS:
+                top *= 2
+            top = min(top, self.tree_budget_max)
+        return tree_budget_ladder(top)
 
     def tree_capacity_for(self, rows: int) -> int:
         """The largest tree (nodes per row) a round over `rows` rows may grow."""

@@ -749,8 +749,9 @@ def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, pairs):
 def test_spec_none_picks_tree_where_the_target_streams(pairs):
     """Above the interactive batches spec=None picks tree mode where the target streams from
     host memory to a GPU (its pass is copy-bound), chain where chain settings were asked
-    for; "auto" trees there are THROUGHPUT_TREE_BUDGET nodes, the plan sized for them."""
-    from specoff.engine import MAX_DRAFT_LEN, THROUGHPUT_TREE_BUDGET, TREE_MAX_ROWS
+    for; "auto" trees there shrink as rows grow (the plan sized for the largest)."""
+    from specoff.engine import (MAX_DRAFT_LEN, THROUGHPUT_TREE_BUDGET, TREE_MAX_ROWS,
+                                TREE_PASS_TOKENS)
     from specoff.planner import tree_budget_ladder
 
     draft, target = pairs(0.3)
@@ -763,12 +764,18 @@ def test_spec_none_picks_tree_where_the_target_streams(pairs):
     llm.draft_len, llm.interleave = None, True
     assert llm.spec_mode(64) == "chain"
     llm.device = torch.device("cpu")
-    assert llm.tree_ladder(64) == [THROUGHPUT_TREE_BUDGET]
+    # auto trees keep a pass's tree tokens under TREE_PASS_TOKENS, down to 16 nodes a row
     assert llm.tree_ladder(TREE_MAX_ROWS) == tree_budget_ladder(llm.tree_budget_max)
-    assert llm.plan(64, 10, 8).tokens_per_row == 1 + MAX_DRAFT_LEN  # chain: spec_mode(64)
+    llm.tree_budget_max = 1024
+    tops = {rows: llm.tree_ladder(rows)[-1] for rows in (5, 8, 16, 64, 100, 128, 130, 500)}
+    assert tops == {5: 512, 8: 256, 16: 128, 64: 32, 100: 32, 128: 16, 130: 16, 500: 16}
+    assert all(rows * top < TREE_PASS_TOKENS for rows, top in tops.items() if top > 16)
+    assert llm.tree_ladder(130) == [THROUGHPUT_TREE_BUDGET] and llm.tree_ladder(64) == [16, 32]
+    assert llm.plan(130, 10, 8).tokens_per_row == 1 + MAX_DRAFT_LEN  # chain: spec_mode(130)
     llm.spec = "tree"
-    assert llm.plan(64, 10, 8).tokens_per_row == THROUGHPUT_TREE_BUDGET
-    assert llm.plan(2, 10, 8).tokens_per_row == llm.tree_budget_max
+    assert llm.plan(130, 10, 8).tokens_per_row == THROUGHPUT_TREE_BUDGET
+    assert llm.plan(8, 10, 8).tokens_per_row == 256
+    assert llm.plan(2, 10, 8).tokens_per_row == 1024
     llm.tree_budget = 8
     assert llm.tree_ladder(64) == llm.tree_ladder(1) == [8]
 
