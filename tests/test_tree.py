@@ -746,6 +746,20 @@ def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, pairs):
     assert llm.last_stats.prefill_passes == 1 and llm.last_stats.rows_per_group == 3
 
 
+@pytest.mark.gpu
+def test_gpu_spec_none_runs_trees_for_many_prompts_over_a_streamed_target(pairs):
+    """spec=None with more prompts than an interactive batch, target streamed: tree mode
+    with "auto" trees sized for the rows, the cache in host memory; greedy exact."""
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=10)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(MANY, params)]
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                      kv_placement="host", max_rows=6)
+    assert [o.token_ids for o in llm.generate(MANY, params)] == expect
+    s = llm.last_stats
+    assert s.rows_per_group == 6 and s.tree_budget in llm.tree_ladder(len(MANY))
+
+
 def test_spec_none_picks_tree_where_the_target_streams(pairs):
     """Above the interactive batches spec=None picks tree mode where the target streams from
     host memory to a GPU (its pass is copy-bound), chain where chain settings were asked
