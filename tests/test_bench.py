@@ -211,6 +211,11 @@ def test_profile_pass_summarises_streams_and_copy_gaps():
     assert out["passes"] >= 1 and out["streams"] == {}
     out = profile_pass.main(["--tiny", "--spec", "tree", "--tree-budget", "4"])
     assert out["passes"] >= 1 and out["rounds"] == out["passes"] and out["draft_seconds"] > 0
+    from specoff.spec import tree
+    rows = profile_pass.main(["--tiny", "--spec", "tree", "--compare", "spec.tree.GROWTH_TOKENS=4,512"])
+    assert [r["value"] for r in rows["compare"]] == ["4", "512"] * 2 and tree.GROWTH_TOKENS == 512
+    with pytest.raises(SystemExit, match="no module"):
+        profile_pass.main(["--tiny", "--set", "nowhere.GROWTH_TOKENS=1"])
     rows = profile_pass.main(["--tiny", "--offload-only", "--compare", "CHAIN_ATTENTION=auto,torch"])
     assert [r["value"] for r in rows["compare"]] == ["auto", "torch", "auto", "torch"]
     assert all(r["passes"] >= 1 and r["pass_seconds"] > 0 for r in rows["compare"])

@@ -192,10 +192,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--sigma", type=float, default=0.0158)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a specoff.models.decoder option for the run (CHAIN_ATTENTION=torch, ...)")
+                   help="set an option for the run: NAME of specoff.models.decoder "
+                        "(CHAIN_ATTENTION=torch) or module.NAME (spec.tree.GROWTH_TOKENS=1024)")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=V1,V2,...",
-                   help="no profiler: time the run with each value of a specoff.models.decoder "
-                        "option in turn, twice over (ABAB), and print a row for each (repeatable: "
+                   help="no profiler: time the run with each value of an option (named as for "
+                        "--set) in turn, twice over (ABAB), and print a row for each (repeatable: "
                         "one option after the other, each set back afterwards)")
     p.add_argument("--repeat", type=int, default=0,
                    help="no profiler: time the run this many times (with the --set options)")
@@ -206,10 +207,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         args.rows, args.prompt_len, args.new_tokens = min(args.rows, 4), 12, 4
     elif not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --tiny)")
-    from specoff.models import decoder
     for item in args.set:
         name, value = item.split("=", 1)
-        setattr(decoder, name, _option(decoder, name, value))
+        module, attr = _module_of(name)
+        setattr(module, attr, _option(module, attr, value))
     llm, vocab = build(args)
     gen = torch.Generator().manual_seed(args.seed)
     n = args.prompts or args.rows + args.rows // 4
@@ -283,6 +284,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
     return summary
 
 
+def _module_of(name: str):
+    """(module, attribute) of an option: NAME is specoff.models.decoder's, a dotted name
+    one of another specoff module's (spec.tree.GROWTH_TOKENS)."""
+    import importlib
+
+    path, _, attr = name.rpartition(".")
+    try:
+        module = importlib.import_module(f"specoff.{path or 'models.decoder'}")
+    except ImportError:
+        raise SystemExit(f"no module specoff.{path} (options are NAME for specoff.models.decoder "
+                         f"or module.NAME, e.g. spec.tree.GROWTH_TOKENS)")
+    return module, attr
+
+
 def _option(module, name: str, value: Optional[str] = None):
     """The module's option `name` (an upper-case attribute), `value` as its type."""
     if not name.isupper() or not hasattr(module, name):
@@ -309,8 +324,6 @@ def pass_seconds(s) -> Optional[float]:
 def compare(llm, run, args) -> dict:
     """The same generation timed unprofiled: `--repeat` times as set, then under each value
     of each `--compare` option, ABAB (the option set back after its runs)."""
-    from specoff.models import decoder
-
     rows = []
 
     def timed(name=None, value=None):
@@ -335,12 +348,13 @@ def compare(llm, run, args) -> dict:
         timed()
     for item in args.compare:
         name, values = item.split("=", 1)
-        _option(decoder, name)
-        before = getattr(decoder, name)
+        module, attr = _module_of(name)
+        _option(module, attr)
+        before = getattr(module, attr)
         for value in values.split(",") * 2:
-            setattr(decoder, name, _option(decoder, name, value))
+            setattr(module, attr, _option(module, attr, value))
             timed(name, value)
-        setattr(decoder, name, before)
+        setattr(module, attr, before)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return {"compare": rows}
