@@ -216,6 +216,10 @@ def test_profile_pass_summarises_streams_and_copy_gaps():
     assert [r["value"] for r in rows["compare"]] == ["4", "512"] * 2 and tree.GROWTH_TOKENS == 512
     with pytest.raises(SystemExit, match="no module"):
         profile_pass.main(["--tiny", "--set", "nowhere.GROWTH_TOKENS=1"])
+    assert profile_pass._option(tree, "DRAFT_PREFILL_STREAM", "1") is True
+    assert profile_pass._option(tree, "DRAFT_PREFILL_STREAM", "off") is False
+    with pytest.raises(SystemExit, match="0/1"):
+        profile_pass._option(tree, "DRAFT_PREFILL_STREAM", "maybe")
     rows = profile_pass.main(["--tiny", "--offload-only", "--compare", "CHAIN_ATTENTION=auto,torch"])
     assert [r["value"] for r in rows["compare"]] == ["auto", "torch", "auto", "torch"]
     assert all(r["passes"] >= 1 and r["pass_seconds"] > 0 for r in rows["compare"])

@@ -733,10 +733,15 @@ def test_gpu_tree_over_an_offloaded_target(budget, kv, pairs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv", [None, "host"])
-def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, pairs):
+@pytest.mark.parametrize("kv, overlap", [(None, False), ("host", False), (None, True),
+                                         ("host", True)])
+def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, overlap, pairs, monkeypatch):
     """Refills on the GPU: new prompts prefilled (packed) in the verification pass, into a
-    device cache or one in pinned host memory; growth replayed as CUDA graphs."""
+    device cache or one in pinned host memory; growth replayed as CUDA graphs; the draft's
+    prefill of the new prompts after the pass or on its own stream under it."""
+    from specoff.spec import tree
+
+    monkeypatch.setattr(tree, "DRAFT_PREFILL_STREAM", overlap)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=12)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(MANY, params)]

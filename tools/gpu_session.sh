@@ -14,6 +14,8 @@
 #   kernels      tools/bench_kernels.py --only prefill
 #   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, 164 rows): where
 #                the round's time goes, per CUDA stream
+#   overlap      tree throughput runs timed with the draft's prefill of refills after the
+#                target's pass and under it on its own stream (spec.tree.DRAFT_PREFILL_STREAM)
 #   growth       tree throughput runs timed at each GROWTH (default 512,1024,2048) cap on the
 #                nodes a growth pass expands over all rows (spec.tree.GROWTH_TOKENS)
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540) and TREE may
@@ -62,12 +64,17 @@ for step in "$@"; do
                 --rows 164 --prompts 164 --humaneval --new-tokens 16 --json "$OUT/growth.json" \
                 --compare "spec.tree.GROWTH_TOKENS=${GROWTH:-512,1024,2048}" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/growth.log" | tail -8 ;;
+        overlap)  # tree throughput runs with the draft's refill prefill after / under the pass
+            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+                --rows 164 --prompts 328 --humaneval --new-tokens 16 --json "$OUT/overlap.json" \
+                --compare "spec.tree.DRAFT_PREFILL_STREAM=0,1" 2>&1 | grep -v USDT \
+                | tee -a "$OUT/overlap.log" | tail -8 ;;
         profile-tree)
             timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
                 --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, interactive, interactive4, throughput, tree-throughput, kernels, profile-tree, growth)" >&2
+            echo "unknown step $step (tests, interactive, interactive4, throughput, tree-throughput, kernels, profile-tree, growth, overlap)" >&2
             exit 2 ;;
     esac
 done

@@ -308,6 +308,10 @@ def _option(module, name: str, value: Optional[str] = None):
     if value.lower() == "none":
         return None
     kind = int if current is None else type(current)  # None: an unset bound
+    if kind is bool:
+        if value.lower() not in ("0", "1", "true", "false", "off", "on"):
+            raise SystemExit(f"{module.__name__}.{name} takes 0/1 (or true/false, on/off), not {value!r}")
+        return value.lower() in ("1", "true", "on")
     try:
         return kind(value)
     except ValueError:

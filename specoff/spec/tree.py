@@ -46,6 +46,10 @@ NEG_INF = float("-inf")
 
 GROWTH_TOKENS = 512  # the most nodes one growth pass expands over all rows (default shape)
 COMMIT_SCRATCH_BYTES = 64 << 20  # commit moves K/V through at most this much scratch at once
+# Refills: the draft prefills the new prompts on its own CUDA stream under the target's pass
+# (True) or after it on the pass's stream (False, as measured in session 10). Not yet
+# measured on a GPU: `tools/gpu_session.sh overlap` times both.
+DRAFT_PREFILL_STREAM = False
 
 
 def growth_shape(budget: int, rows: int = 1) -> Tuple[int, int]:
@@ -611,6 +615,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _record(device: torch.device):
+    """An event at this point of the device's current stream (None off a GPU)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _draft_prefill(draft, ids, lens, lens_host, rows, cache: KVCache, chunk: int, stream, after):
+    """The draft's K/V of new prompts into `rows` of its cache (lengths left to the caller),
+    on `stream` once the event `after` has passed; returns what _join waits for."""
+    if stream is None:
+        draft.run_parts(PrefillBatch(ids, cache, chunk, rows=rows, device=ids.device,
+                                     lengths_host=lens_host).parts)
+        return None
+    stream.wait_event(after)
+    with torch.cuda.stream(stream):
+        draft.run_parts(PrefillBatch(ids, cache, chunk, rows=rows, device=ids.device,
+                                     lengths_host=lens_host).parts)
+        done = _record(ids.device)
+    for t in (ids, lens, rows):  # made on the current stream, read on this one
+        t.record_stream(stream)
+    return done
+
+
+def _join(done, device: torch.device) -> None:
+    """The device's current stream waits for a _draft_prefill."""
+    if done is not None:
+        torch.cuda.current_stream(device).wait_event(done)
+
+
 @torch.inference_mode()
 def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_per_pass: int,
                   budget, kv_on_gpu: bool = True) -> TreeBudgetTuner:
@@ -657,6 +693,9 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     tree, prev = Tree.empty(last, capacity), None
     rows = torch.arange(B, device=device)
     refill: list = []  # rows whose new prompt the next pass prefills
+    # The draft's prefill of new prompts: on its own stream, under the target's pass?
+    draft_stream = (torch.cuda.Stream(device) if device.type == "cuda" and DRAFT_PREFILL_STREAM
+                    else None)
 
     def place_free_rows() -> None:
         """Give free rows the waiting prompts (prefilled in the next pass) and park them;
@@ -689,12 +728,23 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             new_ids, new_lens, new_host = pad_prompts([requests[serving[b]].prompt for b in refill],
                                                       device)
             at = torch.tensor(refill, device=device)
+            new_draft_ids = draft_ids(new_ids)  # before `grown`: the draft's stream reads it
             chunk = max(llm.prefill_chunk, llm.prefill_chunk * B // len(refill))
             prefill = PrefillBatch(new_ids, tcache, chunk, rows=at, device=device,
                                    lengths_host=new_host)
             parts += prefill.parts
+        grown = _record(device)
         target.run_parts(parts)
         stats.decode_passes += 1
+        if refill:
+            # Issued once the host has queued the whole pass (nothing in it waits on the
+            # host); with a draft stream, after the growth on that stream, so the draft's
+            # prefill of the new prompts runs while the pass waits on its weight copies. It
+            # writes positions [0, prompt) of rows parked past every prompt, apart from all
+            # the pass, the growth and the commit touch; their lengths are set after the
+            # commit.
+            drafted = _draft_prefill(draft, new_draft_ids, new_lens, new_host, at, dcache,
+                                     llm.prefill_chunk, draft_stream, grown)
         path, accepted, nxt = accept(tree, target.head(parts[0].h), params, generator, acceptance)
         commit(tcache, path, accepted)
         commit(dcache, path, accepted)
@@ -703,11 +753,11 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         emitted = emitted.scatter(1, accepted[:, None], nxt[:, None])
         last = nxt
         nodes = (tree.logp[:, :tree.size] > NEG_INF).sum(1) - 1  # proposed, past the root
-        if refill:  # the new prompts' first tokens, then their draft prefill
+        if refill:  # the new prompts' first tokens; their rows' lengths past their prompts
             first_tok = select(target.head(prefill.last_hidden(new_lens))[:, 0], params, generator)
+            _join(drafted, device)
             tcache.lengths[at] = new_lens
-            draft.prefill(draft_ids(new_ids), new_lens, dcache, llm.prefill_chunk, rows=at,
-                          lengths_host=new_host)
+            dcache.lengths[at] = new_lens
             last[at] = first_tok
             prev[at] = new_ids.gather(1, (new_lens - 1)[:, None])[:, 0]
         # One sync per round (the first tokens are ready once the others are).
