@@ -498,7 +498,8 @@ class LLM:
         return "tree" if streams else "chain"
 
     def _speculate_tree(self, rows, params, generator, stats, plan) -> List[RequestOutput]:
-        from .planner import TreeBudgetTuner, expected_tree_rates, predict_pass
+        from .planner import (TreeBudgetTuner, cost_at_budget, expected_tree_rates,
+                              predict_pass)
         from .spec.pipeline import Request
         from .spec.tree import generate_tree, tree_passes
 
@@ -536,7 +537,8 @@ class LLM:
             if stats.accepted_histogram and len(rows) > per_pass:
                 stats.predicted_passes = tree_passes(len(rows), per_pass, params.max_new_tokens,
                                                      stats.accepted_histogram, self.seed)
-                round_s = stats.predicted_pass_seconds + curve[n]["grow_seconds"]
+                grow = cost_at_budget(n, {b: c["grow_seconds"] for b, c in curve.items()}, None)
+                round_s = stats.predicted_pass_seconds + grow
                 seconds = (plan.predicted_prefill_seconds or 0.0) + stats.predicted_passes * round_s
                 stats.predicted_tokens_per_second = len(rows) * params.max_new_tokens / seconds
         return [self._finish(r.prompt, r.tokens, params) for r in requests]

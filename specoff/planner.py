@@ -487,7 +487,8 @@ def _tokens_per_pass(n: int, measured: Dict[int, float]) -> float:
     return ys[-1] if x >= xs[-1] else _linear(x, xs, ys)
 
 
-def _seconds(n: int, measured: Dict[int, float], predict: Optional[Callable[[int], float]]) -> float:
+def cost_at_budget(n: int, measured: Dict[int, float],
+                   predict: Optional[Callable[[int], float]]) -> float:
     """A cost at budget n: measured where tried; else the prediction scaled by measured /
     predicted at the nearest budget tried; else linear in n through the measured points."""
     if n in measured:
@@ -512,7 +513,8 @@ def expected_tree_rates(budgets: Sequence[int], tokens_per_pass: Dict[int, float
         raise ValueError("no budget measured yet")
     rates = {}
     for n in budgets:
-        seconds = _seconds(n, pass_seconds, predict_pass) + _seconds(n, grow_seconds, None)
+        seconds = (cost_at_budget(n, pass_seconds, predict_pass)
+                   + cost_at_budget(n, grow_seconds, None))
         rates[n] = _tokens_per_pass(n, tokens_per_pass) / max(seconds, 1e-9)
     return rates
 

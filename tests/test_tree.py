@@ -799,6 +799,25 @@ def test_spec_none_picks_tree_where_the_target_streams(pairs):
     assert llm.tree_ladder(64) == llm.tree_ladder(1) == [8]
 
 
+def test_tree_prediction_counts_the_workloads_passes(pairs):
+    """With a hardware profile, a refilled tree run predicts its tokens/s over the passes
+    tree_passes counts (first prefill, predicted pass plus measured growth each)."""
+    from specoff.planner import HardwareProfile
+    from specoff.spec.tree import tree_passes
+
+    draft, target = pairs(0.3)
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=8, max_rows=3)
+    llm.profile = HardwareProfile("slow", copy_gbps=1.0, gemm_tflops=1e-3, moe_tflops=1e-3,
+                                  hbm_gbps=10.0)
+    prompts = MANY * 2
+    llm.generate(prompts, specoff.SamplingParams(max_new_tokens=9, ignore_eos=True))
+    s = llm.last_stats
+    assert s.predicted_passes == tree_passes(len(prompts), 3, 9, s.accepted_histogram, llm.seed)
+    grow = s.tree_curve[0]["grow_seconds"]
+    seconds = s.plan["predicted_prefill_seconds"] + s.predicted_passes * (s.predicted_pass_seconds + grow)
+    assert s.predicted_tokens_per_second == pytest.approx(len(prompts) * 9 / seconds)
+
+
 def test_tree_passes_counts_what_generate_tree_runs(pairs):
     """The workload model: simple schedules exactly, and the passes of real refilled runs
     from their own accepted histograms."""
