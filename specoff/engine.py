@@ -326,15 +326,18 @@ class LLM:
         """The run plan for `rows` prompts of at most `longest` tokens."""
         spec = self.draft_config is not None
         # Chain: γ+1 tokens per row per pass, caches γ+2 longer; tree: the largest tree.
-        tokens = 1 + MAX_DRAFT_LEN * spec
+        tokens, logit_rows = 1 + MAX_DRAFT_LEN * spec, None
         if spec and self.spec_mode(rows) == "tree":
-            tokens = self.tree_capacity_for(rows)
+            from .spec.tree import LOGIT_ROWS
+
+            # Tree passes take the target's picks a few hundred nodes at a time.
+            tokens, logit_rows = self.tree_capacity_for(rows), LOGIT_ROWS
         return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
                         context=longest + max_new_tokens + (tokens + 1) * spec,
                         max_rows=self.max_rows, tokens_per_row=tokens,
                         prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
                         kv_placement=self.kv_placement, profile=self.profile,
-                        draft=self.draft_config)
+                        draft=self.draft_config, max_logit_rows=logit_rows)
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *,
                  progress=None, speculate: bool = True) -> List[RequestOutput]:

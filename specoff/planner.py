@@ -317,10 +317,12 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
              max_rows: int, tokens_per_row: int = 1, prefill_tokens: int = 0,
              prefill_chunk: int = 512, kv_placement: Optional[str] = None,
              profile: Optional[HardwareProfile] = None,
-             draft: Optional[ModelConfig] = None) -> Plan:
+             draft: Optional[ModelConfig] = None, max_logit_rows: Optional[int] = None) -> Plan:
     """Rows per pass, KV placement and predicted times for a workload, within the budget
     left by the weights. `kv_placement` "gpu" or "host" forces the cache's place; by
-    default it is on the GPU when it fits, else (for an offloaded target) in host memory."""
+    default it is on the GPU when it fits, else (for an offloaded target) in host memory.
+    `max_logit_rows`: the pass's logits are taken that many positions at a time (tree mode:
+    spec.tree.target_picks), at least a row's worth each (a refill's first tokens)."""
     if kv_placement not in (None, "gpu", "host"):
         raise ValueError(f"kv_placement must be 'gpu', 'host' or None, not {kv_placement!r}")
     sizes = ModelSizes.of(cfg, dtype)
@@ -332,7 +334,10 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     chunk = max(1, min(prefill_chunk, prefill_tokens or prefill_chunk))
 
     def need(r, kv_gpu, c):
-        act = activation_bytes(cfg, max(r * tokens_per_row, r * c), r * tokens_per_row, dtype)
+        logit_rows = r * tokens_per_row
+        if max_logit_rows is not None:
+            logit_rows = min(logit_rows, max(max_logit_rows, r))
+        act = activation_bytes(cfg, max(r * tokens_per_row, r * c), logit_rows, dtype)
         hidden = r * max(prefill_tokens, 1) * cfg.dim * torch.empty(0, dtype=dtype).element_size()
         kv = r * context * sizes.kv_per_token if kv_gpu else 0
         # Prompts fill a cache away from the GPU (or rows of a larger one) through a

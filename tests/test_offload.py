@@ -241,6 +241,33 @@ def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, make_checkpoi
         del llm
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gpu_tree_throughput_keeps_the_budget(overlap, make_checkpoint, tmp_path, monkeypatch):
+    """Tree mode over many prompts (rows refilled, the target's cache in host memory, the
+    target's picks taken in chunks, the draft's refill prefill after or under the pass):
+    the target's tokens, within budget."""
+    from specoff.spec import tree
+    from specoff.synthetic import make_upcycled_pair
+
+    monkeypatch.setattr(tree, "DRAFT_PREFILL_STREAM", overlap)
+    monkeypatch.setattr(tree, "LOGIT_ROWS", 16)
+    draft, target = make_upcycled_pair(tmp_path, 0.3, layers=4)
+    params = specoff.SamplingParams(max_new_tokens=20, ignore_eos=True)
+    prompts = PROMPTS * 6
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32")
+              .generate(prompts, params)]
+    budget = 1 << 30
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                      gpu_memory=budget, kv_placement="host", max_rows=8, spec="tree",
+                      tree_budget=8)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expect
+    assert not llm.last_stats.plan["kv_on_gpu"] and llm.last_stats.rows_per_group == 8
+    assert torch.cuda.max_memory_allocated() - base <= budget
+
+
 def test_a_config_alone_gives_seeded_random_weights():
     cfg = specoff.ModelConfig.from_dict(dict(
         model_type="mixtral", vocab_size=300, hidden_size=64, num_hidden_layers=3,

@@ -799,6 +799,25 @@ def test_spec_none_picks_tree_where_the_target_streams(pairs):
     assert llm.tree_ladder(64) == llm.tree_ladder(1) == [8]
 
 
+def test_target_picks_in_chunks():
+    """The target's picks over a tree pass, computed a few rows × nodes at a time: greedy
+    the same as over all logits at once; sampled with top-k 1 too (every chunk written)."""
+    from specoff.spec.tree import target_picks
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 16, generator=gen)
+    head = torch.nn.Linear(16, 50)
+    whole = head(h).argmax(-1)
+    greedy = specoff.SamplingParams()
+    for chunk in (1, 5, 21, 64):
+        assert torch.equal(target_picks(head, h, greedy, None, chunk=chunk), whole)
+    top1 = specoff.SamplingParams(temperature=0.7, top_k=1)
+    assert torch.equal(target_picks(head, h, top1, torch.Generator().manual_seed(1), chunk=4), whole)
+    sampled = target_picks(head, h, specoff.SamplingParams(temperature=1.0),
+                           torch.Generator().manual_seed(2), chunk=4)
+    assert sampled.shape == (3, 7) and int(sampled.min()) >= 0 and int(sampled.max()) < 50
+
+
 def test_tree_prediction_counts_the_workloads_passes(pairs):
     """With a hardware profile, a refilled tree run predicts its tokens/s over the passes
     tree_passes counts (first prefill, predicted pass plus measured growth each)."""

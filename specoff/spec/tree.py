@@ -38,7 +38,7 @@ import torch
 from ..kvcache import KVCache
 from ..models.decoder import PassPart, PrefillBatch, TreeMask
 from ..planner import TreeBudgetTuner, tree_curve
-from ..sampling import SamplingParams, logits_to_probs, sample_from, select
+from ..sampling import SamplingParams, select
 from .pipeline import pad_prompts
 
 NEG_INF = float("-inf")
@@ -46,6 +46,7 @@ NEG_INF = float("-inf")
 
 GROWTH_TOKENS = 512  # the most nodes one growth pass expands over all rows (default shape)
 COMMIT_SCRATCH_BYTES = 64 << 20  # commit moves K/V through at most this much scratch at once
+LOGIT_ROWS = 512  # the target's picks over a tree pass: logits of this many nodes at a time
 # Refills: the draft prefills the new prompts on its own CUDA stream under the target's pass
 # (True) or after it on the pass's stream (False, as measured in session 10). Not yet
 # measured on a GPU: `tools/gpu_session.sh overlap` times both.
@@ -502,22 +503,36 @@ def grow(draft, cache: KVCache, root: torch.Tensor, budget: int, *, width: Optio
     return tree
 
 
-def accept(tree: Tree, target_logits: torch.Tensor, params: SamplingParams,
-           generator: Optional[torch.Generator],
-           acceptance: Optional[AcceptanceModel] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Walk the tree with the target's picks. target_logits (B, N, V) at every node;
-    `acceptance` counts the tree's proposals against the picks (AcceptanceModel.observe).
+def target_picks(head, h: torch.Tensor, params: SamplingParams,
+                 generator: Optional[torch.Generator], chunk: Optional[int] = None) -> torch.Tensor:
+    """What the target picks after each node, (B, N): its head over the final hidden states
+    h (B, N, D), greedy or sampled, LOGIT_ROWS rows × nodes at a time, so a throughput
+    pass's logits (130 rows × 17 nodes × 32k vocabulary: 1.1 GiB in fp32 with top-p's sort)
+    never sit in memory at once (planner.plan_run's max_logit_rows)."""
+    B, N, D = h.shape
+    flat, chunk = h.reshape(B * N, D), chunk or LOGIT_ROWS
+    if B * N <= chunk:
+        return select(head(h), params, generator)
+    picks = torch.empty(B * N, dtype=torch.long, device=h.device)
+    for lo in range(0, B * N, chunk):
+        picks[lo:lo + chunk] = select(head(flat[lo:lo + chunk][None])[0], params, generator)
+    return picks.view(B, N)
+
+
+def accept(tree: Tree, target_logits: Optional[torch.Tensor], params: SamplingParams,
+           generator: Optional[torch.Generator], acceptance: Optional[AcceptanceModel] = None,
+           picks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Walk the tree with the target's picks: `picks` (B, N), or drawn here from
+    target_logits (B, N, V) at every node; `acceptance` counts the tree's proposals against
+    the picks (AcceptanceModel.observe).
 
     Returns (path (B, D+1) node indices, root first, padded with the last node; accepted
     (B,) nodes past the root; next token (B,))."""
     B, N = tree.tokens.shape[0], tree.size
     device = tree.tokens.device
     max_depth = int(tree.depth[:, :N].max()) + 1
-    if params.greedy:
-        picks = target_logits.argmax(dim=-1)  # (B, N): what the target says after each node
-    else:
-        probs = logits_to_probs(target_logits, params.temperature, params.top_k, params.top_p)
-        picks = sample_from(probs, generator)
+    if picks is None:  # (B, N): what the target says after each node
+        picks = select(target_logits, params, generator)
     if acceptance is not None:
         acceptance.observe(tree, picks)
     rows = torch.arange(B, device=device)
@@ -745,7 +760,8 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             # commit.
             drafted = _draft_prefill(draft, new_draft_ids, new_lens, new_host, at, dcache,
                                      llm.prefill_chunk, draft_stream, grown)
-        path, accepted, nxt = accept(tree, target.head(parts[0].h), params, generator, acceptance)
+        picks = target_picks(target.head, parts[0].h, params, generator)
+        path, accepted, nxt = accept(tree, None, params, generator, acceptance, picks=picks)
         commit(tcache, path, accepted)
         commit(dcache, path, accepted)
         prev = tree.tokens[rows, path[:, -1]]
