@@ -125,6 +125,10 @@ def test_interactive_and_sweeps(run):
     assert gammas["2"]["draft_len_final"] == 2 and gammas["auto"]["draft_len_final"] >= 1
     assert {r["budget_gib"] for r in records["sweep-budget"]} == {8.0, 24.0}
     assert not any(r["budget_applied"] for r in records["sweep-budget"])  # a CPU has no budget
+    # the tree engine (what spec=None runs where the target streams) in both sweeps
+    for scenario in ("sweep-budget", "sweep-rows"):
+        trees = [r for r in records[scenario] if r["engine"] == "specoff-tree"]
+        assert trees and all(r["status"] == "ok" and r["tree_budget"] == "auto" for r in trees)
 
 
 def test_time_limit_skips_what_does_not_fit(tmp_path):

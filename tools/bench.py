@@ -723,15 +723,17 @@ def sweep_budget_jobs(bench: Bench) -> List[Job]:
     for gib in split(a.budgets):
         budget = f"{gib}GiB"
         # The pair first: where it does not fit, the offload run builds the target alone.
-        # specoff-chain is what a user gets (the planner picks the groups); --engines picks.
-        for engine in ("specoff-chain", "specoff-chain-interleaved", "specoff-offload"):
-            chain = engine.startswith("specoff-chain")
-            use = prompts if chain else prompts[:a.rows]
-            per_pass = 2 * a.rows if chain else a.rows
+        # specoff-tree ("auto" trees) is what a user gets where the target streams,
+        # specoff-chain (the planner's groups) the chain engine; --engines picks.
+        for engine in ("specoff-tree", "specoff-chain", "specoff-chain-interleaved",
+                       "specoff-offload"):
+            queue = engine.startswith("specoff-chain") or engine == "specoff-tree"
+            use = prompts if queue else prompts[:a.rows]
+            per_pass = 2 * a.rows if engine.startswith("specoff-chain") else a.rows
             jobs.append(job(bench, "sweep-budget", budget, engine, prompts=use, new_tokens=new,
                             max_rows=per_pass, draft_len=a.draft_len, gpu_memory=budget,
                             budget_gib=float(gib), fit=False, offload="auto",
-                            budget_applied=bench.cuda))
+                            budget_applied=bench.cuda, tree_budget="auto"))
     return jobs
 
 
@@ -741,12 +743,13 @@ def sweep_rows_jobs(bench: Bench) -> List[Job]:
     jobs = []
     for rows in map(int, split(a.rows_sweep)):
         prompts = humaneval_prompts(2 * rows, bench.target_cfg.vocab_size)
-        for engine in ("specoff-offload", "specoff-chain-interleaved"):
+        for engine in ("specoff-offload", "specoff-chain-interleaved", "specoff-tree"):
             interleaved = engine == "specoff-chain-interleaved"
+            queue = interleaved or engine == "specoff-tree"
             jobs.append(job(bench, "sweep-rows", f"{rows} rows", engine,
-                            prompts=prompts if interleaved else prompts[:rows], new_tokens=new,
+                            prompts=prompts if queue else prompts[:rows], new_tokens=new,
                             max_rows=2 * rows if interleaved else rows, draft_len=a.draft_len,
-                            rows_per_group=rows))
+                            rows_per_group=rows, tree_budget="auto"))
     return jobs
 
 
