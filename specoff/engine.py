@@ -22,6 +22,8 @@ from .planner import (Plan, load_profile, parse_bytes, plan_run, plan_weights, p
                       weight_reserve)
 from .sampling import SamplingParams, select
 from .spec.chain import MAX_DRAFT_LEN
+from .synthetic import SyntheticModel, random_source
+from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
 
 TREE_MAX_ROWS = 4  # interactive batches: up to this many rows, tree budgets up to tree_budget_max
 # Above TREE_MAX_ROWS, tree_budget="auto" keeps a pass's tree tokens (rows × nodes) under
@@ -30,11 +32,10 @@ TREE_MAX_ROWS = 4  # interactive batches: up to this many rows, tree budgets up 
 # copy's time; bigger trees also cost rows of the plan (their activations and logits). At
 # 24 GiB (Mixtral-8x7B / Mistral-7B shapes, α 0.7, session 10) budgets 8 / 16 / 32 / 64 ran
 # 145 / 130 / 106 / 77 rows at 3.22 / 3.91 / 4.61 / 5.26 tokens per row per pass: 162 / 188 /
-# 167 / 142 tokens/s, against 148-151 for chain γ=4 at 144 rows in the same runs.
+# 167 / 142 tokens/s, against 148-151 for chain γ=4 at 144 rows in the same runs (the plan
+# then counted every node's logits; since, spec.tree.target_picks bounds them: 143 rows at 16).
 TREE_PASS_TOKENS = 4096
 THROUGHPUT_TREE_BUDGET = 16
-from .synthetic import SyntheticModel, random_source
-from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
 
 
 def check_same_tokenizer(target_tok, draft_tok) -> None:
