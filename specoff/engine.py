@@ -443,11 +443,6 @@ class LLM:
         stats.decode_seconds += t2 - t1
         return result
 
-    @property
-    def tree_capacity(self) -> int:
-        """The largest tree (nodes per row) a round may grow at an interactive batch."""
-        return self.tree_capacity_for(1)
-
     def tree_ladder(self, rows: int) -> List[int]:
         """The tree budgets a run over `rows` rows may use: the fixed budget, or with "auto"
         a ladder the tuner picks from each round: up to tree_budget_max for interactive
@@ -533,16 +528,15 @@ class LLM:
             # (tree_passes: refills and the tail included), after the first prompts' prefill.
             n = stats.tree_budget
             curve = {c["budget"]: c for c in tuner.curve()}
+            grows = {b: c["grow_seconds"] for b, c in curve.items()}
             rate = expected_tree_rates(
-                [n], {b: c["tokens_per_pass"] for b, c in curve.items()}, {},
-                {b: c["grow_seconds"] for b, c in curve.items()}, predict)[n]
+                [n], {b: c["tokens_per_pass"] for b, c in curve.items()}, {}, grows, predict)[n]
             stats.predicted_pass_seconds = predict(n)
             stats.predicted_tokens_per_second = per_pass * rate
             if stats.accepted_histogram and len(rows) > per_pass:
                 stats.predicted_passes = tree_passes(len(rows), per_pass, params.max_new_tokens,
                                                      stats.accepted_histogram, self.seed)
-                grow = cost_at_budget(n, {b: c["grow_seconds"] for b, c in curve.items()}, None)
-                round_s = stats.predicted_pass_seconds + grow
+                round_s = stats.predicted_pass_seconds + cost_at_budget(n, grows, None)
                 seconds = (plan.predicted_prefill_seconds or 0.0) + stats.predicted_passes * round_s
                 stats.predicted_tokens_per_second = len(rows) * params.max_new_tokens / seconds
         return [self._finish(r.prompt, r.tokens, params) for r in requests]

@@ -28,6 +28,7 @@ log-probability, the ancestor mask and two flags (expanded, draft K/V present).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from dataclasses import dataclass
@@ -641,18 +642,16 @@ def _record(device: torch.device):
 
 def _draft_prefill(draft, ids, lens, lens_host, rows, cache: KVCache, chunk: int, stream, after):
     """The draft's K/V of new prompts into `rows` of its cache (lengths left to the caller),
-    on `stream` once the event `after` has passed; returns what _join waits for."""
-    if stream is None:
+    on `stream` (if any) once the event `after` has passed; returns what _join waits for."""
+    if stream is not None:
+        stream.wait_event(after)
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         draft.run_parts(PrefillBatch(ids, cache, chunk, rows=rows, device=ids.device,
                                      lengths_host=lens_host).parts)
-        return None
-    stream.wait_event(after)
-    with torch.cuda.stream(stream):
-        draft.run_parts(PrefillBatch(ids, cache, chunk, rows=rows, device=ids.device,
-                                     lengths_host=lens_host).parts)
-        done = _record(ids.device)
-    for t in (ids, lens, rows):  # made on the current stream, read on this one
-        t.record_stream(stream)
+        done = _record(ids.device) if stream is not None else None
+    if stream is not None:
+        for t in (ids, lens, rows):  # made on the current stream, read on this one
+            t.record_stream(stream)
     return done
 
 
@@ -778,7 +777,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             prev[at] = new_ids.gather(1, (new_lens - 1)[:, None])[:, 0]
         # One sync per round (the first tokens are ready once the others are).
         emitted, accepted_list, nodes = emitted.tolist(), accepted.tolist(), nodes.tolist()
-        first = first_tok.tolist() if refill else []
+        first = first_tok.tolist() if refill else []  # ready: the sync above waited for it
         t2 = time.perf_counter()
         if verified:
             rounds.append((n, sum(accepted_list[b] + 1 for b in verified) / len(verified),
