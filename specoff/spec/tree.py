@@ -49,9 +49,10 @@ GROWTH_TOKENS = 512  # the most nodes one growth pass expands over all rows (def
 COMMIT_SCRATCH_BYTES = 64 << 20  # commit moves K/V through at most this much scratch at once
 LOGIT_ROWS = 512  # the target's picks over a tree pass: logits of this many nodes at a time
 # Refills: the draft prefills the new prompts on its own CUDA stream under the target's pass
-# (True) or after it on the pass's stream (False, as measured in session 10). Not yet
-# measured on a GPU: `tools/gpu_session.sh overlap` times both.
-DRAFT_PREFILL_STREAM = False
+# (True) or after it on the pass's stream (False). H200, 130 rows, 16-node trees, 328
+# HumanEval prompts (`tools/gpu_session.sh overlap`, session 11): pass 1.943 s on its own
+# stream against 1.970 s after the pass (one A/B pair after a warm-up run).
+DRAFT_PREFILL_STREAM = True
 
 
 def growth_shape(budget: int, rows: int = 1) -> Tuple[int, int]:
