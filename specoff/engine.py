@@ -323,22 +323,28 @@ class LLM:
 
     # -- generation ----------------------------------------------------------------------
 
-    def plan(self, rows: int, longest: int, max_new_tokens: int) -> Plan:
-        """The run plan for `rows` prompts of at most `longest` tokens."""
+    def plan(self, rows: int, longest: int, max_new_tokens: int,
+             prompts: Optional[Sequence[int]] = None) -> Plan:
+        """The run plan for `rows` prompts of at most `longest` tokens (`prompts`: their
+        lengths in queue order, if known: tree mode sizes the draft's cache by them)."""
         spec = self.draft_config is not None
         # Chain: γ+1 tokens per row per pass, caches γ+2 longer; tree: the largest tree.
-        tokens, logit_rows = 1 + MAX_DRAFT_LEN * spec, None
+        tokens, logit_rows, draft_tokens = 1 + MAX_DRAFT_LEN * spec, None, None
         if spec and self.spec_mode(rows) == "tree":
-            from .spec.tree import LOGIT_ROWS
+            from .spec.tree import LOGIT_ROWS, draft_cache_slots
 
             # Tree passes take the target's picks a few hundred nodes at a time.
             tokens, logit_rows = self.tree_capacity_for(rows), LOGIT_ROWS
+            if prompts:  # the draft's cache as generate_tree allocates it
+                draft_tokens = lambda r: draft_cache_slots(  # noqa: E731
+                    min(r, rows), prompts, max_new_tokens, tokens)[0]
         return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
                         context=longest + max_new_tokens + (tokens + 1) * spec,
                         max_rows=self.max_rows, tokens_per_row=tokens,
                         prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
                         kv_placement=self.kv_placement, profile=self.profile,
-                        draft=self.draft_config, max_logit_rows=logit_rows)
+                        draft=self.draft_config, max_logit_rows=logit_rows,
+                        draft_tokens=draft_tokens)
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *,
                  progress=None, speculate: bool = True) -> List[RequestOutput]:
@@ -351,7 +357,8 @@ class LLM:
                 self.config.check_context(len(ids) + params.max_new_tokens)
             except ValueError as e:
                 raise type(e)(f"prompt {i} ({len(ids)} tokens): {e}") from None
-        plan = self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens)
+        plan = self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens,
+                         [len(r) for r in rows])
         seed = self.seed if params.seed is None else params.seed
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stats = GenerationStats(rows=len(rows), plan=plan.to_dict(),

@@ -48,6 +48,7 @@ class KVCache(torch.nn.Module):
                              persistent=False)
         self.max_len = max_len
         self._mapped = None  # (k, v) device views of a pinned host cache (see mapped)
+        self.row_start = None  # per-row first slots in a pool shared by the rows (SegmentKVCache)
 
     @property
     def rows(self) -> int:
@@ -65,6 +66,10 @@ class KVCache(torch.nn.Module):
         idx = positions.clamp(max=self.max_len - 1)[:, None, :, None].expand(B, KV, T, hd)
         self.k[layer].scatter_(2, idx, k_new.to(self.k.dtype))
         self.v[layer].scatter_(2, idx, v_new.to(self.v.dtype))
+
+    def dense(self, layer: int, kv_len: int) -> tuple:
+        """(keys, values) of layer `layer` as (B, KV, >= kv_len, hd) tensors, for plain torch."""
+        return self.k[layer], self.v[layer]
 
     def mapped(self) -> tuple:
         """(k, v) as device tensors over this cache's pinned host memory, for a cache that
@@ -91,3 +96,125 @@ class KVCache(torch.nn.Module):
             self.lengths.zero_()
         else:
             self.lengths[rows] = 0
+
+
+class SegmentKVCache(KVCache):
+    """Rows of different lengths in one pool per layer: row b's tokens sit at pool slots
+    row_start[b] .. row_start[b] + row_size[b] - 1, so the cache holds what its rows need
+    rather than rows × the longest row. `k`, `v` are (L, B, KV, P, hd) views of the pools
+    (L, KV, P, hd) with stride 0 over B: the attention kernels add row_start[b] to their key
+    offsets (verify_attention(row_start=)); torch paths gather a row's keys (dense) and
+    writes go to the pool (write, put_rows, put_tokens). A write past a row's segment lands
+    on its last slot, which the caller keeps unused (spec.tree sizes segments one slot over).
+
+    Segments are handed out by the caller (spec.tree.generate_tree, SegmentAllocator):
+    `assign(rows, starts, sizes)` before the rows are used. On the GPU the draft's cache in
+    tree mode: HumanEval prompts average 113 tokens against a longest of 340, so the draft's
+    cache of a 24 GiB throughput run holds about twice the rows at the same size."""
+
+    def __init__(self, n_layers: int, rows: int, pool: int, max_len: int, n_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device):
+        torch.nn.Module.__init__(self)
+        shape = (n_layers, n_kv_heads, pool, head_dim)
+        self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = self.k_pool[:, None].expand(n_layers, rows, n_kv_heads, pool, head_dim)
+        self.v = self.v_pool[:, None].expand(n_layers, rows, n_kv_heads, pool, head_dim)
+        self.register_buffer("lengths", torch.zeros(rows, dtype=torch.long, device=device),
+                             persistent=False)
+        # Updated in place only: captured CUDA graphs read them where they are.
+        self.register_buffer("row_start", torch.zeros(rows, dtype=torch.long, device=device),
+                             persistent=False)
+        self.register_buffer("row_end", torch.full((rows,), pool - 1, dtype=torch.long,
+                                                   device=device), persistent=False)
+        self.max_len = max_len  # the longest segment: the bound on a row's positions
+        self.pool = pool
+        self._mapped = None
+
+    def assign(self, rows, starts, sizes) -> None:
+        """Rows `rows` (ints) take the segments starts[i] .. starts[i] + sizes[i] - 1."""
+        if not len(rows):
+            return
+        if max(sizes) > self.max_len or min(starts) < 0 or max(
+                a + n for a, n in zip(starts, sizes)) > self.pool:
+            raise ValueError("a segment past the pool or longer than max_len")
+        at = torch.tensor(list(rows), device=self.row_start.device)
+        first = torch.tensor(list(starts), device=at.device)
+        self.row_start[at] = first
+        self.row_end[at] = first + torch.tensor(list(sizes), device=at.device) - 1
+
+    def _slots(self, rows, positions: torch.Tensor) -> torch.Tensor:
+        """Pool slots of `positions` (n, T) of `rows` (n,) (all rows when None)."""
+        start = self.row_start if rows is None else self.row_start[rows]
+        end = self.row_end if rows is None else self.row_end[rows]
+        return torch.minimum(start[:, None] + positions, end[:, None])
+
+    def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """K/V (KV, n, hd) at pool slots (n,)."""
+        KV, n, hd = k.shape
+        idx = slots.reshape(1, n, 1).expand(KV, n, hd)
+        self.k_pool[layer].scatter_(1, idx, k.to(self.k_pool.dtype))
+        self.v_pool[layer].scatter_(1, idx, v.to(self.v_pool.dtype))
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
+              positions: torch.Tensor) -> None:
+        B, KV, T, hd = k_new.shape
+        flat = lambda t: t.transpose(0, 1).reshape(KV, B * T, hd)  # noqa: E731
+        self._scatter(layer, self._slots(None, positions).reshape(-1), flat(k_new), flat(v_new))
+
+    def put_rows(self, layer: int, rows, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prompts' K/V (n, KV, T, hd) at positions 0..T-1 of `rows` (n,) (all when None)."""
+        n, KV, T, hd = k.shape
+        rows = None if rows is None else rows.to(self.row_start.device)
+        pos = torch.arange(T, device=self.row_start.device).expand(n, T)
+        flat = lambda t: t.transpose(0, 1).reshape(KV, n * T, hd)  # noqa: E731
+        self._scatter(layer, self._slots(rows, pos).reshape(-1), flat(k), flat(v))
+
+    def put_tokens(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens' K/V (KV, N, hd), token i at row rows[i], position positions[i]."""
+        self._scatter(layer, self._slots(rows, positions[:, None])[:, 0], k, v)
+
+    def dense(self, layer: int, kv_len: int) -> tuple:
+        B = self.lengths.shape[0]
+        pos = torch.arange(kv_len, device=self.row_start.device).expand(B, kv_len)
+        slots = self._slots(None, pos)  # (B, kv_len)
+        return tuple(pool[layer][:, slots].transpose(0, 1)  # (B, KV, kv_len, hd)
+                     for pool in (self.k_pool, self.v_pool))
+
+    def mapped(self) -> tuple:
+        raise ValueError("a SegmentKVCache lives on its compute device")
+
+
+class SegmentAllocator:
+    """First-fit segments of a pool's slots [lo, hi), on the host."""
+
+    def __init__(self, lo: int, hi: int):
+        self.free = [(lo, hi)]  # sorted, disjoint, never adjacent
+
+    def alloc(self, n: int):
+        """The first slot of a free run of n slots, or None."""
+        for i, (a, b) in enumerate(self.free):
+            if b - a >= n:
+                if b - a == n:
+                    del self.free[i]
+                else:
+                    self.free[i] = (a + n, b)
+                return a
+        return None
+
+    def release(self, start: int, n: int) -> None:
+        runs = sorted(self.free + [(start, start + n)])
+        merged = [runs[0]]
+        for a, b in runs[1:]:
+            if a < merged[-1][1]:
+                raise ValueError(f"slots {a}..{b} released twice")
+            if a == merged[-1][1]:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        self.free = merged
+
+    @property
+    def largest(self) -> int:
+        return max((b - a for a, b in self.free), default=0)

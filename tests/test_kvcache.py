@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from specoff.kvcache import KVCache, device_alias
+from specoff.kvcache import KVCache, SegmentAllocator, SegmentKVCache, device_alias
 
 
 def entries(n_rows, T, value_of):
@@ -69,3 +69,53 @@ def test_mapped_cache_is_written_and_read_by_device_kernels(dtype):
     assert cache.k[0].abs().sum() == 0 and cache.k[1, 0, :, 2:].abs().sum() == 0
     cache.v[0, 2, 1, 3] = 5.0  # a host write, read by a device kernel
     assert torch.equal(v[0, 2, 1, 3].cpu(), torch.full((4,), 5.0, dtype=dtype))
+
+
+def test_segment_cache_rows_hold_what_a_dense_cache_holds():
+    """Rows in segments of one pool: writes at per-row positions, prompts put by row and by
+    token, and the dense view of a layer give what a KVCache of the same rows gives; a write
+    past a row's segment stays in its last slot."""
+    B, KV, hd = 3, 2, 4
+    dense = KVCache(2, B, 12, KV, hd, torch.float32, "cpu")
+    seg = SegmentKVCache(2, B, 40, 12, KV, hd, torch.float32, "cpu")
+    sizes, starts = [12, 7, 9], [20, 3, 11]
+    seg.assign(range(B), starts, sizes)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(B, KV, 5, hd, generator=g), torch.randn(B, KV, 5, hd, generator=g)
+    for c in (dense, seg):
+        c.put_rows(1, None, k, v) if c is seg else (c.k[1, :, :, :5].copy_(k), c.v[1, :, :, :5].copy_(v))
+        c.advance(torch.tensor([5, 2, 4]))
+    new = torch.randn(B, KV, 2, hd, generator=g)
+    for c in (dense, seg):
+        c.write(1, new, -new, c.positions(2))
+    rows, pos = torch.tensor([2, 0]), torch.tensor([6, 7])
+    tok = torch.randn(KV, 2, hd, generator=g)
+    seg.put_tokens(1, rows, pos, tok, -tok)
+    dense.k[1][rows, :, pos], dense.v[1][rows, :, pos] = tok.transpose(0, 1), -tok.transpose(0, 1)
+    keys, values = seg.dense(1, 8)
+    assert keys.shape == (B, KV, 8, hd)
+    for b in range(B):
+        n = min(8, sizes[b])
+        assert torch.equal(keys[b, :, :n], dense.k[1, b, :, :n])
+        assert torch.equal(values[b, :, :n], dense.v[1, b, :, :n])
+    assert seg.k_pool[0].abs().sum() == 0  # other layers untouched
+    assert seg.k_pool[1, :, :3].abs().sum() == 0 and seg.k_pool[1, :, 32:].abs().sum() == 0
+    seg.write(1, new[1:2].expand(B, -1, -1, -1), new[1:2].expand(B, -1, -1, -1),
+              torch.tensor([[0, 1]] * B) + 30)  # past every row's segment
+    assert torch.equal(seg.k_pool[1, :, starts[1] + sizes[1] - 1], new[1, :, 1])
+    assert torch.equal(seg.k_pool[1, :, 10], torch.zeros(KV, hd))  # between segments: untouched
+    with pytest.raises(ValueError, match="past the pool"):
+        seg.assign([0], [35], [8])
+    with pytest.raises(ValueError, match="device"):
+        seg.mapped()
+
+
+def test_segment_allocator_first_fit_and_merges():
+    a = SegmentAllocator(10, 50)
+    assert [a.alloc(n) for n in (15, 10, 20)] == [10, 25, None]
+    a.release(10, 15)
+    assert a.alloc(20) is None and a.largest == 15  # two free runs: 10..25 and 35..50
+    a.release(25, 10)  # merges both
+    assert a.free == [(10, 50)] and a.alloc(40) == 10 and a.alloc(1) is None
+    with pytest.raises(ValueError, match="twice"):
+        a.release(10, 40) or a.release(12, 3)

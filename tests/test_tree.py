@@ -684,6 +684,62 @@ def test_greedy_tree_refills_rows(sigma, budget, rows, pairs):
         assert s.tokens_per_pass > 3
 
 
+@pytest.mark.parametrize("budget, rows, slack", [(8, 3, 1.15), ("auto", 4, 1.15), (16, 3, 0.3)])
+def test_greedy_tree_with_the_draft_cache_in_row_segments(budget, rows, slack, pairs, monkeypatch):
+    """The draft's cache as a pool of row segments (SegmentKVCache): greedy output equals
+    the target's own; a pool too small for the rows' mean need (slack 0.3) makes refills wait
+    for a segment and still serves every prompt."""
+    from specoff.spec import tree
+
+    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "on")
+    monkeypatch.setattr(tree, "SEGMENT_SLACK", slack)
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=9)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(MANY, params)]
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=budget,
+                      max_rows=rows)
+    assert [o.token_ids for o in llm.generate(MANY * 2, params)] == expect * 2
+    assert llm.last_stats.rows_per_group == rows
+    sampled = llm.generate(MANY, specoff.SamplingParams(max_new_tokens=5, temperature=0.8,
+                                                        seed=1, ignore_eos=True))
+    assert all(len(o.token_ids) == 5 for o in sampled)
+
+
+def test_draft_cache_slots_take_segments_where_they_are_smaller(monkeypatch):
+    """"auto": a segment pool where many rows' prompts differ in length (HumanEval-like:
+    mean ~113 of at most 340), the dense cache for one row; the 24 GiB Mixtral 8x7B tree
+    plan holds more rows with the pool."""
+    from specoff import planner
+    from specoff.spec import tree
+    from specoff.synthetic import MIXTRAL_8X7B
+
+    lengths = [29 + (i * i * 7) % 97 + (i % 5 == 0) * (i * 13) % 214 for i in range(492)]
+    assert max(lengths) <= 340 and 90 < sum(lengths) / len(lengths) < 140
+    dense = 130 * (max(lengths) + 32 + 16 + 2)
+    slots, segmented = tree.draft_cache_slots(130, lengths, 32, 16)
+    assert segmented and slots < 0.75 * dense
+    assert tree.draft_cache_slots(1, lengths, 32, 16) == (max(lengths) + 50, False)
+    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "on")
+    assert tree.draft_cache_slots(1, lengths, 32, 16)[1]
+    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "off")
+    assert tree.draft_cache_slots(130, lengths, 32, 16) == (dense, False)
+    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "maybe")
+    with pytest.raises(ValueError, match="SEGMENT_DRAFT_CACHE"):
+        tree.draft_cache_slots(130, lengths, 32, 16)
+    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "auto")
+    target = specoff.ModelConfig.from_dict(MIXTRAL_8X7B)
+    draft = specoff.ModelConfig.from_dict(dict(MIXTRAL_8X7B, model_type="mistral"))
+    budget, bf16 = 24 * 2**30, torch.bfloat16
+    weights = planner.plan_weights(target, bf16, budget, offload=None,
+                                   reserve=planner.weight_reserve(target, bf16, budget, 256, draft))
+    plan = lambda **kw: planner.plan_run(  # noqa: E731
+        weights, target, bf16, rows=492, context=max(lengths) + 32 + 17, max_rows=256,
+        tokens_per_row=16, prefill_tokens=max(lengths), draft=draft, max_logit_rows=512,
+        kv_placement="host", **kw).rows_per_pass
+    pooled = plan(draft_tokens=lambda r: tree.draft_cache_slots(r, lengths, 32, 16)[0])
+    assert pooled > 1.2 * plan()
+
+
 def test_tree_refill_with_one_token_answers_and_sampling(pairs):
     """Answers of one token (each row frees right after its prompt's pass) and sampled
     output: every prompt is served, the right number of tokens each."""
@@ -749,6 +805,22 @@ def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, overlap, pairs, monk
                       spec="tree", tree_budget=16, kv_placement=kv, max_rows=3)
     assert [o.token_ids for o in llm.generate(MANY, params)] == expect
     assert llm.last_stats.prefill_passes == 1 and llm.last_stats.rows_per_group == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("segments", ["on", "off"])
+def test_gpu_tree_draft_cache_in_row_segments(segments, pairs, monkeypatch):
+    """The draft's cache in row segments on the GPU: growth graphs and kernels read each
+    row's own segment (verify_attention(row_start=)); greedy exact with refills."""
+    from specoff.spec import tree
+
+    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", segments)
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=12)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(MANY, params)]
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                      spec="tree", tree_budget=16, kv_placement="host", max_rows=4)
+    assert [o.token_ids for o in llm.generate(MANY * 2, params)] == expect * 2
 
 
 @pytest.mark.gpu

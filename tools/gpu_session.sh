@@ -18,6 +18,9 @@
 #                target's pass and under it on its own stream (spec.tree.DRAFT_PREFILL_STREAM)
 #   growth       tree throughput runs timed at each GROWTH (default 512,1024,2048) cap on the
 #                nodes a growth pass expands over all rows (spec.tree.GROWTH_TOKENS)
+#   segments     tree throughput runs (HumanEval x3, 32 tokens, up to 256 rows) with the draft's
+#                cache dense and in row segments (spec.tree.SEGMENT_DRAFT_CACHE off / auto)
+#   tree-tests   the GPU tests of tree mode and of the attention kernel's row offsets
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540) and TREE may
 # be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
 # steps). A call runs at most 10 minutes: pick steps whose limits fit.
@@ -69,12 +72,21 @@ for step in "$@"; do
                 --rows 164 --prompts 328 --humaneval --new-tokens 16 --json "$OUT/overlap.json" \
                 --compare "spec.tree.DRAFT_PREFILL_STREAM=0,1" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/overlap.log" | tail -8 ;;
+        segments)  # the draft's cache dense or in row segments (more rows in the budget)
+            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+                --rows 256 --prompts 492 --humaneval --new-tokens 32 --json "$OUT/segments.json" \
+                --compare "spec.tree.SEGMENT_DRAFT_CACHE=off,auto" 2>&1 | grep -v USDT \
+                | tee -a "$OUT/segments.log" | tail -8 ;;
+        tree-tests)
+            timeout 200 python -m pytest -q -m gpu tests/test_tree.py 2>&1 | tee -a "$OUT/tests.log" | tail -3
+            timeout 100 python -m pytest -q tests/kernels/test_attention.py -k "shared_pool" 2>&1 \
+                | tee -a "$OUT/tests.log" | tail -3 ;;
         profile-tree)
             timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
                 --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, interactive, interactive4, throughput, tree-throughput, kernels, profile-tree, growth, overlap)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, tree-throughput, kernels, profile-tree, growth, overlap, segments)" >&2
             exit 2 ;;
     esac
 done

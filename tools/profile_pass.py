@@ -340,7 +340,11 @@ def compare(llm, run, args) -> dict:
         compiles = None if compiled is None else compiled_kernels() - compiled
         rows.append(dict(option=name, value=value, wall_seconds=time.perf_counter() - t0,
                          triton_compiles=compiles,
-                         passes=s.decode_passes, target_seconds=s.target_seconds,
+                         passes=s.decode_passes, rows_per_group=s.rows_per_group,
+                         tokens_per_pass=s.tokens_per_pass,
+                         peak_gpu_gib=s.peak_gpu_bytes / 2**30 if s.peak_gpu_bytes else None,
+                         draft_cache_gib=(s.plan or {}).get("gpu_bytes", {}).get("kv_cache", 0) / 2**30,
+                         target_seconds=s.target_seconds,
                          prefill_seconds=s.prefill_seconds, pass_seconds=pass_seconds(s),
                          tokens_per_second=s.tokens_per_second,
                          draft_seconds_per_round=s.draft_seconds / s.rounds if s.rounds else None,

@@ -73,7 +73,7 @@ def _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid
 @triton.jit
 def _verify_attention_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, lengths_ptr, tree_ptr, seg_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, lengths_ptr, tree_ptr, seg_ptr, row_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     # sizes
     T, N, kv_heads, num_splits, keys_per_split, qk_scale,
     # strides
@@ -85,7 +85,7 @@ def _verify_attention_kernel(
     stride_ob, stride_ot, stride_oh,
     # meta-parameters
     G: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_TREE: tl.constexpr, SEGMENTED: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, ROW_START: tl.constexpr,
     WHOLE_TILES: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -98,6 +98,8 @@ def _verify_attention_kernel(
     needs fewer registers, so more programs share an SM.
     SEGMENTED (chain only, no whole tiles): row t sees keys seg[b, t] <= s <= L + t; the
     block starts at its rows' first segment start, and a tile no row sees is skipped.
+    ROW_START: batch b's keys start row_start[b] slots into its cache (rows of a shared pool,
+    kvcache.SegmentKVCache) rather than at b * stride_kb.
     """
     pid_bh = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -130,6 +132,10 @@ def _verify_attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    if ROW_START:
+        first = tl.load(row_ptr + b).to(tl.int64)
+        k_base += first * stride_ks
+        v_base += first * stride_vs
     tree_base = tree_ptr + b * stride_mb
     m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
@@ -301,7 +307,8 @@ def _check(q, k_cache, v_cache, lengths, tree_mask):
 
 def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float, kv_len: int, out,
                            num_splits: Optional[int] = None, config: Optional[dict] = None,
-                           seg_start: Optional[torch.Tensor] = None):
+                           seg_start: Optional[torch.Tensor] = None,
+                           row_start: Optional[torch.Tensor] = None):
     """config: launch_config's dict with some entries replaced (tools/tune_kernels.py --attention)."""
     B, T, H, hd = q.shape
     KV = k_cache.shape[1]
@@ -327,9 +334,10 @@ def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float
     N = tree_mask.shape[2] if tree_mask is not None else T
     seg = seg_start if seg_start is not None else lengths  # lengths: unused pointer
     seg_strides = seg_start.stride() if seg_start is not None else (0, 0)
+    first = row_start if row_start is not None else lengths  # lengths: unused pointer
     grid = (B * KV, cfg["q_blocks"], cfg["num_splits"])
     _launcher(_verify_attention_kernel, q)[grid](
-        q, k_cache, v_cache, lengths, tree, seg, out, part_o, part_lse,
+        q, k_cache, v_cache, lengths, tree, seg, first, out, part_o, part_lse,
         T, N, KV, cfg["num_splits"], cfg["keys_per_split"], scale * 1.4426950408889634,  # log2(e): exp2 below
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -338,6 +346,7 @@ def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float
         seg_strides[0], seg_strides[1],
         out.stride(0), out.stride(1), out.stride(2),
         G=G, HEAD_DIM=hd, HAS_TREE=tree_mask is not None, SEGMENTED=seg_start is not None, SPLIT=split,
+        ROW_START=row_start is not None,
         WHOLE_TILES=cfg["WHOLE_TILES"],
         IEEE=q.dtype == torch.float32, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(hd),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -360,20 +369,22 @@ def _register_op():
         @torch.library.triton_op("specoff::verify_attention", mutates_args=())
         def verify_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 lengths: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float,
-                                kv_len: int) -> torch.Tensor:
+                                kv_len: int, row_start: Optional[torch.Tensor] = None) -> torch.Tensor:
             out = torch.empty_like(q)
-            return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out)
+            return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out,
+                                          row_start=row_start)
         return verify_attention_op
 
     @torch.library.custom_op("specoff::verify_attention", mutates_args=())
     def verify_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             lengths: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float,
-                            kv_len: int) -> torch.Tensor:
+                            kv_len: int, row_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = torch.empty_like(q)
-        return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out)
+        return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out,
+                                      row_start=row_start)
 
     @verify_attention_op.register_fake
-    def _(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len):
+    def _(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, row_start=None):
         return torch.empty_like(q)
     return verify_attention_op
 
@@ -385,7 +396,8 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      tree_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                      kv_len: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
                      num_splits: Optional[int] = None,
-                     seg_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     seg_start: Optional[torch.Tensor] = None,
+                     row_start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of q [B, T, H, hd] over cached keys 0 .. lengths[b] + T - 1 -> [B, T, H, hd].
 
     Chain (tree_mask None): query t sees keys s < lengths[b] + t + 1, and with `seg_start`
@@ -393,11 +405,16 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     [B, T, N], N >= T new keys already in the cache): query t sees the prefix s < lengths[b]
     and new key lengths[b] + j iff tree_mask[b, t, j]. kv_len is a
     host-side bound on max(lengths) + T (or + N) that sizes the grid (default: the cache size S).
+    `row_start` [B] (long): batch b's keys begin row_start[b] slots into k_cache[b] (a pool
+    shared by the rows, viewed with stride 0 over B: kvcache.SegmentKVCache).
     With `out`, `num_splits` or `seg_start` the kernels run eagerly; otherwise the registered
     op runs.
     """
     _check(q, k_cache, v_cache, lengths, tree_mask)
     lengths = lengths.contiguous()  # the kernels index it as a flat array
+    if row_start is not None:
+        assert row_start.shape == lengths.shape, "row_start is [B]"
+        row_start = row_start.contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kv_len = k_cache.shape[2] if kv_len is None else min(int(kv_len), k_cache.shape[2])
     if seg_start is not None:
@@ -406,12 +423,13 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         assert seg_start.shape == q.shape[:2], "seg_start is [B, T]"
         out = torch.empty_like(q) if out is None else out
         return _verify_attention_into(q, k_cache, v_cache, lengths, None, scale, kv_len, out,
-                                      num_splits, seg_start=seg_start)
+                                      num_splits, seg_start=seg_start, row_start=row_start)
     if out is None and num_splits is None:
-        return _verify_attention_op(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len)
+        return _verify_attention_op(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, row_start)
     out = torch.empty_like(q) if out is None else out
     assert out.shape == q.shape and out.dtype == q.dtype
-    return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out, num_splits)
+    return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out, num_splits,
+                                  row_start=row_start)
 
 
 def attention_mask(lengths: torch.Tensor, T: int, kv_len: int, tree_mask: Optional[torch.Tensor] = None,
@@ -431,10 +449,14 @@ def attention_mask(lengths: torch.Tensor, T: int, kv_len: int, tree_mask: Option
 
 
 def verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask=None, scale=None, kv_len=None,
-                         seg_start=None):
+                         seg_start=None, row_start=None):
     """Plain torch in float32: the boolean mask and scaled_dot_product_attention."""
     B, T, H, hd = q.shape
     kv_len = k_cache.shape[2] if kv_len is None else kv_len
+    if row_start is not None:  # each row's own keys, gathered from the shared pool
+        at = (row_start[:, None] + torch.arange(kv_len, device=q.device)).clamp(max=k_cache.shape[2] - 1)
+        at = at[:, None, :, None].expand(B, k_cache.shape[1], kv_len, hd)
+        k_cache, v_cache = k_cache.gather(2, at), v_cache.gather(2, at)
     G = H // k_cache.shape[1]
     k = k_cache[:, :, :kv_len].float().repeat_interleave(G, dim=1)  # (B, H, S, hd)
     v = v_cache[:, :, :kv_len].float().repeat_interleave(G, dim=1)

@@ -116,7 +116,8 @@ class Attention(nn.Module):
         if not causal:
             if cache is not None and cache.k.device == x.device and mask.use_kernel(x):
                 cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
-                y = mask.attend(q, cache.k[layer], cache.v[layer], kv_len)  # (B, T, H, hd)
+                y = mask.attend(q, cache.k[layer], cache.v[layer], kv_len,
+                                row_start=cache.row_start)  # (B, T, H, hd)
                 return self.wo(y.reshape(B, T, H * hd))
             mask = mask.dense(kv_len)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
@@ -156,6 +157,13 @@ def cached_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_le
                      causal: bool = True):
     """Write k, v (B, KV, T, hd) at `positions`, then attend over the row's cache."""
     cache.write(layer, k, v, positions)
+    if cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
+        if use_chain_kernel(q, causal):
+            y = verify_attention(q.transpose(1, 2), cache.k[layer], cache.v[layer], positions[:, 0],
+                                 kv_len=kv_len, row_start=cache.row_start)
+            return y.transpose(1, 2)
+        keys, values = cache.dense(layer, kv_len)
+        return attend(q, keys.to(q.dtype), values.to(q.dtype), mask, positions, kv_len, False)
     keys, values = cache.k[layer], cache.v[layer]  # (B, KV, S, hd)
     if keys.dtype != q.dtype:
         keys, values = keys[:, :, :kv_len].to(q.dtype), values[:, :, :kv_len].to(q.dtype)
@@ -322,7 +330,7 @@ class Transformer(nn.Module):
     def run_layers(self, h, cos, sin, mask, cache, positions, kv_len):
         pieces = self.ring.pieces if self.ring is not None else 1
         if (self.use_graphs and h.is_cuda and cache is not None and cache.k.is_cuda
-                and kv_len == cache.max_len and pieces == 1):
+                and kv_len == cache.max_len and pieces == 1 and cache.row_start is None):
             from ..graphs import LayerGraphs
 
             per_cache = self._graphs.setdefault(cache, {})  # dropped with the cache
@@ -438,8 +446,9 @@ class TreeMask:
             return x.is_cuda
         return TREE_ATTENTION == "triton"
 
-    def attend(self, q, keys, values, kv_len: int) -> torch.Tensor:
-        return verify_attention(q, keys, values, self.lengths, self.ancestors, kv_len=kv_len)
+    def attend(self, q, keys, values, kv_len: int, row_start=None) -> torch.Tensor:
+        return verify_attention(q, keys, values, self.lengths, self.ancestors, kv_len=kv_len,
+                                row_start=row_start)
 
 
 @dataclass(eq=False)
@@ -459,9 +468,9 @@ class SegmentMask:
             return x.is_cuda
         return CHAIN_ATTENTION == "triton"
 
-    def attend(self, q, keys, values, kv_len: int) -> torch.Tensor:
+    def attend(self, q, keys, values, kv_len: int, row_start=None) -> torch.Tensor:
         return verify_attention(q, keys, values, self.lengths, kv_len=kv_len,
-                                seg_start=self.seg_start)
+                                seg_start=self.seg_start, row_start=row_start)
 
 
 def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -496,7 +505,8 @@ def prefill_parts(input_ids: torch.Tensor, cache: KVCache, chunk: int, kv_start:
     T = input_ids.shape[1]
     device = device or input_ids.device
     stage = None
-    if rows is not None or cache.k.device.type != torch.device(device).type:
+    if (rows is not None or cache.k.device.type != torch.device(device).type
+            or cache.row_start is not None):
         if kv_start:
             raise ValueError("a staged prefill starts from empty rows (kv_start=0)")
         stage = PrefillStage(cache, rows, T, device)
@@ -577,6 +587,10 @@ class PackedStage:
 
     def flush(self, layer: int) -> None:
         # on the current stream: ordered after the pass's other writes to the layer
+        if self.cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
+            self.cache.put_tokens(layer, self.rows, self.positions, self.scratch.k[0, 0],
+                                  self.scratch.v[0, 0])
+            return
         for dst, src in zip(self.cache.mapped() if self.host else (self.cache.k, self.cache.v),
                             (self.scratch.k[0, 0], self.scratch.v[0, 0])):  # (KV, N, hd)
             dst[layer][self.rows, :, self.positions] = src.transpose(0, 1).to(dst.dtype)
@@ -603,6 +617,9 @@ class PrefillStage:
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, into=None) -> None:
         T = self.T
+        if self.cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
+            self.cache.put_rows(layer, self.rows, k, v)
+            return
         for dst, src in zip(into or (self.cache.k, self.cache.v), (k, v)):
             if self.rows is None:
                 dst[layer, :, :, :T].copy_(src)

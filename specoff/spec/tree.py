@@ -29,14 +29,16 @@ log-probability, the ancestor mask and two flags (expanded, draft K/V present).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+from collections import deque
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..kvcache import KVCache
+from ..kvcache import KVCache, SegmentAllocator, SegmentKVCache
 from ..models.decoder import PassPart, PrefillBatch, TreeMask
 from ..planner import TreeBudgetTuner, tree_curve
 from ..sampling import SamplingParams, select
@@ -53,6 +55,13 @@ LOGIT_ROWS = 512  # the target's picks over a tree pass: logits of this many nod
 # HumanEval prompts (`tools/gpu_session.sh overlap`, session 11): pass 1.943 s on its own
 # stream against 1.970 s after the pass (one A/B pair after a warm-up run).
 DRAFT_PREFILL_STREAM = True
+# The draft's cache: a segment per row sized for its own prompt in a pool shared by the rows
+# (kvcache.SegmentKVCache) or every row as long as the longest prompt needs: "auto" takes
+# the pool where it is the smaller (many rows, prompts of different lengths), "on" and
+# "off" force one. The pool: SEGMENT_SLACK × the rows' mean need, and two of the longest.
+SEGMENT_DRAFT_CACHE = "auto"
+SEGMENT_SLACK = 1.15
+SEGMENT_LOOKAHEAD = 8  # a refill takes the first of this many waiting prompts that fits
 
 
 def growth_shape(budget: int, rows: int = 1) -> Tuple[int, int]:
@@ -563,6 +572,10 @@ def commit(cache: KVCache, path: torch.Tensor, accepted: torch.Tensor) -> None:
     (decoder.streamed_attention) is moved by the same kernels through its device alias
     (KVCache.mapped), only the path's nodes crossing the bus; gathering it on the CPU took
     seconds a round at 130 rows (Mixtral 8x7B, tree throughput, session 10)."""
+    if cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
+        _commit_segments(cache, path)
+        cache.advance(accepted + 1)
+        return
     L_, B, KV, S, hd = cache.k.shape
     P = path.shape[1]
     src = (cache.lengths[:, None] + path).clamp(max=S - 1)  # (B, P)
@@ -581,6 +594,56 @@ def commit(cache: KVCache, path: torch.Tensor, accepted: torch.Tensor) -> None:
             part = buf[lo:lo + n]
             part.scatter_(3, index(dst), part.gather(3, index(src)))
     cache.advance(accepted + 1)
+
+
+def _commit_segments(cache: SegmentKVCache, path: torch.Tensor) -> None:
+    """commit's moves in a pool of row segments: the same gathers and scatters on slots."""
+    B, P = path.shape
+    L_, KV, _, hd = cache.k_pool.shape
+    base, end = (cache.row_start + cache.lengths)[:, None], cache.row_end[:, None]
+    src = torch.minimum(base + path, end).reshape(-1)  # (B * P,)
+    dst = torch.minimum(base + torch.arange(P, device=path.device), end).reshape(-1)
+    step = max(1, COMMIT_SCRATCH_BYTES // (B * KV * P * hd * cache.k_pool.element_size()))
+    for lo in range(0, L_, step):
+        n = min(step, L_ - lo)
+        index = lambda i: i[None, None, :, None].expand(n, KV, B * P, hd)  # noqa: E731
+        for pool in (cache.k_pool, cache.v_pool):
+            part = pool[lo:lo + n]
+            part.scatter_(2, index(dst), part.gather(2, index(src)))
+
+
+def draft_segment(prompt: int, max_new_tokens: int, capacity: int) -> int:
+    """Slots of a row's draft segment: its prompt, its new tokens, a tree parked past them
+    and one slot more that takes writes past the end (SegmentKVCache)."""
+    return prompt + max_new_tokens + capacity + 3
+
+
+def draft_pool_slots(rows: int, prompts: Sequence[int], max_new_tokens: int,
+                     capacity: int) -> int:
+    """Slots of the draft's segment pool for `rows` rows over prompts of these lengths (in
+    queue order): an idle segment for every row (a row with nothing to serve still rides
+    the passes), and room for the first `rows` prompts at once and for SEGMENT_SLACK × the
+    mean need of that many rows plus two of the longest (what the rows' needs wander by
+    and the pool's fragments)."""
+    needs = [draft_segment(n, max_new_tokens, capacity) for n in prompts]
+    serving = min(rows, len(needs))
+    mean = sum(needs) / len(needs)
+    return rows * (capacity + 3) + max(sum(needs[:serving]),
+                                       math.ceil(serving * mean * SEGMENT_SLACK) + 2 * max(needs))
+
+
+def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int,
+                      capacity: int) -> Tuple[int, bool]:
+    """(slots, segmented): the draft's cache for a tree run, a segment pool
+    (draft_pool_slots) or rows × the longest need, as SEGMENT_DRAFT_CACHE says."""
+    dense = rows * (max(prompts) + max_new_tokens + capacity + 2)
+    if SEGMENT_DRAFT_CACHE not in ("auto", "on", "off"):
+        raise ValueError(f"SEGMENT_DRAFT_CACHE is 'auto', 'on' or 'off', not {SEGMENT_DRAFT_CACHE!r}")
+    if SEGMENT_DRAFT_CACHE == "off":
+        return dense, False
+    pool = draft_pool_slots(rows, prompts, max_new_tokens, capacity)
+    segmented = SEGMENT_DRAFT_CACHE == "on" or pool < dense
+    return (pool, True) if segmented else (dense, False)
 
 
 def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Sequence[int],
@@ -693,10 +756,41 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     where = device if kv_on_gpu else torch.device("cpu")
     tcache = KVCache(tcfg.n_layers, B, max_len, tcfg.n_kv_heads, tcfg.head_dim, llm.dtype,
                      where, pin_memory=where.type != device.type, lengths_device=device)
-    dcache = KVCache(dcfg.n_layers, B, max_len, dcfg.n_kv_heads, dcfg.head_dim, llm.dtype, device)
+    pool, segmented = draft_cache_slots(B, [len(r.prompt) for r in requests],
+                                        params.max_new_tokens, capacity)
+    idle = capacity + 3  # a row with nothing to serve: a tree at length 1 (SegmentKVCache)
+    if segmented:  # a segment per row in a pool sized by the queue's prompts
+        dcache = SegmentKVCache(dcfg.n_layers, B, pool, max_len + 1, dcfg.n_kv_heads,
+                                dcfg.head_dim, llm.dtype, device)
+        free_slots = SegmentAllocator(B * idle, pool)
+    else:
+        dcache = KVCache(dcfg.n_layers, B, max_len, dcfg.n_kv_heads, dcfg.head_dim, llm.dtype,
+                         device)
     draft_ids = lambda ids: torch.where(ids < dcfg.vocab_size, ids, torch.zeros_like(ids))  # noqa: E731
-    waiting = list(range(len(requests)))[::-1]
-    serving = [waiting.pop() for _ in range(B)]  # the request of each row (None: idle)
+    waiting = deque(range(len(requests)))
+    serving: list = [None] * B  # the request of each row (None: idle)
+    segment: list = [None] * B  # (first slot, slots) of each serving row's draft segment
+
+    def take(b: int) -> bool:
+        """Row b takes the first waiting prompt (of SEGMENT_LOOKAHEAD) whose segment fits."""
+        for j in range(min(SEGMENT_LOOKAHEAD if segmented else 1, len(waiting))):
+            i = waiting[j]
+            if segmented:
+                n = draft_segment(len(requests[i].prompt), params.max_new_tokens, capacity)
+                start = free_slots.alloc(n)
+                if start is None:
+                    continue
+                segment[b] = (start, n)
+            del waiting[j]
+            serving[b] = i
+            return True
+        return False
+
+    for b in range(B):  # the pool holds the first B prompts at once (draft_pool_slots)
+        if not take(b):
+            raise RuntimeError("the draft's segment pool cannot hold the first prompts")
+    if segmented:
+        dcache.assign(range(B), [segment[b][0] for b in range(B)], [segment[b][1] for b in range(B)])
     ids, lens, host = pad_prompts([requests[i].prompt for i in serving], device)
     last = select(target.prefill(ids, lens, tcache, llm.prefill_chunk, lengths_host=host),
                   params, generator)
@@ -714,17 +808,25 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
 
     def place_free_rows() -> None:
         """Give free rows the waiting prompts (prefilled in the next pass) and park them;
-        rows with nothing left to serve ride along at length 1."""
+        rows with nothing left to serve ride along at length 1 (in their idle segment of
+        the draft's cache). Every GPU use of a freed segment has ended: the round synced."""
         free = [b for b in range(B) if serving[b] is None]
         for b in free:
-            if waiting:
-                serving[b] = waiting.pop()
+            if segment[b] is not None:
+                free_slots.release(*segment[b])
+                segment[b] = None
+            if waiting and take(b):
                 refill.append(b)
         if free:
             at = torch.tensor(free, device=device)
-            length = torch.tensor([park if b in refill else 1 for b in free], device=device)
-            tcache.lengths[at] = length
-            dcache.lengths[at] = length
+            tcache.lengths[at] = torch.tensor([park if b in refill else 1 for b in free], device=device)
+            if segmented:  # parked past the prompt in the row's own segment
+                spans = [segment[b] if b in refill else (b * idle, idle) for b in free]
+                dcache.assign(free, [a for a, _ in spans], [n for _, n in spans])
+                dcache.lengths[at] = torch.tensor([n - capacity - 2 if b in refill else 1
+                                                   for b, (_, n) in zip(free, spans)], device=device)
+            else:
+                dcache.lengths[at] = tcache.lengths[at]
 
     place_free_rows()
     while any(r is not None for r in serving):

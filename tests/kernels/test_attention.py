@@ -284,3 +284,34 @@ def test_compiled_kernels_counts_new_specializations():
     once = compiled_kernels()
     verify_attention(q, k, v, lengths, out=torch.empty_like(q), num_splits=3)
     assert once >= before and once > 0 and compiled_kernels() == once
+
+
+@pytest.mark.parametrize("tree, num_splits", [(False, None), (True, None), (True, 2), (False, 3)])
+def test_rows_of_a_shared_pool(tree, num_splits):
+    """row_start: each row's keys in its own segment of one pool (kvcache.SegmentKVCache),
+    viewed with stride 0 over the rows; the same output as the rows' own dense caches."""
+    B, T, H, KV, hd, S = 4, 6, 4, 2, 32, 70
+    q, k_cache, v_cache, lengths, tree_mask = make_inputs(B, T, H, KV, hd, S, torch.float32, tree, seed=11)
+    sizes = (lengths + T + torch.tensor([0, 3, 9, 1], device=DEVICE)).clamp(max=S).tolist()  # each row's
+    order, starts, at = [2, 0, 3, 1], [0] * B, 5  # segments out of row order, with gaps
+    for b in order:
+        starts[b], at = at, at + sizes[b] + 2
+    pool_k = torch.full((KV, at + 4, hd), float("nan"), device=DEVICE)  # never read outside a segment
+    pool_v = pool_k.clone()
+    for b in range(B):
+        pool_k[:, starts[b]:starts[b] + sizes[b]] = k_cache[b, :, :sizes[b]]
+        pool_v[:, starts[b]:starts[b] + sizes[b]] = v_cache[b, :, :sizes[b]]
+    kv_len = max(sizes)
+    ref = verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask, kv_len=kv_len)
+    row_start = torch.tensor(starts, device=DEVICE)
+    pooled = [p[None].expand(B, *p.shape) for p in (pool_k, pool_v)]
+    out = torch.full_like(q, float("nan"))
+    verify_attention(q, *pooled, lengths, tree_mask, kv_len=kv_len, out=out, num_splits=num_splits,
+                     row_start=row_start)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    if num_splits is None:  # the registered op, and the reference's own gather
+        assert rel_err(verify_attention(q, *pooled, lengths, tree_mask, kv_len=kv_len,
+                                        row_start=row_start), ref) < TOL[torch.float32]
+        pool_ref = verify_attention_ref(q, *[p.nan_to_num() for p in pooled], lengths, tree_mask,
+                                        kv_len=kv_len, row_start=row_start)
+        assert rel_err(pool_ref, ref) < TOL[torch.float32]
