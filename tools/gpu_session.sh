@@ -21,8 +21,9 @@
 #   segments     tree throughput runs (HumanEval x3, 32 tokens, up to 256 rows) with the draft's
 #                cache dense and in row segments (spec.tree.SEGMENT_DRAFT_CACHE off / auto)
 #   tree-tests   the GPU tests of tree mode and of the attention kernel's row offsets
-# SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540) and TREE may
-# be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
+# SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
+# (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
+# rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
 # steps). A call runs at most 10 minutes: pick steps whose limits fit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,10 +55,10 @@ for step in "$@"; do
             bench "$step" --scenario interactive --batches 4 --interactive-new-tokens 128 \
                 --tree-budgets 1024,auto --engines specoff-chain,specoff-tree ;;
         throughput)
-            bench "$step" --scenario throughput --new-tokens 32 --rows 164 --prompts 492 \
+            bench "$step" --scenario throughput --new-tokens 32 --rows "${ROWS:-164}" --prompts 492 \
                 --configs humaneval --engines specoff-offload,specoff-chain ;;
         tree-throughput)
-            bench "$step" --scenario throughput --new-tokens 32 --rows 164 --prompts 492 \
+            bench "$step" --scenario throughput --new-tokens 32 --rows "${ROWS:-164}" --prompts 492 \
                 --configs humaneval --engines "${ENGINES:-specoff-chain,specoff-tree}" \
                 --throughput-tree-budget "${TREE:-16}" ;;
         kernels)
