@@ -147,6 +147,16 @@ def test_engines_and_configs_select_runs(tmp_path):
     assert all(r["status"] == "ok" for r in rows)
 
 
+def test_engines_run_in_the_order_given(tmp_path):
+    """--engines orders the runs within each config (a time limit cuts the last ones)."""
+    records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",
+                          "--engines", "specoff-tree,specoff-offload", "--new-tokens", "3,2",
+                          "--configs", "humaneval"])
+    assert [(r["config"], r["engine"]) for r in records["throughput"]] == [
+        ("humaneval x3", "specoff-tree"), ("humaneval x3", "specoff-offload"),
+        ("humaneval x2", "specoff-tree"), ("humaneval x2", "specoff-offload")]
+
+
 def test_text_ids_without_a_tokenizer():
     ids = bench.text_ids("def add(a, b):\n    return a + b\n", 512)
     assert len(ids) == 8 and all(3 <= i < 512 for i in ids)  # 32 bytes, 4 per id

@@ -1088,9 +1088,9 @@ def parse_args(argv=None):
     p.add_argument("--peer-steps", type=int, help="accelerate decode steps timed (then extrapolated)")
     p.add_argument("--assisted-prompts", type=int, help="hf-assisted: prompts run (batch 1 each)")
     p.add_argument("--calibration-rows", type=int)
-    p.add_argument("--engines", help="comma-separated: run only these engines (e.g. hf-assisted,"
-                                      "hf-accelerate-pinned); ratios need their reference engine "
-                                      "in the same run")
+    p.add_argument("--engines", help="comma-separated: run only these engines, in this order "
+                                      "within each config (e.g. hf-assisted,hf-accelerate-pinned); "
+                                      "ratios need their reference engine in the same run")
     p.add_argument("--configs", help="comma-separated: run only configs whose name starts with one "
                                      "of these (e.g. humaneval,long-1024)")
     p.add_argument("--pair", choices=list(PAIRS), default="mixtral-8x7b",
@@ -1130,13 +1130,25 @@ def selected(args, job: Job) -> bool:
             and (configs is None or any(job.config.startswith(c) for c in configs)))
 
 
+def ordered(args, jobs: List[Job]) -> List[Job]:
+    """The jobs of a scenario config by config, each config's engines in the order --engines
+    names them (the scenario's own order without it): with a time limit, what comes first
+    is what runs."""
+    if not args.engines:
+        return jobs
+    rank = {e: i for i, e in enumerate(split(args.engines))}
+    configs = list(dict.fromkeys(j.config for j in jobs))
+    return sorted(jobs, key=lambda j: (configs.index(j.config), rank.get(j.engine, len(rank))))
+
+
 def run(args) -> Dict[str, List[dict]]:
     from tqdm import tqdm
 
     if not args.tiny and not torch.cuda.is_available() and args.device != "cpu":
         raise SystemExit("error: the real-size pair needs a CUDA GPU; use --tiny for a CPU smoke run")
     bench = Bench(args)
-    plan = {name: [j for j in SCENARIOS[name](bench) if selected(args, j)] for name in args.scenario}
+    plan = {name: ordered(args, [j for j in SCENARIOS[name](bench) if selected(args, j)])
+            for name in args.scenario}
     bar = tqdm(total=sum(map(len, plan.values())), unit="run", disable=args.quiet, file=sys.stderr,
                dynamic_ncols=True)
     for i, (name, jobs) in enumerate(plan.items()):
