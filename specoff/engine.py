@@ -158,6 +158,14 @@ class GenerationStats:
                     measured_pass_seconds=self.measured_pass_seconds)
 
 
+def _requests(rows, progress=None) -> list:
+    """spec.pipeline.Request of each prompt; `progress` (a tqdm bar) counts each finished one."""
+    from .spec.pipeline import Request
+
+    done = (lambda: progress.update(1)) if progress is not None else None  # noqa: E731
+    return [Request(list(r), on_finish=done) for r in rows]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -372,9 +380,9 @@ class LLM:
         outputs: List[RequestOutput] = []
         speculate = speculate and self.draft_model is not None
         if speculate and self.spec_mode(len(rows)) == "tree":
-            outputs = self._speculate_tree(rows, params, generator, stats, plan)
+            outputs = self._speculate_tree(rows, params, generator, stats, plan, progress)
         elif speculate:
-            outputs = self._speculate(rows, params, generator, stats, plan)
+            outputs = self._speculate(rows, params, generator, stats, plan, progress)
         for start in range(0, 0 if speculate else len(rows), plan.rows_per_pass):
             batch = rows[start:start + plan.rows_per_pass]
             for ids, new in zip(batch, self._generate_batch(batch, params, generator, stats, plan)):
@@ -503,13 +511,13 @@ class LLM:
         streams = self.weight_plan.offload and self.device.type == "cuda"
         return "tree" if streams else "chain"
 
-    def _speculate_tree(self, rows, params, generator, stats, plan) -> List[RequestOutput]:
+    def _speculate_tree(self, rows, params, generator, stats, plan,
+                        progress=None) -> List[RequestOutput]:
         from .planner import (TreeBudgetTuner, cost_at_budget, expected_tree_rates,
                               predict_pass)
-        from .spec.pipeline import Request
         from .spec.tree import generate_tree, tree_passes
 
-        requests = [Request(list(r)) for r in rows]
+        requests = _requests(rows, progress)
         per_pass = min(len(rows), plan.rows_per_pass)
         predict = None
         if self.profile is not None:  # the target pass at n nodes per row, from the profile
@@ -549,10 +557,11 @@ class LLM:
         return [self._finish(r.prompt, r.tokens, params) for r in requests]
 
     @torch.inference_mode()
-    def _speculate(self, rows, params, generator, stats, plan) -> List[RequestOutput]:
-        from .spec.pipeline import ChainPipeline, Request
+    def _speculate(self, rows, params, generator, stats, plan,
+                   progress=None) -> List[RequestOutput]:
+        from .spec.pipeline import ChainPipeline
 
-        requests = [Request(list(r)) for r in rows]
+        requests = _requests(rows, progress)
         groups = self.chain_groups(len(rows), plan, max(map(len, rows)) + params.max_new_tokens)
         per_group = -(-min(len(rows), plan.rows_per_pass) // groups)
         pipeline = ChainPipeline(self, params, requests, per_group, groups, self.draft_len,

@@ -740,6 +740,23 @@ def test_draft_cache_slots_take_segments_where_they_are_smaller(monkeypatch):
     assert pooled > 1.2 * plan()
 
 
+@pytest.mark.parametrize("spec", ["tree", "chain", None])
+def test_progress_counts_every_prompt(spec, pairs):
+    """generate(progress=bar) advances the bar as prompts finish, speculative or not (the
+    command line's tqdm bar)."""
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    draft, target = pairs(0.3)
+    llm = specoff.LLM(target, draft=draft if spec else None, device="cpu", spec=spec, max_rows=3)
+    bar = Bar()
+    llm.generate(MANY, specoff.SamplingParams(max_new_tokens=5), progress=bar)
+    assert bar.n == len(MANY)
+
+
 def test_tree_refill_with_one_token_answers_and_sampling(pairs):
     """Answers of one token (each row frees right after its prompt's pass) and sampled
     output: every prompt is served, the right number of tokens each."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,7 @@ class Request:
     prompt: List[int]
     tokens: List[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    on_finish: Optional[Callable[[], None]] = None  # called once, when it finishes (progress)
 
     def add(self, token: int, eos, max_new_tokens: int) -> bool:
         """Append a generated token; True once the request has finished."""
@@ -37,6 +38,9 @@ class Request:
             self.finish_reason = "stop"
         elif len(self.tokens) >= max_new_tokens:
             self.finish_reason = "length"
+        if self.finish_reason is not None and self.on_finish is not None:
+            self.on_finish()
+            self.on_finish = None
         return self.finish_reason is not None
 
 
