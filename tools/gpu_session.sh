@@ -11,6 +11,9 @@
 #   throughput   specoff-offload and specoff-chain in one run (HumanEval x3, 32 tokens)
 #   tree-throughput  specoff-tree over the same queue (TREE nodes a row, default 16) and
 #                specoff-chain, in one run (ENGINES overrides the engines)
+#   throughput-max  specoff-tree, specoff-offload and specoff-chain with up to 512 rows each
+#                (HumanEval x3, 32 tokens): offload-only batches every prompt at once, tree
+#                and chain take what their plans hold
 #   kernels      tools/bench_kernels.py --only prefill
 #   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, 164 rows): where
 #                the round's time goes, per CUDA stream
@@ -61,6 +64,10 @@ for step in "$@"; do
             bench "$step" --scenario throughput --new-tokens 32 --rows "${ROWS:-164}" --prompts 492 \
                 --configs humaneval --engines "${ENGINES:-specoff-chain,specoff-tree}" \
                 --throughput-tree-budget "${TREE:-16}" ;;
+        throughput-max)
+            bench "$step" --scenario throughput --new-tokens 32 --rows 512 --prompts 492 \
+                --configs humaneval --engines "${ENGINES:-specoff-tree,specoff-offload,specoff-chain}" \
+                --throughput-tree-budget "${TREE:-16}" ;;
         kernels)
             timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
         growth)  # tree throughput runs timed at each cap on a growth pass's nodes (ABAB)
@@ -87,7 +94,7 @@ for step in "$@"; do
                 --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, tree-throughput, kernels, profile-tree, growth, overlap, segments)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments)" >&2
             exit 2 ;;
     esac
 done
