@@ -346,6 +346,10 @@ class LLM:
             if prompts:  # the draft's cache as generate_tree allocates it
                 draft_tokens = lambda r: draft_cache_slots(  # noqa: E731
                     min(r, rows), prompts, max_new_tokens, tokens)[0]
+        elif spec and prompts:  # chain: the draft's cache as ChainPipeline allocates it
+            from .spec.pipeline import draft_cache_slots as chain_slots
+
+            draft_tokens = lambda r: chain_slots(min(r, rows), prompts, max_new_tokens)[0]  # noqa: E731
         return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
                         context=longest + max_new_tokens + (tokens + 1) * spec,
                         max_rows=self.max_rows, tokens_per_row=tokens,

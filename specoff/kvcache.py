@@ -8,6 +8,9 @@ free: the row simply does not advance over them, and the next write overwrites t
 """
 from __future__ import annotations
 
+import math
+from typing import Optional, Sequence, Tuple
+
 import torch
 
 
@@ -113,11 +116,17 @@ class SegmentKVCache(KVCache):
     cache of a 24 GiB throughput run holds about twice the rows at the same size."""
 
     def __init__(self, n_layers: int, rows: int, pool: int, max_len: int, n_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device):
+                 head_dim: int, dtype: torch.dtype, device, pools: Optional[tuple] = None):
+        """`pools`: another SegmentKVCache's (k_pool, v_pool), shared (rows of two groups
+        in one pool: a row moves between them by its segment's address alone)."""
         torch.nn.Module.__init__(self)
         shape = (n_layers, n_kv_heads, pool, head_dim)
-        self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        k, v = pools or (torch.zeros(shape, dtype=dtype, device=device),
+                         torch.zeros(shape, dtype=dtype, device=device))
+        if tuple(k.shape) != shape or tuple(v.shape) != shape:
+            raise ValueError(f"shared pools of shape {tuple(k.shape)}, not {shape}")
+        self.register_buffer("k_pool", k, persistent=False)
+        self.register_buffer("v_pool", v, persistent=False)
         self.k = self.k_pool[:, None].expand(n_layers, rows, n_kv_heads, pool, head_dim)
         self.v = self.v_pool[:, None].expand(n_layers, rows, n_kv_heads, pool, head_dim)
         self.register_buffer("lengths", torch.zeros(rows, dtype=torch.long, device=device),
@@ -218,3 +227,38 @@ class SegmentAllocator:
     @property
     def largest(self) -> int:
         return max((b - a for a, b in self.free), default=0)
+
+
+def segment_size(prompt: int, max_new_tokens: int, extra: int) -> int:
+    """Slots of a row's segment: its prompt, its new tokens, `extra` more in flight (a tree
+    parked past them, or a chain's drafts) and one slot that takes writes past the end."""
+    return prompt + max_new_tokens + extra + 3
+
+
+def segment_pool_slots(rows: int, prompts: Sequence[int], max_new_tokens: int, extra: int,
+                       slack: float) -> int:
+    """Slots of a segment pool for `rows` rows over prompts of these lengths (in queue
+    order): an idle segment of `extra` + 3 for every row (a row with nothing to serve still
+    rides the passes), and room for the first `rows` prompts at once and for `slack` × the
+    mean need of that many rows plus two of the longest (what the rows' needs wander by and
+    the pool's fragments)."""
+    needs = [segment_size(n, max_new_tokens, extra) for n in prompts]
+    serving = min(rows, len(needs))
+    mean = sum(needs) / len(needs)
+    return rows * (extra + 3) + max(sum(needs[:serving]),
+                                    math.ceil(serving * mean * slack) + 2 * max(needs))
+
+
+def cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int, extra: int, mode: str,
+                slack: float) -> Tuple[int, bool]:
+    """(slots, segmented): a cache of rows in segments (segment_pool_slots) or of rows ×
+    the longest need, by `mode`: "auto" takes the pool where it is the smaller, "on" and
+    "off" force one."""
+    dense = rows * (max(prompts) + max_new_tokens + extra + 2)
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"a segment mode is 'auto', 'on' or 'off', not {mode!r}")
+    if mode == "off":
+        return dense, False
+    pool = segment_pool_slots(rows, prompts, max_new_tokens, extra, slack)
+    segmented = mode == "on" or pool < dense
+    return (pool, True) if segmented else (dense, False)

@@ -90,6 +90,45 @@ def test_greedy_speculation_equals_target(sigma, draft_len, interleave, pairs):
     assert abs(s.predicted_passes - s.decode_passes) <= max(2, 0.2 * s.decode_passes)
 
 
+@pytest.mark.parametrize("interleave, slack, sampled", [(True, 1.15, False), (False, 0.3, False),
+                                                     (True, 0.3, True)])
+def test_chain_with_the_draft_cache_in_row_segments(interleave, slack, sampled, pairs, monkeypatch):
+    """The draft's cache as row segments of one pool shared by the groups (SegmentKVCache):
+    greedy output equals the target's own, with refills (waiting for room when the pool is
+    short: slack 0.3) and the two groups merged at the tail by handing the segments over;
+    sampled runs finish every prompt."""
+    from specoff.spec import pipeline
+
+    monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", "on")
+    monkeypatch.setattr(pipeline, "SEGMENT_SLACK", slack)
+    draft, target = pairs(0.3)
+    prompts = PROMPTS + [[5] * 23, [7, 9], [11] * 17]
+    llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=4, draft_len=3,
+                      interleave=interleave)
+    if sampled:
+        out = llm.generate(prompts, specoff.SamplingParams(max_new_tokens=9, temperature=0.9,
+                                                           seed=2, ignore_eos=True))
+        assert all(len(o.token_ids) == 9 for o in out)
+        return
+    params = specoff.SamplingParams(max_new_tokens=12, ignore_eos=True)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(prompts, params)]
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expect
+    s = llm.last_stats
+    assert s.groups == (2 if interleave else 1) and s.tail_merges == (1 if interleave else 0)
+
+
+def test_chain_plan_counts_the_segment_pool(pairs, monkeypatch):
+    """The chain plan's draft cache is the pool ChainPipeline allocates."""
+    from specoff.spec import pipeline
+
+    lengths = [3, 40, 5, 7, 9, 2, 60, 4]
+    monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", "off")
+    assert pipeline.draft_cache_slots(4, lengths, 8) == (4 * (60 + 8 + pipeline.MAX_DRAFT_LEN + 2), False)
+    monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", "auto")
+    pool, segmented = pipeline.draft_cache_slots(64, lengths * 8, 8)
+    assert segmented and pool < 64 * (60 + 8 + pipeline.MAX_DRAFT_LEN + 2)
+
+
 @pytest.mark.parametrize("interleave", [False, True])
 def test_new_prompts_are_verified_in_their_first_pass(interleave, pairs):
     """A prompt's first target pass prefills it with its drafts appended and verifies them:
@@ -201,8 +240,14 @@ def test_bad_speculation_arguments(kw, message, pairs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("interleave", [True, False])
-def test_gpu_speculation_equals_target(interleave, pairs):
+@pytest.mark.parametrize("interleave, segments", [(True, "off"), (False, "off"), (True, "on"),
+                                                  (False, "on")])
+def test_gpu_speculation_equals_target(interleave, segments, pairs, monkeypatch):
+    """On the GPU (draft steps replayed as CUDA graphs), with the draft's cache dense or in
+    row segments (the kernels' row offsets inside the graphs)."""
+    from specoff.spec import pipeline
+
+    monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", segments)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=24, ignore_eos=True)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]

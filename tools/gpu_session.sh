@@ -23,6 +23,8 @@
 #                nodes a growth pass expands over all rows (spec.tree.GROWTH_TOKENS)
 #   segments     tree throughput runs (HumanEval x3, 32 tokens, up to 256 rows) with the draft's
 #                cache dense and in row segments (spec.tree.SEGMENT_DRAFT_CACHE off / auto)
+#   chain-segments  chain runs (one group, γ=4, HumanEval x2, 32 tokens, up to 256 rows) with
+#                the draft's cache dense and in row segments (spec.pipeline.SEGMENT_DRAFT_CACHE)
 #   tree-tests   the GPU tests of tree mode and of the attention kernel's row offsets
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
@@ -85,6 +87,11 @@ for step in "$@"; do
                 --rows 256 --prompts 492 --humaneval --new-tokens 32 --json "$OUT/segments.json" \
                 --compare "spec.tree.SEGMENT_DRAFT_CACHE=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/segments.log" | tail -8 ;;
+        chain-segments)  # chain's draft cache dense or in row segments (more rows in the budget)
+            timeout "$LIMIT" python tools/profile_pass.py --spec chain --interleave off --draft-len 4 \
+                --rows 256 --prompts 328 --humaneval --new-tokens 32 --json "$OUT/chain-segments.json" \
+                --compare "spec.pipeline.SEGMENT_DRAFT_CACHE=off,auto" 2>&1 | grep -v USDT \
+                | tee -a "$OUT/chain-segments.log" | tail -8 ;;
         tree-tests)
             timeout 200 python -m pytest -q -m gpu tests/test_tree.py 2>&1 | tee -a "$OUT/tests.log" | tail -3
             timeout 100 python -m pytest -q tests/kernels/test_attention.py -k "shared_pool" 2>&1 \
@@ -94,7 +101,7 @@ for step in "$@"; do
                 --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments, chain-segments)" >&2
             exit 2 ;;
     esac
 done

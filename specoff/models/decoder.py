@@ -330,7 +330,7 @@ class Transformer(nn.Module):
     def run_layers(self, h, cos, sin, mask, cache, positions, kv_len):
         pieces = self.ring.pieces if self.ring is not None else 1
         if (self.use_graphs and h.is_cuda and cache is not None and cache.k.is_cuda
-                and kv_len == cache.max_len and pieces == 1 and cache.row_start is None):
+                and kv_len == cache.max_len and pieces == 1):
             from ..graphs import LayerGraphs
 
             per_cache = self._graphs.setdefault(cache, {})  # dropped with the cache

@@ -14,14 +14,28 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..kvcache import KVCache
+from ..kvcache import KVCache, SegmentAllocator, SegmentKVCache, cache_slots, segment_size
 from ..models.decoder import PassPart, PrefillBatch
 from ..sampling import SamplingParams, logits_to_probs, sample_from
 from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accept, sample_accept
+
+
+# The draft's cache in chain mode: rows in segments of one pool shared by the groups
+# (kvcache.SegmentKVCache, as tree mode's), "auto" where that is the smaller, or "on" /
+# "off". Off until measured on a GPU (its decode steps replay CUDA graphs over the pool).
+SEGMENT_DRAFT_CACHE = "off"
+SEGMENT_SLACK = 1.15
+SEGMENT_LOOKAHEAD = 8  # a free row takes the first of this many waiting prompts that fits
+
+
+def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int) -> Tuple[int, bool]:
+    """(slots, segmented): the draft's cache of a chain run over `rows` rows in all."""
+    return cache_slots(rows, prompts, max_new_tokens, MAX_DRAFT_LEN, SEGMENT_DRAFT_CACHE,
+                       SEGMENT_SLACK)
 
 
 @dataclass
@@ -68,6 +82,10 @@ class Group:
     draft_tokens: Optional[torch.Tensor] = None  # (B, γ)
     draft_probs: Optional[torch.Tensor] = None  # (B, γ, V) when sampling
     drafted: Optional[object] = None  # event: the draft tokens are ready
+    # A draft cache in segments: each row's (first slot, slots), None while it idles in its
+    # own idle segment, which starts at idle_first + b × the idle size.
+    segment: List[Optional[tuple]] = field(default_factory=list)
+    idle_first: int = 0
 
     @property
     def active(self) -> bool:
@@ -111,29 +129,75 @@ class ChainPipeline:
         self.max_len = longest + params.max_new_tokens + self.max_gamma + 2
         self.eos = sorted(llm.eos_token_ids) if not params.ignore_eos else []
         self.draft_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.groups = [self._new_group(rows_per_group) for _ in range(groups)]
+        self.pool, self.segmented = draft_cache_slots(
+            rows_per_group * groups, [len(r.prompt) for r in requests], params.max_new_tokens)
+        self.idle = self.max_gamma + 3  # an idle row's segment: its γ+1 draft steps at 0..γ
+        if self.segmented:
+            self.free_slots = SegmentAllocator(rows_per_group * groups * self.idle, self.pool)
+        self._pools = None  # the draft caches' shared pools
+        self.groups = [self._new_group(rows_per_group, i) for i in range(groups)]
         self.timings: List[RoundTiming] = []
         self.draft_step_s, self.target_pass_s = None, llm.last_plan_pass_seconds
         self._pending_draft, self._last_commit = None, None
 
     # -- state -----------------------------------------------------------------------------
 
-    def _new_group(self, rows: int) -> Group:
+    def _new_group(self, rows: int, index: int) -> Group:
         tcfg, dcfg = self.llm.config, self.llm.draft_config
         dtype, device = self.llm.dtype, self.device
         where = device if self.kv_on_gpu else torch.device("cpu")
         tcache = KVCache(tcfg.n_layers, rows, self.max_len, tcfg.n_kv_heads, tcfg.head_dim, dtype,
                          where, pin_memory=where.type != device.type, lengths_device=device)
-        dcache = KVCache(dcfg.n_layers, rows, self.max_len, dcfg.n_kv_heads, dcfg.head_dim, dtype, device)
-        return Group(rows, tcache, dcache, torch.zeros(rows, dtype=torch.long, device=device),
-                     [None] * rows)
+        if not self.segmented:
+            dcache = KVCache(dcfg.n_layers, rows, self.max_len, dcfg.n_kv_heads, dcfg.head_dim,
+                             dtype, device)
+            return Group(rows, tcache, dcache, torch.zeros(rows, dtype=torch.long, device=device),
+                         [None] * rows)
+        dcache = SegmentKVCache(dcfg.n_layers, rows, self.pool, self.max_len + 1, dcfg.n_kv_heads,
+                                dcfg.head_dim, dtype, device, pools=self._pools)
+        self._pools = (dcache.k_pool, dcache.v_pool)
+        g = Group(rows, tcache, dcache, torch.zeros(rows, dtype=torch.long, device=device),
+                  [None] * rows, segment=[None] * rows, idle_first=index * rows * self.idle)
+        dcache.assign(range(rows), [g.idle_first + b * self.idle for b in range(rows)],
+                      [self.idle] * rows)
+        return g
 
     def _assign(self, g: Group) -> None:
-        """Give free rows the next waiting prompts; they are prefilled in the next pass."""
+        """Give free rows the next waiting prompts (with the draft's cache in segments, the
+        first of a few whose segment fits; a row waits while none does); they are prefilled
+        in the next pass."""
+        placed = []
         for b in range(g.rows):
-            if g.request[b] is None and self.waiting:
-                g.request[b] = self.waiting.pop()
+            if g.request[b] is not None:
+                continue
+            for j in range(1, min(SEGMENT_LOOKAHEAD if self.segmented else 1, len(self.waiting)) + 1):
+                i = self.waiting[-j]  # the queue's next prompt is at the end
+                if self.segmented:
+                    n = segment_size(len(self.requests[i].prompt), self.params.max_new_tokens,
+                                     self.max_gamma)
+                    start = self.free_slots.alloc(n)
+                    if start is None:
+                        continue
+                    g.segment[b] = (start, n)
+                    placed.append(b)
+                del self.waiting[-j]
+                g.request[b] = i
                 g.refill.append(b)
+                break
+        if placed:
+            g.draft_cache.assign(placed, [g.segment[b][0] for b in placed],
+                                 [g.segment[b][1] for b in placed])
+
+    def _release(self, g: Group, rows: List[int]) -> None:
+        """Finished rows give their draft segments back and idle in their own (the round
+        synced: no work on them is in flight)."""
+        done = [b for b in rows if g.segment and g.segment[b] is not None]
+        for b in done:
+            self.free_slots.release(*g.segment[b])
+            g.segment[b] = None
+        if done:
+            g.draft_cache.assign(done, [g.idle_first + b * self.idle for b in done],
+                                 [self.idle] * len(done))
 
     def _stream(self, stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
@@ -322,6 +386,7 @@ class ChainPipeline:
             rows = torch.tensor(idle, device=self.device)
             g.target_cache.lengths[rows] = 0
             g.draft_cache.lengths[rows] = 0
+            self._release(g, idle)
         self._assign(g)
 
     def _append(self, g: Group, b: int, tokens: List[int]) -> None:
@@ -385,7 +450,14 @@ class ChainPipeline:
             if g is dst:
                 continue
             d = free.pop(0)
-            for src, out in ((g.target_cache, dst.target_cache), (g.draft_cache, dst.draft_cache)):
+            caches = [(g.target_cache, dst.target_cache)]
+            if self.segmented:  # one pool: the row's segment changes hands, not its K/V
+                dst.segment[d] = g.segment[b]
+                dst.draft_cache.assign([d], [g.segment[b][0]], [g.segment[b][1]])
+                dst.draft_cache.lengths[d] = g.draft_cache.lengths[b]
+            else:
+                caches.append((g.draft_cache, dst.draft_cache))
+            for src, out in caches:
                 out.k[:, d] = src.k[:, b]
                 out.v[:, d] = src.v[:, b]
                 out.lengths[d] = src.lengths[b]

@@ -29,7 +29,6 @@ log-probability, the ancestor mask and two flags (expanded, draft K/V present).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import deque
 import weakref
@@ -38,7 +37,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..kvcache import KVCache, SegmentAllocator, SegmentKVCache
+from ..kvcache import KVCache, SegmentAllocator, SegmentKVCache, cache_slots, segment_size
 from ..models.decoder import PassPart, PrefillBatch, TreeMask
 from ..planner import TreeBudgetTuner, tree_curve
 from ..sampling import SamplingParams, select
@@ -612,38 +611,12 @@ def _commit_segments(cache: SegmentKVCache, path: torch.Tensor) -> None:
             part.scatter_(2, index(dst), part.gather(2, index(src)))
 
 
-def draft_segment(prompt: int, max_new_tokens: int, capacity: int) -> int:
-    """Slots of a row's draft segment: its prompt, its new tokens, a tree parked past them
-    and one slot more that takes writes past the end (SegmentKVCache)."""
-    return prompt + max_new_tokens + capacity + 3
-
-
-def draft_pool_slots(rows: int, prompts: Sequence[int], max_new_tokens: int,
-                     capacity: int) -> int:
-    """Slots of the draft's segment pool for `rows` rows over prompts of these lengths (in
-    queue order): an idle segment for every row (a row with nothing to serve still rides
-    the passes), and room for the first `rows` prompts at once and for SEGMENT_SLACK × the
-    mean need of that many rows plus two of the longest (what the rows' needs wander by
-    and the pool's fragments)."""
-    needs = [draft_segment(n, max_new_tokens, capacity) for n in prompts]
-    serving = min(rows, len(needs))
-    mean = sum(needs) / len(needs)
-    return rows * (capacity + 3) + max(sum(needs[:serving]),
-                                       math.ceil(serving * mean * SEGMENT_SLACK) + 2 * max(needs))
-
-
 def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int,
                       capacity: int) -> Tuple[int, bool]:
-    """(slots, segmented): the draft's cache for a tree run, a segment pool
-    (draft_pool_slots) or rows × the longest need, as SEGMENT_DRAFT_CACHE says."""
-    dense = rows * (max(prompts) + max_new_tokens + capacity + 2)
-    if SEGMENT_DRAFT_CACHE not in ("auto", "on", "off"):
-        raise ValueError(f"SEGMENT_DRAFT_CACHE is 'auto', 'on' or 'off', not {SEGMENT_DRAFT_CACHE!r}")
-    if SEGMENT_DRAFT_CACHE == "off":
-        return dense, False
-    pool = draft_pool_slots(rows, prompts, max_new_tokens, capacity)
-    segmented = SEGMENT_DRAFT_CACHE == "on" or pool < dense
-    return (pool, True) if segmented else (dense, False)
+    """(slots, segmented): the draft's cache for a tree run over `rows` rows, a segment pool
+    or rows × the longest need, as SEGMENT_DRAFT_CACHE says (kvcache.cache_slots)."""
+    return cache_slots(rows, prompts, max_new_tokens, capacity, SEGMENT_DRAFT_CACHE,
+                       SEGMENT_SLACK)
 
 
 def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Sequence[int],
@@ -776,7 +749,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         for j in range(min(SEGMENT_LOOKAHEAD if segmented else 1, len(waiting))):
             i = waiting[j]
             if segmented:
-                n = draft_segment(len(requests[i].prompt), params.max_new_tokens, capacity)
+                n = segment_size(len(requests[i].prompt), params.max_new_tokens, capacity)
                 start = free_slots.alloc(n)
                 if start is None:
                     continue
@@ -786,7 +759,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             return True
         return False
 
-    for b in range(B):  # the pool holds the first B prompts at once (draft_pool_slots)
+    for b in range(B):  # the pool holds the first B prompts at once (segment_pool_slots)
         if not take(b):
             raise RuntimeError("the draft's segment pool cannot hold the first prompts")
     if segmented:
