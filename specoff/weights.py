@@ -35,7 +35,7 @@ class Piece:
 def weight_table(cfg: ModelConfig) -> Dict[str, List[Piece]]:
     """Our parameter name → the checkpoint tensors it is made of, for every family."""
     table: Dict[str, List[Piece]] = {}
-    H, KV, hd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim
+    H, KV = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
 
     def whole(ours, hf):
         table[ours] = [Piece(hf, None, 0, -1)]

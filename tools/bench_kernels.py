@@ -124,7 +124,7 @@ def packed_prefill_padded(q, k, v, lengths):
 
 def packed_prefill_cost(q, k, lengths):
     """(flops, bytes): each prompt's causal half of QK^T and PV; K, V and q read once."""
-    H, hd, KV = q.shape[2], q.shape[3], k.shape[1]
+    H, hd = q.shape[2], q.shape[3]
     pairs = sum(n * (n + 1) // 2 for n in lengths)
     flops = 4 * pairs * H * hd
     bytes_ = 2 * k.numel() * k.element_size() + 2 * q.numel() * q.element_size()

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
