@@ -116,13 +116,17 @@ class SegmentKVCache(KVCache):
     cache of a 24 GiB throughput run holds about twice the rows at the same size."""
 
     def __init__(self, n_layers: int, rows: int, pool: int, max_len: int, n_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device, pools: Optional[tuple] = None):
+                 head_dim: int, dtype: torch.dtype, device, pools: Optional[tuple] = None,
+                 pin_memory: bool = False, lengths_device=None):
         """`pools`: another SegmentKVCache's (k_pool, v_pool), shared (rows of two groups
-        in one pool: a row moves between them by its segment's address alone)."""
+        in one pool: a row moves between them by its segment's address alone). A pool in
+        pinned host memory (`pin_memory`) keeps lengths and segments on `lengths_device`,
+        where the kernels that write it across the bus run (KVCache.mapped)."""
         torch.nn.Module.__init__(self)
         shape = (n_layers, n_kv_heads, pool, head_dim)
-        k, v = pools or (torch.zeros(shape, dtype=dtype, device=device),
-                         torch.zeros(shape, dtype=dtype, device=device))
+        k, v = pools or (torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory),
+                         torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory))
+        device = lengths_device or device
         if tuple(k.shape) != shape or tuple(v.shape) != shape:
             raise ValueError(f"shared pools of shape {tuple(k.shape)}, not {shape}")
         self.register_buffer("k_pool", k, persistent=False)
@@ -158,12 +162,18 @@ class SegmentKVCache(KVCache):
         end = self.row_end if rows is None else self.row_end[rows]
         return torch.minimum(start[:, None] + positions, end[:, None])
 
+    def pools_at(self, device) -> tuple:
+        """(k_pool, v_pool) as tensors on `device`: the pools, or their device alias."""
+        if self.k_pool.device.type == torch.device(device).type:
+            return self.k_pool, self.v_pool
+        return self.mapped()
+
     def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """K/V (KV, n, hd) at pool slots (n,)."""
+        """K/V (KV, n, hd) at pool slots (n,) (across the bus into a pool in host memory)."""
         KV, n, hd = k.shape
         idx = slots.reshape(1, n, 1).expand(KV, n, hd)
-        self.k_pool[layer].scatter_(1, idx, k.to(self.k_pool.dtype))
-        self.v_pool[layer].scatter_(1, idx, v.to(self.v_pool.dtype))
+        for pool, new in zip(self.pools_at(slots.device), (k, v)):
+            pool[layer].scatter_(1, idx, new.to(pool.dtype))
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
               positions: torch.Tensor) -> None:
@@ -192,7 +202,11 @@ class SegmentKVCache(KVCache):
                      for pool in (self.k_pool, self.v_pool))
 
     def mapped(self) -> tuple:
-        raise ValueError("a SegmentKVCache lives on its compute device")
+        """(k_pool, v_pool) as device tensors over pinned host pools (KVCache.mapped)."""
+        if self._mapped is None:
+            self._mapped = (device_alias(self.k_pool, self.lengths.device),
+                            device_alias(self.v_pool, self.lengths.device))
+        return self._mapped
 
 
 class SegmentAllocator:

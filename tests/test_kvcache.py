@@ -119,3 +119,40 @@ def test_segment_allocator_first_fit_and_merges():
     assert a.free == [(10, 50)] and a.alloc(40) == 10 and a.alloc(1) is None
     with pytest.raises(ValueError, match="twice"):
         a.release(10, 40) or a.release(12, 3)
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_streamed_segments_attend_as_over_a_dense_cache(tree):
+    """decoder.streamed_segments (a host pool streamed to the device, here both the CPU):
+    the new tokens land in each row's segment and attention equals cached attention over a
+    dense cache of the same rows."""
+    from specoff.models.decoder import TreeMask, cached_attention, causal_mask, streamed_segments
+
+    B, KV, H, hd, T = 3, 2, 4, 8, 3
+    g = torch.Generator().manual_seed(1)
+    dense = KVCache(1, B, 20, KV, hd, torch.float32, "cpu")
+    seg = SegmentKVCache(1, B, 64, 20, KV, hd, torch.float32, "cpu")
+    seg.assign(range(B), [40, 2, 20], [20, 15, 18])
+    lengths = torch.tensor([5, 0, 9])
+    prefix = torch.randn(B, KV, 10, hd, generator=g), torch.randn(B, KV, 10, hd, generator=g)
+    dense.k[0, :, :, :10], dense.v[0, :, :, :10] = prefix
+    seg.put_rows(0, None, *prefix)
+    for c in (dense, seg):
+        c.advance(lengths)
+    q = torch.randn(B, H, T, hd, generator=g)
+    k, v = torch.randn(B, KV, T, hd, generator=g), torch.randn(B, KV, T, hd, generator=g)
+    positions = dense.positions(T)
+    if tree:
+        ancestors = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool).expand(B, T, T)
+        mask = TreeMask(dense.lengths, ancestors)
+        expect = cached_attention(q, k, v, mask.dense(20), dense, 0, positions, 20, causal=False)
+    else:
+        mask = causal_mask(positions, 20)
+        expect = cached_attention(q, k, v, mask, dense, 0, positions, 20)
+    got = streamed_segments(q, k, v, TreeMask(seg.lengths, mask.ancestors) if tree else mask, seg,
+                            0, positions, 20, causal=not tree)
+    assert torch.allclose(got, expect, atol=1e-5)
+    keys, _ = seg.dense(0, 20)
+    for b in range(B):
+        n = int(lengths[b]) + T
+        assert torch.equal(keys[b, :, :n], dense.k[0, b, :, :n])

@@ -178,6 +178,28 @@ def test_staged_prefill_fills_rows_of_a_larger_cache(make_checkpoint):
         model.prefill(ids, lens, big, chunk=2, kv_start=4, rows=rows)
 
 
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_plain_batches_with_the_cache_in_row_segments(mode, make_checkpoint, monkeypatch):
+    """engine.SEGMENT_HOST_CACHE: a plain batch's cache as rows in segments of one pool (each
+    its prompt and new tokens long) gives the tokens the dense cache gives; "auto" keeps
+    the dense cache where it is on the compute device."""
+    from specoff import engine
+
+    path = make_checkpoint("mixtral", layers=3)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    expect = [o.token_ids for o in specoff.LLM(path, device="cpu").generate(prompts, GREEDY)]
+    monkeypatch.setattr(engine, "SEGMENT_HOST_CACHE", mode)
+    llm = specoff.LLM(path, device="cpu")
+    cache = llm._batch_cache(prompts, 6, torch.device("cpu"))
+    assert (cache.row_start is not None) == (mode == "on")
+    if mode == "on":
+        assert cache.pool == sum(len(p) + 7 for p in prompts)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expect
+    monkeypatch.setattr(engine, "SEGMENT_HOST_CACHE", "sometimes")
+    with pytest.raises(ValueError, match="SEGMENT_HOST_CACHE"):
+        llm.generate(prompts, GREEDY)
+
+
 def _gpu_runs(path, **kw):
     llm = specoff.LLM(path, device="cuda", dtype="float32", **kw)
     outs = llm.generate(PROMPTS, GREEDY)
@@ -186,10 +208,17 @@ def _gpu_runs(path, **kw):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("slots", [2, 3])
-@pytest.mark.parametrize("kv", ["gpu", "host"])
-def test_gpu_offloaded_equals_resident(slots, kv, make_checkpoint):
+@pytest.mark.parametrize("kv", ["gpu", "host", "host-segments"])
+def test_gpu_offloaded_equals_resident(slots, kv, make_checkpoint, monkeypatch):
+    """Streamed layers equal resident ones, the cache on the GPU or in host memory (dense,
+    or as row segments streamed as a pool: engine.SEGMENT_HOST_CACHE)."""
+    from specoff import engine
+
     path = make_checkpoint("mixtral", layers=5)
     expect, _ = _gpu_runs(path, offload=False, cuda_graphs=False)
+    if kv == "host-segments":
+        monkeypatch.setattr(engine, "SEGMENT_HOST_CACHE", "auto")  # host memory: segments
+        kv = "host"
     got, llm = _gpu_runs(path, offload=True, ring_slots=slots, kv_placement=kv)
     assert got == expect
     assert llm.model.ring.n_slots == slots and llm.last_stats.plan["kv_on_gpu"] == (kv == "gpu")

@@ -684,19 +684,24 @@ def test_greedy_tree_refills_rows(sigma, budget, rows, pairs):
         assert s.tokens_per_pass > 3
 
 
-@pytest.mark.parametrize("budget, rows, slack", [(8, 3, 1.15), ("auto", 4, 1.15), (16, 3, 0.3)])
-def test_greedy_tree_with_the_draft_cache_in_row_segments(budget, rows, slack, pairs, monkeypatch):
-    """The draft's cache as a pool of row segments (SegmentKVCache): greedy output equals
-    the target's own; a pool too small for the rows' mean need (slack 0.3) makes refills wait
-    for a segment and still serves every prompt."""
+@pytest.mark.parametrize("budget, rows, slack, target", [(8, 3, 1.15, "off"), ("auto", 4, 1.15, "off"),
+                                                          (16, 3, 0.3, "off"), (8, 3, 1.15, "on"),
+                                                          (16, 3, 0.3, "on")])
+def test_greedy_tree_with_the_draft_cache_in_row_segments(budget, rows, slack, target, pairs,
+                                                          monkeypatch):
+    """The draft's cache as a pool of row segments (SegmentKVCache), and the target's in the
+    same segments (SEGMENT_TARGET_CACHE): greedy output equals the target's own; a pool too
+    small for the rows' mean need (slack 0.3) makes refills wait for a segment and still
+    serves every prompt."""
     from specoff.spec import tree
 
     monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "on")
+    monkeypatch.setattr(tree, "SEGMENT_TARGET_CACHE", target)
     monkeypatch.setattr(tree, "SEGMENT_SLACK", slack)
-    draft, target = pairs(0.3)
+    draft, target_dir = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=9)
-    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(MANY, params)]
-    llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=budget,
+    expect = [o.token_ids for o in specoff.LLM(target_dir, device="cpu").generate(MANY, params)]
+    llm = specoff.LLM(target_dir, draft=draft, device="cpu", spec="tree", tree_budget=budget,
                       max_rows=rows)
     assert [o.token_ids for o in llm.generate(MANY * 2, params)] == expect * 2
     assert llm.last_stats.rows_per_group == rows
@@ -825,13 +830,15 @@ def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, overlap, pairs, monk
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("segments", ["on", "off"])
-def test_gpu_tree_draft_cache_in_row_segments(segments, pairs, monkeypatch):
+@pytest.mark.parametrize("segments, target", [("on", "off"), ("off", "off"), ("on", "on")])
+def test_gpu_tree_draft_cache_in_row_segments(segments, target, pairs, monkeypatch):
     """The draft's cache in row segments on the GPU: growth graphs and kernels read each
-    row's own segment (verify_attention(row_start=)); greedy exact with refills."""
+    row's own segment (verify_attention(row_start=)); the target's host cache in the same
+    segments, streamed as a pool (decoder.streamed_segments); greedy exact with refills."""
     from specoff.spec import tree
 
     monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", segments)
+    monkeypatch.setattr(tree, "SEGMENT_TARGET_CACHE", target)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=12)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(MANY, params)]

@@ -119,7 +119,9 @@ class Attention(nn.Module):
                 y = mask.attend(q, cache.k[layer], cache.v[layer], kv_len,
                                 row_start=cache.row_start)  # (B, T, H, hd)
                 return self.wo(y.reshape(B, T, H * hd))
-            mask = mask.dense(kv_len)
+            if not (cache is not None and cache.row_start is not None
+                    and cache.k.device != x.device):  # streamed_segments takes the mask itself
+                mask = mask.dense(kv_len)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         if cache is not None and cache.k.device != x.device:
             y = streamed_attention(q, k, v, mask, cache, layer, positions, kv_len, causal)
@@ -180,6 +182,8 @@ def streamed_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_
     The whole (B, KV, max_len, hd) block moves in one asynchronous DMA: copying only
     [0, kv_len) of every row, or gathering it across the bus with a device kernel reading
     the mapped cache, gave the same pass time (1.81–1.83 s, Mixtral 8x7B, 144 rows)."""
+    if cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
+        return streamed_segments(q, k, v, mask, cache, layer, positions, kv_len, causal)
     keys, values = (c[layer].to(q.device, non_blocking=True) for c in (cache.k, cache.v))
     B, KV, T, hd = k.shape
     slots = positions.clamp(max=kv_len - 1)
@@ -189,6 +193,32 @@ def streamed_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_
         dev.scatter_(2, idx, new)
         host[layer].scatter_(2, idx, new)
     return attend(q, keys.to(q.dtype), values.to(q.dtype), mask, positions, kv_len, causal)
+
+
+def streamed_segments(q, k, v, mask, cache, layer: int, positions, kv_len, causal: bool):
+    """streamed_attention over a cache of row segments in pinned host memory: the layer's
+    pool (what the rows hold, not rows × the longest) crosses the bus, the new tokens go into
+    it and, by the same kernels, into the host pool; the attention kernel reads each row's
+    segment by its offset (`mask`: a TreeMask, or causal over `positions`)."""
+    B, KV, T, hd = k.shape
+    keys, values = (p[layer].to(q.device, non_blocking=True) for p in (cache.k_pool, cache.v_pool))
+    slots = cache._slots(None, positions.clamp(max=kv_len - 1)).reshape(-1)  # (B * T,)
+    idx = slots.reshape(1, B * T, 1).expand(KV, B * T, hd)
+    for dev, host, new in zip((keys, values), cache.pools_at(q.device), (k, v)):
+        new = new.to(dev.dtype).transpose(0, 1).reshape(KV, B * T, hd)
+        dev.scatter_(1, idx, new)
+        if host.data_ptr() != dev.data_ptr():  # a copy crossed the bus: the host pool too
+            host[layer].scatter_(1, idx, new)
+    pooled = [t.to(q.dtype)[None].expand(B, *t.shape) for t in (keys, values)]
+    if isinstance(mask, TreeMask):
+        y = verify_attention(q.transpose(1, 2), *pooled, mask.lengths, mask.ancestors,
+                             kv_len=kv_len, row_start=cache.row_start)
+    elif causal:
+        y = verify_attention(q.transpose(1, 2), *pooled, positions[:, 0], kv_len=kv_len,
+                             row_start=cache.row_start)
+    else:
+        raise ValueError("a streamed segment cache takes a TreeMask or a causal mask")
+    return y.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -618,7 +648,7 @@ class PrefillStage:
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, into=None) -> None:
         T = self.T
         if self.cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
-            self.cache.put_rows(layer, self.rows, k, v)
+            self.cache.put_rows(layer, self.rows_device, k, v)
             return
         for dst, src in zip(into or (self.cache.k, self.cache.v), (k, v)):
             if self.rows is None:

@@ -61,6 +61,11 @@ DRAFT_PREFILL_STREAM = True
 SEGMENT_DRAFT_CACHE = "auto"
 SEGMENT_SLACK = 1.15
 SEGMENT_LOOKAHEAD = 8  # a refill takes the first of this many waiting prompts that fits
+# The target's cache in the same segments as the draft's, where the draft's is segmented:
+# "auto" where the target's cache sits in host memory (a pass streams the pool, what the
+# rows hold, instead of rows × the longest: ~11 GB a pass at 222 HumanEval rows of
+# Mixtral 8x7B against ~6 GB), "on" anywhere, "off". Off until measured on a GPU.
+SEGMENT_TARGET_CACHE = "off"
 
 
 def growth_shape(budget: int, rows: int = 1) -> Tuple[int, int]:
@@ -596,7 +601,8 @@ def commit(cache: KVCache, path: torch.Tensor, accepted: torch.Tensor) -> None:
 
 
 def _commit_segments(cache: SegmentKVCache, path: torch.Tensor) -> None:
-    """commit's moves in a pool of row segments: the same gathers and scatters on slots."""
+    """commit's moves in a pool of row segments: the same gathers and scatters on slots (a
+    pool in host memory through its device alias)."""
     B, P = path.shape
     L_, KV, _, hd = cache.k_pool.shape
     base, end = (cache.row_start + cache.lengths)[:, None], cache.row_end[:, None]
@@ -606,7 +612,7 @@ def _commit_segments(cache: SegmentKVCache, path: torch.Tensor) -> None:
     for lo in range(0, L_, step):
         n = min(step, L_ - lo)
         index = lambda i: i[None, None, :, None].expand(n, KV, B * P, hd)  # noqa: E731
-        for pool in (cache.k_pool, cache.v_pool):
+        for pool in cache.pools_at(path.device):
             part = pool[lo:lo + n]
             part.scatter_(2, index(dst), part.gather(2, index(src)))
 
@@ -727,10 +733,21 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     # The target's cache where the plan puts it: in pinned host memory it streams to the GPU
     # for each layer's attention (decoder.streamed_attention).
     where = device if kv_on_gpu else torch.device("cpu")
-    tcache = KVCache(tcfg.n_layers, B, max_len, tcfg.n_kv_heads, tcfg.head_dim, llm.dtype,
-                     where, pin_memory=where.type != device.type, lengths_device=device)
     pool, segmented = draft_cache_slots(B, [len(r.prompt) for r in requests],
                                         params.max_new_tokens, capacity)
+    if SEGMENT_TARGET_CACHE not in ("auto", "on", "off"):
+        raise ValueError(f"SEGMENT_TARGET_CACHE is 'auto', 'on' or 'off', not {SEGMENT_TARGET_CACHE!r}")
+    # The target's cache in the draft's segments (the same slots): in host memory, a pass
+    # then streams what the rows hold instead of rows × the longest.
+    target_segmented = segmented and (SEGMENT_TARGET_CACHE == "on" or (
+        SEGMENT_TARGET_CACHE == "auto" and where.type != device.type))
+    if target_segmented:
+        tcache = SegmentKVCache(tcfg.n_layers, B, pool, max_len + 1, tcfg.n_kv_heads,
+                                tcfg.head_dim, llm.dtype, where,
+                                pin_memory=where.type != device.type, lengths_device=device)
+    else:
+        tcache = KVCache(tcfg.n_layers, B, max_len, tcfg.n_kv_heads, tcfg.head_dim, llm.dtype,
+                         where, pin_memory=where.type != device.type, lengths_device=device)
     idle = capacity + 3  # a row with nothing to serve: a tree at length 1 (SegmentKVCache)
     if segmented:  # a segment per row in a pool sized by the queue's prompts
         dcache = SegmentKVCache(dcfg.n_layers, B, pool, max_len + 1, dcfg.n_kv_heads,
@@ -739,6 +756,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     else:
         dcache = KVCache(dcfg.n_layers, B, max_len, dcfg.n_kv_heads, dcfg.head_dim, llm.dtype,
                          device)
+    segmented_caches = [c for c in (tcache, dcache) if c.row_start is not None]
     draft_ids = lambda ids: torch.where(ids < dcfg.vocab_size, ids, torch.zeros_like(ids))  # noqa: E731
     waiting = deque(range(len(requests)))
     serving: list = [None] * B  # the request of each row (None: idle)
@@ -762,8 +780,8 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     for b in range(B):  # the pool holds the first B prompts at once (segment_pool_slots)
         if not take(b):
             raise RuntimeError("the draft's segment pool cannot hold the first prompts")
-    if segmented:
-        dcache.assign(range(B), [segment[b][0] for b in range(B)], [segment[b][1] for b in range(B)])
+    for c in segmented_caches:
+        c.assign(range(B), [segment[b][0] for b in range(B)], [segment[b][1] for b in range(B)])
     ids, lens, host = pad_prompts([requests[i].prompt for i in serving], device)
     last = select(target.prefill(ids, lens, tcache, llm.prefill_chunk, lengths_host=host),
                   params, generator)
@@ -792,14 +810,15 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
                 refill.append(b)
         if free:
             at = torch.tensor(free, device=device)
-            tcache.lengths[at] = torch.tensor([park if b in refill else 1 for b in free], device=device)
+            length = torch.tensor([park if b in refill else 1 for b in free], device=device)
             if segmented:  # parked past the prompt in the row's own segment
                 spans = [segment[b] if b in refill else (b * idle, idle) for b in free]
-                dcache.assign(free, [a for a, _ in spans], [n for _, n in spans])
-                dcache.lengths[at] = torch.tensor([n - capacity - 2 if b in refill else 1
-                                                   for b, (_, n) in zip(free, spans)], device=device)
-            else:
-                dcache.lengths[at] = tcache.lengths[at]
+                for c in segmented_caches:
+                    c.assign(free, [a for a, _ in spans], [n for _, n in spans])
+                parked = torch.tensor([n - capacity - 2 if b in refill else 1
+                                       for b, (_, n) in zip(free, spans)], device=device)
+            for c in (tcache, dcache):
+                c.lengths[at] = parked if c.row_start is not None else length
 
     place_free_rows()
     while any(r is not None for r in serving):
