@@ -25,6 +25,9 @@
 #                cache dense and in row segments (spec.tree.SEGMENT_DRAFT_CACHE off / auto)
 #   chain-segments  chain runs (one group, γ=4, HumanEval x2, 32 tokens, up to 256 rows) with
 #                the draft's cache dense and in row segments (spec.pipeline.SEGMENT_DRAFT_CACHE)
+#   host-segments  the target's host cache dense or in row segments streamed as a pool: tree
+#                runs (spec.tree.SEGMENT_TARGET_CACHE; HumanEval x2) and one offload-only batch
+#                of up to 512 rows (engine.SEGMENT_HOST_CACHE; x3), 16 tokens, off / auto, ABAB
 #   tree-tests   the GPU tests of tree mode and of the attention kernel's row offsets
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
@@ -92,6 +95,15 @@ for step in "$@"; do
                 --rows 256 --prompts 328 --humaneval --new-tokens 32 --json "$OUT/chain-segments.json" \
                 --compare "spec.pipeline.SEGMENT_DRAFT_CACHE=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/chain-segments.log" | tail -8 ;;
+        host-segments)  # the target's host cache streamed as row segments (tree, then plain)
+            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+                --rows 256 --prompts 328 --humaneval --new-tokens 16 --json "$OUT/host-segments-tree.json" \
+                --compare "spec.tree.SEGMENT_TARGET_CACHE=off,auto" 2>&1 | grep -v USDT \
+                | tee -a "$OUT/host-segments.log" | tail -4
+            timeout "$LIMIT" python tools/profile_pass.py --offload-only --rows 512 --prompts 492 \
+                --humaneval --new-tokens 16 --json "$OUT/host-segments-plain.json" \
+                --compare "engine.SEGMENT_HOST_CACHE=off,auto" 2>&1 | grep -v USDT \
+                | tee -a "$OUT/host-segments.log" | tail -4 ;;
         tree-tests)
             timeout 200 python -m pytest -q -m gpu tests/test_tree.py 2>&1 | tee -a "$OUT/tests.log" | tail -3
             timeout 100 python -m pytest -q tests/kernels/test_attention.py -k "shared_pool" 2>&1 \
@@ -101,7 +113,7 @@ for step in "$@"; do
                 --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments, chain-segments)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments)" >&2
             exit 2 ;;
     esac
 done
