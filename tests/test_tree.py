@@ -762,6 +762,29 @@ def test_progress_counts_every_prompt(spec, pairs):
     assert bar.n == len(MANY)
 
 
+@pytest.mark.parametrize("spec", ["tree", "chain"])
+def test_plan_counts_the_draft_cache_the_run_allocates(spec, pairs, monkeypatch):
+    """The plan's cache bytes are the target's rows × context plus the draft's cache as the
+    run allocates it (tree: spec.tree.draft_cache_slots; chain: spec.pipeline's), pooled."""
+    from specoff.planner import ModelSizes
+    from specoff.spec import pipeline, tree
+
+    monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", "on")
+    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "on")
+    draft, target = pairs(0.3)
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec=spec, max_rows=6)
+    lengths = [3, 17, 5, 30, 2, 9, 11, 4]
+    plan = llm.plan(len(lengths), max(lengths), 7, lengths)
+    rows = plan.rows_per_pass
+    extra = llm.tree_capacity_for(len(lengths)) if spec == "tree" else pipeline.MAX_DRAFT_LEN
+    slots = (tree.draft_cache_slots(rows, lengths, 7, extra) if spec == "tree"
+             else pipeline.draft_cache_slots(rows, lengths, 7))[0]
+    target_kv = rows * (max(lengths) + 7 + plan.tokens_per_row + 1) * ModelSizes.of(
+        llm.config, llm.dtype).kv_per_token
+    draft_kv = slots * ModelSizes.of(llm.draft_config, llm.dtype).kv_per_token
+    assert plan.gpu_bytes["kv_cache"] == target_kv + draft_kv
+
+
 def test_tree_refill_with_one_token_answers_and_sampling(pairs):
     """Answers of one token (each row frees right after its prompt's pass) and sampled
     output: every prompt is served, the right number of tokens each."""
