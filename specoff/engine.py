@@ -124,6 +124,8 @@ class GenerationStats:
     rejections: int = 0  # of those, the ones that kept fewer drafts than offered
     accepted_histogram: Optional[List[int]] = None  # [k]: row passes that accepted k drafts
     tail_merges: int = 0  # times the two row groups became one at the end of a workload
+    # Draft cache in row segments: times a free row found no room for a waiting prompt
+    segment_waits: int = 0
 
     def count_verified(self, proposed: int, accepted: int) -> None:
         """One row's drafts checked by one target pass: `accepted` of `proposed` kept."""

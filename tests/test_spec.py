@@ -115,6 +115,7 @@ def test_chain_with_the_draft_cache_in_row_segments(interleave, slack, sampled, 
     assert [o.token_ids for o in llm.generate(prompts, params)] == expect
     s = llm.last_stats
     assert s.groups == (2 if interleave else 1) and s.tail_merges == (1 if interleave else 0)
+    assert (s.segment_waits > 0) == (slack < 1)  # a short pool makes refills wait
 
 
 def test_chain_plan_counts_the_segment_pool(pairs, monkeypatch):

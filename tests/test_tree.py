@@ -705,6 +705,7 @@ def test_greedy_tree_with_the_draft_cache_in_row_segments(budget, rows, slack, t
                       max_rows=rows)
     assert [o.token_ids for o in llm.generate(MANY * 2, params)] == expect * 2
     assert llm.last_stats.rows_per_group == rows
+    assert (llm.last_stats.segment_waits > 0) == (slack < 1)  # a short pool makes refills wait
     sampled = llm.generate(MANY, specoff.SamplingParams(max_new_tokens=5, temperature=0.8,
                                                         seed=1, ignore_eos=True))
     assert all(len(o.token_ids) == 5 for o in sampled)

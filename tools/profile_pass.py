@@ -341,6 +341,7 @@ def compare(llm, run, args) -> dict:
         rows.append(dict(option=name, value=value, wall_seconds=time.perf_counter() - t0,
                          triton_compiles=compiles,
                          passes=s.decode_passes, rows_per_group=s.rows_per_group,
+                         segment_waits=s.segment_waits,
                          tokens_per_pass=s.tokens_per_pass,
                          peak_gpu_gib=s.peak_gpu_bytes / 2**30 if s.peak_gpu_bytes else None,
                          draft_cache_gib=(s.plan or {}).get("gpu_bytes", {}).get("kv_cache", 0) / 2**30,

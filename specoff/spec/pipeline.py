@@ -184,6 +184,8 @@ class ChainPipeline:
                 g.request[b] = i
                 g.refill.append(b)
                 break
+            else:
+                self.stats.segment_waits += bool(self.waiting)
         if placed:
             g.draft_cache.assign(placed, [g.segment[b][0] for b in placed],
                                  [g.segment[b][1] for b in placed])

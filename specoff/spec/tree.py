@@ -808,6 +808,8 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
                 segment[b] = None
             if waiting and take(b):
                 refill.append(b)
+            elif waiting:
+                stats.segment_waits += 1
         if free:
             at = torch.tensor(free, device=device)
             length = torch.tensor([park if b in refill else 1 for b in free], device=device)
