@@ -152,6 +152,8 @@ def test_engines_run_in_the_order_given(tmp_path):
     records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",
                           "--engines", "specoff-tree,specoff-offload", "--new-tokens", "3,2",
                           "--configs", "humaneval"])
+    options = records["throughput"][0]["options"]  # the module options each row ran with
+    assert options["spec.tree.SEGMENT_DRAFT_CACHE"] == "auto" and "engine.SEGMENT_HOST_CACHE" in options
     assert [(r["config"], r["engine"]) for r in records["throughput"]] == [
         ("humaneval x3", "specoff-tree"), ("humaneval x3", "specoff-offload"),
         ("humaneval x2", "specoff-tree"), ("humaneval x2", "specoff-offload")]

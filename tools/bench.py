@@ -147,6 +147,21 @@ class Job:
     estimate: Callable[["Job"], Optional[float]] = lambda job: None  # seconds, if known
 
 
+def engine_options() -> dict:
+    """specoff's module options as they stand (upper-case names: spec.tree.SEGMENT_DRAFT_CACHE,
+    spec.tree.GROWTH_TOKENS, ...), recorded with every run: what a row measured."""
+    import importlib
+
+    out = {}
+    for name in ("engine", "spec.tree", "spec.pipeline", "models.decoder"):
+        module = importlib.import_module(f"specoff.{name}")
+        for key, value in vars(module).items():
+            if key.isupper() and isinstance(value, (bool, int, float, str, type(None))) and not (
+                    isinstance(value, float) and not math.isfinite(value)):  # NEG_INF: no option
+                out[f"{name}.{key}"] = value
+    return out
+
+
 def host_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -323,7 +338,7 @@ class Bench:
                     full_layers=self.full_layers, std=a.std, seed=a.seed,
                     gpu_memory_requested=job.params.get("gpu_memory"),
                     copy_gbps=self.copy_gbps, torch=torch.__version__,
-                    command=" ".join(sys.argv), settings=vars(a),
+                    command=" ".join(sys.argv), settings=vars(a), options=engine_options(),
                     **{k: v for k, v in job.params.items() if k != "prompts"})
 
     def record(self, job: Job, fields: dict) -> dict:
