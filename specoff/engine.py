@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .config import ModelConfig
-from .kvcache import KVCache, SegmentKVCache
+from .kvcache import KVCache, SegmentKVCache, check_segment_mode
 from .offload import build_offloaded
 from .planner import (Plan, load_profile, parse_bytes, plan_run, plan_weights, predict_draft_prefill,
                       weight_reserve)
@@ -474,8 +474,7 @@ class LLM:
         (each row's prompt and new tokens and a spare slot, one after another)."""
         cfg, lengths = self.config, [len(r) for r in rows]
         host = where.type != self.device.type
-        if SEGMENT_HOST_CACHE not in ("auto", "on", "off"):
-            raise ValueError(f"SEGMENT_HOST_CACHE is 'auto', 'on' or 'off', not {SEGMENT_HOST_CACHE!r}")
+        check_segment_mode("engine.SEGMENT_HOST_CACHE", SEGMENT_HOST_CACHE)
         if SEGMENT_HOST_CACHE == "on" or (SEGMENT_HOST_CACHE == "auto" and host
                                          and min(lengths) != max(lengths)):
             sizes = [n + max_new + 1 for n in lengths]

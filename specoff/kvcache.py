@@ -238,9 +238,24 @@ class SegmentAllocator:
                 merged.append((a, b))
         self.free = merged
 
+    def take_first(self, needs: Sequence[int]) -> Optional[Tuple[int, int, int]]:
+        """(i, first slot, slots) for the first of `needs` a free run holds, allocated; None
+        when none fits (a queue's next few prompts: the first that fits goes)."""
+        for i, n in enumerate(needs):
+            start = self.alloc(n)
+            if start is not None:
+                return i, start, n
+        return None
+
     @property
     def largest(self) -> int:
         return max((b - a for a, b in self.free), default=0)
+
+
+def check_segment_mode(name: str, mode) -> None:
+    """A segment option (SEGMENT_DRAFT_CACHE, ...) is "auto", "on" or "off"."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"{name} is 'auto', 'on' or 'off', not {mode!r}")
 
 
 def segment_size(prompt: int, max_new_tokens: int, extra: int) -> int:
@@ -264,13 +279,12 @@ def segment_pool_slots(rows: int, prompts: Sequence[int], max_new_tokens: int, e
 
 
 def cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int, extra: int, mode: str,
-                slack: float) -> Tuple[int, bool]:
+                slack: float, name: str = "the segment mode") -> Tuple[int, bool]:
     """(slots, segmented): a cache of rows in segments (segment_pool_slots) or of rows ×
-    the longest need, by `mode`: "auto" takes the pool where it is the smaller, "on" and
-    "off" force one."""
+    the longest need, by `mode` (the option `name`): "auto" takes the pool where it is the
+    smaller, "on" and "off" force one."""
+    check_segment_mode(name, mode)
     dense = rows * (max(prompts) + max_new_tokens + extra + 2)
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"a segment mode is 'auto', 'on' or 'off', not {mode!r}")
     if mode == "off":
         return dense, False
     pool = segment_pool_slots(rows, prompts, max_new_tokens, extra, slack)

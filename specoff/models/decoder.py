@@ -202,7 +202,7 @@ def streamed_segments(q, k, v, mask, cache, layer: int, positions, kv_len, causa
     segment by its offset (`mask`: a TreeMask, or causal over `positions`)."""
     B, KV, T, hd = k.shape
     keys, values = (p[layer].to(q.device, non_blocking=True) for p in (cache.k_pool, cache.v_pool))
-    slots = cache._slots(None, positions.clamp(max=kv_len - 1)).reshape(-1)  # (B * T,)
+    slots = cache._slots(None, positions).reshape(-1)  # (B * T,), within each row's segment
     idx = slots.reshape(1, B * T, 1).expand(KV, B * T, hd)
     for dev, host, new in zip((keys, values), cache.pools_at(q.device), (k, v)):
         new = new.to(dev.dtype).transpose(0, 1).reshape(KV, B * T, hd)

@@ -35,7 +35,7 @@ SEGMENT_LOOKAHEAD = 8  # a free row takes the first of this many waiting prompts
 def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int) -> Tuple[int, bool]:
     """(slots, segmented): the draft's cache of a chain run over `rows` rows in all."""
     return cache_slots(rows, prompts, max_new_tokens, MAX_DRAFT_LEN, SEGMENT_DRAFT_CACHE,
-                       SEGMENT_SLACK)
+                       SEGMENT_SLACK, "spec.pipeline.SEGMENT_DRAFT_CACHE")
 
 
 @dataclass
@@ -168,24 +168,22 @@ class ChainPipeline:
         in the next pass."""
         placed = []
         for b in range(g.rows):
-            if g.request[b] is not None:
+            if g.request[b] is not None or not self.waiting:
                 continue
-            for j in range(1, min(SEGMENT_LOOKAHEAD if self.segmented else 1, len(self.waiting)) + 1):
-                i = self.waiting[-j]  # the queue's next prompt is at the end
-                if self.segmented:
-                    n = segment_size(len(self.requests[i].prompt), self.params.max_new_tokens,
-                                     self.max_gamma)
-                    start = self.free_slots.alloc(n)
-                    if start is None:
-                        continue
-                    g.segment[b] = (start, n)
-                    placed.append(b)
-                del self.waiting[-j]
-                g.request[b] = i
-                g.refill.append(b)
-                break
-            else:
-                self.stats.segment_waits += bool(self.waiting)
+            j = 0  # from the end: the queue's next prompt is last
+            if self.segmented:
+                window = self.waiting[:-SEGMENT_LOOKAHEAD - 1:-1]
+                found = self.free_slots.take_first([segment_size(
+                    len(self.requests[i].prompt), self.params.max_new_tokens, self.max_gamma)
+                    for i in window])
+                if found is None:
+                    self.stats.segment_waits += 1
+                    continue
+                j, start, n = found
+                g.segment[b] = (start, n)
+                placed.append(b)
+            g.request[b] = self.waiting.pop(-1 - j)
+            g.refill.append(b)
         if placed:
             g.draft_cache.assign(placed, [g.segment[b][0] for b in placed],
                                  [g.segment[b][1] for b in placed])

@@ -37,7 +37,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..kvcache import KVCache, SegmentAllocator, SegmentKVCache, cache_slots, segment_size
+from ..kvcache import (KVCache, SegmentAllocator, SegmentKVCache, cache_slots, check_segment_mode,
+                       segment_size)
 from ..models.decoder import PassPart, PrefillBatch, TreeMask
 from ..planner import TreeBudgetTuner, tree_curve
 from ..sampling import SamplingParams, select
@@ -622,7 +623,7 @@ def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int,
     """(slots, segmented): the draft's cache for a tree run over `rows` rows, a segment pool
     or rows × the longest need, as SEGMENT_DRAFT_CACHE says (kvcache.cache_slots)."""
     return cache_slots(rows, prompts, max_new_tokens, capacity, SEGMENT_DRAFT_CACHE,
-                       SEGMENT_SLACK)
+                       SEGMENT_SLACK, "spec.tree.SEGMENT_DRAFT_CACHE")
 
 
 def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Sequence[int],
@@ -735,8 +736,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     where = device if kv_on_gpu else torch.device("cpu")
     pool, segmented = draft_cache_slots(B, [len(r.prompt) for r in requests],
                                         params.max_new_tokens, capacity)
-    if SEGMENT_TARGET_CACHE not in ("auto", "on", "off"):
-        raise ValueError(f"SEGMENT_TARGET_CACHE is 'auto', 'on' or 'off', not {SEGMENT_TARGET_CACHE!r}")
+    check_segment_mode("spec.tree.SEGMENT_TARGET_CACHE", SEGMENT_TARGET_CACHE)
     # The target's cache in the draft's segments (the same slots): in host memory, a pass
     # then streams what the rows hold instead of rows × the longest.
     target_segmented = segmented and (SEGMENT_TARGET_CACHE == "on" or (
@@ -763,19 +763,21 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     segment: list = [None] * B  # (first slot, slots) of each serving row's draft segment
 
     def take(b: int) -> bool:
-        """Row b takes the first waiting prompt (of SEGMENT_LOOKAHEAD) whose segment fits."""
-        for j in range(min(SEGMENT_LOOKAHEAD if segmented else 1, len(waiting))):
-            i = waiting[j]
-            if segmented:
-                n = segment_size(len(requests[i].prompt), params.max_new_tokens, capacity)
-                start = free_slots.alloc(n)
-                if start is None:
-                    continue
-                segment[b] = (start, n)
-            del waiting[j]
-            serving[b] = i
-            return True
-        return False
+        """Row b takes the next waiting prompt; with segments the first of SEGMENT_LOOKAHEAD
+        whose segment fits (False: none does)."""
+        j = 0
+        if segmented:
+            window = [waiting[k] for k in range(min(SEGMENT_LOOKAHEAD, len(waiting)))]
+            found = free_slots.take_first([segment_size(len(requests[i].prompt),
+                                                        params.max_new_tokens, capacity)
+                                           for i in window])
+            if found is None:
+                return False
+            j, start, n = found
+            segment[b] = (start, n)
+        serving[b] = waiting[j]
+        del waiting[j]
+        return True
 
     for b in range(B):  # the pool holds the first B prompts at once (segment_pool_slots)
         if not take(b):
