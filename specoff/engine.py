@@ -42,7 +42,7 @@ THROUGHPUT_TREE_BUDGET = 16
 # the rows hold instead of rows × the longest (HumanEval: mean 113 of 340 tokens; the 24 GiB
 # Mixtral 8x7B plan of 492 rows streams ~24 GB of cache a pass dense, ~9 GB so): "on",
 # "off", or "auto" (host memory, prompts of different lengths). Off until measured on a GPU.
-SEGMENT_HOST_CACHE = "off"
+SEGMENT_HOST_CACHE = "auto"
 
 
 def check_same_tokenizer(target_tok, draft_tok) -> None:
@@ -341,10 +341,12 @@ class LLM:
     # -- generation ----------------------------------------------------------------------
 
     def plan(self, rows: int, longest: int, max_new_tokens: int,
-             prompts: Optional[Sequence[int]] = None) -> Plan:
+             prompts: Optional[Sequence[int]] = None, speculate: bool = True) -> Plan:
         """The run plan for `rows` prompts of at most `longest` tokens (`prompts`: their
-        lengths in queue order, if known: tree mode sizes the draft's cache by them)."""
-        spec = self.draft_config is not None
+        lengths in queue order, if known: tree mode sizes the draft's cache by them).
+        `speculate=False`: the target alone, a token a row a pass (a loaded draft's weights
+        still count against the budget)."""
+        spec = self.draft_config is not None and speculate
         # Chain: γ+1 tokens per row per pass, caches γ+2 longer; tree: the largest tree.
         tokens, logit_rows, draft_tokens = 1 + MAX_DRAFT_LEN * spec, None, None
         if spec and self.spec_mode(rows) == "tree":
@@ -365,7 +367,7 @@ class LLM:
                         prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
                         kv_placement=self.kv_placement, profile=self.profile,
                         draft=self.draft_config, max_logit_rows=logit_rows,
-                        draft_tokens=draft_tokens)
+                        draft_tokens=draft_tokens, draft_idle=not spec)
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *,
                  progress=None, speculate: bool = True) -> List[RequestOutput]:
@@ -378,8 +380,9 @@ class LLM:
                 self.config.check_context(len(ids) + params.max_new_tokens)
             except ValueError as e:
                 raise type(e)(f"prompt {i} ({len(ids)} tokens): {e}") from None
+        speculate = speculate and self.draft_model is not None
         plan = self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens,
-                         [len(r) for r in rows])
+                         [len(r) for r in rows], speculate=speculate)
         seed = self.seed if params.seed is None else params.seed
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stats = GenerationStats(rows=len(rows), plan=plan.to_dict(),
@@ -391,7 +394,6 @@ class LLM:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.last_plan_pass_seconds = plan.predicted_pass_seconds
         outputs: List[RequestOutput] = []
-        speculate = speculate and self.draft_model is not None
         if speculate and self.spec_mode(len(rows)) == "tree":
             outputs = self._speculate_tree(rows, params, generator, stats, plan, progress)
         elif speculate:

@@ -318,14 +318,17 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
              prefill_chunk: int = 512, kv_placement: Optional[str] = None,
              profile: Optional[HardwareProfile] = None,
              draft: Optional[ModelConfig] = None, max_logit_rows: Optional[int] = None,
-             draft_tokens: Optional[Callable[[int], int]] = None) -> Plan:
+             draft_tokens: Optional[Callable[[int], int]] = None,
+             draft_idle: bool = False) -> Plan:
     """Rows per pass, KV placement and predicted times for a workload, within the budget
     left by the weights. `kv_placement` "gpu" or "host" forces the cache's place; by
     default it is on the GPU when it fits, else (for an offloaded target) in host memory.
     `max_logit_rows`: the pass's logits are taken that many positions at a time (tree mode:
     spec.tree.target_picks), at least a row's worth each (a refill's first tokens).
     `draft_tokens(r)`: the token slots of the draft's cache over r rows (default r ×
-    `context`; tree mode's segment pool: spec.tree.draft_cache_slots)."""
+    `context`; tree mode's segment pool: spec.tree.draft_cache_slots). `draft_idle`: the
+    draft is loaded but the run does not speculate (its weights count, its cache and steps
+    do not)."""
     if kv_placement not in (None, "gpu", "host"):
         raise ValueError(f"kv_placement must be 'gpu', 'host' or None, not {kv_placement!r}")
     sizes = ModelSizes.of(cfg, dtype)
@@ -348,7 +351,7 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         hidden += r * max(prefill_tokens, 1) * sizes.kv_per_token // cfg.n_layers
         if not kv_gpu:  # a layer of it streams in for attention (two in flight)
             hidden += 2 * r * context * sizes.kv_per_token // cfg.n_layers
-        if draft_sizes is not None:  # the draft's cache and steps live on the GPU
+        if draft_sizes is not None and not draft_idle:  # the draft's cache and steps live on the GPU
             kv += (draft_tokens(r) if draft_tokens else r * context) * draft_sizes.kv_per_token
             act += activation_bytes(draft, r * max(tokens_per_row, c), r, dtype)
         return kv, act + hidden

@@ -127,6 +127,13 @@ def test_a_resident_draft_counts_against_the_budget():
     assert spec.gpu_bytes["draft_weights"] == draft_bytes
     assert spec.planned_gpu_bytes + planner.CONTEXT_MARGIN <= 64 * GiB
     assert spec.gpu_bytes["kv_cache"] > plain.gpu_bytes["kv_cache"]  # the draft's cache too
+    # A run without speculation (generate(speculate=False)) beside a loaded draft: its
+    # weights stay in the budget, its cache and steps do not.
+    idle = planner.plan_run(weights, target, torch.bfloat16, rows=256, context=170, max_rows=256,
+                            draft=draft, draft_idle=True)
+    assert idle.gpu_bytes["draft_weights"] == draft_bytes
+    assert idle.gpu_bytes["kv_cache"] == plain.gpu_bytes["kv_cache"]
+    assert idle.gpu_bytes["activations"] == plain.gpu_bytes["activations"]
 
 
 def test_a_mistral_draft_beside_mixtral_in_24_gib():

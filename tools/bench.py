@@ -414,7 +414,7 @@ def run_specoff(bench: Bench, job: Job) -> dict:
         # -group: as many rows as one of two interleaved groups serves a pass, for the ratio
         # at equal rows per pass.
         longest = max(len(q) for q in prompts)
-        rows = llm.plan(len(prompts), longest, p["new_tokens"]).rows_per_pass
+        rows = llm.plan(len(prompts), longest, p["new_tokens"], speculate=False).rows_per_pass
         prompts = prompts[:-(-rows // 2) if engine == "specoff-offload-group" else rows]
     warmup = None
     compiled0 = compiled_kernels()
@@ -619,11 +619,13 @@ def rebuild_estimate(bench: Bench, job: Job) -> tuple:
                 reserve = weight_reserve(cfg, dtype, budget, build_rows, d)
                 weights = plan_weights(cfg, dtype, budget, reserve=reserve,
                                        offload=True if p["offload"] == "on" else None)
-            tokens = 1 + MAX_DRAFT_LEN if d else 1  # as LLM.plan sizes a pass
+            spec = d is not None and not job.engine.startswith("specoff-offload")
+            tokens = 1 + MAX_DRAFT_LEN if spec else 1  # as LLM.plan sizes a pass
             plan = plan_run(weights, cfg, dtype, rows=len(prompts),
-                            context=longest + new + (tokens + 1) * bool(d),
+                            context=longest + new + (tokens + 1) * spec,
                             max_rows=p.get("max_rows", len(prompts)), tokens_per_row=tokens,
-                            prefill_tokens=longest, profile=profile, draft=d)
+                            prefill_tokens=longest, profile=profile, draft=d,
+                            draft_idle=not spec)
         except BudgetError:
             continue
         build = 0.0 if same else bench.built["seconds"] + 15.0  # and the warm-up run

@@ -222,7 +222,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     params = specoff.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     speculate = not args.offload_only
     if args.offload_only:  # one full batch (a last batch of a few rows would cost whole passes)
-        rows = llm.plan(len(prompts), max(len(q) for q in prompts), args.new_tokens).rows_per_pass
+        rows = llm.plan(len(prompts), max(len(q) for q in prompts), args.new_tokens,
+                        speculate=False).rows_per_pass
         prompts = prompts[:rows]
     generate = lambda batch: llm.generate(batch, params, speculate=speculate)  # noqa: E731
     # Warm-up as tools/bench.py's: the rows and a quarter more (refills), a few tokens, so
