@@ -41,7 +41,8 @@ THROUGHPUT_TREE_BUDGET = 16
 # pool (kvcache.SegmentKVCache), each its prompt and new tokens long, so a pass streams what
 # the rows hold instead of rows × the longest (HumanEval: mean 113 of 340 tokens; the 24 GiB
 # Mixtral 8x7B plan of 492 rows streams ~24 GB of cache a pass dense, ~9 GB so): "on",
-# "off", or "auto" (host memory, prompts of different lengths). Off until measured on a GPU.
+# "off", or "auto" (host memory, prompts of different lengths). H200, one process, ABAB
+# (session 12): pass 1.818 → 1.736 s at 148 rows, 16 tokens.
 SEGMENT_HOST_CACHE = "auto"
 
 
@@ -126,6 +127,11 @@ class GenerationStats:
     tail_merges: int = 0  # times the two row groups became one at the end of a workload
     # Draft cache in row segments: times a free row found no room for a waiting prompt
     segment_waits: int = 0
+    # Tree mode's plain rows (spec.tree.PLAIN_ROWS): rows the target alone served beside the
+    # trees, the tokens they emitted, and the requests moved from them onto tree rows
+    plain_rows: int = 0
+    plain_tokens: int = 0
+    promotions: int = 0
 
     def count_verified(self, proposed: int, accepted: int) -> None:
         """One row's drafts checked by one target pass: `accepted` of `proposed` kept."""
@@ -349,14 +355,28 @@ class LLM:
         spec = self.draft_config is not None and speculate
         # Chain: γ+1 tokens per row per pass, caches γ+2 longer; tree: the largest tree.
         tokens, logit_rows, draft_tokens = 1 + MAX_DRAFT_LEN * spec, None, None
+        host_tokens = None  # a host cache in row segments streams its pool, not rows × longest
+        if not spec and prompts and (SEGMENT_HOST_CACHE == "on" or (
+                SEGMENT_HOST_CACHE == "auto" and min(prompts) != max(prompts))):
+            host_tokens = lambda r: sum(prompts[:r]) + min(r, rows) * (max_new_tokens + 1)  # noqa: E731
+        plain = 0
         if spec and self.spec_mode(rows) == "tree":
+            from .spec import tree as tree_mode
             from .spec.tree import LOGIT_ROWS, draft_cache_slots
 
+            plain = tree_mode.PLAIN_ROWS  # rows the target alone serves beside the trees
             # Tree passes take the target's picks a few hundred nodes at a time.
             tokens, logit_rows = self.tree_capacity_for(rows), LOGIT_ROWS
+
+            def target_slots(r):  # in the draft's segments, where those are taken
+                slots, segmented = draft_cache_slots(min(r, rows), prompts, max_new_tokens, tokens)
+                return slots if segmented else r * (longest + max_new_tokens + tokens + 1)
+
             if prompts:  # the draft's cache as generate_tree allocates it
                 draft_tokens = lambda r: draft_cache_slots(  # noqa: E731
                     min(r, rows), prompts, max_new_tokens, tokens)[0]
+                if tree_mode.SEGMENT_TARGET_CACHE != "off":
+                    host_tokens = target_slots
         elif spec and prompts:  # chain: the draft's cache as ChainPipeline allocates it
             from .spec.pipeline import draft_cache_slots as chain_slots
 
@@ -367,7 +387,10 @@ class LLM:
                         prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
                         kv_placement=self.kv_placement, profile=self.profile,
                         draft=self.draft_config, max_logit_rows=logit_rows,
-                        draft_tokens=draft_tokens, draft_idle=not spec)
+                        draft_tokens=draft_tokens, draft_idle=not spec,
+                        host_kv_tokens=host_tokens,
+                        prompt_tokens=(lambda r: sum(prompts[:r])) if prompts else None,
+                        plain_rows=plain)
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *,
                  progress=None, speculate: bool = True) -> List[RequestOutput]:
@@ -554,8 +577,15 @@ class LLM:
         predict = None
         if self.profile is not None:  # the target pass at n nodes per row, from the profile
             context = max(len(r) for r in rows) + params.max_new_tokens
-            predict = lambda n: predict_pass(plan, self.config, self.dtype, self.profile,  # noqa: E731
-                                             per_pass, n, context + n)
+            from .planner import ModelSizes
+            from .spec import tree as tree_mode
+
+            # plain rows (spec.tree.PLAIN_ROWS): their cache's stream, where it is on the host
+            plain = min(tree_mode.PLAIN_ROWS, len(rows) - per_pass)
+            plain_s = (0.0 if plan.kv_on_gpu else plain * context * ModelSizes.of(
+                self.config, self.dtype).kv_per_token / (self.profile.copy_gbps * 1e9))
+            predict = lambda n: plain_s + predict_pass(  # noqa: E731
+                plan, self.config, self.dtype, self.profile, per_pass, n, context + n)
         ladder = self.tree_ladder(len(rows))
         # What one call learnt about the budgets serves the next ones at the same batch size.
         tuner = self._tree_tuners.setdefault((per_pass, tuple(ladder)), TreeBudgetTuner(ladder))
@@ -582,7 +612,8 @@ class LLM:
             stats.predicted_tokens_per_second = per_pass * rate
             if stats.accepted_histogram and len(rows) > per_pass:
                 stats.predicted_passes = tree_passes(len(rows), per_pass, params.max_new_tokens,
-                                                     stats.accepted_histogram, self.seed)
+                                                     stats.accepted_histogram, self.seed,
+                                                     plain=stats.plain_rows)
                 round_s = stats.predicted_pass_seconds + cost_at_budget(n, grows, None)
                 seconds = (plan.predicted_prefill_seconds or 0.0) + stats.predicted_passes * round_s
                 stats.predicted_tokens_per_second = len(rows) * params.max_new_tokens / seconds

@@ -75,11 +75,14 @@ def _timed(fn, device, repeat=5, warmup=2) -> float:
 def measure_profile(device, dtype=torch.bfloat16) -> HardwareProfile:
     device = torch.device(device)
     cuda = device.type == "cuda"
+    from .offload import copy_gbps
+
+    # Measured as tools/bench.py's physical-limit line measures it, in 1 GiB copies (the
+    # 256 MiB copies used before read 50.2 GB/s in one H200 run whose 1 GiB copies and ring
+    # passes moved 55.4 and 55.2, 54.6 against 55.2 in another: 2026-11-30).
+    copy = copy_gbps(device, (1 << 30) if cuda else (32 << 20))
     n = (256 << 20) if cuda else (32 << 20)
-    host = torch.empty(n, dtype=torch.uint8, pin_memory=cuda)
-    host.fill_(1)
     dev = torch.empty(n, dtype=torch.uint8, device=device)
-    copy = n / _timed(lambda: dev.copy_(host, non_blocking=True), device) / 1e9
     dev2 = torch.empty_like(dev)
     hbm = 2 * n / _timed(lambda: dev2.copy_(dev), device) / 1e9
     # Large enough that launch latency and clock ramp-up vanish (8192³ ≈ 1 ms on Hopper).
@@ -319,7 +322,10 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
              profile: Optional[HardwareProfile] = None,
              draft: Optional[ModelConfig] = None, max_logit_rows: Optional[int] = None,
              draft_tokens: Optional[Callable[[int], int]] = None,
-             draft_idle: bool = False) -> Plan:
+             draft_idle: bool = False,
+             host_kv_tokens: Optional[Callable[[int], int]] = None,
+             prompt_tokens: Optional[Callable[[int], int]] = None,
+             plain_rows: int = 0) -> Plan:
     """Rows per pass, KV placement and predicted times for a workload, within the budget
     left by the weights. `kv_placement` "gpu" or "host" forces the cache's place; by
     default it is on the GPU when it fits, else (for an offloaded target) in host memory.
@@ -328,7 +334,12 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     `draft_tokens(r)`: the token slots of the draft's cache over r rows (default r ×
     `context`; tree mode's segment pool: spec.tree.draft_cache_slots). `draft_idle`: the
     draft is loaded but the run does not speculate (its weights count, its cache and steps
-    do not)."""
+    do not). `host_kv_tokens(r)`: the token slots of r rows' cache a pass streams from the
+    host (default r × `context`; rows in segments: engine.LLM._batch_cache).
+    `prompt_tokens(r)`: the first r rows' prompt tokens, for the prefill's prediction
+    (prompts are packed, not padded to `prefill_tokens`; default r × `prefill_tokens`).
+    `plain_rows`: up to this many of the `rows` beyond the pass's rows ride each pass a token
+    at a time, the target's cache theirs too (tree mode's spec.tree.PLAIN_ROWS)."""
     if kv_placement not in (None, "gpu", "host"):
         raise ValueError(f"kv_placement must be 'gpu', 'host' or None, not {kv_placement!r}")
     sizes = ModelSizes.of(cfg, dtype)
@@ -340,17 +351,23 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     chunk = max(1, min(prefill_chunk, prefill_tokens or prefill_chunk))
 
     def need(r, kv_gpu, c):
+        p = min(plain_rows, max(rows - r, 0))  # plain rows: a token each, their own cache
         logit_rows = r * tokens_per_row
         if max_logit_rows is not None:
             logit_rows = min(logit_rows, max(max_logit_rows, r))
-        act = activation_bytes(cfg, max(r * tokens_per_row, r * c), logit_rows, dtype)
-        hidden = r * max(prefill_tokens, 1) * cfg.dim * torch.empty(0, dtype=dtype).element_size()
-        kv = r * context * sizes.kv_per_token if kv_gpu else 0
+        act = activation_bytes(cfg, max(r * tokens_per_row + p, (r + p) * c), logit_rows + p,
+                               dtype)
+        hidden = (r + p) * max(prefill_tokens, 1) * cfg.dim * torch.empty(0, dtype=dtype).element_size()
+        kv = (r + p) * context * sizes.kv_per_token if kv_gpu else 0
         # Prompts fill a cache away from the GPU (or rows of a larger one) through a
         # one-layer scratch of their K/V (decoder.PrefillStage).
-        hidden += r * max(prefill_tokens, 1) * sizes.kv_per_token // cfg.n_layers
+        hidden += (r + p) * max(prefill_tokens, 1) * sizes.kv_per_token // cfg.n_layers
         if not kv_gpu:  # a layer of it streams in for attention (two in flight)
-            hidden += 2 * r * context * sizes.kv_per_token // cfg.n_layers
+            streamed = host_kv_tokens(r) if host_kv_tokens else r * context
+            if p:  # the plain rows' cache in row segments: each its prompt and new tokens
+                streamed += (prompt_tokens(r + p) - prompt_tokens(r)
+                             + p * (context - prefill_tokens) if prompt_tokens else p * context)
+            hidden += 2 * streamed * sizes.kv_per_token // cfg.n_layers
         if draft_sizes is not None and not draft_idle:  # the draft's cache and steps live on the GPU
             kv += (draft_tokens(r) if draft_tokens else r * context) * draft_sizes.kv_per_token
             act += activation_bytes(draft, r * max(tokens_per_row, c), r, dtype)
@@ -384,19 +401,23 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     if draft_weights:
         plan.gpu_bytes["draft_weights"] = draft_weights
     if profile is not None:
+        kv_tokens = host_kv_tokens(rows_per_pass) if host_kv_tokens and not kv_gpu else None
         plan.predicted_pass_seconds = predict_pass(plan, cfg, dtype, profile, rows_per_pass,
-                                                   tokens_per_row, context)
+                                                   tokens_per_row, context, kv_tokens)
         # Prefill pays for filling the pipeline: the first streamed layer's copy is not hidden.
         first_copy = (plan.stream_bytes_per_pass / max(cfg.n_layers - plan.resident_layers, 1)
                       / (profile.copy_gbps * 1e9))
+        mean = (prompt_tokens(rows_per_pass) / rows_per_pass if prompt_tokens
+                else prefill_tokens)
         plan.predicted_prefill_seconds = first_copy + predict_pass(
-            plan, cfg, dtype, profile, rows_per_pass, max(prefill_tokens, 1), prefill_tokens)
+            plan, cfg, dtype, profile, rows_per_pass, max(round(mean), 1), round(mean))
     return plan
 
 
 def predict_pass(plan: Plan, cfg: ModelConfig, dtype, profile: HardwareProfile, rows: int,
-                 tokens_per_row: int, context: int) -> float:
-    """Seconds for one pass of `rows` × `tokens_per_row` tokens over a `context`-long cache."""
+                 tokens_per_row: int, context: int, kv_tokens: Optional[int] = None) -> float:
+    """Seconds for one pass of `rows` × `tokens_per_row` tokens over a `context`-long cache
+    (`kv_tokens`: the cache's token slots, where not rows × context: rows in segments)."""
     sizes = ModelSizes.of(cfg, dtype)
     tokens = rows * tokens_per_row
     active_ffn = 3 * cfg.dim * cfg.ffn_size * max(cfg.top_k, 1)
@@ -406,7 +427,7 @@ def predict_pass(plan: Plan, cfg: ModelConfig, dtype, profile: HardwareProfile, 
     ffn = 2 * tokens * cfg.n_layers * active_ffn
     ffn_rate = profile.moe_tflops if cfg.is_moe else profile.gemm_tflops
     compute = dense / (profile.gemm_tflops * 1e12) + ffn / (ffn_rate * 1e12)
-    kv_bytes = rows * context * sizes.kv_per_token
+    kv_bytes = (rows * context if kv_tokens is None else kv_tokens) * sizes.kv_per_token
     attention = kv_bytes / (profile.hbm_gbps * 1e9)
     # Experts no token routes to still stream (every expert is copied each pass).
     weights_read = sizes.total if not plan.offload else sizes.total - plan.stream_bytes_per_pass

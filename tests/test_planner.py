@@ -91,6 +91,26 @@ def test_host_kv_when_the_cache_does_not_fit():
     assert not forced.kv_on_gpu
 
 
+def test_host_segments_and_packed_prompts_in_the_prediction():
+    """A plain batch of prompts of many lengths: its host cache in row segments streams each
+    row's own need (not rows × the longest) and its prefill runs the prompts packed; the
+    predictions follow. (On the H200, 492 HumanEval rows at 24 GiB: pass 1.893 s measured,
+    2.147 predicted with the dense stream, 1.880 with segments; prefill 3.8 s against 9.1.)"""
+    cfg = ModelConfig.from_dict(MIXTRAL_8X7B)
+    weights = planner.plan_weights(cfg, torch.bfloat16, 12 * GiB, offload=True, reserve=2 * GiB)
+    prompts = [40 + (i * 37) % 300 for i in range(256)]
+    common = dict(rows=256, context=max(prompts) + 32, max_rows=256, prefill_tokens=max(prompts),
+                  profile=PROFILE, kv_placement="host")
+    dense = planner.plan_run(weights, cfg, torch.bfloat16, **common)
+    seg = planner.plan_run(weights, cfg, torch.bfloat16, **common,
+                           host_kv_tokens=lambda r: sum(prompts[:r]) + r * 33,
+                           prompt_tokens=lambda r: sum(prompts[:r]))
+    kv = planner.ModelSizes.of(cfg, torch.bfloat16).kv_per_token
+    saved = (256 * (max(prompts) + 32) - (sum(prompts) + 256 * 33)) * kv / (PROFILE.copy_gbps * 1e9)
+    assert dense.predicted_pass_seconds - seg.predicted_pass_seconds == pytest.approx(saved, rel=1e-6)
+    assert seg.predicted_prefill_seconds < 0.7 * dense.predicted_prefill_seconds
+
+
 def test_profile_cache_round_trips(tmp_path, monkeypatch):
     calls = []
 

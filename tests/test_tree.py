@@ -872,6 +872,24 @@ def test_gpu_tree_draft_cache_in_row_segments(segments, target, pairs, monkeypat
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv", ["host", "gpu"])
+def test_gpu_tree_with_plain_rows(kv, pairs, monkeypatch):
+    """Plain rows beside the trees on the GPU (spec.tree.PLAIN_ROWS): their cache in host
+    memory in row segments streamed as a pool, or on the GPU; greedy exact with refills and
+    promotions."""
+    from specoff.spec import tree
+
+    monkeypatch.setattr(tree, "PLAIN_ROWS", 5)
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=12)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(MANY, params)]
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                      spec="tree", tree_budget=16, kv_placement=kv, max_rows=3)
+    assert [o.token_ids for o in llm.generate(MANY * 2, params)] == expect * 2
+    assert llm.last_stats.plain_rows == 5 and llm.last_stats.promotions > 0
+
+
+@pytest.mark.gpu
 def test_gpu_spec_none_runs_trees_for_many_prompts_over_a_streamed_target(pairs):
     """spec=None with more prompts than an interactive batch, target streamed: tree mode
     with "auto" trees sized for the rows, the cache in host memory; greedy exact."""
@@ -981,3 +999,58 @@ def test_tree_passes_counts_what_generate_tree_runs(pairs):
         # on the real-size pair); the tiny pair at σ=0.3 accepts far more on some prompts
         # than others, and the slow prompts' extra passes are what an i.i.d. model misses.
         assert abs(model - s.decode_passes) <= (2 if sigma == 1.0 else 0.15 * s.decode_passes)
+
+
+@pytest.mark.parametrize("plain_rows, segments, draft_segments, sigma",
+                         [(5, "off", "off", 0.3), (3, "on", "on", 0.3), (30, "on", "on", 0.0),
+                          (4, "on", "off", 2.0)])
+def test_greedy_tree_with_plain_rows_beside_the_trees(plain_rows, segments, draft_segments, sigma,
+                                                     pairs, monkeypatch):
+    """PLAIN_ROWS: rows the target alone serves in the trees' passes (their cache dense or in
+    row segments), refilled from the queue, and moved onto tree rows that free when no prompt
+    waits (their prompt and tokens so far prefilled as a refill): greedy output equals the
+    target's own, EOS included; more plain rows than prompts left idle some; an unrelated
+    draft (σ 2.0) still exact. Sampling serves every prompt."""
+    from specoff import engine
+    from specoff.spec import tree
+
+    monkeypatch.setattr(tree, "PLAIN_ROWS", plain_rows)
+    monkeypatch.setattr(engine, "SEGMENT_HOST_CACHE", segments)
+    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", draft_segments)
+    draft, target_dir = pairs(sigma)
+    params = specoff.SamplingParams(max_new_tokens=9)
+    expect = [o.token_ids for o in specoff.LLM(target_dir, device="cpu").generate(MANY, params)]
+    llm = specoff.LLM(target_dir, draft=draft, device="cpu", spec="tree", tree_budget=8,
+                      max_rows=3)
+    assert [o.token_ids for o in llm.generate(MANY * 2, params)] == expect * 2
+    s = llm.last_stats
+    assert s.rows_per_group == 3 and s.plain_rows == min(plain_rows, 2 * len(MANY) - 3)
+    assert s.plain_tokens > 0
+    assert s.promotions > 0 or sigma > 1  # an unrelated draft's rows go no faster than plain
+    assert s.prefill_passes == 1  # the plain rows' prompts ride the verification passes
+    sampled = llm.generate(MANY, specoff.SamplingParams(max_new_tokens=5, temperature=0.8,
+                                                        seed=1, ignore_eos=True))
+    assert all(len(o.token_ids) == 5 for o in sampled)
+
+
+def test_tree_passes_with_plain_rows(pairs, monkeypatch):
+    """The workload model with plain rows: a hand-counted schedule, and a real run's passes
+    from its own accepted histogram (σ=1: acceptance alike across prompts)."""
+    from specoff.spec import tree
+    from specoff.spec.tree import tree_passes
+
+    # 1 tree row, 4 plain rows, 5 prompts of 3 tokens at one token a pass: the plain rows'
+    # first tokens come on pass 1; on pass 2 the tree row's prompt ends and a plain row's
+    # request (one token to go) moves to it, given on pass 3 as the others end.
+    assert tree_passes(5, 1, 3, [1], plain=4) == 3
+    assert tree_passes(5, 1, 3, [1], plain=4) < tree_passes(5, 1, 3, [1])
+    monkeypatch.setattr(tree, "PLAIN_ROWS", 4)
+    draft, target = pairs(1.0)
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=8, max_rows=3)
+    prompts = MANY * 3
+    llm.generate(prompts, specoff.SamplingParams(max_new_tokens=9, ignore_eos=True))
+    s = llm.last_stats
+    assert s.plain_rows == 4 and s.promotions > 0
+    model = sum(tree_passes(len(prompts), 3, 9, s.accepted_histogram, seed, plain=4)
+                for seed in range(5)) / 5
+    assert abs(model - s.decode_passes) <= 2

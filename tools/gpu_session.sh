@@ -28,6 +28,8 @@
 #   host-segments  the target's host cache dense or in row segments streamed as a pool: tree
 #                runs (spec.tree.SEGMENT_TARGET_CACHE; HumanEval x2) and one offload-only batch
 #                of up to 512 rows (engine.SEGMENT_HOST_CACHE; x3), 16 tokens, off / auto, ABAB
+#   plain-rows   tree runs (HumanEval x3, 32 tokens, up to 256 rows) without and with PLAIN
+#                (default 200) rows the target alone serves beside the trees (spec.tree.PLAIN_ROWS)
 #   tree-tests   the GPU tests of tree mode and of the attention kernel's row offsets
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
@@ -104,6 +106,11 @@ for step in "$@"; do
                 --humaneval --new-tokens 16 --json "$OUT/host-segments-plain.json" \
                 --compare "engine.SEGMENT_HOST_CACHE=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/host-segments.log" | tail -4 ;;
+        plain-rows)  # tree runs with rows the target alone serves beside the trees (ABAB)
+            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+                --rows 256 --prompts 492 --humaneval --new-tokens 32 --json "$OUT/plain-rows.json" \
+                --compare "spec.tree.PLAIN_ROWS=0,${PLAIN:-200}" 2>&1 | grep -v USDT \
+                | tee -a "$OUT/plain-rows.log" | tail -8 ;;
         tree-tests)
             timeout 200 python -m pytest -q -m gpu tests/test_tree.py 2>&1 | tee -a "$OUT/tests.log" | tail -3
             timeout 100 python -m pytest -q tests/kernels/test_attention.py -k "shared_pool" 2>&1 \
@@ -113,7 +120,7 @@ for step in "$@"; do
                 --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows)" >&2
             exit 2 ;;
     esac
 done

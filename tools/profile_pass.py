@@ -343,12 +343,15 @@ def compare(llm, run, args) -> dict:
                          triton_compiles=compiles,
                          passes=s.decode_passes, rows_per_group=s.rows_per_group,
                          segment_waits=s.segment_waits,
+                         plain_rows=s.plain_rows, plain_tokens=s.plain_tokens,
+                         promotions=s.promotions,
                          tokens_per_pass=s.tokens_per_pass,
                          peak_gpu_gib=s.peak_gpu_bytes / 2**30 if s.peak_gpu_bytes else None,
                          draft_cache_gib=(s.plan or {}).get("gpu_bytes", {}).get("kv_cache", 0) / 2**30,
                          target_seconds=s.target_seconds,
                          prefill_seconds=s.prefill_seconds, pass_seconds=pass_seconds(s),
                          tokens_per_second=s.tokens_per_second,
+                         predicted_tokens_per_second=s.predicted_tokens_per_second,
                          draft_seconds_per_round=s.draft_seconds / s.rounds if s.rounds else None,
                          draft_prefill_seconds_per_round=(s.draft_prefill_seconds / s.rounds
                                                           if s.rounds else None)))

@@ -26,7 +26,8 @@ from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accep
 
 # The draft's cache in chain mode: rows in segments of one pool shared by the groups
 # (kvcache.SegmentKVCache, as tree mode's), "auto" where that is the smaller, or "on" /
-# "off". Off until measured on a GPU (its decode steps replay CUDA graphs over the pool).
+# "off". H200, 24 GiB, 328 HumanEval prompts, 32 tokens, γ=4, one process (session 12):
+# 144 rows dense, 229 in segments, 142.5 → 176.7 tokens/s.
 SEGMENT_DRAFT_CACHE = "auto"
 SEGMENT_SLACK = 1.15
 SEGMENT_LOOKAHEAD = 8  # a free row takes the first of this many waiting prompts that fits

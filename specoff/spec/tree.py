@@ -38,7 +38,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..kvcache import (KVCache, SegmentAllocator, SegmentKVCache, cache_slots, check_segment_mode,
-                       segment_size)
+                       segment_pool_slots, segment_size)
 from ..models.decoder import PassPart, PrefillBatch, TreeMask
 from ..planner import TreeBudgetTuner, tree_curve
 from ..sampling import SamplingParams, select
@@ -65,8 +65,22 @@ SEGMENT_LOOKAHEAD = 8  # a refill takes the first of this many waiting prompts t
 # The target's cache in the same segments as the draft's, where the draft's is segmented:
 # "auto" where the target's cache sits in host memory (a pass streams the pool, what the
 # rows hold, instead of rows × the longest: ~11 GB a pass at 222 HumanEval rows of
-# Mixtral 8x7B against ~6 GB), "on" anywhere, "off". Off until measured on a GPU.
+# Mixtral 8x7B against ~6 GB), "on" anywhere, "off". H200, 237 rows, 328 prompts, 16
+# tokens, ABAB (session 12): passes 2.180 / 2.111 s off, 2.094 / 1.924 s auto, but 158.6 /
+# 150.0 tokens/s against 142.9 / 169.3 (the draft's growth a round rose, unexplained): off.
 SEGMENT_TARGET_CACHE = "off"
+# Plain rows: up to this many rows beyond the plan's tree rows that the target alone serves,
+# a token each a pass, in the same passes as the trees (their cache where the target's is, in
+# row segments when in host memory). A copy-bound pass streams the weights once for both:
+# a plain row costs it little more than its cache's stream, and rows are not bounded by the
+# draft's cache. A tree row that frees when no prompt waits takes over the plain row with the
+# most tokens still to come (its prompt and tokens so far prefilled as a refill), so a
+# queue's tail runs at tree speed. (H200, 24 GiB, 492 HumanEval prompts × 32 tokens: the
+# target alone batching every prompt, 251.9 tokens/s, beat 222 tree rows, 231.1, whose
+# queue ran in three waves: session 12.) 0: off. Not yet measured on a GPU; the plan does
+# not yet count the plain rows' GPU memory (their pass activations, one token a row, and
+# their cache's stream buffers).
+PLAIN_ROWS = 0
 
 
 def growth_shape(budget: int, rows: int = 1) -> Tuple[int, int]:
@@ -627,7 +641,7 @@ def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int,
 
 
 def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Sequence[int],
-                seed: int = 0) -> int:
+                seed: int = 0, plain: int = 0) -> int:
     """Verification passes a tree run takes for `prompts` prompts of `new_tokens` tokens each
     over `rows` rows, simulated as generate_tree schedules them: the first prompts' prefill
     gives their first token (a pass of its own, not counted here); each pass a serving row
@@ -636,7 +650,9 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
     rides on the next pass and gives one token. The rows left empty at the tail and each
     row's overshoot of its last pass are what a finite workload pays beyond the steady state
     (on the H200 runs of session 10 it matched the measured passes within one: 40, 45, 44
-    and 52 predicted against 40, 46, 43 and 51 at budgets 16, 8, 32 and 64)."""
+    and 52 predicted against 40, 46, 43 and 51 at budgets 16, 8, 32 and 64). `plain`: plain
+    rows (PLAIN_ROWS) beside them, a token each a pass; a freed tree row with no prompt
+    waiting takes over the plain row with the most tokens to come."""
     import numpy as np
 
     weights = np.asarray(accepted_histogram, dtype=float)
@@ -646,7 +662,9 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
     weights /= weights.sum()
     waiting = prompts - min(rows, prompts)
     left = [new_tokens - 1 if b < prompts else 0 for b in range(rows)]  # tokens still to emit
+    plain_left = [0] * plain
     refill: set = set()
+    plain_refill: set = set()
 
     def assign() -> None:
         nonlocal waiting
@@ -655,17 +673,31 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
                 waiting -= 1
                 left[b] = new_tokens
                 refill.add(b)
+            elif left[b] == 0 and plain:
+                live = [p for p in range(plain) if plain_left[p] and p not in plain_refill]
+                if live:
+                    p = max(live, key=lambda p: plain_left[p])
+                    left[b], plain_left[p] = plain_left[p], 0
+                    refill.add(b)
+        for p in range(plain):
+            if plain_left[p] == 0 and waiting:
+                waiting -= 1
+                plain_left[p] = new_tokens
+                plain_refill.add(p)
 
     assign()
     passes = 0
-    while any(left):
+    while any(left) or any(plain_left):
         passes += 1
         live = [b for b in range(rows) if left[b] and b not in refill]
         for b, a in zip(live, rng.choice(len(weights), size=len(live), p=weights)):
             left[b] = max(left[b] - 1 - int(a), 0)
         for b in refill:
             left[b] -= 1
+        for p in range(plain):
+            plain_left[p] = max(plain_left[p] - 1, 0)
         refill.clear()
+        plain_refill.clear()
         assign()
     return passes
 
@@ -697,6 +729,152 @@ def _draft_prefill(draft, ids, lens, lens_host, rows, cache: KVCache, chunk: int
         for t in (ids, lens, rows):  # made on the current stream, read on this one
             t.record_stream(stream)
     return done
+
+
+def _context(request) -> list:
+    """What a refill prefills: the prompt and the tokens a request has so far (a plain row's
+    request moving onto a tree row has some)."""
+    return request.prompt + request.tokens
+
+
+class PlainRows:
+    """The rows of a tree run that the target alone serves (PLAIN_ROWS): their cache, the
+    request each serves, and the prompts the next pass prefills into them. Every row rides
+    each pass's decode part (a row with nothing to decode at length 1 in its idle segment,
+    a row being prefilled parked past its prompt); only serving rows' tokens are kept."""
+
+    IDLE = 3  # slots of a row's idle segment
+
+    def __init__(self, llm, rows: int, requests, queue: Sequence[int], params: SamplingParams,
+                 where: torch.device):
+        cfg, device = llm.config, llm.device
+        self.requests, self.params, self.device, self.rows = requests, params, device, rows
+        new = params.max_new_tokens
+        lengths = [len(requests[i].prompt) for i in queue] or [1]
+        longest = max(len(r.prompt) for r in requests)
+        host = where.type != device.type
+        # In host memory a pass streams the cache: rows in segments stream what they hold
+        # (as a plain batch's cache: engine.SEGMENT_HOST_CACHE, "on" anywhere).
+        from ..engine import SEGMENT_HOST_CACHE
+
+        check_segment_mode("engine.SEGMENT_HOST_CACHE", SEGMENT_HOST_CACHE)
+        self.segmented = SEGMENT_HOST_CACHE == "on" or (
+            SEGMENT_HOST_CACHE == "auto" and host and min(lengths) != max(lengths))
+        if self.segmented:
+            pool = segment_pool_slots(rows, lengths, new, 0, SEGMENT_SLACK)
+            self.cache = SegmentKVCache(cfg.n_layers, rows, pool, longest + new + 3,
+                                        cfg.n_kv_heads, cfg.head_dim, llm.dtype, where,
+                                        pin_memory=host, lengths_device=device)
+            self.free = SegmentAllocator(rows * self.IDLE, pool)
+            self.cache.assign(range(rows), [self.IDLE * b for b in range(rows)],
+                              [self.IDLE] * rows)
+        else:
+            self.cache = KVCache(cfg.n_layers, rows, longest + new + 2, cfg.n_kv_heads,
+                                 cfg.head_dim, llm.dtype, where, pin_memory=host,
+                                 lengths_device=device)
+        self.cache.lengths.fill_(1)
+        self.last = torch.zeros(rows, dtype=torch.long, device=device)  # newest, not cached
+        self.serving: list = [None] * rows
+        self.segment: list = [None] * rows
+        self.refill: list = []
+        self.decoding: list = []
+        self.decode = self.prefill = None
+
+    def busy(self) -> bool:
+        return any(r is not None for r in self.serving)
+
+    def _take(self, b: int, waiting) -> bool:
+        j = 0
+        if self.segmented:
+            window = [waiting[k] for k in range(min(SEGMENT_LOOKAHEAD, len(waiting)))]
+            found = self.free.take_first([segment_size(len(self.requests[i].prompt),
+                                                       self.params.max_new_tokens, 0)
+                                          for i in window])
+            if found is None:
+                return False
+            j, start, n = found
+            self.segment[b] = (start, n)
+        self.serving[b] = waiting[j]
+        del waiting[j]
+        return True
+
+    def place(self, waiting, stats) -> None:
+        """Free rows take waiting prompts (prefilled in the next pass) or idle."""
+        free = [b for b in range(self.rows) if self.serving[b] is None]
+        for b in free:
+            if self.segment[b] is not None:
+                self.free.release(*self.segment[b])
+                self.segment[b] = None
+            if waiting and self._take(b, waiting):
+                self.refill.append(b)
+            elif waiting:
+                stats.segment_waits += 1
+        if not free:
+            return
+        if self.segmented:
+            spans = [self.segment[b] if b in self.refill else (self.IDLE * b, self.IDLE)
+                     for b in free]
+            self.cache.assign(free, [a for a, _ in spans], [n for _, n in spans])
+            # parked past the prompt and its new tokens: the decode part writes there
+            length = [n - 2 if b in self.refill else 1 for b, (_, n) in zip(free, spans)]
+        else:
+            length = [self.cache.max_len - 2 if b in self.refill else 1 for b in free]
+        self.cache.lengths[torch.tensor(free, device=self.device)] = torch.tensor(
+            length, device=self.device)
+
+    def candidate(self) -> Optional[int]:
+        """The decoding row whose request has the most tokens still to come (None: none)."""
+        rows = [b for b in range(self.rows) if self.serving[b] is not None
+                and b not in self.refill]
+        return min(rows, key=lambda b: len(self.requests[self.serving[b]].tokens), default=None)
+
+    def parts(self, chunk: int) -> list:
+        """This pass's parts: every row's next token, the new prompts' prefill."""
+        self.decoding = [b for b in range(self.rows) if self.serving[b] is not None
+                         and b not in self.refill]
+        c, parts = self.cache, []
+        self.decode = (PassPart(self.last[:, None], c, positions=c.lengths[:, None],
+                                kv_len=c.max_len) if self.decoding else None)
+        if self.decode is not None:
+            parts.append(self.decode)
+        self.prefill = None
+        if self.refill:
+            ids, self.new_lens, host = pad_prompts(
+                [self.requests[self.serving[b]].prompt for b in self.refill], self.device)
+            self.at = torch.tensor(self.refill, device=self.device)
+            self.prefill = PrefillBatch(ids, c, max(chunk, chunk * self.rows // len(self.refill)),
+                                        rows=self.at, device=self.device, lengths_host=host)
+            parts += self.prefill.parts
+        return parts
+
+    def sample(self, head, generator) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """After the pass: (every row's next token, the new prompts' first tokens), on the
+        device; the decoding rows' lengths move past their token."""
+        nxt = first = None
+        if self.decode is not None:
+            nxt = select(head(self.decode.h)[:, -1], self.params, generator)
+            at = torch.tensor(self.decoding, device=self.device)
+            self.cache.lengths[at] += 1
+            self.last[at] = nxt[at]
+        if self.prefill is not None:
+            first = select(head(self.prefill.last_hidden(self.new_lens))[:, 0], self.params,
+                           generator)
+            self.cache.lengths[self.at] = self.new_lens
+            self.last[self.at] = first
+        return nxt, first
+
+    def emit(self, nxt: Optional[list], first: Optional[list], eos, stats) -> None:
+        """The pass's tokens (as lists, after the round's sync) to the requests."""
+        new = self.params.max_new_tokens
+        for b in self.decoding:
+            stats.plain_tokens += 1
+            if self.requests[self.serving[b]].add(nxt[b], eos, new):
+                self.serving[b] = None
+        for b, tok in zip(self.refill, first or []):
+            stats.plain_tokens += 1
+            if self.requests[self.serving[b]].add(tok, eos, new):
+                self.serving[b] = None
+        self.refill.clear()
 
 
 def _join(done, device: torch.device) -> None:
@@ -762,12 +940,12 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     serving: list = [None] * B  # the request of each row (None: idle)
     segment: list = [None] * B  # (first slot, slots) of each serving row's draft segment
 
-    def take(b: int) -> bool:
-        """Row b takes the next waiting prompt; with segments the first of SEGMENT_LOOKAHEAD
-        whose segment fits (False: none does)."""
+    def take(b: int, queue=waiting) -> bool:
+        """Row b takes the next request of `queue` (the waiting prompts); with segments the
+        first of SEGMENT_LOOKAHEAD whose segment fits (False: none does)."""
         j = 0
         if segmented:
-            window = [waiting[k] for k in range(min(SEGMENT_LOOKAHEAD, len(waiting)))]
+            window = [queue[k] for k in range(min(SEGMENT_LOOKAHEAD, len(queue)))]
             found = free_slots.take_first([segment_size(len(requests[i].prompt),
                                                         params.max_new_tokens, capacity)
                                            for i in window])
@@ -775,13 +953,16 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
                 return False
             j, start, n = found
             segment[b] = (start, n)
-        serving[b] = waiting[j]
-        del waiting[j]
+        serving[b] = queue[j]
+        del queue[j]
         return True
 
     for b in range(B):  # the pool holds the first B prompts at once (segment_pool_slots)
         if not take(b):
             raise RuntimeError("the draft's segment pool cannot hold the first prompts")
+    P = max(0, min(PLAIN_ROWS, len(requests) - B))
+    plain = PlainRows(llm, P, requests, list(waiting), params, where) if P else None
+    stats.plain_rows = P
     for c in segmented_caches:
         c.assign(range(B), [segment[b][0] for b in range(B)], [segment[b][1] for b in range(B)])
     ids, lens, host = pad_prompts([requests[i].prompt for i in serving], device)
@@ -808,10 +989,20 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             if segment[b] is not None:
                 free_slots.release(*segment[b])
                 segment[b] = None
+            p = plain.candidate() if plain is not None and not waiting else None
             if waiting and take(b):
                 refill.append(b)
             elif waiting:
                 stats.segment_waits += 1
+            elif p is not None and take(b, [plain.serving[p]]):
+                # no prompt waits: the plain row with the most tokens to come moves here
+                plain.serving[p] = None
+                stats.promotions += 1
+                refill.append(b)
+            elif p is not None:
+                stats.segment_waits += 1
+        if plain is not None:
+            plain.place(waiting, stats)
         if free:
             at = torch.tensor(free, device=device)
             length = torch.tensor([park if b in refill else 1 for b in free], device=device)
@@ -825,7 +1016,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
                 c.lengths[at] = parked if c.row_start is not None else length
 
     place_free_rows()
-    while any(r is not None for r in serving):
+    while any(r is not None for r in serving) or (plain is not None and plain.busy()):
         verified = [b for b in range(B) if serving[b] is not None and b not in refill]
         n = tuner.next_budget()
         _sync(device)  # one sync each side of the growth: it is timed per round
@@ -838,14 +1029,16 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         grow_seconds = t1 - t0 - (GrowthGraphs.capture_seconds - captured)
         parts = [tree_part(tree, torch.arange(tree.size, device=device).expand(B, -1), tcache)]
         if refill:
-            new_ids, new_lens, new_host = pad_prompts([requests[serving[b]].prompt for b in refill],
-                                                      device)
+            new_ids, new_lens, new_host = pad_prompts([_context(requests[serving[b]])
+                                                       for b in refill], device)
             at = torch.tensor(refill, device=device)
             new_draft_ids = draft_ids(new_ids)  # before `grown`: the draft's stream reads it
             chunk = max(llm.prefill_chunk, llm.prefill_chunk * B // len(refill))
             prefill = PrefillBatch(new_ids, tcache, chunk, rows=at, device=device,
                                    lengths_host=new_host)
             parts += prefill.parts
+        if plain is not None:  # the plain rows' tokens and new prompts ride the same pass
+            parts += plain.parts(llm.prefill_chunk)
         grown = _record(device)
         target.run_parts(parts)
         stats.decode_passes += 1
@@ -859,6 +1052,8 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             drafted = _draft_prefill(draft, new_draft_ids, new_lens, new_host, at, dcache,
                                      llm.prefill_chunk, draft_stream, grown)
         picks = target_picks(target.head, parts[0].h, params, generator)
+        plain_next, plain_first = (plain.sample(target.head, generator) if plain is not None
+                                   else (None, None))
         path, accepted, nxt = accept(tree, None, params, generator, acceptance, picks=picks)
         commit(tcache, path, accepted)
         commit(dcache, path, accepted)
@@ -877,6 +1072,9 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         # One sync per round (the first tokens are ready once the others are).
         emitted, accepted_list, nodes = emitted.tolist(), accepted.tolist(), nodes.tolist()
         first = first_tok.tolist() if refill else []  # ready: the sync above waited for it
+        if plain is not None:  # ready too
+            plain.emit(plain_next.tolist() if plain_next is not None else None,
+                       plain_first.tolist() if plain_first is not None else None, eos, stats)
         t2 = time.perf_counter()
         if verified:
             rounds.append((n, sum(accepted_list[b] + 1 for b in verified) / len(verified),
