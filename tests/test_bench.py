@@ -389,3 +389,18 @@ def test_make_checkpoint_upcycle_command(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     assert tool.main(["--upcycle", "mixtral-8x7b", str(tmp_path / "x"), "--tiny"]) == 2
     assert "needs one of --sigma" in capsys.readouterr().err
+
+
+def test_tree_runs_with_plain_rows(tmp_path):
+    """--plain-rows: one specoff-tree run per count of rows the target alone serves beside the
+    trees (spec.tree.PLAIN_ROWS, set back after the run); the row says how many it had."""
+    from specoff.spec import tree
+
+    records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",
+                          "--engines", "specoff-tree", "--new-tokens", "4", "--plain-rows", "0,3",
+                          "--configs", "humaneval"])
+    rows = records["throughput"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["plain_rows"] for r in rows] == [0, 3] and tree.PLAIN_ROWS == 0
+    assert rows[0]["stats"]["plain_rows"] == 0 and rows[1]["stats"]["plain_rows"] == 3
+    assert "3 plain rows" in bench.setting(rows[1]) and "plain" not in bench.setting(rows[0])

@@ -84,12 +84,12 @@ DEFAULTS = {
     "gpu": dict(rows=128, new_tokens="32,16,64,128", long_prompts="512,1024,2048",
                 interactive_new_tokens=32, batches="1,4", tree_budgets="16,64,256,1024,auto",
                 tree_scores="learned",
-                throughput_tree_budget=16, budgets="8,12,16,24,48", rows_sweep="32,64,128,256",
+                throughput_tree_budget=16, plain_rows="0", budgets="8,12,16,24,48", rows_sweep="32,64,128,256",
                 gammas="1,2,4,6,8,auto", alphas="0.5,0.6,0.7,0.8,0.9", peer_layers=4,
                 peer_steps=3, assisted_prompts=1, calibration_rows=32),
     "tiny": dict(layers=2, rows=4, new_tokens="6", long_prompts="48", interactive_new_tokens=6,
                  batches="1,3", tree_budgets="4,auto", tree_scores="learned,draft",
-                 throughput_tree_budget=4, budgets="8,24",
+                 throughput_tree_budget=4, plain_rows="0", budgets="8,24",
                  rows_sweep="2,4", gammas="2,auto", alphas="0.5,0.9", peer_layers=1, peer_steps=0,
                  assisted_prompts=1, calibration_rows=16),
 }
@@ -384,6 +384,18 @@ def bound(rows: float, tokens_per_pass: float, copy_rate_gbps: float, stream_byt
 
 
 def run_specoff(bench: Bench, job: Job) -> dict:
+    """A specoff run, with spec.tree.PLAIN_ROWS as the job says (0 unless --plain-rows)."""
+    from specoff.spec import tree as tree_mode
+
+    before = tree_mode.PLAIN_ROWS
+    tree_mode.PLAIN_ROWS = job.params.get("plain_rows") or 0
+    try:
+        return _run_specoff(bench, job)
+    finally:
+        tree_mode.PLAIN_ROWS = before
+
+
+def _run_specoff(bench: Bench, job: Job) -> dict:
     p = job.params
     cal = bench.calibrate(p["alpha"])
     engine = job.engine
@@ -462,6 +474,8 @@ def run_specoff(bench: Bench, job: Job) -> dict:
     if predicted is None and not spec and s.predicted_pass_seconds:
         predicted = rows / s.predicted_pass_seconds
     limit = bound(rows, tpp, bench.copy_gbps, stream)
+    if spec and s.plain_rows and limit is not None:  # and a token a pass from each plain row beside the trees
+        limit += bound(s.plain_rows, 1.0, bench.copy_gbps, stream)
     tokens = [o.token_ids for o in outputs]
     if engine == "specoff-offload":
         bench.reference_tokens[job.config] = tokens
@@ -694,16 +708,19 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
     # The budget must hold the main config's interleaved rows with their KV cache on the GPU.
     workload = (2 * rows, max(map(len, configs[0][1])), main_new)
     tree_budgets = [int(b) for b in split(str(a.throughput_tree_budget))]
+    plain_rows = [int(n) for n in split(str(a.plain_rows))]
     for config, prompts, new in configs:
         for engine in engines:
             per_pass = 2 * rows if engine == "specoff-chain-interleaved" else rows
             # Engines that refill rows from a queue get every prompt; the others one batch.
             refills = engine.startswith("specoff-chain") or engine == "specoff-tree"
             use = prompts if refills else prompts[:rows]
-            for budget in tree_budgets if engine == "specoff-tree" else tree_budgets[:1]:
-                jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new,
-                                max_rows=per_pass, draft_len=a.draft_len, tree_budget=budget,
-                                fit_workload=workload))
+            tree = engine == "specoff-tree"
+            for budget in tree_budgets if tree else tree_budgets[:1]:
+                for plain in plain_rows if tree else [0]:
+                    jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new,
+                                    max_rows=per_pass, draft_len=a.draft_len, tree_budget=budget,
+                                    fit_workload=workload, plain_rows=plain))
     return jobs
 
 
@@ -854,8 +871,9 @@ def setting(r: dict) -> str:
     if r["engine"] == "specoff-tree":
         final = r.get("tree_budget_final")
         scores = "" if r.get("tree_scores", "learned") == "learned" else ", draft scores"
+        plain = f", {r['plain_rows']} plain rows" if r.get("plain_rows") else ""
         return (f"budget {r.get('tree_budget')}" + (f"→{final}" if r.get("tree_budget") == "auto" and final else "")
-                + scores)
+                + scores + plain)
     if r["engine"].startswith("specoff-chain"):
         final = r.get("draft_len_final")
         return f"γ={r.get('draft_len') or 'auto'}" + (f"→{final}" if not r.get("draft_len") and final else "")
@@ -1097,6 +1115,9 @@ def parse_args(argv=None):
                    "'draft' (by the draft's log-probabilities)")
     p.add_argument("--throughput-tree-budget", help="throughput tree runs: comma-separated node "
                    "budgets per row (one specoff-tree run each)")
+    p.add_argument("--plain-rows", help="throughput tree runs: comma-separated counts of rows the "
+                   "target alone serves beside the trees (spec.tree.PLAIN_ROWS; one specoff-tree "
+                   "run each; default 0)")
     p.add_argument("--budgets", help="sweep-budget: GiB values")
     p.add_argument("--rows-sweep", help="sweep-rows: rows per group")
     p.add_argument("--gammas", help="sweep-gamma: γ values, 'auto' allowed")

@@ -14,6 +14,9 @@
 #   throughput-max  specoff-tree, specoff-offload and specoff-chain with up to 512 rows each
 #                (HumanEval x3, 32 tokens): offload-only batches every prompt at once, tree
 #                and chain take what their plans hold
+#   issue4       the SpecOffload issue's benchmark: offload only, chain serial, chain interleaved
+#                and tree over the 164 HumanEval prompts (NEW new tokens, default 32), up to 256
+#                rows a group, in one run
 #   kernels      tools/bench_kernels.py --only prefill
 #   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, 164 rows): where
 #                the round's time goes, per CUDA stream
@@ -34,7 +37,8 @@
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
 # rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
-# steps). A call runs at most 10 minutes: pick steps whose limits fit.
+# steps; EXTRA="--plain-rows 0,200": tree runs without and with plain rows). A call runs at
+# most 10 minutes: pick steps whose limits fit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -74,6 +78,11 @@ for step in "$@"; do
         throughput-max)
             bench "$step" --scenario throughput --new-tokens 32 --rows 512 --prompts 492 \
                 --configs humaneval --engines "${ENGINES:-specoff-tree,specoff-offload,specoff-chain}" \
+                --throughput-tree-budget "${TREE:-16}" ;;
+        issue4)  # the SpecOffload issue's own scenario: the 164 HumanEval prompts, 32 tokens
+            bench "$step" --scenario throughput --new-tokens "${NEW:-32}" --rows 256 --prompts 164 \
+                --configs humaneval \
+                --engines "${ENGINES:-specoff-offload,specoff-chain-serial,specoff-chain-interleaved,specoff-tree}" \
                 --throughput-tree-budget "${TREE:-16}" ;;
         kernels)
             timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
@@ -120,7 +129,7 @@ for step in "$@"; do
                 --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows, issue4)" >&2
             exit 2 ;;
     esac
 done
