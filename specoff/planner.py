@@ -336,7 +336,7 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     draft is loaded but the run does not speculate (its weights count, its cache and steps
     do not). `host_kv_tokens(r)`: the token slots of r rows' cache a pass streams from the
     host (default r × `context`; rows in segments: engine.LLM._batch_cache).
-    `prompt_tokens(r)`: the first r rows' prompt tokens, for the prefill's prediction
+    `prompt_tokens(r)`: the first r rows' prompt tokens, for the prefill's memory and time
     (prompts are packed, not padded to `prefill_tokens`; default r × `prefill_tokens`).
     `plain_rows`: up to this many of the `rows` beyond the pass's rows ride each pass a token
     at a time, the target's cache theirs too (tree mode's spec.tree.PLAIN_ROWS)."""
@@ -357,11 +357,14 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
             logit_rows = min(logit_rows, max(max_logit_rows, r))
         act = activation_bytes(cfg, max(r * tokens_per_row + p, (r + p) * c), logit_rows + p,
                                dtype)
-        hidden = (r + p) * max(prefill_tokens, 1) * cfg.dim * torch.empty(0, dtype=dtype).element_size()
+        # The prompts' hidden states through the prefill (packed one after another where
+        # their lengths are known: decoder.PrefillBatch; else each padded to the longest).
+        prompt = prompt_tokens(r + p) if prompt_tokens else (r + p) * max(prefill_tokens, 1)
+        hidden = prompt * cfg.dim * torch.empty(0, dtype=dtype).element_size()
         kv = (r + p) * context * sizes.kv_per_token if kv_gpu else 0
         # Prompts fill a cache away from the GPU (or rows of a larger one) through a
-        # one-layer scratch of their K/V (decoder.PrefillStage).
-        hidden += (r + p) * max(prefill_tokens, 1) * sizes.kv_per_token // cfg.n_layers
+        # one-layer scratch of their K/V (decoder.PrefillStage, PackedStage).
+        hidden += prompt * sizes.kv_per_token // cfg.n_layers
         if not kv_gpu:  # a layer of it streams in for attention (two in flight)
             streamed = host_kv_tokens(r) if host_kv_tokens else r * context
             if p:  # the plain rows' cache in row segments: each its prompt and new tokens

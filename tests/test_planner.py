@@ -109,6 +109,16 @@ def test_host_segments_and_packed_prompts_in_the_prediction():
     saved = (256 * (max(prompts) + 32) - (sum(prompts) + 256 * 33)) * kv / (PROFILE.copy_gbps * 1e9)
     assert dense.predicted_pass_seconds - seg.predicted_pass_seconds == pytest.approx(saved, rel=1e-6)
     assert seg.predicted_prefill_seconds < 0.7 * dense.predicted_prefill_seconds
+    # packed prompts hold their own tokens' hidden states and K/V scratch, not the longest's;
+    # the segments' layer in flight is what they hold
+    elt, L = torch.empty(0, dtype=torch.bfloat16).element_size(), cfg.n_layers
+
+    def memory(prompt, streamed):
+        return prompt * cfg.dim * elt + prompt * kv // L + 2 * streamed * kv // L
+
+    assert dense.gpu_bytes["activations"] - seg.gpu_bytes["activations"] == (
+        memory(256 * max(prompts), 256 * (max(prompts) + 32))
+        - memory(sum(prompts), sum(prompts) + 256 * 33))
 
 
 def test_profile_cache_round_trips(tmp_path, monkeypatch):

@@ -639,7 +639,8 @@ def rebuild_estimate(bench: Bench, job: Job) -> tuple:
                             context=longest + new + (tokens + 1) * spec,
                             max_rows=p.get("max_rows", len(prompts)), tokens_per_row=tokens,
                             prefill_tokens=longest, profile=profile, draft=d,
-                            draft_idle=not spec)
+                            draft_idle=not spec,
+                            prompt_tokens=lambda r: sum(map(len, prompts[:r])))
         except BudgetError:
             continue
         build = 0.0 if same else bench.built["seconds"] + 15.0  # and the warm-up run
