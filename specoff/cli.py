@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--gpu-memory", help="GPU memory budget, e.g. 24GiB (default: free memory "
                                         "less 1 GiB)")
+    p.add_argument("--draft-quant", choices=["fp8"], help="store the draft's decoder weights in "
+                   "float8 (half its GPU memory; the output stays exact)")
     p.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
                    help="stream the target's layers from host memory: auto lets the planner decide")
     p.add_argument("--json", help="write outputs and stats to this file")
@@ -163,6 +165,7 @@ def run(args) -> int:
                       gpu_memory=args.gpu_memory, draft_len=draft_len,
                       interleave=False if args.no_interleave else (True if args.interleave else None),
                       tree_budget=tree_budget, tree_scores=args.tree_scores,
+                      draft_quant=args.draft_quant,
                       # The weights are placed for the rows this run can use: a few prompts
                       # leave the budget to resident weights and whole-layer ring slots.
                       max_rows=max(1, min(256, len(prompts))))

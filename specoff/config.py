@@ -44,6 +44,9 @@ class ModelConfig:
     norm_topk_prob: bool = True
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple = field(default_factory=tuple)
+    # How the engine stores the decoder layers' linear weights (not from the checkpoint):
+    # None (the model's dtype) or "fp8" (specoff.quant: e4m3, a scale per output row).
+    weight_quant: Optional[str] = None
 
     def __post_init__(self):
         if not self.head_dim:

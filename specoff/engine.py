@@ -7,6 +7,7 @@ refused with a clear error.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -19,6 +20,7 @@ import torch
 from .config import ModelConfig
 from .kvcache import KVCache, SegmentKVCache, check_segment_mode
 from .offload import build_offloaded
+from .quant import check_weight_quant, quantize_linears
 from .planner import (Plan, load_profile, parse_bytes, plan_run, plan_weights, predict_draft_prefill,
                       weight_reserve)
 from .sampling import SamplingParams, select
@@ -192,7 +194,8 @@ class LLM:
     `LLM(target, draft=None, *, spec=None, device=None, dtype=None, gpu_memory=None,
     offload=None, seed=0)`; `target` and `draft` are Hugging Face checkpoint folders, or
     ModelConfigs (seeded random weights of that shape), or SyntheticModels (e.g. an upcycled
-    pair from synthetic.upcycled_pair) built in memory.
+    pair from synthetic.upcycled_pair) built in memory. `draft_quant="fp8"` stores a dense
+    draft's decoder weights in float8 (specoff.quant): half its GPU memory goes to rows.
     """
 
     def __init__(self, target, draft=None, *, spec=None, device=None, dtype=None,
@@ -201,11 +204,14 @@ class LLM:
                  ring_pieces: Optional[int] = None, cuda_graphs: bool = True,
                  kv_placement: Optional[str] = None, draft_len: Optional[int] = None,
                  interleave: Optional[bool] = None, tree_budget: Union[int, str] = "auto",
-                 tree_budget_max: Optional[int] = None, tree_scores: str = "learned"):
+                 tree_budget_max: Optional[int] = None, tree_scores: str = "learned",
+                 draft_quant: Optional[str] = None):
         if spec not in (None, "chain", "tree"):
             raise ValueError(f"spec must be 'chain', 'tree' or None, not {spec!r}")
         if spec is not None and draft is None:
             raise ValueError(f"spec={spec!r} needs a draft model: pass draft=DIR")
+        if draft_quant is not None and draft is None:
+            raise ValueError(f"draft_quant={draft_quant!r} needs a draft model: pass draft=DIR")
         if max_rows < 1 or prefill_chunk < 1 or ring_slots < 1:
             raise ValueError("max_rows, prefill_chunk and ring_slots must be positive")
         self.device = default_device(device)
@@ -233,6 +239,10 @@ class LLM:
                 self.draft_config = ModelConfig.from_hf(draft)
                 draft_tok = load_tokenizer(draft)
             check_same_tokenizer(self.tokenizer, draft_tok)
+            check_weight_quant(self.draft_config, draft_quant)
+            # The plan counts the draft as it will be stored.
+            self.draft_config = dataclasses.replace(self.draft_config, weight_quant=draft_quant)
+        self.draft_quant = draft_quant
         self.spec = spec  # None with a draft: tree for small batches, chain above
         self.seed = seed
         self.max_rows = max_rows
@@ -294,6 +304,8 @@ class LLM:
             self.draft_model = load_model(None if synthetic else draft, self.device, self.dtype,
                                           source=draft.source if synthetic else None,
                                           config=self.draft_config)
+            if draft_quant is not None:
+                quantize_linears(self.draft_model, draft_quant)
             self.draft_model.use_graphs = self.model.use_graphs
         self.eos_token_ids = self._eos_ids()
         self.last_stats = GenerationStats()

@@ -159,6 +159,13 @@ class ModelSizes:
         ffn = 3 * D * cfg.ffn_size * max(cfg.n_experts, 1)
         attn += D * cfg.n_experts  # the router
         kv = cfg.n_layers * 2 * cfg.n_kv_heads * hd
+        if cfg.weight_quant == "fp8":  # the linear weights a byte each, a scale per row
+            # (specoff.quant.Fp8Linear: dense models; norms and biases stay in dtype)
+            linear_attn, rows_attn = D * cfg.qkv_size + cfg.n_heads * hd * D, cfg.qkv_size + D
+            rows_ffn = 2 * cfg.ffn_size + D
+            return cls(outside * b, (attn - linear_attn + rows_attn) * b + linear_attn,
+                       (ffn - 3 * D * cfg.ffn_size + rows_ffn) * b + 3 * D * cfg.ffn_size,
+                       kv * b, cfg.n_layers, cfg.n_experts)
         return cls(outside * b, attn * b, ffn * b, kv * b, cfg.n_layers, cfg.n_experts)
 
     @property
@@ -374,6 +381,8 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         if draft_sizes is not None and not draft_idle:  # the draft's cache and steps live on the GPU
             kv += (draft_tokens(r) if draft_tokens else r * context) * draft_sizes.kv_per_token
             act += activation_bytes(draft, r * max(tokens_per_row, c), r, dtype)
+            if draft.weight_quant:  # a product's weight, dequantized for it (quant.Fp8Linear)
+                act += 2 * draft.ffn_size * draft.dim * torch.empty(0, dtype=dtype).element_size()
         return kv, act + hidden
 
     kv_gpu = kv_placement != "host"

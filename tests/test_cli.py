@@ -79,6 +79,12 @@ def test_speculative_run(tmp_path, tokenizer):
                "--json", plain, "--ignore-eos").returncode == 0
     tokens = [o["token_ids"] for o in json.loads(out.read_text())["outputs"]]
     assert tokens == [o["token_ids"] for o in json.loads(plain.read_text())["outputs"]]
+    fp8 = tmp_path / "fp8.json"  # the draft's weights in float8: the same tokens
+    r = cli("--target", target, "--draft", draft, "--dataset", "humaneval", "--limit", 5,
+            "--max-new-tokens", 12, "--draft-len", 3, "--draft-quant", "fp8", "--json", fp8,
+            "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert [o["token_ids"] for o in json.loads(fp8.read_text())["outputs"]] == tokens
 
 
 def test_default_runs_without_a_target(tmp_path):

@@ -290,7 +290,8 @@ class Bench:
                 llm = specoff.LLM(target, draft=draft if with_draft else None, device=self.device,
                                   dtype=self.dtype, gpu_memory=budget if self.cuda else None,
                                   offload=True if not self.cuda or offload == "on" else None,
-                                  max_rows=max_rows, draft_len=a.draft_len, seed=a.seed)
+                                  max_rows=max_rows, draft_len=a.draft_len, seed=a.seed,
+                                  draft_quant=a.draft_quant if with_draft else None)
             except BudgetError as e:
                 why = why or str(e)
                 continue
@@ -334,7 +335,8 @@ class Bench:
         return dict(run_id=self.run_id, scenario=job.scenario, config=job.config, engine=job.engine,
                     timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     device=str(self.device), device_name=self.device_name, dtype=str(self.dtype),
-                    tiny=self.tiny, pair=self.pair_name, layers=self.target_cfg.n_layers,
+                    tiny=self.tiny, pair=self.pair_name + (" (fp8 draft)" if self.args.draft_quant else ""),
+                    layers=self.target_cfg.n_layers,
                     full_layers=self.full_layers, std=a.std, seed=a.seed,
                     gpu_memory_requested=job.params.get("gpu_memory"),
                     copy_gbps=self.copy_gbps, torch=torch.__version__,
@@ -526,6 +528,8 @@ def run_hf(bench: Bench, job: Job) -> dict:
     cfg, dtype, L = llm.config, llm.dtype, llm.config.n_layers
     sizes = ModelSizes.of(cfg, dtype)
     assisted = job.engine == "hf-assisted"
+    if assisted and llm.draft_quant:  # transformers would need our float8 layers
+        raise Skip("hf-assisted runs without --draft-quant (its draft is transformers' own bf16 model)")
     prompts = p["prompts"][:a.assisted_prompts] if assisted else p["prompts"]
     rows = 1 if assisted else len(prompts)
     new = p["new_tokens"]
@@ -1103,6 +1107,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", help="comma-separated; the first is the main config")
     p.add_argument("--long-prompts", help="comma-separated prompt lengths in tokens")
     p.add_argument("--draft-len", type=int, default=4, help="γ of the chain engines (0: adaptive)")
+    p.add_argument("--draft-quant", choices=["fp8"], help="the draft's decoder weights in float8 "
+                   "(specoff's engines; the peers keep theirs)")
     p.add_argument("--interactive-new-tokens", type=int)
     p.add_argument("--warmup-tokens", type=int, default=4,
                    help="throughput runs of specoff: a short run of this many new tokens first, "

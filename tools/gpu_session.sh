@@ -37,8 +37,9 @@
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
 # rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
-# steps; EXTRA="--plain-rows 0,200": tree runs without and with plain rows). A call runs at
-# most 10 minutes: pick steps whose limits fit.
+# steps; EXTRA="--plain-rows 0,200": tree runs without and with plain rows; EXTRA="--draft-quant
+# fp8": the draft's weights in float8). A call runs at most 10 minutes: pick steps whose
+# limits fit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -58,7 +59,7 @@ for step in "$@"; do
     case $step in
         tests)
             timeout 300 python -m pytest -q -m gpu tests/test_tree.py tests/test_spec.py \
-                tests/test_offload.py tests/test_generate.py tests/test_kvcache.py 2>&1 \
+                tests/test_offload.py tests/test_generate.py tests/test_kvcache.py tests/test_quant.py 2>&1 \
                 | tee -a "$OUT/tests.log" | tail -5
             timeout 200 python -m pytest -q tests/kernels/test_attention.py -k "segmented or compiled" \
                 2>&1 | tee -a "$OUT/tests.log" | tail -3 ;;

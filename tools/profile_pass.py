@@ -165,7 +165,7 @@ def build(args):
     draft, target = upcycled_pair(draft_cfg, target_cfg, args.sigma, args.seed, device)
     # Built as tools/bench.py builds it (spec=None: room for an interactive tree), then set.
     llm = specoff.LLM(target, draft=draft, device=device, gpu_memory=budget, offload=True,
-                      max_rows=args.rows, seed=args.seed)
+                      max_rows=args.rows, seed=args.seed, draft_quant=args.draft_quant)
     llm.spec, llm.tree_budget = args.spec, args.tree_budget
     llm.draft_len = args.draft_len
     llm.interleave = {"on": True, "off": False}.get(args.interleave)
@@ -186,6 +186,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--spec", choices=["chain", "tree"], default="chain")
     p.add_argument("--tree-budget", type=int, default=16, help="--spec tree: nodes a row")
     p.add_argument("--draft-len", type=int, default=4)
+    p.add_argument("--draft-quant", choices=["fp8"], help="the draft's decoder weights in float8")
     p.add_argument("--interleave", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--offload-only", action="store_true",
                    help="the target alone over one batch of the plan's rows (no speculation)")

@@ -1,0 +1,104 @@
+"""fp8 draft weights (specoff.quant): what they store, what they cost the plan, and that
+speculation with them stays exact."""
+import pytest
+import torch
+from torch import nn
+
+import specoff
+from specoff import planner
+from specoff.config import ModelConfig, UnsupportedModelError
+from specoff.planner import GiB, ModelSizes
+from specoff.quant import FP8, Fp8Linear, quantize_linears
+
+MISTRAL_7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                  max_position_embeddings=32768, rope_theta=1e6)
+PROMPTS = ["def add(a, b):", "Once upon a time", "import numpy as np", "x = [1, 2, 3]",
+           "class Stack:", "for i in range(10):", "# a comment", "return x + 1"]
+
+
+@pytest.mark.parametrize("bias, dtype", [(False, torch.float32), (True, torch.float32),
+                                         (False, torch.bfloat16)])
+def test_fp8_linear_is_close_to_the_linear_it_replaces(bias, dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40, bias=bias).to(dtype)
+    with torch.no_grad():
+        lin.weight[3] *= 50  # rows of very different magnitudes: a scale per row
+    q = Fp8Linear(lin)
+    assert q.weight.dtype == FP8 and q.weight.shape == (40, 96) and q.scale.dtype == dtype
+    x = torch.randn(7, 96, dtype=dtype)
+    ref, out = lin(x).float(), q(x).float()
+    # e4m3 keeps 3 mantissa bits: each weight within 1/16 of itself, errors average out
+    assert (out - ref).norm() / ref.norm() < 0.05
+    assert ((out - ref).norm(dim=0) / ref.norm(dim=0)).max() < 0.1  # the large row and the rest
+
+
+def test_quantize_linears_takes_the_layers_not_the_embeddings_or_head(pairs):
+    draft, _ = pairs(0.3)
+    llm = specoff.LLM(draft, device="cpu")
+    model = llm.model
+    n = quantize_linears(model)
+    assert n == 4 * len(model.layers)  # wqkv, wo, w13, w2
+    assert all(type(m) is not nn.Linear for layer in model.layers for m in layer.modules())
+    assert type(model.output) is nn.Linear
+
+
+def test_an_fp8_draft_halves_its_layers_and_buys_rows():
+    target = ModelConfig.from_dict(dict(MISTRAL_7B, model_type="mixtral", num_local_experts=8,
+                                        num_experts_per_tok=2))
+    draft = ModelConfig.from_dict(MISTRAL_7B)
+    fp8 = ModelConfig.from_dict(MISTRAL_7B)
+    fp8.weight_quant = "fp8"
+    bf16, q = ModelSizes.of(draft, torch.bfloat16), ModelSizes.of(fp8, torch.bfloat16)
+    assert q.outside_layers == bf16.outside_layers and q.kv_per_token == bf16.kv_per_token
+    assert 0.5 < q.layer / bf16.layer < 0.51  # a byte a weight and a scale per row
+    budget = 24 * GiB
+    plans = []
+    for d in (draft, fp8):
+        reserve = planner.weight_reserve(target, torch.bfloat16, budget, 256, d)
+        weights = planner.plan_weights(target, torch.bfloat16, budget, offload=None, reserve=reserve)
+        plans.append(planner.plan_run(weights, target, torch.bfloat16, rows=512, context=389,
+                                      max_rows=512, tokens_per_row=16, prefill_tokens=340,
+                                      draft=d, max_logit_rows=512))
+        assert plans[-1].planned_gpu_bytes + planner.CONTEXT_MARGIN <= budget
+    assert plans[1].gpu_bytes["draft_weights"] < 0.53 * plans[0].gpu_bytes["draft_weights"]
+    assert plans[1].rows_per_pass > 1.5 * plans[0].rows_per_pass
+
+
+@pytest.mark.parametrize("spec, sigma", [("chain", 0.0), ("tree", 0.3), ("chain", 0.3)])
+def test_speculation_with_an_fp8_draft_equals_the_target(spec, sigma, pairs):
+    draft, target = pairs(sigma)
+    params = specoff.SamplingParams(max_new_tokens=10)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(PROMPTS, params)]
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec=spec, draft_quant="fp8", max_rows=3)
+    assert llm.draft_config.weight_quant == "fp8"
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
+    if sigma == 0.0:  # the draft is the target up to the weights' rounding: most accepted
+        assert llm.last_stats.acceptance_rate > 0.5
+
+
+def test_draft_quant_errors(pairs, tmp_path):
+    draft, target = pairs(0.3)
+    with pytest.raises(ValueError, match="needs a draft"):
+        specoff.LLM(target, device="cpu", draft_quant="fp8")
+    with pytest.raises(ValueError, match="draft_quant must be one of fp8"):
+        specoff.LLM(target, draft=draft, device="cpu", draft_quant="int3")
+    moe = ModelConfig.from_dict(dict(MISTRAL_7B, model_type="mixtral", num_local_experts=4,
+                                     num_experts_per_tok=2))
+    with pytest.raises(UnsupportedModelError, match="dense drafts"):
+        from specoff.quant import check_weight_quant
+        check_weight_quant(moe, "fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["chain", "tree"])
+def test_gpu_speculation_with_an_fp8_draft(spec, pairs):
+    """On the GPU the draft's steps (CUDA graphs) dequantize inside the graphs; exact."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=12)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                      spec=spec, draft_quant="fp8", max_rows=3, kv_placement="host")
+    assert [o.token_ids for o in llm.generate(PROMPTS * 2, params)] == expect * 2
