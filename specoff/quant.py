@@ -10,6 +10,8 @@ so quantization can only move the acceptance rate.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,11 @@ from .config import ModelConfig, UnsupportedModelError
 WEIGHT_QUANTS = ("fp8",)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
+# On a GPU with float8 matrix units (compute capability 8.9+), products in float8: the
+# activations quantized a row at a time, torch._scaled_mm with a scale per row of each side
+# (the weight read as is, no dequantized copy). False: dequantize, then a bf16 product
+# (everywhere). Off until measured on a GPU.
+FP8_GEMM = False
 
 
 class Fp8Linear(nn.Module):
@@ -37,8 +44,35 @@ class Fp8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale
+        if FP8_GEMM and _fp8_gemm_ok(x, self.weight):
+            y = _scaled_product(x, self.weight, self.scale)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
+
+
+def _fp8_gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._scaled_mm can take this product: bf16 on a CUDA device of compute capability
+    8.9 or above, K and N multiples of 16."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and w.shape[0] % 16 == 0
+            and w.shape[1] % 16 == 0 and _capability(x.device.index) >= (8, 9))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def _scaled_product(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x · (W8 · s)ᵀ in float8: x quantized a row at a time, both scales applied by the
+    product (rowwise torch._scaled_mm)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    xq = (x2 / x_scale).to(FP8)
+    y = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale.float()[None],
+                         out_dtype=x.dtype)
+    return y.reshape(*shape[:-1], w.shape[0])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"

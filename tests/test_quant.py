@@ -91,14 +91,46 @@ def test_draft_quant_errors(pairs, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 33, 222])
+def test_gpu_fp8_products_are_close(rows, monkeypatch):
+    """Both GPU paths of Fp8Linear (dequantize then bf16; float8 products) against the bf16
+    linear, at Mistral-7B's w13 shape."""
+    from specoff import quant
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4096, 2 * 14336, bias=False, device="cuda", dtype=torch.bfloat16)
+    q = Fp8Linear(lin)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = lin(x).float()
+    for gemm in (False, True):
+        monkeypatch.setattr(quant, "FP8_GEMM", gemm)
+        out = q(x).float()
+        assert (out - ref).norm() / ref.norm() < 0.06, gemm
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["chain", "tree"])
 def test_gpu_speculation_with_an_fp8_draft(spec, pairs):
     """On the GPU the draft's steps (CUDA graphs) dequantize inside the graphs; exact."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=12)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
                       spec=spec, draft_quant="fp8", max_rows=3, kv_placement="host")
     assert [o.token_ids for o in llm.generate(PROMPTS * 2, params)] == expect * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["chain", "tree"])
+def test_gpu_fp8_products_in_a_bf16_draft(spec, pairs, monkeypatch):
+    """quant.FP8_GEMM in a bf16 run (float8 products inside the draft's graphs): every row
+    served, and a draft that is the target up to rounding still mostly accepted."""
+    from specoff import quant
+
+    monkeypatch.setattr(quant, "FP8_GEMM", True)
+    draft, target = pairs(0.0)
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="bfloat16", offload=True,
+                      spec=spec, draft_quant="fp8", max_rows=3)
+    out = llm.generate(PROMPTS, specoff.SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert all(len(o.token_ids) == 12 for o in out)
+    assert llm.last_stats.acceptance_rate > 0.5
