@@ -33,6 +33,8 @@
 #                of up to 512 rows (engine.SEGMENT_HOST_CACHE; x3), 16 tokens, off / auto, ABAB
 #   plain-rows   tree runs (HumanEval x3, 32 tokens, up to 256 rows) without and with PLAIN
 #                (default 200) rows the target alone serves beside the trees (spec.tree.PLAIN_ROWS)
+#   fp8-draft    tree runs (HumanEval x3, 32 tokens, up to 512 rows) with the draft's weights in
+#                float8, its products dequantized or in float8 (quant.FP8_GEMM), ABAB
 #   tree-tests   the GPU tests of tree mode and of the attention kernel's row offsets
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
@@ -121,6 +123,11 @@ for step in "$@"; do
                 --rows 256 --prompts 492 --humaneval --new-tokens 32 --json "$OUT/plain-rows.json" \
                 --compare "spec.tree.PLAIN_ROWS=0,${PLAIN:-200}" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/plain-rows.log" | tail -8 ;;
+        fp8-draft)  # tree runs with the draft's weights in float8: dequantized or float8 products
+            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+                --rows 512 --prompts 492 --humaneval --new-tokens 32 --draft-quant fp8 \
+                --json "$OUT/fp8-draft.json" --compare "quant.FP8_GEMM=0,1" 2>&1 | grep -v USDT \
+                | tee -a "$OUT/fp8-draft.log" | tail -8 ;;
         tree-tests)
             timeout 200 python -m pytest -q -m gpu tests/test_tree.py 2>&1 | tee -a "$OUT/tests.log" | tail -3
             timeout 100 python -m pytest -q tests/kernels/test_attention.py -k "shared_pool" 2>&1 \
@@ -130,7 +137,7 @@ for step in "$@"; do
                 --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows, issue4)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows, issue4, fp8-draft)" >&2
             exit 2 ;;
     esac
 done
