@@ -40,8 +40,9 @@
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
 # rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
 # steps; EXTRA="--plain-rows 0,200": tree runs without and with plain rows; EXTRA="--draft-quant
-# fp8": the draft's weights in float8). A call runs at most 10 minutes: pick steps whose
-# limits fit.
+# fp8": the draft's weights in float8; PP_EXTRA is added to every tools/profile_pass.py
+# command, e.g. PP_EXTRA="--draft-quant fp8"). A call runs at most 10 minutes: pick steps
+# whose limits fit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -90,41 +91,41 @@ for step in "$@"; do
         kernels)
             timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
         growth)  # tree throughput runs timed at each cap on a growth pass's nodes (ABAB)
-            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 164 --prompts 164 --humaneval --new-tokens 16 --json "$OUT/growth.json" \
                 --compare "spec.tree.GROWTH_TOKENS=${GROWTH:-512,1024,2048}" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/growth.log" | tail -8 ;;
         overlap)  # tree throughput runs with the draft's refill prefill after / under the pass
-            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 164 --prompts 328 --humaneval --new-tokens 16 --json "$OUT/overlap.json" \
                 --compare "spec.tree.DRAFT_PREFILL_STREAM=0,1" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/overlap.log" | tail -8 ;;
         segments)  # the draft's cache dense or in row segments (more rows in the budget)
-            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 256 --prompts 492 --humaneval --new-tokens 32 --json "$OUT/segments.json" \
                 --compare "spec.tree.SEGMENT_DRAFT_CACHE=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/segments.log" | tail -8 ;;
         chain-segments)  # chain's draft cache dense or in row segments (more rows in the budget)
-            timeout "$LIMIT" python tools/profile_pass.py --spec chain --interleave off --draft-len 4 \
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave off --draft-len 4 \
                 --rows 256 --prompts 328 --humaneval --new-tokens 32 --json "$OUT/chain-segments.json" \
                 --compare "spec.pipeline.SEGMENT_DRAFT_CACHE=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/chain-segments.log" | tail -8 ;;
         host-segments)  # the target's host cache streamed as row segments (tree, then plain)
-            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 256 --prompts 328 --humaneval --new-tokens 16 --json "$OUT/host-segments-tree.json" \
                 --compare "spec.tree.SEGMENT_TARGET_CACHE=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/host-segments.log" | tail -4
-            timeout "$LIMIT" python tools/profile_pass.py --offload-only --rows 512 --prompts 492 \
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --offload-only --rows 512 --prompts 492 \
                 --humaneval --new-tokens 16 --json "$OUT/host-segments-plain.json" \
                 --compare "engine.SEGMENT_HOST_CACHE=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/host-segments.log" | tail -4 ;;
         plain-rows)  # tree runs with rows the target alone serves beside the trees (ABAB)
-            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 256 --prompts 492 --humaneval --new-tokens 32 --json "$OUT/plain-rows.json" \
                 --compare "spec.tree.PLAIN_ROWS=0,${PLAIN:-200}" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/plain-rows.log" | tail -8 ;;
         fp8-draft)  # tree runs with the draft's weights in float8: dequantized or float8 products
-            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 512 --prompts 492 --humaneval --new-tokens 32 --draft-quant fp8 \
                 --json "$OUT/fp8-draft.json" --compare "quant.FP8_GEMM=0,1" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/fp8-draft.log" | tail -8 ;;
@@ -133,7 +134,7 @@ for step in "$@"; do
             timeout 100 python -m pytest -q tests/kernels/test_attention.py -k "shared_pool" 2>&1 \
                 | tee -a "$OUT/tests.log" | tail -3 ;;
         profile-tree)
-            timeout "$LIMIT" python tools/profile_pass.py --spec tree --tree-budget "${TREE:-16}" \
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
