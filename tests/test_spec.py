@@ -316,3 +316,18 @@ def test_chain_prediction_counts_the_drafts_prefill(pairs):
     assert prefill > 0 and s.predicted_draft_seconds > prefill
     assert s.predicted_tokens_per_second == pytest.approx(
         len(prompts) * 6 / (s.predicted_passes * (s.predicted_pass_seconds + s.predicted_draft_seconds)))
+
+
+def test_a_run_without_speculation_plans_the_target_alone(pairs):
+    """generate(speculate=False) beside a loaded draft: the plan is the target's (a token a
+    row a pass, no draft cache), the draft's weights still counted; the tokens the target's."""
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=6)
+    prompts = ["def add(a, b):", "Once upon a time", "import numpy as np"]
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(prompts, params)]
+    llm = specoff.LLM(target, draft=draft, device="cpu")
+    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
+    plain, spec = llm.last_stats.plan, llm.plan(3, 4, 6, [4, 4, 3]).to_dict()
+    assert plain["tokens_per_row"] == 1 and spec["tokens_per_row"] > 1
+    assert plain["gpu_bytes"].get("draft_weights") == spec["gpu_bytes"].get("draft_weights")
+    assert llm.last_stats.proposed == 0
