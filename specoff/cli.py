@@ -175,6 +175,10 @@ def run(args) -> int:
         for i, out in enumerate(outputs):
             print(f"--- [{i}] {len(out.token_ids)} tokens, {out.finish_reason}")
             print(out.text)
+    plain = llm.last_stats.predicted_plain_tokens_per_second
+    if plain and plain > 1.05 * llm.last_stats.tokens_per_second:
+        print(f"note: the planner predicts {plain:.1f} tokens/s for the target alone batching "
+              f"these prompts: try the run without --draft")
     print(summary(llm.last_stats))
     if args.json:
         with open(args.json, "w") as f:

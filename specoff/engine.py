@@ -134,6 +134,9 @@ class GenerationStats:
     plain_rows: int = 0
     plain_tokens: int = 0
     promotions: int = 0
+    # After a speculative run: the planner's figure for the target alone batching the same
+    # prompts (a big queue of short answers can favour it: bench/runs/h200-24gib-session12)
+    predicted_plain_tokens_per_second: Optional[float] = None
 
     def count_verified(self, proposed: int, accepted: int) -> None:
         """One row's drafts checked by one target pass: `accepted` of `proposed` kept."""
@@ -173,6 +176,16 @@ class GenerationStats:
     def to_dict(self) -> dict:
         return dict(asdict(self), tokens_per_second=self.tokens_per_second,
                     measured_pass_seconds=self.measured_pass_seconds)
+
+
+def _plain_prediction(plan: Plan, prompts: int, new_tokens: int):
+    """(passes, tokens/s) the plan predicts for plain batches over `prompts` prompts: every
+    batch its prefill pass (which gives the first token), then a decode pass a token, every
+    row running to `new_tokens`."""
+    batches = -(-prompts // plan.rows_per_pass)
+    seconds = batches * (plan.predicted_prefill_seconds
+                         + (new_tokens - 1) * plan.predicted_pass_seconds)
+    return batches * new_tokens, prompts * new_tokens / seconds
 
 
 def _requests(rows, progress=None) -> list:
@@ -440,13 +453,14 @@ class LLM:
             if progress is not None:
                 progress.update(len(batch))
         if not speculate and plan.predicted_pass_seconds and plan.predicted_prefill_seconds:
-            # Every batch: its prefill pass (which gives the first token), then one decode
-            # pass a token; every row runs to max_new_tokens.
-            batches = -(-len(rows) // plan.rows_per_pass)
-            seconds = batches * (plan.predicted_prefill_seconds
-                                 + (params.max_new_tokens - 1) * plan.predicted_pass_seconds)
-            stats.predicted_passes = batches * params.max_new_tokens
-            stats.predicted_tokens_per_second = len(rows) * params.max_new_tokens / seconds
+            stats.predicted_passes, stats.predicted_tokens_per_second = _plain_prediction(
+                plan, len(rows), params.max_new_tokens)
+        elif speculate and self.profile is not None and len(rows) > TREE_MAX_ROWS:
+            plain = self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens,
+                              [len(r) for r in rows], speculate=False)
+            if plain.predicted_pass_seconds and plain.predicted_prefill_seconds:
+                stats.predicted_plain_tokens_per_second = _plain_prediction(
+                    plain, len(rows), params.max_new_tokens)[1]
         stats.tokens = sum(len(o.token_ids) for o in outputs)
         stats.finalize()
         stats.bytes_streamed = (ring.bytes_copied - copied0) if ring is not None else 0

@@ -331,3 +331,25 @@ def test_a_run_without_speculation_plans_the_target_alone(pairs):
     assert plain["tokens_per_row"] == 1 and spec["tokens_per_row"] > 1
     assert plain["gpu_bytes"].get("draft_weights") == spec["gpu_bytes"].get("draft_weights")
     assert llm.last_stats.proposed == 0
+
+
+def test_a_speculative_run_reports_the_plain_prediction(pairs):
+    """With a hardware profile, a speculative run over a queue also gets the planner's figure
+    for the target alone batching the same prompts (what the command line compares)."""
+    from specoff.planner import HardwareProfile
+
+    draft, target = pairs(0.3)
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=4, max_rows=3)
+    llm.profile = HardwareProfile("test", copy_gbps=10.0, gemm_tflops=1.0, moe_tflops=1.0,
+                                  hbm_gbps=100.0)
+    prompts = ["def add(a, b):", "Once upon a time", "import numpy as np", "x = [1, 2, 3]",
+               "class Stack:", "# a comment"]
+    llm.generate(prompts, specoff.SamplingParams(max_new_tokens=5, ignore_eos=True))
+    s = llm.last_stats
+    lengths = [len(p) for p in llm.encode(prompts)]
+    plain = llm.plan(6, max(lengths), 5, lengths, speculate=False)
+    batches = -(-6 // plain.rows_per_pass)
+    expect = 30 / (batches * (plain.predicted_prefill_seconds + 4 * plain.predicted_pass_seconds))
+    assert s.predicted_plain_tokens_per_second == pytest.approx(expect)
+    llm.generate(prompts[:2], specoff.SamplingParams(max_new_tokens=5))  # an interactive batch
+    assert llm.last_stats.predicted_plain_tokens_per_second is None
