@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one prompt per line, or JSONL with a 'prompt' field (repeatable)")
     p.add_argument("--dataset", choices=["humaneval"], help="a built-in prompt set")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--max-rows", type=int, help="the most rows a pass serves (default: the "
+                   "prompts, at most 256); the plan takes what --gpu-memory holds")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -160,6 +162,9 @@ def run(args) -> int:
         draft_len = int(args.draft_len)
     else:
         raise ValueError(f"--draft-len takes a number or auto, not {args.draft_len!r}")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise ValueError("--max-rows must be at least 1")
+    max_rows = min(args.max_rows or 256, len(prompts))
     llm = specoff.LLM(target, draft=draft, spec=args.spec, device=args.device,
                       dtype=args.dtype, seed=args.seed, offload=offload,
                       gpu_memory=args.gpu_memory, draft_len=draft_len,
@@ -168,7 +173,7 @@ def run(args) -> int:
                       draft_quant=args.draft_quant,
                       # The weights are placed for the rows this run can use: a few prompts
                       # leave the budget to resident weights and whole-layer ring slots.
-                      max_rows=max(1, min(256, len(prompts))))
+                      max_rows=max_rows)
     with tqdm(total=len(prompts), unit="prompt", disable=None, file=sys.stderr) as bar:
         outputs = llm.generate(prompts, params, progress=bar)
     if not args.quiet:

@@ -82,9 +82,10 @@ def test_speculative_run(tmp_path, tokenizer):
     fp8 = tmp_path / "fp8.json"  # the draft's weights in float8: the same tokens
     r = cli("--target", target, "--draft", draft, "--dataset", "humaneval", "--limit", 5,
             "--max-new-tokens", 12, "--draft-len", 3, "--draft-quant", "fp8", "--json", fp8,
-            "--ignore-eos")
+            "--ignore-eos", "--max-rows", 2)
     assert r.returncode == 0, r.stderr
     assert [o["token_ids"] for o in json.loads(fp8.read_text())["outputs"]] == tokens
+    assert json.loads(fp8.read_text())["stats"]["plan"]["rows_per_pass"] <= 2
 
 
 def test_default_runs_without_a_target(tmp_path):
@@ -107,6 +108,7 @@ def test_default_runs_without_a_target(tmp_path):
     (["--limit", "0"], "error: --limit must be at least 1"),
     (["--draft", "/no/draft"], "error: --draft /no/draft is not a folder"),
     (["--draft-len", "many"], "error: --draft-len takes a number or auto"),
+    (["--max-rows", "0"], "error: --max-rows must be at least 1"),
     (["--tree-budget", "lots"], "error: --tree-budget takes a number or auto"),
     (["--gpu-memory", "24GiB", "--device", "cpu"], "error: gpu_memory applies to a CUDA device"),
 ])
