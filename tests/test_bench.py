@@ -404,3 +404,18 @@ def test_tree_runs_with_plain_rows(tmp_path):
     assert [r["plain_rows"] for r in rows] == [0, 3] and tree.PLAIN_ROWS == 0
     assert rows[0]["stats"]["plain_rows"] == 0 and rows[1]["stats"]["plain_rows"] == 3
     assert "3 plain rows" in bench.setting(rows[1]) and "plain" not in bench.setting(rows[0])
+
+
+def test_draft_quant_runs_the_speculative_engines_once_each(tmp_path):
+    """--draft-quant none,fp8: the speculative engines run with a bf16 and a float8 draft, the
+    float8 runs after the config's others (one LLM build each); the rest run once."""
+    records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",
+                          "--engines", "specoff-tree,specoff-offload", "--new-tokens", "3",
+                          "--configs", "humaneval", "--draft-quant", "none,fp8"])
+    rows = records["throughput"]
+    assert [(r["engine"], r["draft_quant"], r["status"]) for r in rows] == [
+        ("specoff-tree", None, "ok"), ("specoff-offload", None, "ok"), ("specoff-tree", "fp8", "ok")]
+    assert "fp8 draft" in bench.setting(rows[2]) and "fp8" not in bench.setting(rows[0])
+    with pytest.raises(SystemExit, match="none and/or fp8"):
+        bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",
+                    "--draft-quant", "int4"])

@@ -176,6 +176,10 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.tiny = args.tiny
+        # --draft-quant: "none" (bf16) and/or "fp8", the speculative engines run each
+        self.draft_quants = [None if q == "none" else q for q in split(args.draft_quant or "none")]
+        if not self.draft_quants or any(q not in (None, "fp8") for q in self.draft_quants):
+            raise SystemExit(f"error: --draft-quant takes none and/or fp8, not {args.draft_quant!r}")
         self.device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available()
                                                   else "cuda"))
         self.cuda = self.device.type == "cuda"
@@ -255,7 +259,7 @@ class Bench:
 
     def llm_for(self, sigma: float, gpu_memory: str, *, with_draft: bool = True, fit: bool = True,
                 workload: Optional[tuple] = None, offload: str = "on",
-                max_rows: Optional[int] = None):
+                max_rows: Optional[int] = None, draft_quant: Optional[str] = "first"):
         """The one LLM for this σ and budget, reused across runs: a σ change rewrites the
         target's weights in place, a budget change rebuilds it. With `fit`, a budget that the
         pair does not fit (or where `workload` = (rows, longest prompt, new tokens) would lose
@@ -265,7 +269,10 @@ class Bench:
         leave room for, as the command line does with its prompt count (interactive runs:
         the batch, so the spare memory goes to the ring and resident weights)."""
         max_rows = max_rows or self.args.rows
-        key = (gpu_memory, with_draft, fit, offload, max_rows)
+        # `draft_quant` (--draft-quant): the draft's weights as a run asks (default the first)
+        draft_quant = self.draft_quants[0] if draft_quant == "first" else draft_quant
+        draft_quant = draft_quant if with_draft else None
+        key = (gpu_memory, with_draft, fit, offload, draft_quant, max_rows)
         if self.llm is not None and self.llm_key == key:
             if sigma != self.llm_sigma:
                 t0 = time.perf_counter()
@@ -291,7 +298,7 @@ class Bench:
                                   dtype=self.dtype, gpu_memory=budget if self.cuda else None,
                                   offload=True if not self.cuda or offload == "on" else None,
                                   max_rows=max_rows, draft_len=a.draft_len, seed=a.seed,
-                                  draft_quant=a.draft_quant if with_draft else None)
+                                  draft_quant=draft_quant)
             except BudgetError as e:
                 why = why or str(e)
                 continue
@@ -335,13 +342,14 @@ class Bench:
         return dict(run_id=self.run_id, scenario=job.scenario, config=job.config, engine=job.engine,
                     timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     device=str(self.device), device_name=self.device_name, dtype=str(self.dtype),
-                    tiny=self.tiny, pair=self.pair_name + (" (fp8 draft)" if self.args.draft_quant else ""),
+                    tiny=self.tiny, pair=self.pair_name,
                     layers=self.target_cfg.n_layers,
                     full_layers=self.full_layers, std=a.std, seed=a.seed,
                     gpu_memory_requested=job.params.get("gpu_memory"),
                     copy_gbps=self.copy_gbps, torch=torch.__version__,
                     command=" ".join(sys.argv), settings=vars(a), options=engine_options(),
-                    **{k: v for k, v in job.params.items() if k != "prompts"})
+                    **{"draft_quant": self.draft_quants[0],  # unless the job says
+                       **{k: v for k, v in job.params.items() if k != "prompts"}})
 
     def record(self, job: Job, fields: dict) -> dict:
         row = dict(self.common(job), **fields)
@@ -404,7 +412,7 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
     fit, workload, offload = p["fit"], p.get("fit_workload"), p["offload"]
     try:
         llm = bench.llm_for(cal["sigma"], p["gpu_memory"], fit=fit, workload=workload, offload=offload,
-                            max_rows=p.get("build_rows"))
+                            max_rows=p.get("build_rows"), draft_quant=p.get("draft_quant", "first"))
     except Skip:
         if not engine.startswith("specoff-offload") or fit:
             raise
@@ -723,10 +731,17 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
             tree = engine == "specoff-tree"
             for budget in tree_budgets if tree else tree_budgets[:1]:
                 for plain in plain_rows if tree else [0]:
-                    jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new,
-                                    max_rows=per_pass, draft_len=a.draft_len, tree_budget=budget,
-                                    fit_workload=workload, plain_rows=plain))
+                    for quant in bench.draft_quants if speculates(engine) else bench.draft_quants[:1]:
+                        jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new,
+                                        max_rows=per_pass, draft_len=a.draft_len,
+                                        tree_budget=budget, fit_workload=workload,
+                                        plain_rows=plain, draft_quant=quant))
     return jobs
+
+
+def speculates(engine: str) -> bool:
+    """specoff's engines that run the draft (one run each per --draft-quant value)."""
+    return engine.startswith("specoff-chain") or engine == "specoff-tree"
 
 
 def interactive_jobs(bench: Bench) -> List[Job]:
@@ -871,6 +886,10 @@ def fmt(value, spec: str = ".2f") -> str:
     return format(value, spec)
 
 
+def quant_note(r: dict) -> str:
+    return f", {r['draft_quant']} draft" if r.get("draft_quant") else ""
+
+
 def setting(r: dict) -> str:
     """The speculation setting of a run: γ or the tree budget (requested→final when adaptive)."""
     if r["engine"] == "specoff-tree":
@@ -878,10 +897,11 @@ def setting(r: dict) -> str:
         scores = "" if r.get("tree_scores", "learned") == "learned" else ", draft scores"
         plain = f", {r['plain_rows']} plain rows" if r.get("plain_rows") else ""
         return (f"budget {r.get('tree_budget')}" + (f"→{final}" if r.get("tree_budget") == "auto" and final else "")
-                + scores + plain)
+                + scores + plain + quant_note(r))
     if r["engine"].startswith("specoff-chain"):
         final = r.get("draft_len_final")
-        return f"γ={r.get('draft_len') or 'auto'}" + (f"→{final}" if not r.get("draft_len") and final else "")
+        return (f"γ={r.get('draft_len') or 'auto'}" + (f"→{final}" if not r.get("draft_len") and final else "")
+                + quant_note(r))
     if r["engine"] == "hf-assisted" and r.get("num_assistant_tokens"):
         return f"γ={r['num_assistant_tokens']} ({r.get('num_assistant_tokens_schedule')})"
     return ""
@@ -1107,8 +1127,10 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", help="comma-separated; the first is the main config")
     p.add_argument("--long-prompts", help="comma-separated prompt lengths in tokens")
     p.add_argument("--draft-len", type=int, default=4, help="γ of the chain engines (0: adaptive)")
-    p.add_argument("--draft-quant", choices=["fp8"], help="the draft's decoder weights in float8 "
-                   "(specoff's engines; the peers keep theirs)")
+    p.add_argument("--draft-quant", help="comma-separated none and/or fp8: the draft's decoder "
+                   "weights in bf16 or float8; the speculative engines run once each, after the "
+                   "config's other runs (the first value: what the other engines' LLM holds; "
+                   "hf-assisted skips fp8)")
     p.add_argument("--interactive-new-tokens", type=int)
     p.add_argument("--warmup-tokens", type=int, default=4,
                    help="throughput runs of specoff: a short run of this many new tokens first, "
@@ -1179,11 +1201,12 @@ def ordered(args, jobs: List[Job]) -> List[Job]:
     """The jobs of a scenario config by config, each config's engines in the order --engines
     names them (the scenario's own order without it): with a time limit, what comes first
     is what runs."""
-    if not args.engines:
-        return jobs
-    rank = {e: i for i, e in enumerate(split(args.engines))}
+    rank = {e: i for i, e in enumerate(split(args.engines or ""))}
     configs = list(dict.fromkeys(j.config for j in jobs))
-    return sorted(jobs, key=lambda j: (configs.index(j.config), rank.get(j.engine, len(rank))))
+    quants = list(dict.fromkeys(j.params.get("draft_quant") for j in jobs))
+    # a config's runs with each draft together: one LLM build for each
+    return sorted(jobs, key=lambda j: (configs.index(j.config), quants.index(j.params.get("draft_quant")),
+                                       rank.get(j.engine, len(rank))))
 
 
 def run(args) -> Dict[str, List[dict]]:

@@ -40,7 +40,7 @@
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
 # rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
 # steps; EXTRA="--plain-rows 0,200": tree runs without and with plain rows; EXTRA="--draft-quant
-# fp8": the draft's weights in float8; PP_EXTRA is added to every tools/profile_pass.py
+# none,fp8": the speculative engines with a bf16 and a float8 draft; PP_EXTRA is added to every tools/profile_pass.py
 # command, e.g. PP_EXTRA="--draft-quant fp8"). A call runs at most 10 minutes: pick steps
 # whose limits fit.
 set -uo pipefail
