@@ -264,9 +264,11 @@ def test_time_estimate_plans_other_budgets():
     weights = plan_weights(target, dtype, at, offload=True,
                            reserve=weight_reserve(target, dtype, at, 164, draft))
     fake = SimpleNamespace(args=SimpleNamespace(rows=164), cuda=True, pass_seconds=2.0,
-                           llm=SimpleNamespace(weight_plan=weights, draft_config=draft),
-                           llm_key=("24GiB", True, False, "on", 164), target_cfg=target,
-                           draft_cfg=draft, dtype=dtype, built=dict(profile=None, seconds=20.0))
+                           llm=SimpleNamespace(weight_plan=weights, draft_config=draft,
+                                               draft_quant=None),
+                           llm_key=("24GiB", True, False, "on", None, 164), target_cfg=target,
+                           draft_cfg=draft, dtype=dtype, built=dict(profile=None, seconds=20.0),
+                           draft_quants=[None])
     prompts = [[1] * 113] * 327 + [[1] * 340]
 
     def job(engine, gpu_memory):
@@ -282,6 +284,10 @@ def test_time_estimate_plans_other_budgets():
         fake, job("specoff-chain", "24GiB"))
     assert bench.rebuild_estimate(fake, job("specoff-chain", "12GiB"))[0] is None  # no fit
     assert bench.rebuild_estimate(fake, job("specoff-offload", "12GiB"))[0] > 0  # target alone
+    fp8 = job("specoff-chain", "24GiB")
+    fp8.params["draft_quant"] = "fp8"  # another draft: a rebuild, and more rows
+    rows8, _, build8 = bench.rebuild_estimate(fake, fp8)
+    assert build8 > 20.0 and rows8 > rows24
 
 
 def test_qwen3_moe_pair_runs_and_transformers_agrees(tmp_path):

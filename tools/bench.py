@@ -49,6 +49,7 @@ gets an equal share of what is left when it starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import inspect
 import json
@@ -633,11 +634,12 @@ def rebuild_estimate(bench: Bench, job: Job) -> tuple:
     prompts, new = p["prompts"], p["new_tokens"]
     longest = max(map(len, prompts))
     build_rows = p.get("build_rows") or a.rows
+    quant = p.get("draft_quant", bench.draft_quants[0])
     same = (bench.llm is not None and bench.llm_key[0] == p["gpu_memory"]
-            and bench.llm_key[-1] == build_rows)
+            and bench.llm_key[-1] == build_rows and bench.llm.draft_quant == quant)
     # Where the pair does not fit, an offload run builds the target alone (run_specoff).
     for with_draft in (True, False) if job.engine.startswith("specoff-offload") else (True,):
-        d = draft if with_draft else None
+        d = dataclasses.replace(draft, weight_quant=quant) if with_draft else None
         try:
             if same and (bench.llm.draft_config is not None) == with_draft:
                 weights = bench.llm.weight_plan
