@@ -8,10 +8,90 @@ free: the row simply does not advance over them, and the next write overwrites t
 """
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
+
+# Caches in pinned host memory take page-locked blocks that are kept once their cache is
+# gone and reused by the next (HostPool): pinning costs seconds (8 GiB with pin_memory=True:
+# 3.4 s on the H200 host; touching it and cudaHostRegister: 1.2 s, DESIGN.md), and a tree
+# throughput run's target cache at 222 HumanEval rows is 11 GB. False: pin_memory=True
+# allocations, as before. Not yet measured on a GPU.
+HOST_POOL = True
+
+
+class HostPool:
+    """Page-locked host blocks handed out as cache tensors, taken back when the tensor is
+    collected. A request takes the smallest free block that holds it; failing that, the free
+    blocks are let go (their memory returned) and a new one is touched and registered
+    (offload.pin). A new block is zeros; a reused one holds what caches of the same dtype
+    wrote (finite values a cache never reads past a row's length: masked keys weigh 0, and
+    0 × a finite value is 0), and is zeroed only for another dtype, whose bit patterns
+    could read as NaN."""
+
+    def __init__(self):
+        self._blocks: list = []  # [uint8 buffer, leased, dtype last handed out as]
+
+    def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        block = self._free_block(n)
+        if block is None:
+            gc.collect()  # caches held in reference cycles give their blocks back
+            block = self._free_block(n)
+        if block is None:
+            self._blocks = [b for b in self._blocks if b[1]]  # let the free ones go
+            from .offload import pin
+
+            buffer = torch.zeros(n, dtype=torch.uint8)  # touched: registering is then fast
+            pin(buffer)
+            block = [buffer, False, dtype]
+            self._blocks.append(block)
+        t = block[0][:n].view(dtype).view(shape)
+        if block[2] != dtype:
+            t.zero_()
+        block[1], block[2] = True, dtype
+        weakref.finalize(t, _release, block)
+        return t
+
+    def _free_block(self, n: int):
+        free = [b for b in self._blocks if not b[1] and b[0].numel() >= n]
+        return min(free, key=lambda b: b[0].numel(), default=None)
+
+    def clear(self) -> None:
+        """Let every free block go (blocks in use go when their caches do)."""
+        self._blocks = [b for b in self._blocks if b[1]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b[0].numel() for b in self._blocks)
+
+
+def _release(block) -> None:
+    block[1] = False
+
+
+HOST_BLOCKS = HostPool()
+
+
+def host_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed tensor in page-locked host memory (from HOST_BLOCKS where HOST_POOL)."""
+    if HOST_POOL and torch.cuda.is_available():
+        return HOST_BLOCKS.zeros(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, pin_memory=True)
+
+
+def release_host_memory() -> None:
+    """Return the page-locked blocks that no cache holds (HOST_BLOCKS) to the system."""
+    HOST_BLOCKS.clear()
+
+
+def _zeros(shape, dtype, device, pin_memory: bool) -> torch.Tensor:
+    if pin_memory:
+        return host_zeros(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class _CudaArray:
@@ -40,10 +120,8 @@ class KVCache(torch.nn.Module):
                  dtype: torch.dtype, device, pin_memory: bool = False, lengths_device=None):
         super().__init__()
         shape = (n_layers, rows, n_kv_heads, max_len, head_dim)  # (L, B, KV, S, hd)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device,
-                                              pin_memory=pin_memory), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device,
-                                              pin_memory=pin_memory), persistent=False)
+        self.register_buffer("k", _zeros(shape, dtype, device, pin_memory), persistent=False)
+        self.register_buffer("v", _zeros(shape, dtype, device, pin_memory), persistent=False)
         # Lengths live where positions are computed: the compute device, even when the
         # cache itself sits in host memory.
         self.register_buffer("lengths", torch.zeros(rows, dtype=torch.long,
@@ -124,8 +202,8 @@ class SegmentKVCache(KVCache):
         where the kernels that write it across the bus run (KVCache.mapped)."""
         torch.nn.Module.__init__(self)
         shape = (n_layers, n_kv_heads, pool, head_dim)
-        k, v = pools or (torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory),
-                         torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory))
+        k, v = pools or (_zeros(shape, dtype, device, pin_memory),
+                         _zeros(shape, dtype, device, pin_memory))
         device = lengths_device or device
         if tuple(k.shape) != shape or tuple(v.shape) != shape:
             raise ValueError(f"shared pools of shape {tuple(k.shape)}, not {shape}")

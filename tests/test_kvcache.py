@@ -156,3 +156,39 @@ def test_streamed_segments_attend_as_over_a_dense_cache(tree):
     for b in range(B):
         n = int(lengths[b]) + T
         assert torch.equal(keys[b, :, :n], dense.k[0, b, :, :n])
+
+
+def test_host_pool_reuses_blocks_once_their_caches_are_gone(monkeypatch):
+    """kvcache.HostPool (host caches' page-locked memory, kept across generate calls): a
+    block goes back when its tensor is collected, the smallest free block that holds a
+    request serves it, a block reused for the same dtype keeps its contents and is zeroed
+    for another; failing a fit the free blocks go and a new one comes. (Registering is
+    cudaHostRegister on a GPU host: a no-op here.)"""
+    import gc
+
+    from specoff import kvcache, offload
+
+    monkeypatch.setattr(offload, "pin", lambda t: None)
+    pool = kvcache.HostPool()
+    a = pool.zeros((4, 8), torch.float32)
+    assert a.abs().sum() == 0 and pool.nbytes == 128
+    a.fill_(3.0)
+    b = pool.zeros((2, 8), torch.float32)  # a is leased: a new block
+    assert pool.nbytes == 128 + 64
+    ptr_a = a.data_ptr()
+    del a
+    gc.collect()
+    c = pool.zeros((2, 8), torch.float32)  # the free 128-byte block holds 64 bytes
+    assert c.data_ptr() == ptr_a and (c == 3.0).all()  # same dtype: not rewritten
+    del c
+    gc.collect()
+    d = pool.zeros((16,), torch.bfloat16)  # another dtype: zeroed
+    assert d.data_ptr() == ptr_a and d.abs().sum() == 0
+    del d
+    gc.collect()
+    e = pool.zeros((64,), torch.float32)  # 256 bytes: no block holds it
+    assert pool.nbytes == 64 + 256  # the free 128-byte block went, b's stays
+    del b, e
+    gc.collect()
+    pool.clear()
+    assert pool.nbytes == 0

@@ -257,6 +257,9 @@ class Bench:
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
+            from specoff.kvcache import release_host_memory
+
+            release_host_memory()  # the host caches' page-locked blocks too
 
     def llm_for(self, sigma: float, gpu_memory: str, *, with_draft: bool = True, fit: bool = True,
                 workload: Optional[tuple] = None, offload: str = "on",
