@@ -60,6 +60,11 @@ class HostPool:
         free = [b for b in self._blocks if not b[1] and b[0].numel() >= n]
         return min(free, key=lambda b: b[0].numel(), default=None)
 
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether `t` lies in one of the blocks (registered, page-locked memory)."""
+        p = t.data_ptr()
+        return any(b[0].data_ptr() <= p < b[0].data_ptr() + b[0].numel() for b in self._blocks)
+
     def clear(self) -> None:
         """Let every free block go (blocks in use go when their caches do)."""
         self._blocks = [b for b in self._blocks if b[1]]
@@ -108,7 +113,7 @@ def device_alias(t: torch.Tensor, device) -> torch.Tensor:
     With unified addressing (every 64-bit CUDA platform) pinned host memory is mapped into
     the device's address space at its host address, so a kernel can read and write it
     directly across the bus. The alias does not own the memory: `t` must outlive it."""
-    if not (t.is_pinned() and t.is_contiguous()):
+    if not ((t.is_pinned() or HOST_BLOCKS.holds(t)) and t.is_contiguous()):
         raise ValueError("device_alias needs a contiguous tensor in pinned host memory")
     raw = torch.as_tensor(_CudaArray(t.data_ptr(), t.numel() * t.element_size()),
                           device=torch.device(device))

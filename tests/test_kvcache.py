@@ -180,6 +180,7 @@ def test_host_pool_reuses_blocks_once_their_caches_are_gone(monkeypatch):
     gc.collect()
     c = pool.zeros((2, 8), torch.float32)  # the free 128-byte block holds 64 bytes
     assert c.data_ptr() == ptr_a and (c == 3.0).all()  # same dtype: not rewritten
+    assert pool.holds(c[1]) and not pool.holds(torch.zeros(3))
     del c
     gc.collect()
     d = pool.zeros((16,), torch.bfloat16)  # another dtype: zeroed
@@ -192,3 +193,25 @@ def test_host_pool_reuses_blocks_once_their_caches_are_gone(monkeypatch):
     gc.collect()
     pool.clear()
     assert pool.nbytes == 0
+
+
+@pytest.mark.gpu
+def test_gpu_host_pool_blocks_are_page_locked_and_reused():
+    """host_zeros on a GPU host: registered blocks that torch sees as pinned (asynchronous
+    copies, device aliases), handed out again once their tensor is gone."""
+    import gc
+
+    from specoff import kvcache
+
+    t = kvcache.host_zeros((3, 1 << 20), torch.bfloat16)
+    assert t.is_pinned() and kvcache.HOST_BLOCKS.holds(t)
+    t.fill_(2.0)
+    assert (device_alias(t, "cuda").sum() == 6 * (1 << 20)).item()
+    ptr = t.data_ptr()
+    del t
+    gc.collect()
+    again = kvcache.host_zeros((3, 1 << 20), torch.bfloat16)
+    assert again.data_ptr() == ptr
+    copied = again.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert (copied == 2.0).all()
