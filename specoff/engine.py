@@ -137,6 +137,9 @@ class GenerationStats:
     # After a speculative run: the planner's figure for the target alone batching the same
     # prompts (a big queue of short answers can favour it: bench/runs/h200-24gib-session12)
     predicted_plain_tokens_per_second: Optional[float] = None
+    # Tree mode: seconds its growth spent capturing CUDA graphs (inside draft_seconds and the
+    # run's time: a new draft cache each call captures anew)
+    graph_capture_seconds: float = 0.0
 
     def count_verified(self, proposed: int, accepted: int) -> None:
         """One row's drafts checked by one target pass: `accepted` of `proposed` kept."""

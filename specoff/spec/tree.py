@@ -1027,6 +1027,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         t1 = time.perf_counter()
         # The budget's curve is steady-state growth: a first round's graph capture left out.
         grow_seconds = t1 - t0 - (GrowthGraphs.capture_seconds - captured)
+        stats.graph_capture_seconds += GrowthGraphs.capture_seconds - captured
         parts = [tree_part(tree, torch.arange(tree.size, device=device).expand(B, -1), tcache)]
         if refill:
             new_ids, new_lens, new_host = pad_prompts([_context(requests[serving[b]])
