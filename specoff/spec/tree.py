@@ -66,9 +66,11 @@ SEGMENT_LOOKAHEAD = 8  # a refill takes the first of this many waiting prompts t
 # "auto" where the target's cache sits in host memory (a pass streams the pool, what the
 # rows hold, instead of rows × the longest: ~11 GB a pass at 222 HumanEval rows of
 # Mixtral 8x7B against ~6 GB), "on" anywhere, "off". H200, 237 rows, 328 prompts, 16
-# tokens, ABAB (session 12): passes 2.180 / 2.111 s off, 2.094 / 1.924 s auto, but 158.6 /
-# 150.0 tokens/s against 142.9 / 169.3 (the draft's growth a round rose, unexplained): off.
-SEGMENT_TARGET_CACHE = "off"
+# tokens, ABAB (session 12): passes 2.180 / 2.111 s off, 2.094 / 1.924 s auto; tokens/s
+# 158.6 / 150.0 against 142.9 / 169.3, within the noise of 11-13 round runs whose growth
+# timings carried each run's graph captures. "auto" since: half the pinned host memory, and
+# at the ~430 rows an fp8 draft leaves room for, ~9 GB a pass streamed instead of ~21.
+SEGMENT_TARGET_CACHE = "auto"
 # Plain rows: up to this many rows beyond the plan's tree rows that the target alone serves,
 # a token each a pass, in the same passes as the trees (their cache where the target's is, in
 # row segments when in host memory). A copy-bound pass streams the weights once for both:
