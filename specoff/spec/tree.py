@@ -835,6 +835,9 @@ class PlainRows:
         self.decoding = [b for b in range(self.rows) if self.serving[b] is not None
                          and b not in self.refill]
         c, parts = self.cache, []
+        # row indices on the device now, before the pass is queued: made after it, they
+        # would wait for it (a copy from pageable memory)
+        self.decoding_at = torch.tensor(self.decoding, device=self.device)
         self.decode = (PassPart(self.last[:, None], c, positions=c.lengths[:, None],
                                 kv_len=c.max_len) if self.decoding else None)
         if self.decode is not None:
@@ -855,7 +858,7 @@ class PlainRows:
         nxt = first = None
         if self.decode is not None:
             nxt = select(head(self.decode.h)[:, -1], self.params, generator)
-            at = torch.tensor(self.decoding, device=self.device)
+            at = self.decoding_at
             self.cache.lengths[at] += 1
             self.last[at] = nxt[at]
         if self.prefill is not None:
