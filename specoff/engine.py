@@ -48,6 +48,14 @@ THROUGHPUT_TREE_BUDGET = 16
 SEGMENT_HOST_CACHE = "auto"
 
 
+def host_cache_segmented(lengths: Sequence[int], host: bool = True) -> bool:
+    """Whether a plain batch's cache over prompts of these lengths sits in row segments, as
+    SEGMENT_HOST_CACHE says (`host`: the cache is in host memory)."""
+    check_segment_mode("engine.SEGMENT_HOST_CACHE", SEGMENT_HOST_CACHE)
+    return SEGMENT_HOST_CACHE == "on" or (SEGMENT_HOST_CACHE == "auto" and host
+                                          and min(lengths) != max(lengths))
+
+
 def check_same_tokenizer(target_tok, draft_tok) -> None:
     """A draft must map text to the target's token ids; its vocabulary may be a prefix of the
     target's (e.g. padded embeddings on one side)."""
@@ -384,8 +392,7 @@ class LLM:
         # Chain: γ+1 tokens per row per pass, caches γ+2 longer; tree: the largest tree.
         tokens, logit_rows, draft_tokens = 1 + MAX_DRAFT_LEN * spec, None, None
         host_tokens = None  # a host cache in row segments streams its pool, not rows × longest
-        if not spec and prompts and (SEGMENT_HOST_CACHE == "on" or (
-                SEGMENT_HOST_CACHE == "auto" and min(prompts) != max(prompts))):
+        if not spec and prompts and host_cache_segmented(prompts):
             host_tokens = lambda r: sum(prompts[:r]) + min(r, rows) * (max_new_tokens + 1)  # noqa: E731
         plain = 0
         if spec and self.spec_mode(rows) == "tree":
@@ -529,9 +536,7 @@ class LLM:
         (each row's prompt and new tokens and a spare slot, one after another)."""
         cfg, lengths = self.config, [len(r) for r in rows]
         host = where.type != self.device.type
-        check_segment_mode("engine.SEGMENT_HOST_CACHE", SEGMENT_HOST_CACHE)
-        if SEGMENT_HOST_CACHE == "on" or (SEGMENT_HOST_CACHE == "auto" and host
-                                         and min(lengths) != max(lengths)):
+        if host_cache_segmented(lengths, host):
             sizes = [n + max_new + 1 for n in lengths]
             starts = [0, *itertools.accumulate(sizes)][:-1]
             cache = SegmentKVCache(cfg.n_layers, len(rows), sum(sizes), max(sizes),

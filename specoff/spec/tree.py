@@ -733,6 +733,24 @@ def _draft_prefill(draft, ids, lens, lens_host, rows, cache: KVCache, chunk: int
     return done
 
 
+def _take_request(queue, requests, allocator: Optional[SegmentAllocator], new_tokens: int,
+                  extra: int):
+    """(the request a free row takes from `queue`, its segment (first slot, slots) or None),
+    removed from the queue: the next one, or with an `allocator` (rows in segments) the first
+    of SEGMENT_LOOKAHEAD whose segment fits; None when none does."""
+    if allocator is None:
+        return queue.popleft() if isinstance(queue, deque) else queue.pop(0), None
+    window = [queue[k] for k in range(min(SEGMENT_LOOKAHEAD, len(queue)))]
+    found = allocator.take_first([segment_size(len(requests[i].prompt), new_tokens, extra)
+                                  for i in window])
+    if found is None:
+        return None
+    j, start, n = found
+    taken = queue[j]
+    del queue[j]
+    return taken, (start, n)
+
+
 def _context(request) -> list:
     """What a refill prefills: the prompt and the tokens a request has so far (a plain row's
     request moving onto a tree row has some)."""
@@ -757,11 +775,9 @@ class PlainRows:
         host = where.type != device.type
         # In host memory a pass streams the cache: rows in segments stream what they hold
         # (as a plain batch's cache: engine.SEGMENT_HOST_CACHE, "on" anywhere).
-        from ..engine import SEGMENT_HOST_CACHE
+        from ..engine import host_cache_segmented
 
-        check_segment_mode("engine.SEGMENT_HOST_CACHE", SEGMENT_HOST_CACHE)
-        self.segmented = SEGMENT_HOST_CACHE == "on" or (
-            SEGMENT_HOST_CACHE == "auto" and host and min(lengths) != max(lengths))
+        self.segmented = host_cache_segmented(lengths, host)
         if self.segmented:
             pool = segment_pool_slots(rows, lengths, new, 0, SEGMENT_SLACK)
             self.cache = SegmentKVCache(cfg.n_layers, rows, pool, longest + new + 3,
@@ -786,18 +802,11 @@ class PlainRows:
         return any(r is not None for r in self.serving)
 
     def _take(self, b: int, waiting) -> bool:
-        j = 0
-        if self.segmented:
-            window = [waiting[k] for k in range(min(SEGMENT_LOOKAHEAD, len(waiting)))]
-            found = self.free.take_first([segment_size(len(self.requests[i].prompt),
-                                                       self.params.max_new_tokens, 0)
-                                          for i in window])
-            if found is None:
-                return False
-            j, start, n = found
-            self.segment[b] = (start, n)
-        self.serving[b] = waiting[j]
-        del waiting[j]
+        taken = _take_request(waiting, self.requests, self.free if self.segmented else None,
+                              self.params.max_new_tokens, 0)
+        if taken is None:
+            return False
+        self.serving[b], self.segment[b] = taken
         return True
 
     def place(self, waiting, stats) -> None:
@@ -948,18 +957,13 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     def take(b: int, queue=waiting) -> bool:
         """Row b takes the next request of `queue` (the waiting prompts); with segments the
         first of SEGMENT_LOOKAHEAD whose segment fits (False: none does)."""
-        j = 0
-        if segmented:
-            window = [queue[k] for k in range(min(SEGMENT_LOOKAHEAD, len(queue)))]
-            found = free_slots.take_first([segment_size(len(requests[i].prompt),
-                                                        params.max_new_tokens, capacity)
-                                           for i in window])
-            if found is None:
-                return False
-            j, start, n = found
-            segment[b] = (start, n)
-        serving[b] = queue[j]
-        del queue[j]
+        taken = _take_request(queue, requests, free_slots if segmented else None,
+                              params.max_new_tokens, capacity)
+        if taken is None:
+            return False
+        serving[b], found = taken
+        if found is not None:
+            segment[b] = found
         return True
 
     for b in range(B):  # the pool holds the first B prompts at once (segment_pool_slots)
@@ -1078,9 +1082,10 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         # One sync per round (the first tokens are ready once the others are).
         emitted, accepted_list, nodes = emitted.tolist(), accepted.tolist(), nodes.tolist()
         first = first_tok.tolist() if refill else []  # ready: the sync above waited for it
-        if plain is not None:  # ready too
-            plain.emit(plain_next.tolist() if plain_next is not None else None,
-                       plain_first.tolist() if plain_first is not None else None, eos, stats)
+        if plain is not None:  # ready too: the sync above waited for the whole pass
+            nxt_list = plain_next.tolist() if plain_next is not None else None  # no wait
+            first_list = plain_first.tolist() if plain_first is not None else None  # no wait
+            plain.emit(nxt_list, first_list, eos, stats)
         t2 = time.perf_counter()
         if verified:
             rounds.append((n, sum(accepted_list[b] + 1 for b in verified) / len(verified),
