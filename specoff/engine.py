@@ -628,7 +628,7 @@ class LLM:
         _sync(self.device)
         t0 = time.perf_counter()
         generate_tree(self, requests, params, generator, stats, plan.rows_per_pass, tuner,
-                      kv_on_gpu=plan.kv_on_gpu)
+                      kv_on_gpu=plan.kv_on_gpu, prefill_chunk=plan.prefill_chunk)
         _sync(self.device)
         stats.decode_seconds += time.perf_counter() - t0
         stats.rows_per_group = per_pass

@@ -50,6 +50,9 @@ class Fp8Linear(nn.Module):
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
+
 
 def _fp8_gemm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._scaled_mm can take this product: bf16 on a CUDA device of compute capability
@@ -73,9 +76,6 @@ def _scaled_product(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     y = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale.float()[None],
                          out_dtype=x.dtype)
     return y.reshape(*shape[:-1], w.shape[0])
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
 
 
 def check_weight_quant(cfg: ModelConfig, quant) -> None:

@@ -425,3 +425,25 @@ def test_draft_quant_runs_the_speculative_engines_once_each(tmp_path):
     with pytest.raises(SystemExit, match="none and/or fp8"):
         bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",
                     "--draft-quant", "int4"])
+
+
+def test_profile_pass_finds_the_blocks_live_at_the_allocator_peak():
+    """--memory-peak's replay of an allocator history: the peak counts what existed before
+    (baseline, some of it freed during the run) and names the blocks live at that moment."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import profile_pass
+
+    ours = [{"filename": "/x/specoff/spec/tree.py", "line": 7, "name": "grow"},
+            {"filename": "/x/specoff/engine.py", "line": 9, "name": "generate"}]
+    events = [dict(action="alloc", addr=1, size=100, frames=ours),
+              dict(action="free_completed", addr=99, size=50, frames=[]),  # a baseline block
+              dict(action="alloc", addr=2, size=300, frames=[]),
+              dict(action="free_completed", addr=2, size=300, frames=[]),
+              dict(action="alloc", addr=3, size=200, frames=ours),
+              dict(action="alloc", addr=4, size=220, frames=ours[1:]),
+              dict(action="free_completed", addr=1, size=100, frames=ours)]
+    peak, blocks = profile_pass.peak_live_blocks(events, baseline=1000)
+    assert peak == 1000 + 100 - 50 + 200 + 220
+    assert sorted(b["addr"] for b in blocks) == [1, 3, 4]
+    assert profile_pass.allocation_site(ours) == "tree.py:7 grow < engine.py:9 generate"
+    assert profile_pass.allocation_site([]) == "(outside specoff)"

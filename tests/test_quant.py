@@ -124,7 +124,8 @@ def test_gpu_speculation_with_an_fp8_draft(spec, pairs):
 @pytest.mark.parametrize("spec", ["chain", "tree"])
 def test_gpu_fp8_products_in_a_bf16_draft(spec, pairs, monkeypatch):
     """quant.FP8_GEMM in a bf16 run (float8 products inside the draft's graphs): every row
-    served, and a draft that is the target up to rounding still mostly accepted."""
+    served, and a draft that is the target up to rounding still mostly accepted (per
+    position: a tree's accepted / proposed counts its many unchosen branches)."""
     from specoff import quant
 
     monkeypatch.setattr(quant, "FP8_GEMM", True)
@@ -133,4 +134,4 @@ def test_gpu_fp8_products_in_a_bf16_draft(spec, pairs, monkeypatch):
                       spec=spec, draft_quant="fp8", max_rows=3)
     out = llm.generate(PROMPTS, specoff.SamplingParams(max_new_tokens=12, ignore_eos=True))
     assert all(len(o.token_ids) == 12 for o in out)
-    assert llm.last_stats.acceptance_rate > 0.5
+    assert llm.last_stats.token_acceptance > 0.5

@@ -1,5 +1,6 @@
 """SpecExec tree mode: hand-built trees, best-first growth, tree attention, the budget choice,
 exact greedy and sampled output."""
+import dataclasses
 import heapq
 import math
 from types import SimpleNamespace
@@ -784,6 +785,35 @@ def test_plan_counts_the_draft_cache_the_run_allocates(spec, pairs, monkeypatch)
         llm.config, llm.dtype).kv_per_token
     draft_kv = slots * ModelSizes.of(llm.draft_config, llm.dtype).kv_per_token
     assert plan.gpu_bytes["kv_cache"] == target_kv + draft_kv
+
+
+def test_tree_prefill_parts_hold_what_the_plan_counts(pairs, monkeypatch):
+    """Tree mode prefills in the plan's chunk (prompt tokens a row a part), not the LLM's
+    default: the first prompts', the refills' (target and draft) and no part over chunk ×
+    rows tokens. (A 24 GiB H200 run had prefilled 26k tokens in one part, 0.5 GiB over the
+    budget, while the plan counted 10 a row.)"""
+    from specoff.models import decoder
+    from specoff.spec import tree
+
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=5)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(MANY, params)]
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=4, max_rows=3)
+    plan_of = llm.plan
+    monkeypatch.setattr(llm, "plan", lambda *a, **k: dataclasses.replace(
+        plan_of(*a, **k), prefill_chunk=2))
+    sizes = []
+    batch = decoder.PrefillBatch
+
+    class Spy(batch):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            sizes.append(max(p.input_ids.shape[1] for p in self.parts))
+
+    monkeypatch.setattr(decoder, "PrefillBatch", Spy)
+    monkeypatch.setattr(tree, "PrefillBatch", Spy)
+    assert [o.token_ids for o in llm.generate(MANY, params)] == expect
+    assert len(sizes) > 3 and max(sizes) <= 2 * 3
 
 
 def test_tree_refill_with_one_token_answers_and_sampling(pairs):

@@ -201,6 +201,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         "one option after the other, each set back afterwards)")
     p.add_argument("--repeat", type=int, default=0,
                    help="no profiler: time the run this many times (with the --set options)")
+    p.add_argument("--memory-peak", metavar="FILE",
+                   help="no profiler: one run under torch's allocator history; write what was "
+                        "allocated at its peak, by the specoff lines that allocated it, beside "
+                        "the plan's figures (JSON)")
     p.add_argument("--trace", help="write the chrome trace here")
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
@@ -233,6 +237,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     warm = args.rows + args.rows // 4
     llm.generate(prompts[:warm], specoff.SamplingParams(max_new_tokens=4, ignore_eos=True),
                  speculate=speculate)
+    if args.memory_peak:
+        return memory_peak(llm, lambda: generate(prompts), Path(args.memory_peak))
     if args.compare or args.repeat:
         return compare(llm, lambda: generate(prompts), args)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -325,6 +331,70 @@ def pass_seconds(s) -> Optional[float]:
     if not s.decode_passes:
         return None
     return (s.target_seconds or s.decode_seconds) / s.decode_passes
+
+
+def peak_live_blocks(events: List[dict], baseline: int = 0) -> tuple:
+    """Replay an allocator history (torch.cuda.memory._snapshot()["device_traces"][i]): the
+    peak of allocated bytes (`baseline` plus the history's own) and the blocks live then."""
+    live, current, peak, at = {}, baseline, baseline, -1
+    for i, ev in enumerate(events):
+        if ev["action"] == "alloc":
+            current += ev["size"]
+            if current > peak:
+                peak, at = current, i
+        elif ev["action"] == "free_completed":
+            current -= ev["size"]
+    for ev in events[:at + 1]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+        elif ev["action"] == "free_completed":
+            live.pop(ev["addr"], None)
+    return peak, list(live.values())
+
+
+def allocation_site(frames: List[dict], depth: int = 2) -> str:
+    """The innermost `depth` specoff frames of an allocation's stack ("file:line fn < ...")."""
+    ours = [f for f in frames if "specoff" in f.get("filename", "")
+            and "profile_pass" not in f.get("filename", "")]
+    if not ours:
+        return "(outside specoff)"
+    return " < ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in ours[:depth])
+
+
+def memory_peak(llm, run, path: Path) -> dict:
+    """One run under the allocator's history: the bytes live at its peak by allocation site
+    (what the planner's memory model must count), written to `path` as JSON and printed."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.synchronize(device)
+    baseline = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
+    try:
+        run()
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = snapshot["device_traces"][device.index]
+    peak, blocks = peak_live_blocks(events, baseline)
+    sites: Dict[str, int] = {}
+    for ev in blocks:
+        site = allocation_site(ev.get("frames", []))
+        sites[site] = sites.get(site, 0) + ev["size"]
+    s = llm.last_stats
+    report = dict(baseline_gib=baseline / 2**30, peak_gib=peak / 2**30,
+                  measured_peak_gib=s.peak_gpu_bytes / 2**30, events=len(events),
+                  budget_gib=(s.plan or {}).get("budget_bytes", 0) / 2**30,
+                  plan_gpu_gib={k: v / 2**30 for k, v in (s.plan or {}).get("gpu_bytes", {}).items()},
+                  rows_per_group=s.rows_per_group, tokens_per_second=s.tokens_per_second,
+                  sites=[dict(gib=v / 2**30, site=k)
+                         for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:40]])
+    path.write_text(json.dumps(report, indent=1))
+    print(f"peak {report['peak_gib']:.2f} GiB (stats {report['measured_peak_gib']:.2f}), before the "
+          f"run {report['baseline_gib']:.2f}; plan: " + ", ".join(
+              f"{k} {v:.2f}" for k, v in report["plan_gpu_gib"].items()))
+    for row in report["sites"][:25]:
+        print(f"  {row['gib']:7.3f} GiB  {row['site']}")
+    return report
 
 
 def compare(llm, run, args) -> dict:

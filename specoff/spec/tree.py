@@ -899,10 +899,14 @@ def _join(done, device: torch.device) -> None:
 
 @torch.inference_mode()
 def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_per_pass: int,
-                  budget, kv_on_gpu: bool = True) -> TreeBudgetTuner:
+                  budget, kv_on_gpu: bool = True,
+                  prefill_chunk: Optional[int] = None) -> TreeBudgetTuner:
     """Tree-mode generation for `requests` (spec.pipeline.Request) over `rows_per_pass` rows.
     `budget`: nodes per row per tree, or a TreeBudgetTuner that picks one before each round
     from the rounds it has seen (these and earlier ones). Returns the tuner.
+    `prefill_chunk`: prompt tokens a row per prefill part, the plan's (default
+    llm.prefill_chunk); a part holds at most that × rows_per_pass tokens however few rows
+    it fills (the plan's memory counts that many).
 
     With more prompts than rows, a row that finishes takes the next waiting prompt: its
     prefill joins the next round's verification pass (more parts of the same pass: the
@@ -920,6 +924,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     stats.tree_budgets = stats.tree_budgets or []
     rounds = []  # (budget, tokens per row per pass, pass seconds, growth seconds)
     B = min(rows_per_pass, len(requests))
+    chunk = prefill_chunk or llm.prefill_chunk
     longest = max(len(r.prompt) for r in requests)
     max_len = longest + params.max_new_tokens + capacity + 2
     park = max_len - capacity - 1  # past every prompt; the tree's slots and commit fit after it
@@ -975,9 +980,9 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     for c in segmented_caches:
         c.assign(range(B), [segment[b][0] for b in range(B)], [segment[b][1] for b in range(B)])
     ids, lens, host = pad_prompts([requests[i].prompt for i in serving], device)
-    last = select(target.prefill(ids, lens, tcache, llm.prefill_chunk, lengths_host=host),
+    last = select(target.prefill(ids, lens, tcache, chunk, lengths_host=host),
                   params, generator)
-    draft.prefill(draft_ids(ids), lens, dcache, llm.prefill_chunk, lengths_host=host)
+    draft.prefill(draft_ids(ids), lens, dcache, chunk, lengths_host=host)
     stats.prefill_passes += 1
     for b, tok in enumerate(last.tolist()):  # once, after the first prefill
         if requests[serving[b]].add(tok, eos, params.max_new_tokens):
@@ -1043,12 +1048,12 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
                                                        for b in refill], device)
             at = torch.tensor(refill, device=device)
             new_draft_ids = draft_ids(new_ids)  # before `grown`: the draft's stream reads it
-            chunk = max(llm.prefill_chunk, llm.prefill_chunk * B // len(refill))
-            prefill = PrefillBatch(new_ids, tcache, chunk, rows=at, device=device,
+            refill_chunk = max(chunk, chunk * B // len(refill))  # chunk × B tokens a part
+            prefill = PrefillBatch(new_ids, tcache, refill_chunk, rows=at, device=device,
                                    lengths_host=new_host)
             parts += prefill.parts
         if plain is not None:  # the plain rows' tokens and new prompts ride the same pass
-            parts += plain.parts(llm.prefill_chunk)
+            parts += plain.parts(chunk)
         grown = _record(device)
         target.run_parts(parts)
         stats.decode_passes += 1
@@ -1060,7 +1065,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             # the pass, the growth and the commit touch; their lengths are set after the
             # commit.
             drafted = _draft_prefill(draft, new_draft_ids, new_lens, new_host, at, dcache,
-                                     llm.prefill_chunk, draft_stream, grown)
+                                     refill_chunk, draft_stream, grown)
         picks = target_picks(target.head, parts[0].h, params, generator)
         plain_next, plain_first = (plain.sample(target.head, generator) if plain is not None
                                    else (None, None))
