@@ -645,7 +645,7 @@ class LLM:
                 [n], {b: c["tokens_per_pass"] for b, c in curve.items()}, {}, grows, predict)[n]
             stats.predicted_pass_seconds = predict(n)
             stats.predicted_tokens_per_second = per_pass * rate
-            if stats.accepted_histogram and len(rows) > per_pass:
+            if stats.accepted_histogram:  # one wave too: its tail (the slowest row) counts
                 stats.predicted_passes = tree_passes(len(rows), per_pass, params.max_new_tokens,
                                                      stats.accepted_histogram, self.seed,
                                                      plain=stats.plain_rows)
