@@ -79,9 +79,10 @@ SEGMENT_TARGET_CACHE = "auto"
 # most tokens still to come (its prompt and tokens so far prefilled as a refill), so a
 # queue's tail runs at tree speed. (H200, 24 GiB, 492 HumanEval prompts × 32 tokens: the
 # target alone batching every prompt, 251.9 tokens/s, beat 222 tree rows, 231.1, whose
-# queue ran in three waves: session 12.) 0: off. Not yet measured on a GPU; the plan does
-# not yet count the plain rows' GPU memory (their pass activations, one token a row, and
-# their cache's stream buffers).
+# queue ran in three waves: session 12.) 0: off. Measured (H200, 24 GiB, 492 prompts × 32
+# tokens, ABAB, session 13): 200 plain rows beside 226 tree rows 282.5 / 303.6 tokens/s,
+# 248 tree rows alone 301.6 / 326.2: the pass grew by the plain rows' prefill and cache
+# stream more than they added. Off.
 PLAIN_ROWS = 0
 
 
