@@ -12,11 +12,14 @@
 #   tree-throughput  specoff-tree over the same queue (TREE nodes a row, default 16) and
 #                specoff-chain, in one run (ENGINES overrides the engines)
 #   throughput-max  specoff-tree, specoff-offload and specoff-chain with up to 512 rows each
-#                (HumanEval x3, 32 tokens): offload-only batches every prompt at once, tree
-#                and chain take what their plans hold
+#                (HumanEval x3, NEW new tokens, default 32): offload-only batches every prompt
+#                at once, tree and chain take what their plans hold
 #   issue4       the SpecOffload issue's benchmark: offload only, chain serial, chain interleaved
 #                and tree over the 164 HumanEval prompts (NEW new tokens, default 32), up to 256
 #                rows a group, in one run
+#   pair         another pair (PAIR=qwen3-30b-a3b, the default, or mixtral-8x22b: 20 of its 56
+#                layers), offload-only and tree over the 164 HumanEval prompts; SIGMA=auto
+#                (bench.py calibrates σ for α ≈ 0.7) unless SIGMA is set
 #   kernels      tools/bench_kernels.py --only prefill
 #   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, 164 rows): where
 #                the round's time goes, per CUDA stream
@@ -46,6 +49,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
+SIGMA_GIVEN=${SIGMA:-}
 SIGMA=${SIGMA:-0.01583}
 LIMIT=${LIMIT:-540}
 export PYTHONUNBUFFERED=1
@@ -54,7 +58,9 @@ pip install -q -e . --no-deps >/dev/null 2>&1 || true
 mkdir -p "$OUT"
 bench() {  # bench STEP ARGS...: tools/bench.py with the common settings
     local step=$1; shift
-    python tools/bench.py --no-fit-budget --sigma "$SIGMA" --quiet --time-limit "$LIMIT" \
+    local sigma=(--sigma "$SIGMA")
+    [ "$SIGMA" = auto ] && sigma=()  # bench.py finds σ for α ≈ 0.7 on the pair
+    python tools/bench.py --no-fit-budget "${sigma[@]}" --quiet --time-limit "$LIMIT" \
         --out "$OUT/$step" "$@" ${EXTRA:-} 2>&1 | grep -v '^!\[' | tee -a "$OUT/$step.log" | tail -25
 }
 for step in "$@"; do
@@ -80,7 +86,7 @@ for step in "$@"; do
                 --configs humaneval --engines "${ENGINES:-specoff-chain,specoff-tree}" \
                 --throughput-tree-budget "${TREE:-16}" ;;
         throughput-max)
-            bench "$step" --scenario throughput --new-tokens 32 --rows 512 --prompts 492 \
+            bench "$step" --scenario throughput --new-tokens "${NEW:-32}" --rows 512 --prompts 492 \
                 --configs humaneval --engines "${ENGINES:-specoff-tree,specoff-offload,specoff-chain}" \
                 --throughput-tree-budget "${TREE:-16}" ;;
         issue4)  # the SpecOffload issue's own scenario: the 164 HumanEval prompts, 32 tokens
@@ -88,6 +94,11 @@ for step in "$@"; do
                 --configs humaneval \
                 --engines "${ENGINES:-specoff-offload,specoff-chain-serial,specoff-chain-interleaved,specoff-tree}" \
                 --throughput-tree-budget "${TREE:-16}" ;;
+        pair)  # another pair's throughput (PAIR: qwen3-30b-a3b or mixtral-8x22b; σ found
+               # for α ≈ 0.7 unless SIGMA is set): the 164 HumanEval prompts, NEW tokens
+            SIGMA=${SIGMA_GIVEN:-auto} bench "$step-${PAIR:-qwen3-30b-a3b}" --pair "${PAIR:-qwen3-30b-a3b}" --scenario throughput \
+                --new-tokens "${NEW:-32}" --rows 256 --prompts 164 --configs humaneval \
+                --engines "${ENGINES:-specoff-offload,specoff-tree}" --throughput-tree-budget "${TREE:-16}" ;;
         kernels)
             timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
         growth)  # tree throughput runs timed at each cap on a growth pass's nodes (ABAB)
@@ -138,7 +149,7 @@ for step in "$@"; do
                 --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows, issue4, fp8-draft)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, pair, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows, issue4, fp8-draft)" >&2
             exit 2 ;;
     esac
 done
