@@ -17,12 +17,15 @@
 #   issue4       the SpecOffload issue's benchmark: offload only, chain serial, chain interleaved
 #                and tree over the 164 HumanEval prompts (NEW new tokens, default 32), up to 256
 #                rows a group, in one run
+#   issue3       the offload issue's config (256 rows, 128-token prompts, 32 tokens): specoff
+#                offload-only beside transformers + accelerate (pageable and pinned layers)
 #   pair         another pair (PAIR=qwen3-30b-a3b, the default, or mixtral-8x22b: 20 of its 56
 #                layers), offload-only and tree over the 164 HumanEval prompts; SIGMA=auto
 #                (bench.py calibrates σ for α ≈ 0.7) unless SIGMA is set
 #   kernels      tools/bench_kernels.py --only prefill
-#   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, 164 rows): where
-#                the round's time goes, per CUDA stream
+#   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, ROWS rows
+#                (164), PROMPTS prompts (200), NEW tokens (8)): where the round's time goes,
+#                per CUDA stream
 #   overlap      tree throughput runs timed with the draft's prefill of refills after the
 #                target's pass and under it on its own stream (spec.tree.DRAFT_PREFILL_STREAM)
 #   growth       tree throughput runs timed at each GROWTH (default 512,1024,2048) cap on the
@@ -94,6 +97,11 @@ for step in "$@"; do
                 --configs humaneval \
                 --engines "${ENGINES:-specoff-offload,specoff-chain-serial,specoff-chain-interleaved,specoff-tree}" \
                 --throughput-tree-budget "${TREE:-16}" ;;
+        issue3)  # the offload issue's own config through the suite: 256 rows, 128-token
+                 # prompts, 32 tokens; transformers + accelerate beside specoff, per decode step
+            bench "$step" --scenario throughput --new-tokens 32 --rows 256 --prompts 256 \
+                --long-prompts 128 --configs long-128 --peer-layers 4 \
+                --engines "${ENGINES:-specoff-offload,hf-accelerate,hf-accelerate-pinned}" ;;
         pair)  # another pair's throughput (PAIR: qwen3-30b-a3b or mixtral-8x22b; σ found
                # for α ≈ 0.7 unless SIGMA is set): the 164 HumanEval prompts, NEW tokens
             SIGMA=${SIGMA_GIVEN:-auto} bench "$step-${PAIR:-qwen3-30b-a3b}" --pair "${PAIR:-qwen3-30b-a3b}" --scenario throughput \
@@ -146,10 +154,11 @@ for step in "$@"; do
                 | tee -a "$OUT/tests.log" | tail -3 ;;
         profile-tree)
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
-                --rows 164 --prompts 200 --humaneval --new-tokens 8 --json "$OUT/profile-tree.json" \
+                --rows "${ROWS:-164}" --prompts "${PROMPTS:-200}" --humaneval --new-tokens "${NEW:-8}" \
+                --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, pair, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows, issue4, fp8-draft)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, pair, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows, issue4, fp8-draft)" >&2
             exit 2 ;;
     esac
 done
