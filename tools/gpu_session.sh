@@ -48,7 +48,9 @@
 # steps; EXTRA="--plain-rows 0,200": tree runs without and with plain rows; EXTRA="--draft-quant
 # none,fp8": the speculative engines with a bf16 and a float8 draft; PP_EXTRA is added to every tools/profile_pass.py
 # command, e.g. PP_EXTRA="--draft-quant fp8"). A call runs at most 10 minutes: pick steps
-# whose limits fit.
+# whose limits fit. At most 8 files come back from the machine's $OUT (a bench step writes
+# 5): leave OUT at bench/results and end the call with `tar -czf $OUT/results.tgz -C
+# bench/results .`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
