@@ -19,6 +19,7 @@ import torch
 
 from .config import ModelConfig
 from .kvcache import KVCache, SegmentKVCache, check_segment_mode
+from .models.decoder import row_chunk
 from .offload import build_offloaded
 from .quant import check_weight_quant, quantize_linears
 from .planner import (Plan, load_profile, parse_bytes, plan_run, plan_weights, predict_draft_prefill,
@@ -496,8 +497,7 @@ class LLM:
         ids = torch.zeros(B, longest, dtype=torch.long)
         for b, r in enumerate(rows):
             ids[b, :len(r)] = torch.tensor(r)
-        # The plan's chunk is for rows_per_pass rows; fewer rows take longer chunks.
-        chunk = max(plan.prefill_chunk, plan.prefill_chunk * plan.rows_per_pass // B)
+        chunk = row_chunk(plan.prefill_chunk, plan.rows_per_pass, B)
         last_logits = model.prefill(ids.to(device), lens, cache, chunk,
                                     lengths_host=[len(r) for r in rows])
         stats.prefill_passes += 1

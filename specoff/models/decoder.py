@@ -547,6 +547,13 @@ def prefill_parts(input_ids: torch.Tensor, cache: KVCache, chunk: int, kv_start:
                      kv_start + min(lo + chunk, T), stage=stage) for lo in range(0, T, chunk)]
 
 
+def row_chunk(chunk: int, rows: int, prompts: int) -> int:
+    """Prompt tokens a row per prefill part for `prompts` prompts, where the plan sized a part
+    for `chunk` tokens of each of `rows` rows: fewer prompts take longer chunks, a part
+    holding at most chunk × rows tokens (what the plan's memory counts)."""
+    return max(chunk, chunk * rows // max(prompts, 1))
+
+
 class PrefillBatch:
     """The parts of one prefill (B prompts padded to T), and each row's last hidden state
     after the pass. With the lengths known on the host and not all equal (HumanEval: longest

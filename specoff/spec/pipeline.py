@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ..kvcache import KVCache, SegmentAllocator, SegmentKVCache, cache_slots, segment_size
-from ..models.decoder import PassPart, PrefillBatch
+from ..models.decoder import PassPart, PrefillBatch, row_chunk
 from ..sampling import SamplingParams, logits_to_probs, sample_from
 from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accept, sample_accept
 
@@ -119,7 +119,7 @@ class ChainPipeline:
         # takes as many tokens per part (rows × chunk), so it runs in few parts: each part
         # costs its launches on every layer, which for chunks of ~10 tokens outweighed the
         # copy-bound pass itself.
-        self.part_tokens = self.chunk * rows_per_group * groups
+        self.part_rows = rows_per_group * groups
         self.adaptive = draft_len is None
         self.gamma = draft_len or 4
         self.max_gamma = MAX_DRAFT_LEN
@@ -239,7 +239,7 @@ class ChainPipeline:
         some = [i for i, n in enumerate(host) if n > 1]  # one-token prompts: nothing to cache
         if some:
             sel = torch.tensor(some, device=self.device)
-            chunk = max(self.chunk, self.part_tokens // len(some))
+            chunk = row_chunk(self.chunk, self.part_rows, len(some))
             self.draft.prefill(self._draft_ids(ids[sel]), lens[sel] - 1, g.draft_cache, chunk,
                                rows=at[sel], lengths_host=[host[i] - 1 for i in some])
 
@@ -330,7 +330,7 @@ class ChainPipeline:
                 at = lens[:, None] + torch.arange(gamma, device=self.device)
                 ids.scatter_(1, at, g.draft_tokens[rows])
             # Straight into the rows' cache, attention on the device (decoder.PrefillBatch).
-            chunk = max(self.chunk, self.part_tokens // len(refill))
+            chunk = row_chunk(self.chunk, self.part_rows, len(refill))
             prefill = PrefillBatch(ids, g.target_cache, chunk, rows=rows, device=self.device,
                                    lengths_host=[n + gamma for n in host])
             parts += prefill.parts

@@ -39,7 +39,7 @@ import torch
 
 from ..kvcache import (KVCache, SegmentAllocator, SegmentKVCache, cache_slots, check_segment_mode,
                        segment_pool_slots, segment_size)
-from ..models.decoder import PassPart, PrefillBatch, TreeMask
+from ..models.decoder import PassPart, PrefillBatch, TreeMask, row_chunk
 from ..planner import TreeBudgetTuner, tree_curve
 from ..sampling import SamplingParams, select
 from .pipeline import pad_prompts
@@ -857,7 +857,7 @@ class PlainRows:
             ids, self.new_lens, host = pad_prompts(
                 [self.requests[self.serving[b]].prompt for b in self.refill], self.device)
             self.at = torch.tensor(self.refill, device=self.device)
-            self.prefill = PrefillBatch(ids, c, max(chunk, chunk * self.rows // len(self.refill)),
+            self.prefill = PrefillBatch(ids, c, row_chunk(chunk, self.rows, len(self.refill)),
                                         rows=self.at, device=self.device, lengths_host=host)
             parts += self.prefill.parts
         return parts
@@ -1049,7 +1049,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
                                                        for b in refill], device)
             at = torch.tensor(refill, device=device)
             new_draft_ids = draft_ids(new_ids)  # before `grown`: the draft's stream reads it
-            refill_chunk = max(chunk, chunk * B // len(refill))  # chunk × B tokens a part
+            refill_chunk = row_chunk(chunk, B, len(refill))
             prefill = PrefillBatch(new_ids, tcache, refill_chunk, rows=at, device=device,
                                    lengths_host=new_host)
             parts += prefill.parts
