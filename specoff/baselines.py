@@ -67,15 +67,18 @@ def hf_state_dict(model, cfg: ModelConfig, layers: int, pageable: bool = False) 
 
 
 def hf_model(model, cfg: ModelConfig, hf_config: dict, *, layers: Optional[int] = None,
-             pageable: bool = False, device=None):
+             pageable: bool = False, device=None, experts: Optional[str] = None):
     """A transformers causal LM whose parameters are our model's tensors (first `layers`
-    decoder layers; all by default). Buffers (rotary frequencies) go to `device`."""
+    decoder layers; all by default). Buffers (rotary frequencies) go to `device`. `experts`
+    picks transformers' experts_implementation for an MoE ("eager": a loop over experts;
+    None: transformers' default)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     layers = layers or cfg.n_layers
     dtype = model.tok_embeddings.weight.dtype
     device = torch.device(device or model.tok_embeddings.weight.device)
-    config = AutoConfig.for_model(**dict(hf_config, num_hidden_layers=layers))
+    extra = {"experts_implementation": experts} if experts and cfg.is_moe else {}
+    config = AutoConfig.for_model(**dict(hf_config, num_hidden_layers=layers, **extra))
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
     named = hf_state_dict(model, cfg, layers, pageable)

@@ -159,6 +159,26 @@ def test_engines_run_in_the_order_given(tmp_path):
         ("humaneval x2", "specoff-tree"), ("humaneval x2", "specoff-offload")]
 
 
+def test_offload_alone_builds_the_target_without_the_draft(tmp_path, monkeypatch):
+    """--offload-alone (the offload issue's benchmark): specoff-offload and the plain peer run
+    on the target alone, the speculative engines on the pair; --peer-experts reaches
+    transformers' config (its experts implementation)."""
+    from specoff import baselines
+
+    seen = []
+    hf_model = baselines.hf_model
+    monkeypatch.setattr(baselines, "hf_model", lambda *a, **k: seen.append(k.get("experts")) or hf_model(*a, **k))
+    records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",
+                          "--engines", "specoff-offload,hf-accelerate,specoff-chain",
+                          "--new-tokens", "3", "--configs", "humaneval", "--offload-alone",
+                          "--peer-experts", "eager"])
+    rows = {r["engine"]: r for r in records["throughput"]}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["specoff-offload"]["with_draft"] is False and rows["hf-accelerate"]["with_draft"] is False
+    assert rows["specoff-chain"]["with_draft"] is True
+    assert seen == ["eager"]
+
+
 def test_text_ids_without_a_tokenizer():
     ids = bench.text_ids("def add(a, b):\n    return a + b\n", 512)
     assert len(ids) == 8 and all(3 <= i < 512 for i in ids)  # 32 bytes, 4 per id

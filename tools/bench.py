@@ -380,7 +380,7 @@ class Bench:
             fields, status, note = {}, "skipped", f"{type(e).__name__}: {e}"
         except Exception as e:  # one failed run must not lose the others' figures
             fields, status = {}, "error"
-            note = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
+            note = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-8)}"
         fields.update(status=status, note=note, wall_seconds=time.perf_counter() - t0,
                       peak_host_bytes=peak_host_bytes(), host_rss_bytes=host_rss_bytes())
         if self.cuda and "peak_gpu_bytes" not in fields:
@@ -414,9 +414,13 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
     cal = bench.calibrate(p["alpha"])
     engine = job.engine
     fit, workload, offload = p["fit"], p.get("fit_workload"), p["offload"]
+    # --offload-alone: the offload-only engines build the target without the draft (the
+    # offload issue's benchmark), so its budget holds target weights, not an idle draft.
+    alone = engine.startswith("specoff-offload") and bench.args.offload_alone
     try:
-        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], fit=fit, workload=workload, offload=offload,
-                            max_rows=p.get("build_rows"), draft_quant=p.get("draft_quant", "first"))
+        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=not alone, fit=fit,
+                            workload=workload, offload=offload, max_rows=p.get("build_rows"),
+                            draft_quant=p.get("draft_quant", "first"))
     except Skip:
         if not engine.startswith("specoff-offload") or fit:
             raise
@@ -535,11 +539,12 @@ def run_hf(bench: Bench, job: Job) -> dict:
         raise Skip("accelerate is not installed (pip install accelerate): no offloading peer")
     p, a = job.params, bench.args
     cal = bench.calibrate(p["alpha"])
+    assisted = job.engine == "hf-assisted"
     llm = bench.llm_for(cal["sigma"], p["gpu_memory"], fit=p["fit"], workload=p.get("fit_workload"),
-                        offload=p["offload"], max_rows=p.get("build_rows"))
+                        offload=p["offload"], max_rows=p.get("build_rows"),
+                        with_draft=assisted or not a.offload_alone)
     cfg, dtype, L = llm.config, llm.dtype, llm.config.n_layers
     sizes = ModelSizes.of(cfg, dtype)
-    assisted = job.engine == "hf-assisted"
     if assisted and llm.draft_quant:  # transformers would need our float8 layers
         raise Skip("hf-assisted runs without --draft-quant (its draft is transformers' own bf16 model)")
     prompts = p["prompts"][:a.assisted_prompts] if assisted else p["prompts"]
@@ -563,7 +568,7 @@ def run_hf(bench: Bench, job: Job) -> dict:
     measured = min(a.peer_layers, offloaded or L) if pageable else L
     scale = (offloaded or L) / measured if pageable else 1.0
     hf = baselines.hf_model(llm.model, cfg, bench.target_hf, layers=measured, pageable=pageable,
-                            device=bench.device)
+                            device=bench.device, experts=a.peer_experts)
     draft = None
     if bench.cuda:
         hf = baselines.dispatch(hf, 0 if pageable else gpu_layers, bench.device)
@@ -1122,6 +1127,9 @@ def parse_args(argv=None):
     p.add_argument("--offload", choices=["auto", "on"], default="on",
                    help="on: every target layer streams; auto: the planner keeps what fits "
                         "resident (sweep-budget always uses auto: that is what it measures)")
+    p.add_argument("--offload-alone", action="store_true",
+                   help="specoff-offload and the plain peers build the target without the draft "
+                        "(the offload issue's benchmark: the budget holds no idle draft)")
     p.add_argument("--layers", type=int, help="decoder layers of the pair (default: all, or as many "
                                               "as a 128 GiB host holds once: PAIRS)")
     p.add_argument("--alpha", type=float, default=0.7, help="per-token greedy acceptance to find σ for")
@@ -1157,6 +1165,8 @@ def parse_args(argv=None):
     p.add_argument("--gammas", help="sweep-gamma: γ values, 'auto' allowed")
     p.add_argument("--alphas", help="sweep-sigma: acceptance values")
     p.add_argument("--peer-layers", type=int, help="hf-accelerate: layers timed in pageable memory")
+    p.add_argument("--peer-experts", help="the transformers peers' experts_implementation (eager, "
+                   "grouped_mm, batched_mm; default: transformers' own choice)")
     p.add_argument("--peer-steps", type=int, help="accelerate decode steps timed (then extrapolated)")
     p.add_argument("--assisted-prompts", type=int, help="hf-assisted: prompts run (batch 1 each)")
     p.add_argument("--calibration-rows", type=int)

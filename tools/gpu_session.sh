@@ -100,9 +100,14 @@ for step in "$@"; do
                 --engines "${ENGINES:-specoff-offload,specoff-chain-serial,specoff-chain-interleaved,specoff-tree}" \
                 --throughput-tree-budget "${TREE:-16}" ;;
         issue3)  # the offload issue's own config through the suite: 256 rows, 128-token
-                 # prompts, 32 tokens; transformers + accelerate beside specoff, per decode step
+                 # prompts, 32 tokens; transformers + accelerate beside specoff, per decode step.
+                 # The target alone (no draft in the budget), the planner keeping what fits
+                 # resident (OFFLOAD=on streams every layer); transformers' experts "eager"
+                 # (its default on the GPU host, batched_mm, gathers each token's expert
+                 # weights: it asked for 56-112 GiB at 256 rows x 128 tokens)
             bench "$step" --scenario throughput --new-tokens 32 --rows 256 --prompts 256 \
-                --long-prompts 128 --configs long-128 --peer-layers 4 \
+                --long-prompts 128 --configs long-128 --peer-layers 4 --peer-experts eager \
+                --offload-alone --offload "${OFFLOAD:-auto}" \
                 --engines "${ENGINES:-specoff-offload,hf-accelerate,hf-accelerate-pinned}" ;;
         pair)  # another pair's throughput (PAIR: qwen3-30b-a3b or mixtral-8x22b; σ found
                # for α ≈ 0.7 unless SIGMA is set): the 164 HumanEval prompts, NEW tokens
