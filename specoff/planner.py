@@ -267,8 +267,9 @@ def plan_weights(cfg: ModelConfig, dtype: torch.dtype, budget: Optional[int], *,
     offload=False: everything on the device (refused if it cannot fit); None: resident when
     it fits, else offloaded; True: every decoder layer streams (nothing but embeddings, head,
     norms, routers and attention stays, and attention only if it fits). A streamed
-    mixture-of-experts layer moves in whole-layer slots where they fit, else in pieces of
-    its experts (`ring_pieces`; None lets the budget decide).
+    mixture-of-experts layer moves in whole-layer slots or in pieces of its experts
+    (`ring_pieces`; None lets the budget decide): whichever streams the fewest bytes a pass,
+    whole layers on a tie.
     """
     sizes = ModelSizes.of(cfg, dtype)
     fixed = reserve + CONTEXT_MARGIN
@@ -295,29 +296,36 @@ def plan_weights(cfg: ModelConfig, dtype: torch.dtype, budget: Optional[int], *,
             f"gpu_memory={budget / GiB:.2f} GiB is too small for any plan: the smallest "
             f"(embeddings and head resident, two streamed layer slots{split}, cache and "
             f"activations) needs {smallest / GiB:.2f} GiB; raise gpu_memory to at least that")
+
+    def fits(gpu):
+        return budget is None or sum(gpu.values()) + fixed <= budget
+
+    def resident_layers(attention, pieces, slots):
+        resident = 0
+        if offload is None and budget is not None:
+            # Spare memory holds whole layers, which then never stream.
+            while resident < cfg.n_layers - 1 and fits(
+                    _weight_bytes_on_gpu(sizes, attention, resident + 1, slots, pieces)):
+                resident += 1
+        return resident
+
+    # The plan that streams the fewest bytes a pass: small expert pieces in the ring can leave
+    # room for whole resident layers that whole-layer slots would take (Mixtral 8x7B, 24 GiB,
+    # no draft: 3 layer slots are 8.5 GB, 2 one-expert slots 0.7 GB). On equal bytes, the
+    # first of: attention resident, whole layers (fewer, larger copies), more slots.
     best = None
     for attention in (True, False):
-        for pieces in options:  # whole layers first: fewer, larger copies
-            for slots in range(max(ring_slots, 2), 1, -1):
-                gpu = _weight_bytes_on_gpu(sizes, attention, 0, slots, pieces)
-                if budget is None or sum(gpu.values()) + fixed <= budget:
-                    best = (attention, pieces, slots)
-                    break
-            if best:
-                break
-        if best:
-            break
-    attention, pieces, slots = best
-    resident = 0
-    if offload is None and budget is not None:
-        # Spare memory holds whole layers, which then never stream.
-        while resident < cfg.n_layers - 1:
-            gpu = _weight_bytes_on_gpu(sizes, attention, resident + 1, slots, pieces)
-            if sum(gpu.values()) + fixed > budget:
-                break
-            resident += 1
+        for pieces in options:
+            slots = next((n for n in range(max(ring_slots, 2), 1, -1)
+                          if fits(_weight_bytes_on_gpu(sizes, attention, 0, n, pieces))), None)
+            if slots is None:
+                continue
+            resident = resident_layers(attention, pieces, slots)
+            stream = (cfg.n_layers - resident) * (sizes.layer_ffn if attention else sizes.layer)
+            if best is None or stream < best[0]:
+                best = (stream, attention, pieces, slots, resident)
+    stream, attention, pieces, slots, resident = best
     gpu = _weight_bytes_on_gpu(sizes, attention, resident, slots, pieces)
-    stream = (cfg.n_layers - resident) * (sizes.layer_ffn if attention else sizes.layer)
     return Plan(offload=True, budget_bytes=budget, resident_attention=attention,
                 resident_layers=resident, ring_slots=slots, ring_pieces=pieces, gpu_bytes=gpu,
                 stream_bytes_per_pass=stream)

@@ -84,6 +84,28 @@ def test_layers_streamed_in_pieces_give_the_resident_logits(family, pieces, slot
     assert ring.bytes_copied == first + 3 * cfg.n_layers * per_layer
 
 
+@pytest.mark.parametrize("resident_attention", [True, False])
+def test_resident_layers_beside_layers_streamed_in_pieces(resident_attention, make_checkpoint):
+    """The planner's choice where memory is short but not scarce (planner.plan_weights): the
+    first layers resident, the rest streamed in expert pieces; the same logits, and only the
+    streamed layers cross the bus."""
+    path = make_checkpoint("mixtral", layers=4)
+    cfg = specoff.ModelConfig.from_hf(path)
+    resident = specoff.load_model(path, "cpu")
+    model, _ = build_offloaded(cfg, checkpoint_source(path, cfg), "cpu", torch.float32,
+                               ring_slots=2, resident_attention=resident_attention,
+                               resident_layers=2, ring_pieces=2)
+    ring = model.ring
+    assert model.layers[1].feed_forward.pieces is None  # resident: its own experts
+    assert len(model.layers[3].feed_forward.pieces) == 2
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.testing.assert_close(model(ids), resident(ids), rtol=1e-5, atol=1e-5)
+    first = sum(n for j in range(ring.n_slots) for *_, n, _ in ring.plans[ring.units[j][1]]) * 4
+    assert ring.bytes_copied == first + 3 * 2 * ring.unit_numel * 4  # 2 streamed layers a pass
+
+
 def test_ring_pieces_must_split_the_experts(make_checkpoint):
     with pytest.raises(ValueError, match="ring_pieces=2 does not split"):
         specoff.LLM(make_checkpoint("llama", layers=2), device="cpu", offload=True, ring_pieces=2)
