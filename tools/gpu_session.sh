@@ -22,6 +22,9 @@
 #   pair         another pair (PAIR=qwen3-30b-a3b, the default, or mixtral-8x22b: 20 of its 56
 #                layers), offload-only and tree over the 164 HumanEval prompts; SIGMA=auto
 #                (bench.py calibrates σ for α ≈ 0.7) unless SIGMA is set
+#   sweep-budget tokens/s against the GPU budget (BUDGETS, default 16,24,48 GiB; ENGINES,
+#                default specoff-tree,specoff-offload; ROWS 164; NEW 32); 8 and 12 GiB hold
+#                the bf16 draft only with EXTRA="--draft-quant fp8"
 #   kernels      tools/bench_kernels.py --only prefill
 #   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, ROWS rows
 #                (164), PROMPTS prompts (200), NEW tokens (8)): where the round's time goes,
@@ -114,6 +117,13 @@ for step in "$@"; do
             SIGMA=${SIGMA_GIVEN:-auto} bench "$step-${PAIR:-qwen3-30b-a3b}" --pair "${PAIR:-qwen3-30b-a3b}" --scenario throughput \
                 --new-tokens "${NEW:-32}" --rows 256 --prompts 164 --configs humaneval \
                 --engines "${ENGINES:-specoff-offload,specoff-tree}" --throughput-tree-budget "${TREE:-16}" ;;
+        sweep-budget)  # tokens/s against the GPU budget (BUDGETS GiB, default 16,24,48; the
+                       # planner places the weights; where the pair does not fit, offload-only
+                       # runs the target alone): ROWS rows (164), twice as many HumanEval prompts
+                       # for the queued engines, NEW tokens (32)
+            bench "$step" --scenario sweep-budget --budgets "${BUDGETS:-16,24,48}" \
+                --rows "${ROWS:-164}" --new-tokens "${NEW:-32}" \
+                --engines "${ENGINES:-specoff-tree,specoff-offload}" ;;
         kernels)
             timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
         growth)  # tree throughput runs timed at each cap on a growth pass's nodes (ABAB)
