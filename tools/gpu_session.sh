@@ -22,6 +22,8 @@
 #   pair         another pair (PAIR=qwen3-30b-a3b, the default, or mixtral-8x22b: 20 of its 56
 #                layers), offload-only and tree over the 164 HumanEval prompts; SIGMA=auto
 #                (bench.py calibrates σ for α ≈ 0.7) unless SIGMA is set
+#   long         throughput over long prompts (LONG, default 512,2048 tokens; PROMPTS and ROWS
+#                164; NEW 32; ENGINES specoff-offload,specoff-tree)
 #   sweep-budget tokens/s against the GPU budget (BUDGETS, default 16,24,48 GiB; ENGINES,
 #                default specoff-tree,specoff-offload; ROWS 164; NEW 32); 8 and 12 GiB hold
 #                the bf16 draft only with EXTRA="--draft-quant fp8"
@@ -116,6 +118,11 @@ for step in "$@"; do
                # for α ≈ 0.7 unless SIGMA is set): the 164 HumanEval prompts, NEW tokens
             SIGMA=${SIGMA_GIVEN:-auto} bench "$step-${PAIR:-qwen3-30b-a3b}" --pair "${PAIR:-qwen3-30b-a3b}" --scenario throughput \
                 --new-tokens "${NEW:-32}" --rows 256 --prompts 164 --configs humaneval \
+                --engines "${ENGINES:-specoff-offload,specoff-tree}" --throughput-tree-budget "${TREE:-16}" ;;
+        long)  # long prompts (LONG tokens each, default 512,2048; windows of the HumanEval
+               # text): PROMPTS (164) prompts, ROWS (164) rows, NEW (32) tokens
+            bench "$step" --scenario throughput --new-tokens "${NEW:-32}" --rows "${ROWS:-164}" \
+                --prompts "${PROMPTS:-164}" --long-prompts "${LONG:-512,2048}" --configs long- \
                 --engines "${ENGINES:-specoff-offload,specoff-tree}" --throughput-tree-budget "${TREE:-16}" ;;
         sweep-budget)  # tokens/s against the GPU budget (BUDGETS GiB, default 16,24,48; the
                        # planner places the weights; where the pair does not fit, offload-only
