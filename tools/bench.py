@@ -409,17 +409,22 @@ def run_specoff(bench: Bench, job: Job) -> dict:
         tree_mode.PLAIN_ROWS = before
 
 
+def carries_draft(bench: Bench, engine: str) -> bool:
+    """Whether an engine's LLM carries the draft: all do, but with --offload-alone (the
+    offload issue's benchmark) the ones that do not speculate build the target alone, so
+    the budget holds target weights, not an idle draft."""
+    return not (bench.args.offload_alone and (engine.startswith("specoff-offload")
+                                              or engine in ("hf-accelerate", "hf-accelerate-pinned")))
+
+
 def _run_specoff(bench: Bench, job: Job) -> dict:
     p = job.params
     cal = bench.calibrate(p["alpha"])
     engine = job.engine
     fit, workload, offload = p["fit"], p.get("fit_workload"), p["offload"]
-    # --offload-alone: the offload-only engines build the target without the draft (the
-    # offload issue's benchmark), so its budget holds target weights, not an idle draft.
-    alone = engine.startswith("specoff-offload") and bench.args.offload_alone
     try:
-        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=not alone, fit=fit,
-                            workload=workload, offload=offload, max_rows=p.get("build_rows"),
+        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=carries_draft(bench, engine),
+                            fit=fit, workload=workload, offload=offload, max_rows=p.get("build_rows"),
                             draft_quant=p.get("draft_quant", "first"))
     except Skip:
         if not engine.startswith("specoff-offload") or fit:
@@ -542,7 +547,7 @@ def run_hf(bench: Bench, job: Job) -> dict:
     assisted = job.engine == "hf-assisted"
     llm = bench.llm_for(cal["sigma"], p["gpu_memory"], fit=p["fit"], workload=p.get("fit_workload"),
                         offload=p["offload"], max_rows=p.get("build_rows"),
-                        with_draft=assisted or not a.offload_alone)
+                        with_draft=carries_draft(bench, job.engine))
     cfg, dtype, L = llm.config, llm.dtype, llm.config.n_layers
     sizes = ModelSizes.of(cfg, dtype)
     if assisted and llm.draft_quant:  # transformers would need our float8 layers
