@@ -409,12 +409,14 @@ def run_specoff(bench: Bench, job: Job) -> dict:
         tree_mode.PLAIN_ROWS = before
 
 
-def carries_draft(bench: Bench, engine: str) -> bool:
+def carries_draft(bench: Bench, engine: str, alone: bool = False) -> bool:
     """Whether an engine's LLM carries the draft: all do, but with --offload-alone (the
-    offload issue's benchmark) the ones that do not speculate build the target alone, so
-    the budget holds target weights, not an idle draft."""
-    return not (bench.args.offload_alone and (engine.startswith("specoff-offload")
-                                              or engine in ("hf-accelerate", "hf-accelerate-pinned")))
+    offload issue's benchmark) or `alone` (a job's `target_alone`: the budget sweep) the
+    ones that do not speculate build the target alone, so the budget holds target weights,
+    not an idle draft."""
+    return not ((bench.args.offload_alone or alone)
+                and (engine.startswith("specoff-offload")
+                     or engine in ("hf-accelerate", "hf-accelerate-pinned")))
 
 
 def _run_specoff(bench: Bench, job: Job) -> dict:
@@ -423,7 +425,8 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
     engine = job.engine
     fit, workload, offload = p["fit"], p.get("fit_workload"), p["offload"]
     try:
-        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=carries_draft(bench, engine),
+        with_draft = carries_draft(bench, engine, p.get("target_alone", False))
+        llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=with_draft,
                             fit=fit, workload=workload, offload=offload, max_rows=p.get("build_rows"),
                             draft_quant=p.get("draft_quant", "first"))
     except Skip:
@@ -802,7 +805,9 @@ def sweep_budget_jobs(bench: Bench) -> List[Job]:
             jobs.append(job(bench, "sweep-budget", budget, engine, prompts=use, new_tokens=new,
                             max_rows=per_pass, draft_len=a.draft_len, gpu_memory=budget,
                             budget_gib=float(gib), fit=False, offload="auto",
-                            budget_applied=bench.cuda, tree_budget="auto"))
+                            budget_applied=bench.cuda, tree_budget="auto",
+                            # offload-only as its user runs it: no draft in the budget
+                            target_alone=True))
     return jobs
 
 
