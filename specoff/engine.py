@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -136,6 +136,9 @@ class GenerationStats:
     rejections: int = 0  # of those, the ones that kept fewer drafts than offered
     accepted_histogram: Optional[List[int]] = None  # [k]: row passes that accepted k drafts
     tail_merges: int = 0  # times the two row groups became one at the end of a workload
+    # Tree mode's tail (spec.tree.TAIL_BUDGET): (rows, tree budget) of each batch the
+    # serving rows went on in once no prompt waited and most rows had finished
+    tail_batches: Optional[List[Tuple[int, int]]] = None
     # Draft cache in row segments: times a free row found no room for a waiting prompt
     segment_waits: int = 0
     # Tree mode's plain rows (spec.tree.PLAIN_ROWS): rows the target alone served beside the

@@ -147,6 +147,22 @@ def test_engines_and_configs_select_runs(tmp_path):
     assert all(r["status"] == "ok" for r in rows)
 
 
+def test_set_options_a_run_and_puts_them_back(tmp_path):
+    """--set NAME=VALUE: a module option for the run, recorded in every row, then restored."""
+    from specoff.spec import tree
+
+    before = tree.TAIL_BUDGET
+    records = bench.main(["--tiny", "--scenario", "interactive", "--out", str(tmp_path), "--quiet",
+                          "--engines", "specoff-tree", "--configs", "batch 1",
+                          "--set", "spec.tree.TAIL_BUDGET=0"])
+    rows = records["interactive"]
+    assert rows and all(r["status"] == "ok" and r["options"]["spec.tree.TAIL_BUDGET"] == 0
+                        for r in rows)
+    assert tree.TAIL_BUDGET == before
+    with pytest.raises(SystemExit, match="no option"):
+        bench.main(["--tiny", "--out", str(tmp_path), "--set", "spec.tree.NO_SUCH=1"])
+
+
 def test_engines_run_in_the_order_given(tmp_path):
     """--engines orders the runs within each config (a time limit cuts the last ones)."""
     records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",

@@ -1089,3 +1089,55 @@ def test_tree_passes_with_plain_rows(pairs, monkeypatch):
     model = sum(tree_passes(len(prompts), 3, 9, s.accepted_histogram, seed, plain=4)
                 for seed in range(5)) / 5
     assert abs(model - s.decode_passes) <= 2
+
+
+@pytest.mark.parametrize("rows, tail_rows, target, budget, most", [
+    (8, 0.5, "auto", 4, 32), (8, 0.9, "auto", 8, 32), (6, 0.5, "off", 4, 32),
+    (7, 0.7, "auto", "auto", 256)])
+def test_greedy_tree_tail_goes_on_in_a_smaller_batch_with_bigger_trees(rows, tail_rows, target,
+                                                                      budget, most, pairs,
+                                                                      monkeypatch):
+    """One wave of prompts (no refills): once most rows finish, the serving rows go on as a
+    batch of their own (TAIL_ROWS), each row's segment moved where it must grow, with trees of
+    up to TAIL_BUDGET nodes; output equals the target's own greedy output. With the target's
+    cache outside the segments (SEGMENT_TARGET_CACHE "off") the batch goes on as it was."""
+    from specoff.spec import tree
+
+    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "on")
+    monkeypatch.setattr(tree, "SEGMENT_TARGET_CACHE", target)
+    monkeypatch.setattr(tree, "TAIL_ROWS", tail_rows)
+    monkeypatch.setattr(tree, "TAIL_BUDGET", most)
+    draft, target_dir = pairs(0.3)
+    prompts = (MANY * 2)[:rows]
+    params = specoff.SamplingParams(max_new_tokens=12, ignore_eos=True)
+    expect = [o.token_ids for o in specoff.LLM(target_dir, device="cpu").generate(prompts, params)]
+    llm = specoff.LLM(target_dir, draft=draft, device="cpu", spec="tree", tree_budget=budget,
+                      max_rows=rows)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expect
+    batches = llm.last_stats.tail_batches
+    if target == "off":
+        assert batches is None
+    else:
+        assert batches, "the tail never went on in a smaller batch"
+        sizes = [r for r, _ in batches]
+        budgets = [n for _, n in batches]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] <= tail_rows * rows
+        assert budgets == sorted(budgets) and max(budgets) <= most
+        assert set(llm.last_stats.tree_budgets) >= set(budgets)
+    sampled = llm.generate(prompts, specoff.SamplingParams(max_new_tokens=7, temperature=0.8,
+                                                           seed=3, ignore_eos=True))
+    assert all(len(o.token_ids) == 7 for o in sampled)
+
+
+def test_tail_budget_doubles_as_rows_halve(monkeypatch):
+    """The tail's budget: the full batch's × a power of two ≤ its rows / the serving rows, at
+    most TAIL_BUDGET and never below the full batch's."""
+    from specoff.spec import tree
+
+    monkeypatch.setattr(tree, "TAIL_BUDGET", 128)
+    assert tree.tail_budget_for(16, 164, 164) == 16
+    assert tree.tail_budget_for(16, 164, 82) == 32
+    assert tree.tail_budget_for(16, 164, 81) == 32
+    assert tree.tail_budget_for(16, 164, 41) == 64
+    assert tree.tail_budget_for(16, 164, 3) == 128
+    assert tree.tail_budget_for(256, 164, 3) == 256

@@ -1189,6 +1189,9 @@ def parse_args(argv=None):
                    help="the upcycled pair's shapes (--tiny: a toy pair of the same families)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a specoff module option for the run, as tools/profile_pass.py's "
+                        "--set (spec.tree.TAIL_BUDGET=0); every row records the options")
     args = p.parse_args(argv)
     if args.layers is None and not args.tiny:
         # all of the target's layers, or as many as the host holds once (said in the records)
@@ -1208,9 +1211,21 @@ def main(argv=None) -> Dict[str, List[dict]]:
     threads = torch.get_num_threads()
     if args.tiny:
         torch.set_num_threads(1)  # toy sizes gain nothing from threads, and lose on a busy host
+    saved = []
+    if args.set:  # tools/profile_pass.py's option parsing, beside this file
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from profile_pass import _module_of, _option
     try:
+        for item in args.set:
+            name, _, value = item.partition("=")
+            module, attr = _module_of(name)
+            converted = _option(module, attr, value)
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, converted)
         return run(args)
     finally:
+        for module, attr, value in reversed(saved):  # as they were (in-process callers)
+            setattr(module, attr, value)
         torch.set_num_threads(threads)
 
 

@@ -84,6 +84,15 @@ SEGMENT_TARGET_CACHE = "auto"
 # 248 tree rows alone 301.6 / 326.2: the pass grew by the plain rows' prefill and cache
 # stream more than they added. Off.
 PLAIN_ROWS = 0
+# A workload's tail: once no prompt waits and at most TAIL_ROWS × the batch's rows still
+# serve, the serving rows go on alone (a batch of their own over the same cache pools, each
+# row's segment moved to a larger one where it must grow) with trees of up to TAIL_BUDGET
+# nodes: the budget × the batch's rows / the serving rows, in powers of two. A copy-bound
+# pass costs about the same over fewer rows with bigger trees, and the rows that set the
+# end take more tokens a pass. Needs both caches in segments (the target's then sits in
+# them on the GPU too); 0: off.
+TAIL_BUDGET = 128
+TAIL_ROWS = 0.5
 
 
 def growth_shape(budget: int, rows: int = 1) -> Tuple[int, int]:
@@ -752,6 +761,64 @@ def _take_request(queue, requests, allocator: Optional[SegmentAllocator], new_to
     return taken, (start, n)
 
 
+def tail_budget_for(full_budget: int, batch_rows: int, serving: int) -> int:
+    """A tail batch's tree budget: the full batch's × its rows / the serving rows, in powers
+    of two, at most TAIL_BUDGET (the pass's nodes stay about what the full batch's were)."""
+    grow = 1
+    while 2 * grow * serving <= batch_rows:
+        grow *= 2
+    return max(full_budget, min(TAIL_BUDGET, full_budget * grow))
+
+
+def _tail_batch(serving: list, segment: list, allocator: SegmentAllocator, requests,
+                new_tokens: int, caches, budget: int, max_len: int):
+    """The serving rows as a batch of their own, for trees of `budget` nodes: (their rows in
+    the old batch, caches of just those rows over the same pools), or None where the pool has
+    no room for the segments that must grow. A row whose segment cannot hold its cache, the
+    tokens it still makes and a tree of `budget` nodes moves to a larger one, its cached K/V
+    copied there on the caches' device (a pool in host memory through its device alias);
+    `segment` (and the allocator) then hold the new segments. Every earlier use of the
+    pools has ended (the round synced)."""
+    act = [b for b, r in enumerate(serving) if r is not None]
+    lengths = [c.lengths[act] for c in caches]
+    held = torch.maximum(*lengths).tolist() if len(caches) > 1 else lengths[0].tolist()
+    moves, new_segments = [], {}
+    for b, length in zip(act, held):
+        need = segment_size(length, new_tokens - len(requests[serving[b]].tokens), budget)
+        if segment[b][1] >= need:
+            continue
+        start = allocator.alloc(need)
+        if start is None:  # put back what was taken: nothing moved
+            for first, n in new_segments.values():
+                allocator.release(first, n)
+            return None
+        new_segments[b] = (start, need)
+        moves.append((segment[b][0], start, length))
+    for c in caches:
+        device = c.lengths.device
+        if moves:
+            src = torch.cat([torch.arange(a, a + n) for a, _, n in moves]).to(device)
+            dst = torch.cat([torch.arange(a, a + n) for _, a, n in moves]).to(device)
+            for pool in c.pools_at(device):
+                for layer in range(pool.shape[0]):  # a layer's rows at a time: small scratch
+                    pool[layer][:, dst] = pool[layer][:, src]
+    for b, found in new_segments.items():
+        allocator.release(*segment[b])
+        segment[b] = found
+    sizes = [segment[b][1] for b in act]
+    views = []
+    for c, length in zip(caches, lengths):
+        L, KV, P, hd = c.k_pool.shape
+        view = SegmentKVCache(L, len(act), P, max(max_len, *sizes), KV, hd, c.k_pool.dtype,
+                              c.k_pool.device, pools=(c.k_pool, c.v_pool),
+                              lengths_device=c.lengths.device)
+        view.assign(range(len(act)), [segment[b][0] for b in act], sizes)
+        view.lengths.copy_(length)
+        view._mapped = c._mapped  # a host pool's device alias, where it was made
+        views.append(view)
+    return act, tuple(views)
+
+
 def _context(request) -> list:
     """What a refill prefills: the prompt and the tokens a request has so far (a plain row's
     request moving onto a tree row has some)."""
@@ -937,8 +1004,9 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     check_segment_mode("spec.tree.SEGMENT_TARGET_CACHE", SEGMENT_TARGET_CACHE)
     # The target's cache in the draft's segments (the same slots): in host memory, a pass
     # then streams what the rows hold instead of rows × the longest.
+    tail = TAIL_BUDGET > 0 and B > 1  # the tail may go on in a smaller batch (TAIL_BUDGET)
     target_segmented = segmented and (SEGMENT_TARGET_CACHE == "on" or (
-        SEGMENT_TARGET_CACHE == "auto" and where.type != device.type))
+        SEGMENT_TARGET_CACHE == "auto" and (where.type != device.type or tail)))
     if target_segmented:
         tcache = SegmentKVCache(tcfg.n_layers, B, pool, max_len + 1, tcfg.n_kv_heads,
                                 tcfg.head_dim, llm.dtype, where,
@@ -959,6 +1027,9 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     waiting = deque(range(len(requests)))
     serving: list = [None] * B  # the request of each row (None: idle)
     segment: list = [None] * B  # (first slot, slots) of each serving row's draft segment
+    home = list(range(B))  # each row's row in the first batch: its idle segment's place
+    # The tail (TAIL_BUDGET): the first batch's rows, its last budget, the tail's budget.
+    batch_rows, full_budget, tail_budget = B, None, None
 
     def take(b: int, queue=waiting) -> bool:
         """Row b takes the next request of `queue` (the waiting prompts); with segments the
@@ -1022,7 +1093,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             at = torch.tensor(free, device=device)
             length = torch.tensor([park if b in refill else 1 for b in free], device=device)
             if segmented:  # parked past the prompt in the row's own segment
-                spans = [segment[b] if b in refill else (b * idle, idle) for b in free]
+                spans = [segment[b] if b in refill else (home[b] * idle, idle) for b in free]
                 for c in segmented_caches:
                     c.assign(free, [a for a, _ in spans], [n for _, n in spans])
                 parked = torch.tensor([n - capacity - 2 if b in refill else 1
@@ -1032,8 +1103,32 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
 
     place_free_rows()
     while any(r is not None for r in serving) or (plain is not None and plain.busy()):
+        serving_rows = sum(r is not None for r in serving)
+        if (tail and plain is None and not waiting and not refill and len(segmented_caches) == 2
+                and serving_rows <= TAIL_ROWS * B and full_budget is not None
+                and tail_budget_for(full_budget, batch_rows, serving_rows)
+                > (tail_budget or full_budget)):
+            # The tail: the serving rows go on as a batch of their own with bigger trees.
+            budget_now = tail_budget_for(full_budget, batch_rows, serving_rows)
+            moved = _tail_batch(serving, segment, free_slots, requests, params.max_new_tokens,
+                                (tcache, dcache), budget_now, max_len)
+            if moved is not None:
+                act, (tcache, dcache) = moved
+                tail_budget = budget_now
+                segmented_caches = [tcache, dcache]
+                at = torch.tensor(act, device=device)
+                serving, segment = [serving[b] for b in act], [segment[b] for b in act]
+                home = [home[b] for b in act]
+                last, prev = last[at], (prev[at] if prev is not None else None)
+                B = len(act)
+                rows = torch.arange(B, device=device)
+                tree = Tree.empty(last, tail_budget)
+                stats.tail_batches = (stats.tail_batches or []) + [(B, tail_budget)]
+            else:
+                tail = False  # no room to move the rows' segments: the batch goes on as is
         verified = [b for b in range(B) if serving[b] is not None and b not in refill]
-        n = tuner.next_budget()
+        n = tail_budget or tuner.next_budget()
+        full_budget = full_budget if tail_budget else n
         _sync(device)  # one sync each side of the growth: it is timed per round
         t0, captured = time.perf_counter(), GrowthGraphs.capture_seconds
         grow(draft, dcache, last, n, vocab=tcfg.vocab_size, tree=tree, prev=prev,
@@ -1096,7 +1191,8 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         if verified:
             rounds.append((n, sum(accepted_list[b] + 1 for b in verified) / len(verified),
                            t2 - t1, grow_seconds))
-            tuner.record(*rounds[-1])
+            if tail_budget is None:  # the tuner learns the full batch's rounds
+                tuner.record(*rounds[-1])
         stats.tree_budgets.append(n)
         stats.rounds += 1
         stats.draft_seconds += t1 - t0
