@@ -88,10 +88,15 @@ PLAIN_ROWS = 0
 # serve, the serving rows go on alone (a batch of their own over the same cache pools, each
 # row's segment moved to a larger one where it must grow) with trees of up to TAIL_BUDGET
 # nodes: the budget × the batch's rows / the serving rows, in powers of two. A copy-bound
-# pass costs about the same over fewer rows with bigger trees, and the rows that set the
-# end take more tokens a pass. Needs both caches in segments (the target's then sits in
-# them on the GPU too); 0: off.
-TAIL_BUDGET = 128
+# pass costs about the same over fewer rows with bigger trees, so the rows that set the end
+# could take more tokens a pass. Needs both caches in segments (the target's then sits in
+# them on the GPU too); 0: off. Measured (H200, 24 GiB, the 164 HumanEval prompts × 32
+# tokens, session 15): Qwen3-30B-A3B pair, one run each way in one call, 176.6 tokens/s with
+# TAIL_BUDGET 128 against 194.5 without (22 passes against 23; the last 10 rows took 1.9
+# tokens a pass with 128-node trees: rows the draft predicts badly, which bigger trees do
+# not fix) and 3.7 s of graph captures for the new shapes; Mixtral 8x7B 191.3 (11 passes,
+# as without; 204.6 without in session 13). Off.
+TAIL_BUDGET = 0
 TAIL_ROWS = 0.5
 
 
