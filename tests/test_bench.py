@@ -163,6 +163,22 @@ def test_set_options_a_run_and_puts_them_back(tmp_path):
         bench.main(["--tiny", "--out", str(tmp_path), "--set", "spec.tree.NO_SUCH=1"])
 
 
+def test_offload_group_takes_the_interleaved_runs_group(tmp_path):
+    """specoff-offload-group after specoff-chain-interleaved: one group's rows as that run
+    had them, and the table's × offload column holds the ratio at equal rows a pass."""
+    records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",
+                          "--engines", "specoff-chain-interleaved,specoff-offload-group",
+                          "--configs", "humaneval"])
+    rows = {r["engine"]: r for r in records["throughput"]}
+    inter, group = rows["specoff-chain-interleaved"], rows["specoff-offload-group"]
+    assert inter["status"] == group["status"] == "ok" and inter["groups"] == 2
+    assert group["rows"] == inter["rows"]
+    line = next(x for x in (tmp_path / "throughput.md").read_text().splitlines()
+                if "specoff-chain-interleaved" in x)
+    ratio = inter["tokens_per_second"] / group["tokens_per_second"]
+    assert f"| {ratio:.2f} |" in line
+
+
 def test_engines_run_in_the_order_given(tmp_path):
     """--engines orders the runs within each config (a time limit cuts the last ones)."""
     records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",

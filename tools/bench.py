@@ -453,7 +453,13 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
         # at equal rows per pass.
         longest = max(len(q) for q in prompts)
         rows = llm.plan(len(prompts), longest, p["new_tokens"], speculate=False).rows_per_pass
-        prompts = prompts[:-(-rows // 2) if engine == "specoff-offload-group" else rows]
+        group = -(-rows // 2)
+        if engine == "specoff-offload-group":  # the interleaved run's own group, if it ran first
+            group = next((r["rows"] for r in bench.records.get(job.scenario, [])
+                          if r["config"] == job.config and r["status"] == "ok"
+                          and r["engine"] == "specoff-chain-interleaved" and r.get("rows")
+                          and r.get("groups") == 2), group)
+        prompts = prompts[:min(group, rows) if engine == "specoff-offload-group" else rows]
     warmup = None
     compiled0 = compiled_kernels()
     if not offload_only and p.get("batch") is not None:
@@ -927,6 +933,16 @@ def setting(r: dict) -> str:
     return ""
 
 
+def group_ratio(r: dict, peers: Dict[str, dict]) -> Optional[float]:
+    """Chain interleaved against offload-only at one group's rows (specoff-offload-group), where
+    no specoff-offload ran beside them: the SpecOffload issue's ratio at equal rows a pass."""
+    base = peers.get("specoff-offload-group", {})
+    if (r["engine"] != "specoff-chain-interleaved" or r["status"] != "ok"
+            or base.get("status") != "ok" or not base.get("tokens_per_second")):
+        return None
+    return r["tokens_per_second"] / base["tokens_per_second"]
+
+
 def table(rows: List[dict]) -> str:
     """The markdown table of one scenario's runs, with ratios within each config."""
     head = ("| config | engine | setting | rows | tokens/s | predicted | × offload | × accelerate | "
@@ -954,7 +970,8 @@ def table(rows: List[dict]) -> str:
         lines.append(
             f"| {r['config']} | {r['engine']} | {setting(r)} | {r.get('rows') or '–'} "
             f"| {fmt(tps, '.1f')} | {fmt(r.get('predicted_tokens_per_second'), '.1f')} | "
-            f"{fmt(ratio('specoff-offload'))} | {fmt(ratio('hf-accelerate'))} | {fmt(ratio('hf-assisted'))} | "
+            f"{fmt(ratio('specoff-offload') or group_ratio(r, peers))} | "
+            f"{fmt(ratio('hf-accelerate'))} | {fmt(ratio('hf-assisted'))} | "
             f"{fmt(r.get('token_acceptance') if r.get('engine') != 'specoff-tree' else None, '.3f')} | "
             f"{fmt(r.get('tokens_per_pass'))} | "
             f"{fmt(r.get('target_pass_seconds'), '.3f')} | {fmt(r.get('copy_seconds_per_pass'), '.3f')} | "

@@ -28,6 +28,12 @@
 #                default specoff-tree,specoff-offload; ROWS 164; NEW 32); 8 and 12 GiB hold
 #                the bf16 draft only with EXTRA="--draft-quant fp8"
 #   kernels      tools/bench_kernels.py --only prefill
+#   kernel-goals tools/bench_kernels.py --no-ref over every kernel (the kernel issue's goals:
+#                MoE, verification and tree attention, the draft's step as one graph), JSON
+#                rows in $OUT/kernels.json
+#   issue4-full  the SpecOffload issue's modes at equal rows a pass with the groups kept full:
+#                offload-only at one group's rows against chain interleaved, HumanEval x3
+#                (492 prompts, refilled), NEW (32) tokens
 #   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, ROWS rows
 #                (164), PROMPTS prompts (200), NEW tokens (8)): where the round's time goes,
 #                per CUDA stream
@@ -131,6 +137,13 @@ for step in "$@"; do
             bench "$step" --scenario sweep-budget --budgets "${BUDGETS:-16,24,48}" \
                 --rows "${ROWS:-164}" --new-tokens "${NEW:-32}" \
                 --engines "${ENGINES:-specoff-tree,specoff-offload}" ;;
+        kernel-goals)
+            timeout "$LIMIT" python tools/bench_kernels.py --no-ref --json "$OUT/kernels.json" 2>&1 \
+                | tee -a "$OUT/kernel-goals.log" | tail -40 ;;
+        issue4-full)  # (c)/(a) at equal rows a pass, groups kept full by refills
+            bench "$step" --scenario throughput --new-tokens "${NEW:-32}" --rows 256 --prompts 492 \
+                --configs humaneval \
+                --engines "${ENGINES:-specoff-chain-interleaved,specoff-offload-group}" ;;
         kernels)
             timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
         growth)  # tree throughput runs timed at each cap on a growth pass's nodes (ABAB)
@@ -182,7 +195,7 @@ for step in "$@"; do
                 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, pair, kernels, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows, issue4, fp8-draft)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft)" >&2
             exit 2 ;;
     esac
 done
