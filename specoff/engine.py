@@ -135,6 +135,8 @@ class GenerationStats:
     row_passes: int = 0  # (row, target pass) pairs that verified drafts
     rejections: int = 0  # of those, the ones that kept fewer drafts than offered
     accepted_histogram: Optional[List[int]] = None  # [k]: row passes that accepted k drafts
+    # Tree mode: the same per request (in the order of the requests that had a pass)
+    request_histograms: Optional[List[List[int]]] = None
     tail_merges: int = 0  # times the two row groups became one at the end of a workload
     # Tree mode's tail (spec.tree.TAIL_BUDGET): (rows, tree budget) of each batch the
     # serving rows went on in once no prompt waited and most rows had finished
@@ -651,7 +653,8 @@ class LLM:
             if stats.accepted_histogram:  # one wave too: its tail (the slowest row) counts
                 stats.predicted_passes = tree_passes(len(rows), per_pass, params.max_new_tokens,
                                                      stats.accepted_histogram, self.seed,
-                                                     plain=stats.plain_rows)
+                                                     plain=stats.plain_rows,
+                                                     request_histograms=stats.request_histograms)
                 round_s = stats.predicted_pass_seconds + cost_at_budget(n, grows, None)
                 seconds = (plan.predicted_prefill_seconds or 0.0) + stats.predicted_passes * round_s
                 stats.predicted_tokens_per_second = len(rows) * params.max_new_tokens / seconds

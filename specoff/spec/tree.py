@@ -658,7 +658,8 @@ def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int,
 
 
 def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Sequence[int],
-                seed: int = 0, plain: int = 0) -> int:
+                seed: int = 0, plain: int = 0,
+                request_histograms: Optional[Sequence[Sequence[int]]] = None) -> int:
     """Verification passes a tree run takes for `prompts` prompts of `new_tokens` tokens each
     over `rows` rows, simulated as generate_tree schedules them: the first prompts' prefill
     gives their first token (a pass of its own, not counted here); each pass a serving row
@@ -669,7 +670,13 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
     (on the H200 runs of session 10 it matched the measured passes within one: 40, 45, 44
     and 52 predicted against 40, 46, 43 and 51 at budgets 16, 8, 32 and 64). `plain`: plain
     rows (PLAIN_ROWS) beside them, a token each a pass; a freed tree row with no prompt
-    waiting takes over the plain row with the most tokens to come."""
+    waiting takes over the plain row with the most tokens to come.
+
+    `request_histograms`: one histogram per request seen (GenerationStats.request_histograms).
+    Rows then differ as requests do: each prompt draws its passes from one request's
+    histogram, the requests taken in a shuffled order (all once, then again), so rows the
+    draft predicts badly keep their slow pace and set the tail, as they do in a run (one
+    wave of 164 rows on the Qwen3-30B-A3B pair: 23 passes measured, session 15)."""
     import numpy as np
 
     weights = np.asarray(accepted_histogram, dtype=float)
@@ -677,8 +684,21 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
         raise ValueError("tree_passes needs a non-empty accepted histogram and rows >= 1")
     rng = np.random.default_rng(seed)
     weights /= weights.sum()
+    per_request = [np.asarray(h, dtype=float) / sum(h)
+                   for h in (request_histograms or []) if sum(h) > 0]
+    order: list = []
+
+    def draw_weights():
+        """The acceptance distribution of the next prompt a row takes."""
+        if not per_request:
+            return weights
+        if not order:
+            order.extend(rng.permutation(len(per_request)).tolist())
+        return per_request[order.pop()]
+
     waiting = prompts - min(rows, prompts)
     left = [new_tokens - 1 if b < prompts else 0 for b in range(rows)]  # tokens still to emit
+    row_weights = [draw_weights() if b < prompts else weights for b in range(rows)]
     plain_left = [0] * plain
     refill: set = set()
     plain_refill: set = set()
@@ -689,12 +709,14 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
             if left[b] == 0 and waiting:
                 waiting -= 1
                 left[b] = new_tokens
+                row_weights[b] = draw_weights()
                 refill.add(b)
             elif left[b] == 0 and plain:
                 live = [p for p in range(plain) if plain_left[p] and p not in plain_refill]
                 if live:
                     p = max(live, key=lambda p: plain_left[p])
                     left[b], plain_left[p] = plain_left[p], 0
+                    row_weights[b] = draw_weights()
                     refill.add(b)
         for p in range(plain):
             if plain_left[p] == 0 and waiting:
@@ -707,7 +729,11 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
     while any(left) or any(plain_left):
         passes += 1
         live = [b for b in range(rows) if left[b] and b not in refill]
-        for b, a in zip(live, rng.choice(len(weights), size=len(live), p=weights)):
+        if per_request:  # each row its own request's distribution
+            drawn = [rng.choice(len(row_weights[b]), p=row_weights[b]) for b in live]
+        else:
+            drawn = rng.choice(len(weights), size=len(live), p=weights)
+        for b, a in zip(live, drawn):
             left[b] = max(left[b] - 1 - int(a), 0)
         for b in refill:
             left[b] -= 1
@@ -996,6 +1022,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     acceptance = llm.tree_acceptance_model()
     stats.tree_budgets = stats.tree_budgets or []
     rounds = []  # (budget, tokens per row per pass, pass seconds, growth seconds)
+    per_request: dict = {}  # request → [k]: its row passes that accepted k nodes
     B = min(rows_per_pass, len(requests))
     chunk = prefill_chunk or llm.prefill_chunk
     longest = max(len(r.prompt) for r in requests)
@@ -1204,6 +1231,9 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         stats.target_seconds += t2 - t1
         for b in verified:
             stats.count_verified(nodes[b], accepted_list[b])
+            seen = per_request.setdefault(serving[b], [])
+            seen.extend([0] * (accepted_list[b] + 1 - len(seen)))
+            seen[accepted_list[b]] += 1
             for tok in emitted[b][:accepted_list[b] + 1]:
                 if requests[serving[b]].add(tok, eos, params.max_new_tokens):
                     serving[b] = None
@@ -1214,4 +1244,5 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
         refill.clear()
         place_free_rows()
     stats.tree_curve = tree_curve(rounds)
+    stats.request_histograms = [per_request[i] for i in sorted(per_request)]
     return tuner
