@@ -180,6 +180,8 @@ def run(args) -> int:
         for i, out in enumerate(outputs):
             print(f"--- [{i}] {len(out.token_ids)} tokens, {out.finish_reason}")
             print(out.text)
+    if llm.last_stats.speculation_note:  # the planner ran the target alone (choose_speculation)
+        print(f"note: {llm.last_stats.speculation_note}")
     plain = llm.last_stats.predicted_plain_tokens_per_second
     if plain and plain > 1.05 * llm.last_stats.tokens_per_second:
         print(f"note: the planner predicts {plain:.1f} tokens/s for the target alone batching "

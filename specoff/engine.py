@@ -47,6 +47,14 @@ THROUGHPUT_TREE_BUDGET = 16
 # "off", or "auto" (host memory, prompts of different lengths). H200, one process, ABAB
 # (session 12): pass 1.818 → 1.736 s at 148 rows, 16 tokens.
 SEGMENT_HOST_CACHE = "auto"
+# spec=None and generate(speculate=None), above TREE_MAX_ROWS prompts, with a hardware
+# profile: the target alone runs instead of speculation where its plan serves more tokens a
+# second at this many tokens a row a pass for speculation (the last speculative call's
+# figure once there is one), or where no speculative plan fits the budget. An optimistic
+# figure, so speculation gives way only where its plan keeps far fewer rows: at 16 GiB with
+# a Mistral-7B-shaped draft (14.5 GB) tree mode kept 20 rows, 33.6 tokens/s, where the
+# target alone with the idle draft served 101 rows, 57.6 tokens/s (H200, session 15).
+SPECULATION_PRIOR_TOKENS = 4.0
 
 
 def host_cache_segmented(lengths: Sequence[int], host: bool = True) -> bool:
@@ -138,6 +146,8 @@ class GenerationStats:
     # Tree mode: the same per request (in the order of the requests that had a pass)
     request_histograms: Optional[List[List[int]]] = None
     tail_merges: int = 0  # times the two row groups became one at the end of a workload
+    speculated: bool = False  # the call ran speculation (generate's speculate, or the planner's choice)
+    speculation_note: Optional[str] = None  # why the planner ran the target alone (speculate=None)
     # Tree mode's tail (spec.tree.TAIL_BUDGET): (rows, tree budget) of each batch the
     # serving rows went on in once no prompt waited and most rows had finished
     tail_batches: Optional[List[Tuple[int, int]]] = None
@@ -297,6 +307,7 @@ class LLM:
         self.tree_scores = tree_scores
         self._tree_acceptance = None
         self._tree_tuners = {}  # (rows per pass, budget ladder) → TreeBudgetTuner
+        self._spec_tokens_per_pass = None  # the last speculative throughput call's (choose_speculation)
         self.last_plan_pass_seconds = None
         self.profile = None
         budget = None
@@ -433,10 +444,44 @@ class LLM:
                         prompt_tokens=(lambda r: sum(prompts[:r])) if prompts else None,
                         plain_rows=plain)
 
+    def choose_speculation(self, rows: int, longest: int, max_new_tokens: int,
+                           prompts: Optional[Sequence[int]] = None) -> Tuple[bool, Optional[str]]:
+        """(speculate?, why not) for a workload, as generate(speculate=None) decides: with
+        spec=None, above TREE_MAX_ROWS prompts and with a hardware profile, speculation
+        unless the target alone's plan serves more tokens a second than speculation's at
+        SPECULATION_PRIOR_TOKENS (or the last speculative call's) tokens a row a pass, or no
+        speculative plan fits the budget."""
+        from .planner import BudgetError
+
+        if self.draft_model is None:
+            return False, None
+        if self.spec is not None or self.profile is None or rows <= TREE_MAX_ROWS:
+            return True, None
+        try:
+            spec = self.plan(rows, longest, max_new_tokens, prompts, speculate=True)
+        except BudgetError as e:
+            self.plan(rows, longest, max_new_tokens, prompts, speculate=False)  # or raise
+            return False, f"the target alone: no speculative plan fits ({e})"
+        plain = self.plan(rows, longest, max_new_tokens, prompts, speculate=False)
+        if not (spec.predicted_pass_seconds and plain.predicted_pass_seconds):
+            return True, None
+        per_pass = self._spec_tokens_per_pass or SPECULATION_PRIOR_TOKENS
+        spec_rate = min(rows, spec.rows_per_pass) * per_pass / spec.predicted_pass_seconds
+        plain_rate = min(rows, plain.rows_per_pass) / plain.predicted_pass_seconds
+        if plain_rate <= spec_rate:
+            return True, None
+        return False, (f"the target alone: {min(rows, plain.rows_per_pass)} rows at "
+                       f"{plain.predicted_pass_seconds:.3f} s a pass, {plain_rate:.1f} tokens/s, "
+                       f"against {self.spec_mode(rows)} speculation's "
+                       f"{min(rows, spec.rows_per_pass)} rows × {per_pass:.2f} tokens at "
+                       f"{spec.predicted_pass_seconds:.3f} s, {spec_rate:.1f}")
+
     def generate(self, prompts, params: Optional[SamplingParams] = None, *,
-                 progress=None, speculate: bool = True) -> List[RequestOutput]:
+                 progress=None, speculate: Optional[bool] = None) -> List[RequestOutput]:
         """Generate for every prompt; outputs come back in the prompts' order.
-        `speculate=False` runs the target alone even when a draft is loaded."""
+        `speculate=False` runs the target alone even when a draft is loaded, True speculates
+        whenever there is a draft; None (the default) lets the planner choose
+        (choose_speculation: the reason is in last_stats.speculation_note)."""
         params = params or SamplingParams()
         rows = self.encode(prompts)
         for i, ids in enumerate(rows):
@@ -444,14 +489,19 @@ class LLM:
                 self.config.check_context(len(ids) + params.max_new_tokens)
             except ValueError as e:
                 raise type(e)(f"prompt {i} ({len(ids)} tokens): {e}") from None
-        speculate = speculate and self.draft_model is not None
+        note = None
+        if speculate is None:
+            speculate, note = self.choose_speculation(len(rows), max(len(r) for r in rows),
+                                                      params.max_new_tokens, [len(r) for r in rows])
+        speculate = bool(speculate) and self.draft_model is not None
         plan = self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens,
                          [len(r) for r in rows], speculate=speculate)
         seed = self.seed if params.seed is None else params.seed
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stats = GenerationStats(rows=len(rows), plan=plan.to_dict(),
                                 predicted_pass_seconds=plan.predicted_pass_seconds,
-                                predicted_prefill_seconds=plan.predicted_prefill_seconds)
+                                predicted_prefill_seconds=plan.predicted_prefill_seconds,
+                                speculated=speculate, speculation_note=note)
         ring = self.model.ring
         copied0 = ring.bytes_copied if ring is not None else 0
         if self.device.type == "cuda":
@@ -479,6 +529,8 @@ class LLM:
                     plain, len(rows), params.max_new_tokens)[1]
         stats.tokens = sum(len(o.token_ids) for o in outputs)
         stats.finalize()
+        if speculate and len(rows) > TREE_MAX_ROWS and stats.tokens_per_pass:
+            self._spec_tokens_per_pass = stats.tokens_per_pass  # choose_speculation's next figure
         stats.bytes_streamed = (ring.bytes_copied - copied0) if ring is not None else 0
         if self.device.type == "cuda":
             stats.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)

@@ -1167,3 +1167,43 @@ def test_tail_budget_doubles_as_rows_halve(monkeypatch):
     assert tree.tail_budget_for(16, 164, 41) == 64
     assert tree.tail_budget_for(16, 164, 3) == 128
     assert tree.tail_budget_for(256, 164, 3) == 256
+
+
+def test_planner_runs_the_target_alone_where_it_outserves_speculation(pairs, monkeypatch):
+    """generate(speculate=None) with spec=None and a hardware profile: speculation unless the
+    target alone's plan serves more tokens a second (SPECULATION_PRIOR_TOKENS tokens a row a
+    pass for speculation), the reason in last_stats; spec set, speculate=True, a batch of at
+    most TREE_MAX_ROWS or no profile keep speculating. Outputs equal the target's either way."""
+    from specoff import engine
+    from specoff.planner import HardwareProfile
+
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=6, ignore_eos=True)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(MANY, params)]
+    # Passes bound by reading the weights (as a streamed target's are by the copy): a
+    # speculative pass costs about what a plain one does.
+    profile = HardwareProfile("weight-bound", copy_gbps=1.0, gemm_tflops=1e3, moe_tflops=1e3,
+                              hbm_gbps=0.01)
+    llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=4)
+    assert [o.token_ids for o in llm.generate(MANY, params)] == expect
+    assert llm.last_stats.speculated and llm.last_stats.speculation_note is None  # no profile
+    llm.profile = profile
+    llm._spec_tokens_per_pass = None  # the prior, not the first call's figure
+    assert [o.token_ids for o in llm.generate(MANY, params)] == expect
+    assert llm.last_stats.speculated, llm.last_stats.speculation_note
+    # A speculative pass worth a tenth of a token a row: the target alone serves more.
+    monkeypatch.setattr(engine, "SPECULATION_PRIOR_TOKENS", 0.1)
+    llm._spec_tokens_per_pass = None
+    assert [o.token_ids for o in llm.generate(MANY, params)] == expect
+    s = llm.last_stats
+    assert not s.speculated and s.speculation_note.startswith("the target alone")
+    assert s.accepted_histogram is None and s.tokens == len(MANY) * 6
+    assert llm.generate(MANY, params, speculate=True) and llm.last_stats.speculated
+    assert llm.generate(MANY[:4], params) and llm.last_stats.speculated  # interactive batch
+    llm._spec_tokens_per_pass = None
+    llm.spec = "chain"  # asked for: the planner does not overrule it
+    assert llm.generate(MANY, params) and llm.last_stats.speculated
+    llm.spec = None
+    # The last speculative call's tokens a row a pass replace the prior.
+    llm._spec_tokens_per_pass = 10.0
+    assert llm.generate(MANY, params) and llm.last_stats.speculated
