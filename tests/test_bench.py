@@ -179,6 +179,22 @@ def test_offload_group_takes_the_interleaved_runs_group(tmp_path):
     assert f"| {ratio:.2f} |" in line
 
 
+def test_replot_puts_runs_together(tmp_path):
+    """--replot: rows of two runs in one table and plots, ratios taken within a run only."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    bench.main(["--tiny", "--scenario", "sweep-budget", "--out", str(first), "--quiet",
+                "--budgets", "1", "--engines", "specoff-offload"])
+    bench.main(["--tiny", "--scenario", "sweep-budget", "--out", str(second), "--quiet",
+                "--budgets", "2", "--engines", "specoff-tree,specoff-offload"])
+    records = bench.main(["--replot", str(first / "sweep-budget.jsonl"),
+                          str(second / "sweep-budget.jsonl"), "--out", str(tmp_path / "all")])
+    rows = records["sweep-budget"]
+    assert len({r["run_id"] for r in rows}) == 2 and len(rows) == 3
+    text = (tmp_path / "all" / "sweep-budget.md").read_text()
+    assert "runs " in text and text.count("| specoff-offload |") == 2
+    assert (tmp_path / "all" / "sweep-budget-tokens_per_second.png").exists()
+
+
 def test_engines_run_in_the_order_given(tmp_path):
     """--engines orders the runs within each config (a time limit cuts the last ones)."""
     records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",

@@ -928,6 +928,8 @@ def setting(r: dict) -> str:
         final = r.get("draft_len_final")
         return (f"γ={r.get('draft_len') or 'auto'}" + (f"→{final}" if not r.get("draft_len") and final else "")
                 + quant_note(r))
+    if r["engine"].startswith("specoff-offload") and r.get("with_draft") is False:
+        return "target alone"
     if r["engine"] == "hf-assisted" and r.get("num_assistant_tokens"):
         return f"γ={r['num_assistant_tokens']} ({r.get('num_assistant_tokens_schedule')})"
     return ""
@@ -938,7 +940,8 @@ def group_ratio(r: dict, peers: Dict[str, dict]) -> Optional[float]:
     no specoff-offload ran beside them: the SpecOffload issue's ratio at equal rows a pass."""
     base = peers.get("specoff-offload-group", {})
     if (r["engine"] != "specoff-chain-interleaved" or r["status"] != "ok"
-            or base.get("status") != "ok" or not base.get("tokens_per_second")):
+            or base.get("status") != "ok" or not base.get("tokens_per_second")
+            or base.get("run_id") != r.get("run_id")):
         return None
     return r["tokens_per_second"] / base["tokens_per_second"]
 
@@ -957,9 +960,10 @@ def table(rows: List[dict]) -> str:
         peers = by_config[r["config"]]
         tps = r.get("tokens_per_second") if r["status"] == "ok" else None
 
-        def ratio(engine):
+        def ratio(engine):  # within one run only (--replot puts several runs together)
             other = peers.get(engine, {})
-            base = other.get("tokens_per_second") if other.get("status") == "ok" else None
+            base = (other.get("tokens_per_second")
+                    if other.get("status") == "ok" and other.get("run_id") == r.get("run_id") else None)
             return tps / base if tps and base else None
 
         note = (r.get("note") or "").splitlines()[0][:80] if r.get("note") else ""
@@ -1206,10 +1210,15 @@ def parse_args(argv=None):
                    help="the upcycled pair's shapes (--tiny: a toy pair of the same families)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--replot", nargs="+", metavar="JSONL",
+                   help="run nothing: the tables and plots of these runs' rows together (rows of "
+                        "several runs, e.g. a sweep's budgets run one command each), under --out")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a specoff module option for the run, as tools/profile_pass.py's "
                         "--set (spec.tree.TAIL_BUDGET=0); every row records the options")
     args = p.parse_args(argv)
+    if args.replot:
+        return args
     if args.layers is None and not args.tiny:
         # all of the target's layers, or as many as the host holds once (said in the records)
         args.layers = PAIRS[args.pair][3]
@@ -1222,9 +1231,39 @@ def parse_args(argv=None):
     return args
 
 
+def replot(args) -> Dict[str, List[dict]]:
+    """--replot: the rows of earlier runs (JSON lines), each scenario's table and plots
+    written under --out as a run writes them; the header names every run."""
+    from types import SimpleNamespace
+
+    records: Dict[str, List[dict]] = {}
+    for path in args.replot:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    records.setdefault(row["scenario"], []).append(row)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in records.items():
+        view = SimpleNamespace(out=out, device_name=rows[0].get("device_name"),
+                               pair_name=rows[0].get("pair"))
+        runs = ", ".join(dict.fromkeys(r["run_id"] for r in rows))
+        sigma = ", ".join(sorted({f"σ={r['sigma']:.4g} (α={r['alpha_calibrated']:.3f})"
+                                  for r in rows if r.get("sigma") is not None}))
+        text = (f"### {name}\n\ndevice {view.device_name} | {view.pair_name} | "
+                f"{sigma or 'σ not used'} | runs {runs}\n\n{table(rows)}\n")
+        (out / f"{name}.md").write_text(text)
+        pngs = plots(view, name, rows)
+        print(text + "".join(f"\n![{p.stem}]({p.name})" for p in pngs))
+    return records
+
+
 def main(argv=None) -> Dict[str, List[dict]]:
     """Run the scenarios; returns this run's records by scenario."""
     args = parse_args(argv)
+    if args.replot:
+        return replot(args)
     threads = torch.get_num_threads()
     if args.tiny:
         torch.set_num_threads(1)  # toy sizes gain nothing from threads, and lose on a busy host
