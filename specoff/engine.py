@@ -383,8 +383,10 @@ class LLM:
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 if self.tokenizer is None:
-                    raise ValueError(f"prompt {i} is text but {self.path} has no tokenizer "
-                                     f"files; pass token-id lists or add a tokenizer")
+                    where = (f"{self.path} has no tokenizer files" if self.path is not None
+                             else "a model built in memory has no tokenizer")
+                    raise ValueError(f"prompt {i} is text but {where}; pass token-id lists or "
+                                     f"add a tokenizer")
                 ids = self.tokenizer(p)["input_ids"]
             else:
                 ids = [int(t) for t in p]

@@ -164,45 +164,88 @@ def _name_seed(seed: int, name: str, expert: int = -1) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{name}/{expert}".encode())) % (2**63)
 
 
+GRIDS = ("fp8",)
+
+
+def on_fp8_grid(values: torch.Tensor, row: int) -> torch.Tensor:
+    """`values` (rows of `row` elements) rounded as quant.Fp8Linear stores a weight: e4m3
+    with one scale per row (absmax / 448), back in the values' dtype."""
+    from .quant import FP8, FP8_MAX
+
+    v = values.view(-1, row).float()
+    scale = (v.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return ((v / scale).to(FP8).float() * scale).to(values.dtype).view(values.shape)
+
+
 def _draw(flat: torch.Tensor, device, std: float, seed: int, noise_seed: Optional[int] = None,
-          sigma: float = 0.0, chunk: int = 1 << 26) -> None:
+          sigma: float = 0.0, chunk: int = 1 << 26, grid_row: Optional[int] = None) -> None:
     """Fill `flat` with N(0, std²) values drawn on `device` a chunk at a time (plus, with a
-    noise seed, σ·std-scaled noise), so any size fits in bounded device memory."""
+    noise seed, σ·std-scaled noise), so any size fits in bounded device memory. `grid_row`:
+    the drawn values (before the noise) on the float8 grid of rows that long (on_fp8_grid)."""
     g = torch.Generator(device=device).manual_seed(seed)
     noise = torch.Generator(device=device).manual_seed(noise_seed) if noise_seed is not None else None
+    if grid_row:
+        chunk = max(grid_row, chunk // grid_row * grid_row)  # whole rows a chunk
     for part in flat.split(chunk):
         values = torch.randn(part.numel(), generator=g, device=device, dtype=part.dtype).mul_(std)
+        if grid_row:
+            values = on_fp8_grid(values, grid_row)
         if noise is not None:
             values.add_(torch.randn(part.numel(), generator=noise, device=device,
                                     dtype=part.dtype).mul_(sigma * std))
         part.copy_(values)
 
 
-def random_source(cfg, seed: int = 0, device=None, std: float = 0.02):
+def _grid_row(name: str, dst: torch.Tensor, grid: Optional[str]) -> Optional[int]:
+    """The row length to put a tensor on `grid` by (None: left as drawn): a decoder layer's
+    attention and feed-forward weights, what draft_quant quantizes (not norms, routers,
+    embeddings or the head)."""
+    if grid is None:
+        return None
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)} or None, not {grid!r}")
+    if (name.startswith("layers.") and (".attention." in name or ".feed_forward." in name)
+            and "norm" not in name and ".gate." not in name and dst.dim() >= 2):
+        return dst.shape[-1]
+    return None
+
+
+def random_source(cfg, seed: int = 0, device=None, std: float = 0.02, grid: Optional[str] = None):
     """A weight source (see weights.WeightSource) of seeded random weights at any size.
 
     Each tensor has its own seed (from its name), so two models that share tensor names
     share those tensors. Values are drawn on `device` (the GPU when there is one) and copied
     into their destinations, which may be views into the pinned host store: a full-size
     model is built in memory with no checkpoint on disk and no second host copy. Norm
-    weights are ones.
+    weights are ones. `grid="fp8"`: the decoder layers' weights on the float8 grid that
+    draft_quant="fp8" stores (_grid_row).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _grid_row("", torch.empty(0), grid)  # an unknown grid fails here, not mid-build
 
     def fill(destinations):
         for name, dst in destinations.items():
             if "norm" in name:
                 dst.fill_(1.0)
             else:
-                _draw(dst.view(-1), device, std, _name_seed(seed, name))
+                _draw(dst.view(-1), device, std, _name_seed(seed, name),
+                      grid_row=_grid_row(name, dst, grid))
     return fill
 
 
 def upcycled_pair(draft_cfg, target_cfg, sigma: float, seed: int = 0, device=None,
-                  std: float = 0.02):
+                  std: float = 0.02, grid: Optional[str] = None):
     """(draft, target) SyntheticModels at any size: the target's attention, norms, embeddings
     and head are the draft's tensors; its every expert is the draft's feed-forward plus
-    noise of σ times the weights' std; its router is random. σ sets the acceptance rate."""
+    noise of σ times the weights' std; its router is random. σ sets the acceptance rate.
+
+    `grid="fp8"`: the draft's decoder weights lie on the float8 grid (on_fp8_grid) and the
+    target is built from them (its shared attention the same, its experts the rounded
+    feed-forward plus the noise), so a draft stored in float8 (draft_quant="fp8") proposes
+    as the bf16 one does. Without it the pair's experts differ from the draft by σ = 1.6% of
+    the weights' scale, less than e4m3's rounding step, and float8 rounding alone costs most
+    of the acceptance; a real draft differs from its target by far more than its rounding.
+    What float8 costs a real pair's acceptance is not measured by this pair either way."""
     for field_name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size"):
         if getattr(draft_cfg, field_name) != getattr(target_cfg, field_name):
             raise ValueError(f"an upcycled pair needs equal {field_name}: draft "
@@ -220,11 +263,13 @@ def upcycled_pair(draft_cfg, target_cfg, sigma: float, seed: int = 0, device=Non
                 dense = name + ".weight"  # the draft's tensor of the same role
                 for e in range(dst.shape[0]):
                     _draw(dst[e].view(-1), device, std, _name_seed(seed, dense),
-                          _name_seed(seed, name, e), sigma)
+                          _name_seed(seed, name, e), sigma,
+                          grid_row=_grid_row(dense, dst[e], grid))
             else:
-                _draw(dst.view(-1), device, std, _name_seed(seed, name))
+                _draw(dst.view(-1), device, std, _name_seed(seed, name),
+                      grid_row=_grid_row(name, dst, grid))
 
-    return (SyntheticModel(draft_cfg, random_source(draft_cfg, seed, device, std)),
+    return (SyntheticModel(draft_cfg, random_source(draft_cfg, seed, device, std, grid)),
             SyntheticModel(target_cfg, target_fill))
 
 
@@ -511,7 +556,8 @@ def greedy_agreement(target: SyntheticModel, trajectories: torch.Tensor, prompt_
 
 def sigma_for_acceptance(alpha: float, draft_cfg, target_cfg, device=None, *, dtype=None,
                          seed: int = 0, std: float = 0.02, rows: int = 32, prompt_len: int = 32,
-                         new_tokens: int = 16, tol: float = 0.01, max_iter: int = 16):
+                         new_tokens: int = 16, tol: float = 0.01, max_iter: int = 16,
+                         grid: Optional[str] = None):
     """(σ, measured α): the noise scale of an upcycled pair (see upcycled_pair) at which the
     target agrees with the draft's greedy token a fraction `alpha` of the time.
 
@@ -525,13 +571,13 @@ def sigma_for_acceptance(alpha: float, draft_cfg, target_cfg, device=None, *, dt
         raise ValueError(f"alpha must be strictly between 0 and 1, not {alpha}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    draft, _ = upcycled_pair(draft_cfg, target_cfg, 0.0, seed, device, std)
+    draft, _ = upcycled_pair(draft_cfg, target_cfg, 0.0, seed, device, std, grid)
     ids = draft_trajectories(draft, rows, prompt_len, new_tokens, device, dtype, seed)
     tried = {}
 
     def measure(sigma: float) -> float:
         if sigma not in tried:
-            target = upcycled_pair(draft_cfg, target_cfg, sigma, seed, device, std)[1]
+            target = upcycled_pair(draft_cfg, target_cfg, sigma, seed, device, std, grid)[1]
             tried[sigma] = greedy_agreement(target, ids, prompt_len, dtype)
         return tried[sigma]
 

@@ -195,6 +195,17 @@ def test_replot_puts_runs_together(tmp_path):
     assert (tmp_path / "all" / "sweep-budget-tokens_per_second.png").exists()
 
 
+def test_draft_grid_builds_the_pair_for_an_fp8_draft(tmp_path):
+    """--draft-grid fp8: the pair built on the float8 grid, said in every row and the header."""
+    records = bench.main(["--tiny", "--scenario", "interactive", "--out", str(tmp_path), "--quiet",
+                          "--engines", "specoff-tree", "--configs", "batch 1",
+                          "--draft-grid", "fp8", "--draft-quant", "fp8"])
+    rows = records["interactive"]
+    assert rows and all(r["status"] == "ok" and r["draft_grid"] == "fp8"
+                        and r["draft_quant"] == "fp8" for r in rows)
+    assert "float8 grid" in (tmp_path / "interactive.md").read_text()
+
+
 def test_engines_run_in_the_order_given(tmp_path):
     """--engines orders the runs within each config (a time limit cuts the last ones)."""
     records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",

@@ -135,3 +135,42 @@ def test_gpu_fp8_products_in_a_bf16_draft(spec, pairs, monkeypatch):
     out = llm.generate(PROMPTS, specoff.SamplingParams(max_new_tokens=12, ignore_eos=True))
     assert all(len(o.token_ids) == 12 for o in out)
     assert llm.last_stats.token_acceptance > 0.5
+
+
+def test_a_pair_on_the_fp8_grid_proposes_alike_in_fp8():
+    """synthetic.upcycled_pair(grid="fp8"): the draft's decoder weights lie on the float8 grid
+    Fp8Linear stores (its dequantized weights equal them), the target is built from them, and
+    an fp8 draft then proposes exactly what the bf16 one does (the same acceptance); the
+    embeddings, head, norms and router are left as drawn."""
+    from specoff.synthetic import (TINY_PAIRS, on_fp8_grid, pair_configs, random_source,
+                                   upcycled_pair)
+
+    draft_hf, target_hf, _ = TINY_PAIRS["mixtral"]
+    dcfg, tcfg = pair_configs(draft_hf, target_hf)
+    w = torch.randn(8, 64)
+    once = on_fp8_grid(w, 64)
+    assert torch.equal(on_fp8_grid(once, 64), once) and not torch.equal(once, w)
+    lin = nn.Linear(64, 8, bias=False)
+    lin.weight.data.copy_(once)
+    q = Fp8Linear(lin)
+    assert torch.allclose(q.weight.float() * q.scale.float()[:, None], once, rtol=1e-6, atol=0)
+    params = specoff.SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = torch.randint(3, dcfg.vocab_size, (6, 9), generator=torch.Generator().manual_seed(0)).tolist()
+    stats = {}
+    for grid in (None, "fp8"):
+        draft, target = upcycled_pair(dcfg, tcfg, 0.05, seed=3, device="cpu", grid=grid)
+        expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(prompts, params)]
+        for quant in (None, "fp8"):
+            llm = specoff.LLM(target, draft=draft, device="cpu", spec="chain", draft_len=4,
+                              draft_quant=quant, max_rows=4)
+            assert [o.token_ids for o in llm.generate(prompts, params)] == expect
+            stats[grid, quant] = llm.last_stats.accepted_histogram
+    assert stats["fp8", None] == stats["fp8", "fp8"]  # the same proposals, token for token
+    dests = {"layers.0.attention.wqkv.weight": torch.empty(16, 64), "output.weight": torch.empty(8, 64),
+             "layers.0.feed_forward.gate.weight": torch.empty(4, 64)}
+    random_source(dcfg, 3, "cpu", grid="fp8")(dests)
+    assert torch.equal(on_fp8_grid(dests["layers.0.attention.wqkv.weight"], 64),
+                       dests["layers.0.attention.wqkv.weight"])
+    assert not torch.equal(on_fp8_grid(dests["output.weight"], 64), dests["output.weight"])
+    with pytest.raises(ValueError, match="grid"):
+        random_source(dcfg, 3, "cpu", grid="int4")

@@ -227,6 +227,12 @@ class Bench:
 
     # -- the pair ----------------------------------------------------------------------------
 
+    def pair(self, sigma: float):
+        """(draft, target) SyntheticModels of the pair at σ (on --draft-grid's grid)."""
+        a = self.args
+        return upcycled_pair(self.draft_cfg, self.target_cfg, sigma, a.seed, self.device, a.std,
+                             grid=a.draft_grid)
+
     def calibrate(self, alpha: float) -> dict:
         """σ for the per-token greedy acceptance α (or α at the pinned --sigma)."""
         if alpha in self.calibrations:
@@ -236,15 +242,15 @@ class Bench:
         rows, prompt_len, new = a.calibration_rows, 32, 16
         if a.sigma is not None:
             if self.trajectories is None:
-                draft = upcycled_pair(self.draft_cfg, self.target_cfg, 0.0, a.seed, self.device, a.std)[0]
+                draft = self.pair(0.0)[0]
                 self.trajectories = draft_trajectories(draft, rows, prompt_len, new, self.device,
                                                        self.dtype, a.seed)
-            target = upcycled_pair(self.draft_cfg, self.target_cfg, a.sigma, a.seed, self.device, a.std)[1]
+            target = self.pair(a.sigma)[1]
             sigma, measured = a.sigma, greedy_agreement(target, self.trajectories, prompt_len, self.dtype)
         else:
             sigma, measured = sigma_for_acceptance(
                 alpha, self.draft_cfg, self.target_cfg, self.device, dtype=self.dtype, seed=a.seed,
-                std=a.std, rows=rows, prompt_len=prompt_len, new_tokens=new)
+                std=a.std, rows=rows, prompt_len=prompt_len, new_tokens=new, grid=a.draft_grid)
         self.calibrations[alpha] = dict(sigma=sigma, alpha_requested=None if a.sigma is not None else alpha,
                                         alpha_calibrated=measured,
                                         calibration_seconds=time.perf_counter() - t0)
@@ -280,14 +286,13 @@ class Bench:
         if self.llm is not None and self.llm_key == key:
             if sigma != self.llm_sigma:
                 t0 = time.perf_counter()
-                refill(self.llm.model, upcycled_pair(self.draft_cfg, self.target_cfg, sigma,
-                                                     self.args.seed, self.device, self.args.std)[1].source)
+                refill(self.llm.model, self.pair(sigma)[1].source)
                 self.llm_sigma = sigma
                 self.llm_info["refill_seconds"] = time.perf_counter() - t0
             return self.llm
         self.release()
         a = self.args
-        draft, target = upcycled_pair(self.draft_cfg, self.target_cfg, sigma, a.seed, self.device, a.std)
+        draft, target = self.pair(sigma)
         budgets = [gpu_memory]
         if self.cuda and fit:
             requested = parse_bytes(gpu_memory)
@@ -350,7 +355,7 @@ class Bench:
                     layers=self.target_cfg.n_layers,
                     full_layers=self.full_layers, std=a.std, seed=a.seed,
                     gpu_memory_requested=job.params.get("gpu_memory"),
-                    copy_gbps=self.copy_gbps, torch=torch.__version__,
+                    copy_gbps=self.copy_gbps, torch=torch.__version__, draft_grid=a.draft_grid,
                     command=" ".join(sys.argv), settings=vars(a), options=engine_options(),
                     **{"draft_quant": self.draft_quants[0],  # unless the job says
                        **{k: v for k, v in job.params.items() if k != "prompts"}})
@@ -1004,7 +1009,9 @@ def header(bench: Bench, rows: List[dict]) -> str:
         return f"device {bench.device_name} | the trained demo pair (specoff/demo) | run {bench.run_id}"
     ok = [r for r in rows if r.get("sigma") is not None]
     sigma = ", ".join(sorted({f"σ={r['sigma']:.4g} (α={r['alpha_calibrated']:.3f})" for r in ok}))
-    return (f"device {bench.device_name} | {bench.pair_name}, {bench.target_cfg.n_layers} layers, "
+    grid = (", the draft's layers on the float8 grid (--draft-grid fp8)"
+            if getattr(bench.args, "draft_grid", None) else "")
+    return (f"device {bench.device_name} | {bench.pair_name}{grid}, {bench.target_cfg.n_layers} layers, "
             f"{str(bench.dtype).replace('torch.', '')} | copy {bench.copy_gbps:.1f} GB/s | "
             f"{sigma or 'σ not used'} | run {bench.run_id}")
 
@@ -1210,6 +1217,10 @@ def parse_args(argv=None):
                    help="the upcycled pair's shapes (--tiny: a toy pair of the same families)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--draft-grid", choices=["fp8"],
+                   help="build the pair with the draft's decoder weights on the float8 grid and "
+                        "the target from them (synthetic.upcycled_pair(grid=)), so that "
+                        "--draft-quant fp8 proposes as bf16 does; said in every row")
     p.add_argument("--replot", nargs="+", metavar="JSONL",
                    help="run nothing: the tables and plots of these runs' rows together (rows of "
                         "several runs, e.g. a sweep's budgets run one command each), under --out")

@@ -26,7 +26,8 @@
 #                164; NEW 32; ENGINES specoff-offload,specoff-tree)
 #   sweep-budget tokens/s against the GPU budget (BUDGETS, default 16,24,48 GiB; ENGINES,
 #                default specoff-tree,specoff-offload; ROWS 164; NEW 32); 8 and 12 GiB hold
-#                the bf16 draft only with EXTRA="--draft-quant fp8"
+#                the draft only in float8: EXTRA="--draft-quant fp8 --draft-grid fp8" (the
+#                pair built on the float8 grid, so the fp8 draft proposes as bf16 would)
 #   kernels      tools/bench_kernels.py --only prefill
 #   kernel-goals tools/bench_kernels.py --no-ref over every kernel (the kernel issue's goals:
 #                MoE, verification and tree attention, the draft's step as one graph), JSON
