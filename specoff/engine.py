@@ -449,7 +449,8 @@ class LLM:
     def choose_speculation(self, rows: int, longest: int, max_new_tokens: int,
                            prompts: Optional[Sequence[int]] = None) -> Tuple[bool, Optional[str]]:
         """(speculate?, why not) for a workload, as generate(speculate=None) decides: with
-        spec=None, above TREE_MAX_ROWS prompts and with a hardware profile, speculation
+        spec, draft_len and interleave unset, above TREE_MAX_ROWS prompts and with a hardware
+        profile, speculation
         unless the target alone's plan serves more tokens a second than speculation's at
         SPECULATION_PRIOR_TOKENS (or the last speculative call's) tokens a row a pass, or no
         speculative plan fits the budget."""
@@ -457,8 +458,9 @@ class LLM:
 
         if self.draft_model is None:
             return False, None
-        if self.spec is not None or self.profile is None or rows <= TREE_MAX_ROWS:
-            return True, None
+        if (self.spec is not None or self.draft_len is not None or self.interleave is not None
+                or self.profile is None or rows <= TREE_MAX_ROWS):
+            return True, None  # speculation settings asked for, or nothing to predict with
         try:
             spec = self.plan(rows, longest, max_new_tokens, prompts, speculate=True)
         except BudgetError as e:

@@ -1203,7 +1203,9 @@ def test_planner_runs_the_target_alone_where_it_outserves_speculation(pairs, mon
     llm._spec_tokens_per_pass = None
     llm.spec = "chain"  # asked for: the planner does not overrule it
     assert llm.generate(MANY, params) and llm.last_stats.speculated
-    llm.spec = None
+    llm.spec, llm.draft_len = None, 3  # chain settings asked for: the same
+    assert llm.generate(MANY, params) and llm.last_stats.speculated
+    llm.draft_len = None
     # The last speculative call's tokens a row a pass replace the prior.
     llm._spec_tokens_per_pass = 10.0
     assert llm.generate(MANY, params) and llm.last_stats.speculated
