@@ -533,8 +533,10 @@ class LLM:
                     plain, len(rows), params.max_new_tokens)[1]
         stats.tokens = sum(len(o.token_ids) for o in outputs)
         stats.finalize()
-        if speculate and len(rows) > TREE_MAX_ROWS and stats.tokens_per_pass:
-            self._spec_tokens_per_pass = stats.tokens_per_pass  # choose_speculation's next figure
+        if (speculate and len(rows) > TREE_MAX_ROWS and stats.tokens_per_pass
+                and params.max_new_tokens >= 4 * SPECULATION_PRIOR_TOKENS):
+            # choose_speculation's next figure (not from a few tokens a row: they cap it)
+            self._spec_tokens_per_pass = stats.tokens_per_pass
         stats.bytes_streamed = (ring.bytes_copied - copied0) if ring is not None else 0
         if self.device.type == "cuda":
             stats.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)

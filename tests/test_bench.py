@@ -78,7 +78,7 @@ def test_throughput_rows_are_sane(run):
     main = [r for r in rows if r["config"] == "humaneval x6"]
     assert {r["engine"] for r in main} == {
         "specoff-offload", "specoff-offload-group", "specoff-chain-serial",
-        "specoff-chain-interleaved", "specoff-chain", "specoff-tree",
+        "specoff-chain-interleaved", "specoff-chain", "specoff-tree", "specoff-auto",
         "hf-accelerate", "hf-accelerate-pinned", "hf-assisted"}
     assert {r["config"] for r in rows} == {"humaneval x6", "long-48 x6"}
     for r in rows:
@@ -103,6 +103,7 @@ def test_throughput_rows_are_sane(run):
     assert by["specoff-offload"]["tokens"] == 4 * 6
     assert by["specoff-offload-group"]["tokens"] == 2 * 6  # the rows of one of two groups
     assert by["specoff-chain"]["tokens"] == 8 * 6  # every prompt, rows refilled
+    assert by["specoff-auto"]["tokens"] == 8 * 6  # the queue, whatever the planner picked
     assert by["hf-accelerate-pinned"]["matches_specoff"] is True  # same weights, same tokens
     assert by["hf-accelerate"]["layers_measured"] == 1 and by["hf-accelerate"]["scale"] == 2.0
     assert by["hf-assisted"]["rows"] == 1 and by["hf-assisted"]["tokens_per_pass"] >= 1.0
@@ -204,6 +205,17 @@ def test_draft_grid_builds_the_pair_for_an_fp8_draft(tmp_path):
     assert rows and all(r["status"] == "ok" and r["draft_grid"] == "fp8"
                         and r["draft_quant"] == "fp8" for r in rows)
     assert "float8 grid" in (tmp_path / "interactive.md").read_text()
+
+
+def test_auto_engine_runs_what_the_planner_picks(run):
+    """specoff-auto: the defaults a user gets (spec=None, generate(speculate=None)); its rows
+    say what the planner picked."""
+    _, records = run
+    autos = [r for name in ("throughput", "sweep-budget") for r in records[name]
+             if r["engine"] == "specoff-auto" and r["status"] == "ok"]
+    assert autos and all(isinstance(r["speculated"], bool) for r in autos)
+    text = (run[0] / "sweep-budget.md").read_text()
+    assert "| specoff-auto | picked " in text
 
 
 def test_engines_run_in_the_order_given(tmp_path):

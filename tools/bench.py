@@ -34,6 +34,10 @@ pageable memory as from_pretrained leaves them; only --peer-layers layers are cl
 timed, then scaled to the offloaded layer count, since host memory holds the target once;
 "hf-accelerate-pinned": all layers, views of specoff's pinned store) and with assisted
 generation ("hf-assisted": the draft on the GPU, batch 1 as transformers requires).
+specoff's engines: offload-only ("specoff-offload"; "-group": one interleaved group's rows),
+chain ("-serial", "-interleaved", or the planner's groups), "specoff-tree", and
+"specoff-auto": the defaults a user gets (spec=None, generate(speculate=None): the planner
+picks tree, chain or the target alone; the row says which).
 
 Scenarios: throughput (HumanEval and long prompts, each engine and peer), interactive (batch 1
 and 4: tree budgets and chain), sweep-budget (GPU budgets; the planner places the weights),
@@ -95,7 +99,7 @@ DEFAULTS = {
                  assisted_prompts=1, calibration_rows=16),
 }
 ENGINES_SPECOFF = ("specoff-offload", "specoff-offload-group", "specoff-chain-serial", "specoff-chain-interleaved",
-                   "specoff-chain", "specoff-tree")
+                   "specoff-chain", "specoff-tree", "specoff-auto")
 BUDGET_LADDER = [48, 64, 96, 128]  # GiB tried when the pair does not fit the budget
 END_RESERVE_S = 15.0  # kept back from --time-limit for plots and tables
 
@@ -440,10 +444,12 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
         # The pair does not fit this budget; the target alone may (sweep-budget).
         llm = bench.llm_for(cal["sigma"], p["gpu_memory"], with_draft=False, fit=False, offload=offload,
                             max_rows=p.get("build_rows"))
-    llm.spec = "tree" if engine == "specoff-tree" else "chain"
+    # specoff-auto: what a user gets with the defaults (spec=None, generate(speculate=None):
+    # the planner picks tree, chain or the target alone).
+    llm.spec = None if engine == "specoff-auto" else "tree" if engine == "specoff-tree" else "chain"
     # specoff-chain (and tree) leave the choice of groups to the planner.
     llm.interleave = {"specoff-chain-serial": False, "specoff-chain-interleaved": True}.get(engine)
-    llm.draft_len = p.get("draft_len")
+    llm.draft_len = None if engine == "specoff-auto" else p.get("draft_len")
     llm.tree_budget = p.get("tree_budget", llm.tree_budget)
     # Each run learns tree acceptance from scratch (its warm-up included): figures do not
     # depend on which runs came before in the process.
@@ -490,12 +496,13 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
             first = prompts if offload_only else prompts[:groups * p["max_rows"] * 5 // 4]
             t0 = time.perf_counter()
             llm.generate(first, specoff.SamplingParams(max_new_tokens=bench.args.warmup_tokens,
-                                                       ignore_eos=True), speculate=not offload_only)
+                                                       ignore_eos=True),
+                         speculate=None if engine == "specoff-auto" else not offload_only)
             warmup = time.perf_counter() - t0
             bench.warmed.add(key)
     compiled1 = compiled_kernels()
     outputs = llm.generate(prompts, specoff.SamplingParams(max_new_tokens=p["new_tokens"], ignore_eos=True),
-                           speculate=not offload_only)
+                           speculate=None if engine == "specoff-auto" else not offload_only)
     compiled2 = compiled_kernels()
     s = llm.last_stats
     d = s.to_dict()
@@ -537,6 +544,7 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
         predicted_pass_seconds=s.predicted_pass_seconds,
         predicted_prefill_seconds=s.predicted_prefill_seconds,
         predicted_tokens_per_second=predicted, peak_gpu_bytes=s.peak_gpu_bytes or None,
+        speculated=s.speculated, speculation_note=s.speculation_note,
         stream_bytes_per_pass=stream,
         copy_seconds_per_pass=stream / (bench.copy_gbps * 1e9) if stream else None,
         bound_tokens_per_second=limit,
@@ -746,7 +754,7 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
                 for L in split(a.long_prompts)]
     engines = ["specoff-offload", "specoff-offload-group", "specoff-chain-interleaved",
                "specoff-chain-serial", "specoff-chain", "hf-accelerate", "hf-assisted",
-               "hf-accelerate-pinned", "specoff-tree"]
+               "hf-accelerate-pinned", "specoff-tree", "specoff-auto"]
     # The budget must hold the main config's interleaved rows with their KV cache on the GPU.
     workload = (2 * rows, max(map(len, configs[0][1])), main_new)
     tree_budgets = [int(b) for b in split(str(a.throughput_tree_budget))]
@@ -755,7 +763,7 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
         for engine in engines:
             per_pass = 2 * rows if engine == "specoff-chain-interleaved" else rows
             # Engines that refill rows from a queue get every prompt; the others one batch.
-            refills = engine.startswith("specoff-chain") or engine == "specoff-tree"
+            refills = engine.startswith("specoff-chain") or engine in ("specoff-tree", "specoff-auto")
             use = prompts if refills else prompts[:rows]
             tree = engine == "specoff-tree"
             for budget in tree_budgets if tree else tree_budgets[:1]:
@@ -769,8 +777,9 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
 
 
 def speculates(engine: str) -> bool:
-    """specoff's engines that run the draft (one run each per --draft-quant value)."""
-    return engine.startswith("specoff-chain") or engine == "specoff-tree"
+    """specoff's engines that run the draft (one run each per --draft-quant value); specoff-auto
+    may (the planner's choice)."""
+    return engine.startswith("specoff-chain") or engine in ("specoff-tree", "specoff-auto")
 
 
 def interactive_jobs(bench: Bench) -> List[Job]:
@@ -808,9 +817,9 @@ def sweep_budget_jobs(bench: Bench) -> List[Job]:
         # The pair first: where it does not fit, the offload run builds the target alone.
         # specoff-tree ("auto" trees) is what a user gets where the target streams,
         # specoff-chain (the planner's groups) the chain engine; --engines picks.
-        for engine in ("specoff-tree", "specoff-chain", "specoff-chain-interleaved",
+        for engine in ("specoff-auto", "specoff-tree", "specoff-chain", "specoff-chain-interleaved",
                        "specoff-offload"):
-            queue = engine.startswith("specoff-chain") or engine == "specoff-tree"
+            queue = engine.startswith("specoff-chain") or engine in ("specoff-tree", "specoff-auto")
             use = prompts if queue else prompts[:a.rows]
             per_pass = 2 * a.rows if engine.startswith("specoff-chain") else a.rows
             jobs.append(job(bench, "sweep-budget", budget, engine, prompts=use, new_tokens=new,
@@ -923,6 +932,9 @@ def quant_note(r: dict) -> str:
 
 def setting(r: dict) -> str:
     """The speculation setting of a run: γ or the tree budget (requested→final when adaptive)."""
+    if r["engine"] == "specoff-auto":
+        return "picked " + (("tree" if r.get("tree_budget_final") else "chain")
+                            if r.get("speculated") else "the target alone") + quant_note(r)
     if r["engine"] == "specoff-tree":
         final = r.get("tree_budget_final")
         scores = "" if r.get("tree_scores", "learned") == "learned" else ", draft scores"
