@@ -24,7 +24,7 @@
 #                (bench.py calibrates σ for α ≈ 0.7) unless SIGMA is set
 #   long         throughput over long prompts (LONG, default 512,2048 tokens; PROMPTS and ROWS
 #                164; NEW 32; ENGINES specoff-offload,specoff-tree)
-#   sweep-budget tokens/s against the GPU budget (BUDGETS, default 16,24,48 GiB; ENGINES,
+#   sweep-budget tokens/s against the GPU budget (BUDGETS, default 16,24,48 GiB; ENGINES (specoff-auto: the defaults),
 #                default specoff-tree,specoff-offload; ROWS 164; NEW 32); 8 and 12 GiB hold
 #                the draft only in float8: EXTRA="--draft-quant fp8 --draft-grid fp8" (the
 #                pair built on the float8 grid, so the fp8 draft proposes as bf16 would)
