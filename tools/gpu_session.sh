@@ -33,8 +33,8 @@
 #                MoE, verification and tree attention, the draft's step as one graph), JSON
 #                rows in $OUT/kernels.json
 #   issue4-full  the SpecOffload issue's modes at equal rows a pass with the groups kept full:
-#                offload-only at one group's rows against chain interleaved, HumanEval x3
-#                (492 prompts, refilled), NEW (32) tokens
+#                offload-only at one group's rows against chain interleaved, HumanEval x2
+#                (PROMPTS, default 328, refilled), NEW (32) tokens
 #   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, ROWS rows
 #                (164), PROMPTS prompts (200), NEW tokens (8)): where the round's time goes,
 #                per CUDA stream
@@ -142,8 +142,8 @@ for step in "$@"; do
             timeout "$LIMIT" python tools/bench_kernels.py --no-ref --json "$OUT/kernels.json" 2>&1 \
                 | tee -a "$OUT/kernel-goals.log" | tail -40 ;;
         issue4-full)  # (c)/(a) at equal rows a pass, groups kept full by refills
-            bench "$step" --scenario throughput --new-tokens "${NEW:-32}" --rows 256 --prompts 492 \
-                --configs humaneval \
+            bench "$step" --scenario throughput --new-tokens "${NEW:-32}" --rows 256 \
+                --prompts "${PROMPTS:-328}" --configs humaneval \
                 --engines "${ENGINES:-specoff-chain-interleaved,specoff-offload-group}" ;;
         kernels)
             timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
