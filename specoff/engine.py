@@ -450,35 +450,40 @@ class LLM:
                            prompts: Optional[Sequence[int]] = None) -> Tuple[bool, Optional[str]]:
         """(speculate?, why not) for a workload, as generate(speculate=None) decides: with
         spec, draft_len and interleave unset, above TREE_MAX_ROWS prompts and with a hardware
-        profile, speculation
-        unless the target alone's plan serves more tokens a second than speculation's at
-        SPECULATION_PRIOR_TOKENS (or the last speculative call's) tokens a row a pass, or no
-        speculative plan fits the budget."""
+        profile, speculation unless the target alone's plan serves more tokens a second than
+        speculation's at SPECULATION_PRIOR_TOKENS (or the last speculative call's) tokens a
+        row a pass, or no speculative plan fits the budget."""
+        return self._choose_speculation(rows, longest, max_new_tokens, prompts)[:2]
+
+    def _choose_speculation(self, rows: int, longest: int, max_new_tokens: int,
+                            prompts: Optional[Sequence[int]] = None):
+        """choose_speculation's answer and the plan of the choice (None where none was made),
+        which generate then runs."""
         from .planner import BudgetError
 
         if self.draft_model is None:
-            return False, None
+            return False, None, None
         if (self.spec is not None or self.draft_len is not None or self.interleave is not None
                 or self.profile is None or rows <= TREE_MAX_ROWS):
-            return True, None  # speculation settings asked for, or nothing to predict with
+            return True, None, None  # speculation settings asked for, or nothing to predict with
         try:
             spec = self.plan(rows, longest, max_new_tokens, prompts, speculate=True)
         except BudgetError as e:
-            self.plan(rows, longest, max_new_tokens, prompts, speculate=False)  # or raise
-            return False, f"the target alone: no speculative plan fits ({e})"
+            plain = self.plan(rows, longest, max_new_tokens, prompts, speculate=False)  # or raise
+            return False, f"the target alone: no speculative plan fits ({e})", plain
         plain = self.plan(rows, longest, max_new_tokens, prompts, speculate=False)
         if not (spec.predicted_pass_seconds and plain.predicted_pass_seconds):
-            return True, None
+            return True, None, spec
         per_pass = self._spec_tokens_per_pass or SPECULATION_PRIOR_TOKENS
         spec_rate = min(rows, spec.rows_per_pass) * per_pass / spec.predicted_pass_seconds
         plain_rate = min(rows, plain.rows_per_pass) / plain.predicted_pass_seconds
         if plain_rate <= spec_rate:
-            return True, None
+            return True, None, spec
         return False, (f"the target alone: {min(rows, plain.rows_per_pass)} rows at "
                        f"{plain.predicted_pass_seconds:.3f} s a pass, {plain_rate:.1f} tokens/s, "
                        f"against {self.spec_mode(rows)} speculation's "
                        f"{min(rows, spec.rows_per_pass)} rows × {per_pass:.2f} tokens at "
-                       f"{spec.predicted_pass_seconds:.3f} s, {spec_rate:.1f}")
+                       f"{spec.predicted_pass_seconds:.3f} s, {spec_rate:.1f}"), plain
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *,
                  progress=None, speculate: Optional[bool] = None) -> List[RequestOutput]:
@@ -493,13 +498,13 @@ class LLM:
                 self.config.check_context(len(ids) + params.max_new_tokens)
             except ValueError as e:
                 raise type(e)(f"prompt {i} ({len(ids)} tokens): {e}") from None
-        note = None
+        note = plan = None
         if speculate is None:
-            speculate, note = self.choose_speculation(len(rows), max(len(r) for r in rows),
-                                                      params.max_new_tokens, [len(r) for r in rows])
+            speculate, note, plan = self._choose_speculation(
+                len(rows), max(len(r) for r in rows), params.max_new_tokens, [len(r) for r in rows])
         speculate = bool(speculate) and self.draft_model is not None
-        plan = self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens,
-                         [len(r) for r in rows], speculate=speculate)
+        plan = plan or self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens,
+                                 [len(r) for r in rows], speculate=speculate)
         seed = self.seed if params.seed is None else params.seed
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stats = GenerationStats(rows=len(rows), plan=plan.to_dict(),

@@ -30,6 +30,14 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 FP8_GEMM = False
 
 
+def fp8_rows(w: torch.Tensor):
+    """(W8, s): `w` (N, K) in float8 e4m3 with one float32 scale per row (absmax / 448), as
+    Fp8Linear stores it (synthetic.on_fp8_grid rounds weights the same way)."""
+    amax = w.abs().amax(dim=1).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    return (w.float() / scale[:, None]).to(FP8), scale
+
+
 class Fp8Linear(nn.Module):
     """y = x · (W8 · s)ᵀ + b with W8 (N, K) in float8 e4m3 and s (N,) a scale per row."""
 
@@ -37,9 +45,8 @@ class Fp8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        amax = w.abs().amax(dim=1).float().clamp(min=1e-12)
-        scale = amax / FP8_MAX
-        self.weight = nn.Parameter((w.float() / scale[:, None]).to(FP8), requires_grad=False)
+        w8, scale = fp8_rows(w)
+        self.weight = nn.Parameter(w8, requires_grad=False)
         # in the model's dtype: the output is scaled in it (bf16: 3 significant digits, far
         # finer than e4m3's own steps)
         self.scale = nn.Parameter(scale.to(w.dtype), requires_grad=False)

@@ -170,11 +170,10 @@ GRIDS = ("fp8",)
 def on_fp8_grid(values: torch.Tensor, row: int) -> torch.Tensor:
     """`values` (rows of `row` elements) rounded as quant.Fp8Linear stores a weight: e4m3
     with one scale per row (absmax / 448), back in the values' dtype."""
-    from .quant import FP8, FP8_MAX
+    from .quant import fp8_rows
 
-    v = values.view(-1, row).float()
-    scale = (v.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-    return ((v / scale).to(FP8).float() * scale).to(values.dtype).view(values.shape)
+    w8, scale = fp8_rows(values.view(-1, row))
+    return (w8.float() * scale[:, None]).to(values.dtype).view(values.shape)
 
 
 def _draw(flat: torch.Tensor, device, std: float, seed: int, noise_seed: Optional[int] = None,

@@ -763,7 +763,7 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
         for engine in engines:
             per_pass = 2 * rows if engine == "specoff-chain-interleaved" else rows
             # Engines that refill rows from a queue get every prompt; the others one batch.
-            refills = engine.startswith("specoff-chain") or engine in ("specoff-tree", "specoff-auto")
+            refills = speculates(engine)
             use = prompts if refills else prompts[:rows]
             tree = engine == "specoff-tree"
             for budget in tree_budgets if tree else tree_budgets[:1]:
@@ -819,7 +819,7 @@ def sweep_budget_jobs(bench: Bench) -> List[Job]:
         # specoff-chain (the planner's groups) the chain engine; --engines picks.
         for engine in ("specoff-auto", "specoff-tree", "specoff-chain", "specoff-chain-interleaved",
                        "specoff-offload"):
-            queue = engine.startswith("specoff-chain") or engine in ("specoff-tree", "specoff-auto")
+            queue = speculates(engine)
             use = prompts if queue else prompts[:a.rows]
             per_pass = 2 * a.rows if engine.startswith("specoff-chain") else a.rows
             jobs.append(job(bench, "sweep-budget", budget, engine, prompts=use, new_tokens=new,
@@ -1016,11 +1016,16 @@ def demo_table(rows: List[dict]) -> str:
                      + ["| " + " | ".join(cell(d.get(k)) for k in keys) + " |" for d in report])
 
 
+def sigma_text(rows: List[dict]) -> str:
+    """The σ values of these rows and the α each measured, for a table's header."""
+    return ", ".join(sorted({f"σ={r['sigma']:.4g} (α={r['alpha_calibrated']:.3f})"
+                             for r in rows if r.get("sigma") is not None}))
+
+
 def header(bench: Bench, rows: List[dict]) -> str:
     if rows and all(r.get("scenario") == "demo" for r in rows):  # the shipped pair, not the upcycled one
         return f"device {bench.device_name} | the trained demo pair (specoff/demo) | run {bench.run_id}"
-    ok = [r for r in rows if r.get("sigma") is not None]
-    sigma = ", ".join(sorted({f"σ={r['sigma']:.4g} (α={r['alpha_calibrated']:.3f})" for r in ok}))
+    sigma = sigma_text(rows)
     grid = (", the draft's layers on the float8 grid (--draft-grid fp8)"
             if getattr(bench.args, "draft_grid", None) else "")
     return (f"device {bench.device_name} | {bench.pair_name}{grid}, {bench.target_cfg.n_layers} layers, "
@@ -1272,8 +1277,7 @@ def replot(args) -> Dict[str, List[dict]]:
         view = SimpleNamespace(out=out, device_name=rows[0].get("device_name"),
                                pair_name=rows[0].get("pair"))
         runs = ", ".join(dict.fromkeys(r["run_id"] for r in rows))
-        sigma = ", ".join(sorted({f"σ={r['sigma']:.4g} (α={r['alpha_calibrated']:.3f})"
-                                  for r in rows if r.get("sigma") is not None}))
+        sigma = sigma_text(rows)
         text = (f"### {name}\n\ndevice {view.device_name} | {view.pair_name} | "
                 f"{sigma or 'σ not used'} | runs {runs}\n\n{table(rows)}\n")
         (out / f"{name}.md").write_text(text)

@@ -693,7 +693,7 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
         if not per_request:
             return weights
         if not order:
-            order.extend(rng.permutation(len(per_request)).tolist())
+            order.extend(rng.permutation(len(per_request)).tolist())  # numpy: no device
         return per_request[order.pop()]
 
     waiting = prompts - min(rows, prompts)
@@ -812,6 +812,7 @@ def _tail_batch(serving: list, segment: list, allocator: SegmentAllocator, reque
     pools has ended (the round synced)."""
     act = [b for b, r in enumerate(serving) if r is not None]
     lengths = [c.lengths[act] for c in caches]
+    # A sync, once per tail batch (a few a run), after the round's own sync.
     held = torch.maximum(*lengths).tolist() if len(caches) > 1 else lengths[0].tolist()
     moves, new_segments = [], {}
     for b, length in zip(act, held):
@@ -1135,7 +1136,7 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
 
     place_free_rows()
     while any(r is not None for r in serving) or (plain is not None and plain.busy()):
-        serving_rows = sum(r is not None for r in serving)
+        serving_rows = sum(r is not None for r in serving) if tail else 0
         if (tail and plain is None and not waiting and not refill and len(segmented_caches) == 2
                 and serving_rows <= TAIL_ROWS * B and full_budget is not None
                 and tail_budget_for(full_budget, batch_rows, serving_rows)
