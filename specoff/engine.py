@@ -164,6 +164,12 @@ class GenerationStats:
     # Tree mode: seconds its growth spent capturing CUDA graphs (inside draft_seconds and the
     # run's time: a new draft cache each call captures anew)
     graph_capture_seconds: float = 0.0
+    # Steady state, every row busy: the returned tokens and wall time of the passes (chain:
+    # rounds whose group had a request on every row; plain: whole batches of the plan's rows,
+    # prefill included). A workload's first wave and its tail of half-empty passes fall
+    # outside, so this is the rate a queue of thousands of prompts would see.
+    steady_tokens: int = 0
+    steady_seconds: float = 0.0
 
     def count_verified(self, proposed: int, accepted: int) -> None:
         """One row's drafts checked by one target pass: `accepted` of `proposed` kept."""
@@ -200,9 +206,15 @@ class GenerationStats:
         total = self.prefill_seconds + self.decode_seconds
         return self.tokens / total if total > 0 else 0.0
 
+    @property
+    def steady_tokens_per_second(self) -> Optional[float]:
+        """Returned tokens a second while every row was busy (None: no such pass)."""
+        return self.steady_tokens / self.steady_seconds if self.steady_seconds > 0 else None
+
     def to_dict(self) -> dict:
         return dict(asdict(self), tokens_per_second=self.tokens_per_second,
-                    measured_pass_seconds=self.measured_pass_seconds)
+                    measured_pass_seconds=self.measured_pass_seconds,
+                    steady_tokens_per_second=self.steady_tokens_per_second)
 
 
 def _plain_prediction(plan: Plan, prompts: int, new_tokens: int):
@@ -523,8 +535,13 @@ class LLM:
             outputs = self._speculate(rows, params, generator, stats, plan, progress)
         for start in range(0, 0 if speculate else len(rows), plan.rows_per_pass):
             batch = rows[start:start + plan.rows_per_pass]
-            for ids, new in zip(batch, self._generate_batch(batch, params, generator, stats, plan)):
-                outputs.append(self._finish(ids, new, params))
+            seconds = stats.prefill_seconds + stats.decode_seconds
+            done = [self._finish(ids, new, params)
+                    for ids, new in zip(batch, self._generate_batch(batch, params, generator, stats, plan))]
+            outputs += done
+            if len(batch) == plan.rows_per_pass:  # a full batch: steady state
+                stats.steady_tokens += sum(len(o.token_ids) for o in done)
+                stats.steady_seconds += stats.prefill_seconds + stats.decode_seconds - seconds
             if progress is not None:
                 progress.update(len(batch))
         if not speculate and plan.predicted_pass_seconds and plan.predicted_prefill_seconds:

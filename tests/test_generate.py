@@ -36,8 +36,11 @@ def test_token_id_prompts_and_chunked_prefill(make_checkpoint):
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (40, 7, 23)]
     params = specoff.SamplingParams(max_new_tokens=12, ignore_eos=True)
     whole = specoff.LLM(path, device="cpu").generate(prompts, params)
-    chunked = specoff.LLM(path, device="cpu", prefill_chunk=8, max_rows=2).generate(prompts, params)
+    llm = specoff.LLM(path, device="cpu", prefill_chunk=8, max_rows=2)
+    chunked = llm.generate(prompts, params)
     assert [o.token_ids for o in whole] == [o.token_ids for o in chunked]
+    s = llm.last_stats  # steady state: the full batch of 2 rows, not the last one's batch
+    assert s.steady_tokens == 2 * 12 and 0 < s.steady_seconds < s.prefill_seconds + s.decode_seconds
     assert [o.prompt_token_ids for o in whole] == prompts
     assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in whole)
 

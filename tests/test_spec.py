@@ -86,6 +86,9 @@ def test_greedy_speculation_equals_target(sigma, draft_len, interleave, pairs):
     if sigma == 1.0:
         assert s.acceptance_rate < 0.5
     assert s.tokens_per_pass == pytest.approx((s.accepted + s.row_passes) / s.row_passes)
+    # steady state: the passes with every row busy (the first wave and refills), not the tail
+    assert 0 < s.steady_tokens <= s.tokens and 0 < s.steady_seconds <= s.decode_seconds
+    assert s.steady_tokens_per_second == s.steady_tokens / s.steady_seconds
     # the planner's model of this workload's passes, at the α the run measured
     assert abs(s.predicted_passes - s.decode_passes) <= max(2, 0.2 * s.decode_passes)
 

@@ -683,6 +683,8 @@ def test_greedy_tree_refills_rows(sigma, budget, rows, pairs):
     assert s.decode_passes < len(MANY) * params.max_new_tokens / rows
     if sigma == 0.0:
         assert s.tokens_per_pass > 3
+    # steady state: the rounds with every row busy (not the tail, where rows fall idle)
+    assert 0 < s.steady_tokens < s.tokens and 0 < s.steady_seconds
 
 
 @pytest.mark.parametrize("budget, rows, slack, target", [(8, 3, 1.15, "off"), ("auto", 4, 1.15, "off"),

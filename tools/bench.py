@@ -526,6 +526,7 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
     return dict(
         cal, **bench.llm_info, plan=plan, rows=rows, groups=s.groups,
         tokens=s.tokens, tokens_per_second=d["tokens_per_second"],
+        steady_tokens_per_second=d["steady_tokens_per_second"],
         decode_tokens_per_second=s.tokens / s.decode_seconds if s.decode_seconds else None,
         prefill_seconds=s.prefill_seconds, decode_seconds=s.decode_seconds,
         passes=s.decode_passes, pass_seconds=s.measured_pass_seconds,
@@ -952,20 +953,22 @@ def setting(r: dict) -> str:
     return ""
 
 
-def group_ratio(r: dict, peers: Dict[str, dict]) -> Optional[float]:
+def group_ratio(r: dict, peers: Dict[str, dict], key: str = "tokens_per_second") -> Optional[float]:
     """Chain interleaved against offload-only at one group's rows (specoff-offload-group), where
-    no specoff-offload ran beside them: the SpecOffload issue's ratio at equal rows a pass."""
+    no specoff-offload ran beside them: the SpecOffload issue's ratio at equal rows a pass
+    (`key` steady_tokens_per_second: both while every row was busy)."""
     base = peers.get("specoff-offload-group", {})
     if (r["engine"] != "specoff-chain-interleaved" or r["status"] != "ok"
-            or base.get("status") != "ok" or not base.get("tokens_per_second")
+            or base.get("status") != "ok" or not base.get(key) or not r.get(key)
             or base.get("run_id") != r.get("run_id")):
         return None
-    return r["tokens_per_second"] / base["tokens_per_second"]
+    return r[key] / base[key]
 
 
 def table(rows: List[dict]) -> str:
     """The markdown table of one scenario's runs, with ratios within each config."""
-    head = ("| config | engine | setting | rows | tokens/s | predicted | × offload | × accelerate | "
+    head = ("| config | engine | setting | rows | tokens/s | steady tokens/s | predicted | × offload | "
+            "× accelerate | "
             "× assisted | α | "
             "tokens/row/pass | target pass s | copy s | draft s/round | hidden | bound tokens/s | "
             "% of bound | peak GPU GiB | note |")
@@ -988,10 +991,13 @@ def table(rows: List[dict]) -> str:
             note = (note + "; " if note else "") + "budget raised to " + str(r.get("gpu_memory"))
         peak = r.get("peak_gpu_bytes")
         fraction = r.get("fraction_of_bound")
+        steady = group_ratio(r, peers, "steady_tokens_per_second")
+        steady = f" (steady {steady:.2f})" if steady else ""
         lines.append(
             f"| {r['config']} | {r['engine']} | {setting(r)} | {r.get('rows') or '–'} "
-            f"| {fmt(tps, '.1f')} | {fmt(r.get('predicted_tokens_per_second'), '.1f')} | "
-            f"{fmt(ratio('specoff-offload') or group_ratio(r, peers))} | "
+            f"| {fmt(tps, '.1f')} | {fmt(r.get('steady_tokens_per_second'), '.1f')} "
+            f"| {fmt(r.get('predicted_tokens_per_second'), '.1f')} | "
+            f"{fmt(ratio('specoff-offload') or group_ratio(r, peers))}{steady} | "
             f"{fmt(ratio('hf-accelerate'))} | {fmt(ratio('hf-assisted'))} | "
             f"{fmt(r.get('token_acceptance') if r.get('engine') != 'specoff-tree' else None, '.3f')} | "
             f"{fmt(r.get('tokens_per_pass'))} | "

@@ -290,8 +290,10 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     flat = torch.where(flat >= 0, flat, num_experts)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded_counts = (counts + block_m - 1) // block_m * block_m
-    padded_counts[num_experts] = 0
+    # The extra group gets no rows (a zero joined on, not an indexed store of a host
+    # scalar: that is a host→device copy, refused inside a CUDA graph capture).
+    padded_counts = torch.cat([(counts[:num_experts] + block_m - 1) // block_m * block_m,
+                               counts.new_zeros(1)])
     padded_end = torch.cumsum(padded_counts, 0)
     order = torch.argsort(flat, stable=True)  # pair indices grouped by expert
     sorted_experts = flat[order]

@@ -362,24 +362,31 @@ class ChainPipeline:
             timing.target_end.record()
         # One host sync per round (in _commit): finished rows and refills are decided on the
         # host, between target passes, never inside one.
-        self._commit(g, emitted, accepted, gamma)
+        full = all(r is not None for r in g.request)  # every row busy: steady state
+        returned = self._commit(g, emitted, accepted, gamma)
         # A round's wall time runs from the previous round's commit to this one's: in steady
         # state it holds this pass and whatever drafting ran beside or before it.
         now = time.perf_counter()
         timing.wall = now - (self._last_commit or wall0)
         self._last_commit = now
+        if full:
+            self.stats.steady_tokens += returned
+            self.stats.steady_seconds += timing.wall
         if not self.cuda:
             self.stats.target_seconds += timing.wall
             self.target_pass_s = timing.wall
         self.timings.append(timing)
 
-    def _commit(self, g: Group, emitted, accepted, gamma) -> None:
+    def _commit(self, g: Group, emitted, accepted, gamma) -> int:
+        """Append what each row accepted, free finished rows and refill them; returns the
+        tokens appended (what the requests will return)."""
         emitted, accepted = emitted.tolist(), accepted.tolist()  # the round's one sync
+        returned = 0
         for b in range(g.rows):
             if g.request[b] is None:
                 continue
             self.stats.count_verified(gamma, accepted[b])
-            self._append(g, b, emitted[b][:accepted[b] + 1])
+            returned += self._append(g, b, emitted[b][:accepted[b] + 1])
         g.refill.clear()
         g.prompts = None
         idle = [b for b in range(g.rows) if g.request[b] is None]
@@ -389,13 +396,16 @@ class ChainPipeline:
             g.draft_cache.lengths[rows] = 0
             self._release(g, idle)
         self._assign(g)
+        return returned
 
-    def _append(self, g: Group, b: int, tokens: List[int]) -> None:
+    def _append(self, g: Group, b: int, tokens: List[int]) -> int:
+        """The row's accepted tokens onto its request, up to its end; returns how many."""
         req = self.requests[g.request[b]]
-        for t in tokens:
+        for i, t in enumerate(tokens):
             if req.add(t, self.eos, self.params.max_new_tokens):
                 g.request[b] = None  # the slot is free for the next prompt
-                return
+                return i + 1
+        return len(tokens)
 
     # -- schedule --------------------------------------------------------------------------
 

@@ -1160,6 +1160,8 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             else:
                 tail = False  # no room to move the rows' segments: the batch goes on as is
         verified = [b for b in range(B) if serving[b] is not None and b not in refill]
+        full = all(r is not None for r in serving)  # every row busy: steady state
+        plain_tokens0, returned = stats.plain_tokens, 0
         n = tail_budget or tuner.next_budget()
         full_budget = full_budget if tail_budget else n
         _sync(device)  # one sync each side of the growth: it is timed per round
@@ -1236,12 +1238,17 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
             seen.extend([0] * (accepted_list[b] + 1 - len(seen)))
             seen[accepted_list[b]] += 1
             for tok in emitted[b][:accepted_list[b] + 1]:
+                returned += 1
                 if requests[serving[b]].add(tok, eos, params.max_new_tokens):
                     serving[b] = None
                     break
         for b, tok in zip(refill, first):
+            returned += 1
             if requests[serving[b]].add(tok, eos, params.max_new_tokens):
                 serving[b] = None
+        if full:
+            stats.steady_tokens += returned + stats.plain_tokens - plain_tokens0
+            stats.steady_seconds += t2 - t0
         refill.clear()
         place_free_rows()
     stats.tree_curve = tree_curve(rounds)

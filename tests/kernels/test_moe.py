@@ -173,7 +173,10 @@ def test_compile_inductor_matches_eager(dtype):
 
 
 @gpu
-def test_cuda_graph_replay():
+@pytest.mark.parametrize("align_max_pairs", [moe.FUSED_ALIGN_MAX_PAIRS, 0])
+def test_cuda_graph_replay(align_max_pairs, monkeypatch):
+    # 0: the pairs sort in plain torch (moe_align_torch, the path past FUSED_ALIGN_MAX_PAIRS)
+    monkeypatch.setattr(moe, "FUSED_ALIGN_MAX_PAIRS", align_max_pairs)
     dtype = torch.bfloat16
     tokens, hidden, inter, experts, top_k = 17, 256, 128, 8, 2
     x, w13, w2, _, _ = make_inputs(tokens, hidden, inter, experts, top_k, dtype, 21)
