@@ -83,10 +83,6 @@ class Group:
     draft_tokens: Optional[torch.Tensor] = None  # (B, γ)
     draft_probs: Optional[torch.Tensor] = None  # (B, γ, V) when sampling
     drafted: Optional[object] = None  # event: the draft tokens are ready
-    # event on the main stream: the group's last commit (its accept, and the length and
-    # segment changes of its finished and new rows) is done; its next draft round waits on
-    # this alone, not on the other group's pass queued after it
-    committed: Optional[object] = None
     # A draft cache in segments: each row's (first slot, slots), None while it idles in its
     # own idle segment, which starts at idle_first + b × the idle size.
     segment: List[Optional[tuple]] = field(default_factory=list)
@@ -256,10 +252,7 @@ class ChainPipeline:
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         with self._stream(self.draft_stream):
             if self.cuda:
-                if g.committed is not None:  # the group's last commit is done
-                    self.draft_stream.wait_event(g.committed)
-                else:
-                    self.draft_stream.wait_stream(main)
+                self.draft_stream.wait_stream(main)  # the last accept of this group is done
                 start = self._event()
                 start.record()
             t0 = time.perf_counter()
@@ -302,12 +295,10 @@ class ChainPipeline:
 
     # -- target ----------------------------------------------------------------------------
 
-    def target_round(self, g: Group, beside: Optional[Callable[[], None]] = None) -> None:
+    def target_round(self, g: Group) -> None:
         """One offloaded target pass for group g: verify its drafts, and prefill its new
         prompts with their drafts appended (verified the same way); then commit what each
-        row accepted. `beside` (the other group's draft round) is issued once the pass is
-        queued, before the commit's sync: the next pass is then queued right after the sync,
-        so the weight copies go on across the host's turn between passes."""
+        row accepted."""
         refill = list(g.refill)
         verify = any(g.request[b] is not None and b not in refill for b in range(g.rows))
         if g.draft_tokens is None:
@@ -317,6 +308,10 @@ class ChainPipeline:
         if self.cuda and g.drafted is not None:
             torch.cuda.current_stream(self.device).wait_event(g.drafted)
         timing = RoundTiming(self._event(), self._event())
+        if self._pending_draft is not None:
+            (timing.draft_start, timing.draft_steps, timing.draft_end,
+             timing.draft_step_count) = self._pending_draft
+            self._pending_draft = None
         wall0 = time.perf_counter()
         if self.cuda:
             timing.target_start.record()
@@ -365,22 +360,10 @@ class ChainPipeline:
         g.last.copy_(nxt)
         if self.cuda:
             timing.target_end.record()
-        beside_s = 0.0
-        if beside is not None:
-            t_beside = time.perf_counter()
-            beside()
-            beside_s = time.perf_counter() - t_beside
-        if self._pending_draft is not None:  # the draft round under this pass
-            (timing.draft_start, timing.draft_steps, timing.draft_end,
-             timing.draft_step_count) = self._pending_draft
-            self._pending_draft = None
         # One host sync per round (in _commit): finished rows and refills are decided on the
         # host, between target passes, never inside one.
         full = all(r is not None for r in g.request)  # every row busy: steady state
         returned = self._commit(g, emitted, accepted, gamma)
-        if self.cuda:
-            g.committed = torch.cuda.Event()
-            g.committed.record()
         # A round's wall time runs from the previous round's commit to this one's: in steady
         # state it holds this pass and whatever drafting ran beside or before it.
         now = time.perf_counter()
@@ -389,9 +372,9 @@ class ChainPipeline:
         if full:
             self.stats.steady_tokens += returned
             self.stats.steady_seconds += timing.wall
-        if not self.cuda:  # the host ran the draft round beside in turn: not the target's
-            self.stats.target_seconds += timing.wall - beside_s
-            self.target_pass_s = timing.wall - beside_s
+        if not self.cuda:
+            self.stats.target_seconds += timing.wall
+            self.target_pass_s = timing.wall
         self.timings.append(timing)
 
     def _commit(self, g: Group, emitted, accepted, gamma) -> int:
@@ -443,10 +426,10 @@ class ChainPipeline:
         while any(g.active for g in self.groups):
             g = self.groups[turn % len(self.groups)]
             other = self.groups[(turn + 1) % len(self.groups)]
-            if other is not g:  # on the draft stream, under g's target pass
-                self.target_round(g, beside=lambda: self.draft_round(other))
-            else:
-                self.target_round(g)
+            if other is not g:
+                self.draft_round(other)  # on the draft stream, under g's target pass
+            self.target_round(g)
+            if other is g:
                 self._adapt()
                 self.draft_round(g)  # serial: the draft waits for the target
             turn += 1
@@ -492,7 +475,6 @@ class ChainPipeline:
             dst.last[d] = g.last[b]
             dst.request[d] = g.request[b]
         self.groups = [dst]
-        dst.committed = None  # the moves above came after its commit: wait for all of main
         self._pending_draft = None
         self.stats.tail_merges += 1
         self.draft_round(dst)  # before its next pass, as every group's
