@@ -10,6 +10,7 @@ import specoff
 from conftest import same_distribution, without_tokenizers
 from specoff.spec.chain import (chain_passes, choose_draft_len, emitted_tokens, expected_tokens_per_pass,
                                 greedy_accept, sample_accept)
+from specoff.kvcache import SegmentKVCache
 from specoff.synthetic import make_tiny_checkpoint, make_tokenizer
 
 PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n",
@@ -66,6 +67,20 @@ def test_expected_tokens_and_draft_length():
     assert choose_draft_len(0.7, 1.0, 0.5, interleaved=False) <= 2
 
 
+def record_pipelines(monkeypatch) -> list:
+    """Every ChainPipeline built from here on, to look at its caches after a run."""
+    from specoff.spec import pipeline
+
+    made, init = [], pipeline.ChainPipeline.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(pipeline.ChainPipeline, "__init__", recording)
+    return made
+
+
 # -- end to end ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sigma, draft_len, interleave", [
@@ -93,16 +108,21 @@ def test_greedy_speculation_equals_target(sigma, draft_len, interleave, pairs):
     assert abs(s.predicted_passes - s.decode_passes) <= max(2, 0.2 * s.decode_passes)
 
 
-@pytest.mark.parametrize("interleave, slack, sampled", [(True, 1.15, False), (False, 0.3, False),
-                                                     (True, 0.3, True)])
-def test_chain_with_the_draft_cache_in_row_segments(interleave, slack, sampled, pairs, monkeypatch):
-    """The draft's cache as row segments of one pool shared by the groups (SegmentKVCache):
-    greedy output equals the target's own, with refills (waiting for room when the pool is
-    short: slack 0.3) and the two groups merged at the tail by handing the segments over;
-    sampled runs finish every prompt."""
+@pytest.mark.parametrize("interleave, slack, sampled, target_segments", [
+    (True, 1.15, False, "off"), (False, 0.3, False, "off"), (True, 0.3, True, "off"),
+    (True, 1.15, False, "on"), (True, 0.3, False, "on"), (False, 0.3, False, "on")])
+def test_chain_with_the_draft_cache_in_row_segments(interleave, slack, sampled, target_segments,
+                                                    pairs, monkeypatch):
+    """The draft's cache as row segments of one pool shared by the groups (SegmentKVCache),
+    and the target's in segments of a pool per group (SEGMENT_TARGET_CACHE): greedy output
+    equals the target's own, with refills (waiting for room when the pools are short: slack
+    0.3) and the two groups merged at the tail by handing the draft's segments over and
+    moving the target's into the merged group's pool; sampled runs finish every prompt."""
     from specoff.spec import pipeline
 
     monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", "on")
+    monkeypatch.setattr(pipeline, "SEGMENT_TARGET_CACHE", target_segments)
+    made = record_pipelines(monkeypatch)
     monkeypatch.setattr(pipeline, "SEGMENT_SLACK", slack)
     draft, target = pairs(0.3)
     prompts = PROMPTS + [[5] * 23, [7, 9], [11] * 17]
@@ -119,6 +139,8 @@ def test_chain_with_the_draft_cache_in_row_segments(interleave, slack, sampled, 
     s = llm.last_stats
     assert s.groups == (2 if interleave else 1) and s.tail_merges == (1 if interleave else 0)
     assert (s.segment_waits > 0) == (slack < 1)  # a short pool makes refills wait
+    caches = [g.target_cache for g in made[-1].groups]
+    assert all(isinstance(c, SegmentKVCache) == (target_segments == "on") for c in caches)
 
 
 def test_chain_plan_counts_the_segment_pool(pairs, monkeypatch):
@@ -244,20 +266,25 @@ def test_bad_speculation_arguments(kw, message, pairs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("interleave, segments", [(True, "off"), (False, "off"), (True, "on"),
-                                                  (False, "on")])
-def test_gpu_speculation_equals_target(interleave, segments, pairs, monkeypatch):
+@pytest.mark.parametrize("interleave, segments, kv", [
+    (True, "off", None), (False, "off", None), (True, "on", None), (False, "on", None),
+    (True, "on", "host"), (False, "on", "host")])
+def test_gpu_speculation_equals_target(interleave, segments, kv, pairs, monkeypatch):
     """On the GPU (draft steps replayed as CUDA graphs), with the draft's cache dense or in
-    row segments (the kernels' row offsets inside the graphs)."""
+    row segments (the kernels' row offsets inside the graphs); with the target's cache in
+    pinned host memory, in segments of a pool per group streamed each pass."""
     from specoff.spec import pipeline
 
     monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", segments)
+    made = record_pipelines(monkeypatch)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=24, ignore_eos=True)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
-                      max_rows=4, draft_len=3, interleave=interleave)
+                      max_rows=4, draft_len=3, interleave=interleave, kv_placement=kv)
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
+    if kv == "host":
+        assert all(isinstance(g.target_cache, SegmentKVCache) for g in made[-1].groups)
 
 
 def test_in_memory_upcycled_pair():

@@ -18,7 +18,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..kvcache import KVCache, SegmentAllocator, SegmentKVCache, cache_slots, segment_size
+from ..kvcache import (KVCache, SegmentAllocator, SegmentKVCache, cache_slots, check_segment_mode,
+                       segment_size)
 from ..models.decoder import PassPart, PrefillBatch, row_chunk
 from ..sampling import SamplingParams, logits_to_probs, sample_from
 from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accept, sample_accept
@@ -31,6 +32,12 @@ from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accep
 SEGMENT_DRAFT_CACHE = "auto"
 SEGMENT_SLACK = 1.15
 SEGMENT_LOOKAHEAD = 8  # a free row takes the first of this many waiting prompts that fits
+# The target's cache in row segments too, a pool per group (a pass streams its own group's
+# rows), where the draft's cache is in segments: "auto" where the plan keeps the target's
+# cache in pinned host memory (a pass then streams what its rows hold, not rows × the
+# longest need: at 123 rows of HumanEval prompts and 32 tokens, ~19k token slots a layer
+# against ~47k), or "on" / "off".
+SEGMENT_TARGET_CACHE = "auto"
 
 
 def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int) -> Tuple[int, bool]:
@@ -87,6 +94,10 @@ class Group:
     # own idle segment, which starts at idle_first + b × the idle size.
     segment: List[Optional[tuple]] = field(default_factory=list)
     idle_first: int = 0
+    # The target's cache in segments (SEGMENT_TARGET_CACHE): the group's own pool, its
+    # allocator, and each row's (first slot, slots) there (None: idling at b × the idle size)
+    target_slots: Optional[SegmentAllocator] = None
+    target_segment: List[Optional[tuple]] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -135,6 +146,12 @@ class ChainPipeline:
         self.idle = self.max_gamma + 3  # an idle row's segment: its γ+1 draft steps at 0..γ
         if self.segmented:
             self.free_slots = SegmentAllocator(rows_per_group * groups * self.idle, self.pool)
+        check_segment_mode("spec.pipeline.SEGMENT_TARGET_CACHE", SEGMENT_TARGET_CACHE)
+        self.target_segmented = self.segmented and (SEGMENT_TARGET_CACHE == "on" or (
+            SEGMENT_TARGET_CACHE == "auto" and not kv_on_gpu and self.cuda))
+        self.target_pool = cache_slots(
+            rows_per_group, [len(r.prompt) for r in requests], params.max_new_tokens,
+            MAX_DRAFT_LEN, "on", SEGMENT_SLACK)[0] if self.target_segmented else None
         self._pools = None  # the draft caches' shared pools
         self.groups = [self._new_group(rows_per_group, i) for i in range(groups)]
         self.timings: List[RoundTiming] = []
@@ -147,8 +164,15 @@ class ChainPipeline:
         tcfg, dcfg = self.llm.config, self.llm.draft_config
         dtype, device = self.llm.dtype, self.device
         where = device if self.kv_on_gpu else torch.device("cpu")
-        tcache = KVCache(tcfg.n_layers, rows, self.max_len, tcfg.n_kv_heads, tcfg.head_dim, dtype,
-                         where, pin_memory=where.type != device.type, lengths_device=device)
+        if self.target_segmented:
+            tcache = SegmentKVCache(tcfg.n_layers, rows, self.target_pool, self.max_len + 1,
+                                    tcfg.n_kv_heads, tcfg.head_dim, dtype, where,
+                                    pin_memory=where.type != device.type, lengths_device=device)
+            tcache.assign(range(rows), [b * self.idle for b in range(rows)], [self.idle] * rows)
+        else:
+            tcache = KVCache(tcfg.n_layers, rows, self.max_len, tcfg.n_kv_heads, tcfg.head_dim,
+                             dtype, where, pin_memory=where.type != device.type,
+                             lengths_device=device)
         if not self.segmented:
             dcache = KVCache(dcfg.n_layers, rows, self.max_len, dcfg.n_kv_heads, dcfg.head_dim,
                              dtype, device)
@@ -159,6 +183,9 @@ class ChainPipeline:
         self._pools = (dcache.k_pool, dcache.v_pool)
         g = Group(rows, tcache, dcache, torch.zeros(rows, dtype=torch.long, device=device),
                   [None] * rows, segment=[None] * rows, idle_first=index * rows * self.idle)
+        if self.target_segmented:
+            g.target_slots = SegmentAllocator(rows * self.idle, self.target_pool)
+            g.target_segment = [None] * rows
         dcache.assign(range(rows), [g.idle_first + b * self.idle for b in range(rows)],
                       [self.idle] * rows)
         return g
@@ -181,6 +208,13 @@ class ChainPipeline:
                     self.stats.segment_waits += 1
                     continue
                 j, start, n = found
+                if self.target_segmented:
+                    first = g.target_slots.alloc(n)
+                    if first is None:  # the group's target pool is full for now: wait
+                        self.free_slots.release(start, n)
+                        self.stats.segment_waits += 1
+                        continue
+                    g.target_segment[b] = (first, n)
                 g.segment[b] = (start, n)
                 placed.append(b)
             g.request[b] = self.waiting.pop(-1 - j)
@@ -188,6 +222,9 @@ class ChainPipeline:
         if placed:
             g.draft_cache.assign(placed, [g.segment[b][0] for b in placed],
                                  [g.segment[b][1] for b in placed])
+            if self.target_segmented:
+                g.target_cache.assign(placed, [g.target_segment[b][0] for b in placed],
+                                      [g.target_segment[b][1] for b in placed])
 
     def _release(self, g: Group, rows: List[int]) -> None:
         """Finished rows give their draft segments back and idle in their own (the round
@@ -199,6 +236,12 @@ class ChainPipeline:
         if done:
             g.draft_cache.assign(done, [g.idle_first + b * self.idle for b in done],
                                  [self.idle] * len(done))
+        done = [b for b in rows if g.target_segment and g.target_segment[b] is not None]
+        for b in done:
+            g.target_slots.release(*g.target_segment[b])
+            g.target_segment[b] = None
+        if done:
+            g.target_cache.assign(done, [b * self.idle for b in done], [self.idle] * len(done))
 
     def _stream(self, stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
@@ -450,6 +493,16 @@ class ChainPipeline:
         dst = max(self.groups, key=lambda g: sum(r is not None for r in g.request))
         if len(live) > dst.rows:
             return
+        moved = {}  # the target's cache in segments: each moving row's new segment in dst's pool
+        if self.target_segmented:
+            for g, b in live:
+                if g is not dst:
+                    first = dst.target_slots.alloc(g.target_segment[b][1])
+                    if first is None:  # no room in dst's pool: the groups go on as they are
+                        for a, n in moved.values():
+                            dst.target_slots.release(a, n)
+                        return
+                    moved[g, b] = (first, g.target_segment[b][1])
         if self.cuda:  # the host copies below touch caches (maybe in host memory) in flight
             torch.cuda.synchronize(self.device)
         for g in self.groups:
@@ -462,6 +515,15 @@ class ChainPipeline:
                 continue
             d = free.pop(0)
             caches = [(g.target_cache, dst.target_cache)]
+            if self.target_segmented:  # its K/V into its new segment in dst's pool
+                (a, n), (first, _) = g.target_segment[b], moved[g, b]
+                src, out = g.target_cache, dst.target_cache
+                out.k_pool[:, :, first:first + n] = src.k_pool[:, :, a:a + n]
+                out.v_pool[:, :, first:first + n] = src.v_pool[:, :, a:a + n]
+                dst.target_segment[d] = moved[g, b]
+                out.assign([d], [first], [n])
+                out.lengths[d] = src.lengths[b]
+                caches = []
             if self.segmented:  # one pool: the row's segment changes hands, not its K/V
                 dst.segment[d] = g.segment[b]
                 dst.draft_cache.assign([d], [g.segment[b][0]], [g.segment[b][1]])
