@@ -124,6 +124,7 @@ def test_chain_with_the_draft_cache_in_row_segments(interleave, slack, sampled, 
     monkeypatch.setattr(pipeline, "SEGMENT_TARGET_CACHE", target_segments)
     made = record_pipelines(monkeypatch)
     monkeypatch.setattr(pipeline, "SEGMENT_SLACK", slack)
+    monkeypatch.setattr(pipeline, "SEGMENT_TARGET_SLACK", slack)
     draft, target = pairs(0.3)
     prompts = PROMPTS + [[5] * 23, [7, 9], [11] * 17]
     llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=4, draft_len=3,
@@ -276,6 +277,7 @@ def test_gpu_speculation_equals_target(interleave, segments, kv, pairs, monkeypa
     from specoff.spec import pipeline
 
     monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", segments)
+    monkeypatch.setattr(pipeline, "SEGMENT_TARGET_CACHE", "auto")  # on where kv is "host"
     made = record_pipelines(monkeypatch)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=24, ignore_eos=True)

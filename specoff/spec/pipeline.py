@@ -32,12 +32,18 @@ from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accep
 SEGMENT_DRAFT_CACHE = "auto"
 SEGMENT_SLACK = 1.15
 SEGMENT_LOOKAHEAD = 8  # a free row takes the first of this many waiting prompts that fits
-# The target's cache in row segments too, a pool per group (a pass streams its own group's
-# rows), where the draft's cache is in segments: "auto" where the plan keeps the target's
-# cache in pinned host memory (a pass then streams what its rows hold, not rows × the
-# longest need: at 123 rows of HumanEval prompts and 32 tokens, ~19k token slots a layer
-# against ~47k), or "on" / "off".
-SEGMENT_TARGET_CACHE = "auto"
+# The target's cache in row segments too, a pool per group of SEGMENT_TARGET_SLACK × the
+# rows' mean need (a pass streams its own group's rows), where the draft's cache is in
+# segments: "auto" where the plan keeps the target's cache in pinned host memory (a pass
+# then streams what its rows hold, not rows × the longest need: at 123 rows of HumanEval
+# prompts and 32 tokens, ~24k token slots a layer against ~47k), or "on" / "off".
+# Measured (H200, 24 GiB, 492 HumanEval prompts × 32 tokens, 2 × 123 rows, session 16,
+# runs 184540Z / 185522Z on one commit each): the target's pass 1.844 → 1.818 s, but at
+# slack 1.15 a group's pool made refills wait 7 times: 57 passes against 55, 144.9 against
+# 149.9 tokens/s. Off until a larger slack is measured (host memory is cheap; the pool's
+# stream grows with it).
+SEGMENT_TARGET_CACHE = "off"
+SEGMENT_TARGET_SLACK = 1.15
 
 
 def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int) -> Tuple[int, bool]:
@@ -151,7 +157,7 @@ class ChainPipeline:
             SEGMENT_TARGET_CACHE == "auto" and not kv_on_gpu and self.cuda))
         self.target_pool = cache_slots(
             rows_per_group, [len(r.prompt) for r in requests], params.max_new_tokens,
-            MAX_DRAFT_LEN, "on", SEGMENT_SLACK)[0] if self.target_segmented else None
+            MAX_DRAFT_LEN, "on", SEGMENT_TARGET_SLACK)[0] if self.target_segmented else None
         self._pools = None  # the draft caches' shared pools
         self.groups = [self._new_group(rows_per_group, i) for i in range(groups)]
         self.timings: List[RoundTiming] = []
