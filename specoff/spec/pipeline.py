@@ -38,7 +38,7 @@ SEGMENT_LOOKAHEAD = 8  # a free row takes the first of this many waiting prompts
 # then streams what its rows hold, not rows × the longest need: at 123 rows of HumanEval
 # prompts and 32 tokens, ~24k token slots a layer against ~47k), or "on" / "off".
 # Measured (H200, 24 GiB, 492 HumanEval prompts × 32 tokens, 2 × 123 rows, session 16,
-# runs 184540Z / 185522Z on one commit each): the target's pass 1.844 → 1.818 s, but at
+# runs 183826Z / 185522Z): the target's pass 1.844 → 1.818 s, but at
 # slack 1.15 a group's pool made refills wait 7 times: 57 passes against 55, 144.9 against
 # 149.9 tokens/s. Off until a larger slack is measured (host memory is cheap; the pool's
 # stream grows with it).
@@ -197,9 +197,9 @@ class ChainPipeline:
         return g
 
     def _assign(self, g: Group) -> None:
-        """Give free rows the next waiting prompts (with the draft's cache in segments, the
-        first of a few whose segment fits; a row waits while none does); they are prefilled
-        in the next pass."""
+        """Give free rows the next waiting prompts (with the caches in segments, the first
+        of a few whose segments fit; a row waits while none does); they are prefilled in the
+        next pass."""
         placed = []
         for b in range(g.rows):
             if g.request[b] is not None or not self.waiting:
@@ -207,19 +207,14 @@ class ChainPipeline:
             j = 0  # from the end: the queue's next prompt is last
             if self.segmented:
                 window = self.waiting[:-SEGMENT_LOOKAHEAD - 1:-1]
-                found = self.free_slots.take_first([segment_size(
+                found = self._take_segments(g, [segment_size(
                     len(self.requests[i].prompt), self.params.max_new_tokens, self.max_gamma)
                     for i in window])
                 if found is None:
                     self.stats.segment_waits += 1
                     continue
-                j, start, n = found
+                j, start, first, n = found
                 if self.target_segmented:
-                    first = g.target_slots.alloc(n)
-                    if first is None:  # the group's target pool is full for now: wait
-                        self.free_slots.release(start, n)
-                        self.stats.segment_waits += 1
-                        continue
                     g.target_segment[b] = (first, n)
                 g.segment[b] = (start, n)
                 placed.append(b)
@@ -231,6 +226,21 @@ class ChainPipeline:
             if self.target_segmented:
                 g.target_cache.assign(placed, [g.target_segment[b][0] for b in placed],
                                       [g.target_segment[b][1] for b in placed])
+
+    def _take_segments(self, g: Group, needs: List[int]):
+        """(i, draft slot, target slot or None, slots) for the first of `needs` that fits
+        the shared draft pool (and g's target pool, where the target's cache is in
+        segments), both allocated; None when none does."""
+        for i, n in enumerate(needs):
+            start = self.free_slots.alloc(n)
+            if start is None:
+                continue
+            first = g.target_slots.alloc(n) if self.target_segmented else None
+            if self.target_segmented and first is None:
+                self.free_slots.release(start, n)
+                continue
+            return i, start, first, n
+        return None
 
     def _release(self, g: Group, rows: List[int]) -> None:
         """Finished rows give their draft segments back and idle in their own (the round
