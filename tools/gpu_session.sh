@@ -35,6 +35,8 @@
 #   issue4-full  the SpecOffload issue's modes at equal rows a pass with the groups kept full:
 #                offload-only at one group's rows against chain interleaved, HumanEval x2
 #                (PROMPTS, default 328, refilled), NEW (32) tokens
+#   profile-chain tools/profile_pass.py over issue 4's (c): chain interleaved, γ GAMMA (4),
+#                ROWS rows in all (246), PROMPTS HumanEval prompts (328), NEW tokens (16)
 #   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, ROWS rows
 #                (164), PROMPTS prompts (200), NEW tokens (8)): where the round's time goes,
 #                per CUDA stream
@@ -195,8 +197,13 @@ for step in "$@"; do
                 --rows "${ROWS:-164}" --prompts "${PROMPTS:-200}" --humaneval --new-tokens "${NEW:-8}" \
                 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
+        profile-chain)  # issue 4's (c): where a chain interleaved round's time goes, per stream
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave on \
+                --draft-len "${GAMMA:-4}" --rows "${ROWS:-246}" --prompts "${PROMPTS:-328}" --humaneval \
+                --new-tokens "${NEW:-16}" --json "$OUT/profile-chain.json" \
+                2>&1 | grep -v USDT | tee -a "$OUT/profile-chain.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft)" >&2
             exit 2 ;;
     esac
 done
