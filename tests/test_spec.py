@@ -285,6 +285,8 @@ def test_gpu_speculation_equals_target(interleave, segments, kv, pairs, monkeypa
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
                       max_rows=4, draft_len=3, interleave=interleave, kv_placement=kv)
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
+    hidden = llm.last_stats.draft_hidden_fraction  # device-time overlap with the target's passes
+    assert (0.0 <= hidden <= 1.0) if interleave else hidden == 0.0
     if kv == "host":
         assert all(isinstance(g.target_cache, SegmentKVCache) for g in made[-1].groups)
 

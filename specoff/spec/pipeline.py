@@ -578,6 +578,10 @@ class ChainPipeline:
                 self.draft_step_s = steps / t.draft_step_count
                 self.stats.round_seconds += t.wall
                 self.stats.rounds += 1
-                # What the round saved over running target and draft one after the other.
-                self.stats.draft_hidden_seconds += min(max(target + draft - t.wall, 0.0), draft)
+                # The draft's time on the device that overlapped the target's pass (events on
+                # two streams, one clock). Not target + draft - the round's wall time: that
+                # charges the host's turn between passes to the draft.
+                begin = t.target_start.elapsed_time(t.draft_start) / 1e3
+                end = t.target_start.elapsed_time(t.draft_end) / 1e3
+                self.stats.draft_hidden_seconds += max(min(end, target) - max(begin, 0.0), 0.0)
         self.timings = [t for t in self.timings if t not in done]
