@@ -35,6 +35,7 @@
 #   issue4-full  the SpecOffload issue's modes at equal rows a pass with the groups kept full:
 #                offload-only at one group's rows against chain interleaved, HumanEval x2
 #                (PROMPTS, default 328, refilled), NEW (32) tokens
+#   issue4-auto  issue4-full with γ adaptive (--draft-len 0), PROMPTS default 492
 #   profile-chain tools/profile_pass.py over issue 4's (c): chain interleaved, γ GAMMA (4),
 #                ROWS rows in all (246), PROMPTS HumanEval prompts (328), NEW tokens (16)
 #   profile-tree tools/profile_pass.py over a tree throughput run (TREE nodes, ROWS rows
@@ -147,6 +148,10 @@ for step in "$@"; do
             bench "$step" --scenario throughput --new-tokens "${NEW:-32}" --rows 256 \
                 --prompts "${PROMPTS:-328}" --configs humaneval \
                 --engines "${ENGINES:-specoff-chain-interleaved,specoff-offload-group}" ;;
+        issue4-auto)  # the same with γ adaptive (the default; planner v2's choice between rounds)
+            bench "$step" --scenario throughput --new-tokens "${NEW:-32}" --rows 256 \
+                --prompts "${PROMPTS:-492}" --configs humaneval --draft-len 0 \
+                --engines "${ENGINES:-specoff-chain-interleaved,specoff-offload-group}" ;;
         kernels)
             timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
         growth)  # tree throughput runs timed at each cap on a growth pass's nodes (ABAB)
@@ -203,7 +208,7 @@ for step in "$@"; do
                 --new-tokens "${NEW:-16}" --json "$OUT/profile-chain.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-chain.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft)" >&2
             exit 2 ;;
     esac
 done
