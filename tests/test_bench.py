@@ -178,6 +178,8 @@ def test_offload_group_takes_the_interleaved_runs_group(tmp_path):
                 if "specoff-chain-interleaved" in x)
     ratio = inter["tokens_per_second"] / group["tokens_per_second"]
     steady = inter["steady_tokens_per_second"] / group["steady_tokens_per_second"]
+    assert inter["steady_fraction_of_bound"] == pytest.approx(
+        inter["steady_tokens_per_second"] / inter["bound_tokens_per_second"])
     assert f"| {ratio:.2f} (steady {steady:.2f}) |" in line
 
 

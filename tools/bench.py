@@ -550,6 +550,9 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
         copy_seconds_per_pass=stream / (bench.copy_gbps * 1e9) if stream else None,
         bound_tokens_per_second=limit,
         fraction_of_bound=d["tokens_per_second"] / limit if limit else None,
+        # the bound is a steady state's (rows × tokens a pass each pass): against it too
+        steady_fraction_of_bound=(d["steady_tokens_per_second"] / limit
+                                  if limit and d["steady_tokens_per_second"] else None),
         bound_is_limit=bench.cuda, layers_measured=llm.config.n_layers,
         prompt_tokens_mean=sum(map(len, prompts)) / len(prompts),
         prompt_tokens_max=max(map(len, prompts)), warmup_seconds=warmup,
@@ -993,6 +996,10 @@ def table(rows: List[dict]) -> str:
         fraction = r.get("fraction_of_bound")
         steady = group_ratio(r, peers, "steady_tokens_per_second")
         steady = f" (steady {steady:.2f})" if steady else ""
+        steady_bound = r.get("steady_fraction_of_bound")
+        steady_bound = (f" (steady {100 * steady_bound:.0f})"
+                        if steady_bound is not None and fraction is not None
+                        and abs(steady_bound - fraction) >= 0.005 else "")
         lines.append(
             f"| {r['config']} | {r['engine']} | {setting(r)} | {r.get('rows') or '–'} "
             f"| {fmt(tps, '.1f')} | {fmt(r.get('steady_tokens_per_second'), '.1f')} "
@@ -1004,7 +1011,7 @@ def table(rows: List[dict]) -> str:
             f"{fmt(r.get('target_pass_seconds'), '.3f')} | {fmt(r.get('copy_seconds_per_pass'), '.3f')} | "
             f"{fmt(r.get('draft_seconds_per_round'), '.3f')} | {fmt(r.get('draft_hidden_fraction'))} | "
             f"{fmt(r.get('bound_tokens_per_second'), '.1f')} | "
-            f"{fmt(100 * fraction if fraction is not None else None, '.0f')} | "
+            f"{fmt(100 * fraction if fraction is not None else None, '.0f')}{steady_bound} | "
             f"{fmt(peak / GiB if peak else None)} | {r['status'] if r['status'] != 'ok' else ''}"
             f"{': ' if r['status'] != 'ok' and note else ''}{note} |")
     return "\n".join(lines)
