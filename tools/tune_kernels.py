@@ -210,8 +210,9 @@ def tune_attention():
 
     cases = [(1, 256, 4096, True), (8, 64, 2048, True), (1, 1024, 4096, True), (64, 5, 4096, False)]
     tile = lambda bq, bn, nw, ns: dict(BLOCK_Q=bq, BLOCK_N=bn, num_warps=nw, num_stages=ns)  # noqa: E731
-    tree_variants = [tile(128, 64, 8, 3), tile(128, 64, 8, 2), tile(128, 32, 8, 3), tile(128, 128, 8, 2),
-                     tile(64, 64, 4, 2)]
+    tree_variants = [tile(128, 64, 8, 3), tile(128, 64, 8, 2), tile(128, 64, 8, 4), tile(128, 32, 8, 3),
+                     tile(128, 128, 8, 2), tile(64, 64, 4, 2), tile(64, 64, 4, 3), tile(64, 128, 4, 2),
+                     tile(64, 64, 8, 3)]
     chain_variants = [tile(32, 64, 4, 2), tile(32, 64, 4, 3), tile(64, 64, 4, 2), tile(64, 64, 8, 2)]
     print("| shape | case | default config | default ms | best variant | best ms | next best |")
     print("| --- | --- | --- | ---: | --- | ---: | --- |", flush=True)
@@ -225,7 +226,7 @@ def tune_attention():
                                                                  hd**-0.5, S, out))
             results = []
             for variant in tree_variants if tree else chain_variants:
-                for splits in sorted({1, 2, 4, default["num_splits"]}):
+                for splits in sorted({1, 2, 3, 4, 6, 8, default["num_splits"]}):
                     cfg = dict(variant, num_splits=splits)
                     ms = graph_ms(lambda: _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask,
                                                                  hd**-0.5, S, out, config=cfg))

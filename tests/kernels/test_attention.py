@@ -137,14 +137,28 @@ def test_tree_of_more_cached_nodes_in_any_order():
 @pytest.mark.parametrize("B,KV,T,G,keys,splits", [(1, 8, 256, 4, 4352, 2), (1, 4, 256, 8, 4352, 2),
                                                    (8, 8, 64, 4, 2112, 1), (1, 8, 1024, 4, 5120, 1)])
 def test_launch_config_fills_whole_waves(monkeypatch, B, KV, T, G, keys, splits):
-    """Tree-sized blocks (compute-bound) on a 132-SM GPU: splits make about one whole wave."""
+    """Tree-sized blocks (compute-bound) on a 132-SM GPU, two programs an SM: splits make
+    about one whole wave (the splits tools/tune_kernels.py --attention found fastest)."""
     from specoff.kernels import attention
 
     monkeypatch.setattr(attention, "_num_sms", lambda device: 132)
     cfg = launch_config(B, KV, T, G, 128, keys, torch.device("cpu"))
-    assert cfg["BLOCK_Q"] == 128 and cfg["num_warps"] == 8
+    assert cfg["BLOCK_Q"] == 64 and cfg["num_warps"] == 4 and cfg["num_stages"] == 3
     assert cfg["num_splits"] == splits
     assert cfg["keys_per_split"] % cfg["BLOCK_N"] == 0 and cfg["keys_per_split"] * splits >= keys
+
+
+def test_launch_config_stages_fit_shared_memory(monkeypatch):
+    """Three K/V stages where the device's shared memory holds them, else two (GPUs with ~100 KB)."""
+    from specoff.kernels import attention, moe
+
+    monkeypatch.setattr(attention, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(moe, "max_shared_memory", lambda device: 227 * 1024)
+    assert launch_config(1, 8, 256, 4, 128, 4352, torch.device("cpu"))["num_stages"] == 3
+    assert launch_config(64, 8, 5, 4, 128, 4352, torch.device("cpu"))["num_stages"] == 3  # 32-row blocks
+    assert launch_config(64, 4, 5, 8, 128, 4352, torch.device("cpu"))["num_stages"] == 2  # 64-row blocks
+    monkeypatch.setattr(moe, "max_shared_memory", lambda device: 99 * 1024)
+    assert launch_config(1, 8, 256, 4, 128, 4352, torch.device("cpu"))["num_stages"] == 2
 
 
 def test_kv_len_bound_smaller_than_cache():
