@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .config import ModelConfig
-from .kvcache import KVCache, SegmentKVCache, check_segment_mode
+from .kvcache import KVCache, SegmentKVCache, available_host_bytes, check_segment_mode
 from .models.decoder import row_chunk
 from .offload import build_offloaded
 from .quant import check_weight_quant, quantize_linears
@@ -456,7 +456,8 @@ class LLM:
                         draft_tokens=draft_tokens, draft_idle=not spec,
                         host_kv_tokens=host_tokens,
                         prompt_tokens=(lambda r: sum(prompts[:r])) if prompts else None,
-                        plain_rows=plain)
+                        plain_rows=plain,
+                        host_budget=available_host_bytes() if self.device.type == "cuda" else None)
 
     def choose_speculation(self, rows: int, longest: int, max_new_tokens: int,
                            prompts: Optional[Sequence[int]] = None) -> Tuple[bool, Optional[str]]:

@@ -9,6 +9,7 @@ free: the row simply does not advance over them, and the next write overwrites t
 from __future__ import annotations
 
 import gc
+import os
 import math
 import weakref
 from typing import Optional, Sequence, Tuple
@@ -86,6 +87,33 @@ def host_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     if HOST_POOL and torch.cuda.is_available():
         return HOST_BLOCKS.zeros(shape, dtype)
     return torch.zeros(shape, dtype=dtype, pin_memory=True)
+
+
+# Host memory a plan leaves to the process beside the caches: prompts, logits copied back,
+# the allocator's and the libraries' own (kvcache.available_host_bytes).
+HOST_MARGIN = 4 << 30
+
+
+def available_host_bytes() -> Optional[int]:
+    """Bytes a new cache in host memory may take: the system's available memory (Linux
+    /proc/meminfo MemAvailable, else physical pages free), plus the free page-locked blocks
+    HOST_BLOCKS holds for reuse, less HOST_MARGIN. None where the system does not say."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    reusable = sum(b[0].numel() for b in HOST_BLOCKS._blocks if not b[1])
+    return free + reusable - HOST_MARGIN
 
 
 def release_host_memory() -> None:

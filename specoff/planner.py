@@ -203,6 +203,7 @@ class Plan:
     stream_bytes_per_pass: int = 0
     predicted_pass_seconds: Optional[float] = None
     predicted_prefill_seconds: Optional[float] = None
+    host_cache_bytes: int = 0  # the target's cache in pinned host memory (kv_on_gpu False)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -340,7 +341,7 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
              draft_idle: bool = False,
              host_kv_tokens: Optional[Callable[[int], int]] = None,
              prompt_tokens: Optional[Callable[[int], int]] = None,
-             plain_rows: int = 0) -> Plan:
+             plain_rows: int = 0, host_budget: Optional[int] = None) -> Plan:
     """Rows per pass, KV placement and predicted times for a workload, within the budget
     left by the weights. `kv_placement` "gpu" or "host" forces the cache's place; by
     default it is on the GPU when it fits, else (for an offloaded target) in host memory.
@@ -354,7 +355,9 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     `prompt_tokens(r)`: the first r rows' prompt tokens, for the prefill's memory and time
     (prompts are packed, not padded to `prefill_tokens`; default r × `prefill_tokens`).
     `plain_rows`: up to this many of the `rows` beyond the pass's rows ride each pass a token
-    at a time, the target's cache theirs too (tree mode's spec.tree.PLAIN_ROWS)."""
+    at a time, the target's cache theirs too (tree mode's spec.tree.PLAIN_ROWS).
+    `host_budget`: the host memory a cache there may take (kvcache.available_host_bytes);
+    rows beyond it are dropped, and where not even one row's fits, BudgetError says so."""
     if kv_placement not in (None, "gpu", "host"):
         raise ValueError(f"kv_placement must be 'gpu', 'host' or None, not {kv_placement!r}")
     sizes = ModelSizes.of(cfg, dtype)
@@ -364,6 +367,14 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     used = sum(weights.gpu_bytes.values()) + draft_weights + CONTEXT_MARGIN
     rows_per_pass = max(1, min(rows, max_rows))
     chunk = max(1, min(prefill_chunk, prefill_tokens or prefill_chunk))
+
+    def streamed_tokens(r):  # the token slots of r rows' cache in host memory
+        p = min(plain_rows, max(rows - r, 0))
+        streamed = host_kv_tokens(r) if host_kv_tokens else r * context
+        if p:  # the plain rows' cache in row segments: each its prompt and new tokens
+            streamed += (prompt_tokens(r + p) - prompt_tokens(r)
+                         + p * (context - prefill_tokens) if prompt_tokens else p * context)
+        return streamed
 
     def need(r, kv_gpu, c):
         p = min(plain_rows, max(rows - r, 0))  # plain rows: a token each, their own cache
@@ -381,11 +392,7 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         # one-layer scratch of their K/V (decoder.PrefillStage, PackedStage).
         hidden += prompt * sizes.kv_per_token // cfg.n_layers
         if not kv_gpu:  # a layer of it streams in for attention (two in flight)
-            streamed = host_kv_tokens(r) if host_kv_tokens else r * context
-            if p:  # the plain rows' cache in row segments: each its prompt and new tokens
-                streamed += (prompt_tokens(r + p) - prompt_tokens(r)
-                             + p * (context - prefill_tokens) if prompt_tokens else p * context)
-            hidden += 2 * streamed * sizes.kv_per_token // cfg.n_layers
+            hidden += 2 * streamed_tokens(r) * sizes.kv_per_token // cfg.n_layers
         if draft_sizes is not None and not draft_idle:  # the draft's cache and steps live on the GPU
             kv += (draft_tokens(r) if draft_tokens else r * context) * draft_sizes.kv_per_token
             act += activation_bytes(draft, r * max(tokens_per_row, c), r, dtype)
@@ -415,8 +422,31 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
                 f"gpu_memory={budget / GiB:.2f} GiB leaves {(budget - used) / GiB:.2f} GiB after "
                 f"the weights, too little for even one row of {context} tokens "
                 f"({(kv + act) / GiB:.2f} GiB); raise gpu_memory or shorten the context")
+    host_bytes = 0
+    if not kv_gpu:
+        # The cache in pinned host memory must fit what the host has free (the weights' store
+        # is already there): past it the process is killed, not refused. Fewer rows take
+        # less of both memories, so the GPU fit above still holds.
+        host_bytes = streamed_tokens(rows_per_pass) * sizes.kv_per_token
+        if host_budget is not None and host_bytes > host_budget:
+            lo, hi = 0, rows_per_pass
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if streamed_tokens(mid) * sizes.kv_per_token <= host_budget else (lo, mid)
+            if lo == 0:
+                one = streamed_tokens(1) * sizes.kv_per_token
+                raise BudgetError(
+                    f"host memory: {max(host_budget, 0) / GiB:.2f} GiB is free beside the weights' "
+                    f"store, too little for even one row's cache of {context} tokens in pinned "
+                    f"host memory ({one / GiB:.2f} GiB; the GPU budget leaves no room for it "
+                    f"there); free host memory, shorten the prompts or max_new_tokens, or raise "
+                    f"gpu_memory")
+            rows_per_pass = lo
+            kv, act = need(rows_per_pass, kv_gpu, chunk)
+            host_bytes = streamed_tokens(rows_per_pass) * sizes.kv_per_token
     plan = Plan(**{**weights.to_dict(), "kv_on_gpu": kv_gpu, "rows_per_pass": rows_per_pass,
-                   "prefill_chunk": chunk, "tokens_per_row": tokens_per_row})
+                   "prefill_chunk": chunk, "tokens_per_row": tokens_per_row,
+                   "host_cache_bytes": host_bytes})
     plan.gpu_bytes = dict(weights.gpu_bytes, kv_cache=kv, activations=act)
     if draft_weights:
         plan.gpu_bytes["draft_weights"] = draft_weights

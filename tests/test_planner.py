@@ -105,6 +105,44 @@ def test_host_kv_when_the_cache_does_not_fit():
     assert not forced.kv_on_gpu
 
 
+def test_a_host_cache_takes_only_the_host_memory_that_is_free():
+    """Long prompts at 24 GiB on a 128 GiB host beside Mixtral's 93 GB store: 164 rows of
+    2080 tokens would pin 44.7 GB (the H200 host's kernel killed such a run), so the plan
+    keeps the rows whose cache fits; when not even one row's does, the error says so."""
+    cfg = ModelConfig.from_dict(MIXTRAL_8X7B)
+    weights = planner.plan_weights(cfg, torch.bfloat16, 24 * GiB, offload=True, reserve=2 * GiB)
+    kv = planner.ModelSizes.of(cfg, torch.bfloat16).kv_per_token
+    common = dict(rows=164, context=2080, max_rows=256, prefill_tokens=2048, profile=PROFILE,
+                  kv_placement="host")
+    free = planner.plan_run(weights, cfg, torch.bfloat16, **common)
+    assert free.rows_per_pass == 164 and free.host_cache_bytes == 164 * 2080 * kv
+    tight = planner.plan_run(weights, cfg, torch.bfloat16, **common, host_budget=30 * GiB)
+    assert tight.rows_per_pass == 30 * GiB // (2080 * kv) and tight.host_cache_bytes <= 30 * GiB
+    assert tight.predicted_pass_seconds < free.predicted_pass_seconds  # less cache streamed
+    segmented = planner.plan_run(weights, cfg, torch.bfloat16, **common, host_budget=30 * GiB,
+                                 host_kv_tokens=lambda r: r * 1000)
+    assert segmented.rows_per_pass == 164  # its pool holds rows' own tokens: they all fit
+    on_gpu = planner.plan_run(weights, cfg, torch.bfloat16, **dict(common, kv_placement=None,
+                              rows=2, context=256), host_budget=0)
+    assert on_gpu.kv_on_gpu and on_gpu.host_cache_bytes == 0  # the host limit is not asked
+    with pytest.raises(BudgetError, match="host memory.*one row's cache of 2080 tokens"):
+        planner.plan_run(weights, cfg, torch.bfloat16, **common, host_budget=100 << 20)
+
+
+def test_available_host_bytes_counts_reusable_pinned_blocks(monkeypatch):
+    from specoff import kvcache
+
+    base = kvcache.available_host_bytes()
+    assert base is None or base > -kvcache.HOST_MARGIN
+    if base is None:
+        return
+    block = [torch.zeros(1 << 20, dtype=torch.uint8), False, torch.uint8]
+    monkeypatch.setattr(kvcache.HOST_BLOCKS, "_blocks", [block])
+    assert kvcache.available_host_bytes() == pytest.approx(base + (1 << 20), abs=64 << 20)
+    block[1] = True  # leased: a cache holds it
+    assert kvcache.available_host_bytes() == pytest.approx(base, abs=64 << 20)
+
+
 def test_host_segments_and_packed_prompts_in_the_prediction():
     """A plain batch of prompts of many lengths: its host cache in row segments streams each
     row's own need (not rows × the longest) and its prefill runs the prompts packed; the

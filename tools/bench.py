@@ -76,6 +76,7 @@ import specoff  # noqa: E402
 from specoff import baselines  # noqa: E402
 from specoff.kernels import compiled_kernels  # noqa: E402
 from specoff.offload import copy_gbps, peak_host_bytes, refill  # noqa: E402
+from specoff.kvcache import available_host_bytes  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
 from specoff.spec.chain import MAX_DRAFT_LEN, chain_passes  # noqa: E402
 from specoff.synthetic import (PAIRS, TINY_PAIRS, draft_trajectories,  # noqa: E402
@@ -693,7 +694,8 @@ def rebuild_estimate(bench: Bench, job: Job) -> tuple:
                             max_rows=p.get("max_rows", len(prompts)), tokens_per_row=tokens,
                             prefill_tokens=longest, profile=profile, draft=d,
                             draft_idle=not spec,
-                            prompt_tokens=lambda r: sum(map(len, prompts[:r])))
+                            prompt_tokens=lambda r: sum(map(len, prompts[:r])),
+                            host_budget=available_host_bytes() if torch.cuda.is_available() else None)
         except BudgetError:
             continue
         build = 0.0 if same else bench.built["seconds"] + 15.0  # and the warm-up run
