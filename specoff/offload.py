@@ -268,6 +268,21 @@ class LoadReport:
         return dict(self.__dict__)
 
 
+def check_host_memory(cfg: ModelConfig, store_bytes: int) -> None:
+    """Refuse, before any of it is allocated, a store of the decoder layers that the host's
+    free memory cannot hold: past it the kernel kills the process (or pins swap) mid-load."""
+    from .kvcache import HOST_MARGIN, available_host_bytes
+    from .planner import GiB, HostMemoryError
+
+    free = available_host_bytes()
+    if free is not None and store_bytes > free:
+        raise HostMemoryError(
+            f"host memory: the target's {cfg.n_layers} decoder layers need {store_bytes / GiB:.1f} "
+            f"GiB of (pinned) host memory to stream from, but {max(free, 0) / GiB:.1f} GiB is "
+            f"available (MemAvailable less {HOST_MARGIN / GiB:.0f} GiB kept for the process); free "
+            f"host memory, use a host with more, or a smaller target")
+
+
 def build_offloaded(cfg: ModelConfig, source, device, dtype, *, ring_slots: int,
                     resident_attention: bool, resident_layers: int = 0,
                     pinned: Optional[bool] = None, ring_pieces: int = 1):
@@ -285,6 +300,7 @@ def build_offloaded(cfg: ModelConfig, source, device, dtype, *, ring_slots: int,
         model = Transformer(cfg)
     layout = LayerLayout.of(model.layers[0], dtype, stream_attention=not resident_attention,
                             pieces=ring_pieces)
+    check_host_memory(cfg, cfg.n_layers * layout.numel * torch.empty(0, dtype=dtype).element_size())
     store = HostStore(cfg.n_layers, layout, dtype, pinned)
     dst = {n: torch.empty(p.shape, dtype=dtype, device=device)
            for n, p in model.named_parameters() if not n.startswith("layers.")}

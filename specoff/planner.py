@@ -33,6 +33,10 @@ class BudgetError(ValueError):
     """The GPU memory budget cannot hold any plan."""
 
 
+class HostMemoryError(BudgetError):
+    """Host memory cannot hold the offloaded weights' store or a cache placed there."""
+
+
 def parse_bytes(value) -> int:
     """'24GiB', '24GB', '512MiB', 24e9 → bytes."""
     if isinstance(value, (int, float)):
@@ -435,7 +439,7 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
                 lo, hi = (mid, hi) if streamed_tokens(mid) * sizes.kv_per_token <= host_budget else (lo, mid)
             if lo == 0:
                 one = streamed_tokens(1) * sizes.kv_per_token
-                raise BudgetError(
+                raise HostMemoryError(
                     f"host memory: {max(host_budget, 0) / GiB:.2f} GiB is free beside the weights' "
                     f"store, too little for even one row's cache of {context} tokens in pinned "
                     f"host memory ({one / GiB:.2f} GiB; the GPU budget leaves no room for it "

@@ -111,6 +111,26 @@ def test_ring_pieces_must_split_the_experts(make_checkpoint):
         specoff.LLM(make_checkpoint("llama", layers=2), device="cpu", offload=True, ring_pieces=2)
 
 
+def test_a_store_the_host_cannot_hold_is_refused_before_loading(make_checkpoint, monkeypatch):
+    """An offloaded target whose layers do not fit the host's free memory (Mixtral 8x22B's
+    281 GB on a 128 GiB host) fails at once with the sizes and the fix, before the store is
+    allocated; the CLI prints it (a BudgetError)."""
+    from specoff import kvcache
+    from specoff.planner import BudgetError, HostMemoryError
+
+    path = make_checkpoint("mixtral", layers=2)
+    monkeypatch.setattr(kvcache, "available_host_bytes", lambda: 1000)
+    allocated = []
+    monkeypatch.setattr(specoff.offload, "HostStore",
+                        lambda *a, **k: allocated.append(a) or pytest.fail("allocated"))
+    with pytest.raises(HostMemoryError, match=r"2 decoder layers need .* GiB .* 0\.0 GiB is available.*free host memory"):
+        specoff.LLM(path, device="cpu", offload=True)
+    assert not allocated and issubclass(HostMemoryError, BudgetError)
+    monkeypatch.undo()
+    monkeypatch.setattr(kvcache, "available_host_bytes", lambda: None)  # the system does not say
+    assert specoff.LLM(path, device="cpu", offload=True).model.store.nbytes > 1000
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2"])
 def test_offloaded_generation_equals_resident(family, make_checkpoint):
     path = make_checkpoint(family, layers=3)
