@@ -541,3 +541,18 @@ def test_profile_pass_finds_the_blocks_live_at_the_allocator_peak():
     assert sorted(b["addr"] for b in blocks) == [1, 3, 4]
     assert profile_pass.allocation_site(ours) == "tree.py:7 grow < engine.py:9 generate"
     assert profile_pass.allocation_site([]) == "(outside specoff)"
+
+
+def test_a_pair_takes_the_layers_the_host_holds():
+    """Mixtral-8x22B's 56 layers (281 GB in bf16) do not fit a 128 GiB host: the run builds as
+    many as its free memory holds beside room for the caches; smaller pairs build all."""
+    from specoff.config import ModelConfig
+
+    per_layer = bench.ModelSizes.of(ModelConfig.from_dict(bench.PAIRS["mixtral-8x22b"][1]),
+                                    torch.bfloat16).layer
+    free = 120 << 30
+    assert bench.layers_the_host_holds("mixtral-8x22b", free) == (free - bench.HOST_CACHE_ROOM) // per_layer
+    assert bench.layers_the_host_holds("mixtral-8x22b", free) < 56
+    assert bench.layers_the_host_holds("mixtral-8x22b", 1 << 40) == 56
+    assert bench.layers_the_host_holds("mixtral-8x7b", free) == 32
+    assert bench.layers_the_host_holds("mixtral-8x22b", None) == bench.PAIRS["mixtral-8x22b"][3]

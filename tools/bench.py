@@ -11,8 +11,8 @@ measurement"): a Mistral-7B-shaped draft, resident on the GPU, and a Mixtral-8x7
 target whose experts are the draft's feed-forward plus noise σ, streamed from pinned host
 memory. σ is found for the requested acceptance α (synthetic.sigma_for_acceptance) unless
 --sigma pins it; every row carries σ and the measured α. `--pair` picks other shapes
-(synthetic.PAIRS): mixtral-8x22b (20 of its 56 layers by default: what a 128 GiB host holds
-once; its draft is its dense twin) and qwen3-30b-a3b (128 experts of 768, top-8; a 1.7B dense
+(synthetic.PAIRS): mixtral-8x22b (by default as many of its 56 layers as the host's free
+memory holds once, ~22 on a 128 GiB host; its draft is its dense twin) and qwen3-30b-a3b (128 experts of 768, top-8; a 1.7B dense
 draft one expert wide). `--tiny` runs the same code on a toy pair of the same families on
 the CPU.
 
@@ -1182,6 +1182,24 @@ def plots(bench: Bench, scenario: str, rows: List[dict]) -> List[Path]:
 
 # -- command line -------------------------------------------------------------------------------
 
+HOST_CACHE_ROOM = 16 << 30  # host memory a pair's runs keep beside the store for their caches
+
+
+def layers_the_host_holds(pair: str, free: Optional[int]) -> int:
+    """The pair's target layers a run builds: all of them, or as many as `free` bytes of host
+    memory hold once in bf16 beside HOST_CACHE_ROOM for the runs' host caches (fewer layers,
+    timed and scaled: the records say so); without a figure for the host, PAIRS' count for a
+    128 GiB one."""
+    from specoff.config import ModelConfig
+
+    _, target_hf, _, most = PAIRS[pair]
+    full = target_hf["num_hidden_layers"]
+    if free is None:
+        return most
+    per_layer = ModelSizes.of(ModelConfig.from_dict(target_hf), torch.bfloat16).layer
+    return max(1, min(full, (free - HOST_CACHE_ROOM) // per_layer))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS) + ["all"],
@@ -1264,7 +1282,8 @@ def parse_args(argv=None):
         return args
     if args.layers is None and not args.tiny:
         # all of the target's layers, or as many as the host holds once (said in the records)
-        args.layers = PAIRS[args.pair][3]
+        args.layers = layers_the_host_holds(
+            args.pair, available_host_bytes() if torch.cuda.is_available() else None)
     for key, value in DEFAULTS["tiny" if args.tiny else "gpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

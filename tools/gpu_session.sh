@@ -19,8 +19,8 @@
 #                rows a group, in one run
 #   issue3       the offload issue's config (256 rows, 128-token prompts, 32 tokens): specoff
 #                offload-only beside transformers + accelerate (pageable and pinned layers)
-#   pair         another pair (PAIR=qwen3-30b-a3b, the default, or mixtral-8x22b: 20 of its 56
-#                layers), offload-only and tree over the 164 HumanEval prompts; SIGMA=auto
+#   pair         another pair (PAIR=qwen3-30b-a3b, the default, or mixtral-8x22b: as many of its 56
+#                layers as host memory holds), offload-only and tree over the 164 HumanEval prompts; SIGMA=auto
 #                (bench.py calibrates σ for α ≈ 0.7) unless SIGMA is set
 #   long         throughput over long prompts (LONG, default 512,2048 tokens; PROMPTS and ROWS
 #                164; NEW 32; ENGINES specoff-offload,specoff-tree)
