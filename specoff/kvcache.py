@@ -9,8 +9,8 @@ free: the row simply does not advance over them, and the next write overwrites t
 from __future__ import annotations
 
 import gc
-import os
 import math
+import os
 import weakref
 from typing import Optional, Sequence, Tuple
 
@@ -74,6 +74,11 @@ class HostPool:
     def nbytes(self) -> int:
         return sum(b[0].numel() for b in self._blocks)
 
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of the blocks no cache holds (a new cache reuses them)."""
+        return sum(b[0].numel() for b in self._blocks if not b[1])
+
 
 def _release(block) -> None:
     block[1] = False
@@ -112,8 +117,7 @@ def available_host_bytes() -> Optional[int]:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             return None
-    reusable = sum(b[0].numel() for b in HOST_BLOCKS._blocks if not b[1])
-    return free + reusable - HOST_MARGIN
+    return free + HOST_BLOCKS.free_bytes - HOST_MARGIN
 
 
 def release_host_memory() -> None:

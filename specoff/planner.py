@@ -361,7 +361,7 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     `plain_rows`: up to this many of the `rows` beyond the pass's rows ride each pass a token
     at a time, the target's cache theirs too (tree mode's spec.tree.PLAIN_ROWS).
     `host_budget`: the host memory a cache there may take (kvcache.available_host_bytes);
-    rows beyond it are dropped, and where not even one row's fits, BudgetError says so."""
+    rows beyond it are dropped, and where not even one row's fits, HostMemoryError says so."""
     if kv_placement not in (None, "gpu", "host"):
         raise ValueError(f"kv_placement must be 'gpu', 'host' or None, not {kv_placement!r}")
     sizes = ModelSizes.of(cfg, dtype)
@@ -431,23 +431,24 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         # The cache in pinned host memory must fit what the host has free (the weights' store
         # is already there): past it the process is killed, not refused. Fewer rows take
         # less of both memories, so the GPU fit above still holds.
-        host_bytes = streamed_tokens(rows_per_pass) * sizes.kv_per_token
-        if host_budget is not None and host_bytes > host_budget:
+        def host_need(r):
+            return streamed_tokens(r) * sizes.kv_per_token
+
+        if host_budget is not None and host_need(rows_per_pass) > host_budget:
             lo, hi = 0, rows_per_pass
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if streamed_tokens(mid) * sizes.kv_per_token <= host_budget else (lo, mid)
+                lo, hi = (mid, hi) if host_need(mid) <= host_budget else (lo, mid)
             if lo == 0:
-                one = streamed_tokens(1) * sizes.kv_per_token
                 raise HostMemoryError(
                     f"host memory: {max(host_budget, 0) / GiB:.2f} GiB is free beside the weights' "
                     f"store, too little for even one row's cache of {context} tokens in pinned "
-                    f"host memory ({one / GiB:.2f} GiB; the GPU budget leaves no room for it "
-                    f"there); free host memory, shorten the prompts or max_new_tokens, or raise "
+                    f"host memory ({host_need(1) / GiB:.2f} GiB; the GPU budget leaves no room for "
+                    f"it there); free host memory, shorten the prompts or max_new_tokens, or raise "
                     f"gpu_memory")
             rows_per_pass = lo
             kv, act = need(rows_per_pass, kv_gpu, chunk)
-            host_bytes = streamed_tokens(rows_per_pass) * sizes.kv_per_token
+        host_bytes = host_need(rows_per_pass)
     plan = Plan(**{**weights.to_dict(), "kv_on_gpu": kv_gpu, "rows_per_pass": rows_per_pass,
                    "prefill_chunk": chunk, "tokens_per_row": tokens_per_row,
                    "host_cache_bytes": host_bytes})

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import launcher as _launcher
+from . import moe as _moe  # max_shared_memory: the device's probe, cached there
 
 
 @triton.jit
@@ -264,9 +265,8 @@ def launch_config(B: int, KV: int, T: int, G: int, head_dim: int, max_keys: int,
     block_n = 64 if head_dim <= 128 else 32
 
     def stages(block_q, n):  # n pipeline stages of K/V tiles where shared memory holds them
-        tile = lambda k: (block_q + 2 * k * block_n) * head_dim * elem_size  # noqa: E731
-        from .moe import max_shared_memory  # one probe of the device, cached
-        return n if tile(n) <= max_shared_memory(device) else 2
+        tile = (block_q + 2 * n * block_n) * head_dim * elem_size
+        return n if tile <= _moe.max_shared_memory(device) else 2
 
     if rows >= 128 and elem_size == 4:
         cfg = dict(BLOCK_Q=128, BLOCK_N=32, num_warps=8, num_stages=2, WHOLE_TILES=True)
