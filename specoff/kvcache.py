@@ -166,6 +166,7 @@ class KVCache(torch.nn.Module):
                              persistent=False)
         self.max_len = max_len
         self._mapped = None  # (k, v) device views of a pinned host cache (see mapped)
+        self.host_reads = None  # decoder.HostCacheReads while a pass reads it ahead
         self.row_start = None  # per-row first slots in a pool shared by the rows (SegmentKVCache)
 
     @property
@@ -258,6 +259,7 @@ class SegmentKVCache(KVCache):
         self.max_len = max_len  # the longest segment: the bound on a row's positions
         self.pool = pool
         self._mapped = None
+        self.host_reads = None
 
     def assign(self, rows, starts, sizes) -> None:
         """Rows `rows` (ints) take the segments starts[i] .. starts[i] + sizes[i] - 1."""

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .config import ModelConfig
+from .models import decoder
 
 GiB = 2**30
 CONTEXT_MARGIN = 256 << 20  # allocator slack, graph pools, cuBLAS workspaces
@@ -395,8 +396,9 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         # Prompts fill a cache away from the GPU (or rows of a larger one) through a
         # one-layer scratch of their K/V (decoder.PrefillStage, PackedStage).
         hidden += prompt * sizes.kv_per_token // cfg.n_layers
-        if not kv_gpu:  # a layer of it streams in for attention (two in flight)
-            hidden += 2 * streamed_tokens(r) * sizes.kv_per_token // cfg.n_layers
+        if not kv_gpu:  # layers of it stream in for attention: one read, the next ones coming
+            in_flight = 1 + max(decoder.HOST_CACHE_AHEAD, 1)
+            hidden += in_flight * streamed_tokens(r) * sizes.kv_per_token // cfg.n_layers
         if draft_sizes is not None and not draft_idle:  # the draft's cache and steps live on the GPU
             kv += (draft_tokens(r) if draft_tokens else r * context) * draft_sizes.kv_per_token
             act += activation_bytes(draft, r * max(tokens_per_row, c), r, dtype)

@@ -289,11 +289,17 @@ def test_gpu_budget_is_never_exceeded(make_checkpoint):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("interleave", [True, False])
-def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, make_checkpoint, tmp_path):
+@pytest.mark.parametrize("interleave,ahead", [(True, 1), (False, 1), (True, 0), (True, 3)])
+def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, ahead, make_checkpoint,
+                                                       tmp_path, monkeypatch):
     """Chain speculation with the target's cache in host memory (streamed to the GPU, refills
-    prefilled on the GPU through a PrefillStage) gives the target's tokens, within budget."""
+    prefilled on the GPU through a PrefillStage, in the pass that verifies the group's other
+    rows) gives the target's tokens, within budget: the cache's layers copied on the compute
+    stream (ahead 0) or fetched 1 or 3 layers ahead on their own stream."""
+    from specoff.models import decoder
     from specoff.synthetic import make_upcycled_pair
+
+    monkeypatch.setattr(decoder, "HOST_CACHE_AHEAD", ahead)
 
     draft, target = make_upcycled_pair(tmp_path, 0.3, layers=4)
     params = specoff.SamplingParams(max_new_tokens=20, ignore_eos=True)

@@ -202,13 +202,20 @@ for step in "$@"; do
                 --rows "${ROWS:-164}" --prompts "${PROMPTS:-200}" --humaneval --new-tokens "${NEW:-8}" \
                 --json "$OUT/profile-tree.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-tree.log" | tail -30 ;;
+        host-ahead)  # issue 4's (c): the target's host cache copied on the compute stream as
+                     # each layer comes (0) or fetched a layer ahead on its own stream (1), ABAB
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave on \
+                --draft-len "${GAMMA:-4}" --rows "${ROWS:-246}" --prompts "${PROMPTS:-328}" --humaneval \
+                --new-tokens "${NEW:-16}" --json "$OUT/host-ahead.json" \
+                --compare "models.decoder.HOST_CACHE_AHEAD=${AHEAD:-0,1}" 2>&1 | grep -v USDT \
+                | tee -a "$OUT/host-ahead.log" | tail -8 ;;
         profile-chain)  # issue 4's (c): where a chain interleaved round's time goes, per stream
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave on \
                 --draft-len "${GAMMA:-4}" --rows "${ROWS:-246}" --prompts "${PROMPTS:-328}" --humaneval \
                 --new-tokens "${NEW:-16}" --json "$OUT/profile-chain.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-chain.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, host-ahead, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft)" >&2
             exit 2 ;;
     esac
 done

@@ -45,6 +45,11 @@ CHAIN_KERNEL_TOKENS: Optional[int] = None
 # benchmarks).
 FUSED_ELEMENTWISE = "auto"
 
+# A cache in pinned host memory (streamed_attention): how many layers ahead of the one
+# computing its blocks cross the bus, on a copy stream of their own (HostCacheReads). 0:
+# each layer's copy runs on the compute stream as the layer comes, the compute waiting on it.
+HOST_CACHE_AHEAD = 1
+
 
 def use_fused_elementwise(x: torch.Tensor) -> bool:
     if FUSED_ELEMENTWISE == "auto":
@@ -184,7 +189,7 @@ def streamed_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_
     the mapped cache, gave the same pass time (1.81–1.83 s, Mixtral 8x7B, 144 rows)."""
     if cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
         return streamed_segments(q, k, v, mask, cache, layer, positions, kv_len, causal)
-    keys, values = (c[layer].to(q.device, non_blocking=True) for c in (cache.k, cache.v))
+    keys, values = HostCacheReads.blocks(cache, layer, q.device)
     B, KV, T, hd = k.shape
     slots = positions.clamp(max=kv_len - 1)
     idx = slots[:, None, :, None].expand(B, KV, T, hd)
@@ -201,7 +206,7 @@ def streamed_segments(q, k, v, mask, cache, layer: int, positions, kv_len, causa
     it and, by the same kernels, into the host pool; the attention kernel reads each row's
     segment by its offset (`mask`: a TreeMask, or causal over `positions`)."""
     B, KV, T, hd = k.shape
-    keys, values = (p[layer].to(q.device, non_blocking=True) for p in (cache.k_pool, cache.v_pool))
+    keys, values = HostCacheReads.blocks(cache, layer, q.device)
     slots = cache._slots(None, positions).reshape(-1)  # (B * T,), within each row's segment
     idx = slots.reshape(1, B * T, 1).expand(KV, B * T, hd)
     for dev, host, new in zip((keys, values), cache.pools_at(q.device), (k, v)):
@@ -219,6 +224,110 @@ def streamed_segments(q, k, v, mask, cache, layer: int, positions, kv_len, causa
     else:
         raise ValueError("a streamed segment cache takes a TreeMask or a causal mask")
     return y.transpose(1, 2)
+
+
+class HostCacheReads:
+    """The caches in pinned host memory that one pass over the layers reads, fetched
+    HOST_CACHE_AHEAD layers ahead: layer i + 1's keys and values cross the bus on a copy
+    stream of their own while layer i computes, so the compute stream never waits on the
+    bus for them (it did: a chain pass at 24 GiB carried 5.3 GB of host cache beside 92.9 GB
+    of weights, all of it on the compute stream, while the weights' copy stream waited on
+    compute for ~0.05 s a pass; bench/runs/h200-24gib-session17). A layer's blocks are
+    copied once for every part of the pass that reads them; each part's new tokens go into
+    the copy as well as the host (streamed_attention), so a later part sees them.
+
+    Ordering: a layer's copy starts after everything queued on the compute stream before
+    the layer that issues it (the pass's writes to a layer — new tokens, a PrefillStage's
+    flush — are made while that layer computes, after its copy), and the layer waits for
+    its copy. The copies land in blocks allocated on the compute stream before that point,
+    so the caching allocator's reuse stays ordered."""
+
+    _streams: dict = {}  # device index → the copy stream
+
+    def __init__(self, caches, n_layers: int, device):
+        self.device, self.n_layers = torch.device(device), n_layers
+        self.sources = {}  # the host blocks' address → (k, v), each indexed by layer
+        for c in caches:
+            k, v = self.host_blocks(c)
+            self.sources.setdefault(k.data_ptr(), (k, v))
+        self.ahead = HOST_CACHE_AHEAD if self.device.type == "cuda" else 0
+        self.fetched = {}  # layer → ({address: (keys, values) on the device}, copied event)
+        self.caches = list(caches)
+
+    @staticmethod
+    def host_blocks(cache) -> tuple:
+        """What crosses the bus a layer: the whole (B, KV, S, hd) block, or a SegmentKVCache's
+        pools (what the rows hold)."""
+        if cache.row_start is not None:
+            return cache.k_pool, cache.v_pool
+        return cache.k, cache.v
+
+    @classmethod
+    def for_parts(cls, caches, n_layers: int, device) -> Optional["HostCacheReads"]:
+        """Reads for the caches among `caches` that sit in host memory beside a CUDA
+        `device` (None when there are none); attached to them until close()."""
+        device = torch.device(device)
+        host = [c for c in {id(c): c for c in caches if c is not None}.values()
+                if c.k.device.type == "cpu" and device.type == "cuda"]
+        if not host:
+            return None
+        reads = cls(host, n_layers, device)
+        for c in host:
+            c.host_reads = reads
+        return reads
+
+    def close(self) -> None:
+        for c in self.caches:
+            c.host_reads = None
+        self.fetched.clear()
+
+    def begin(self, layer: int) -> None:
+        """Before layer `layer` runs: its blocks and those of the next `ahead` layers are
+        on their way; the layer before's are let go."""
+        self.fetched.pop(layer - 1, None)
+        for j in range(layer, min(layer + self.ahead, self.n_layers - 1) + 1):
+            if j not in self.fetched:
+                self._issue(j)
+
+    def _issue(self, layer: int) -> None:
+        main = torch.cuda.current_stream(self.device)
+        out = {addr: tuple(torch.empty(t.shape[1:], dtype=t.dtype, device=self.device)
+                           for t in kv) for addr, kv in self.sources.items()}
+        if not self.ahead:  # on the compute stream, in its order
+            for addr, kv in self.sources.items():
+                for dst, src in zip(out[addr], kv):
+                    dst.copy_(src[layer], non_blocking=True)
+            self.fetched[layer] = (out, None)
+            return
+        stream = self._streams.get(self.device.index)
+        if stream is None:
+            stream = self._streams[self.device.index] = torch.cuda.Stream(self.device)
+        stream.wait_stream(main)  # after everything queued before this layer's issue
+        with torch.cuda.stream(stream):
+            for addr, kv in self.sources.items():
+                for dst, src in zip(out[addr], kv):
+                    dst.copy_(src[layer], non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(stream)
+        self.fetched[layer] = (out, copied)
+
+    def get(self, cache, layer: int) -> tuple:
+        if layer not in self.fetched:  # a layer the pass did not announce
+            self._issue(layer)
+        out, copied = self.fetched[layer]
+        if copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(copied)
+            self.fetched[layer] = (out, None)
+        return out[self.host_blocks(cache)[0].data_ptr()]
+
+    @classmethod
+    def blocks(cls, cache, layer: int, device) -> tuple:
+        """Layer `layer` of a host cache's blocks on `device`: fetched ahead within a pass
+        (run_parts), else copied now on the current stream."""
+        reads = getattr(cache, "host_reads", None)
+        if reads is not None:
+            return reads.get(cache, layer)
+        return tuple(t[layer].to(device, non_blocking=True) for t in cls.host_blocks(cache))
 
 
 class FeedForward(nn.Module):
@@ -368,8 +477,15 @@ class Transformer(nn.Module):
             if shape not in per_cache:
                 per_cache[shape] = LayerGraphs(self, cache, *shape)
             return per_cache[shape].run(h, cos, sin, mask, positions)
-        for i in range(len(self.layers)):
-            h, = self.layer_step(i, [(h, cos, sin, mask, cache, i, positions, kv_len)])
+        reads = HostCacheReads.for_parts([cache], len(self.layers), h.device)
+        try:
+            for i in range(len(self.layers)):
+                if reads is not None:
+                    reads.begin(i)
+                h, = self.layer_step(i, [(h, cos, sin, mask, cache, i, positions, kv_len)])
+        finally:
+            if reads is not None:
+                reads.close()
         return h
 
     def layer_step(self, i: int, calls: list) -> list:
@@ -411,7 +527,18 @@ class Transformer(nn.Module):
             if p.slots is None:
                 p.slots = p.positions
         stages = list({id(p.stage): p.stage for p in parts if p.stage is not None}.values())
+        reads = HostCacheReads.for_parts([p.cache for p in parts if p.stage is None],
+                                         len(self.layers), parts[0].h.device)
+        try:
+            self._run_parts(parts, stages, reads)
+        finally:
+            if reads is not None:
+                reads.close()
+
+    def _run_parts(self, parts, stages, reads) -> None:
         for i in range(len(self.layers)):
+            if reads is not None:
+                reads.begin(i)
             calls = []
             for p in parts:
                 # A staged prefill builds this layer's K/V in its one-layer scratch.
