@@ -215,3 +215,35 @@ def test_gpu_host_pool_blocks_are_page_locked_and_reused():
     copied = again.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert (copied == 2.0).all()
+
+
+def test_host_cache_reads_copy_each_layer_once_for_every_reader():
+    """decoder.HostCacheReads (here without a copy stream: the CPU): a layer's blocks are
+    copied once for all the parts of a pass that read them, a SegmentKVCache's as its pools,
+    the layer before let go as the next begins; readers of a pass see each other's writes to
+    the copy; outside a pass a read copies the layer afresh."""
+    from specoff.models.decoder import HostCacheReads
+
+    dense = KVCache(3, 2, 6, 2, 4, torch.float32, "cpu")
+    dense.k.copy_(torch.randn(dense.k.shape))
+    seg = SegmentKVCache(3, 2, 16, 6, 2, 4, torch.float32, "cpu")
+    seg.k_pool.copy_(torch.randn(seg.k_pool.shape))
+    assert HostCacheReads.for_parts([dense, seg], 3, "cpu") is None  # a cache beside its device
+    reads = HostCacheReads([dense, dense, seg], 3, "cpu")
+    assert reads.ahead == 0 and len(reads.sources) == 2
+    for c in (dense, seg):
+        c.host_reads = reads
+    reads.begin(0)
+    keys, values = HostCacheReads.blocks(dense, 0, "cpu")
+    assert torch.equal(keys, dense.k[0]) and keys.data_ptr() != dense.k.data_ptr()
+    keys[0, 0, 0] += 1  # a part's new token: the next reader of the layer sees it
+    again, _ = HostCacheReads.blocks(dense, 0, "cpu")
+    assert again is keys
+    pool, _ = HostCacheReads.blocks(seg, 0, "cpu")
+    assert torch.equal(pool, seg.k_pool[0]) and pool.shape == seg.k_pool.shape[1:]
+    reads.begin(1)
+    assert set(reads.fetched) == {1}
+    reads.close()
+    assert dense.host_reads is None and seg.host_reads is None and not reads.fetched
+    fresh, _ = HostCacheReads.blocks(dense, 0, "cpu")  # no pass: straight from the cache
+    assert torch.equal(fresh, dense.k[0])

@@ -290,7 +290,6 @@ class HostCacheReads:
                 self._issue(j)
 
     def _issue(self, layer: int) -> None:
-        main = torch.cuda.current_stream(self.device)
         out = {addr: tuple(torch.empty(t.shape[1:], dtype=t.dtype, device=self.device)
                            for t in kv) for addr, kv in self.sources.items()}
         if not self.ahead:  # on the compute stream, in its order
@@ -299,6 +298,7 @@ class HostCacheReads:
                     dst.copy_(src[layer], non_blocking=True)
             self.fetched[layer] = (out, None)
             return
+        main = torch.cuda.current_stream(self.device)
         stream = self._streams.get(self.device.index)
         if stream is None:
             stream = self._streams[self.device.index] = torch.cuda.Stream(self.device)
