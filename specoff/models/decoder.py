@@ -279,12 +279,18 @@ class HostCacheReads:
     def close(self) -> None:
         for c in self.caches:
             c.host_reads = None
-        self.fetched.clear()
+        for layer in list(self.fetched):
+            self._drop(layer)
+
+    def _drop(self, layer: int) -> None:
+        out, copied = self.fetched.pop(layer, (None, None))
+        if copied is not None:  # never read: its blocks go back to the compute stream's
+            torch.cuda.current_stream(self.device).wait_event(copied)  # pool once written
 
     def begin(self, layer: int) -> None:
         """Before layer `layer` runs: its blocks and those of the next `ahead` layers are
         on their way; the layer before's are let go."""
-        self.fetched.pop(layer - 1, None)
+        self._drop(layer - 1)
         for j in range(layer, min(layer + self.ahead, self.n_layers - 1) + 1):
             if j not in self.fetched:
                 self._issue(j)
