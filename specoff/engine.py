@@ -146,6 +146,7 @@ class GenerationStats:
     # Tree mode: the same per request (in the order of the requests that had a pass)
     request_histograms: Optional[List[List[int]]] = None
     tail_merges: int = 0  # times the two row groups became one at the end of a workload
+    joint_passes: int = 0  # chain passes that verified both groups at the tail (JOINT_TAIL)
     speculated: bool = False  # the call ran speculation (generate's speculate, or the planner's choice)
     speculation_note: Optional[str] = None  # why the planner ran the target alone (speculate=None)
     # Tree mode's tail (spec.tree.TAIL_BUDGET): (rows, tree budget) of each batch the
@@ -768,7 +769,8 @@ class LLM:
 
             stats.predicted_passes = chain_passes(len(rows), per_group, groups,
                                                   params.max_new_tokens,
-                                                  stats.position_acceptance(), pipeline.gamma)
+                                                  stats.position_acceptance(), pipeline.gamma,
+                                                  joint=pipeline.joint_tail)
         if plan.predicted_pass_seconds and pipeline.draft_step_s and stats.proposed:
             # The draft's round: its γ+1 steps (as measured: they pick γ) and, on average,
             # its prefill of the new prompts (predicted from its FLOPs; one part a refill).

@@ -174,6 +174,39 @@ def test_new_prompts_are_verified_in_their_first_pass(interleave, pairs):
     assert s.decode_passes == (2 if interleave else 3)  # every prompt done in one pass
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_joint_tail_passes_verify_both_groups(sampled, pairs, monkeypatch):
+    """pipeline.JOINT_TAIL: once no prompt waits, each pass verifies both groups' rows (a
+    part each), their drafts run before it; greedy output stays the target's, and the run
+    takes no more passes than with a pass per group; chain_passes models it."""
+    from specoff.spec import pipeline
+
+    draft, target = pairs(0.3)
+    params = (specoff.SamplingParams(max_new_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
+              if sampled else specoff.SamplingParams(max_new_tokens=20, ignore_eos=True))
+    prompts = PROMPTS + PROMPTS[:4]  # 12 prompts through 2 × 3 rows
+    expect = None if sampled else target_only(target, params, prompts)
+    passes = {}
+    for joint in ("off", "on"):
+        monkeypatch.setattr(pipeline, "JOINT_TAIL", joint)
+        llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=6, draft_len=3,
+                          interleave=True)
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+        s = llm.last_stats
+        assert len(got) == 12 and all(len(t) == 20 for t in got)
+        if expect is not None:
+            assert got == expect
+        assert s.groups == 2 and (s.joint_passes > 0) == (joint == "on")
+        assert abs(s.predicted_passes - s.decode_passes) <= max(2, 0.2 * s.decode_passes)
+        passes[joint] = s.decode_passes
+    if not sampled:  # the same acceptance row by row: only the schedule differs
+        assert passes["on"] < passes["off"]
+    monkeypatch.setattr(pipeline, "JOINT_TAIL", "sometimes")
+    with pytest.raises(ValueError, match="JOINT_TAIL"):
+        specoff.LLM(target, draft=draft, device="cpu", max_rows=6, interleave=True).generate(
+            prompts, params)
+
+
 def test_chain_passes_counts_refills_and_the_tail():
     assert chain_passes(4, 4, 1, 32, 0.0, 4) == 32  # one token a pass
     # γ+1 a pass from the first (the prompt is prefilled with its drafts): ⌈32 / 5⌉
@@ -185,6 +218,12 @@ def test_chain_passes_counts_refills_and_the_tail():
     steady = 492 * 32 / (144 * expected_tokens_per_pass(0.7, 4))
     assert steady < chain_passes(492, 144, 1, 32, 0.7, 4) < 1.5 * steady
     assert chain_passes(492, 144, 1, 32, 0.7, 4) == chain_passes(492, 144, 1, 32, 0.7, 4, seed=0)
+    # two groups at the tail: a pass for both instead of one each
+    two = chain_passes(492, 123, 2, 32, 0.7, 4)
+    assert chain_passes(492, 123, 2, 32, 0.7, 4, joint=True) < two
+    # 2 groups of 2 rows, 4 prompts of 6 tokens, all accepted: each group's first pass (5
+    # tokens), then the last token a pass each, or in one joint pass
+    assert chain_passes(4, 2, 2, 6, 1.0, 4) == 4 and chain_passes(4, 2, 2, 6, 1.0, 4, joint=True) == 3
 
 
 def test_unrelated_draft_and_eos(pairs, tokenizer, tmp_path):
@@ -267,15 +306,18 @@ def test_bad_speculation_arguments(kw, message, pairs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("interleave, segments, kv", [
-    (True, "off", None), (False, "off", None), (True, "on", None), (False, "on", None),
-    (True, "on", "host"), (False, "on", "host")])
-def test_gpu_speculation_equals_target(interleave, segments, kv, pairs, monkeypatch):
+@pytest.mark.parametrize("interleave, segments, kv, joint", [
+    (True, "off", None, "off"), (False, "off", None, "off"), (True, "on", None, "off"),
+    (False, "on", None, "off"), (True, "on", "host", "off"), (False, "on", "host", "off"),
+    (True, "off", None, "on"), (True, "on", "host", "on")])
+def test_gpu_speculation_equals_target(interleave, segments, kv, joint, pairs, monkeypatch):
     """On the GPU (draft steps replayed as CUDA graphs), with the draft's cache dense or in
     row segments (the kernels' row offsets inside the graphs); with the target's cache in
-    pinned host memory, in segments of a pool per group streamed each pass."""
+    pinned host memory, in segments of a pool per group streamed each pass; with the two
+    groups verified in one pass at the tail (JOINT_TAIL)."""
     from specoff.spec import pipeline
 
+    monkeypatch.setattr(pipeline, "JOINT_TAIL", joint)
     monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", segments)
     monkeypatch.setattr(pipeline, "SEGMENT_TARGET_CACHE", "auto")  # on where kv is "host"
     made = record_pipelines(monkeypatch)
@@ -289,6 +331,7 @@ def test_gpu_speculation_equals_target(interleave, segments, kv, pairs, monkeypa
     assert (0.0 <= hidden <= 1.0) if interleave else hidden == 0.0
     if kv == "host":
         assert all(isinstance(g.target_cache, SegmentKVCache) for g in made[-1].groups)
+    assert (llm.last_stats.joint_passes > 0) == (joint == "on")
 
 
 def test_in_memory_upcycled_pair():

@@ -209,13 +209,19 @@ for step in "$@"; do
                 --new-tokens "${NEW:-16}" --json "$OUT/host-ahead.json" \
                 --compare "models.decoder.HOST_CACHE_AHEAD=${AHEAD:-0,1}" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/host-ahead.log" | tail -8 ;;
+        joint-tail)  # issue 4's (c): the tail's groups in a pass each (off) or one pass (on), ABAB
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave on \
+                --draft-len "${GAMMA:-4}" --rows "${ROWS:-246}" --prompts "${PROMPTS:-328}" --humaneval \
+                --new-tokens "${NEW:-16}" --json "$OUT/joint-tail.json" \
+                --compare "spec.pipeline.JOINT_TAIL=off,on" 2>&1 | grep -v USDT \
+                | tee -a "$OUT/joint-tail.log" | tail -8 ;;
         profile-chain)  # issue 4's (c): where a chain interleaved round's time goes, per stream
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave on \
                 --draft-len "${GAMMA:-4}" --rows "${ROWS:-246}" --prompts "${PROMPTS:-328}" --humaneval \
                 --new-tokens "${NEW:-16}" --json "$OUT/profile-chain.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-chain.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, host-ahead, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft)" >&2
             exit 2 ;;
     esac
 done

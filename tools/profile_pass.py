@@ -416,6 +416,7 @@ def compare(llm, run, args) -> dict:
                          segment_waits=s.segment_waits,
                          plain_rows=s.plain_rows, plain_tokens=s.plain_tokens,
                          promotions=s.promotions, graph_capture_seconds=s.graph_capture_seconds,
+                         joint_passes=s.joint_passes, tail_merges=s.tail_merges,
                          tokens_per_pass=s.tokens_per_pass,
                          peak_gpu_gib=s.peak_gpu_bytes / 2**30 if s.peak_gpu_bytes else None,
                          draft_cache_gib=(s.plan or {}).get("gpu_bytes", {}).get("kv_cache", 0) / 2**30,

@@ -64,12 +64,14 @@ def expected_tokens_per_pass(alpha: float, draft_len: int) -> float:
 
 
 def chain_passes(prompts: int, rows_per_group: int, groups: int, new_tokens: int,
-                 alpha: float, draft_len: int, seed: int = 0) -> int:
+                 alpha: float, draft_len: int, seed: int = 0, joint: bool = False) -> int:
     """Target passes a chain run takes for `prompts` prompts of `new_tokens` tokens each,
     simulated as spec.pipeline.ChainPipeline schedules them: rounds in turn, each row
     emitting 1 + a tokens a pass with P(a ≥ k) = α^k (k ≤ γ), a new prompt's first pass
     included (it is prefilled with its drafts appended and verified like the others), freed
-    rows refilled in the group's next pass, two groups merged into one at the tail. Where E
+    rows refilled in the group's next pass, two groups merged into one at the tail (and
+    with `joint`, before that, both verified in each pass once no prompt waits: the
+    pipeline's JOINT_TAIL). Where E
     tokens per row per pass is the steady state, this counts what a finite workload pays:
     the overshoot of each row's last pass, and the rounds with rows left empty at the tail."""
     import numpy as np
@@ -99,18 +101,29 @@ def chain_passes(prompts: int, rows_per_group: int, groups: int, new_tokens: int
         assign(g)
         return 1
 
+    def tail() -> bool:  # no prompt waiting or to prefill (ChainPipeline._joint)
+        return len(left) == 2 and not waiting and not any(refill)
+
+    def merge():  # ChainPipeline._merge_tail
+        nonlocal left, refill
+        live = sum(1 for row in left for n in row if n)
+        if tail() and live <= rows_per_group:
+            left = [[n for row in left for n in row if n] + [0] * (rows_per_group - live)]
+            refill = [set()]
+
     passes = 0
     for g in range(groups):
         assign(g)
     turn = 0
     while any(any(row) for row in left):
+        if joint and tail():
+            passes += max(round_(0), round_(1))  # one pass for both groups' rows
+            merge()
+            continue
         passes += round_(turn % len(left))
         turn += 1
-        live = sum(1 for row in left for n in row if n)
-        if (len(left) == 2 and turn % 2 == 0 and not waiting and not any(refill)
-                and live <= rows_per_group):  # ChainPipeline._merge_tail
-            left = [[n for row in left for n in row if n] + [0] * (rows_per_group - live)]
-            refill = [set()]
+        if turn % 2 == 0:
+            merge()
     return passes
 
 

@@ -46,6 +46,17 @@ SEGMENT_LOOKAHEAD = 8  # a free row takes the first of this many waiting prompts
 SEGMENT_TARGET_CACHE = "auto"
 SEGMENT_TARGET_SLACK = 1.5
 
+# The tail of a two-group run (no prompt waiting, no refill pending): one target pass
+# verifies both groups' rows (a part each, the weights streamed once), their drafts run
+# before it, unhidden; where the two groups would each pay a whole pass for their thinning
+# rows. "auto": where the target is offloaded (its pass costs the weights' copy, whatever the
+# rows: H200, Mixtral 8x7B at 24 GiB, 1.80 s predicted for 123 rows, 1.93 s for 246,
+# against ~0.04 s of drafting), or "on" / "off". The groups still merge into one once their
+# rows fit in one (_merge_tail). Predicted by chain_passes (α 0.7, γ 4, 2 × 123 rows, 492
+# HumanEval-sized requests of 32 tokens): 56.4 → 51.0 passes; not yet run on a GPU, so
+# "off" until measured (session 18).
+JOINT_TAIL = "off"
+
 
 def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int) -> Tuple[int, bool]:
     """(slots, segmented): the draft's cache of a chain run over `rows` rows in all."""
@@ -115,10 +126,10 @@ class Group:
 class RoundTiming:
     target_start: object
     target_end: object
-    draft_start: object = None
-    draft_steps: object = None  # after the draft's prefill of new prompts, before its steps
-    draft_end: object = None
-    draft_step_count: int = 0  # γ + 1
+    # The draft rounds timed with this pass (the other group's, beside it; at a joint tail
+    # pass each group's, before it): (start, steps, end, γ + 1) each, `steps` after the
+    # draft's prefill of new prompts, before its steps.
+    drafts: list = field(default_factory=list)
     wall: float = 0.0
 
 
@@ -161,9 +172,12 @@ class ChainPipeline:
             MAX_DRAFT_LEN, "on", SEGMENT_TARGET_SLACK)[0] if self.target_segmented else None
         self._pools = None  # the draft caches' shared pools
         self.groups = [self._new_group(rows_per_group, i) for i in range(groups)]
+        check_segment_mode("spec.pipeline.JOINT_TAIL", JOINT_TAIL)
+        self.joint_tail = JOINT_TAIL == "on" or (JOINT_TAIL == "auto"
+                                                 and llm.weight_plan.offload)
         self.timings: List[RoundTiming] = []
         self.draft_step_s, self.target_pass_s = None, llm.last_plan_pass_seconds
-        self._pending_draft, self._last_commit = None, None
+        self._pending_drafts, self._last_commit = [], None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -346,7 +360,7 @@ class ChainPipeline:
                     if t is not None:
                         t.record_stream(main)
                 # timed with the next target round
-                self._pending_draft = (start, steps, end, self.gamma + 1)
+                self._pending_drafts.append((start, steps, end, self.gamma + 1))
             else:
                 self.stats.draft_seconds += time.perf_counter() - t0
                 self.stats.draft_prefill_seconds += t_steps - t0
@@ -355,32 +369,69 @@ class ChainPipeline:
 
     # -- target ----------------------------------------------------------------------------
 
-    def target_round(self, g: Group) -> None:
-        """One offloaded target pass for group g: verify its drafts, and prefill its new
-        prompts with their drafts appended (verified the same way); then commit what each
-        row accepted."""
-        refill = list(g.refill)
-        verify = any(g.request[b] is not None and b not in refill for b in range(g.rows))
-        if g.draft_tokens is None:
-            if verify or refill:  # ChainPipeline.run drafts every group before its pass
-                raise RuntimeError("a target round before the group's draft round")
+    def target_round(self, *groups: Group) -> None:
+        """One offloaded target pass for the groups (one, or at the tail every active one:
+        JOINT_TAIL): verify their drafts, and prefill their new prompts with their drafts
+        appended (verified the same way); then commit what each row accepted."""
+        work = []  # (group, its parts' finish) for each group with something to verify
+        for g in groups:
+            refill = list(g.refill)
+            verify = any(g.request[b] is not None and b not in refill for b in range(g.rows))
+            if g.draft_tokens is None:
+                if verify or refill:  # ChainPipeline.run drafts every group before its pass
+                    raise RuntimeError("a target round before the group's draft round")
+                continue
+            work.append((g, verify, refill))
+        if not work:
             return
-        if self.cuda and g.drafted is not None:
-            torch.cuda.current_stream(self.device).wait_event(g.drafted)
+        if self.cuda:
+            for g, _, _ in work:
+                if g.drafted is not None:
+                    torch.cuda.current_stream(self.device).wait_event(g.drafted)
         timing = RoundTiming(self._event(), self._event())
-        if self._pending_draft is not None:
-            (timing.draft_start, timing.draft_steps, timing.draft_end,
-             timing.draft_step_count) = self._pending_draft
-            self._pending_draft = None
+        timing.drafts, self._pending_drafts = self._pending_drafts, []
         wall0 = time.perf_counter()
         if self.cuda:
             timing.target_start.record()
+        parts: List[PassPart] = []
+        pending = []
+        for g, verify, refill in work:
+            own = self._parts(g, verify, refill)
+            pending.append((g, own))
+            parts += own[0]
+        self.target.run_parts(parts)
+        self.stats.decode_passes += 1
+        done = [(g, self._verify(g, *own)) for g, own in pending]
+        if self.cuda:
+            timing.target_end.record()
+        # One host sync per group a round (in _commit): finished rows and refills are decided
+        # on the host, between target passes, never inside one.
+        full = all(r is not None for g, _ in done for r in g.request)  # steady state
+        returned = sum(self._commit(g, *verdict) for g, verdict in done)
+        # A round's wall time runs from the previous round's commit to this one's: in steady
+        # state it holds this pass and whatever drafting ran beside or before it.
+        now = time.perf_counter()
+        timing.wall = now - (self._last_commit or wall0)
+        self._last_commit = now
+        if full:
+            self.stats.steady_tokens += returned
+            self.stats.steady_seconds += timing.wall
+        if not self.cuda:
+            self.stats.target_seconds += timing.wall
+            self.target_pass_s = timing.wall
+        self.timings.append(timing)
+
+    def _parts(self, g: Group, verify: bool, refill: List[int]) -> tuple:
+        """Group g's parts of a pass — the verification of its rows' drafts (every row: a
+        refilled row's result is replaced), then its new prompts with their drafts — and
+        what _verify needs of them."""
         parts: List[PassPart] = []
         gamma = g.draft_tokens.shape[1]
         if verify:
             ids = torch.cat([g.last[:, None], g.draft_tokens], dim=1)  # (B, γ+1)
             parts.append(PassPart(ids, g.target_cache, g.target_cache.positions(gamma + 1),
                                   self.max_len))
+        prefill = rows = lens = None
         if refill:
             ids, lens, host = g.prompts  # the draft round's
             rows = torch.tensor(refill, device=self.device)
@@ -394,13 +445,15 @@ class ChainPipeline:
             prefill = PrefillBatch(ids, g.target_cache, chunk, rows=rows, device=self.device,
                                    lengths_host=[n + gamma for n in host])
             parts += prefill.parts
-        self.target.run_parts(parts)
-        self.stats.decode_passes += 1
+        return parts, verify, prefill, rows, lens
 
+    def _verify(self, g: Group, parts, verify, prefill, rows, lens) -> tuple:
+        """Accept group g's drafts against the pass's logits; (emitted, accepted, γ)."""
+        gamma = g.draft_tokens.shape[1]
         # The target's logits after `last` and each draft, (B, γ+1, V); a new prompt's are
         # those after its last token and each draft, so it is verified like any other row.
         h = parts[0].h if verify else None
-        if refill:
+        if prefill is not None:
             fresh = prefill.last_hidden(lens + gamma, gamma + 1)
             if h is None:
                 h = fresh.new_zeros(g.rows, gamma + 1, fresh.shape[-1])
@@ -418,24 +471,7 @@ class ChainPipeline:
         g.target_cache.advance(1 + accepted)
         g.draft_cache.rollback(gamma - accepted)  # drafting advanced it by γ+1
         g.last.copy_(nxt)
-        if self.cuda:
-            timing.target_end.record()
-        # One host sync per round (in _commit): finished rows and refills are decided on the
-        # host, between target passes, never inside one.
-        full = all(r is not None for r in g.request)  # every row busy: steady state
-        returned = self._commit(g, emitted, accepted, gamma)
-        # A round's wall time runs from the previous round's commit to this one's: in steady
-        # state it holds this pass and whatever drafting ran beside or before it.
-        now = time.perf_counter()
-        timing.wall = now - (self._last_commit or wall0)
-        self._last_commit = now
-        if full:
-            self.stats.steady_tokens += returned
-            self.stats.steady_seconds += timing.wall
-        if not self.cuda:
-            self.stats.target_seconds += timing.wall
-            self.target_pass_s = timing.wall
-        self.timings.append(timing)
+        return emitted, accepted, gamma
 
     def _commit(self, g: Group, emitted, accepted, gamma) -> int:
         """Append what each row accepted, free finished rows and refill them; returns the
@@ -473,8 +509,15 @@ class ChainPipeline:
         if self.stats.proposed:
             self.alpha = min(self.stats.position_acceptance(), 0.99)
         if self.adaptive and self.draft_step_s and self.target_pass_s:
+            interleaved = len(self.groups) > 1 and not self._joint()
             self.gamma = choose_draft_len(self.alpha, self.target_pass_s, self.draft_step_s,
-                                          interleaved=len(self.groups) > 1, max_len=self.max_gamma)
+                                          interleaved=interleaved, max_len=self.max_gamma)
+
+    def _joint(self) -> bool:
+        """Whether the groups share their passes now (JOINT_TAIL): the queue is empty and
+        no group has a prompt to prefill."""
+        return (self.joint_tail and len(self.groups) > 1 and not self.waiting
+                and not any(g.refill for g in self.groups))
 
     def run(self) -> None:
         for g in self.groups:
@@ -484,6 +527,16 @@ class ChainPipeline:
         self.draft_round(self.groups[0])
         turn = 0
         while any(g.active for g in self.groups):
+            if self._joint():
+                for g in self.groups:
+                    if g.draft_tokens is None:
+                        self.draft_round(g)
+                self.target_round(*self.groups)
+                self.stats.joint_passes += 1
+                self._measure()
+                self._adapt()
+                self._merge_tail()
+                continue
             g = self.groups[turn % len(self.groups)]
             other = self.groups[(turn + 1) % len(self.groups)]
             if other is not g:
@@ -554,7 +607,7 @@ class ChainPipeline:
             dst.last[d] = g.last[b]
             dst.request[d] = g.request[b]
         self.groups = [dst]
-        self._pending_draft = None
+        self._pending_drafts = []
         self.stats.tail_merges += 1
         self.draft_round(dst)  # before its next pass, as every group's
 
@@ -565,24 +618,25 @@ class ChainPipeline:
         if final:
             torch.cuda.synchronize(self.device)
         done = [t for t in self.timings if t.target_end.query()
-                and (t.draft_end is None or t.draft_end.query())]
+                and all(end.query() for _, _, end, _ in t.drafts)]
         for t in done:
             target = t.target_start.elapsed_time(t.target_end) / 1e3
             self.stats.target_seconds += target
             self.target_pass_s = target
-            if t.draft_start is not None:
-                draft = t.draft_start.elapsed_time(t.draft_end) / 1e3
-                self.stats.draft_seconds += draft
-                # γ is chosen from the steps alone: a round with new prompts prefills them too
-                steps = t.draft_steps.elapsed_time(t.draft_end) / 1e3
-                self.stats.draft_prefill_seconds += draft - steps
-                self.draft_step_s = steps / t.draft_step_count
+            if t.drafts:
                 self.stats.round_seconds += t.wall
                 self.stats.rounds += 1
+            for start, steps_at, end, count in t.drafts:
+                draft = start.elapsed_time(end) / 1e3
+                self.stats.draft_seconds += draft
+                # γ is chosen from the steps alone: a round with new prompts prefills them too
+                steps = steps_at.elapsed_time(end) / 1e3
+                self.stats.draft_prefill_seconds += draft - steps
+                self.draft_step_s = steps / count
                 # The draft's time on the device that overlapped the target's pass (events on
                 # two streams, one clock). Not target + draft - the round's wall time: that
                 # charges the host's turn between passes to the draft.
-                begin = t.target_start.elapsed_time(t.draft_start) / 1e3
-                end = t.target_start.elapsed_time(t.draft_end) / 1e3
-                self.stats.draft_hidden_seconds += max(min(end, target) - max(begin, 0.0), 0.0)
+                begin = t.target_start.elapsed_time(start) / 1e3
+                end_s = t.target_start.elapsed_time(end) / 1e3
+                self.stats.draft_hidden_seconds += max(min(end_s, target) - max(begin, 0.0), 0.0)
         self.timings = [t for t in self.timings if t not in done]
