@@ -8,6 +8,7 @@ that Hugging Face checkpoints are stored in.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -298,23 +299,20 @@ class HostCacheReads:
     def _issue(self, layer: int) -> None:
         out = {addr: tuple(torch.empty(t.shape[1:], dtype=t.dtype, device=self.device)
                            for t in kv) for addr, kv in self.sources.items()}
-        if not self.ahead:  # on the compute stream, in its order
+        stream = None
+        if self.ahead:  # on the copy stream, after everything queued before this issue
+            stream = self._streams.get(self.device.index)
+            if stream is None:
+                stream = self._streams[self.device.index] = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for addr, kv in self.sources.items():
                 for dst, src in zip(out[addr], kv):
                     dst.copy_(src[layer], non_blocking=True)
-            self.fetched[layer] = (out, None)
-            return
-        main = torch.cuda.current_stream(self.device)
-        stream = self._streams.get(self.device.index)
-        if stream is None:
-            stream = self._streams[self.device.index] = torch.cuda.Stream(self.device)
-        stream.wait_stream(main)  # after everything queued before this layer's issue
-        with torch.cuda.stream(stream):
-            for addr, kv in self.sources.items():
-                for dst, src in zip(out[addr], kv):
-                    dst.copy_(src[layer], non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record(stream)
+        copied = None  # ahead 0: on the compute stream, in its order
+        if stream is not None:
+            copied = torch.cuda.Event()
+            copied.record(stream)
         self.fetched[layer] = (out, copied)
 
     def get(self, cache, layer: int) -> tuple:
