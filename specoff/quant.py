@@ -28,6 +28,18 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 # dequantizing, 0.297 s in float8, but 1.32 tokens a row a pass against 1.63 (the
 # activations' rounding on top of the weights'): 129.4 against 135.1 tokens/s. Off.
 FP8_GEMM = False
+# Products with the weight loaded as float8 and converted in registers by a Triton kernel
+# (kernels/fp8_gemm.py: a step reads 1 byte a weight, where dequantizing first moves 5),
+# the activations in their own dtype: "auto" on CUDA tensors, "on" anywhere (the CPU runs
+# Triton's interpreter: tests), "off" dequantizes. Not yet timed on a GPU: "off".
+FP8_WEIGHT_KERNEL = "off"
+
+
+def use_weight_kernel(x: torch.Tensor) -> bool:
+    if FP8_WEIGHT_KERNEL not in ("auto", "on", "off"):
+        raise ValueError(f"quant.FP8_WEIGHT_KERNEL is 'auto', 'on' or 'off', not "
+                         f"{FP8_WEIGHT_KERNEL!r}")
+    return FP8_WEIGHT_KERNEL == "on" or (FP8_WEIGHT_KERNEL == "auto" and x.is_cuda)
 
 
 def fp8_rows(w: torch.Tensor):
@@ -55,6 +67,10 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if FP8_GEMM and _fp8_gemm_ok(x, self.weight):
             y = _scaled_product(x, self.weight, self.scale)
+        elif use_weight_kernel(x):
+            from .kernels.fp8_gemm import fp8_linear
+
+            y = fp8_linear(x, self.weight, self.scale)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias

@@ -65,8 +65,14 @@ def test_an_fp8_draft_halves_its_layers_and_buys_rows():
     assert plans[1].rows_per_pass > 1.5 * plans[0].rows_per_pass
 
 
-@pytest.mark.parametrize("spec, sigma", [("chain", 0.0), ("tree", 0.3), ("chain", 0.3)])
-def test_speculation_with_an_fp8_draft_equals_the_target(spec, sigma, pairs):
+@pytest.mark.parametrize("spec, sigma, kernel", [("chain", 0.0, "off"), ("tree", 0.3, "off"),
+                                                 ("chain", 0.3, "off"), ("tree", 0.3, "on")])
+def test_speculation_with_an_fp8_draft_equals_the_target(spec, sigma, kernel, pairs, monkeypatch):
+    """Dequantizing, or through the float8-weight kernel (quant.FP8_WEIGHT_KERNEL; on the
+    CPU in Triton's interpreter)."""
+    from specoff import quant
+
+    monkeypatch.setattr(quant, "FP8_WEIGHT_KERNEL", kernel)
     draft, target = pairs(sigma)
     params = specoff.SamplingParams(max_new_tokens=10)
     expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(PROMPTS, params)]
@@ -110,8 +116,13 @@ def test_gpu_fp8_products_are_close(rows, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["chain", "tree"])
-def test_gpu_speculation_with_an_fp8_draft(spec, pairs):
-    """On the GPU the draft's steps (CUDA graphs) dequantize inside the graphs; exact."""
+@pytest.mark.parametrize("kernel", ["off", "auto"])
+def test_gpu_speculation_with_an_fp8_draft(spec, kernel, pairs, monkeypatch):
+    """On the GPU the draft's steps (CUDA graphs) dequantize, or run the float8-weight
+    kernel, inside the graphs; exact."""
+    from specoff import quant
+
+    monkeypatch.setattr(quant, "FP8_WEIGHT_KERNEL", kernel)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=12)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]

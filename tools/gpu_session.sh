@@ -193,6 +193,16 @@ for step in "$@"; do
                 --rows 512 --prompts 492 --humaneval --new-tokens 32 --draft-quant fp8 \
                 --json "$OUT/fp8-draft.json" --compare "quant.FP8_GEMM=0,1" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/fp8-draft.log" | tail -8 ;;
+        fp8-kernel)  # the float8-weight product: kernel vs dequantizing vs bf16 (pytest-benchmark),
+                     # GPU tests, then tree runs with a float8 draft dequantizing / through it (ABAB)
+            timeout 200 python -m pytest -q --benchmark-only --benchmark-columns=median \
+                tests/benchmarks/test_bench_kernels.py -k fp8 2>&1 | tee -a "$OUT/fp8-kernel.log" | tail -40
+            timeout 150 python -m pytest -q tests/kernels/test_fp8_gemm.py tests/test_quant.py 2>&1 \
+                | tee -a "$OUT/fp8-kernel.log" | tail -3
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
+                --rows 512 --prompts 492 --humaneval --new-tokens 32 --draft-quant fp8 \
+                --json "$OUT/fp8-kernel.json" --compare "quant.FP8_WEIGHT_KERNEL=off,auto" 2>&1 \
+                | grep -v USDT | tee -a "$OUT/fp8-kernel.log" | tail -8 ;;
         tree-tests)
             timeout 200 python -m pytest -q -m gpu tests/test_tree.py 2>&1 | tee -a "$OUT/tests.log" | tail -3
             timeout 100 python -m pytest -q tests/kernels/test_attention.py -k "shared_pool" 2>&1 \
@@ -221,7 +231,7 @@ for step in "$@"; do
                 --new-tokens "${NEW:-16}" --json "$OUT/profile-chain.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-chain.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft, fp8-kernel)" >&2
             exit 2 ;;
     esac
 done

@@ -23,10 +23,10 @@ def compiled_kernels():
     counts the compiles between them."""
     from triton.runtime.jit import JITFunction
 
-    from . import attention, fused, moe
+    from . import attention, fp8_gemm, fused, moe
 
     total, found = 0, False
-    for module in (attention, fused, moe):
+    for module in (attention, fp8_gemm, fused, moe):
         for obj in vars(module).values():
             if isinstance(obj, JITFunction):
                 found = True

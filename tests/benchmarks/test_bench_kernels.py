@@ -98,3 +98,34 @@ def test_bench_packed_prefill_attention(benchmark, shape, prompts, impl):
     benchmark.group = f"packed_prefill_attention {shape} prompts={prompts}"
     run_timed(benchmark, fn, flops, bytes_)
     assert torch.isfinite(fn()).all()
+
+
+FP8_IMPLS = ("triton", "dequantize", "bf16")
+FP8_SHAPES = {"mistral-7b w13": (28672, 4096), "mistral-7b wo": (4096, 4096),
+              "mistral-7b w2": (4096, 14336)}
+
+
+@pytest.mark.parametrize("impl", FP8_IMPLS)
+@pytest.mark.parametrize("rows", [1, 16, 64, 512])
+@pytest.mark.parametrize("shape", list(FP8_SHAPES))
+def test_bench_fp8_linear(benchmark, shape, rows, impl):
+    """A draft's product with its weight in float8: the Triton kernel (1 byte a weight read),
+    quant.Fp8Linear's dequantizing path, and the bf16 weight it replaced."""
+    from specoff.kernels.fp8_gemm import fp8_linear
+    from specoff.quant import fp8_rows
+
+    N, K = FP8_SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    w = (torch.randn(N, K, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    w8, scale = fp8_rows(w)
+    scale = scale.to(torch.bfloat16)
+    x = torch.randn(rows, K, device="cuda", generator=gen).to(torch.bfloat16)
+    fn = {
+        "triton": lambda: fp8_linear(x, w8, scale),
+        "dequantize": lambda: torch.nn.functional.linear(x, w8.to(x.dtype)) * scale,
+        "bf16": lambda: torch.nn.functional.linear(x, w),
+    }[impl]
+    weight_bytes = N * K * (2 if impl == "bf16" else 1)
+    benchmark.group = f"fp8_linear {shape} rows={rows}"
+    run_timed(benchmark, fn, 2 * rows * N * K, weight_bytes + 2 * rows * (N + K))
+    assert torch.isfinite(fn()).all()
