@@ -136,8 +136,9 @@ for step in "$@"; do
                 --engines "${ENGINES:-specoff-offload,specoff-tree}" --throughput-tree-budget "${TREE:-16}" ;;
         sweep-budget)  # tokens/s against the GPU budget (BUDGETS GiB, default 16,24,48; the
                        # planner places the weights; where the pair does not fit, offload-only
-                       # runs the target alone): ROWS rows (164), twice as many HumanEval prompts
-                       # for the queued engines, NEW tokens (32)
+                       # runs the target alone): ROWS rows (164) a pass for the queued engines,
+                       # twice as many HumanEval prompts for every engine (offload-only takes them
+                       # in one batch where the budget holds the rows), NEW tokens (32)
             bench "$step" --scenario sweep-budget --budgets "${BUDGETS:-16,24,48}" \
                 --rows "${ROWS:-164}" --new-tokens "${NEW:-32}" \
                 --engines "${ENGINES:-specoff-tree,specoff-offload}" ;;
