@@ -55,6 +55,15 @@ SEGMENT_HOST_CACHE = "auto"
 # a Mistral-7B-shaped draft (14.5 GB) tree mode kept 20 rows, 33.6 tokens/s, where the
 # target alone with the idle draft served 101 rows, 57.6 tokens/s (H200, session 15).
 SPECULATION_PRIOR_TOKENS = 4.0
+# A loaded draft that a call does not use (generate runs the target alone: speculate=False,
+# or the planner's choice): its weights wait in page-locked host memory for the call, so
+# the target's rows get the GPU memory they held (LLM._park_draft), and come back for the
+# next speculative call (~0.3 s each way for 14.5 GB at ~50 GB/s). "auto": on a CUDA device
+# where the host has the room, "on" anywhere (the CPU: tests), "off". Planner figures
+# (H200 profile, Mixtral 8x7B with a Mistral-7B-shaped draft, HumanEval prompts): at 16 GiB
+# the target alone keeps 185 rows with the idle draft on the GPU, 492 with it parked; at
+# 12 GiB no plan fits beside the draft. Not yet run on a GPU: "off".
+PARK_IDLE_DRAFT = "off"
 
 
 def host_cache_segmented(lengths: Sequence[int], host: bool = True) -> bool:
@@ -148,6 +157,10 @@ class GenerationStats:
     tail_merges: int = 0  # times the two row groups became one at the end of a workload
     joint_passes: int = 0  # chain passes that verified both groups at the tail (JOINT_TAIL)
     speculated: bool = False  # the call ran speculation (generate's speculate, or the planner's choice)
+    # The draft's weights sat in host memory for the call (PARK_IDLE_DRAFT), and the seconds
+    # this call spent moving them there or back
+    draft_parked: bool = False
+    draft_move_seconds: float = 0.0
     speculation_note: Optional[str] = None  # why the planner ran the target alone (speculate=None)
     # Tree mode's tail (spec.tree.TAIL_BUDGET): (rows, tree budget) of each batch the
     # serving rows went on in once no prompt waited and most rows had finished
@@ -321,6 +334,7 @@ class LLM:
         self._tree_acceptance = None
         self._tree_tuners = {}  # (rows per pass, budget ladder) → TreeBudgetTuner
         self._spec_tokens_per_pass = None  # the last speculative throughput call's (choose_speculation)
+        self._draft_parked = False  # the draft's weights wait in host memory (PARK_IDLE_DRAFT)
         self.last_plan_pass_seconds = None
         self.profile = None
         budget = None
@@ -419,7 +433,7 @@ class LLM:
         """The run plan for `rows` prompts of at most `longest` tokens (`prompts`: their
         lengths in queue order, if known: tree mode sizes the draft's cache by them).
         `speculate=False`: the target alone, a token a row a pass (a loaded draft's weights
-        still count against the budget)."""
+        still count against the budget, unless PARK_IDLE_DRAFT moves them to the host)."""
         spec = self.draft_config is not None and speculate
         # Chain: γ+1 tokens per row per pass, caches γ+2 longer; tree: the largest tree.
         tokens, logit_rows, draft_tokens = 1 + MAX_DRAFT_LEN * spec, None, None
@@ -448,17 +462,86 @@ class LLM:
             from .spec.pipeline import draft_cache_slots as chain_slots
 
             draft_tokens = lambda r: chain_slots(min(r, rows), prompts, max_new_tokens)[0]  # noqa: E731
+        parked = not spec and self._park_applies()  # the idle draft's weights go to the host
+        host_budget = available_host_bytes() if self.device.type == "cuda" else None
+        if parked and host_budget is not None and not self._draft_parked:
+            host_budget -= self._draft_bytes()  # where they will wait
         return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
                         context=longest + max_new_tokens + (tokens + 1) * spec,
                         max_rows=self.max_rows, tokens_per_row=tokens,
                         prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
                         kv_placement=self.kv_placement, profile=self.profile,
-                        draft=self.draft_config, max_logit_rows=logit_rows,
+                        draft=None if parked else self.draft_config, max_logit_rows=logit_rows,
                         draft_tokens=draft_tokens, draft_idle=not spec,
                         host_kv_tokens=host_tokens,
                         prompt_tokens=(lambda r: sum(prompts[:r])) if prompts else None,
-                        plain_rows=plain,
-                        host_budget=available_host_bytes() if self.device.type == "cuda" else None)
+                        plain_rows=plain, host_budget=host_budget)
+
+    # -- the idle draft ------------------------------------------------------------------
+
+    def _draft_tensors(self) -> list:
+        """The draft's parameters and buffers, each once (tied weights are one tensor)."""
+        seen, out = set(), []
+        for m in self.draft_model.modules():
+            for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+        return out
+
+    def _draft_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._draft_tensors())
+
+    def _park_applies(self) -> bool:
+        """Whether a call without speculation parks the draft (PARK_IDLE_DRAFT), the host
+        having room for its weights beside what it holds now."""
+        if PARK_IDLE_DRAFT not in ("auto", "on", "off"):
+            raise ValueError(f"engine.PARK_IDLE_DRAFT is 'auto', 'on' or 'off', not "
+                             f"{PARK_IDLE_DRAFT!r}")
+        if self.draft_model is None or PARK_IDLE_DRAFT == "off":
+            return False
+        if self._draft_parked or PARK_IDLE_DRAFT == "on":
+            return True
+        if self.device.type != "cuda":
+            return False
+        room = available_host_bytes()
+        return room is None or room >= 2 * self._draft_bytes()  # and as much for caches
+
+    def _park_draft(self) -> float:
+        """Move the draft's weights into one page-locked host block (kvcache.host_zeros,
+        reused by later caches once the draft is back); its captured graphs, which read the
+        old addresses, are dropped. Returns the seconds it took."""
+        if self._draft_parked:
+            return 0.0
+        from .kvcache import host_zeros
+        from .spec import tree as tree_mode
+
+        t0 = time.perf_counter()
+        tensors = self._draft_tensors()
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        starts = list(itertools.accumulate([0] + [-(-n // 64) * 64 for n in sizes]))
+        pinned = self.device.type == "cuda"
+        flat = (host_zeros((starts[-1],), torch.uint8) if pinned
+                else torch.empty(starts[-1], dtype=torch.uint8))
+        for t, start, n in zip(tensors, starts, sizes):
+            host = flat[start:start + n].view(t.dtype).view(t.shape)
+            host.copy_(t.data)
+            t.data = host
+        self.draft_model._graphs.clear()
+        tree_mode.drop_growth_graphs()
+        self._draft_parked = True
+        return time.perf_counter() - t0
+
+    def _unpark_draft(self) -> float:
+        """The parked draft's weights back onto the device; returns the seconds it took."""
+        if not self._draft_parked:
+            return 0.0
+        t0 = time.perf_counter()
+        for t in self._draft_tensors():
+            t.data = t.data.to(self.device)
+        self._draft_parked = False
+        _sync(self.device)
+        return time.perf_counter() - t0
 
     def choose_speculation(self, rows: int, longest: int, max_new_tokens: int,
                            prompts: Optional[Sequence[int]] = None) -> Tuple[bool, Optional[str]]:
@@ -517,14 +600,19 @@ class LLM:
             speculate, note, plan = self._choose_speculation(
                 len(rows), max(len(r) for r in rows), params.max_new_tokens, [len(r) for r in rows])
         speculate = bool(speculate) and self.draft_model is not None
+        moved = self._unpark_draft() if speculate else 0.0
         plan = plan or self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens,
                                  [len(r) for r in rows], speculate=speculate)
+        parked = not speculate and self._park_applies()
+        if parked:
+            moved += self._park_draft()
         seed = self.seed if params.seed is None else params.seed
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stats = GenerationStats(rows=len(rows), plan=plan.to_dict(),
                                 predicted_pass_seconds=plan.predicted_pass_seconds,
                                 predicted_prefill_seconds=plan.predicted_prefill_seconds,
-                                speculated=speculate, speculation_note=note)
+                                speculated=speculate, speculation_note=note,
+                                draft_parked=parked, draft_move_seconds=moved)
         ring = self.model.ring
         copied0 = ring.bytes_copied if ring is not None else 0
         if self.device.type == "cuda":

@@ -358,3 +358,34 @@ def test_a_config_alone_gives_seeded_random_weights():
     assert a[0].text == "" and c.tokenizer is None
     assert not torch.equal(c.model.layers[0].feed_forward.w13,
                            specoff.LLM(cfg, device="cpu", seed=3).model.layers[0].feed_forward.w13)
+
+
+@pytest.mark.gpu
+def test_gpu_an_idle_draft_parked_gives_its_memory_to_rows(make_checkpoint, tmp_path, monkeypatch):
+    """engine.PARK_IDLE_DRAFT "auto": the target alone beside a loaded draft plans more rows
+    with the draft's weights in host memory, stays within budget, gives the target's tokens;
+    a speculative call after it brings the draft back (graphs recaptured) and is exact."""
+    from specoff import engine
+    from specoff.synthetic import make_upcycled_pair
+
+    draft, target = make_upcycled_pair(tmp_path, 0.3, layers=4)
+    params = specoff.SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = PROMPTS * 4
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32")
+              .generate(prompts, params)]
+    budget = 1 << 30
+    kw = dict(device="cuda", dtype="float32", offload=True, gpu_memory=budget,
+              kv_placement="host", max_rows=64)
+    llm = specoff.LLM(target, draft=draft, **kw)
+    idle_rows = llm.plan(len(prompts), 16, 12, speculate=False).rows_per_pass
+    monkeypatch.setattr(engine, "PARK_IDLE_DRAFT", "auto")
+    parked_rows = llm.plan(len(prompts), 16, 12, speculate=False).rows_per_pass
+    assert parked_rows >= idle_rows
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
+    assert llm.last_stats.draft_parked
+    assert all(not t.is_cuda for t in llm._draft_tensors())
+    assert torch.cuda.max_memory_allocated() - base <= budget
+    assert [o.token_ids for o in llm.generate(prompts, params, speculate=True)] == expect
+    assert all(t.is_cuda for t in llm._draft_tensors()) and llm.last_stats.proposed > 0

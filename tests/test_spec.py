@@ -410,6 +410,38 @@ def test_a_run_without_speculation_plans_the_target_alone(pairs):
     assert llm.last_stats.proposed == 0
 
 
+@pytest.mark.parametrize("spec", ["chain", "tree"])
+def test_an_idle_draft_waits_in_host_memory(spec, pairs, monkeypatch):
+    """engine.PARK_IDLE_DRAFT: a call without speculation moves the draft's weights into one
+    host block (here the CPU's, "on") and plans without them; the next speculative call
+    brings them back, and both give the target's tokens."""
+    from specoff import engine
+
+    monkeypatch.setattr(engine, "PARK_IDLE_DRAFT", "on")
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=8)
+    prompts = ["def add(a, b):", "Once upon a time", "import numpy as np", "x = [1, 2, 3]"]
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(prompts, params)]
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec=spec, max_rows=2)
+    weights = {id(t): t.data_ptr() for t in llm._draft_tensors()}
+    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
+    s = llm.last_stats
+    assert s.draft_parked and not s.speculated and "draft_weights" not in s.plan["gpu_bytes"]
+    moved = llm._draft_tensors()
+    assert all(t.data_ptr() != weights[id(t)] for t in moved if t.numel())  # the same tensors
+    block = moved[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == block for t in moved)  # in one block
+    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
+    assert llm.last_stats.draft_move_seconds == 0.0  # already there
+    assert [o.token_ids for o in llm.generate(prompts, params, speculate=True)] == expect
+    s = llm.last_stats
+    assert s.speculated and not s.draft_parked and s.draft_move_seconds > 0 and s.proposed > 0
+    assert not llm._draft_parked and "draft_weights" in s.plan["gpu_bytes"]
+    monkeypatch.setattr(engine, "PARK_IDLE_DRAFT", "sometimes")
+    with pytest.raises(ValueError, match="PARK_IDLE_DRAFT"):
+        llm.generate(prompts, params, speculate=False)
+
+
 def test_a_speculative_run_reports_the_plain_prediction(pairs):
     """With a hardware profile, a speculative run over a queue also gets the planner's figure
     for the target alone batching the same prompts (what the command line compares)."""

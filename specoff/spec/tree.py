@@ -468,6 +468,11 @@ class GrowthGraphs:
 _growth_graphs = weakref.WeakKeyDictionary()
 
 
+def drop_growth_graphs() -> None:
+    """Forget every captured growth graph (a draft's weights moved: LLM._park_draft)."""
+    _growth_graphs.clear()
+
+
 def growth_graphs(draft, cache: KVCache, rows: int, budget: int, width: int, children: int,
                   max_depth: int, vocab: Optional[int],
                   acceptance: Optional[AcceptanceModel] = None) -> GrowthGraphs:
