@@ -373,7 +373,7 @@ class ChainPipeline:
         """One offloaded target pass for the groups (one, or at the tail every active one:
         JOINT_TAIL): verify their drafts, and prefill their new prompts with their drafts
         appended (verified the same way); then commit what each row accepted."""
-        work = []  # (group, its parts' finish) for each group with something to verify
+        work = []  # (group, verify?, refilled rows) for each group with drafts to verify
         for g in groups:
             refill = list(g.refill)
             verify = any(g.request[b] is not None and b not in refill for b in range(g.rows))
