@@ -11,6 +11,7 @@ so quantization can only move the acceptance rate.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,9 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 FP8_GEMM = False
 # Products with the weight loaded as float8 and converted in registers by a Triton kernel
 # (kernels/fp8_gemm.py: a step reads 1 byte a weight, where dequantizing first moves 5),
-# the activations in their own dtype: "auto" on CUDA tensors, "on" anywhere (the CPU runs
-# Triton's interpreter: tests), "off" dequantizes. Not yet timed on a GPU: "off".
+# the activations in their own dtype: "auto" on CUDA tensors, "on" wherever Triton runs
+# (CUDA tensors, or CPU ones under TRITON_INTERPRET: tests), "off" dequantizes. Not yet
+# timed on a GPU: "off".
 FP8_WEIGHT_KERNEL = "off"
 
 
@@ -39,7 +41,9 @@ def use_weight_kernel(x: torch.Tensor) -> bool:
     if FP8_WEIGHT_KERNEL not in ("auto", "on", "off"):
         raise ValueError(f"quant.FP8_WEIGHT_KERNEL is 'auto', 'on' or 'off', not "
                          f"{FP8_WEIGHT_KERNEL!r}")
-    return FP8_WEIGHT_KERNEL == "on" or (FP8_WEIGHT_KERNEL == "auto" and x.is_cuda)
+    if FP8_WEIGHT_KERNEL == "on" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return FP8_WEIGHT_KERNEL != "off" and x.is_cuda
 
 
 def fp8_rows(w: torch.Tensor):
