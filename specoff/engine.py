@@ -335,6 +335,7 @@ class LLM:
         self._tree_tuners = {}  # (rows per pass, budget ladder) → TreeBudgetTuner
         self._spec_tokens_per_pass = None  # the last speculative throughput call's (choose_speculation)
         self._draft_parked = False  # the draft's weights wait in host memory (PARK_IDLE_DRAFT)
+        self._draft_nbytes = None
         self.last_plan_pass_seconds = None
         self.profile = None
         budget = None
@@ -490,14 +491,14 @@ class LLM:
         return out
 
     def _draft_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._draft_tensors())
+        if self._draft_nbytes is None:  # sizes never change: counted once
+            self._draft_nbytes = sum(t.numel() * t.element_size() for t in self._draft_tensors())
+        return self._draft_nbytes
 
     def _park_applies(self) -> bool:
         """Whether a call without speculation parks the draft (PARK_IDLE_DRAFT), the host
         having room for its weights beside what it holds now."""
-        if PARK_IDLE_DRAFT not in ("auto", "on", "off"):
-            raise ValueError(f"engine.PARK_IDLE_DRAFT is 'auto', 'on' or 'off', not "
-                             f"{PARK_IDLE_DRAFT!r}")
+        check_segment_mode("engine.PARK_IDLE_DRAFT", PARK_IDLE_DRAFT)
         if self.draft_model is None or PARK_IDLE_DRAFT == "off":
             return False
         if self._draft_parked or PARK_IDLE_DRAFT == "on":

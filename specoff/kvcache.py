@@ -370,7 +370,8 @@ class SegmentAllocator:
 
 
 def check_segment_mode(name: str, mode) -> None:
-    """A segment option (SEGMENT_DRAFT_CACHE, ...) is "auto", "on" or "off"."""
+    """An "auto" / "on" / "off" option (SEGMENT_DRAFT_CACHE, JOINT_TAIL, PARK_IDLE_DRAFT,
+    FP8_WEIGHT_KERNEL, ...) holds one of those."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"{name} is 'auto', 'on' or 'off', not {mode!r}")
 

@@ -38,9 +38,9 @@ FP8_WEIGHT_KERNEL = "off"
 
 
 def use_weight_kernel(x: torch.Tensor) -> bool:
-    if FP8_WEIGHT_KERNEL not in ("auto", "on", "off"):
-        raise ValueError(f"quant.FP8_WEIGHT_KERNEL is 'auto', 'on' or 'off', not "
-                         f"{FP8_WEIGHT_KERNEL!r}")
+    from .kvcache import check_segment_mode
+
+    check_segment_mode("quant.FP8_WEIGHT_KERNEL", FP8_WEIGHT_KERNEL)
     if FP8_WEIGHT_KERNEL == "on" and os.environ.get("TRITON_INTERPRET") == "1":
         return True
     return FP8_WEIGHT_KERNEL != "off" and x.is_cuda

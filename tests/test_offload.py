@@ -248,6 +248,18 @@ def _gpu_runs(path, **kw):
     return [o.token_ids for o in outs], llm
 
 
+def _gpu_pair(tmp_path, prompts, new_tokens):
+    """A small upcycled pair (σ 0.3, 4 layers), greedy params, and the target's own tokens
+    for `prompts` on the GPU: what the speculative runs must give."""
+    from specoff.synthetic import make_upcycled_pair
+
+    draft, target = make_upcycled_pair(tmp_path, 0.3, layers=4)
+    params = specoff.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32")
+              .generate(prompts, params)]
+    return draft, target, params, expect
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("slots", [2, 3])
 @pytest.mark.parametrize("kv", ["gpu", "host", "host-segments"])
@@ -297,14 +309,9 @@ def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, ahead, make_c
     rows) gives the target's tokens, within budget: the cache's layers copied on the compute
     stream (ahead 0) or fetched 1 or 3 layers ahead on their own stream."""
     from specoff.models import decoder
-    from specoff.synthetic import make_upcycled_pair
 
     monkeypatch.setattr(decoder, "HOST_CACHE_AHEAD", ahead)
-
-    draft, target = make_upcycled_pair(tmp_path, 0.3, layers=4)
-    params = specoff.SamplingParams(max_new_tokens=20, ignore_eos=True)
-    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32")
-              .generate(PROMPTS * 3, params)]
+    draft, target, params, expect = _gpu_pair(tmp_path, PROMPTS * 3, 20)
     budget = 1 << 30
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -325,15 +332,11 @@ def test_gpu_tree_throughput_keeps_the_budget(overlap, make_checkpoint, tmp_path
     target's picks taken in chunks, the draft's refill prefill after or under the pass):
     the target's tokens, within budget."""
     from specoff.spec import tree
-    from specoff.synthetic import make_upcycled_pair
 
     monkeypatch.setattr(tree, "DRAFT_PREFILL_STREAM", overlap)
     monkeypatch.setattr(tree, "LOGIT_ROWS", 16)
-    draft, target = make_upcycled_pair(tmp_path, 0.3, layers=4)
-    params = specoff.SamplingParams(max_new_tokens=20, ignore_eos=True)
     prompts = PROMPTS * 6
-    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32")
-              .generate(prompts, params)]
+    draft, target, params, expect = _gpu_pair(tmp_path, prompts, 20)
     budget = 1 << 30
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -366,17 +369,12 @@ def test_gpu_an_idle_draft_parked_gives_its_memory_to_rows(make_checkpoint, tmp_
     with the draft's weights in host memory, stays within budget, gives the target's tokens;
     a speculative call after it brings the draft back (graphs recaptured) and is exact."""
     from specoff import engine
-    from specoff.synthetic import make_upcycled_pair
 
-    draft, target = make_upcycled_pair(tmp_path, 0.3, layers=4)
-    params = specoff.SamplingParams(max_new_tokens=12, ignore_eos=True)
     prompts = PROMPTS * 4
-    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32")
-              .generate(prompts, params)]
+    draft, target, params, expect = _gpu_pair(tmp_path, prompts, 12)
     budget = 1 << 30
-    kw = dict(device="cuda", dtype="float32", offload=True, gpu_memory=budget,
-              kv_placement="host", max_rows=64)
-    llm = specoff.LLM(target, draft=draft, **kw)
+    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
+                      gpu_memory=budget, kv_placement="host", max_rows=64)
     idle_rows = llm.plan(len(prompts), 16, 12, speculate=False).rows_per_pass
     monkeypatch.setattr(engine, "PARK_IDLE_DRAFT", "auto")
     parked_rows = llm.plan(len(prompts), 16, 12, speculate=False).rows_per_pass
