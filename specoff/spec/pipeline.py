@@ -53,9 +53,10 @@ SEGMENT_TARGET_SLACK = 1.5
 # rows: H200, Mixtral 8x7B at 24 GiB, 1.80 s predicted for 123 rows, 1.93 s for 246,
 # against ~0.04 s of drafting), or "on" / "off". The groups still merge into one once their
 # rows fit in one (_merge_tail). Predicted by chain_passes (α 0.7, γ 4, 2 × 123 rows, 492
-# HumanEval-sized requests of 32 tokens): 56.4 → 51.0 passes; not yet run on a GPU, so
-# "off" until measured (session 18).
-JOINT_TAIL = "off"
+# HumanEval-sized requests of 32 tokens): 56.4 → 51.0 passes. Measured (H200, session 19,
+# `PROMPTS=492 NEW=32 bash tools/gpu_session.sh joint-tail`, ABAB): 56 → 50 passes (6 of them
+# joint), 146.5 / 154.7 → 170.3 / 168.9 tokens/s; the pass 1.77 → 1.80 s.
+JOINT_TAIL = "auto"
 
 
 def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int) -> Tuple[int, bool]:
