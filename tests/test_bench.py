@@ -330,6 +330,17 @@ def test_profile_pass_summarises_streams_and_copy_gaps():
     assert profile_pass._option(tree, "DRAFT_PREFILL_STREAM", "off") is False
     with pytest.raises(SystemExit, match="0/1"):
         profile_pass._option(tree, "DRAFT_PREFILL_STREAM", "maybe")
+    # --syncs: the host's waits for the device by the specoff lines that called them (none
+    # on the CPU); a site names the innermost specoff frames, the caller last
+    out = profile_pass.main(["--tiny", "--syncs"])
+    assert out["passes"] >= 1 and out["syncs"] == 0 and out["sites"] == []
+    from traceback import FrameSummary
+    stack = [FrameSummary("/x/tools/profile_pass.py", 9, "main"),
+             FrameSummary("/x/specoff/spec/pipeline.py", 477, "_commit"),
+             FrameSummary("/x/specoff/kvcache.py", 271, "assign"),
+             FrameSummary("/x/torch/_tensor.py", 5, "tolist")]
+    assert profile_pass.sync_site(stack) == "kvcache.py:271 assign < pipeline.py:477 _commit"
+    assert profile_pass.sync_site(stack[:1]) == "(outside specoff)"
     rows = profile_pass.main(["--tiny", "--offload-only", "--compare", "CHAIN_ATTENTION=auto,torch"])
     assert [r["value"] for r in rows["compare"]] == ["auto", "torch", "auto", "torch"]
     assert all(r["passes"] >= 1 and r["pass_seconds"] > 0 for r in rows["compare"])

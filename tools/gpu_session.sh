@@ -57,6 +57,14 @@
 #   fp8-draft    tree runs (HumanEval x3, 32 tokens, up to 512 rows) with the draft's weights in
 #                float8, its products dequantized or in float8 (quant.FP8_GEMM), ABAB
 #   tree-tests   the GPU tests of tree mode and of the attention kernel's row offsets
+#   host-ahead   issue 4's (c) with the target's host cache copied on the compute stream or a
+#                layer ahead on its own (models.decoder.HOST_CACHE_AHEAD 0 / 1), ABAB
+#   joint-tail   issue 4's (c) with the tail's groups in a pass each or one pass for both
+#                (spec.pipeline.JOINT_TAIL off / on), ABAB; GAMMA, ROWS, PROMPTS, NEW
+#   syncs        issue 4's (c) with torch's CUDA sync debugging: the host's waits for the device
+#                by the specoff lines that called them (GAMMA, ROWS, PROMPTS, NEW)
+#   fp8-kernel   the float8-weight product timed (kernel, dequantizing, bf16), then tree runs
+#                with a float8 draft through each (quant.FP8_WEIGHT_KERNEL off / auto), ABAB
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
 # rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
@@ -194,15 +202,16 @@ for step in "$@"; do
                 --rows 512 --prompts 492 --humaneval --new-tokens 32 --draft-quant fp8 \
                 --json "$OUT/fp8-draft.json" --compare "quant.FP8_GEMM=0,1" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/fp8-draft.log" | tail -8 ;;
-        fp8-kernel)  # the float8-weight product: kernel vs dequantizing vs bf16 (pytest-benchmark),
-                     # GPU tests, then tree runs with a float8 draft dequantizing / through it (ABAB)
-            timeout 200 python -m pytest -q --benchmark-only --benchmark-columns=median \
-                tests/benchmarks/test_bench_kernels.py -k fp8 2>&1 | tee -a "$OUT/fp8-kernel.log" | tail -40
-            timeout 150 python -m pytest -q tests/kernels/test_fp8_gemm.py tests/test_quant.py 2>&1 \
-                | tee -a "$OUT/fp8-kernel.log" | tail -3
+        fp8-kernel)  # the float8-weight product: kernel vs dequantizing vs bf16 (pytest-benchmark,
+                     # the draft's three shapes at 1-512 rows), then tree runs with a float8 draft
+                     # dequantizing / through the kernel (ABAB; ROWS 256, PROMPTS 328, NEW 32)
+            timeout 150 python -m pytest -q --benchmark-only --benchmark-columns=median \
+                --benchmark-sort=name tests/benchmarks/test_bench_kernels.py -k fp8_linear 2>&1 \
+                | tee -a "$OUT/fp8-kernel.log" | tail -45
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
-                --rows 512 --prompts 492 --humaneval --new-tokens 32 --draft-quant fp8 \
-                --json "$OUT/fp8-kernel.json" --compare "quant.FP8_WEIGHT_KERNEL=off,auto" 2>&1 \
+                --rows "${ROWS:-256}" --prompts "${PROMPTS:-328}" --humaneval --new-tokens "${NEW:-32}" \
+                --draft-quant fp8 --json "$OUT/fp8-kernel.json" \
+                --compare "quant.FP8_WEIGHT_KERNEL=off,auto" 2>&1 \
                 | grep -v USDT | tee -a "$OUT/fp8-kernel.log" | tail -8 ;;
         tree-tests)
             timeout 200 python -m pytest -q -m gpu tests/test_tree.py 2>&1 | tee -a "$OUT/tests.log" | tail -3
@@ -226,13 +235,19 @@ for step in "$@"; do
                 --new-tokens "${NEW:-16}" --json "$OUT/joint-tail.json" \
                 --compare "spec.pipeline.JOINT_TAIL=off,on" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/joint-tail.log" | tail -8 ;;
+        syncs)  # issue 4's (c): the host's waits for the device, by the specoff lines that
+                # called them (torch's sync debugging; a round means one per group, in _commit)
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave on \
+                --draft-len "${GAMMA:-4}" --rows "${ROWS:-246}" --prompts "${PROMPTS:-328}" --humaneval \
+                --new-tokens "${NEW:-16}" --syncs --json "$OUT/syncs.json" 2>&1 | grep -v USDT \
+                | tee -a "$OUT/syncs.log" | tail -35 ;;
         profile-chain)  # issue 4's (c): where a chain interleaved round's time goes, per stream
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave on \
                 --draft-len "${GAMMA:-4}" --rows "${ROWS:-246}" --prompts "${PROMPTS:-328}" --humaneval \
                 --new-tokens "${NEW:-16}" --json "$OUT/profile-chain.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-chain.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft, fp8-kernel)" >&2
+            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, syncs, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft, fp8-kernel)" >&2
             exit 2 ;;
     esac
 done

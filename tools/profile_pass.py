@@ -205,6 +205,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
                    help="no profiler: one run under torch's allocator history; write what was "
                         "allocated at its peak, by the specoff lines that allocated it, beside "
                         "the plan's figures (JSON)")
+    p.add_argument("--syncs", action="store_true",
+                   help="no profiler: one run with torch's CUDA sync debugging on; every "
+                        "operation that made the host wait for the device, counted by the "
+                        "specoff lines that called it")
     p.add_argument("--trace", help="write the chrome trace here")
     p.add_argument("--json", help="write the summary here")
     args = p.parse_args(argv)
@@ -239,6 +243,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                  speculate=speculate)
     if args.memory_peak:
         return memory_peak(llm, lambda: generate(prompts), Path(args.memory_peak))
+    if args.syncs:
+        return sync_sites(llm, lambda: generate(prompts), args)
     if args.compare or args.repeat:
         return compare(llm, lambda: generate(prompts), args)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -359,6 +365,58 @@ def allocation_site(frames: List[dict], depth: int = 2) -> str:
     if not ours:
         return "(outside specoff)"
     return " < ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in ours[:depth])
+
+
+def sync_site(stack, depth: int = 3) -> str:
+    """The innermost `depth` specoff frames of a traceback.extract_stack() ("file:line fn <
+    ...", the caller last), or "(outside specoff)"."""
+    ours = [f for f in stack if "specoff" in f.filename and "profile_pass" not in f.filename]
+    if not ours:
+        return "(outside specoff)"
+    return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in ours[::-1][:depth])
+
+
+def sync_sites(llm, run, args) -> dict:
+    """One run with torch.cuda.set_sync_debug_mode("warn"): each synchronizing operation
+    (a stream or device sync, a blocking copy to or from pageable memory, .item(),
+    nonzero...) warns, and is counted here by the specoff lines that called it. The host
+    syncs a pipeline means to take (a chain round's one per group, in _commit) show beside
+    any it does not, which would hold the host back from issuing the next pass."""
+    import traceback
+    import warnings
+
+    sites: Dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            site = sync_site(traceback.extract_stack()[:-1])
+            sites[site] = sites.get(site, 0) + 1
+
+    cuda = torch.cuda.is_available() and llm.device.type == "cuda"
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    s = llm.last_stats
+    report = dict(wall_seconds=time.perf_counter() - t0, passes=s.decode_passes,
+                  rounds=s.rounds, syncs=sum(sites.values()),
+                  draft_hidden_fraction=s.draft_hidden_fraction,
+                  sites=[dict(count=n, per_pass=n / max(s.decode_passes, 1), site=k)
+                         for k, n in sorted(sites.items(), key=lambda kv: -kv[1])])
+    print(f"{report['syncs']} host syncs over {s.decode_passes} passes "
+          f"(draft hidden {s.draft_hidden_fraction}), by site:")
+    for row in report["sites"][:30]:
+        print(f"  {row['count']:6d} ({row['per_pass']:6.1f} a pass)  {row['site']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
 
 
 def memory_peak(llm, run, path: Path) -> dict:

@@ -678,10 +678,13 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
     waiting takes over the plain row with the most tokens to come.
 
     `request_histograms`: one histogram per request seen (GenerationStats.request_histograms).
-    Rows then differ as requests do: each prompt draws its passes from one request's
-    histogram, the requests taken in a shuffled order (all once, then again), so rows the
-    draft predicts badly keep their slow pace and set the tail, as they do in a run (one
-    wave of 164 rows on the Qwen3-30B-A3B pair: 23 passes measured, session 15)."""
+    Rows then differ as requests do: each prompt takes one request's pace, its mean tokens a
+    pass, the requests in a shuffled order (all once, then again), so rows the draft predicts
+    badly keep their slow pace and set the tail, as they do in a run (one wave of 164 rows on
+    the Qwen3-30B-A3B pair: 23 passes measured, session 15). The pace, not passes drawn from
+    the request's histogram: a request's histogram already holds one draw of its luck, and
+    drawing again around it spreads the slowest rows further than any run (H200, session
+    19, 328 HumanEval prompts through 164 rows: 23 and 24 passes measured, 26–30 drawn)."""
     import numpy as np
 
     weights = np.asarray(accepted_histogram, dtype=float)
@@ -700,6 +703,10 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
         if not order:
             order.extend(rng.permutation(len(per_request)).tolist())  # numpy: no device
         return per_request[order.pop()]
+
+    def pace(w) -> float:
+        """Tokens a pass of a row at acceptance distribution w: 1 + the accepted nodes."""
+        return float(np.dot(np.arange(1, len(w) + 1), w))
 
     waiting = prompts - min(rows, prompts)
     left = [new_tokens - 1 if b < prompts else 0 for b in range(rows)]  # tokens still to emit
@@ -734,12 +741,14 @@ def tree_passes(prompts: int, rows: int, new_tokens: int, accepted_histogram: Se
     while any(left) or any(plain_left):
         passes += 1
         live = [b for b in range(rows) if left[b] and b not in refill]
-        if per_request:  # each row its own request's distribution
-            drawn = [rng.choice(len(row_weights[b]), p=row_weights[b]) for b in live]
+        if per_request:  # each row at its own request's pace
+            for b in live:
+                rest = left[b] - pace(row_weights[b])
+                left[b] = rest if rest > 1e-9 else 0
         else:
             drawn = rng.choice(len(weights), size=len(live), p=weights)
-        for b, a in zip(live, drawn):
-            left[b] = max(left[b] - 1 - int(a), 0)
+            for b, a in zip(live, drawn):
+                left[b] = max(left[b] - 1 - int(a), 0)
         for b in refill:
             left[b] -= 1
         for p in range(plain):
