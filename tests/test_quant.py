@@ -74,11 +74,13 @@ def test_speculation_with_an_fp8_draft_equals_the_target(spec, sigma, kernel, pa
 
     monkeypatch.setattr(quant, "FP8_WEIGHT_KERNEL", kernel)
     draft, target = pairs(sigma)
-    params = specoff.SamplingParams(max_new_tokens=10)
-    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(PROMPTS, params)]
+    # The interpreter runs each launch's programs in numpy: fewer prompts and tokens there.
+    prompts = PROMPTS[:2] if kernel == "on" else PROMPTS
+    params = specoff.SamplingParams(max_new_tokens=6 if kernel == "on" else 10)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(prompts, params)]
     llm = specoff.LLM(target, draft=draft, device="cpu", spec=spec, draft_quant="fp8", max_rows=3)
     assert llm.draft_config.weight_quant == "fp8"
-    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expect
     if sigma == 0.0:  # the draft is the target up to the weights' rounding: most accepted
         assert llm.last_stats.acceptance_rate > 0.5
 
