@@ -195,8 +195,30 @@ def test_replot_puts_runs_together(tmp_path):
     rows = records["sweep-budget"]
     assert len({r["run_id"] for r in rows}) == 2 and len(rows) == 3
     text = (tmp_path / "all" / "sweep-budget.md").read_text()
-    assert "runs " in text and text.count("| specoff-offload |") == 2
+    runs, flatness = text.split("Flatness against the largest budget")
+    assert "runs " in runs and runs.count("| specoff-offload |") == 2
     assert (tmp_path / "all" / "sweep-budget-tokens_per_second.png").exists()
+    assert "| 2 GiB |" in flatness and "| 1 GiB |" in flatness
+
+
+def test_budget_flatness_against_the_bus_cap():
+    """Each budget's best engine against the largest budget's, beside the cap the bytes a
+    pass set: the session-15/19 H200 rows (69.7 GB a pass at 48 GiB, 90.0 at 12)."""
+    row = lambda b, engine, tps, nbytes, **kw: dict(  # noqa: E731
+        status="ok", budget_gib=b, engine=engine, tokens_per_second=tps,
+        stream_bytes_per_pass=nbytes, **kw)
+    text = bench.budget_flatness([
+        row(48, "specoff-tree", 267.2, 69.66e9, speculated=True),
+        row(48, "specoff-offload", 128.3, 69.66e9, speculated=False),
+        row(12, "specoff-tree", 104.8, 92.88e9, speculated=True, draft_quant="fp8"),
+        row(12, "specoff-offload", 183.3, 89.98e9, speculated=False, draft_quant="fp8"),
+        dict(status="skipped", budget_gib=8, engine="specoff-tree")])
+    lines = text.splitlines()
+    assert lines[2].startswith("| 48 GiB | 267.2 | specoff-tree | 100 | 100 | 69.7 |")
+    # the target alone is the best at 12 GiB (no draft note: it did not speculate); 69% of
+    # 48 GiB's best against a cap of 69.66 / 89.98 = 77%
+    assert lines[3] == "| 12 GiB | 183.3 | specoff-offload | 69 | 77 | 90.0 |"
+    assert len(lines) == 4 and bench.budget_flatness([]) == ""
 
 
 def test_draft_grid_builds_the_pair_for_an_fp8_draft(tmp_path):

@@ -1022,6 +1022,50 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def budget_flatness(rows: List[dict]) -> str:
+    """sweep-budget: each budget's best tokens/s as a share of the largest budget's, beside
+    the share the bus allows. A copy-bound pass costs the bytes its plan streams, and any
+    run a small budget holds, a larger one holds with more layers resident; so a budget's
+    best can reach at most (the largest budget's fewest bytes a pass) / (its own fewest)
+    of the largest's, unless the larger budget's passes are bound by compute instead."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("tokens_per_second")
+          and r.get("budget_gib") is not None]
+    if not ok:
+        return ""
+    best: Dict[float, dict] = {}
+    fewest: Dict[float, int] = {}
+    for r in ok:
+        b = r["budget_gib"]
+        if b not in best or r["tokens_per_second"] > best[b]["tokens_per_second"]:
+            best[b] = r
+        if r.get("stream_bytes_per_pass"):
+            fewest[b] = min(fewest.get(b, r["stream_bytes_per_pass"]), r["stream_bytes_per_pass"])
+    top = max(best)
+    lines = ["| budget | best tokens/s | engine | % of the largest budget's | bus cap % | bytes a pass (GB) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for b in sorted(best, reverse=True):
+        r = best[b]
+        cap = (100 * fewest[top] / fewest[b]) if top in fewest and b in fewest else None
+        draft = quant_note(r) if r.get("speculated", r["engine"] != "specoff-offload") else ""
+        lines.append(f"| {b:g} GiB | {r['tokens_per_second']:.1f} | {r['engine']}{draft} "
+                     f"| {100 * r['tokens_per_second'] / best[top]['tokens_per_second']:.0f} "
+                     f"| {fmt(cap, '.0f')} | {fmt(fewest[b] / 1e9 if b in fewest else None, '.1f')} |")
+    return "\n".join(lines)
+
+
+def scenario_body(name: str, rows: List[dict]) -> str:
+    """A scenario's markdown: its table, and for the budget sweep the flatness beside the
+    bus's cap."""
+    if name == "demo":
+        return demo_table(rows)
+    body = table(rows)
+    flat = budget_flatness(rows) if name == "sweep-budget" else ""
+    return body + ("\n\nFlatness against the largest budget (best engine at each). The cap: "
+                   "the largest budget's fewest bytes a pass over this budget's, a bound for a "
+                   "run that stays copy-bound with more layers resident; a run whose passes "
+                   "are compute-bound there can pass it:\n\n" + flat if flat else "")
+
+
 def demo_table(rows: List[dict]) -> str:
     """The demo report's own rows (whatever keys evaluate returns), or the run's status."""
     report = [d for r in rows for d in (r.get("demo_rows") or [])]
@@ -1316,7 +1360,7 @@ def replot(args) -> Dict[str, List[dict]]:
         runs = ", ".join(dict.fromkeys(r["run_id"] for r in rows))
         sigma = sigma_text(rows)
         text = (f"### {name}\n\ndevice {view.device_name} | {view.pair_name} | "
-                f"{sigma or 'σ not used'} | runs {runs}\n\n{table(rows)}\n")
+                f"{sigma or 'σ not used'} | runs {runs}\n\n{scenario_body(name, rows)}\n")
         (out / f"{name}.md").write_text(text)
         pngs = plots(view, name, rows)
         print(text + "".join(f"\n![{p.stem}]({p.name})" for p in pngs))
@@ -1386,7 +1430,7 @@ def run(args) -> Dict[str, List[dict]]:
             bench.execute(j)
             bar.update(1)
         rows = bench.records.get(name, [])
-        body = demo_table(rows) if name == "demo" else table(rows)
+        body = scenario_body(name, rows)
         text = f"### {name}\n\n{header(bench, rows)}\n\n{body}\n"
         (bench.out / f"{name}.md").write_text(text)
         pngs = plots(bench, name, rows)
