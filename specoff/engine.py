@@ -22,8 +22,8 @@ from .kvcache import KVCache, SegmentKVCache, available_host_bytes, check_segmen
 from .models.decoder import row_chunk
 from .offload import build_offloaded
 from .quant import check_weight_quant, quantize_linears
-from .planner import (Plan, load_profile, parse_bytes, plan_run, plan_weights, predict_draft_prefill,
-                      weight_reserve)
+from .planner import (BudgetError, Plan, load_profile, parse_bytes, plan_run, plan_weights,
+                      predict_draft_prefill, weight_reserve)
 from .sampling import SamplingParams, select
 from .spec.chain import MAX_DRAFT_LEN
 from .synthetic import SyntheticModel, random_source
@@ -59,10 +59,13 @@ SPECULATION_PRIOR_TOKENS = 4.0
 # or the planner's choice): its weights wait in page-locked host memory for the call, so
 # the target's rows get the GPU memory they held (LLM._park_draft), and come back for the
 # next speculative call (~0.3 s each way for 14.5 GB at ~50 GB/s). "auto": on a CUDA device
-# where the host has the room, "on" anywhere (the CPU: tests), "off". Planner figures
+# where the host has the room and the plan beside the idle draft serves fewer rows than the
+# call can take (else nothing is moved), "on" anywhere (the CPU: tests), "off". GPU-tested
+# (session 19: parked, within the budget, exact, and back for the next speculative call),
+# not yet timed. Planner figures
 # (H200 profile, Mixtral 8x7B with a Mistral-7B-shaped draft, HumanEval prompts): at 16 GiB
 # the target alone keeps 185 rows with the idle draft on the GPU, 492 with it parked; at
-# 12 GiB no plan fits beside the draft. Not yet run on a GPU: "off".
+# 12 GiB no plan fits beside the draft. "off" until timed.
 PARK_IDLE_DRAFT = "off"
 
 
@@ -378,8 +381,6 @@ class LLM:
             self.draft_model.use_graphs = self.model.use_graphs
         self.eos_token_ids = self._eos_ids()
         self.last_stats = GenerationStats()
-        from .planner import BudgetError
-
         while True:  # refuse a bad kv_placement or a budget that fits no run now
             try:
                 self.plan(1, 1, 1)
@@ -463,20 +464,34 @@ class LLM:
             from .spec.pipeline import draft_cache_slots as chain_slots
 
             draft_tokens = lambda r: chain_slots(min(r, rows), prompts, max_new_tokens)[0]  # noqa: E731
+
+        def run_plan(parked: bool) -> Plan:
+            host_budget = available_host_bytes() if self.device.type == "cuda" else None
+            if parked and host_budget is not None and not self._draft_parked:
+                host_budget -= self._draft_bytes()  # where they will wait
+            return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
+                            context=longest + max_new_tokens + (tokens + 1) * spec,
+                            max_rows=self.max_rows, tokens_per_row=tokens,
+                            prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
+                            kv_placement=self.kv_placement, profile=self.profile,
+                            draft=None if parked else self.draft_config, max_logit_rows=logit_rows,
+                            draft_tokens=draft_tokens, draft_idle=not spec,
+                            host_kv_tokens=host_tokens,
+                            prompt_tokens=(lambda r: sum(prompts[:r])) if prompts else None,
+                            plain_rows=plain, host_budget=host_budget)
+
         parked = not spec and self._park_applies()  # the idle draft's weights go to the host
-        host_budget = available_host_bytes() if self.device.type == "cuda" else None
-        if parked and host_budget is not None and not self._draft_parked:
-            host_budget -= self._draft_bytes()  # where they will wait
-        return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
-                        context=longest + max_new_tokens + (tokens + 1) * spec,
-                        max_rows=self.max_rows, tokens_per_row=tokens,
-                        prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
-                        kv_placement=self.kv_placement, profile=self.profile,
-                        draft=None if parked else self.draft_config, max_logit_rows=logit_rows,
-                        draft_tokens=draft_tokens, draft_idle=not spec,
-                        host_kv_tokens=host_tokens,
-                        prompt_tokens=(lambda r: sum(prompts[:r])) if prompts else None,
-                        plain_rows=plain, host_budget=host_budget)
+        if parked and PARK_IDLE_DRAFT == "auto" and not self._draft_parked:
+            # "auto" parks where that buys rows: a plan beside the idle draft that already
+            # serves every row the call can take keeps the draft where it is (no move, no
+            # graphs to capture again).
+            try:
+                beside = run_plan(False)
+                if beside.rows_per_pass >= min(rows, self.max_rows):
+                    return beside
+            except BudgetError:
+                pass
+        return run_plan(parked)
 
     # -- the idle draft ------------------------------------------------------------------
 
@@ -557,8 +572,6 @@ class LLM:
                             prompts: Optional[Sequence[int]] = None):
         """choose_speculation's answer and the plan of the choice (None where none was made),
         which generate then runs."""
-        from .planner import BudgetError
-
         if self.draft_model is None:
             return False, None, None
         if (self.spec is not None or self.draft_len is not None or self.interleave is not None
@@ -604,7 +617,10 @@ class LLM:
         moved = self._unpark_draft() if speculate else 0.0
         plan = plan or self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens,
                                  [len(r) for r in rows], speculate=speculate)
-        parked = not speculate and self._park_applies()
+        # The plan says whether the idle draft waits in host memory (it counts no draft
+        # weights then).
+        parked = (not speculate and self.draft_model is not None
+                  and "draft_weights" not in plan.gpu_bytes)
         if parked:
             moved += self._park_draft()
         seed = self.seed if params.seed is None else params.seed

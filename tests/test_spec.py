@@ -1,4 +1,5 @@
 """Chain speculation: exact greedy output, lossless sampling, refill, tokenizer checks."""
+import dataclasses
 import json
 import shutil
 
@@ -440,6 +441,32 @@ def test_an_idle_draft_waits_in_host_memory(spec, pairs, monkeypatch):
     monkeypatch.setattr(engine, "PARK_IDLE_DRAFT", "sometimes")
     with pytest.raises(ValueError, match="PARK_IDLE_DRAFT"):
         llm.generate(prompts, params, speculate=False)
+
+
+def test_auto_parks_the_idle_draft_only_where_that_buys_rows(pairs, monkeypatch):
+    """PARK_IDLE_DRAFT "auto": a plan beside the idle draft that serves every row the call can
+    take keeps the draft on the device; one that serves fewer parks it (the plan without the
+    draft's weights, and generate moves them)."""
+    from specoff import engine
+
+    monkeypatch.setattr(engine, "PARK_IDLE_DRAFT", "auto")
+    draft, target = pairs(0.3)
+    params = specoff.SamplingParams(max_new_tokens=6)
+    prompts = ["def add(a, b):", "Once upon a time", "import numpy as np", "x = [1, 2, 3]"]
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(prompts, params)]
+    llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=4)
+    monkeypatch.setattr(llm, "_park_applies", lambda: True)  # the host's room, as on a GPU
+    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
+    s = llm.last_stats
+    assert not s.draft_parked and "draft_weights" in s.plan["gpu_bytes"] and not llm._draft_parked
+    # A budget where the idle draft leaves room for one row (the planner's answer stood in for)
+    real = engine.plan_run
+    monkeypatch.setattr(engine, "plan_run", lambda *a, draft=None, **kw: dataclasses.replace(
+        real(*a, draft=draft, **kw), rows_per_pass=1) if draft is not None else real(*a, draft=draft, **kw))
+    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
+    s = llm.last_stats
+    assert s.draft_parked and "draft_weights" not in s.plan["gpu_bytes"] and s.plan["rows_per_pass"] == 4
+    assert llm._draft_parked
 
 
 def test_a_speculative_run_reports_the_plain_prediction(pairs):
