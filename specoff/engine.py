@@ -11,9 +11,9 @@ import dataclasses
 import itertools
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -150,6 +150,11 @@ class GenerationStats:
     round_seconds: float = 0.0  # wall time of the rounds that had drafting
     rounds: int = 0  # rounds that had drafting
     draft_hidden_seconds: float = 0.0  # draft time that overlapped a target pass
+    # chain: the draft time that did not, by the kind of pass it was timed with: "first"
+    # (the first pass: the first group's draft runs before it), "interleaved" (the other
+    # group's draft beside the pass), "joint" (JOINT_TAIL: both drafts before it), "serial"
+    # (one group: its draft between passes)
+    draft_exposed_seconds: Dict[str, float] = field(default_factory=dict)
     proposed: int = 0
     accepted: int = 0
     row_passes: int = 0  # (row, target pass) pairs that verified drafts

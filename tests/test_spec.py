@@ -198,6 +198,12 @@ def test_joint_tail_passes_verify_both_groups(sampled, pairs, monkeypatch):
         if expect is not None:
             assert got == expect
         assert s.groups == 2 and (s.joint_passes > 0) == (joint == "on")
+        # the draft time no pass hid, by the kind of pass it was timed with (all of it here,
+        # off a GPU): the first, the groups' turns, the joint tail, one group after the merge
+        exposed = s.draft_exposed_seconds
+        assert {"first", "interleaved"} <= set(exposed) <= {"first", "interleaved", "joint", "serial"}
+        assert ("joint" in exposed) == (joint == "on")
+        assert sum(exposed.values()) <= s.draft_seconds + 1e-9
         assert abs(s.predicted_passes - s.decode_passes) <= max(2, 0.2 * s.decode_passes)
         passes[joint] = s.decode_passes
     if not sampled:  # the same acceptance row by row: only the schedule differs
@@ -330,6 +336,10 @@ def test_gpu_speculation_equals_target(interleave, segments, kv, joint, pairs, m
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
     hidden = llm.last_stats.draft_hidden_fraction  # device-time overlap with the target's passes
     assert (0.0 <= hidden <= 1.0) if interleave else hidden == 0.0
+    s = llm.last_stats  # the rest of the draft's time, by the kind of pass it was timed with
+    assert set(s.draft_exposed_seconds) <= {"first", "interleaved", "joint", "serial"}
+    assert sum(s.draft_exposed_seconds.values()) == pytest.approx(
+        s.draft_seconds - s.draft_hidden_seconds, rel=1e-6, abs=1e-9)
     if kv == "host":
         assert all(isinstance(g.target_cache, SegmentKVCache) for g in made[-1].groups)
     assert (llm.last_stats.joint_passes > 0) == (joint == "on")

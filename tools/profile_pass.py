@@ -408,10 +408,11 @@ def sync_sites(llm, run, args) -> dict:
     report = dict(wall_seconds=time.perf_counter() - t0, passes=s.decode_passes,
                   rounds=s.rounds, syncs=sum(sites.values()),
                   draft_hidden_fraction=s.draft_hidden_fraction,
+                  draft_exposed_seconds=s.draft_exposed_seconds,
                   sites=[dict(count=n, per_pass=n / max(s.decode_passes, 1), site=k)
                          for k, n in sorted(sites.items(), key=lambda kv: -kv[1])])
-    print(f"{report['syncs']} host syncs over {s.decode_passes} passes "
-          f"(draft hidden {s.draft_hidden_fraction}), by site:")
+    print(f"{report['syncs']} host syncs over {s.decode_passes} passes (draft hidden "
+          f"{s.draft_hidden_fraction}; not hidden, by pass: {s.draft_exposed_seconds}), by site:")
     for row in report["sites"][:30]:
         print(f"  {row['count']:6d} ({row['per_pass']:6.1f} a pass)  {row['site']}")
     if args.json:
@@ -484,7 +485,8 @@ def compare(llm, run, args) -> dict:
                          predicted_tokens_per_second=s.predicted_tokens_per_second,
                          draft_seconds_per_round=s.draft_seconds / s.rounds if s.rounds else None,
                          draft_prefill_seconds_per_round=(s.draft_prefill_seconds / s.rounds
-                                                          if s.rounds else None)))
+                                                          if s.rounds else None),
+                         draft_exposed_seconds=s.draft_exposed_seconds))
         print(json.dumps(rows[-1]), flush=True)
 
     for _ in range(args.repeat):

@@ -132,6 +132,7 @@ class RoundTiming:
     # draft's prefill of new prompts, before its steps.
     drafts: list = field(default_factory=list)
     wall: float = 0.0
+    kind: str = "interleaved"  # or "first", "joint", "serial" (stats.draft_exposed_seconds)
 
 
 class ChainPipeline:
@@ -179,6 +180,7 @@ class ChainPipeline:
         self.timings: List[RoundTiming] = []
         self.draft_step_s, self.target_pass_s = None, llm.last_plan_pass_seconds
         self._pending_drafts, self._last_commit = [], None
+        self._pending_cpu: List[float] = []  # off a GPU: the drafts' seconds since the last pass
 
     # -- state -----------------------------------------------------------------------------
 
@@ -363,7 +365,9 @@ class ChainPipeline:
                 # timed with the next target round
                 self._pending_drafts.append((start, steps, end, self.gamma + 1))
             else:
-                self.stats.draft_seconds += time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                self.stats.draft_seconds += seconds
+                self._pending_cpu.append(seconds)  # nothing runs beside it
                 self.stats.draft_prefill_seconds += t_steps - t0
                 # γ is chosen from the steps alone: a round with new prompts also prefills them
                 self.draft_step_s = (time.perf_counter() - t_steps) / (self.gamma + 1)
@@ -389,8 +393,14 @@ class ChainPipeline:
             for g, _, _ in work:
                 if g.drafted is not None:
                     torch.cuda.current_stream(self.device).wait_event(g.drafted)
-        timing = RoundTiming(self._event(), self._event())
+        kind = ("first" if not self.stats.decode_passes else "joint" if len(groups) > 1
+                else "serial" if len(self.groups) == 1 else "interleaved")
+        timing = RoundTiming(self._event(), self._event(), kind=kind)
         timing.drafts, self._pending_drafts = self._pending_drafts, []
+        exposed = self.stats.draft_exposed_seconds
+        for seconds in self._pending_cpu:
+            exposed[kind] = exposed.get(kind, 0.0) + seconds
+        self._pending_cpu = []
         wall0 = time.perf_counter()
         if self.cuda:
             timing.target_start.record()
@@ -608,7 +618,7 @@ class ChainPipeline:
             dst.last[d] = g.last[b]
             dst.request[d] = g.request[b]
         self.groups = [dst]
-        self._pending_drafts = []
+        self._pending_drafts, self._pending_cpu = [], []
         self.stats.tail_merges += 1
         self.draft_round(dst)  # before its next pass, as every group's
 
@@ -639,5 +649,8 @@ class ChainPipeline:
                 # charges the host's turn between passes to the draft.
                 begin = t.target_start.elapsed_time(start) / 1e3
                 end_s = t.target_start.elapsed_time(end) / 1e3
-                self.stats.draft_hidden_seconds += max(min(end_s, target) - max(begin, 0.0), 0.0)
+                hidden = max(min(end_s, target) - max(begin, 0.0), 0.0)
+                self.stats.draft_hidden_seconds += hidden
+                exposed = self.stats.draft_exposed_seconds
+                exposed[t.kind] = exposed.get(t.kind, 0.0) + draft - hidden
         self.timings = [t for t in self.timings if t not in done]
