@@ -203,6 +203,10 @@ class GenerationStats:
         histogram.extend([0] * (accepted + 1 - len(histogram)))
         histogram[accepted] += 1
 
+    def expose(self, kind: str, seconds: float) -> None:
+        """Draft time no target pass hid, timed with a pass of this kind."""
+        self.draft_exposed_seconds[kind] = self.draft_exposed_seconds.get(kind, 0.0) + seconds
+
     def position_acceptance(self) -> float:
         """Per-position α so far (see token_acceptance)."""
         return self.accepted / max(self.accepted + self.rejections, 1)
@@ -470,8 +474,10 @@ class LLM:
 
             draft_tokens = lambda r: chain_slots(min(r, rows), prompts, max_new_tokens)[0]  # noqa: E731
 
+        host_free = available_host_bytes() if self.device.type == "cuda" else None
+
         def run_plan(parked: bool) -> Plan:
-            host_budget = available_host_bytes() if self.device.type == "cuda" else None
+            host_budget = host_free
             if parked and host_budget is not None and not self._draft_parked:
                 host_budget -= self._draft_bytes()  # where they will wait
             return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,

@@ -15,6 +15,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from .kvcache import check_segment_mode
 from torch import nn
 
 from .config import ModelConfig, UnsupportedModelError
@@ -39,8 +41,6 @@ FP8_WEIGHT_KERNEL = "off"
 
 
 def use_weight_kernel(x: torch.Tensor) -> bool:
-    from .kvcache import check_segment_mode
-
     check_segment_mode("quant.FP8_WEIGHT_KERNEL", FP8_WEIGHT_KERNEL)
     if FP8_WEIGHT_KERNEL == "on" and os.environ.get("TRITON_INTERPRET") == "1":
         return True

@@ -368,12 +368,9 @@ def allocation_site(frames: List[dict], depth: int = 2) -> str:
 
 
 def sync_site(stack, depth: int = 3) -> str:
-    """The innermost `depth` specoff frames of a traceback.extract_stack() ("file:line fn <
-    ...", the caller last), or "(outside specoff)"."""
-    ours = [f for f in stack if "specoff" in f.filename and "profile_pass" not in f.filename]
-    if not ours:
-        return "(outside specoff)"
-    return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in ours[::-1][:depth])
+    """allocation_site of a traceback.extract_stack() (outermost frame first)."""
+    return allocation_site([dict(filename=f.filename, line=f.lineno, name=f.name)
+                            for f in reversed(stack)], depth)
 
 
 def sync_sites(llm, run, args) -> dict:

@@ -397,9 +397,8 @@ class ChainPipeline:
                 else "serial" if len(self.groups) == 1 else "interleaved")
         timing = RoundTiming(self._event(), self._event(), kind=kind)
         timing.drafts, self._pending_drafts = self._pending_drafts, []
-        exposed = self.stats.draft_exposed_seconds
         for seconds in self._pending_cpu:
-            exposed[kind] = exposed.get(kind, 0.0) + seconds
+            self.stats.expose(kind, seconds)
         self._pending_cpu = []
         wall0 = time.perf_counter()
         if self.cuda:
@@ -651,6 +650,5 @@ class ChainPipeline:
                 end_s = t.target_start.elapsed_time(end) / 1e3
                 hidden = max(min(end_s, target) - max(begin, 0.0), 0.0)
                 self.stats.draft_hidden_seconds += hidden
-                exposed = self.stats.draft_exposed_seconds
-                exposed[t.kind] = exposed.get(t.kind, 0.0) + draft - hidden
+                self.stats.expose(t.kind, draft - hidden)
         self.timings = [t for t in self.timings if t not in done]
