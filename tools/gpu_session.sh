@@ -5,10 +5,16 @@
 #
 # Steps (each appends to $OUT/<step>.log; bench steps write JSONL, PNG and markdown under
 # $OUT/<step>/):
+#   readme       every figure of the README's results table and its kernel goals, one run
+#                each (the steps below with their rows' settings) under $OUT/readme/NN-name/;
+#                no time limit unless LIMIT is set; DRY=1 lists the runs (hours, not a call)
 #   tests        the GPU-marked tests of the engine and the segmented/compiled kernel tests
-#   interactive  tree (16, 64, 256, 1024, auto; 1024 by draft ranks) and chain, batch 1
+#   interactive  tree (16, 64, 256, 1024, auto; 1024 by draft ranks) and chain, batch 1 (TREES
+#                sets the tree budgets, ENGINES the engines)
 #   interactive4 tree (1024, auto) and chain, batch 4
 #   throughput   specoff-offload and specoff-chain in one run (HumanEval x3, 32 tokens)
+#   peers        specoff (offload-only, chain one group and interleaved) beside transformers +
+#                accelerate, plain and assisted (HumanEval x3, 32 tokens; ENGINES overrides)
 #   tree-throughput  specoff-tree over the same queue (TREE nodes a row, default 16) and
 #                specoff-chain, in one run (ENGINES overrides the engines)
 #   throughput-max  specoff-tree, specoff-offload and specoff-chain with up to 512 rows each
@@ -78,11 +84,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 SIGMA_GIVEN=${SIGMA:-}
+LIMIT_GIVEN=${LIMIT:-}
 SIGMA=${SIGMA:-0.01583}
 LIMIT=${LIMIT:-540}
 export PYTHONUNBUFFERED=1
 [ -d .carry/site ] && export PYTHONPATH="$PWD/.carry/site${PYTHONPATH:+:$PYTHONPATH}"
-pip install -q -e . --no-deps >/dev/null 2>&1 || true
+[ -z "${DRY:-}" ] && { pip install -q -e . --no-deps >/dev/null 2>&1 || true; }
 mkdir -p "$OUT"
 bench() {  # bench STEP ARGS...: tools/bench.py with the common settings
     local step=$1; shift
@@ -102,13 +109,53 @@ for step in "$@"; do
                 2>&1 | tee -a "$OUT/tests.log" | tail -3 ;;
         interactive)
             bench "$step" --scenario interactive --batches 1 --interactive-new-tokens 128 \
-                --tree-budgets 16,64,256,1024,auto,1024:draft --engines specoff-chain,specoff-tree ;;
+                --tree-budgets "${TREES:-16,64,256,1024,auto,1024:draft}" \
+                --engines "${ENGINES:-specoff-chain,specoff-tree}" ;;
         interactive4)
             bench "$step" --scenario interactive --batches 4 --interactive-new-tokens 128 \
                 --tree-budgets 1024,auto --engines specoff-chain,specoff-tree ;;
         throughput)
             bench "$step" --scenario throughput --new-tokens 32 --rows "${ROWS:-164}" --prompts 492 \
                 --configs humaneval --engines specoff-offload,specoff-chain ;;
+        peers)  # the suite's first command: specoff beside transformers + accelerate, plain and
+                # assisted (4 of its offloaded layers timed and scaled), HumanEval x3, 32 tokens
+            bench "$step" --scenario throughput --new-tokens 32 --rows "${ROWS:-164}" --prompts 492 \
+                --peer-layers 4 --configs humaneval \
+                --engines "${ENGINES:-specoff-offload,specoff-offload-group,specoff-chain,specoff-chain-interleaved,hf-accelerate,hf-assisted}" ;;
+        readme)  # every figure of the README's results table (and its kernel goals), a run
+                 # each under $OUT/readme/NN-name, at the code's current defaults; LIMIT (per
+                 # run) unset means none; DRY=1 lists the runs. About two hours on the H200.
+            limit=${LIMIT_GIVEN:-0}
+            n=0
+            # each run gets only its row's settings (EXTRA, e.g. --tiny, passes through)
+            ( unset ENGINES NEW PROMPTS ROWS TREE TREES LONG BUDGETS PAIR GAMMA SIGMA OFFLOAD PLAIN
+            while IFS='|' read -r name vars sub; do
+                [ -z "$name" ] && continue
+                n=$((n + 1))
+                dir=$(printf '%s/readme/%02d-%s' "$OUT" "$n" "$name")
+                cmd="$vars OUT=$dir LIMIT=$limit bash tools/gpu_session.sh $sub"
+                if [ -n "${DRY:-}" ]; then echo "$cmd"; continue; fi
+                echo "== readme $n: $cmd"
+                mkdir -p "$dir"
+                eval "$cmd"
+            done <<'ROWS'
+tree-492x32|ENGINES=specoff-offload,specoff-tree|throughput-max
+peers-492x32||peers
+tree-164x32|ENGINES=specoff-offload,specoff-tree|issue4
+tree-164x128|NEW=128 ENGINES=specoff-tree,specoff-offload,specoff-chain-interleaved|issue4
+interleaved-492x32|PROMPTS=492|issue4-full
+interleaved-246x128|NEW=128 PROMPTS=246|issue4-full
+interleaved-auto|PROMPTS=492|issue4-auto
+long-2048|LONG=2048 ENGINES=specoff-tree,specoff-offload EXTRA="${EXTRA:-} --draft-quant fp8 --draft-grid fp8"|long
+offload-step|ENGINES=specoff-offload,hf-accelerate,hf-accelerate-pinned|issue3
+sweep-budget|BUDGETS=12,16,24,48 EXTRA="${EXTRA:-} --draft-quant fp8 --draft-grid fp8"|sweep-budget
+pair-qwen3|PAIR=qwen3-30b-a3b|pair
+pair-mixtral-8x22b|PAIR=mixtral-8x22b|pair
+interactive-1|TREES=64,256,1024,2048,auto,1024:draft ENGINES=specoff-tree,specoff-chain,hf-assisted|interactive
+interactive-4||interactive4
+kernel-goals||kernel-goals
+ROWS
+            ) ;;
         tree-throughput)
             bench "$step" --scenario throughput --new-tokens 32 --rows "${ROWS:-164}" --prompts 492 \
                 --configs humaneval --engines "${ENGINES:-specoff-chain,specoff-tree}" \
@@ -247,7 +294,7 @@ for step in "$@"; do
                 --new-tokens "${NEW:-16}" --json "$OUT/profile-chain.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-chain.log" | tail -30 ;;
         *)
-            echo "unknown step $step (tests, tree-tests, interactive, interactive4, throughput, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, syncs, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft, fp8-kernel)" >&2
+            echo "unknown step $step (readme, tests, tree-tests, interactive, interactive4, throughput, peers, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, syncs, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft, fp8-kernel)" >&2
             exit 2 ;;
     esac
 done
