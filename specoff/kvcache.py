@@ -22,6 +22,36 @@ import torch
 # throughput run's target cache at 222 HumanEval rows is 11 GB. False: pin_memory=True
 # allocations, as before. Not yet measured on a GPU.
 HOST_POOL = True
+# The draft's cache in float8 e4m3 ("fp8"), or in the model's dtype ("off"): a byte a value
+# instead of two, so where the draft's cache on the GPU bounds tree mode's rows (long
+# prompts, small budgets) twice as many fit. Keys and values are rounded to e4m3 as they are
+# written (no scale: values saturate at ±448, far beyond a model's keys after its norms) and
+# read back in the compute dtype by the attention kernels and the torch paths alike. Only
+# the draft's proposals can change, i.e. the acceptance; the target verifies every token,
+# so outputs stay exact. The target's cache keeps its dtype. Not yet measured on a GPU:
+# "off".
+DRAFT_CACHE_DTYPE = "off"
+FP8 = torch.float8_e4m3fn
+
+
+def draft_cache_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a draft's cache for a model in `dtype` (DRAFT_CACHE_DTYPE)."""
+    if DRAFT_CACHE_DTYPE == "off":
+        return dtype
+    if DRAFT_CACHE_DTYPE == "fp8":
+        return FP8
+    raise ValueError(f"kvcache.DRAFT_CACHE_DTYPE is 'off' or 'fp8', not {DRAFT_CACHE_DTYPE!r}")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A float8 tensor's bytes as uint8 (the same memory), for the gathers and scatters
+    torch does not take in float8; other tensors as they are."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def stored(new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`new` in a cache's dtype, as bits() sees that cache."""
+    return bits(new.to(dtype))
 
 
 class HostPool:
@@ -183,8 +213,8 @@ class KVCache(torch.nn.Module):
         """Store (B, KV, T, hd) keys/values of layer `layer` at per-row `positions` (B, T)."""
         B, KV, T, hd = k_new.shape
         idx = positions.clamp(max=self.max_len - 1)[:, None, :, None].expand(B, KV, T, hd)
-        self.k[layer].scatter_(2, idx, k_new.to(self.k.dtype))
-        self.v[layer].scatter_(2, idx, v_new.to(self.v.dtype))
+        bits(self.k[layer]).scatter_(2, idx, stored(k_new, self.k.dtype))
+        bits(self.v[layer]).scatter_(2, idx, stored(v_new, self.v.dtype))
 
     def dense(self, layer: int, kv_len: int) -> tuple:
         """(keys, values) of layer `layer` as (B, KV, >= kv_len, hd) tensors, for plain torch."""
@@ -290,7 +320,7 @@ class SegmentKVCache(KVCache):
         KV, n, hd = k.shape
         idx = slots.reshape(1, n, 1).expand(KV, n, hd)
         for pool, new in zip(self.pools_at(slots.device), (k, v)):
-            pool[layer].scatter_(1, idx, new.to(pool.dtype))
+            bits(pool[layer]).scatter_(1, idx, stored(new, pool.dtype))
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
               positions: torch.Tensor) -> None:
@@ -315,7 +345,7 @@ class SegmentKVCache(KVCache):
         B = self.lengths.shape[0]
         pos = torch.arange(kv_len, device=self.row_start.device).expand(B, kv_len)
         slots = self._slots(None, pos)  # (B, kv_len)
-        return tuple(pool[layer][:, slots].transpose(0, 1)  # (B, KV, kv_len, hd)
+        return tuple(bits(pool[layer])[:, slots].view(pool.dtype).transpose(0, 1)  # (B, KV, kv_len, hd)
                      for pool in (self.k_pool, self.v_pool))
 
     def mapped(self) -> tuple:

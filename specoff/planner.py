@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .config import ModelConfig
+from .kvcache import draft_cache_dtype
 from .models import decoder
 
 GiB = 2**30
@@ -155,8 +156,11 @@ class ModelSizes:
         return [1] + [p for p in (2, 4, 8) if self.n_experts >= p and self.n_experts % p == 0]
 
     @classmethod
-    def of(cls, cfg: ModelConfig, dtype: torch.dtype):
+    def of(cls, cfg: ModelConfig, dtype: torch.dtype, kv_dtype: Optional[torch.dtype] = None):
+        """`kv_dtype`: the cache's, where it differs from the weights' (a draft's cache in
+        float8: kvcache.draft_cache_dtype)."""
         b = torch.empty(0, dtype=dtype).element_size()
+        kv_b = torch.empty(0, dtype=kv_dtype or dtype).element_size()
         D, V, hd = cfg.dim, cfg.vocab_size, cfg.head_dim
         outside = V * D * (1 if cfg.tie_word_embeddings else 2) + D
         attn = D * cfg.qkv_size + cfg.n_heads * hd * D + 2 * D
@@ -170,8 +174,8 @@ class ModelSizes:
             rows_ffn = 2 * cfg.ffn_size + D
             return cls(outside * b, (attn - linear_attn + rows_attn) * b + linear_attn,
                        (ffn - 3 * D * cfg.ffn_size + rows_ffn) * b + 3 * D * cfg.ffn_size,
-                       kv * b, cfg.n_layers, cfg.n_experts)
-        return cls(outside * b, attn * b, ffn * b, kv * b, cfg.n_layers, cfg.n_experts)
+                       kv * kv_b, cfg.n_layers, cfg.n_experts)
+        return cls(outside * b, attn * b, ffn * b, kv * kv_b, cfg.n_layers, cfg.n_experts)
 
     @property
     def layer(self) -> int:
@@ -253,7 +257,7 @@ def weight_reserve(cfg: ModelConfig, dtype: torch.dtype, budget: int, max_rows: 
     sizes = ModelSizes.of(cfg, dtype)
     smallest = min(sizes.total, smallest_weights(sizes))
     if draft is not None:
-        d = ModelSizes.of(draft, dtype)
+        d = ModelSizes.of(draft, dtype, draft_cache_dtype(dtype))
         free = max(budget - d.total - smallest - CONTEXT_MARGIN, 0)
         rows_need = max_rows * 512 * d.kv_per_token + activation_bytes(draft, max_rows * 8, max_rows, dtype)
         tokens = tree_rows * tree_nodes
@@ -367,7 +371,8 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         raise ValueError(f"kv_placement must be 'gpu', 'host' or None, not {kv_placement!r}")
     sizes = ModelSizes.of(cfg, dtype)
     budget = weights.budget_bytes
-    draft_sizes = ModelSizes.of(draft, dtype) if draft is not None else None
+    draft_sizes = (ModelSizes.of(draft, dtype, draft_cache_dtype(dtype)) if draft is not None
+                   else None)
     draft_weights = draft_sizes.total if draft_sizes else 0  # a draft is wholly resident
     used = sum(weights.gpu_bytes.values()) + draft_weights + CONTEXT_MARGIN
     rows_per_pass = max(1, min(rows, max_rows))

@@ -17,7 +17,7 @@ def _steps() -> set:
     """The step names tools/gpu_session.sh's case statement handles."""
     import re
     script = (ROOT / "tools" / "gpu_session.sh").read_text()
-    body = script[script.index("case $step in"):script.index("esac")]
+    body = script[script.index("case $step in"):script.rindex("esac")]
     return set(re.findall(r"^ {8}([a-z0-9-]+)\)", body, re.M))
 
 

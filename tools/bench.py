@@ -159,7 +159,7 @@ def engine_options() -> dict:
     import importlib
 
     out = {}
-    for name in ("engine", "spec.tree", "spec.pipeline", "models.decoder", "quant"):
+    for name in ("engine", "spec.tree", "spec.pipeline", "models.decoder", "quant", "kvcache"):
         module = importlib.import_module(f"specoff.{name}")
         for key, value in vars(module).items():
             if key.isupper() and isinstance(value, (bool, int, float, str, type(None))) and not (

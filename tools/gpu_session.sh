@@ -7,7 +7,8 @@
 # $OUT/<step>/):
 #   readme       every figure of the README's results table and its kernel goals, one run
 #                each (the steps below with their rows' settings) under $OUT/readme/NN-name/;
-#                no time limit unless LIMIT is set; DRY=1 lists the runs (hours, not a call)
+#                no time limit unless LIMIT is set; DRY=1 lists the runs (hours, not a call);
+#                ONLY=NAME,N,... runs those rows alone
 #   tests        the GPU-marked tests of the engine and the segmented/compiled kernel tests
 #   interactive  tree (16, 64, 256, 1024, auto; 1024 by draft ranks) and chain, batch 1 (TREES
 #                sets the tree budgets, ENGINES the engines)
@@ -69,6 +70,8 @@
 #                (spec.pipeline.JOINT_TAIL off / on), ABAB; GAMMA, ROWS, PROMPTS, NEW
 #   syncs        issue 4's (c) with torch's CUDA sync debugging: the host's waits for the device
 #                by the specoff lines that called them (GAMMA, ROWS, PROMPTS, NEW)
+#   fp8-cache    tree runs over 2048-token prompts with the draft's cache in bf16 or float8
+#                (kvcache.DRAFT_CACHE_DTYPE off / fp8), ABAB: rows a pass, acceptance, tokens/s
 #   fp8-kernel   the float8-weight product timed (kernel, dequantizing, bf16), then tree runs
 #                with a float8 draft through each (quant.FP8_WEIGHT_KERNEL off / auto), ABAB
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
@@ -132,6 +135,7 @@ for step in "$@"; do
             while IFS='|' read -r name vars sub; do
                 [ -z "$name" ] && continue
                 n=$((n + 1))
+                case ",${ONLY:-$name}," in *",$name,"*|*",$n,"*) ;; *) continue ;; esac
                 dir=$(printf '%s/readme/%02d-%s' "$OUT" "$n" "$name")
                 cmd="$vars OUT=$dir LIMIT=$limit bash tools/gpu_session.sh $sub"
                 if [ -n "${DRY:-}" ]; then echo "$cmd"; continue; fi
@@ -260,6 +264,14 @@ ROWS
                 --draft-quant fp8 --json "$OUT/fp8-kernel.json" \
                 --compare "quant.FP8_WEIGHT_KERNEL=off,auto" 2>&1 \
                 | grep -v USDT | tee -a "$OUT/fp8-kernel.log" | tail -8 ;;
+        fp8-cache)  # tree runs over long prompts (LONG tokens, default 2048; PROMPTS 96, ROWS
+                    # 164, NEW 32) with the draft's cache in bf16 / float8 (ABAB): rows and
+                    # acceptance (kvcache.DRAFT_CACHE_DTYPE); PP_EXTRA="--draft-quant fp8" too
+            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
+                --rows "${ROWS:-164}" --prompts "${PROMPTS:-96}" --prompt-len "${LONG:-2048}" \
+                --new-tokens "${NEW:-32}" --json "$OUT/fp8-cache.json" \
+                --compare "kvcache.DRAFT_CACHE_DTYPE=off,fp8" 2>&1 \
+                | grep -v USDT | tee -a "$OUT/fp8-cache.log" | tail -8 ;;
         tree-tests)
             timeout 200 python -m pytest -q -m gpu tests/test_tree.py 2>&1 | tee -a "$OUT/tests.log" | tail -3
             timeout 100 python -m pytest -q tests/kernels/test_attention.py -k "shared_pool" 2>&1 \
@@ -294,7 +306,7 @@ ROWS
                 --new-tokens "${NEW:-16}" --json "$OUT/profile-chain.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-chain.log" | tail -30 ;;
         *)
-            echo "unknown step $step (readme, tests, tree-tests, interactive, interactive4, throughput, peers, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, syncs, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft, fp8-kernel)" >&2
+            echo "unknown step $step (readme, tests, tree-tests, interactive, interactive4, throughput, peers, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, syncs, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft, fp8-kernel, fp8-cache)" >&2
             exit 2 ;;
     esac
 done

@@ -46,7 +46,7 @@ def _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid
     # Pointers and the chain mask are made where they are used: made early, they stay live
     # across the dot and cost registers (30 more a thread, one program fewer per SM).
     k = tl.load(k_base + offs_s[None, :] * stride_ks + offs_d[:, None],
-                mask=s_valid[None, :] & d_valid[:, None], other=0.0)  # (D, N)
+                mask=s_valid[None, :] & d_valid[:, None], other=0.0).to(q.dtype)  # (D, N)
     if IEEE:
         scores = tl.dot(q, k, input_precision="ieee")
     else:
@@ -63,7 +63,7 @@ def _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid
     p = tl.exp2(scores - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :],
-                mask=s_valid[:, None] & d_valid[None, :], other=0.0)  # (N, D)
+                mask=s_valid[:, None] & d_valid[None, :], other=0.0).to(q.dtype)  # (N, D)
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
     else:
@@ -150,7 +150,7 @@ def _verify_attention_kernel(
         v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]  # (N, D)
         # Every row sees every key here: scores stay finite, so no -inf guards either.
         for s0 in range(start, full_end, BLOCK_N):
-            k = _load_tile(k_base + s0 * stride_ks + k_offs, d_valid[:, None], HEAD_DIM == BLOCK_D)  # (D, N)
+            k = _load_tile(k_base + s0 * stride_ks + k_offs, d_valid[:, None], HEAD_DIM == BLOCK_D).to(q.dtype)  # (D, N)
             if IEEE:
                 scores = tl.dot(q, k, input_precision="ieee")
             else:
@@ -159,7 +159,7 @@ def _verify_attention_kernel(
             p = tl.exp2(scores * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_tile(v_base + s0 * stride_vs + v_offs, d_valid[None, :], HEAD_DIM == BLOCK_D)  # (N, D)
+            v = _load_tile(v_base + s0 * stride_vs + v_offs, d_valid[None, :], HEAD_DIM == BLOCK_D).to(q.dtype)  # (N, D)
             if IEEE:
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
             else:
@@ -309,7 +309,9 @@ def _check(q, k_cache, v_cache, lengths, tree_mask):
     B, T, H, hd = q.shape
     assert k_cache.dim() == 4 and k_cache.shape[0] == B and k_cache.shape[3] == hd, "k_cache is [B, KV, S, hd]"
     assert v_cache.shape == k_cache.shape and H % k_cache.shape[1] == 0
-    assert q.dtype == k_cache.dtype == v_cache.dtype
+    # keys and values in q's dtype, or in float8 e4m3 (a draft's cache: kvcache.DRAFT_CACHE_DTYPE),
+    # converted as each tile loads
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (q.dtype, torch.float8_e4m3fn)
     assert q.stride(3) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
     assert lengths.shape == (B,)
     if tree_mask is not None:
@@ -468,7 +470,9 @@ def verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask=None, scale=Non
     if row_start is not None:  # each row's own keys, gathered from the shared pool
         at = (row_start[:, None] + torch.arange(kv_len, device=q.device)).clamp(max=k_cache.shape[2] - 1)
         at = at[:, None, :, None].expand(B, k_cache.shape[1], kv_len, hd)
-        k_cache, v_cache = k_cache.gather(2, at), v_cache.gather(2, at)
+        # float8 caches gather as bytes (torch has no float8 gather)
+        k_cache, v_cache = (c.view(torch.uint8).gather(2, at).view(c.dtype) if c.dtype == torch.float8_e4m3fn
+                            else c.gather(2, at) for c in (k_cache, v_cache))
     G = H // k_cache.shape[1]
     k = k_cache[:, :, :kv_len].float().repeat_interleave(G, dim=1)  # (B, H, S, hd)
     v = v_cache[:, :, :kv_len].float().repeat_interleave(G, dim=1)

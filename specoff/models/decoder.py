@@ -21,7 +21,7 @@ from ..config import ModelConfig, rope_inv_freq
 from ..kernels.attention import attention_mask, verify_attention
 from ..kernels.fused import add_rms_norm, rms_norm, rope, silu_mul
 from ..kernels.moe import fused_moe, moe_route
-from ..kvcache import KVCache
+from ..kvcache import KVCache, bits, stored
 
 # Tree passes: "auto" runs the Triton verification kernel where the cache is on a GPU and
 # the plain-torch masked attention elsewhere; "triton" or "torch" forces one (tests).
@@ -761,7 +761,7 @@ class PackedStage:
             return
         for dst, src in zip(self.cache.mapped() if self.host else (self.cache.k, self.cache.v),
                             (self.scratch.k[0, 0], self.scratch.v[0, 0])):  # (KV, N, hd)
-            dst[layer][self.rows, :, self.positions] = src.transpose(0, 1).to(dst.dtype)
+            bits(dst[layer])[self.rows, :, self.positions] = stored(src.transpose(0, 1), dst.dtype)
 
 
 class PrefillStage:
@@ -793,7 +793,7 @@ class PrefillStage:
                 dst[layer, :, :, :T].copy_(src)
             else:
                 rows = self.rows if dst.device == self.rows.device else self.rows_device
-                dst[layer][rows, :, :T] = src
+                bits(dst[layer])[rows, :, :T] = bits(src)
 
     def flush(self, layer: int) -> None:
         k, v = self.scratch.k[0], self.scratch.v[0]

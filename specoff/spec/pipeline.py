@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ..kvcache import (KVCache, SegmentAllocator, SegmentKVCache, cache_slots, check_segment_mode,
-                       segment_size)
+                       draft_cache_dtype, segment_size)
 from ..models.decoder import PassPart, PrefillBatch, row_chunk
 from ..sampling import SamplingParams, logits_to_probs, sample_from
 from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accept, sample_accept
@@ -199,11 +199,11 @@ class ChainPipeline:
                              lengths_device=device)
         if not self.segmented:
             dcache = KVCache(dcfg.n_layers, rows, self.max_len, dcfg.n_kv_heads, dcfg.head_dim,
-                             dtype, device)
+                             draft_cache_dtype(dtype), device)
             return Group(rows, tcache, dcache, torch.zeros(rows, dtype=torch.long, device=device),
                          [None] * rows)
         dcache = SegmentKVCache(dcfg.n_layers, rows, self.pool, self.max_len + 1, dcfg.n_kv_heads,
-                                dcfg.head_dim, dtype, device, pools=self._pools)
+                                dcfg.head_dim, draft_cache_dtype(dtype), device, pools=self._pools)
         self._pools = (dcache.k_pool, dcache.v_pool)
         g = Group(rows, tcache, dcache, torch.zeros(rows, dtype=torch.long, device=device),
                   [None] * rows, segment=[None] * rows, idle_first=index * rows * self.idle)

@@ -37,8 +37,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..kvcache import (KVCache, SegmentAllocator, SegmentKVCache, cache_slots, check_segment_mode,
-                       segment_pool_slots, segment_size)
+from ..kvcache import (KVCache, SegmentAllocator, SegmentKVCache, bits, cache_slots,
+                       check_segment_mode, draft_cache_dtype, segment_pool_slots, segment_size)
 from ..models.decoder import PassPart, PrefillBatch, TreeMask, row_chunk
 from ..planner import TreeBudgetTuner, tree_curve
 from ..sampling import SamplingParams, select
@@ -632,7 +632,7 @@ def commit(cache: KVCache, path: torch.Tensor, accepted: torch.Tensor) -> None:
         n = min(step, L_ - lo)
         index = lambda i: i[None, :, None, :, None].expand(n, B, KV, P, hd)  # noqa: E731
         for buf in bufs:
-            part = buf[lo:lo + n]
+            part = bits(buf[lo:lo + n])  # float8 caches move as bytes
             part.scatter_(3, index(dst), part.gather(3, index(src)))
     cache.advance(accepted + 1)
 
@@ -650,7 +650,7 @@ def _commit_segments(cache: SegmentKVCache, path: torch.Tensor) -> None:
         n = min(step, L_ - lo)
         index = lambda i: i[None, None, :, None].expand(n, KV, B * P, hd)  # noqa: E731
         for pool in cache.pools_at(path.device):
-            part = pool[lo:lo + n]
+            part = bits(pool[lo:lo + n])
             part.scatter_(2, index(dst), part.gather(2, index(src)))
 
 
@@ -846,6 +846,7 @@ def _tail_batch(serving: list, segment: list, allocator: SegmentAllocator, reque
             src = torch.cat([torch.arange(a, a + n) for a, _, n in moves]).to(device)
             dst = torch.cat([torch.arange(a, a + n) for _, a, n in moves]).to(device)
             for pool in c.pools_at(device):
+                pool = bits(pool)
                 for layer in range(pool.shape[0]):  # a layer's rows at a time: small scratch
                     pool[layer][:, dst] = pool[layer][:, src]
     for b, found in new_segments.items():
@@ -1064,11 +1065,11 @@ def generate_tree(llm, requests, params: SamplingParams, generator, stats, rows_
     idle = capacity + 3  # a row with nothing to serve: a tree at length 1 (SegmentKVCache)
     if segmented:  # a segment per row in a pool sized by the queue's prompts
         dcache = SegmentKVCache(dcfg.n_layers, B, pool, max_len + 1, dcfg.n_kv_heads,
-                                dcfg.head_dim, llm.dtype, device)
+                                dcfg.head_dim, draft_cache_dtype(llm.dtype), device)
         free_slots = SegmentAllocator(B * idle, pool)
     else:
-        dcache = KVCache(dcfg.n_layers, B, max_len, dcfg.n_kv_heads, dcfg.head_dim, llm.dtype,
-                         device)
+        dcache = KVCache(dcfg.n_layers, B, max_len, dcfg.n_kv_heads, dcfg.head_dim,
+                         draft_cache_dtype(llm.dtype), device)
     segmented_caches = [c for c in (tcache, dcache) if c.row_start is not None]
     draft_ids = lambda ids: torch.where(ids < dcfg.vocab_size, ids, torch.zeros_like(ids))  # noqa: E731
     waiting = deque(range(len(requests)))
