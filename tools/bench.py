@@ -159,7 +159,8 @@ def engine_options() -> dict:
     import importlib
 
     out = {}
-    for name in ("engine", "spec.tree", "spec.pipeline", "models.decoder", "quant", "kvcache"):
+    for name in ("engine", "spec.tree", "spec.pipeline", "models.decoder", "quant", "kvcache",
+                 "kernels.fp8_gemm"):
         module = importlib.import_module(f"specoff.{name}")
         for key, value in vars(module).items():
             if key.isupper() and isinstance(value, (bool, int, float, str, type(None))) and not (

@@ -72,8 +72,9 @@
 #                by the specoff lines that called them (GAMMA, ROWS, PROMPTS, NEW)
 #   fp8-cache    tree runs over 2048-token prompts with the draft's cache in bf16 or float8
 #                (kvcache.DRAFT_CACHE_DTYPE off / fp8), ABAB: rows a pass, acceptance, tokens/s
-#   fp8-kernel   the float8-weight product timed (kernel, dequantizing, bf16), then tree runs
-#                with a float8 draft through each (quant.FP8_WEIGHT_KERNEL off / auto), ABAB
+#   fp8-kernel   the float8-weight product timed (kernel in both forms, dequantizing, bf16),
+#                then tree runs with a float8 draft through the kernel as x · W8ᵀ or swapped
+#                (kernels.fp8_gemm.SWAP 0 / 1; COMPARE overrides), ABAB
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
 # rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
@@ -253,16 +254,18 @@ ROWS
                 --rows 512 --prompts 492 --humaneval --new-tokens 32 --draft-quant fp8 \
                 --json "$OUT/fp8-draft.json" --compare "quant.FP8_GEMM=0,1" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/fp8-draft.log" | tail -8 ;;
-        fp8-kernel)  # the float8-weight product: kernel vs dequantizing vs bf16 (pytest-benchmark,
-                     # the draft's three shapes at 1-512 rows), then tree runs with a float8 draft
-                     # dequantizing / through the kernel (ABAB; ROWS 256, PROMPTS 328, NEW 32)
+        fp8-kernel)  # the float8-weight product: kernel (x · W8ᵀ and the swapped, split-K
+                     # W8 · xᵀ) vs dequantizing vs bf16 (pytest-benchmark, the draft's three
+                     # shapes at 1-512 rows), then tree runs with a float8 draft through the
+                     # kernel in either form (kernels.fp8_gemm.SWAP 0 / 1, ABAB; ROWS 256,
+                     # PROMPTS 328, NEW 32)
             timeout 150 python -m pytest -q --benchmark-only --benchmark-columns=median \
                 --benchmark-sort=name tests/benchmarks/test_bench_kernels.py -k fp8_linear 2>&1 \
                 | tee -a "$OUT/fp8-kernel.log" | tail -45
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows "${ROWS:-256}" --prompts "${PROMPTS:-328}" --humaneval --new-tokens "${NEW:-32}" \
                 --draft-quant fp8 --json "$OUT/fp8-kernel.json" \
-                --compare "quant.FP8_WEIGHT_KERNEL=off,auto" 2>&1 \
+                --compare "${COMPARE:-kernels.fp8_gemm.SWAP=0,1}" 2>&1 \
                 | grep -v USDT | tee -a "$OUT/fp8-kernel.log" | tail -8 ;;
         fp8-cache)  # tree runs over long prompts (LONG tokens, default 2048; PROMPTS 96, ROWS
                     # 164, NEW 32) with the draft's cache in bf16 / float8 (ABAB): rows and

@@ -100,7 +100,7 @@ def test_bench_packed_prefill_attention(benchmark, shape, prompts, impl):
     assert torch.isfinite(fn()).all()
 
 
-FP8_IMPLS = ("triton", "dequantize", "bf16")
+FP8_IMPLS = ("triton", "triton-swap", "dequantize", "bf16")
 FP8_SHAPES = {"mistral-7b w13": (28672, 4096), "mistral-7b wo": (4096, 4096),
               "mistral-7b w2": (4096, 14336)}
 
@@ -111,7 +111,7 @@ FP8_SHAPES = {"mistral-7b w13": (28672, 4096), "mistral-7b wo": (4096, 4096),
 def test_bench_fp8_linear(benchmark, shape, rows, impl):
     """A draft's product with its weight in float8: the Triton kernel (1 byte a weight read),
     quant.Fp8Linear's dequantizing path, and the bf16 weight it replaced."""
-    from specoff.kernels.fp8_gemm import fp8_linear
+    from specoff.kernels.fp8_gemm import _fp8_linear_into
     from specoff.quant import fp8_rows
 
     N, K = FP8_SHAPES[shape]
@@ -120,8 +120,10 @@ def test_bench_fp8_linear(benchmark, shape, rows, impl):
     w8, scale = fp8_rows(w)
     scale = scale.to(torch.bfloat16)
     x = torch.randn(rows, K, device="cuda", generator=gen).to(torch.bfloat16)
+    out = torch.empty(rows, N, device="cuda", dtype=torch.bfloat16)
     fn = {
-        "triton": lambda: fp8_linear(x, w8, scale),
+        "triton": lambda: _fp8_linear_into(x, w8, scale, out, swap=False),
+        "triton-swap": lambda: _fp8_linear_into(x, w8, scale, out, swap=True),
         "dequantize": lambda: torch.nn.functional.linear(x, w8.to(x.dtype)) * scale,
         "bf16": lambda: torch.nn.functional.linear(x, w),
     }[impl]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import DEVICE, TOL, dtype_cases, gpu, rel_err
 
-from specoff.kernels.fp8_gemm import FP8, _fp8_linear_into, fp8_linear, fp8_linear_ref, launch_config
+from specoff.kernels.fp8_gemm import (FP8, _fp8_linear_into, fp8_linear, fp8_linear_ref, launch_config,
+                                      swap_config)
 from specoff.quant import fp8_rows
 
 CPU_CASES = [(1, 64, 128), (16, 96, 160), (33, 511, 200), (130, 128, 72)]  # rows, N, K
@@ -39,6 +40,30 @@ def test_fp8_linear_matches_ref(rows, N, K, dtype):
     got = fp8_linear(wide[..., 4:K + 4], w8, scale)
     assert got.shape == (2, rows, N) and got.dtype == dtype
     assert rel_err(got, fp8_linear_ref(wide[..., 4:K + 4], w8, scale)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("rows,N,K,dtype", list(dtype_cases(CPU_CASES, GPU_CASES)))
+def test_swapped_product_matches_ref(rows, N, K, dtype, split):
+    """yᵀ = W8 · xᵀ (fp8_gemm.SWAP), whole or with K in slices summed by the reduce kernel
+    (here forced: the launch picks slices by the SMs)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr((rows, N, K, split)).encode()))
+    w8, scale = weights(N, K, gen)
+    x = torch.randn(rows, K, device=DEVICE, generator=gen).to(dtype)
+    ref = fp8_linear_ref(x, w8, scale.to(dtype))
+    out = torch.full((rows, N), float("nan"), dtype=dtype, device=DEVICE)
+    _fp8_linear_into(x, w8, scale.to(dtype), out, swap=True, config=dict(SPLIT_K=split))
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_swap_config_splits_narrow_decode_products():
+    """A 4096-wide decode product on 132 SMs: 64 column tiles, K in 4 slices; a 28672-wide
+    one fills the SMs unsplit; slices are never under 512 of K."""
+    narrow, wide = swap_config(1, 4096, 4096, 132), swap_config(1, 28672, 4096, 132)
+    assert narrow["SPLIT_K"] == 4 and 4096 // narrow["BLOCK_N"] * narrow["SPLIT_K"] >= 132
+    assert wide["SPLIT_K"] == 1
+    assert swap_config(1, 4096, 1024, 132)["SPLIT_K"] == 2
+    assert swap_config(512, 4096, 4096, 132)["BLOCK_M"] == 128
 
 
 def test_fp8_linear_refuses_what_it_cannot_take():
@@ -73,7 +98,13 @@ def test_fp8_linear_module_through_the_kernel(dtype, monkeypatch):
 
 
 @gpu
-def test_gpu_fp8_linear_in_a_cuda_graph():
+@pytest.mark.parametrize("swap", [False, True])
+def test_gpu_fp8_linear_in_a_cuda_graph(swap, monkeypatch):
+    """Captured and replayed (with fp8_gemm.SWAP: the split-K slices' buffer and the reduce
+    launch inside the graph)."""
+    from specoff.kernels import fp8_gemm
+
+    monkeypatch.setattr(fp8_gemm, "SWAP", swap)
     gen = torch.Generator(device="cuda").manual_seed(0)
     w8, scale = weights(4096, 4096, gen)
     x = torch.randn(8, 4096, device="cuda", generator=gen).to(torch.bfloat16)
