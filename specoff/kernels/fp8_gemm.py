@@ -17,6 +17,7 @@ output still spreads over every SM. Defaults only, not tuned on a GPU yet.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -149,7 +150,12 @@ def swap_config(M: int, N: int, K: int, sms: int) -> dict:
 def _sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:  # read once a device: a draft step calls it per product
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _fp8_swap_into(x2, w8, scale, out, cfg: dict):
