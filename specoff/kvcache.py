@@ -52,9 +52,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def stored(new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`new` in a cache's dtype, as bits() sees that cache (float8: clamped to ±448 first,
     as not every backend's conversion saturates)."""
-    if dtype == FP8:
-        return bits(new.clamp(-448.0, 448.0).to(dtype))
-    return new.to(dtype)
+    if dtype == FP8 and new.dtype != FP8:
+        new = new.clamp(-448.0, 448.0)
+    return bits(new.to(dtype))
 
 
 class HostPool:

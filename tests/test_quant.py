@@ -240,27 +240,38 @@ def test_an_fp8_draft_cache_halves_its_bytes_in_the_plan(monkeypatch):
     assert plans[1].rows_per_pass > 1.5 * plans[0].rows_per_pass
 
 
-@pytest.mark.parametrize("spec, interleave, segments", [("chain", None, "auto"),
-                                                        ("chain", True, "auto"),
-                                                        ("tree", None, "auto"),
-                                                        ("tree", None, "off")])
-def test_speculation_with_an_fp8_draft_cache_equals_the_target(spec, interleave, segments, pairs,
-                                                               monkeypatch):
+@pytest.mark.parametrize("spec, interleave, segments, kernels", [("chain", None, "auto", False),
+                                                                 ("chain", True, "auto", False),
+                                                                 ("tree", None, "auto", False),
+                                                                 ("tree", None, "off", False),
+                                                                 ("chain", True, "auto", True),
+                                                                 ("tree", None, "auto", True)])
+def test_speculation_with_an_fp8_draft_cache_equals_the_target(spec, interleave, segments, kernels,
+                                                               pairs, monkeypatch):
     """The draft's cache in float8 (prefill, refills, tree growth and commits through it),
-    dense or in row segments: the target's greedy tokens, and a draft that is the target up
-    to the cache's rounding still speculating well."""
+    dense or in row segments, its attention in torch or (`kernels`: as on a GPU, here in
+    Triton's interpreter) in the verification kernel: the target's greedy tokens, and a
+    draft that is the target up to the cache's rounding still speculating well."""
     from specoff import kvcache
+    from specoff.models import decoder
     from specoff.spec import pipeline, tree
 
     monkeypatch.setattr(kvcache, "DRAFT_CACHE_DTYPE", "fp8")
     monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", segments)
     monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", segments)
+    if kernels:
+        monkeypatch.setattr(decoder, "TREE_ATTENTION", "triton")
+        monkeypatch.setattr(decoder, "CHAIN_ATTENTION", "triton")
     draft, target = pairs(0.0)
-    params = specoff.SamplingParams(max_new_tokens=10)
-    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(PROMPTS, params)]
+    prompts = PROMPTS[:3] if kernels else PROMPTS  # the interpreter runs programs in numpy
+    params = specoff.SamplingParams(max_new_tokens=8 if kernels else 10)
+    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(prompts, params)]
     kwargs = {} if interleave is None else dict(interleave=interleave)
-    llm = specoff.LLM(target, draft=draft, device="cpu", spec=spec, max_rows=4, **kwargs)
-    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
+    if kernels and spec == "tree":
+        kwargs["tree_budget"] = 8
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec=spec, max_rows=2 if kernels else 4,
+                      **kwargs)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expect
     assert llm.last_stats.groups == (2 if interleave else 1) or spec == "tree"
     # (the tiny pair's rows: 8 tokens a pass by chain, 14 by tree with the cache in fp32; 6
     # and 9 in float8)
