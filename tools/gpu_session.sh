@@ -72,6 +72,10 @@
 #                by the specoff lines that called them (GAMMA, ROWS, PROMPTS, NEW)
 #   fp8-cache    tree runs over 2048-token prompts with the draft's cache in bf16 or float8
 #                (kvcache.DRAFT_CACHE_DTYPE off / fp8), ABAB: rows a pass, acceptance, tokens/s
+#   moe-tma      the fused MoE's descriptor (TMA) launches: their GPU tests, the tuner with
+#                both layouts competing at TOKENS (default 256 1280; configs written into
+#                specoff/kernels/configs and copied to $OUT/moe-configs), then the MoE rows of
+#                bench_kernels (× torch) with what it wrote
 #   fp8-kernel   the float8-weight product timed (kernel in both forms, dequantizing, bf16),
 #                then tree runs with a float8 draft through the kernel as x · W8ᵀ or swapped
 #                (kernels.fp8_gemm.SWAP 0 / 1; COMPARE overrides), ABAB
@@ -213,6 +217,13 @@ ROWS
             bench "$step" --scenario throughput --new-tokens "${NEW:-32}" --rows 256 \
                 --prompts "${PROMPTS:-492}" --configs humaneval --draft-len 0 \
                 --engines "${ENGINES:-specoff-chain-interleaved,specoff-offload-group}" ;;
+        moe-tma)
+            timeout 150 python -m pytest -q -m gpu tests/kernels/test_moe.py -k "descriptor or cuda_graph or pieces" \
+                2>&1 | tee -a "$OUT/moe-tma.log" | tail -4
+            timeout "$LIMIT" python tools/tune_kernels.py --shape mixtral-8x7b --medium --tokens ${TOKENS:-256 1280} \
+                --copy-to "$OUT/moe-configs" 2>&1 | tee -a "$OUT/moe-tma.log" | tail -30
+            timeout 200 python tools/bench_kernels.py --no-ref --only moe --json "$OUT/moe.json" 2>&1 \
+                | tee -a "$OUT/moe-tma.log" | tail -14 ;;
         kernels)
             timeout 200 python tools/bench_kernels.py --only prefill 2>&1 | tee -a "$OUT/kernels.log" | tail -12 ;;
         growth)  # tree throughput runs timed at each cap on a growth pass's nodes (ABAB)

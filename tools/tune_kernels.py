@@ -74,24 +74,41 @@ def candidates(space: dict, block_m: int, gated: bool, elem_size: int, max_share
 
 
 class GemmLaunch:
-    """Everything one _moe_gemm_kernel launch specialises on, with the tensors as dtypes."""
+    """Everything one grouped-GEMM launch specialises on, with the tensors as dtypes: the
+    pointer kernel, or (tma) the descriptor kernel over `a` in grouped order."""
 
-    def __init__(self, a, w, out, route_w, sorted_pairs, block_expert, num_pairs, top_k, cfg, gated):
-        self.gated = gated
-        self.cfg = dict(cfg)
+    def __init__(self, a, w, out, route_w, sorted_pairs, block_expert, num_pairs, top_k, cfg, gated, tma=False):
+        self.gated, self.tma = gated, tma
+        self.cfg = dict(cfg, TMA=1) if tma else dict(cfg)
         N = w.shape[1] // 2 if gated else w.shape[1]
         self.dtypes = (a.dtype, w.dtype, out.dtype, route_w.dtype, sorted_pairs.dtype, block_expert.dtype)
-        self.ints = (num_pairs, sorted_pairs.numel(), N, w.shape[2], top_k,
-                     a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1))
+        if tma:  # descriptors (shape, strides) of a [num_padded, K] and w [E * rows, K], then the kernel's ints
+            self.descs = (([sorted_pairs.numel(), w.shape[2]], [a.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
+                          ([w.shape[0] * w.shape[1], w.shape[2]], [w.stride(1), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]]))
+            self.ints = (num_pairs, sorted_pairs.numel(), N, w.shape[2], w.shape[1], out.stride(0), out.stride(1))
+        else:
+            self.ints = (num_pairs, sorted_pairs.numel(), N, w.shape[2], top_k,
+                         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1))
         self.ieee = a.dtype == torch.float32
+
+    def key(self):
+        return (self.gated, self.tma, self.ints, self.dtypes, tuple(sorted(self.cfg.items())))
 
     def warmup(self):
         cfg = self.cfg
+        tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], grid=(1,))
+        if self.tma:  # descriptors over stand-in tensors of the right dtype (Triton's MockTensor)
+            from triton.runtime.jit import MockTensor
+
+            descriptor = moe._tensor_descriptor()
+            descs = [descriptor(MockTensor(dtype), *d) for dtype, d in zip(self.dtypes[:2], self.descs)]
+            return moe._moe_gemm_tma_kernel.warmup(
+                *descs, *self.dtypes[2:], *self.ints,
+                GATED=self.gated, OUT_SORTED=self.gated, WEIGHTED=not self.gated, IEEE=self.ieee, **tiles)
         return moe._moe_gemm_kernel.warmup(
             *self.dtypes, *self.ints,
-            GATED=self.gated, A_PER_TOKEN=self.gated, WEIGHTED=not self.gated, IEEE=self.ieee,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], grid=(1,))
+            GATED=self.gated, A_PER_TOKEN=self.gated, WEIGHTED=not self.gated, IEEE=self.ieee, **tiles)
 
 
 def _compile_in_worker(launch: GemmLaunch) -> bool:
@@ -104,7 +121,7 @@ def _compile_in_worker(launch: GemmLaunch) -> bool:
 
 def precompile(launches, workers: int):
     """Compile every launch into Triton's on-disk cache in `workers` processes; the timing loop then loads."""
-    unique = {(l.gated, l.ints, l.dtypes, tuple(sorted(l.cfg.items()))): l for l in launches}
+    unique = {l.key(): l for l in launches}
     t0 = time.time()
     ctx = multiprocessing.get_context("spawn")  # CUDA is initialised here: no fork
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
@@ -158,8 +175,26 @@ def tune_inputs(D, I, E, top_k, dtype, tokens, weights):
     return x, w13, w2, topk_weights, topk_ids, route_w, hidden, down
 
 
-def plan_tokens(D, I, E, top_k, dtype, tokens, mode, weights, max_shared):
-    """[(block_m, sorted_pairs, block_expert, [(gated, [GemmLaunch])])] for one token count."""
+def layouts(tokens, top_k, E, x, w13, w2, tma: bool):
+    """The launch layouts to try: the pointer kernels, and the descriptor kernels where they
+    can run and rows are more than the weight-bound few (≤ 8 an expert: the gather of x
+    into grouped order would be paid for nothing)."""
+    return (False, True) if tma and tokens * top_k / E > 8 and moe.tma_usable(x, w13, w2) else (False,)
+
+
+def operands(gated, tma, x, w13, w2, hidden, down, sorted_pairs, num_pairs, top_k):
+    """(a, w, out) of one launch; descriptor launches read x in grouped order and keep the
+    intermediate in that order ([num_padded, I])."""
+    if not tma:
+        return (x, w13, hidden) if gated else (hidden, w2, down)
+    grouped_hidden = torch.empty(sorted_pairs.numel(), hidden.shape[1], device=x.device, dtype=x.dtype)
+    if gated:
+        return moe.grouped_rows(x, sorted_pairs, num_pairs, top_k), w13, grouped_hidden
+    return grouped_hidden.normal_(), w2, down
+
+
+def plan_tokens(D, I, E, top_k, dtype, tokens, mode, weights, max_shared, tma=True):
+    """[(block_m, sorted_pairs, block_expert, [(gated, tma, [GemmLaunch])])] for one token count."""
     x, w13, w2, _, topk_ids, route_w, hidden, down = tune_inputs(D, I, E, top_k, dtype, tokens, weights)
     space = search_space(mode, tokens * top_k / E)
     elem = torch.finfo(dtype).bits // 8
@@ -167,35 +202,49 @@ def plan_tokens(D, I, E, top_k, dtype, tokens, mode, weights, max_shared):
     for block_m in space["BLOCK_M"]:
         sorted_pairs, block_expert = moe.moe_align(topk_ids, E, block_m)
         gemms = []
-        for gated in (True, False):
-            a, w, out = (x, w13, hidden) if gated else (hidden, w2, down)
-            launches = [GemmLaunch(a, w, out, route_w, sorted_pairs, block_expert, tokens * top_k, top_k, cfg, gated)
-                        for cfg in candidates(space, block_m, gated, elem, max_shared)]
-            gemms.append((gated, launches))
+        for by_descriptor in layouts(tokens, top_k, E, x, w13, w2, tma):
+            for gated in (True, False):
+                a, w, out = operands(gated, by_descriptor, x, w13, w2, hidden, down, sorted_pairs, tokens * top_k, top_k)
+                launches = [GemmLaunch(a, w, out, route_w, sorted_pairs, block_expert, tokens * top_k, top_k, cfg,
+                                       gated, by_descriptor)
+                            for cfg in candidates(space, block_m, gated, elem, max_shared)]
+                gemms.append((gated, by_descriptor, launches))
         plan.append((block_m, sorted_pairs, block_expert, gemms))
     return plan
 
 
 def tune_tokens(D, I, E, top_k, dtype, tokens, plan, weights):
+    """(summed ms, gate_up cfg, down cfg): the fastest pair of one BLOCK_M and one layout
+    (both launches pointer kernels, or both descriptor kernels: they share the intermediate)."""
     x, w13, w2, _, _, route_w, hidden, down = tune_inputs(D, I, E, top_k, dtype, tokens, weights)
     best = None
     for block_m, sorted_pairs, block_expert, gemms in plan:
-        per_gemm = []
-        for gated, launches in gemms:
-            a, w, out = (x, w13, hidden) if gated else (hidden, w2, down)
+        per_layout = {}
+        for gated, by_descriptor, launches in gemms:
+            a, w, out = operands(gated, by_descriptor, x, w13, w2, hidden, down, sorted_pairs, tokens * top_k, top_k)
             results = []
             for launch in launches:
                 cfg = launch.cfg
-                ms = graph_ms(lambda: moe._launch_gemm(a, w, out, route_w, sorted_pairs, block_expert,
-                                                       tokens * top_k, top_k, cfg, gated=gated, a_per_token=gated,
-                                                       weighted=not gated))
-                results.append((ms, cfg))
-            per_gemm.append(min(results, key=lambda r: r[0]) if results else (float("inf"), None))
-        total = per_gemm[0][0] + per_gemm[1][0]
-        print(f"  tokens={tokens} BLOCK_M={block_m}: gate_up {per_gemm[0][0]:.4f} ms, down {per_gemm[1][0]:.4f} ms",
-              flush=True)
-        if best is None or total < best[0]:
-            best = (total, per_gemm[0][1], per_gemm[1][1])
+                if by_descriptor:
+                    run = lambda: moe._launch_gemm_tma(a, w, out, route_w, sorted_pairs, block_expert,  # noqa: E731
+                                                       tokens * top_k, cfg, gated=gated, out_sorted=gated,
+                                                       weighted=not gated)
+                else:
+                    run = lambda: moe._launch_gemm(a, w, out, route_w, sorted_pairs, block_expert,  # noqa: E731
+                                                   tokens * top_k, top_k, cfg, gated=gated, a_per_token=gated,
+                                                   weighted=not gated)
+                results.append((graph_ms(run), cfg))
+            per_layout.setdefault(by_descriptor, []).append(
+                min(results, key=lambda r: r[0]) if results else (float("inf"), None))
+        for by_descriptor, (gate_up, down_) in per_layout.items():
+            total = gate_up[0] + down_[0]
+            # The descriptor layout also pays the gather of x into grouped order: timed once.
+            extra = graph_ms(lambda: moe.grouped_rows(x, sorted_pairs, tokens * top_k, top_k)) if by_descriptor else 0.0
+            print(f"  tokens={tokens} BLOCK_M={block_m} {'descriptors' if by_descriptor else 'pointers'}: "
+                  f"gate_up {gate_up[0]:.4f} ms, down {down_[0]:.4f} ms"
+                  + (f", gather {extra:.4f} ms" if by_descriptor else ""), flush=True)
+            if best is None or total + extra < best[0]:
+                best = (total + extra, gate_up[1], down_[1])
     return best
 
 
@@ -309,6 +358,18 @@ def resource_report():
                         **strides("stride_am", "stride_we", "stride_wn", "stride_om"))
             compiled = compile_for(moe._moe_gemm_kernel, args, cfg["num_warps"], cfg["num_stages"])
             print(f"fused_moe tokens={tokens} {'gate_up' if gated else 'down'} {cfg}: {resources(compiled)}")
+            if tokens < 256:
+                continue
+            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            args = dict(a_desc=f"tensordesc<bf16[{bm},{bk}]>", w_desc=f"tensordesc<bf16[{bn},{bk}]>", out_ptr="*bf16",
+                        topk_weights_ptr="*fp32", sorted_pairs_ptr="*i32", block_expert_ptr="*i32",
+                        num_pairs="i32", num_padded="i32/16", N="i32/16", K="i32/16", W_ROWS="i32/16",
+                        stride_om="i32/16", stride_on=1, GATED=gated, OUT_SORTED=gated, WEIGHTED=not gated,
+                        IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"])
+            compiled = compile_for(moe._moe_gemm_tma_kernel, args, cfg["num_warps"], cfg["num_stages"])
+            ptx = compiled.asm["ptx"]
+            print(f"fused_moe tokens={tokens} {'gate_up' if gated else 'down'} by descriptors: {resources(compiled)}, "
+                  f"{'TMA' if 'cp.async.bulk.tensor' in ptx else 'no TMA'}")
     num_sms, attention._num_sms = attention._num_sms, lambda device: 132  # an H100/H200, even without a GPU
     for (H, KV, hd), B, T, tree in (((32, 8, 128), 64, 1, False), ((32, 8, 128), 64, 5, False),
                                      ((32, 4, 128), 64, 5, False), ((32, 8, 128), 1, 256, True),
@@ -384,6 +445,8 @@ def main():
     parser.add_argument("--replace", action="store_true", help="drop entries of token counts not tuned now")
     parser.add_argument("--copy-to", help="also write moe-<n>.json copies with plain names here")
     parser.add_argument("--install-from", help="write the configs copied by --copy-to into --out-dir and stop")
+    parser.add_argument("--no-tma", action="store_true",
+                        help="pointer kernels only (by default descriptor launches compete past 8 rows an expert)")
     parser.add_argument("--attention", action="store_true", help="time verify_attention tile shapes instead")
     parser.add_argument("--resources", action="store_true",
                         help="compile the default configs for sm_90 (no GPU needed): registers, spills, shared memory")
@@ -405,7 +468,8 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(E, 2 * I, D, device="cuda", dtype=dtype, generator=gen) * D**-0.5
     w2 = torch.randn(E, D, I, device="cuda", dtype=dtype, generator=gen) * I**-0.5
-    plans = {tokens: plan_tokens(D, I, E, top_k, dtype, tokens, mode, (w13, w2), max_shared) for tokens in args.tokens}
+    plans = {tokens: plan_tokens(D, I, E, top_k, dtype, tokens, mode, (w13, w2), max_shared, tma=not args.no_tma)
+             for tokens in args.tokens}
     launches = [l for plan in plans.values() for _, _, _, gemms in plan for _, ls in gemms for l in ls]
     print(f"{len(launches)} candidate launches over tokens {args.tokens} ({mode} space)", flush=True)
     if args.workers > 1:

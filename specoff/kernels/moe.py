@@ -107,6 +107,77 @@ def _moe_gemm_kernel(
 
 
 @triton.jit
+def _moe_gemm_tma_kernel(
+    # tensor descriptors (TMA on Hopper): a [num_padded, K] rows in grouped order, w [E * W_ROWS, K]
+    a_desc, w_desc,
+    # pointers
+    out_ptr, topk_weights_ptr, sorted_pairs_ptr, block_expert_ptr,
+    # sizes
+    num_pairs, num_padded, N, K, W_ROWS,
+    # strides
+    stride_om, stride_on,
+    # meta-parameters
+    GATED: tl.constexpr,  # out = silu(a @ w[:N].T) * (a @ w[N:2N].T) of the block's expert
+    OUT_SORTED: tl.constexpr,  # out row = grouped row (the down launch's input); else the pair
+    WEIGHTED: tl.constexpr,  # scale each row by its routing weight
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dot instead of tf32
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """_moe_gemm_kernel with its activations already in grouped order: both operands are
+    whole tiles of 2-D tensors, loaded by tensor descriptors (the copy engine's TMA on Hopper,
+    no per-row address arithmetic; past K and past the last row they read zeros)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:  # padding block past the last expert's group
+        return
+    row0 = pid_m * BLOCK_M
+    # Columns past N read the next rows of w (the up half, the next expert, or zeros past
+    # the end): never stored.
+    w_row = expert * W_ROWS + pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([row0, k0 * BLOCK_K])
+        w = w_desc.load([w_row, k0 * BLOCK_K])
+        if IEEE:
+            acc = tl.dot(a, w.T, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w.T, acc)
+        if GATED:
+            w_up = w_desc.load([w_row + N, k0 * BLOCK_K])
+            if IEEE:
+                acc_up = tl.dot(a, w_up.T, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, w_up.T, acc_up)
+
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + offs_m).to(tl.int64)
+    row_valid = pairs < num_pairs
+    if WEIGHTED:
+        route_w = tl.load(topk_weights_ptr + pairs, mask=row_valid, other=0.0)
+        acc = acc * route_w[:, None]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if OUT_SORTED:  # padding rows too (token 0's product, never stored later): the next launch reads no garbage
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=offs_n[None, :] < N)
+    else:
+        out_ptrs = out_ptr + pairs[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _moe_align_kernel(
     # pointers
     topk_ids_ptr, sorted_pairs_ptr, block_expert_ptr,
@@ -340,6 +411,68 @@ def _check(x, w13, w2, topk_weights, topk_ids):
     assert w13.stride(2) == 1 and w2.stride(2) == 1, "weights must be contiguous along K"
 
 
+# Tensor-descriptor (TMA) launches: "auto" where a tuned config asks for them (the key
+# "TMA": 1, written by tools/tune_kernels.py when they time faster), "on" wherever they can
+# run (tests), "off" never.
+TMA = "auto"
+
+
+def _tensor_descriptor():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # a Triton without host-side descriptors
+        return None
+    return TensorDescriptor
+
+
+def _aligned(t: torch.Tensor, *strides: int) -> bool:
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in strides)
+
+
+def tma_usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether the descriptor launches can run here: a Hopper-or-newer GPU (or the
+    interpreter), eager mode (tracing keeps the pointer kernels), weights whose experts
+    stack into one 2-D tensor each and rows of 16-byte multiples (a descriptor's rule)."""
+    if TMA == "off" or _tensor_descriptor() is None:
+        return False
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return False
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    for w in (w13, w2):
+        if w.stride(2) != 1 or w.stride(0) != w.shape[1] * w.stride(1) or not _aligned(w, w.stride(1)):
+            return False
+    return x.shape[1] * x.element_size() % 16 == 0 and w2.shape[2] * w2.element_size() % 16 == 0
+
+
+def _launch_gemm_tma(a, w, out, topk_weights, sorted_pairs, block_expert, num_pairs, cfg, *,
+                     gated: bool, out_sorted: bool, weighted: bool):
+    """_launch_gemm over `a` already in grouped order (row r holds sorted pair r's input)."""
+    descriptor = _tensor_descriptor()
+    E, W_ROWS, K = w.shape
+    N = W_ROWS // 2 if gated else W_ROWS
+    num_padded = sorted_pairs.numel()
+    a_desc = descriptor(a, [num_padded, K], [a.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+    w_desc = descriptor(w, [E * W_ROWS, K], [w.stride(1), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    grid = (triton.cdiv(num_padded, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _moe_gemm_tma_kernel[grid](
+        a_desc, w_desc, out, topk_weights, sorted_pairs, block_expert,
+        num_pairs, num_padded, N, K, W_ROWS, out.stride(0), out.stride(1),
+        GATED=gated, OUT_SORTED=out_sorted, WEIGHTED=weighted, IEEE=a.dtype == torch.float32,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def grouped_rows(x: torch.Tensor, sorted_pairs: torch.Tensor, num_pairs: int, top_k: int) -> torch.Tensor:
+    """x's rows in grouped order, [num_padded, D] (a padding row repeats token 0: computed, never stored)."""
+    rows = torch.where(sorted_pairs < num_pairs, sorted_pairs // top_k, 0)
+    return x.index_select(0, rows)
+
+
 def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None, down_config=None,
                     partial: bool = False):
     N, D = x.shape
@@ -352,11 +485,20 @@ def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None
     cfg2["BLOCK_M"] = cfg1["BLOCK_M"]  # both launches share one grouping
     sorted_pairs, block_expert = moe_align(topk_ids, E, cfg1["BLOCK_M"])
     route_w = topk_weights.reshape(-1).float().contiguous()
+    # Pairs of experts not in w13 (partial) get no row of the weighted outputs: zero them.
+    down = (torch.zeros if partial else torch.empty)((num_pairs, D), dtype=x.dtype, device=x.device)
+    if (TMA == "on" or cfg1.get("TMA")) and tma_usable(x, w13, w2):
+        # Both launches by descriptors: x gathered into grouped order once (a copy of
+        # num_padded rows), the intermediate kept in that order for the second launch.
+        hidden = torch.empty((sorted_pairs.numel(), I), dtype=x.dtype, device=x.device)
+        _launch_gemm_tma(grouped_rows(x, sorted_pairs, num_pairs, top_k), w13, hidden, route_w, sorted_pairs,
+                         block_expert, num_pairs, cfg1, gated=True, out_sorted=True, weighted=False)
+        _launch_gemm_tma(hidden, w2, down, route_w, sorted_pairs, block_expert, num_pairs, cfg2,
+                         gated=False, out_sorted=False, weighted=True)
+        return torch.sum(down.view(N, top_k, D), dim=1, out=out)
     hidden = torch.empty((num_pairs, I), dtype=x.dtype, device=x.device)  # silu(gate) * up
     _launch_gemm(x, w13, hidden, route_w, sorted_pairs, block_expert, num_pairs, top_k, cfg1,
                  gated=True, a_per_token=True, weighted=False)
-    # Weighted expert outputs; pairs of experts not in w13 (partial) get no row: zero them.
-    down = (torch.zeros if partial else torch.empty)((num_pairs, D), dtype=x.dtype, device=x.device)
     _launch_gemm(hidden, w2, down, route_w, sorted_pairs, block_expert, num_pairs, top_k, cfg2,
                  gated=False, a_per_token=False, weighted=True)
     torch.sum(down.view(N, top_k, D), dim=1, out=out)

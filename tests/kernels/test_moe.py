@@ -58,11 +58,72 @@ def test_fused_moe_on_views_of_a_flat_buffer():
     assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[torch.float32]
 
 
+
+# Descriptor (TMA) launches: sizes whose rows are 16-byte multiples; tiles chosen so the K
+# loop has a tail (hidden 80 by 32), the gate tile runs into the up half (inter 40 by 32)
+# and a group needs several row blocks.
+TMA_CPU_CASES = [(1, 128, 48, 8, 2), (33, 80, 40, 8, 2), (600, 64, 32, 2, 1)]
+TMA_GPU_CASES = [(222, 128, 256, 8, 2), (300, 128, 256, 8, 2), (1100, 256, 128, 8, 2), (1280, 4096, 1024, 8, 2)]
+TMA_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+
+
+def _no_pointer_launch(*args, **kwargs):
+    raise AssertionError("the pointer kernel ran where the descriptor launches should have")
+
+
+@pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", list(dtype_cases(TMA_CPU_CASES, TMA_GPU_CASES)))
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_fused_moe_by_descriptors_matches_ref(tokens, hidden, inter, experts, top_k, dtype, tiles, monkeypatch):
+    """moe.TMA: x gathered into grouped order, both grouped GEMMs loading whole tiles through
+    tensor descriptors (Triton's interpreter on the CPU), the intermediate kept grouped."""
+    monkeypatch.setattr(moe, "TMA", "on")
+    monkeypatch.setattr(moe, "_launch_gemm", _no_pointer_launch)
+    seed = zlib.crc32(repr(("tma", tokens, hidden, inter, experts, top_k, dtype)).encode())
+    x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed)
+    assert moe.tma_usable(x, w13, w2)
+    configs = (TMA_TILES, TMA_TILES) if tiles == "small" else (None, None)
+    out = torch.full_like(x, float("nan"))
+    moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *configs)
+    assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
+
+
+def test_descriptor_launches_follow_the_tuned_config_and_fall_back_where_they_cannot_run(monkeypatch):
+    """"auto" takes descriptors where a config says TMA: 1 and "off" never; rows that are no
+    16-byte multiple (97 fp16 values) or weights whose experts stack into no 2-D tensor keep
+    the pointer kernels, still exact."""
+    x, w13, w2, topk_weights, topk_ids = make_inputs(9, 64, 32, 8, 2, torch.float32, 5)
+    ref = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+    ran = []
+    real = moe._launch_gemm_tma
+    monkeypatch.setattr(moe, "_launch_gemm_tma", lambda *a, **k: (ran.append(1), real(*a, **k)))
+    out = torch.full_like(x, float("nan"))
+    moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, TMA_TILES, TMA_TILES)  # no TMA key
+    assert not ran and rel_err(out, ref) < TOL[torch.float32]
+    tuned = dict(TMA_TILES, TMA=1)
+    moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out.fill_(float("nan")), tuned, TMA_TILES)
+    assert len(ran) == 2 and rel_err(out, ref) < TOL[torch.float32]
+    monkeypatch.setattr(moe, "TMA", "off")
+    ran.clear()
+    moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out.fill_(float("nan")), tuned, TMA_TILES)
+    assert not ran and rel_err(out, ref) < TOL[torch.float32]
+
+    monkeypatch.setattr(moe, "TMA", "on")
+    x, w13, w2, topk_weights, topk_ids = make_inputs(9, 97, 32, 8, 2, torch.float16, 6)
+    assert not moe.tma_usable(x, w13, w2)
+    out = torch.full_like(x, float("nan"))
+    fused_moe(x, w13, w2, topk_weights, topk_ids, out=out)
+    assert not ran and rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[torch.float16]
+    assert not moe.tma_usable(x[:, :64], w13[:, :, :64], w2)  # strided weights: no one 2-D view
+
+
 @pytest.mark.parametrize("tokens,experts,top_k,pieces", [(1, 8, 2, 2), (33, 8, 2, 4), (20, 16, 4, 8)])
-def test_fused_moe_in_pieces_sums_to_the_whole(tokens, experts, top_k, pieces):
+@pytest.mark.parametrize("tma", ["off", "on"])
+def test_fused_moe_in_pieces_sums_to_the_whole(tokens, experts, top_k, pieces, tma, monkeypatch):
     """A layer streamed in pieces (offload ring_pieces): each call computes the pairs routed
     to its share of the experts, from that share's weights alone; the pieces sum to the
-    whole, and a pair of no expert in the share contributes nothing."""
+    whole, and a pair of no expert in the share contributes nothing (pointer kernels, or
+    descriptor launches over the share's weights)."""
+    monkeypatch.setattr(moe, "TMA", tma)
     hidden, inter, dtype = 64, 32, torch.float32
     x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, tokens)
     per = experts // pieces
@@ -173,10 +234,13 @@ def test_compile_inductor_matches_eager(dtype):
 
 
 @gpu
-@pytest.mark.parametrize("align_max_pairs", [moe.FUSED_ALIGN_MAX_PAIRS, 0])
-def test_cuda_graph_replay(align_max_pairs, monkeypatch):
-    # 0: the pairs sort in plain torch (moe_align_torch, the path past FUSED_ALIGN_MAX_PAIRS)
+@pytest.mark.parametrize("align_max_pairs, tma", [(moe.FUSED_ALIGN_MAX_PAIRS, "off"), (0, "off"),
+                                                  (moe.FUSED_ALIGN_MAX_PAIRS, "on")])
+def test_cuda_graph_replay(align_max_pairs, tma, monkeypatch):
+    # 0: the pairs sort in plain torch (moe_align_torch, the path past FUSED_ALIGN_MAX_PAIRS);
+    # "on": descriptor launches, their descriptors (and the grouped copy of x) in the graph
     monkeypatch.setattr(moe, "FUSED_ALIGN_MAX_PAIRS", align_max_pairs)
+    monkeypatch.setattr(moe, "TMA", tma)
     dtype = torch.bfloat16
     tokens, hidden, inter, experts, top_k = 17, 256, 128, 8, 2
     x, w13, w2, _, _ = make_inputs(tokens, hidden, inter, experts, top_k, dtype, 21)
