@@ -160,10 +160,11 @@ def engine_options() -> dict:
 
     out = {}
     for name in ("engine", "spec.tree", "spec.pipeline", "models.decoder", "quant", "kvcache",
-                 "kernels.fp8_gemm"):
+                 "kernels.fp8_gemm", "kernels.moe"):
         module = importlib.import_module(f"specoff.{name}")
         for key, value in vars(module).items():
-            if key.isupper() and isinstance(value, (bool, int, float, str, type(None))) and not (
+            if key.isupper() and not key.endswith("_DIR") and isinstance(  # a folder is no option
+                    value, (bool, int, float, str, type(None))) and not (
                     isinstance(value, float) and not math.isfinite(value)):  # NEG_INF: no option
                 out[f"{name}.{key}"] = value
     return out

@@ -433,6 +433,8 @@ def tma_usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether the descriptor launches can run here: a Hopper-or-newer GPU (or the
     interpreter), eager mode (tracing keeps the pointer kernels), weights whose experts
     stack into one 2-D tensor each and rows of 16-byte multiples (a descriptor's rule)."""
+    if TMA not in ("auto", "on", "off"):
+        raise ValueError(f"kernels.moe.TMA is {TMA!r}: set it to 'auto', 'on' or 'off'")
     if TMA == "off" or _tensor_descriptor() is None:
         return False
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
@@ -473,12 +475,49 @@ def grouped_rows(x: torch.Tensor, sorted_pairs: torch.Tensor, num_pairs: int, to
     return x.index_select(0, rows)
 
 
+# From this many tokens a call computes its two grouped products with torch's private
+# grouped-GEMM op (torch._grouped_mm, CUTLASS on sm_90; torch ≥ 2.8) instead of the Triton
+# kernels, for where that times faster (`bash tools/gpu_session.sh moe-tma` prints both);
+# 0: never. The sort, SwiGLU, routing weights and sum stay in torch ops, all on the device.
+GROUPED_MM_TOKENS = 0
+
+
+def grouped_mm_usable(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs here: bf16 on an sm_90-or-newer GPU, or any dtype on the CPU."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cpu"
+
+
+def _grouped_mm_moe_into(x, w13, w2, topk_weights, topk_ids, out):
+    """The MoE through torch._grouped_mm: pairs sorted by expert (pairs of no expert here,
+    id -1, last and weighted 0), group ends counted on the device (no host sync)."""
+    N, D = x.shape
+    E, I, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, E)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device).scatter_add_(
+        0, key, torch.ones_like(key, dtype=torch.int32))
+    ends = torch.cumsum(counts[:E], 0, dtype=torch.int32)  # rows past the last end: never computed
+    h = torch._grouped_mm(x[order // top_k], w13.transpose(1, 2), offs=ends)
+    ys = torch._grouped_mm(torch.nn.functional.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=ends)
+    route_w = topk_weights.reshape(-1)[order].to(x.dtype)
+    ys = torch.where((key[order] < E)[:, None], ys * route_w[:, None], 0)
+    down = torch.empty_like(ys).index_copy_(0, order, ys)
+    return torch.sum(down.view(N, top_k, D), dim=1, out=out)
+
+
 def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None, down_config=None,
                     partial: bool = False):
     N, D = x.shape
     E, I = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
     num_pairs = N * top_k
+    if GROUPED_MM_TOKENS and N >= GROUPED_MM_TOKENS and grouped_mm_usable(x):
+        return _grouped_mm_moe_into(x, w13, w2, topk_weights, topk_ids, out)
     name, max_shared = device_name(x.device), max_shared_memory(x.device)
     cfg1 = gate_up_config or get_config(E, 2 * I, D, x.dtype, name, N, top_k, max_shared)
     cfg2 = dict(down_config or get_config(E, D, I, x.dtype, name, N, top_k, max_shared))

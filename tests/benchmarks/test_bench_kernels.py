@@ -16,7 +16,7 @@ _spec.loader.exec_module(bench)
 
 pytestmark = pytest.mark.gpu
 
-MOE_IMPLS = ("triton", "torch_grouped", "ref")
+MOE_IMPLS = ("triton", "torch_grouped", "torch_grouped_mm", "ref")
 ATTN_IMPLS = ("triton", "sdpa_masked", "ref")
 
 
@@ -56,8 +56,11 @@ def test_bench_fused_moe(benchmark, moe_weights, shape, tokens, impl):
     fn = {
         "triton": lambda: bench.fused_moe(x, w13, w2, topk_weights, topk_ids, out=out),
         "torch_grouped": lambda: bench.moe_torch_grouped(x, w13, w2, topk_weights, topk_ids),
+        "torch_grouped_mm": lambda: bench.moe_torch_grouped_mm(x, w13, w2, topk_weights, topk_ids),
         "ref": lambda: bench.fused_moe_ref(x, w13, w2, topk_weights, topk_ids),
     }[impl]
+    if impl == "torch_grouped_mm" and not bench.grouped_mm_available(x.device):
+        pytest.skip("torch._grouped_mm needs torch ≥ 2.8 and an sm_90 GPU")
     benchmark.group = f"fused_moe {shape} tokens={tokens}"
     run_timed(benchmark, fn, flops, bytes_)
     assert torch.isfinite(fn()).all()

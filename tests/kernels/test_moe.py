@@ -67,8 +67,8 @@ TMA_GPU_CASES = [(222, 128, 256, 8, 2), (300, 128, 256, 8, 2), (1100, 256, 128, 
 TMA_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
 
 
-def _no_pointer_launch(*args, **kwargs):
-    raise AssertionError("the pointer kernel ran where the descriptor launches should have")
+def _must_not_launch(*args, **kwargs):
+    raise AssertionError("a launch ran that this path should not make")
 
 
 @pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", list(dtype_cases(TMA_CPU_CASES, TMA_GPU_CASES)))
@@ -77,7 +77,7 @@ def test_fused_moe_by_descriptors_matches_ref(tokens, hidden, inter, experts, to
     """moe.TMA: x gathered into grouped order, both grouped GEMMs loading whole tiles through
     tensor descriptors (Triton's interpreter on the CPU), the intermediate kept grouped."""
     monkeypatch.setattr(moe, "TMA", "on")
-    monkeypatch.setattr(moe, "_launch_gemm", _no_pointer_launch)
+    monkeypatch.setattr(moe, "_launch_gemm", _must_not_launch)
     seed = zlib.crc32(repr(("tma", tokens, hidden, inter, experts, top_k, dtype)).encode())
     x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed)
     assert moe.tma_usable(x, w13, w2)
@@ -114,6 +114,9 @@ def test_descriptor_launches_follow_the_tuned_config_and_fall_back_where_they_ca
     fused_moe(x, w13, w2, topk_weights, topk_ids, out=out)
     assert not ran and rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[torch.float16]
     assert not moe.tma_usable(x[:, :64], w13[:, :, :64], w2)  # strided weights: no one 2-D view
+    monkeypatch.setattr(moe, "TMA", "yes")
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        moe.tma_usable(x, w13, w2)
 
 
 @pytest.mark.parametrize("tokens,experts,top_k,pieces", [(1, 8, 2, 2), (33, 8, 2, 4), (20, 16, 4, 8)])
@@ -269,3 +272,50 @@ def test_cuda_graph_replay(align_max_pairs, tma, monkeypatch):
         torch.cuda.synchronize()
         topk_weights, topk_ids = moe_route(static_logits, top_k, True)
         assert rel_err(static_out, fused_moe_ref(static_x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
+
+
+def _bench_kernels():
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_kernels", os.path.join(os.path.dirname(__file__), "..", "..", "tools", "bench_kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("composition", ["moe_torch_grouped", "moe_torch_grouped_mm"])
+def test_the_benchmarks_torch_compositions_compute_the_moe(composition):
+    """The plain-torch MoE baselines tools/bench_kernels.py times the kernel against (a
+    baseline that computes something else would make its ratios meaningless); an expert no
+    token picks included."""
+    bench = _bench_kernels()
+    if composition == "moe_torch_grouped_mm" and not bench.grouped_mm_available(DEVICE):
+        pytest.skip("no torch._grouped_mm here")
+    x, w13, w2, topk_weights, topk_ids = make_inputs(21, 64, 48, 8, 2, torch.float32, 9)
+    topk_ids = torch.where(topk_ids == 5, 6, topk_ids)  # expert 5: no rows
+    out = getattr(bench, composition)(x, w13, w2, topk_weights, topk_ids)
+    assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,pieces", [(1, 8, 2, 1), (33, 8, 2, 1), (20, 16, 4, 4)])
+def test_the_grouped_mm_path_computes_the_moe(tokens, experts, top_k, pieces, monkeypatch):
+    """moe.GROUPED_MM_TOKENS: the products on torch._grouped_mm instead of the kernels,
+    whole or in pieces of the experts (pairs of other experts weigh nothing)."""
+    if not moe.grouped_mm_usable(torch.empty(1, device=DEVICE, dtype=torch.bfloat16)):
+        pytest.skip("no torch._grouped_mm here")
+    monkeypatch.setattr(moe, "GROUPED_MM_TOKENS", 1)
+    monkeypatch.setattr(moe, "_launch_gemm", _must_not_launch)
+    monkeypatch.setattr(moe, "_launch_gemm_tma", _must_not_launch)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, 64, 48, experts, top_k, dtype, tokens)
+    per = experts // pieces
+    total = torch.zeros_like(x)
+    for p in range(pieces):
+        lo = p * per
+        out = torch.full_like(x, float("nan"))
+        kwargs = dict(experts_from=lo) if pieces > 1 else {}
+        fused_moe(x, w13[lo:lo + per], w2[lo:lo + per], topk_weights, topk_ids, out=out, **kwargs)
+        total += out
+    assert rel_err(total, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
