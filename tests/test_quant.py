@@ -43,6 +43,16 @@ def test_quantize_linears_takes_the_layers_not_the_embeddings_or_head(pairs):
     assert type(model.output) is nn.Linear
 
 
+def _tree_plan(target, draft, prompt_tokens: int, context: int, budget: int = 24 * GiB):
+    """The plan of up to 512 rows of 16-node trees beside `draft` within `budget` (checked)."""
+    reserve = planner.weight_reserve(target, torch.bfloat16, budget, 256, draft)
+    weights = planner.plan_weights(target, torch.bfloat16, budget, offload=None, reserve=reserve)
+    plan = planner.plan_run(weights, target, torch.bfloat16, rows=512, context=context, max_rows=512,
+                            tokens_per_row=16, prefill_tokens=prompt_tokens, draft=draft, max_logit_rows=512)
+    assert plan.planned_gpu_bytes + planner.CONTEXT_MARGIN <= budget
+    return plan
+
+
 def test_an_fp8_draft_halves_its_layers_and_buys_rows():
     target = ModelConfig.from_dict(dict(MISTRAL_7B, model_type="mixtral", num_local_experts=8,
                                         num_experts_per_tok=2))
@@ -52,15 +62,7 @@ def test_an_fp8_draft_halves_its_layers_and_buys_rows():
     bf16, q = ModelSizes.of(draft, torch.bfloat16), ModelSizes.of(fp8, torch.bfloat16)
     assert q.outside_layers == bf16.outside_layers and q.kv_per_token == bf16.kv_per_token
     assert 0.5 < q.layer / bf16.layer < 0.51  # a byte a weight and a scale per row
-    budget = 24 * GiB
-    plans = []
-    for d in (draft, fp8):
-        reserve = planner.weight_reserve(target, torch.bfloat16, budget, 256, d)
-        weights = planner.plan_weights(target, torch.bfloat16, budget, offload=None, reserve=reserve)
-        plans.append(planner.plan_run(weights, target, torch.bfloat16, rows=512, context=389,
-                                      max_rows=512, tokens_per_row=16, prefill_tokens=340,
-                                      draft=d, max_logit_rows=512))
-        assert plans[-1].planned_gpu_bytes + planner.CONTEXT_MARGIN <= budget
+    plans = [_tree_plan(target, d, prompt_tokens=340, context=389) for d in (draft, fp8)]
     assert plans[1].gpu_bytes["draft_weights"] < 0.53 * plans[0].gpu_bytes["draft_weights"]
     assert plans[1].rows_per_pass > 1.5 * plans[0].rows_per_pass
 
@@ -118,13 +120,16 @@ def test_gpu_fp8_products_are_close(rows, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["chain", "tree"])
-@pytest.mark.parametrize("kernel", ["off", "auto"])
-def test_gpu_speculation_with_an_fp8_draft(spec, kernel, pairs, monkeypatch):
-    """On the GPU the draft's steps (CUDA graphs) dequantize, or run the float8-weight
-    kernel, inside the graphs; exact."""
-    from specoff import quant
+@pytest.mark.parametrize("option, value", [("quant.FP8_WEIGHT_KERNEL", "off"), ("quant.FP8_WEIGHT_KERNEL", "auto"),
+                                           ("kvcache.DRAFT_CACHE_DTYPE", "fp8")])
+def test_gpu_speculation_with_an_fp8_draft(spec, option, value, pairs, monkeypatch):
+    """On the GPU a float8 draft's steps (CUDA graphs) dequantize or run the float8-weight
+    kernel inside the graphs, and with DRAFT_CACHE_DTYPE its cache is float8 too (the
+    attention kernels reading float8 tiles); exact, over more prompts than rows (refills)."""
+    import importlib
 
-    monkeypatch.setattr(quant, "FP8_WEIGHT_KERNEL", kernel)
+    module, _, name = option.rpartition(".")
+    monkeypatch.setattr(importlib.import_module(f"specoff.{module}"), name, value)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=12)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
@@ -225,18 +230,12 @@ def test_an_fp8_draft_cache_halves_its_bytes_in_the_plan(monkeypatch):
     target = ModelConfig.from_dict(dict(MISTRAL_7B, model_type="mixtral", num_local_experts=8,
                                         num_experts_per_tok=2))
     d = ModelConfig.from_dict(MISTRAL_7B)
-    budget = 24 * GiB
     plans = []
     for mode in ("off", "fp8"):
         monkeypatch.setattr(kvcache, "DRAFT_CACHE_DTYPE", mode)
         assert ModelSizes.of(d, torch.bfloat16, kvcache.draft_cache_dtype(
             torch.bfloat16)).kv_per_token == (131072 if mode == "off" else 65536)
-        reserve = planner.weight_reserve(target, torch.bfloat16, budget, 256, d)
-        weights = planner.plan_weights(target, torch.bfloat16, budget, offload=None, reserve=reserve)
-        plans.append(planner.plan_run(weights, target, torch.bfloat16, rows=512, context=2080,
-                                      max_rows=512, tokens_per_row=16, prefill_tokens=2048,
-                                      draft=d, max_logit_rows=512))
-        assert plans[-1].planned_gpu_bytes + planner.CONTEXT_MARGIN <= budget
+        plans.append(_tree_plan(target, d, prompt_tokens=2048, context=2080))
     assert plans[1].rows_per_pass > 1.5 * plans[0].rows_per_pass
 
 
@@ -276,19 +275,3 @@ def test_speculation_with_an_fp8_draft_cache_equals_the_target(spec, interleave,
     # (the tiny pair's rows: 8 tokens a pass by chain, 14 by tree with the cache in fp32; 6
     # and 9 in float8)
     assert llm.last_stats.tokens_per_pass > 2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("spec", ["chain", "tree"])
-def test_gpu_speculation_with_an_fp8_draft_cache(spec, pairs, monkeypatch):
-    """On the GPU (the draft's steps in CUDA graphs, the attention kernels reading float8
-    tiles, a float8 draft as well): exact, over more prompts than rows (refills)."""
-    from specoff import kvcache
-
-    monkeypatch.setattr(kvcache, "DRAFT_CACHE_DTYPE", "fp8")
-    draft, target = pairs(0.3)
-    params = specoff.SamplingParams(max_new_tokens=12)
-    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
-    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
-                      spec=spec, draft_quant="fp8", max_rows=3, kv_placement="host")
-    assert [o.token_ids for o in llm.generate(PROMPTS * 2, params)] == expect * 2

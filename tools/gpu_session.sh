@@ -73,7 +73,7 @@
 #   fp8-cache    tree runs over 2048-token prompts with the draft's cache in bf16 or float8
 #                (kvcache.DRAFT_CACHE_DTYPE off / fp8), ABAB: rows a pass, acceptance, tokens/s
 #   moe-tma      the fused MoE's descriptor (TMA) launches: their GPU tests, the tuner with
-#                both layouts competing at TOKENS (default 256 1280; configs written into
+#                both layouts competing at TOKENS (default 1280 256; configs written into
 #                specoff/kernels/configs and copied to $OUT/moe-configs), then the MoE rows of
 #                bench_kernels (× torch) with what it wrote
 #   fp8-kernel   the float8-weight product timed (kernel in both forms, dequantizing, bf16),
@@ -220,7 +220,7 @@ ROWS
         moe-tma)
             timeout 150 python -m pytest -q -m gpu tests/kernels/test_moe.py -k "descriptor or cuda_graph or pieces" \
                 2>&1 | tee -a "$OUT/moe-tma.log" | tail -4
-            timeout "$LIMIT" python tools/tune_kernels.py --shape mixtral-8x7b --medium --tokens ${TOKENS:-256 1280} \
+            timeout "$LIMIT" python tools/tune_kernels.py --shape mixtral-8x7b --medium --tokens ${TOKENS:-1280 256} \
                 --copy-to "$OUT/moe-configs" 2>&1 | tee -a "$OUT/moe-tma.log" | tail -30
             timeout 200 python tools/bench_kernels.py --no-ref --only moe --json "$OUT/moe.json" 2>&1 \
                 | tee -a "$OUT/moe-tma.log" | tail -14 ;;

@@ -493,8 +493,10 @@ def main():
         tuned_ms = graph_ms(lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, cfg1, cfg2))
         print(f"| {tokens} | {tuned_ms:.4f} | {default_ms:.4f} | {cfg1} | {cfg2} |", flush=True)
         gate_up[tokens], down[tokens] = cfg1, cfg2
-    tables = {moe.config_file_name(E, 2 * I, D, dtype, device): gate_up, moe.config_file_name(E, D, I, dtype, device): down}
-    write_tables(tables, args.out_dir, args.copy_to, args.replace)
+        # Written after each token count: a run cut short by a time limit keeps what it tuned.
+        tables = {moe.config_file_name(E, 2 * I, D, dtype, device): gate_up,
+                  moe.config_file_name(E, D, I, dtype, device): down}
+        write_tables(tables, args.out_dir, args.copy_to, args.replace)
     print(f"tuning took {time.time() - t0:.0f} s (whole-op times are CUDA-graph replays)")
 
 

@@ -33,6 +33,19 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
 @triton.jit
+def _tile(num_padded, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program, in grouped order: GROUP_M row blocks walk
+    the columns together, so neighbouring programs share weight tiles in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((pid % num_pid_in_group) % group_size_m), (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
 def _moe_gemm_kernel(
     # pointers
     a_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pairs_ptr, block_expert_ptr,
@@ -48,16 +61,7 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of out[pair] = a[row(pair)] @ w[expert(block)].T."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(num_padded, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: neighbouring programs share weight tiles in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _tile(num_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:  # padding block past the last expert's group
@@ -126,15 +130,7 @@ def _moe_gemm_tma_kernel(
     """_moe_gemm_kernel with its activations already in grouped order: both operands are
     whole tiles of 2-D tensors, loaded by tensor descriptors (the copy engine's TMA on Hopper,
     no per-row address arithmetic; past K and past the last row they read zeros)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(num_padded, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _tile(num_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:  # padding block past the last expert's group
