@@ -82,9 +82,13 @@ class GemmLaunch:
         self.cfg = dict(cfg, TMA=1) if tma else dict(cfg)
         N = w.shape[1] // 2 if gated else w.shape[1]
         self.dtypes = (a.dtype, w.dtype, out.dtype, route_w.dtype, sorted_pairs.dtype, block_expert.dtype)
-        if tma:  # descriptors (shape, strides) of a [num_padded, K] and w [E * rows, K], then the kernel's ints
-            self.descs = (([sorted_pairs.numel(), w.shape[2]], [a.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
-                          ([w.shape[0] * w.shape[1], w.shape[2]], [w.stride(1), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]]))
+        self.one_dot = tma and gated and bool(cfg.get("ONE_DOT"))
+        if tma:  # descriptors (shape, strides, block) of a [num_padded, K] and w, then the kernel's ints
+            E, rows, K = w.shape
+            w_desc = (([E, 2, rows // 2, K], [w.stride(0), rows // 2 * w.stride(1), w.stride(1), 1],
+                       [1, 2, cfg["BLOCK_N"], cfg["BLOCK_K"]]) if self.one_dot else
+                      ([E * rows, K], [w.stride(1), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]]))
+            self.descs = (([sorted_pairs.numel(), K], [a.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]]), w_desc)
             self.ints = (num_pairs, sorted_pairs.numel(), N, w.shape[2], w.shape[1], out.stride(0), out.stride(1))
         else:
             self.ints = (num_pairs, sorted_pairs.numel(), N, w.shape[2], top_k,
@@ -105,7 +109,8 @@ class GemmLaunch:
             descs = [descriptor(MockTensor(dtype), *d) for dtype, d in zip(self.dtypes[:2], self.descs)]
             return moe._moe_gemm_tma_kernel.warmup(
                 *descs, *self.dtypes[2:], *self.ints,
-                GATED=self.gated, OUT_SORTED=self.gated, WEIGHTED=not self.gated, IEEE=self.ieee, **tiles)
+                GATED=self.gated, OUT_SORTED=self.gated, WEIGHTED=not self.gated, IEEE=self.ieee,
+                ONE_DOT=self.one_dot, **tiles)
         return moe._moe_gemm_kernel.warmup(
             *self.dtypes, *self.ints,
             GATED=self.gated, A_PER_TOKEN=self.gated, WEIGHTED=not self.gated, IEEE=self.ieee, **tiles)
@@ -205,9 +210,11 @@ def plan_tokens(D, I, E, top_k, dtype, tokens, mode, weights, max_shared, tma=Tr
         for by_descriptor in layouts(tokens, top_k, E, x, w13, w2, tma):
             for gated in (True, False):
                 a, w, out = operands(gated, by_descriptor, x, w13, w2, hidden, down, sorted_pairs, tokens * top_k, top_k)
+                cfgs = list(candidates(space, block_m, gated, elem, max_shared))
+                if by_descriptor and gated:  # the gate and up tiles also as one box and one product
+                    cfgs += [dict(cfg, ONE_DOT=1) for cfg in cfgs]
                 launches = [GemmLaunch(a, w, out, route_w, sorted_pairs, block_expert, tokens * top_k, top_k, cfg,
-                                       gated, by_descriptor)
-                            for cfg in candidates(space, block_m, gated, elem, max_shared)]
+                                       gated, by_descriptor) for cfg in cfgs]
                 gemms.append((gated, by_descriptor, launches))
         plan.append((block_m, sorted_pairs, block_expert, gemms))
     return plan
@@ -366,10 +373,16 @@ def resource_report():
                         num_pairs="i32", num_padded="i32/16", N="i32/16", K="i32/16", W_ROWS="i32/16",
                         stride_om="i32/16", stride_on=1, GATED=gated, OUT_SORTED=gated, WEIGHTED=not gated,
                         IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"])
-            compiled = compile_for(moe._moe_gemm_tma_kernel, args, cfg["num_warps"], cfg["num_stages"])
-            ptx = compiled.asm["ptx"]
-            print(f"fused_moe tokens={tokens} {'gate_up' if gated else 'down'} by descriptors: {resources(compiled)}, "
-                  f"{'TMA' if 'cp.async.bulk.tensor' in ptx else 'no TMA'}")
+            for one_dot in (False, True) if gated else (False,):
+                if one_dot:
+                    args["w_desc"] = f"tensordesc<bf16[1,2,{bn},{bk}]>"
+                compiled = compile_for(moe._moe_gemm_tma_kernel, dict(args, ONE_DOT=one_dot), cfg["num_warps"],
+                                       cfg["num_stages"])
+                ptx = compiled.asm["ptx"]
+                print(f"fused_moe tokens={tokens} {'gate_up' if gated else 'down'} by descriptors"
+                      f"{', one product' if one_dot else ''}: {resources(compiled)}, "
+                      f"{'TMA' if 'cp.async.bulk.tensor' in ptx else 'no TMA'}, "
+                      f"{ptx.count('wgmma.mma_async')} wgmma instructions")
     num_sms, attention._num_sms = attention._num_sms, lambda device: 132  # an H100/H200, even without a GPU
     for (H, KV, hd), B, T, tree in (((32, 8, 128), 64, 1, False), ((32, 8, 128), 64, 5, False),
                                      ((32, 4, 128), 64, 5, False), ((32, 8, 128), 1, 256, True),

@@ -126,6 +126,7 @@ def _moe_gemm_tma_kernel(
     WEIGHTED: tl.constexpr,  # scale each row by its routing weight
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dot instead of tf32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ONE_DOT: tl.constexpr = False,  # GATED: w_desc is w13 as [E, 2, I, K]; gate and up tiles in one load and one product
 ):
     """_moe_gemm_kernel with its activations already in grouped order: both operands are
     whole tiles of 2-D tensors, loaded by tensor descriptors (the copy engine's TMA on Hopper,
@@ -139,25 +140,36 @@ def _moe_gemm_tma_kernel(
     # Columns past N read the next rows of w (the up half, the next expert, or zeros past
     # the end): never stored.
     w_row = expert * W_ROWS + pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        a = a_desc.load([row0, k0 * BLOCK_K])
-        w = w_desc.load([w_row, k0 * BLOCK_K])
-        if IEEE:
-            acc = tl.dot(a, w.T, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w.T, acc)
-        if GATED:
-            w_up = w_desc.load([w_row + N, k0 * BLOCK_K])
+    if ONE_DOT:  # [gate tile; up tile] as one 2·BLOCK_N-wide product (half the MMA instructions)
+        acc2 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([row0, k0 * BLOCK_K])
+            w = w_desc.load([expert, 0, pid_n * BLOCK_N, k0 * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K)
             if IEEE:
-                acc_up = tl.dot(a, w_up.T, acc_up, input_precision="ieee")
+                acc2 = tl.dot(a, w.T, acc2, input_precision="ieee")
             else:
-                acc_up = tl.dot(a, w_up.T, acc_up)
-
-    if GATED:
-        acc = acc * tl.sigmoid(acc) * acc_up
+                acc2 = tl.dot(a, w.T, acc2)
+        gate, up = tl.split(tl.permute(acc2.reshape(BLOCK_M, 2, BLOCK_N), (0, 2, 1)))
+        acc = gate * tl.sigmoid(gate) * up
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GATED:
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([row0, k0 * BLOCK_K])
+            w = w_desc.load([w_row, k0 * BLOCK_K])
+            if IEEE:
+                acc = tl.dot(a, w.T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w.T, acc)
+            if GATED:
+                w_up = w_desc.load([w_row + N, k0 * BLOCK_K])
+                if IEEE:
+                    acc_up = tl.dot(a, w_up.T, acc_up, input_precision="ieee")
+                else:
+                    acc_up = tl.dot(a, w_up.T, acc_up)
+        if GATED:
+            acc = acc * tl.sigmoid(acc) * acc_up
     offs_m = row0 + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + offs_m).to(tl.int64)
     row_valid = pairs < num_pairs
@@ -453,15 +465,20 @@ def _launch_gemm_tma(a, w, out, topk_weights, sorted_pairs, block_expert, num_pa
     E, W_ROWS, K = w.shape
     N = W_ROWS // 2 if gated else W_ROWS
     num_padded = sorted_pairs.numel()
+    one_dot = gated and bool(cfg.get("ONE_DOT"))
     a_desc = descriptor(a, [num_padded, K], [a.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
-    w_desc = descriptor(w, [E * W_ROWS, K], [w.stride(1), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    if one_dot:  # w13 as [E, 2, I, K]: a tile's gate and up rows in one box (zeros past I)
+        w_desc = descriptor(w, [E, 2, N, K], [w.stride(0), N * w.stride(1), w.stride(1), 1],
+                            [1, 2, cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    else:
+        w_desc = descriptor(w, [E * W_ROWS, K], [w.stride(1), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
     grid = (triton.cdiv(num_padded, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _moe_gemm_tma_kernel[grid](
         a_desc, w_desc, out, topk_weights, sorted_pairs, block_expert,
         num_pairs, num_padded, N, K, W_ROWS, out.stride(0), out.stride(1),
         GATED=gated, OUT_SORTED=out_sorted, WEIGHTED=weighted, IEEE=a.dtype == torch.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        ONE_DOT=one_dot, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 

@@ -72,16 +72,19 @@ def _must_not_launch(*args, **kwargs):
 
 
 @pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", list(dtype_cases(TMA_CPU_CASES, TMA_GPU_CASES)))
-@pytest.mark.parametrize("tiles", ["default", "small"])
+@pytest.mark.parametrize("tiles", ["default", "small", "small-one-dot"])
 def test_fused_moe_by_descriptors_matches_ref(tokens, hidden, inter, experts, top_k, dtype, tiles, monkeypatch):
     """moe.TMA: x gathered into grouped order, both grouped GEMMs loading whole tiles through
-    tensor descriptors (Triton's interpreter on the CPU), the intermediate kept grouped."""
+    tensor descriptors (Triton's interpreter on the CPU), the intermediate kept grouped;
+    "one-dot": the gate-up launch loads a tile's gate and up rows as one box of w13 seen as
+    [E, 2, I, K] and multiplies once."""
     monkeypatch.setattr(moe, "TMA", "on")
     monkeypatch.setattr(moe, "_launch_gemm", _must_not_launch)
     seed = zlib.crc32(repr(("tma", tokens, hidden, inter, experts, top_k, dtype)).encode())
     x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed)
     assert moe.tma_usable(x, w13, w2)
-    configs = (TMA_TILES, TMA_TILES) if tiles == "small" else (None, None)
+    configs = {"default": (None, None), "small": (TMA_TILES, TMA_TILES),
+               "small-one-dot": (dict(TMA_TILES, ONE_DOT=1), TMA_TILES)}[tiles]
     out = torch.full_like(x, float("nan"))
     moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *configs)
     assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
