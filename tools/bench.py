@@ -1043,15 +1043,21 @@ def budget_flatness(rows: List[dict]) -> str:
         if r.get("stream_bytes_per_pass"):
             fewest[b] = min(fewest.get(b, r["stream_bytes_per_pass"]), r["stream_bytes_per_pass"])
     top = max(best)
-    lines = ["| budget | best tokens/s | engine | % of the largest budget's | bus cap % | bytes a pass (GB) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    by_engine = {(r["budget_gib"], r["engine"]): max(
+        x["tokens_per_second"] for x in ok if (x["budget_gib"], x["engine"]) == (r["budget_gib"], r["engine"]))
+        for r in ok}
+    lines = ["| budget | best tokens/s | engine | % of the largest budget's | bus cap % | bytes a pass (GB) "
+             "| each engine against itself at the largest |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for b in sorted(best, reverse=True):
         r = best[b]
         cap = (100 * fewest[top] / fewest[b]) if top in fewest and b in fewest else None
         draft = quant_note(r) if r.get("speculated", r["engine"] != "specoff-offload") else ""
+        own = ", ".join(f"{e} {100 * tps / by_engine[(top, e)]:.0f}%" for (bb, e), tps in sorted(by_engine.items())
+                        if bb == b and (top, e) in by_engine)
         lines.append(f"| {b:g} GiB | {r['tokens_per_second']:.1f} | {r['engine']}{draft} "
                      f"| {100 * r['tokens_per_second'] / best[top]['tokens_per_second']:.0f} "
-                     f"| {fmt(cap, '.0f')} | {fmt(fewest[b] / 1e9 if b in fewest else None, '.1f')} |")
+                     f"| {fmt(cap, '.0f')} | {fmt(fewest[b] / 1e9 if b in fewest else None, '.1f')} | {own or '–'} |")
     return "\n".join(lines)
 
 
