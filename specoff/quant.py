@@ -15,11 +15,10 @@ import os
 
 import torch
 import torch.nn.functional as F
-
-from .kvcache import check_segment_mode
 from torch import nn
 
 from .config import ModelConfig, UnsupportedModelError
+from .kvcache import check_segment_mode
 
 WEIGHT_QUANTS = ("fp8",)
 FP8 = torch.float8_e4m3fn

@@ -1,4 +1,6 @@
 """Triton kernels; each module exports op() and op_ref() (plain torch)."""
+import functools
+
 import torch
 
 
@@ -13,6 +15,20 @@ def launcher(kernel, tensor: torch.Tensor):
 
         return wrap_triton(kernel)
     return kernel
+
+
+def num_sms(device) -> int:
+    """The device's streaming multiprocessors (4 off a GPU: the interpreter's stand-in), read
+    once a device: launch configs ask for it at every call."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def compiled_kernels():

@@ -17,7 +17,6 @@ output still spreads over every SM. Defaults only, not tuned on a GPU yet.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -27,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import launcher as _launcher
+from . import num_sms
 
 FP8 = torch.float8_e4m3fn
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -147,17 +147,6 @@ def swap_config(M: int, N: int, K: int, sms: int) -> dict:
                 num_warps=4 if M <= 64 else 8, num_stages=4 if M <= 64 else 3)
 
 
-def _sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:  # read once a device: a draft step calls it per product
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _fp8_swap_into(x2, w8, scale, out, cfg: dict):
     M, K = x2.shape
     N = w8.shape[0]
@@ -200,7 +189,7 @@ def _fp8_linear_into(x2: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     if M == 0:
         return out
     if SWAP if swap is None else swap:
-        cfg = dict(swap_config(M, N, K, _sms(x2.device)), **(config or {}))
+        cfg = dict(swap_config(M, N, K, num_sms(x2.device)), **(config or {}))
         return _fp8_swap_into(x2, w8, scale, out, cfg)
     cfg = launch_config(M, N)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
