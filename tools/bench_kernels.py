@@ -9,7 +9,7 @@ section times that draft's decode step (random bf16 weights) as one CUDA-graph r
 the time to read its weights once at the measured bandwidth. The `prefill` section times the
 attention of prompts packed in one row (segmented chains) against SDPA over them padded.
 
-    python3 tools/bench_kernels.py [--only moe|attention|prefill|fused|draft] [--no-ref] [--json out.json]
+    python3 tools/bench_kernels.py [--only moe|attention|prefill|fused|skinny|draft] [--no-ref] [--json out.json]
 
 Needs a CUDA GPU. tests/benchmarks/test_bench_kernels.py imports the cases and baselines below.
 """
@@ -22,6 +22,8 @@ import os
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -218,6 +220,56 @@ def _graph_ms(fn):
     return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")
 
 
+# the draft's (Mistral-7B) products at decode: name -> (N, K)
+SKINNY_SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336),
+                 "head": (32000, 4096)}
+SKINNY_ROWS = (1, 4, 16)
+
+
+def bench_skinny(hbm: float, sweep: bool = False):
+    """The few-rows kernel (kernels/skinny.py) against torch's dense product at the draft's
+    decode shapes, graph times; with `sweep` also a small grid of tiles and K slices for 1
+    and 16 rows, the fastest printed beside the default's."""
+    import itertools
+
+    import triton.testing
+
+    from specoff.kernels import num_sms, skinny
+
+    rows = []
+    for name, (N, K) in SKINNY_SHAPES.items():
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+        for M in SKINNY_ROWS:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            got, ref = skinny.skinny_linear(x, w).float(), skinny.skinny_linear_ref(x, w).float()
+            assert ((got - ref).norm() / ref.norm()).item() < 1e-2, f"skinny_linear wrong at {name}, {M} rows"
+            t_torch = _graph_ms(lambda: torch.mm(x, w.t(), out=out))
+            t = _graph_ms(lambda: skinny._skinny_into(x, w, None, out))
+            cfg = skinny.config(M, N, K, num_sms(w.device))
+            row = dict(kernel="skinny_linear", shape=f"mistral-7b {name} {N}x{K}", case=f"rows={M} split={cfg['SPLIT_K']}",
+                       ms=t, graph_ms=t, torch_ms=t_torch, torch_graph_ms=t_torch, ref_ms=float("nan"),
+                       tflops=2 * M * N * K / t / 1e9, gbps=N * K * 2 / t / 1e6, hbm_share=N * K * 2 / t / 1e6 / hbm)
+            if sweep and M in (1, 16):
+                best = (t, "default")
+                for bn, bk, stages, split in itertools.product((64, 128), (128, 256), (4,), (1, 2, 4, 8)):
+                    c = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
+                    try:
+                        skinny._skinny_into(x, w, None, out, c)
+                        torch.cuda.synchronize()
+                        tc = triton.testing.do_bench_cudagraph(lambda: skinny._skinny_into(x, w, None, out, c), rep=20,
+                                                               return_mode="median")
+                    except Exception:  # too big for this GPU's shared memory
+                        continue
+                    best = min(best, (tc, f"N{bn} K{bk} s{stages} split{split}"))
+                row.update(best_ms=best[0], best_config=best[1])
+                row["case"] += f" (best {best[1]}: {best[0]:.4f} ms, {N * K * 2 / best[0] / 1e6:.0f} GB/s)"
+            rows.append(row)
+            print_row(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_moe(with_ref: bool, hbm: float):
     from specoff.kernels import moe
 
@@ -347,14 +399,35 @@ def bench_fused(hbm: float):
 # Draft decode step and the HBM ceiling
 
 
+@triton.jit
+def _read_kernel(src_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Each program sums its own stripes of src (grid-strided, so many loads stay in flight)
+    and writes one float: the device's read rate with nothing else to do."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(src_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
+
+
 def hbm_bandwidth_gbps(gib: int = 2) -> float:
-    """Device-memory read bandwidth: a max-reduction over `gib` GiB (it reads every byte and
-    writes nothing), as CUDA-graph replays. A device-to-device copy's read + write figure
-    came out well below what the read-bound kernels here reach (H200: 2.8 TB/s against
-    over 3 TB/s), so it was no ceiling."""
+    """Device-memory read bandwidth over `gib` GiB, as CUDA-graph replays: the best of torch's
+    max-reduction and a striped Triton read at a few block sizes and grid widths (both read
+    every byte and write next to nothing). A device-to-device copy's read + write figure came
+    out well below what the read-bound kernels here reach (H200: 2.8 TB/s against over 3
+    TB/s), and torch's reduction (3.5 TB/s) below the kernels' 4.1–4.4, so neither alone is
+    the ceiling."""
+    from specoff.kernels import num_sms
+
     src = torch.randn(gib << 29, device="cuda", dtype=torch.bfloat16)  # gib GiB of bf16
-    ms = _graph_ms(lambda: src.amax())
-    return src.numel() * src.element_size() / ms / 1e6
+    best = _graph_ms(lambda: src.amax())
+    for block, warps in ((4096, 8), (8192, 8), (16384, 16)):
+        for per_sm in (1, 2, 4, 8):
+            programs = num_sms(src.device) * per_sm
+            out = torch.empty(programs, device="cuda", dtype=torch.float32)
+            launch = lambda: _read_kernel[(programs,)](src, out, src.numel(), BLOCK=block, num_warps=warps)  # noqa: E731
+            best = min(best, _graph_ms(launch))
+    return src.numel() * src.element_size() / best / 1e6
 
 
 def draft_model():
@@ -410,11 +483,18 @@ def bench_draft(hbm: float, compile_step: bool = False):
     model = draft_model()
     weights = weight_bytes_per_step(model)
     floor_ms = weights / hbm / 1e6
+    from specoff.kernels import skinny
+
     rows = []
-    for B in DRAFT_BATCHES:
-        rows.append(draft_row(model, B, weights, floor_ms, hbm))
-        print_row(rows[-1])
-        torch.cuda.empty_cache()
+    setting = skinny.LINEAR
+    for linear in dict.fromkeys((setting, "off" if setting != "off" else "auto")):
+        skinny.LINEAR = linear  # the current setting's rows, then the other's (kernels/skinny.py)
+        for B in DRAFT_BATCHES:
+            rows.append(draft_row(model, B, weights, floor_ms, hbm))
+            rows[-1]["case"] += f" skinny {linear}"
+            print_row(rows[-1])
+            torch.cuda.empty_cache()
+    skinny.LINEAR = setting
     if compile_step:
         rows.append(draft_row(model, DRAFT_BATCHES[-1], weights, floor_ms, hbm, compiled=True))
         print_row(rows[-1])
@@ -470,7 +550,9 @@ def print_row(r):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["moe", "attention", "prefill", "fused", "draft"])
+    parser.add_argument("--only", choices=["moe", "attention", "prefill", "fused", "draft", "skinny"])
+    parser.add_argument("--skinny-sweep", action="store_true",
+                        help="the few-rows kernel's rows also search a small grid of tiles and K slices")
     parser.add_argument("--no-ref", action="store_true", help="skip the slow float32 references")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--draft-compile", action="store_true",
@@ -493,6 +575,8 @@ def main():
         rows += bench_packed_prefill(hbm)
     if args.only in (None, "fused"):
         rows += bench_fused(hbm)
+    if args.only in (None, "skinny"):
+        rows += bench_skinny(hbm, args.skinny_sweep)
     if args.only in (None, "draft"):
         rows += bench_draft(hbm, args.draft_compile)
     if args.json:

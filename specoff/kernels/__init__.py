@@ -39,10 +39,10 @@ def compiled_kernels():
     counts the compiles between them."""
     from triton.runtime.jit import JITFunction
 
-    from . import attention, fp8_gemm, fused, moe
+    from . import attention, fp8_gemm, fused, moe, skinny
 
     total, found = 0, False
-    for module in (attention, fp8_gemm, fused, moe):
+    for module in (attention, fp8_gemm, fused, moe, skinny):
         for obj in vars(module).values():
             if isinstance(obj, JITFunction):
                 found = True

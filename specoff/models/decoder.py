@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig, rope_inv_freq
 from ..kernels.attention import attention_mask, verify_attention
 from ..kernels.fused import add_rms_norm, rms_norm, rope, silu_mul
+from ..kernels import skinny
 from ..kernels.moe import fused_moe, moe_route
 from ..kvcache import KVCache, bits, stored
 
@@ -50,6 +51,15 @@ FUSED_ELEMENTWISE = "auto"
 # computing its blocks cross the bus, on a copy stream of their own (HostCacheReads). 0:
 # each layer's copy runs on the compute stream as the layer comes, the compute waiting on it.
 HOST_CACHE_AHEAD = 1
+
+
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x), through the few-rows kernel where kernels.skinny.LINEAR takes it (a plain
+    nn.Linear, ≤ skinny.MAX_ROWS rows: decode steps and short verifications); quantized
+    projections (quant.Fp8Linear) keep their own forward."""
+    if type(linear) is nn.Linear and skinny.usable(x, linear.weight):
+        return skinny.skinny_linear(x, linear.weight, linear.bias)
+    return linear(x)
 
 
 def use_fused_elementwise(x: torch.Tensor) -> bool:
@@ -110,7 +120,7 @@ class Attention(nn.Module):
         consecutively in each row."""
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q, k, v = project(self.wqkv, x).split([H * hd, KV * hd, KV * hd], dim=-1)
         q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -124,7 +134,7 @@ class Attention(nn.Module):
                 cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
                 y = mask.attend(q, cache.k[layer], cache.v[layer], kv_len,
                                 row_start=cache.row_start)  # (B, T, H, hd)
-                return self.wo(y.reshape(B, T, H * hd))
+                return project(self.wo, y.reshape(B, T, H * hd))
             if not (cache is not None and cache.row_start is not None
                     and cache.k.device != x.device):  # streamed_segments takes the mask itself
                 mask = mask.dense(kv_len)
@@ -136,7 +146,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
         y = y.transpose(1, 2).reshape(B, T, H * hd)
-        return self.wo(y)
+        return project(self.wo, y)
 
 
 def use_chain_kernel(q: torch.Tensor, causal: bool) -> bool:
@@ -344,9 +354,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused_elementwise(x):
-            return self.w2(silu_mul(self.w13(x)))
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+            return project(self.w2, silu_mul(project(self.w13, x)))
+        gate, up = project(self.w13, x).chunk(2, dim=-1)
+        return project(self.w2, F.silu(gate) * up)
 
 
 class MoEFeedForward(nn.Module):
@@ -578,7 +588,7 @@ class Transformer(nn.Module):
     def head(self, h: torch.Tensor, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         if logits_at is not None:
             h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
-        return self.output(self.norm(h))
+        return project(self.output, self.norm(h))
 
 
 @dataclass(eq=False)

@@ -1,0 +1,148 @@
+"""The few-rows product (specoff/kernels/skinny.py) against its plain-torch reference, and
+the decoder's projections through it (kernels.skinny.LINEAR).
+
+On the CPU the kernel runs in Triton's interpreter (fp32/fp16), which runs the programs one
+after another, so the last K slice of a tile to arrive is the last one launched; on the GPU
+(bf16 too, Mistral-7B shapes, CUDA-graph capture, `gpu` marker) they race for it. Outputs
+start as NaN, so an element the kernel never writes fails.
+"""
+import zlib
+
+import pytest
+import torch
+from conftest import DEVICE, TOL, dtype_cases, gpu, rel_err
+
+from specoff.kernels import skinny
+from specoff.kernels.skinny import _skinny_into, config, skinny_linear, skinny_linear_ref
+
+CPU_CASES = [(1, 64, 128), (5, 100, 511), (16, 300, 1030)]  # rows, N, K
+GPU_CASES = [(1, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (1, 4096, 14336), (7, 511, 200)]
+
+
+def inputs(rows, N, K, dtype, key):
+    gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr(key).encode()))
+    w = (torch.randn(N, K, device=DEVICE, generator=gen) * K**-0.5).to(dtype)
+    x = torch.randn(rows, K, device=DEVICE, generator=gen).to(dtype)
+    b = torch.randn(N, device=DEVICE, generator=gen).to(dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+@pytest.mark.parametrize("rows,N,K,dtype", list(dtype_cases(CPU_CASES, GPU_CASES)))
+def test_skinny_matches_ref_whole_and_split(rows, N, K, dtype, split):
+    """K whole or in slices (forced here: the launch picks them by the SMs); the per-tile
+    counts are back at zero afterwards, so the next launch starts clean."""
+    x, w, b = inputs(rows, N, K, dtype, (rows, N, K, dtype, split))
+    for bias in (None, b):
+        out = torch.full((rows, N), float("nan"), dtype=dtype, device=DEVICE)
+        _skinny_into(x, w, bias, out, dict(config(rows, N, K, 4), SPLIT_K=split, BLOCK_K=64))
+        assert rel_err(out, skinny_linear_ref(x, w, bias)) < TOL[dtype]
+    counts = skinny._COUNTS.get((str(w.device), w.data_ptr()))
+    assert split == 1 or (counts is not None and int(counts.abs().sum()) == 0)
+
+
+def test_skinny_takes_leading_dims_and_strided_rows():
+    """(B, T, K) input, a strided view (a slice of a wider tensor), 128-row weight tiles."""
+    x, w, b = inputs(6, 96, 200, torch.float32, "views")
+    wide = torch.randn(2, 3, 208, device=DEVICE)
+    view = wide[..., 4:204]
+    got = skinny_linear(view, w, b, cfg=dict(config(6, 96, 200, 4), BLOCK_N=128, BLOCK_K=32, SPLIT_K=2))
+    assert got.shape == (2, 3, 96)
+    assert rel_err(got, skinny_linear_ref(view, w, b)) < TOL[torch.float32]
+
+
+def test_config_splits_only_narrow_short_products():
+    """On 132 SMs: Mistral-7B's wo (64 column tiles, K 4096) in two K slices; wqkv (96
+    tiles), w13, the head and w2 (K 14336) whole."""
+    assert config(1, 4096, 4096, 132)["SPLIT_K"] == 2
+    for N, K in ((6144, 4096), (28672, 4096), (32000, 4096), (4096, 14336)):
+        assert config(16, N, K, 132)["SPLIT_K"] == 1
+
+
+def test_skinny_refuses_what_it_cannot_take(monkeypatch):
+    x, w, _ = inputs(2, 8, 16, torch.float32, "refuse")
+    with pytest.raises(AssertionError, match="features"):
+        skinny_linear(x[:, :12], w)
+    with pytest.raises(AssertionError, match="one float dtype"):
+        skinny_linear(x, w.half())
+    with pytest.raises(AssertionError, match="at most 16 rows"):
+        skinny_linear(torch.randn(17, 16, device=DEVICE), w)
+    monkeypatch.setattr(skinny, "LINEAR", "yes")
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        skinny.usable(x, w)
+
+
+def test_usable_follows_rows_dtype_and_switch(monkeypatch):
+    x, w, _ = inputs(16, 8, 16, torch.float32, "usable")
+    monkeypatch.setattr(skinny, "LINEAR", "off")
+    assert not skinny.usable(x, w)
+    monkeypatch.setattr(skinny, "LINEAR", "on")
+    assert skinny.usable(x, w)  # on the CPU: the tests' TRITON_INTERPRET
+    assert not skinny.usable(torch.randn(17, 16, device=DEVICE), w)
+    assert not skinny.usable(x.half(), w)
+    monkeypatch.setattr(skinny, "MAX_ROWS", 4)
+    assert not skinny.usable(x, w) and skinny.usable(x[:4], w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu)])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decoder_projections_through_the_kernel(family, dtype, make_checkpoint, monkeypatch):
+    """The decoder's projections with LINEAR on (the interpreter on the CPU) against torch's
+    products: the prompt (3 rows x 11, more than MAX_ROWS: torch's), a decode step (3 rows)
+    and a 5-token verification (15 rows) through the kernel; qwen2 has q/k/v biases."""
+    import specoff
+
+    model = specoff.load_model(make_checkpoint(family), device=DEVICE, dtype=dtype)
+    gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(family.encode()))
+    ids = torch.randint(3, model.config.vocab_size, (3, 17), device=DEVICE, generator=gen)
+    calls = []
+    real = skinny._skinny_into
+    monkeypatch.setattr(skinny, "_skinny_into", lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1])
+
+    def run():
+        with torch.inference_mode():
+            cache = model.new_cache(3, 20)
+            first = model(ids[:, :11], cache)
+            cache.advance(11)
+            step = model(ids[:, 11:12], cache)
+            cache.advance(1)
+            verify = model(ids[:, 12:17], cache)
+        return first, step, verify
+
+    monkeypatch.setattr(skinny, "LINEAR", "off")
+    expected = run()
+    assert not calls
+    monkeypatch.setattr(skinny, "LINEAR", "on")
+    got = run()
+    assert calls and set(calls) == {3, 15}  # the decode step's and the verification's rows
+    for g, want in zip(got, expected):
+        assert rel_err(g, want) < (1e-5 if dtype == torch.float32 else TOL[dtype])
+
+
+@gpu
+def test_gpu_split_slices_race_to_one_exact_sum():
+    """Many launches of a 4096-wide product in 8 K slices: whichever slice arrives last adds
+    them in slice order, so every launch gives the same bits, within bf16 of the reference."""
+    x, w, _ = inputs(4, 4096, 14336, torch.bfloat16, "race")
+    cfg = dict(config(4, 4096, 14336, 132), SPLIT_K=8)  # forced: the config keeps this K whole
+    first = skinny_linear(x, w, cfg=cfg)
+    assert rel_err(first, skinny_linear_ref(x, w)) < TOL[torch.bfloat16]
+    for _ in range(50):
+        assert torch.equal(skinny_linear(x, w, cfg=cfg), first)
+
+
+@gpu
+def test_gpu_skinny_in_a_cuda_graph():
+    """Captured and replayed, K split (the partials' buffer and the counts inside the graph):
+    each replay equals the eager product, replays leave the counts at zero."""
+    x, w, b = inputs(8, 4096, 4096, torch.bfloat16, "graph")
+    expect = skinny_linear(x, w, b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = skinny_linear(x, w, b)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expect)
+    assert int(skinny._COUNTS[(str(w.device), w.data_ptr())].abs().sum()) == 0
