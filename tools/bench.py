@@ -160,7 +160,7 @@ def engine_options() -> dict:
 
     out = {}
     for name in ("engine", "spec.tree", "spec.pipeline", "models.decoder", "quant", "kvcache",
-                 "kernels.fp8_gemm", "kernels.moe"):
+                 "kernels.fp8_gemm", "kernels.moe", "kernels.skinny"):
         module = importlib.import_module(f"specoff.{name}")
         for key, value in vars(module).items():
             if key.isupper() and not key.endswith("_DIR") and isinstance(  # a folder is no option

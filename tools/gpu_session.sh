@@ -79,6 +79,10 @@
 #   fp8-kernel   the float8-weight product timed (kernel in both forms, dequantizing, bf16),
 #                then tree runs with a float8 draft through the kernel as x · W8ᵀ or swapped
 #                (kernels.fp8_gemm.SWAP 0 / 1; COMPARE overrides), ABAB
+#   skinny       the few-rows product (kernels/skinny.py): its GPU tests, the draft's five
+#                matrices at 1/4/16 rows against torch's (with a grid of tiles and K slices),
+#                the draft step as one graph with kernels.skinny.LINEAR off and auto, then
+#                interactive chain and tree runs (TREES, default 64; ENGINES) off / auto
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
 # rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
@@ -217,6 +221,17 @@ ROWS
             bench "$step" --scenario throughput --new-tokens "${NEW:-32}" --rows 256 \
                 --prompts "${PROMPTS:-492}" --configs humaneval --draft-len 0 \
                 --engines "${ENGINES:-specoff-chain-interleaved,specoff-offload-group}" ;;
+        skinny)
+            timeout 120 python -m pytest -q -m gpu tests/kernels/test_skinny.py 2>&1 | tee -a "$OUT/skinny.log" | tail -3
+            timeout 150 python tools/bench_kernels.py --only skinny --skinny-sweep --json "$OUT/skinny.json" 2>&1 \
+                | tee -a "$OUT/skinny.log" | tail -16
+            timeout 90 python tools/bench_kernels.py --only draft --json "$OUT/skinny-draft.json" 2>&1 \
+                | tee -a "$OUT/skinny.log" | tail -8
+            for linear in off auto; do
+                bench "skinny-$linear" --scenario interactive --batches 1 --interactive-new-tokens 128 \
+                    --tree-budgets "${TREES:-64}" --engines "${ENGINES:-specoff-chain,specoff-tree}" \
+                    --set "kernels.skinny.LINEAR=$linear"
+            done ;;
         moe-tma)
             timeout 150 python -m pytest -q -m gpu tests/kernels/test_moe.py -k "descriptor or cuda_graph or pieces" \
                 2>&1 | tee -a "$OUT/moe-tma.log" | tail -4
