@@ -266,6 +266,18 @@ def bench_skinny(hbm: float, sweep: bool = False):
                 row["case"] += f" (best {best[1]}: {best[0]:.4f} ms, {N * K * 2 / best[0] / 1e6:.0f} GB/s)"
             rows.append(row)
             print_row(row)
+            if name == "w2":  # the SwiGLU's down projection: silu_mul then torch's product, or gated
+                from specoff.kernels.fused import silu_mul
+
+                gate_up = torch.randn(M, 2 * K, device="cuda", dtype=torch.bfloat16)
+                act = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
+                t_torch = _graph_ms(lambda: torch.mm(silu_mul(gate_up, out=act), w.t(), out=out))
+                t = _graph_ms(lambda: skinny._skinny_into(gate_up, w, None, out, gated=True))
+                row = dict(row, case=f"rows={M} gated (silu_mul + product)", ms=t, graph_ms=t, torch_ms=t_torch,
+                           torch_graph_ms=t_torch, tflops=2 * M * N * K / t / 1e9, gbps=N * K * 2 / t / 1e6,
+                           hbm_share=N * K * 2 / t / 1e6 / hbm)
+                rows.append(row)
+                print_row(row)
         torch.cuda.empty_cache()
     return rows
 

@@ -10,6 +10,8 @@ wgmma wants), the activations' transposed tile its narrow right one (16 columns)
 column tiles alone would leave SMs idle (a 4096-wide output is 64 tiles of 64), K is split
 SPLIT_K ways; each slice stores its fp32 partial sums and the last slice of a tile to arrive
 (an atomic count per tile) adds them in slice order and rounds once, in the same launch.
+A SwiGLU's down projection can hand it [gate | up] (`gated`): it forms silu(gate) · up per
+tile as fused.silu_mul would, one launch and one intermediate fewer.
 The counts live in a buffer per weight matrix, reset by that last slice, so a launch leaves
 them zero for the next one (CUDA graphs replay them as captured).
 
@@ -32,6 +34,7 @@ import triton.language as tl
 
 from . import launcher as _launcher
 from . import num_sms
+from .fused import _exp
 
 # "auto": products of ≤ MAX_ROWS rows with a plain bf16 / fp16 weight on a CUDA device go
 # through this kernel (models.decoder's projections); "on" also under TRITON_INTERPRET
@@ -45,8 +48,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_per_split,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
-    """Program (n, k): rows n·BLOCK_N.. of W over the k-th K slice, every row of x (M ≤ BLOCK_M)."""
+                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
+                   GATED: tl.constexpr = False):
+    """Program (n, k): rows n·BLOCK_N.. of W over the k-th K slice, every row of x (M ≤ BLOCK_M).
+    GATED: x is [gate | up] (M, 2K) and the product's input silu(gate) · up, rounded as
+    fused.silu_mul rounds it (a SwiGLU's down projection without its own launch)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,7 +66,13 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_p
     for k in range(k_lo, k_hi, BLOCK_K):
         kk = k + rk
         w = tl.load(w_ptrs, mask=(rn[:, None] < N) & (kk[None, :] < k_hi), other=0.0)
-        xt = tl.load(x_ptrs, mask=(kk[:, None] < k_hi) & (rm[None, :] < M), other=0.0)
+        x_mask = (kk[:, None] < k_hi) & (rm[None, :] < M)
+        xt = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        if GATED:  # as fused._silu_mul_kernel: silu rounded to the dtype, then the product
+            gate = xt.to(tl.float32)
+            up = tl.load(x_ptrs + K * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
+            silu = tl.math.div_rn(gate, 1.0 + _exp(-gate)).to(xt.dtype).to(tl.float32)
+            xt = (silu * up).to(xt.dtype)
         if IEEE:  # fp32: no TF32 rounding of the inputs
             acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
@@ -121,9 +133,10 @@ def _counts(w: torch.Tensor, tiles: int) -> torch.Tensor:
 
 
 def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-                 cfg: Optional[dict] = None) -> torch.Tensor:
-    M, K = x2.shape
+                 cfg: Optional[dict] = None, gated: bool = False) -> torch.Tensor:
+    M, K = x2.shape[0], w.shape[1]
     N = w.shape[0]
+    assert x2.shape[1] == (2 * K if gated else K)
     if M == 0:
         return out
     assert M <= 16, "skinny products take at most 16 rows"
@@ -140,23 +153,30 @@ def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     _launcher(_skinny_kernel, x2)[(tiles, split)](
         x2, w, bias if bias is not None else out, out, part, counts, M, N, K, k_per_split,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, SPLIT_K=split, IEEE=x2.dtype == torch.float32, **cfg)
+        HAS_BIAS=bias is not None, SPLIT_K=split, IEEE=x2.dtype == torch.float32, GATED=gated, **cfg)
     return out
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  cfg: Optional[dict] = None) -> torch.Tensor:
+                  cfg: Optional[dict] = None, gated: bool = False) -> torch.Tensor:
     """x (..., K) · Wᵀ (+ bias) → (..., N) in x's dtype, at most 16 rows in all; fp32
-    accumulation, one rounding. `cfg`: config()'s dict with entries replaced (tests, timing)."""
+    accumulation, one rounding. `gated`: x is (..., 2K) laid out [gate | up] and the product
+    takes silu(gate) · up (fused.silu_mul's values) as its input. `cfg`: config()'s dict with
+    entries replaced (tests, timing)."""
     assert x.dtype in _DTYPES and w.dtype == x.dtype, f"x {x.dtype} and W {w.dtype}: one float dtype"
-    assert w.dim() == 2 and x.shape[-1] == w.shape[1], f"x has {x.shape[-1]} features, W is {tuple(w.shape)}"
+    K = w.shape[1] * (2 if gated else 1)
+    assert w.dim() == 2 and x.shape[-1] == K, f"x has {x.shape[-1]} features, W is {tuple(w.shape)}"
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    return _skinny_into(x2, w, bias, out, cfg).reshape(*x.shape[:-1], w.shape[0])
+    return _skinny_into(x2, w, bias, out, cfg, gated).reshape(*x.shape[:-1], w.shape[0])
 
 
-def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The same in plain torch, fp32, rounded once."""
+def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      gated: bool = False) -> torch.Tensor:
+    """The same in plain torch, fp32, rounded once (the gated input as fused.silu_mul_ref)."""
+    if gated:
+        gate, up = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(gate) * up
     y = x.float() @ w.float().t()
     if bias is not None:
         y = y + bias.float()

@@ -41,6 +41,23 @@ def test_skinny_matches_ref_whole_and_split(rows, N, K, dtype, split):
     assert split == 1 or (counts is not None and int(counts.abs().sum()) == 0)
 
 
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("rows,N,K,dtype", list(dtype_cases([(3, 96, 200)], [(1, 4096, 14336), (16, 4096, 14336)])))
+def test_gated_input_is_silu_mul(rows, N, K, dtype, split):
+    """gated: x = [gate | up] (rows, 2K), the product of silu(gate) · up: equal to fused
+    silu_mul's output through the plain kernel (the same rounding), and to the reference."""
+    from specoff.kernels.fused import silu_mul
+
+    x, w, b = inputs(rows, N, 2 * K, dtype, ("gated", rows, N, K, dtype))
+    w = w[:, :K].contiguous()
+    cfg = dict(config(rows, N, K, 4), SPLIT_K=split, BLOCK_K=64)
+    got = skinny_linear(x, w, b, cfg=cfg, gated=True)
+    assert torch.equal(got, skinny_linear(silu_mul(x), w, b, cfg=cfg))
+    assert rel_err(got, skinny_linear_ref(x, w, b, gated=True)) < 2 * TOL[dtype]
+    with pytest.raises(AssertionError, match="features"):
+        skinny_linear(x[:, :K], w, gated=True)
+
+
 def test_skinny_takes_leading_dims_and_strided_rows():
     """(B, T, K) input, a strided view (a slice of a wider tensor), 128-row weight tiles."""
     x, w, b = inputs(6, 96, 200, torch.float32, "views")
@@ -84,20 +101,32 @@ def test_usable_follows_rows_dtype_and_switch(monkeypatch):
     assert not skinny.usable(x, w) and skinny.usable(x[:4], w)
 
 
+@pytest.mark.parametrize("fused", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_decoder_projections_through_the_kernel(family, dtype, make_checkpoint, monkeypatch):
+def test_decoder_projections_through_the_kernel(family, dtype, fused, make_checkpoint, monkeypatch):
     """The decoder's projections with LINEAR on (the interpreter on the CPU) against torch's
     products: the prompt (3 rows x 11, more than MAX_ROWS: torch's), a decode step (3 rows)
-    and a 5-token verification (15 rows) through the kernel; qwen2 has q/k/v biases."""
+    and a 5-token verification (15 rows) through the kernel; qwen2 has q/k/v biases. With
+    the fused element-wise kernels ("triton") the FFN's down projection takes [gate | up]
+    and applies silu · up itself (gated)."""
     import specoff
+    from specoff.models import decoder
+
+    monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", fused)
 
     model = specoff.load_model(make_checkpoint(family), device=DEVICE, dtype=dtype)
     gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(family.encode()))
     ids = torch.randint(3, model.config.vocab_size, (3, 17), device=DEVICE, generator=gen)
-    calls = []
+    calls, gated = [], []
     real = skinny._skinny_into
-    monkeypatch.setattr(skinny, "_skinny_into", lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1])
+
+    def spy(*a, **k):
+        calls.append(a[0].shape[0])
+        gated.append(bool(a[5] if len(a) > 5 else k.get("gated")))
+        return real(*a, **k)
+
+    monkeypatch.setattr(skinny, "_skinny_into", spy)
 
     def run():
         with torch.inference_mode():
@@ -115,6 +144,7 @@ def test_decoder_projections_through_the_kernel(family, dtype, make_checkpoint, 
     monkeypatch.setattr(skinny, "LINEAR", "on")
     got = run()
     assert calls and set(calls) == {3, 15}  # the decode step's and the verification's rows
+    assert any(gated) == (fused == "triton")
     for g, want in zip(got, expected):
         assert rel_err(g, want) < (1e-5 if dtype == torch.float32 else TOL[dtype])
 
