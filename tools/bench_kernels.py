@@ -496,17 +496,20 @@ def bench_draft(hbm: float, compile_step: bool = False):
     weights = weight_bytes_per_step(model)
     floor_ms = weights / hbm / 1e6
     from specoff.kernels import skinny
+    from specoff.models import decoder
 
     rows = []
-    setting = skinny.LINEAR
-    for linear in dict.fromkeys((setting, "off" if setting != "off" else "auto")):
-        skinny.LINEAR = linear  # the current setting's rows, then the other's (kernels/skinny.py)
+    setting = (skinny.LINEAR, decoder.FUSED_CACHE_WRITE)
+    # the current settings' rows first, then the few-rows products (kernels/skinny.py) and the
+    # cache write in the rotary launch (decoder.FUSED_CACHE_WRITE) each on, then both
+    for linear, write in dict.fromkeys((setting, ("auto", "off"), ("off", "auto"), ("auto", "auto"))):
+        skinny.LINEAR, decoder.FUSED_CACHE_WRITE = linear, write
         for B in DRAFT_BATCHES:
             rows.append(draft_row(model, B, weights, floor_ms, hbm))
-            rows[-1]["case"] += f" skinny {linear}"
+            rows[-1]["case"] += f" skinny {linear}, cache write {write}"
             print_row(rows[-1])
             torch.cuda.empty_cache()
-    skinny.LINEAR = setting
+    skinny.LINEAR, decoder.FUSED_CACHE_WRITE = setting
     if compile_step:
         rows.append(draft_row(model, DRAFT_BATCHES[-1], weights, floor_ms, hbm, compiled=True))
         print_row(rows[-1])

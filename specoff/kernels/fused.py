@@ -128,7 +128,7 @@ def _add_rms_norm_kernel(
 
 @triton.jit
 def _rope_heads(x_ptr, out_ptr, x_row, out_row, heads, stride_xh, half, cos1, sin1, cos2, sin2,
-                BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, stride_oh=None):
     """x * cos + rotate_half(x) * sin over the heads of one token, rounded as torch's three kernels."""
     dtype = out_ptr.dtype.element_ty
     offs_h = tl.arange(0, BLOCK_H)
@@ -146,7 +146,9 @@ def _rope_heads(x_ptr, out_ptr, x_row, out_row, heads, stride_xh, half, cos1, si
     b2 = (x1 * sin2).to(dtype).to(tl.float32)
     out1 = _add_rn(a1, b1)
     out2 = _add_rn(a2, b2)
-    out_ptrs = out_ptr + out_row + offs_h[:, None] * (2 * half) + offs_d[None, :]
+    if stride_oh is None:  # contiguous heads
+        stride_oh = 2 * half
+    out_ptrs = out_ptr + out_row + offs_h[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, out1.to(dtype), mask=mask)
     tl.store(out_ptrs + half, out2.to(dtype), mask=mask)
 
@@ -181,6 +183,49 @@ def _rope_kernel(
     if HAS_K:
         _rope_heads(k_ptr, k_out_ptr, b * stride_kb + t * stride_kt, token * k_heads * 2 * half, k_heads,
                     stride_kh, half, cos1, sin1, cos2, sin2, BLOCK_KH, BLOCK_HALF)
+
+
+@triton.jit
+def _rope_write_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+    # sizes
+    T, q_heads, k_heads, half, max_len,
+    # strides
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_cb, stride_ct, stride_sb, stride_st, stride_pb, stride_pt,
+    stride_cache_b, stride_cache_h, stride_cache_s,
+    # meta-parameters
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """_rope_kernel's q and k of token (b, t), with the rotated k and the token's v stored
+    straight into the layer's cache (B, KV, S, hd) at slot min(positions[b, t], S - 1), as
+    KVCache.write stores them: the write's index clamp and two scatters in this launch."""
+    token = tl.program_id(0).to(tl.int64)
+    b = token // T
+    t = token % T
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_valid = offs_d < half
+    cos_ptrs = cos_ptr + b * stride_cb + t * stride_ct + offs_d
+    sin_ptrs = sin_ptr + b * stride_sb + t * stride_st + offs_d
+    cos1 = tl.load(cos_ptrs, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(cos_ptrs + half, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(sin_ptrs, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(sin_ptrs + half, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+    _rope_heads(q_ptr, q_out_ptr, b * stride_qb + t * stride_qt, token * q_heads * 2 * half, q_heads, stride_qh,
+                half, cos1, sin1, cos2, sin2, BLOCK_QH, BLOCK_HALF)
+    slot = tl.minimum(tl.load(pos_ptr + b * stride_pb + t * stride_pt).to(tl.int64), max_len - 1)
+    cache_row = b * stride_cache_b + slot * stride_cache_s
+    _rope_heads(k_ptr, k_cache_ptr, b * stride_kb + t * stride_kt, cache_row, k_heads, stride_kh,
+                half, cos1, sin1, cos2, sin2, BLOCK_KH, BLOCK_HALF, stride_cache_h)
+    offs_h = tl.arange(0, BLOCK_KH)
+    offs_hd = tl.arange(0, 2 * BLOCK_HALF)
+    v_mask = (offs_h < k_heads)[:, None] & (offs_hd < 2 * half)[None, :]
+    v = tl.load(v_ptr + b * stride_vb + t * stride_vt + offs_h[:, None] * stride_vh + offs_hd[None, :],
+                mask=v_mask, other=0.0)
+    tl.store(v_cache_ptr + cache_row + offs_h[:, None] * stride_cache_h + offs_hd[None, :], v, mask=v_mask)
 
 
 @triton.jit
@@ -437,6 +482,45 @@ def rope(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: tor
     if k is not None:
         assert k_out.shape == k.shape and k_out.dtype == k.dtype and k_out.is_contiguous()
     return _rope_into(q, k, cos, sin, q_out, k_out)
+
+
+def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """rope(q, k, cos, sin), then KVCache.write of k and v, in one launch: returns the
+    rotated q (B, T, H, hd), contiguous; the rotated k and v (B, T, KV, hd) land in one
+    layer's cache k_cache / v_cache (B, KV, S, hd), in q's dtype, at slots positions (B, T)
+    clamped to S - 1. Eager launches only (the decoder takes it outside tracing)."""
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    assert q.dtype in _DTYPES and k.dtype == v.dtype == cos.dtype == sin.dtype == q.dtype, "one dtype"
+    assert k_cache.dtype == v_cache.dtype == q.dtype, "a cache in the activations' dtype"
+    assert k.shape == v.shape == (B, T, KV, hd) and hd % 2 == 0
+    assert k_cache.shape == v_cache.shape and k_cache.shape[:2] == (B, KV) and k_cache.shape[3] == hd
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    assert positions.shape == (B, T)
+    q = q if q.stride(3) == 1 else q.contiguous()
+    k = k if k.stride(3) == 1 else k.contiguous()
+    v = v if v.stride(3) == 1 else v.contiguous()
+    cos = cos.expand(B, T, 1, hd)
+    sin = sin.expand(B, T, 1, hd)
+    cos = cos if cos.stride(3) == 1 else cos.contiguous()
+    sin = sin if sin.stride(3) == 1 else sin.contiguous()
+    q_out = torch.empty(B, T, H, hd, dtype=q.dtype, device=q.device)
+    if B * T == 0:
+        return q_out
+    block_qh, block_kh, block_half = triton.next_power_of_2(H), triton.next_power_of_2(KV), triton.next_power_of_2(hd // 2)
+    _launcher(_rope_write_kernel, q)[(B * T,)](
+        q, k, v, cos, sin, positions, q_out, k_cache, v_cache,
+        T, H, KV, hd // 2, k_cache.shape[2],
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), positions.stride(0), positions.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_HALF=block_half,
+        num_warps=4 if block_qh * block_half <= 1024 else 8,
+    )
+    return q_out
 
 
 def silu_mul(gate_up: torch.Tensor, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, rope_inv_freq
 from ..kernels.attention import attention_mask, verify_attention
-from ..kernels.fused import add_rms_norm, rms_norm, rope, silu_mul
+from ..kernels.fused import add_rms_norm, rms_norm, rope, rope_write, silu_mul
 from ..kernels import skinny
 from ..kernels.moe import fused_moe, moe_route
 from ..kvcache import KVCache, bits, stored
@@ -60,6 +60,23 @@ def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(linear) is nn.Linear and skinny.usable(x, linear.weight):
         return skinny.skinny_linear(x, linear.weight, linear.bias)
     return linear(x)
+
+
+# The rotary embedding's launch also storing the new keys and values in the layer's cache
+# (kernels.fused.rope_write: the write's index clamp and two scatters a layer fewer):
+# "auto" where the fused element-wise kernels run, the attention is causal and the cache is
+# a plain KVCache on the compute device in the activations' dtype (a draft's decode step);
+# "off": rope, then KVCache.write. Interpreter-tested, not yet on a GPU: off.
+FUSED_CACHE_WRITE = "off"
+
+
+def fuses_cache_write(x: torch.Tensor, cache, causal: bool, positions) -> bool:
+    if FUSED_CACHE_WRITE not in ("auto", "off"):
+        raise ValueError(f"models.decoder.FUSED_CACHE_WRITE is {FUSED_CACHE_WRITE!r}: set it to 'auto' or 'off'")
+    return (FUSED_CACHE_WRITE == "auto" and causal and positions is not None and cache is not None
+            and type(cache) is KVCache
+            and cache.row_start is None and cache.k.device == x.device and cache.k.dtype == x.dtype
+            and not torch.compiler.is_compiling() and type(x) is torch.Tensor)
 
 
 def use_fused_elementwise(x: torch.Tensor) -> bool:
@@ -124,11 +141,16 @@ class Attention(nn.Module):
         q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        causal = not isinstance(mask, (TreeMask, SegmentMask))
+        if use_fused_elementwise(x) and fuses_cache_write(x, cache, causal, positions):
+            # q rotated; k rotated and v stored in the cache by the same launch
+            q = rope_write(q, k, v, cos, sin, cache.k[layer], cache.v[layer], positions)
+            y = cached_attention(q.transpose(1, 2), None, None, mask, cache, layer, positions, kv_len, causal)
+            return project(self.wo, y.transpose(1, 2).reshape(B, T, H * hd))
         if use_fused_elementwise(x):
             q, k = rope(q, k, cos, sin)  # one launch for both
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal = not isinstance(mask, (TreeMask, SegmentMask))
         if not causal:
             if cache is not None and cache.k.device == x.device and mask.use_kernel(x):
                 cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
@@ -173,8 +195,10 @@ def attend(q, keys, values, mask, positions, kv_len, causal: bool):
 
 def cached_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_len,
                      causal: bool = True):
-    """Write k, v (B, KV, T, hd) at `positions`, then attend over the row's cache."""
-    cache.write(layer, k, v, positions)
+    """Write k, v (B, KV, T, hd) at `positions` (None: already written, rope_write), then
+    attend over the row's cache."""
+    if k is not None:
+        cache.write(layer, k, v, positions)
     if cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
         if use_chain_kernel(q, causal):
             y = verify_attention(q.transpose(1, 2), cache.k[layer], cache.v[layer], positions[:, 0],

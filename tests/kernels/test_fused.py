@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import DEVICE, TOL, dtype_cases, gpu, rel_err
 
-from specoff.kernels.fused import (add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, rope, rope_ref,
+from specoff.kernels.fused import (add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, rope, rope_ref, rope_write,
                                    silu_mul, silu_mul_ref)
 from specoff.models import decoder
 
@@ -169,6 +169,38 @@ def test_rope_bit_equal_to_torch(B, T, H, KV, hd, dtype):
     assert q_alloc.is_contiguous() and torch.equal(q_alloc, q_ref) and torch.equal(k_alloc, k_ref)
 
 
+@pytest.mark.parametrize("B,T,H,KV,hd,dtype", list(dtype_cases(ROPE_CPU, ROPE_GPU)))
+def test_rope_write_is_rope_then_cache_write(B, T, H, KV, hd, dtype):
+    """rope_write: q as rope's (returned), k as rope's and v as given, stored in one layer of
+    a KVCache at the rows' positions (one past the end clamped to the last slot, as
+    KVCache.write clamps it), every other slot untouched: bit-equal to rope then write."""
+    from specoff.kvcache import KVCache
+
+    q, k, cos, sin = rope_inputs(B, T, H, KV, hd, dtype)
+    v = torch.randn(B, T, KV, hd, device=DEVICE, generator=generator("v", B, T)).to(dtype)
+    S = T + 6
+    positions = torch.arange(T, device=DEVICE)[None, :] + torch.arange(B, device=DEVICE)[:, None] % 7
+    positions[-1, -1] = S  # past the end: the last slot
+    caches = [KVCache(2, B, S, KV, hd, dtype, DEVICE) for _ in range(2)]
+    for c in caches:
+        c.k.normal_(generator=generator("k", B)), c.v.normal_(generator=generator("v", B))
+    caches[1].k.copy_(caches[0].k), caches[1].v.copy_(caches[0].v)
+    q_ref, k_ref = rope_ref(q, k, cos, sin)
+    caches[0].write(1, k_ref.transpose(1, 2), v.transpose(1, 2), positions)
+    q_out = rope_write(q, k, v, cos, sin, caches[1].k[1], caches[1].v[1], positions)
+    assert q_out.is_contiguous() and torch.equal(q_out, q_ref)
+    assert torch.equal(caches[1].k, caches[0].k) and torch.equal(caches[1].v, caches[0].v)
+
+
+def test_rope_write_refuses_a_cache_in_another_dtype():
+    from specoff.kvcache import KVCache
+
+    q, k, cos, sin = rope_inputs(1, 2, 4, 2, 64, torch.float32)
+    cache = KVCache(1, 1, 4, 2, 64, torch.float16, DEVICE)
+    with pytest.raises(AssertionError, match="activations' dtype"):
+        rope_write(q, k, k, cos, sin, cache.k[0], cache.v[0], torch.zeros(1, 2, dtype=torch.long, device=DEVICE))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rope_q_alone_and_broadcast_cos(dtype):
     """k None (one tensor a launch), contiguous q, cos and sin shared by the rows: (1, T, 1, hd)."""
@@ -303,3 +335,42 @@ def test_decoder_fused_matches_torch(family, dtype, make_checkpoint, monkeypatch
     monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton")
     for got, want in zip(run(), expected):  # RMSNorm's rare last-bit differences, carried through
         assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu)])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_decoder_cache_write_in_the_rotary_launch(family, dtype, make_checkpoint, monkeypatch):
+    """decoder.FUSED_CACHE_WRITE="auto" (rope_write: the rotary launch stores k and v) gives
+    the same logits and the same cache, bit for bit, as rope then KVCache.write: a prompt, a
+    decode step and a 4-token verification of 3 rows (qwen3: q/k norms before the rotary)."""
+    import specoff
+
+    model = specoff.load_model(make_checkpoint(family), device=DEVICE, dtype=dtype)
+    ids = torch.randint(3, model.config.vocab_size, (3, 16), device=DEVICE, generator=generator(family, "write"))
+    used = []
+    real = decoder.rope_write
+    monkeypatch.setattr(decoder, "rope_write", lambda *a: (used.append(1), real(*a))[1])
+    monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton")
+
+    def run():
+        with torch.inference_mode():
+            cache = model.new_cache(3, 20)
+            out = [model(ids[:, :11], cache)]
+            cache.advance(11)
+            out.append(model(ids[:, 11:12], cache))
+            cache.advance(1)
+            out.append(model(ids[:, 12:16], cache))
+        return out, cache
+
+    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "off")
+    expected, cache_ref = run()
+    assert not used
+    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
+    got, cache = run()
+    assert used
+    for g, want in zip(got, expected):
+        assert torch.equal(g, want)
+    assert torch.equal(cache.k, cache_ref.k) and torch.equal(cache.v, cache_ref.v)
+    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "yes")
+    with pytest.raises(ValueError, match="'auto' or 'off'"):
+        run()
