@@ -45,14 +45,26 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_per_split,
-                   stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+def _store(y_ptrs, acc, mask, r_ptrs, HAS_RESIDUAL: tl.constexpr):
+    """acc rounded to y's dtype; with a residual, r + that, rounded again (as torch's add)."""
+    y = acc.to(y_ptrs.dtype.element_ty)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + r).to(y_ptrs.dtype.element_ty)
+    tl.store(y_ptrs, y, mask=mask)
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N, K, k_per_split,
+                   stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_rm, stride_rn,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
-                   GATED: tl.constexpr = False):
+                   GATED: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False):
     """Program (n, k): rows n·BLOCK_N.. of W over the k-th K slice, every row of x (M ≤ BLOCK_M).
     GATED: x is [gate | up] (M, 2K) and the product's input silu(gate) · up, rounded as
-    fused.silu_mul rounds it (a SwiGLU's down projection without its own launch)."""
+    fused.silu_mul rounds it (a SwiGLU's down projection without its own launch).
+    HAS_RESIDUAL: y = r + (the product rounded to the dtype), rounded again: torch's separate
+    residual add, in this launch."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,10 +93,11 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_p
         x_ptrs += BLOCK_K * stride_xk
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None] * stride_yn
     y_mask = (rn[:, None] < N) & (rm[None, :] < M)
+    r_ptrs = r_ptr + rm[None, :] * stride_rm + rn[:, None] * stride_rn
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        _store(y_ptrs, acc, y_mask, r_ptrs, HAS_RESIDUAL)
     else:
         tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
         slab = part_ptr + pid_n.to(tl.int64) * (SPLIT_K * BLOCK_N * BLOCK_M)
@@ -97,7 +110,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_p
                 total += tl.load(slab + s * (BLOCK_N * BLOCK_M) + tile, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            _store(y_ptrs, total, y_mask, r_ptrs, HAS_RESIDUAL)
             tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch
 
 
@@ -133,7 +146,8 @@ def _counts(w: torch.Tensor, tiles: int) -> torch.Tensor:
 
 
 def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-                 cfg: Optional[dict] = None, gated: bool = False) -> torch.Tensor:
+                 cfg: Optional[dict] = None, gated: bool = False,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     M, K = x2.shape[0], w.shape[1]
     N = w.shape[0]
     assert x2.shape[1] == (2 * K if gated else K)
@@ -150,37 +164,48 @@ def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
         counts = _counts(w, tiles)
     else:
         part = counts = out  # unused
+    r = out if residual is None else residual
+    assert r.shape == out.shape and r.dtype == out.dtype
     _launcher(_skinny_kernel, x2)[(tiles, split)](
-        x2, w, bias if bias is not None else out, out, part, counts, M, N, K, k_per_split,
-        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, SPLIT_K=split, IEEE=x2.dtype == torch.float32, GATED=gated, **cfg)
+        x2, w, bias if bias is not None else out, out, part, counts, r, M, N, K, k_per_split,
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), r.stride(0), r.stride(1),
+        HAS_BIAS=bias is not None, SPLIT_K=split, IEEE=x2.dtype == torch.float32, GATED=gated,
+        HAS_RESIDUAL=residual is not None, **cfg)
     return out
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  cfg: Optional[dict] = None, gated: bool = False) -> torch.Tensor:
+                  cfg: Optional[dict] = None, gated: bool = False,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (..., K) · Wᵀ (+ bias) → (..., N) in x's dtype, at most 16 rows in all; fp32
     accumulation, one rounding. `gated`: x is (..., 2K) laid out [gate | up] and the product
-    takes silu(gate) · up (fused.silu_mul's values) as its input. `cfg`: config()'s dict with
+    takes silu(gate) · up (fused.silu_mul's values) as its input. `residual` (..., N): returns
+    residual + the product, as torch's add after it would. `cfg`: config()'s dict with
     entries replaced (tests, timing)."""
     assert x.dtype in _DTYPES and w.dtype == x.dtype, f"x {x.dtype} and W {w.dtype}: one float dtype"
     K = w.shape[1] * (2 if gated else 1)
     assert w.dim() == 2 and x.shape[-1] == K, f"x has {x.shape[-1]} features, W is {tuple(w.shape)}"
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    return _skinny_into(x2, w, bias, out, cfg, gated).reshape(*x.shape[:-1], w.shape[0])
+    r2 = None
+    if residual is not None:
+        assert residual.shape == (*x.shape[:-1], w.shape[0]) and residual.dtype == x.dtype, "residual: the output's shape"
+        r2 = residual.reshape(-1, w.shape[0])
+    return _skinny_into(x2, w, bias, out, cfg, gated, r2).reshape(*x.shape[:-1], w.shape[0])
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                      gated: bool = False) -> torch.Tensor:
-    """The same in plain torch, fp32, rounded once (the gated input as fused.silu_mul_ref)."""
+                      gated: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The same in plain torch, fp32, rounded once (the gated input as fused.silu_mul_ref),
+    then the residual added."""
     if gated:
         gate, up = x.chunk(2, dim=-1)
         x = torch.nn.functional.silu(gate) * up
     y = x.float() @ w.float().t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    return y if residual is None else residual + y
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:

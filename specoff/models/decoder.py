@@ -376,15 +376,19 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The feed-forward of x, added to `residual` when one is given (the block's skip)."""
         if use_fused_elementwise(x):
             gate_up = project(self.w13, x)
             if type(self.w2) is nn.Linear and skinny.usable(gate_up, self.w2.weight):
-                # the few-rows product takes silu(gate) · up itself: one launch fewer
-                return skinny.skinny_linear(gate_up, self.w2.weight, self.w2.bias, gated=True)
-            return project(self.w2, silu_mul(gate_up))
-        gate, up = project(self.w13, x).chunk(2, dim=-1)
-        return project(self.w2, F.silu(gate) * up)
+                # the few-rows product takes silu(gate) · up and adds the residual itself:
+                # two launches fewer
+                return skinny.skinny_linear(gate_up, self.w2.weight, self.w2.bias, gated=True, residual=residual)
+            out = project(self.w2, silu_mul(gate_up))
+        else:
+            gate, up = project(self.w13, x).chunk(2, dim=-1)
+            out = project(self.w2, F.silu(gate) * up)
+        return out if residual is None else residual + out
 
 
 class MoEFeedForward(nn.Module):
@@ -454,6 +458,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, h, cos, sin, mask, cache=None, layer=0, positions=None, kv_len=None):
         h, normed = self.attend(h, cos, sin, mask, cache, layer, positions, kv_len)
+        if isinstance(self.feed_forward, FeedForward):
+            return self.feed_forward(normed, residual=h)  # the skip's add may ride in its last product
         return h + self.feed_forward(normed)
 
 

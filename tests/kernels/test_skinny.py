@@ -54,6 +54,11 @@ def test_gated_input_is_silu_mul(rows, N, K, dtype, split):
     got = skinny_linear(x, w, b, cfg=cfg, gated=True)
     assert torch.equal(got, skinny_linear(silu_mul(x), w, b, cfg=cfg))
     assert rel_err(got, skinny_linear_ref(x, w, b, gated=True)) < 2 * TOL[dtype]
+    # with the block's skip added in the launch: as torch's add after the product
+    h = torch.randn(rows, N, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(1)).to(dtype)
+    assert torch.equal(skinny_linear(x, w, b, cfg=cfg, gated=True, residual=h), h + got)
+    with pytest.raises(AssertionError, match="residual"):
+        skinny_linear(x, w, b, gated=True, residual=h[:, :-1])
     with pytest.raises(AssertionError, match="features"):
         skinny_linear(x[:, :K], w, gated=True)
 
