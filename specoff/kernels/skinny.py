@@ -1,26 +1,27 @@
 """A product with few rows: y = x · Wᵀ (+ b) for x (M, K) with M ≤ 16, W (N, K), in one launch.
 
 A decode step of the draft multiplies 1–16 rows by each weight matrix once, so the step is
-bound by reading the weights (a Mistral-7B-shaped step reads 14.2 GB). The dense product
-torch calls there read them at about two thirds of the device's read rate on the H200
-(session 22: the draft step as one graph 4.77 ms against 3.17 ms for its weights at the
-4.49 TB/s a plain striped read reaches). Here each program streams a (BLOCK_N, K / SPLIT_K)
-slab of W: the weight tile is the product's wide left operand (64 or 128 rows, what Hopper's
-wgmma wants), the activations' transposed tile its narrow right one (16 columns). Where the
-column tiles alone would leave SMs idle (a 4096-wide output is 64 tiles of 64), K is split
-SPLIT_K ways; each slice stores its fp32 partial sums and the last slice of a tile to arrive
-(an atomic count per tile) adds them in slice order and rounds once, in the same launch.
-A SwiGLU's down projection can hand it [gate | up] (`gated`): it forms silu(gate) · up per
-tile as fused.silu_mul would, one launch and one intermediate fewer.
-The counts live in a buffer per weight matrix, reset by that last slice, so a launch leaves
-them zero for the next one (CUDA graphs replay them as captured).
+bound by reading the weights (a Mistral-7B-shaped step reads 14.2 GB: 3.17 ms at the 4.49
+TB/s a plain striped read reaches on the H200; the step as one graph took 4.72 ms in session
+22, torch's products alone reading at 3.2–4.2 TB/s). Here each program streams a (BLOCK_N,
+K / SPLIT_K) slab of W: the weight tile is the product's wide left operand (64 or 128 rows,
+what Hopper's wgmma wants), the activations' transposed tile its narrow right one (16
+columns). Where the column tiles alone would leave SMs idle (a 4096-wide output is 64 tiles
+of 64), K is split SPLIT_K ways; each slice stores its fp32 partial sums and the last slice
+of a tile to arrive (an atomic count per tile) adds them in slice order and rounds once, in
+the same launch. The counts live in a buffer per weight matrix, reset by that last slice, so
+a launch leaves them zero for the next one (CUDA graphs replay them as captured).
+
+A SwiGLU's down projection can hand it [gate | up] (`gated`: silu(gate) · up formed per tile
+as fused.silu_mul forms it) and the block's skip (`residual`: added after the product's
+rounding, as torch's add): a dense layer's feed-forward in two launches instead of four.
 
 Session 22 on the H200 (`python tools/bench_kernels.py --only skinny --skinny-sweep`,
 bench/runs/h200-session22/skinny/): correct (GPU tests: bf16, K slices racing, CUDA graphs),
 and at the best of a small grid of tiles 1.0-1.4x torch's product on the draft's five
-matrices in isolation (3.7-4.4 TB/s; torch's own 3.2-4.2 TB/s); the draft step as one graph
-with the first config rule took 5.13 ms against 4.72 ms with torch's products. config() now
-follows the grid's winners; not yet timed in the step: `LINEAR` is off.
+matrices in isolation (3.7-4.4 TB/s); the draft step as one graph with the first config rule
+took 5.13 ms against 4.72 ms with torch's products. config() now follows the grid's winners;
+`gated` and `residual` came after that run. Not yet timed in the step: `LINEAR` is off.
 """
 from __future__ import annotations
 
