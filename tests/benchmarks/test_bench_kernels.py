@@ -134,3 +134,23 @@ def test_bench_fp8_linear(benchmark, shape, rows, impl):
     benchmark.group = f"fp8_linear {shape} rows={rows}"
     run_timed(benchmark, fn, 2 * rows * N * K, weight_bytes + 2 * rows * (N + K))
     assert torch.isfinite(fn()).all()
+
+
+@pytest.mark.parametrize("impl", ("triton", "torch"))
+@pytest.mark.parametrize("rows", bench.SKINNY_ROWS)
+@pytest.mark.parametrize("shape", list(bench.SKINNY_SHAPES))
+def test_bench_skinny_linear(benchmark, shape, rows, impl):
+    """The draft's decode products (Mistral-7B shapes, bf16): the few-rows kernel
+    (kernels/skinny.py) against torch's dense product."""
+    from specoff.kernels.skinny import _skinny_into
+
+    N, K = bench.SKINNY_SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    w = (torch.randn(N, K, device="cuda", generator=gen) * K**-0.5).to(torch.bfloat16)
+    x = torch.randn(rows, K, device="cuda", generator=gen).to(torch.bfloat16)
+    out = torch.empty(rows, N, device="cuda", dtype=torch.bfloat16)
+    fn = {"triton": lambda: _skinny_into(x, w, None, out),
+          "torch": lambda: torch.mm(x, w.t(), out=out)}[impl]
+    benchmark.group = f"skinny_linear mistral-7b {shape} rows={rows}"
+    run_timed(benchmark, fn, 2 * rows * N * K, 2 * (N * K + rows * (N + K)))
+    assert torch.isfinite(fn()).all()
