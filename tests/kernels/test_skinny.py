@@ -181,3 +181,28 @@ def test_gpu_skinny_in_a_cuda_graph():
         torch.cuda.synchronize()
         assert torch.equal(out, expect)
     assert int(skinny._COUNTS[(str(w.device), w.data_ptr())].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("spec", ["chain", "tree"])
+def test_speculation_with_the_decode_fusions_equals_target(spec, pairs, monkeypatch):
+    """kernels.skinny.LINEAR and decoder.FUSED_CACHE_WRITE on (with the fused element-wise
+    kernels: the interpreter on the CPU; fp32, so every path rounds alike): greedy
+    speculation, chain or tree, one row at a time (the draft's decode steps at 1 row,
+    verification at ≤ 16 through the kernels), gives the target's own greedy tokens."""
+    import specoff
+    from specoff.models import decoder
+
+    monkeypatch.setattr(skinny, "LINEAR", "on")
+    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
+    monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton")
+    calls = []
+    real = skinny._skinny_into
+    monkeypatch.setattr(skinny, "_skinny_into", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    draft, target = pairs(0.3)
+    prompts = ["def fibonacci(n):"] if DEVICE == "cpu" else ["def fibonacci(n):", "Beautiful is better than"]
+    params = specoff.SamplingParams(max_new_tokens=12 if DEVICE == "cpu" else 24, ignore_eos=True)
+    expect = [o.token_ids for o in specoff.LLM(target, device=DEVICE, dtype="float32").generate(prompts, params)]
+    kw = dict(spec="tree", tree_budget=8) if spec == "tree" else dict(draft_len=3)
+    llm = specoff.LLM(target, draft=draft, device=DEVICE, dtype="float32", max_rows=1, **kw)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expect
+    assert calls  # the kernel ran
