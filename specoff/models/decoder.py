@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig, rope_inv_freq
+from ..kernels import skinny
 from ..kernels.attention import attention_mask, verify_attention
 from ..kernels.fused import add_rms_norm, rms_norm, rope, rope_write, silu_mul
-from ..kernels import skinny
 from ..kernels.moe import fused_moe, moe_route
 from ..kvcache import KVCache, bits, stored
 
