@@ -154,6 +154,18 @@ def _rope_heads(x_ptr, out_ptr, x_row, out_row, heads, stride_xh, half, cos1, si
 
 
 @triton.jit
+def _rope_tables(cos_row, sin_row, half, BLOCK_HALF: tl.constexpr):
+    """One token's cos and sin, each as its two halves (1, hd/2) in fp32."""
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_valid = offs_d < half
+    cos1 = tl.load(cos_row + offs_d, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(cos_row + half + offs_d, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(sin_row + offs_d, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(sin_row + half + offs_d, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+    return cos1, sin1, cos2, sin2
+
+
+@triton.jit
 def _rope_kernel(
     # pointers
     q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
@@ -170,14 +182,8 @@ def _rope_kernel(
     token = tl.program_id(0).to(tl.int64)
     b = token // T
     t = token % T
-    offs_d = tl.arange(0, BLOCK_HALF)
-    d_valid = offs_d < half
-    cos_ptrs = cos_ptr + b * stride_cb + t * stride_ct + offs_d
-    sin_ptrs = sin_ptr + b * stride_sb + t * stride_st + offs_d
-    cos1 = tl.load(cos_ptrs, mask=d_valid, other=0.0).to(tl.float32)[None, :]
-    cos2 = tl.load(cos_ptrs + half, mask=d_valid, other=0.0).to(tl.float32)[None, :]
-    sin1 = tl.load(sin_ptrs, mask=d_valid, other=0.0).to(tl.float32)[None, :]
-    sin2 = tl.load(sin_ptrs + half, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+    cos1, sin1, cos2, sin2 = _rope_tables(cos_ptr + b * stride_cb + t * stride_ct,
+                                          sin_ptr + b * stride_sb + t * stride_st, half, BLOCK_HALF)
     _rope_heads(q_ptr, q_out_ptr, b * stride_qb + t * stride_qt, token * q_heads * 2 * half, q_heads, stride_qh,
                 half, cos1, sin1, cos2, sin2, BLOCK_QH, BLOCK_HALF)
     if HAS_K:
@@ -206,14 +212,8 @@ def _rope_write_kernel(
     token = tl.program_id(0).to(tl.int64)
     b = token // T
     t = token % T
-    offs_d = tl.arange(0, BLOCK_HALF)
-    d_valid = offs_d < half
-    cos_ptrs = cos_ptr + b * stride_cb + t * stride_ct + offs_d
-    sin_ptrs = sin_ptr + b * stride_sb + t * stride_st + offs_d
-    cos1 = tl.load(cos_ptrs, mask=d_valid, other=0.0).to(tl.float32)[None, :]
-    cos2 = tl.load(cos_ptrs + half, mask=d_valid, other=0.0).to(tl.float32)[None, :]
-    sin1 = tl.load(sin_ptrs, mask=d_valid, other=0.0).to(tl.float32)[None, :]
-    sin2 = tl.load(sin_ptrs + half, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+    cos1, sin1, cos2, sin2 = _rope_tables(cos_ptr + b * stride_cb + t * stride_ct,
+                                          sin_ptr + b * stride_sb + t * stride_st, half, BLOCK_HALF)
     _rope_heads(q_ptr, q_out_ptr, b * stride_qb + t * stride_qt, token * q_heads * 2 * half, q_heads, stride_qh,
                 half, cos1, sin1, cos2, sin2, BLOCK_QH, BLOCK_HALF)
     slot = tl.minimum(tl.load(pos_ptr + b * stride_pb + t * stride_pt).to(tl.int64), max_len - 1)
@@ -324,16 +324,19 @@ def _rope_empty(q: torch.Tensor, k: Optional[torch.Tensor]) -> List[torch.Tensor
         [] if k is None else [torch.empty(k.shape, dtype=k.dtype, device=k.device)])
 
 
+def _token_tables(t: torch.Tensor, B: int, T: int, hd: int) -> torch.Tensor:
+    """cos or sin as (B, T, 1, hd) with head_dim contiguous (a broadcast view where it can be)."""
+    t = t.expand(B, T, 1, hd)
+    return t if t.stride(3) == 1 else t.contiguous()
+
+
 def _rope_into(q, k, cos, sin, q_out, k_out):
     B, T, H, hd = q.shape
     if q.stride(3) != 1:
         q = q.contiguous()
     if k is not None and k.stride(3) != 1:
         k = k.contiguous()
-    cos = cos.expand(B, T, 1, hd)
-    sin = sin.expand(B, T, 1, hd)
-    cos = cos if cos.stride(3) == 1 else cos.contiguous()
-    sin = sin if sin.stride(3) == 1 else sin.contiguous()
+    cos, sin = _token_tables(cos, B, T, hd), _token_tables(sin, B, T, hd)
     if B * T == 0:
         return q_out, k_out
     KV = k.shape[2] if k is not None else 1
@@ -501,10 +504,7 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     q = q if q.stride(3) == 1 else q.contiguous()
     k = k if k.stride(3) == 1 else k.contiguous()
     v = v if v.stride(3) == 1 else v.contiguous()
-    cos = cos.expand(B, T, 1, hd)
-    sin = sin.expand(B, T, 1, hd)
-    cos = cos if cos.stride(3) == 1 else cos.contiguous()
-    sin = sin if sin.stride(3) == 1 else sin.contiguous()
+    cos, sin = _token_tables(cos, B, T, hd), _token_tables(sin, B, T, hd)
     q_out = torch.empty(B, T, H, hd, dtype=q.dtype, device=q.device)
     if B * T == 0:
         return q_out
