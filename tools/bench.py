@@ -181,6 +181,8 @@ def host_rss_bytes() -> int:
 class Bench:
     """One invocation: the pair, built once and reused, the clock, and the output files."""
 
+    _runs = 0  # Bench objects made in this process
+
     def __init__(self, args):
         self.args = args
         self.tiny = args.tiny
@@ -201,7 +203,12 @@ class Bench:
         self.draft_cfg, self.target_cfg = pair_configs(self.draft_hf, self.target_hf)
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        # to the second; a process's later runs add their count, so two runs one process
+        # starts within a second (tiny ones: tests) do not share an id (--replot takes ratios
+        # within a run only)
+        Bench._runs += 1
+        self.run_id = (datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+                       + ("" if Bench._runs == 1 else f"-{Bench._runs}"))
         self.started = time.perf_counter()
         self.deadline = (self.started + args.time_limit - END_RESERVE_S
                          if args.time_limit else None)
