@@ -171,26 +171,18 @@ def moe_torch_grouped(x, w13, w2, topk_weights, topk_ids):
 
 def grouped_mm_available(device) -> bool:
     """torch._grouped_mm (a private op, torch ≥ 2.8): bf16 grouped GEMMs on sm_90 and newer."""
-    return hasattr(torch, "_grouped_mm") and (torch.device(device).type != "cuda"
-                                              or torch.cuda.get_device_capability(device)[0] >= 9)
+    from specoff.kernels import moe
+
+    return moe.grouped_mm_usable(torch.empty(0, device=device, dtype=torch.bfloat16))
 
 
 def moe_torch_grouped_mm(x, w13, w2, topk_weights, topk_ids):
     """Sort pairs by expert, then one torch._grouped_mm per projection over all experts
-    (group ends counted on the device: no host sync, so it captures in a CUDA graph)."""
-    N, D = x.shape
-    E, top_k, I = w13.shape[0], topk_ids.shape[1], w2.shape[2]
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat)
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
-    ends = torch.cumsum(counts, 0, dtype=torch.int32)
-    h = torch._grouped_mm(x[order // top_k], w13.transpose(1, 2), offs=ends)  # (pairs, 2I)
-    ys = torch._grouped_mm(torch.nn.functional.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=ends)
-    ys = ys * topk_weights.reshape(-1)[order, None].to(x.dtype)
-    out = torch.empty_like(ys)
-    out[order] = ys
-    return out.view(N, top_k, D).sum(1)
+    (group ends counted on the device: no host sync, so it captures in a CUDA graph): the
+    engine's own route for it, kernels.moe.GROUPED_MM_TOKENS."""
+    from specoff.kernels import moe
+
+    return moe._grouped_mm_moe_into(x, w13, w2, topk_weights, topk_ids, torch.empty_like(x))
 
 
 def attention_sdpa(q, k_cache, v_cache, mask):
