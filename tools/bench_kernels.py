@@ -258,16 +258,26 @@ def bench_skinny(hbm: float, sweep: bool = False):
                 row["case"] += f" (best {best[1]}: {best[0]:.4f} ms, {N * K * 2 / best[0] / 1e6:.0f} GB/s)"
             rows.append(row)
             print_row(row)
-            if name == "w2":  # the SwiGLU's down projection: silu_mul then torch's product, or gated
+            fused_case = None
+            if name == "w13":  # the gate-up product with the SwiGLU in its epilogue against torch's product + silu_mul
                 from specoff.kernels.fused import silu_mul
 
-                gate_up = torch.randn(M, 2 * K, device="cuda", dtype=torch.bfloat16)
-                act = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
-                t_torch = _graph_ms(lambda: torch.mm(silu_mul(gate_up, out=act), w.t(), out=out))
-                t = _graph_ms(lambda: skinny._skinny_into(gate_up, w, None, out, gated=True))
-                row = dict(row, case=f"rows={M} gated (silu_mul + product)", ms=t, graph_ms=t, torch_ms=t_torch,
-                           torch_graph_ms=t_torch, tflops=2 * M * N * K / t / 1e9, gbps=N * K * 2 / t / 1e6,
-                           hbm_share=N * K * 2 / t / 1e6 / hbm)
+                act = torch.empty(M, N // 2, device="cuda", dtype=torch.bfloat16)
+                t_torch = _graph_ms(lambda: silu_mul(torch.mm(x, w.t(), out=out), out=act))
+                t = _graph_ms(lambda: skinny._skinny_into(x, w, None, act, swiglu=True))
+                one = dict(skinny.config(M, N, K, num_sms(w.device)), BLOCK_N=32, ONE_DOT=True, SPLIT_K=1)
+                t_one = _graph_ms(lambda: skinny._skinny_into(x, w, None, act, one, swiglu=True))
+                fused_case = f"rows={M} swiglu (product + silu_mul; one 64-row tile a program: {t_one:.4f} ms)"
+            elif name == "w2":  # the down product adding the block's skip against torch's product + add
+                skip = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+                total = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+                t_torch = _graph_ms(lambda: torch.add(skip, torch.mm(x, w.t(), out=out), out=total))
+                t = _graph_ms(lambda: skinny._skinny_into(x, w, None, total, residual=skip))
+                fused_case = f"rows={M} residual (product + add)"
+            if fused_case:
+                row = dict(row, case=fused_case, ms=t, graph_ms=t, torch_ms=t_torch, torch_graph_ms=t_torch,
+                           tflops=2 * M * N * K / t / 1e9, gbps=N * K * 2 / t / 1e6, hbm_share=N * K * 2 / t / 1e6 / hbm)
+                row.pop("best_ms", None), row.pop("best_config", None)
                 rows.append(row)
                 print_row(row)
         torch.cuda.empty_cache()
@@ -487,21 +497,26 @@ def bench_draft(hbm: float, compile_step: bool = False):
     model = draft_model()
     weights = weight_bytes_per_step(model)
     floor_ms = weights / hbm / 1e6
+    from specoff import kernels
     from specoff.kernels import skinny
     from specoff.models import decoder
 
     rows = []
-    setting = (skinny.LINEAR, decoder.FUSED_CACHE_WRITE)
-    # the current settings' rows first, then the few-rows products (kernels/skinny.py) and the
-    # cache write in the rotary launch (decoder.FUSED_CACHE_WRITE) each on, then both
-    for linear, write in dict.fromkeys((setting, ("auto", "off"), ("off", "auto"), ("auto", "auto"))):
-        skinny.LINEAR, decoder.FUSED_CACHE_WRITE = linear, write
+    setting = (skinny.LINEAR, decoder.FUSED_CACHE_WRITE, kernels.PDL, skinny.SWIGLU_ONE_DOT)
+    # the current settings' rows first, then every decode fusion off, the few-rows products
+    # (kernels/skinny.py) with the cache write in the rotary launch (decoder.FUSED_CACHE_WRITE),
+    # those with programmatic dependent launches (kernels.PDL), and with the SwiGLU launch's
+    # one-tile programs (skinny.SWIGLU_ONE_DOT)
+    for linear, write, pdl, one_dot in dict.fromkeys((
+            setting, ("off", "off", "off", False), ("auto", "auto", "off", False), ("auto", "auto", "auto", False),
+            ("auto", "auto", "off", True), ("auto", "auto", "auto", True))):
+        skinny.LINEAR, decoder.FUSED_CACHE_WRITE, kernels.PDL, skinny.SWIGLU_ONE_DOT = linear, write, pdl, one_dot
         for B in DRAFT_BATCHES:
             rows.append(draft_row(model, B, weights, floor_ms, hbm))
-            rows[-1]["case"] += f" skinny {linear}, cache write {write}"
+            rows[-1]["case"] += f" skinny {linear}{' one-dot' if one_dot else ''}, cache write {write}, pdl {pdl}"
             print_row(rows[-1])
             torch.cuda.empty_cache()
-    skinny.LINEAR, decoder.FUSED_CACHE_WRITE = setting
+    skinny.LINEAR, decoder.FUSED_CACHE_WRITE, kernels.PDL, skinny.SWIGLU_ONE_DOT = setting
     if compile_step:
         rows.append(draft_row(model, DRAFT_BATCHES[-1], weights, floor_ms, hbm, compiled=True))
         print_row(rows[-1])

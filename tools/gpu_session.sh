@@ -79,11 +79,11 @@
 #   fp8-kernel   the float8-weight product timed (kernel in both forms, dequantizing, bf16),
 #                then tree runs with a float8 draft through the kernel as x · W8ᵀ or swapped
 #                (kernels.fp8_gemm.SWAP 0 / 1; COMPARE overrides), ABAB
-#   skinny       the few-rows product (kernels/skinny.py): its GPU tests, the draft's five
-#                matrices at 1/4/16 rows against torch's (with a grid of tiles and K slices),
-#                the draft step as one graph with kernels.skinny.LINEAR and
-#                models.decoder.FUSED_CACHE_WRITE off / auto, then interactive chain and tree
-#                runs (TREES, default 64; ENGINES) with both off / both auto
+#   skinny       the few-rows product (kernels/skinny.py): its tests and PDL's, the draft's five
+#                matrices at 1/4/16 rows against torch's (SWEEP=1: with a grid of tiles and K
+#                slices), the draft step as one graph with kernels.skinny.LINEAR and
+#                models.decoder.FUSED_CACHE_WRITE off / auto; INTERACTIVE=1: then interactive
+#                chain and tree runs (TREES, default 64; ENGINES) with both off / both auto
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
 # rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
@@ -223,13 +223,12 @@ ROWS
                 --prompts "${PROMPTS:-492}" --configs humaneval --draft-len 0 \
                 --engines "${ENGINES:-specoff-chain-interleaved,specoff-offload-group}" ;;
         skinny)
-            timeout 150 python -m pytest -q -m gpu tests/kernels/test_skinny.py tests/kernels/test_fused.py 2>&1 \
-                | tee -a "$OUT/skinny.log" | tail -3
-            timeout 150 python tools/bench_kernels.py --only skinny --skinny-sweep --json "$OUT/skinny.json" 2>&1 \
-                | tee -a "$OUT/skinny.log" | tail -16
+            timeout 200 python -m pytest -q tests/kernels/test_skinny.py tests/kernels/test_pdl.py 2>&1 | tee -a "$OUT/skinny.log" | tail -3
+            timeout 150 python tools/bench_kernels.py --only skinny ${SWEEP:+--skinny-sweep} --json "$OUT/skinny.json" 2>&1 \
+                | tee -a "$OUT/skinny.log" | tail -20
             timeout 150 python tools/bench_kernels.py --only draft --json "$OUT/skinny-draft.json" 2>&1 \
                 | tee -a "$OUT/skinny.log" | tail -14
-            for linear in off auto; do
+            for linear in ${INTERACTIVE:+off auto}; do
                 bench "skinny-$linear" --scenario interactive --batches 1 --interactive-new-tokens 128 \
                     --tree-budgets "${TREES:-64}" --engines "${ENGINES:-specoff-chain,specoff-tree}" \
                     --set "kernels.skinny.LINEAR=$linear" --set "models.decoder.FUSED_CACHE_WRITE=$linear"

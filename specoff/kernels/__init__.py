@@ -3,6 +3,9 @@ import functools
 
 import torch
 
+import triton
+import triton.language as tl
+
 
 def launcher(kernel, tensor: torch.Tensor):
     """wrap_triton while torch.compile or make_fx traces; the bare kernel in eager mode.
@@ -15,6 +18,61 @@ def launcher(kernel, tensor: torch.Tensor):
 
         return wrap_triton(kernel)
     return kernel
+
+
+# Programmatic dependent launch (Hopper and later): the kernels of a decode step
+# (kernels.skinny's products, fused's norms and rotary cache write, verify_attention) launched
+# with the launch_pdl attribute, each program waiting (griddepcontrol.wait) for the launch
+# before it to end before it reads anything: the next launch's setup and its programs'
+# arrival on the SMs overlap this one's tail instead of following it (CUDA graphs keep it).
+# "auto": the next launch may start once every program here has passed its main loop (a
+# product's K loop) or ended; "early": once every program has started; "off": plain
+# launches, each after the last ends.
+PDL = "off"
+
+
+_PLAIN = dict(USE_PDL=False, PDL_EARLY=False)
+
+
+def pdl(x: torch.Tensor) -> dict:
+    """The launch's keyword arguments for a kernel taking the constexprs USE_PDL and PDL_EARLY
+    and starting with pdl_start: both False (a plain launch), or set with launch_pdl. Always
+    both, even off: a kernel wrapped for torch.compile takes no defaults for constexprs."""
+    if PDL not in ("auto", "early", "off"):
+        raise ValueError(f"kernels.PDL is {PDL!r}: set it to 'auto', 'early' or 'off'")
+    if PDL == "off" or not x.is_cuda or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return dict(_PLAIN)
+    if not _pdl_capable(x.device.index or 0):
+        return dict(_PLAIN)
+    return dict(USE_PDL=True, PDL_EARLY=PDL == "early", launch_pdl=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index: int) -> bool:
+    import triton.language as tl
+
+    cuda = getattr(getattr(tl, "extra", None), "cuda", None)
+    return (torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(cuda, "gdc_wait")
+            and hasattr(cuda, "gdc_launch_dependents"))
+
+
+@triton.jit
+def pdl_start(USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
+    """First thing in a kernel launched by pdl(): wait until the launch before it has ended
+    and its writes are visible; with PDL_EARLY then let the next launch's programs be
+    scheduled (else a program's pdl_release or its end does)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        if PDL_EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release(USE_PDL: tl.constexpr):
+    """After a kernel's main loop: the next launch may be scheduled once every program has
+    come here (or ended)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def num_sms(device) -> int:

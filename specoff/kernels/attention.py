@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import launcher as _launcher
-from . import num_sms
+from . import num_sms, pdl, pdl_start
 from . import moe as _moe  # max_shared_memory: the device's probe, cached there
 
 
@@ -90,6 +90,7 @@ def _verify_attention_kernel(
     SPLIT: tl.constexpr, ROW_START: tl.constexpr,
     WHOLE_TILES: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
 ):
     """Rows r = t * G + g of (batch b, kv head) against keys [split start, split end).
 
@@ -101,8 +102,9 @@ def _verify_attention_kernel(
     SEGMENTED (chain only, no whole tiles): row t sees keys seg[b, t] <= s <= L + t; the
     block starts at its rows' first segment start, and a tile no row sees is skipped.
     ROW_START: batch b's keys start row_start[b] slots into its cache (rows of a shared pool,
-    kvcache.SegmentKVCache) rather than at b * stride_kb.
+    kvcache.SegmentKVCache) rather than at b * stride_kb. USE_PDL: see kernels.pdl.
     """
+    pdl_start(USE_PDL, PDL_EARLY)
     pid_bh = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -362,7 +364,7 @@ def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float
         ROW_START=row_start is not None,
         WHOLE_TILES=cfg["WHOLE_TILES"],
         IEEE=q.dtype == torch.float32, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(hd),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q),
     )
     if split:
         _launcher(_combine_splits_kernel, q)[(B * KV, T * G)](

@@ -38,6 +38,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import launcher as _launcher
+from . import pdl, pdl_start
 
 # libdevice on a GPU; the interpreter has none (and computes in numpy, which never contracts).
 _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
@@ -83,9 +84,11 @@ def _rms_norm_kernel(
     stride_x_outer, stride_x_inner,
     # meta-parameters
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
 ):
     """ROWS rows of out = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype); row r of x sits at
     (r // inner_rows) * stride_x_outer + (r % inner_rows) * stride_x_inner."""
+    pdl_start(USE_PDL, PDL_EARLY)
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_valid = row < rows
     row = row.to(tl.int64)  # rows * D can pass 2**31 in a long prefill
@@ -108,8 +111,10 @@ def _add_rms_norm_kernel(
     stride_x, stride_res,
     # meta-parameters
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
 ):
     """ROWS rows of h = x + residual (res_out) and out = rms_norm(h), as _rms_norm_kernel."""
+    pdl_start(USE_PDL, PDL_EARLY)
     dtype = res_out_ptr.dtype.element_ty
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_valid = row < rows
@@ -205,10 +210,12 @@ def _rope_write_kernel(
     stride_cache_b, stride_cache_h, stride_cache_s,
     # meta-parameters
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
 ):
     """_rope_kernel's q and k of token (b, t), with the rotated k and the token's v stored
     straight into the layer's cache (B, KV, S, hd) at slot min(positions[b, t], S - 1), as
     KVCache.write stores them: the write's index clamp and two scatters in this launch."""
+    pdl_start(USE_PDL, PDL_EARLY)
     token = tl.program_id(0).to(tl.int64)
     b = token // T
     t = token % T
@@ -288,7 +295,7 @@ def _rms_norm_into(x, weight, eps: float, out):
         x3, weight, out,
         rows, x3.shape[1], D, eps,
         x3.stride(0), x3.stride(1),
-        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps,
+        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps, **pdl(x),
     )
     return out
 
@@ -314,7 +321,7 @@ def _add_rms_norm_into(x, residual, weight, eps: float, out, residual_out):
         x2, res2, weight, out, residual_out,
         rows, D, eps,
         x2.stride(0), res2.stride(0),
-        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps,
+        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps, **pdl(x),
     )
     return out, residual_out
 
@@ -518,7 +525,7 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), positions.stride(0), positions.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_HALF=block_half,
-        num_warps=4 if block_qh * block_half <= 1024 else 8,
+        num_warps=4 if block_qh * block_half <= 1024 else 8, **pdl(q),
     )
     return q_out
 

@@ -12,16 +12,19 @@ of a tile to arrive (an atomic count per tile) adds them in slice order and roun
 the same launch. The counts live in a buffer per weight matrix, reset by that last slice, so
 a launch leaves them zero for the next one (CUDA graphs replay them as captured).
 
-A SwiGLU's down projection can hand it [gate | up] (`gated`: silu(gate) · up formed per tile
-as fused.silu_mul forms it) and the block's skip (`residual`: added after the product's
-rounding, as torch's add): a dense layer's feed-forward in two launches instead of four.
+A SwiGLU's gate-up projection can end in its activation (`swiglu`: the gate's and the up's
+rows of a tile in one program, silu(gate) · up in the epilogue, as fused.silu_mul forms it)
+and the down projection can add the block's skip (`residual`: after the product's rounding,
+as torch's add): a dense layer's feed-forward in two launches instead of four. (Session 23
+first formed silu · up in the down projection's K loop, from a [gate | up] input: correct,
+but 0.34 ms for w2 against torch's 0.034, the loop no longer pipelined its weight loads.)
 
-Session 22 on the H200 (`python tools/bench_kernels.py --only skinny --skinny-sweep`,
-bench/runs/h200-session22/skinny/): correct (GPU tests: bf16, K slices racing, CUDA graphs),
-and at the best of a small grid of tiles 1.0-1.4x torch's product on the draft's five
-matrices in isolation (3.7-4.4 TB/s); the draft step as one graph with the first config rule
-took 5.13 ms against 4.72 ms with torch's products. config() now follows the grid's winners;
-`gated` and `residual` came after that run. Not yet timed in the step: `LINEAR` is off.
+On the H200 (`python tools/bench_kernels.py --only skinny [--skinny-sweep]`, session 23,
+bench/runs/h200-session23/swiglu/): correct (GPU tests: bf16, K slices racing, CUDA graphs);
+1.04-1.43x torch's product on the draft's five matrices at 1-16 rows (3.7-4.4 TB/s: wo in
+two K slices 0.0076 ms against 0.0108, w2 0.0311 against 0.0323, the head 0.0615 against
+0.0672), the gate-up launch with its SwiGLU 0.0591 ms against torch's product + silu_mul
+0.0632, the down projection with the skip 0.0314 against 0.0339.
 """
 from __future__ import annotations
 
@@ -34,13 +37,21 @@ import triton
 import triton.language as tl
 
 from . import launcher as _launcher
-from . import num_sms
+from . import num_sms, pdl, pdl_release, pdl_start
 from .fused import _exp
 
 # "auto": products of ≤ MAX_ROWS rows with a plain bf16 / fp16 weight on a CUDA device go
 # through this kernel (models.decoder's projections); "on" also under TRITON_INTERPRET
-# (tests); "off": torch's dense product everywhere.
-LINEAR = "off"
+# (tests); "off": torch's dense product everywhere. With decoder.FUSED_CACHE_WRITE the
+# Mistral-7B-shaped draft step took 4.27-4.37 ms on the H200 against 4.72-4.93 with both off
+# (session 23, bench/runs/h200-session23/pdl-draft.json).
+LINEAR = "auto"
+# The SwiGLU launch (swiglu=True) as 2·tiles programs of one 64-row tile (32 gate + 32 up
+# rows, one product a K step) instead of tiles programs of two 64-row products: Mistral-7B's
+# w13 as 448 programs (80 KB shared, two an SM) instead of 224 (144 KB, one an SM) at about
+# the plain product's 0.0552 ms instead of 0.0591, if it times as the plain one. Built after
+# session 23's GPU calls (interpreter-tested, sm_90 compile checked): False until timed.
+SWIGLU_ONE_DOT = False
 MAX_ROWS = 16
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -60,12 +71,17 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_rm, stride_rn,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
-                   GATED: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False):
+                   SWIGLU: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False,
+                   ONE_DOT: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+                   PDL_EARLY: tl.constexpr = False):
     """Program (n, k): rows n·BLOCK_N.. of W over the k-th K slice, every row of x (M ≤ BLOCK_M).
-    GATED: x is [gate | up] (M, 2K) and the product's input silu(gate) · up, rounded as
-    fused.silu_mul rounds it (a SwiGLU's down projection without its own launch).
+    SWIGLU (K whole): W is [gate; up] (2N, K) and y = silu(x·gateᵀ) · (x·upᵀ), each product
+    rounded to the dtype first, then as fused.silu_mul rounds: the program streams the gate's
+    and the up's rows n·BLOCK_N.. side by side, two products straight from the loaded tiles
+    (ONE_DOT: as one tile of 2·BLOCK_N rows and one product, split after the loop).
     HAS_RESIDUAL: y = r + (the product rounded to the dtype), rounded again: torch's separate
-    residual add, in this launch."""
+    residual add, in this launch. USE_PDL: see kernels.pdl."""
+    pdl_start(USE_PDL, PDL_EARLY)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,30 +90,61 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (k_lo + rk)[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
+    up_ptrs = w_ptr + (rn.to(tl.int64) + N)[:, None] * stride_wn + (k_lo + rk)[None, :] * stride_wk  # SWIGLU
     x_ptrs = x_ptr + rm[None, :] * stride_xm + (k_lo + rk)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        kk = k + rk
-        w = tl.load(w_ptrs, mask=(rn[:, None] < N) & (kk[None, :] < k_hi), other=0.0)
-        x_mask = (kk[:, None] < k_hi) & (rm[None, :] < M)
-        xt = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        if GATED:  # as fused._silu_mul_kernel: silu rounded to the dtype, then the product
-            gate = xt.to(tl.float32)
-            up = tl.load(x_ptrs + K * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
-            silu = tl.math.div_rn(gate, 1.0 + _exp(-gate)).to(xt.dtype).to(tl.float32)
-            xt = (silu * up).to(xt.dtype)
-        if IEEE:  # fp32: no TF32 rounding of the inputs
-            acc = tl.dot(w, xt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, xt, acc)
-        w_ptrs += BLOCK_K * stride_wk
-        x_ptrs += BLOCK_K * stride_xk
+    if SWIGLU and ONE_DOT:
+        # one 2·BLOCK_N-row tile a step: the gate's rows n·BLOCK_N.. over the up's, one product
+        half = tl.arange(0, 2 * BLOCK_N)
+        col = pid_n * BLOCK_N + half % BLOCK_N  # the output column of each weight row
+        rows = col.to(tl.int64) + (half // BLOCK_N).to(tl.int64) * N
+        both_ptrs = w_ptr + rows[:, None] * stride_wn + (k_lo + rk)[None, :] * stride_wk
+        both = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            kk = k + rk
+            w = tl.load(both_ptrs, mask=(col[:, None] < N) & (kk[None, :] < k_hi), other=0.0)
+            xt = tl.load(x_ptrs, mask=(kk[:, None] < k_hi) & (rm[None, :] < M), other=0.0)
+            if IEEE:
+                both = tl.dot(w, xt, both, input_precision="ieee")
+            else:
+                both = tl.dot(w, xt, both)
+            both_ptrs += BLOCK_K * stride_wk
+            x_ptrs += BLOCK_K * stride_xk
+        acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            kk = k + rk
+            w_mask = (rn[:, None] < N) & (kk[None, :] < k_hi)
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            xt = tl.load(x_ptrs, mask=(kk[:, None] < k_hi) & (rm[None, :] < M), other=0.0)
+            if IEEE:  # fp32: no TF32 rounding of the inputs
+                acc = tl.dot(w, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc)
+            if SWIGLU:
+                up = tl.load(up_ptrs, mask=w_mask, other=0.0)
+                if IEEE:
+                    acc_up = tl.dot(up, xt, acc_up, input_precision="ieee")
+                else:
+                    acc_up = tl.dot(up, xt, acc_up)
+                up_ptrs += BLOCK_K * stride_wk
+            w_ptrs += BLOCK_K * stride_wk
+            x_ptrs += BLOCK_K * stride_xk
+    pdl_release(USE_PDL)
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None] * stride_yn
     y_mask = (rn[:, None] < N) & (rm[None, :] < M)
     r_ptrs = r_ptr + rm[None, :] * stride_rm + rn[:, None] * stride_rn
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+        if SWIGLU:  # as nn.Linear's [gate | up] rounded, then fused._silu_mul_kernel
+            if HAS_BIAS:
+                acc_up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+            dtype = y_ptrs.dtype.element_ty
+            gate = acc.to(dtype).to(tl.float32)
+            silu = tl.math.div_rn(gate, 1.0 + _exp(-gate)).to(dtype).to(tl.float32)
+            acc = silu * acc_up.to(dtype).to(tl.float32)
         _store(y_ptrs, acc, y_mask, r_ptrs, HAS_RESIDUAL)
     else:
         tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
@@ -116,15 +163,18 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
 
 
 def config(M: int, N: int, K: int, sms: int) -> dict:
-    """BLOCK_M 16 (the rows), 64 weight rows a tile with 4 warps (one wgmma group), 128-wide
-    K steps in 4 stages; K in two slices only where the column tiles cover under half the SMs
-    and K is short (Mistral-7B's wo: 64 tiles of 4096). From session 22's grid on the H200
-    (tiles 64/128 x K steps 128/256 x 1/2/4/8 slices, graph replays at 1 and 16 rows): whole
-    K was fastest or within 3% for wqkv, w13, w2 and the head, two slices for wo (0.0076 ms
-    against torch's 0.0105); the first rule, slices until two waves, lost 0.4 ms a draft step."""
+    """BLOCK_M 16 (the rows), 64 weight rows a tile with 4 warps (one wgmma group), 4 stages.
+    K in two slices only where the column tiles cover under half the SMs and K is short
+    (Mistral-7B's wo: 64 tiles of 4096); 256-wide K steps where the tiles, whole, are under
+    one wave (more bytes in flight a program: wqkv's 96 tiles, w2's 64 of K 14336), 128 else.
+    From the H200's grids (tiles 64/128 x K steps 128/256 x 1/2/4/8 slices, graph replays at
+    1 and 16 rows; bench/runs/h200-session23/skinny.json): wo 0.0075 ms in two slices against
+    torch's 0.0108, w2 0.0309 with 256-wide steps against 0.0379 with 128 (torch 0.0320),
+    wqkv 0.0123 against 0.0134 (torch 0.0145); w13 and the head fastest as set."""
     tiles = triton.cdiv(N, 64)
     split = 2 if 2 * tiles < sms and K <= 8192 else 1
-    return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=4)
+    block_k = 256 if split == 1 and tiles < sms else 128
+    return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4)
 
 
 # (device, weight's address) -> int32 counts, zero between launches. One buffer a weight
@@ -147,16 +197,21 @@ def _counts(w: torch.Tensor, tiles: int) -> torch.Tensor:
 
 
 def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-                 cfg: Optional[dict] = None, gated: bool = False,
+                 cfg: Optional[dict] = None, swiglu: bool = False,
                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    M, K = x2.shape[0], w.shape[1]
-    N = w.shape[0]
-    assert x2.shape[1] == (2 * K if gated else K)
+    M, K = x2.shape
+    N = w.shape[0] // 2 if swiglu else w.shape[0]
+    assert w.shape[1] == K and out.shape == (M, N)
     if M == 0:
         return out
     assert M <= 16, "skinny products take at most 16 rows"
-    cfg = dict(cfg or config(M, N, K, num_sms(x2.device)))
-    split = cfg.pop("SPLIT_K")
+    if cfg is None:
+        cfg = config(M, 2 * N if swiglu else N, K, num_sms(x2.device))
+        if swiglu and SWIGLU_ONE_DOT:
+            cfg.update(BLOCK_N=32, ONE_DOT=True)
+    cfg = dict(cfg)
+    split = 1 if swiglu else cfg.pop("SPLIT_K")  # SwiGLU's epilogue needs both products whole
+    cfg.pop("SPLIT_K", None)
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = triton.cdiv(K, k_per_split)  # no empty slices
     tiles = triton.cdiv(N, cfg["BLOCK_N"])
@@ -170,42 +225,44 @@ def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     _launcher(_skinny_kernel, x2)[(tiles, split)](
         x2, w, bias if bias is not None else out, out, part, counts, r, M, N, K, k_per_split,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), r.stride(0), r.stride(1),
-        HAS_BIAS=bias is not None, SPLIT_K=split, IEEE=x2.dtype == torch.float32, GATED=gated,
-        HAS_RESIDUAL=residual is not None, **cfg)
+        HAS_BIAS=bias is not None, SPLIT_K=split, IEEE=x2.dtype == torch.float32, SWIGLU=swiglu,
+        HAS_RESIDUAL=residual is not None, **cfg, **pdl(x2))
     return out
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  cfg: Optional[dict] = None, gated: bool = False,
+                  cfg: Optional[dict] = None, swiglu: bool = False,
                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (..., K) · Wᵀ (+ bias) → (..., N) in x's dtype, at most 16 rows in all; fp32
-    accumulation, one rounding. `gated`: x is (..., 2K) laid out [gate | up] and the product
-    takes silu(gate) · up (fused.silu_mul's values) as its input. `residual` (..., N): returns
-    residual + the product, as torch's add after it would. `cfg`: config()'s dict with
-    entries replaced (tests, timing)."""
+    accumulation, one rounding. `swiglu`: W (and bias) is [gate; up] (2N rows) and the result
+    silu(gate) · up of the rounded products (fused.silu_mul's values): a SwiGLU's gate-up
+    projection and activation in one launch. `residual` (..., N): returns residual + the
+    product, as torch's add after it would. `cfg`: config()'s dict with entries replaced
+    (tests, timing)."""
     assert x.dtype in _DTYPES and w.dtype == x.dtype, f"x {x.dtype} and W {w.dtype}: one float dtype"
-    K = w.shape[1] * (2 if gated else 1)
-    assert w.dim() == 2 and x.shape[-1] == K, f"x has {x.shape[-1]} features, W is {tuple(w.shape)}"
+    assert w.dim() == 2 and x.shape[-1] == w.shape[1], f"x has {x.shape[-1]} features, W is {tuple(w.shape)}"
+    assert not swiglu or w.shape[0] % 2 == 0, f"swiglu: W {tuple(w.shape)} is not [gate; up]"
+    N = w.shape[0] // 2 if swiglu else w.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
     r2 = None
     if residual is not None:
-        assert residual.shape == (*x.shape[:-1], w.shape[0]) and residual.dtype == x.dtype, "residual: the output's shape"
-        r2 = residual.reshape(-1, w.shape[0])
-    return _skinny_into(x2, w, bias, out, cfg, gated, r2).reshape(*x.shape[:-1], w.shape[0])
+        assert residual.shape == (*x.shape[:-1], N) and residual.dtype == x.dtype, "residual: the output's shape"
+        r2 = residual.reshape(-1, N)
+    return _skinny_into(x2, w, bias, out, cfg, swiglu, r2).reshape(*x.shape[:-1], N)
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                      gated: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The same in plain torch, fp32, rounded once (the gated input as fused.silu_mul_ref),
-    then the residual added."""
-    if gated:
-        gate, up = x.chunk(2, dim=-1)
-        x = torch.nn.functional.silu(gate) * up
+                      swiglu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The same in plain torch, fp32, rounded once (with swiglu, then fused.silu_mul_ref's
+    activation), then the residual added."""
     y = x.float() @ w.float().t()
     if bias is not None:
         y = y + bias.float()
     y = y.to(x.dtype)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
     return y if residual is None else residual + y
 
 

@@ -1,0 +1,107 @@
+"""Programmatic dependent launch (kernels.PDL): the decode step's kernels launched so that
+each one's setup overlaps the last one's tail, each program waiting for the launch before it
+before it reads. On the CPU: the switch and its refusals; on a GPU (Hopper: `gpu` marker) a
+decode step and a chain of dependent products give the same bits with and without it,
+eagerly and replayed from a CUDA graph (a program reading before its producer ended would
+show as a difference).
+"""
+import pytest
+import torch
+from conftest import DEVICE, gpu
+
+from specoff import kernels
+from specoff.kernels import skinny
+
+
+def test_pdl_is_plain_off_a_gpu_and_refuses_bad_settings(monkeypatch):
+    x = torch.zeros(2, 4)
+    for setting in ("auto", "early", "off"):
+        monkeypatch.setattr(kernels, "PDL", setting)
+        assert kernels.pdl(x) == dict(USE_PDL=False, PDL_EARLY=False)
+    monkeypatch.setattr(kernels, "PDL", "yes")
+    with pytest.raises(ValueError, match="'auto', 'early' or 'off'"):
+        kernels.pdl(x)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["auto", "early"])
+def test_gpu_pdl_chain_of_products_equals_plain_launches(mode, monkeypatch):
+    """40 dependent products (each reads the one before's output), K split so programs race
+    for the sum, eagerly and as one graph: the same bits with PDL as without."""
+    if not _hopper():
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    w = (torch.randn(4096, 4096, device=DEVICE, generator=gen) * 4096**-0.5).to(torch.bfloat16)
+    x = torch.randn(4, 4096, device=DEVICE, generator=gen).to(torch.bfloat16)
+    assert skinny.config(4, 4096, 4096, kernels.num_sms(w.device))["SPLIT_K"] == 2
+
+    def chain(x):
+        for _ in range(40):
+            x = skinny.skinny_linear(x, w, residual=x)
+        return x
+
+    monkeypatch.setattr(kernels, "PDL", "off")
+    expect = chain(x)
+    monkeypatch.setattr(kernels, "PDL", mode)
+    assert kernels.pdl(x) == dict(USE_PDL=True, PDL_EARLY=mode == "early", launch_pdl=True)
+    assert torch.equal(chain(x), expect)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expect)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["auto", "early"])
+def test_gpu_pdl_decode_step_equals_plain_launches(mode, make_checkpoint, monkeypatch):
+    """A bf16 decode step through every decode fusion (few-rows products, the cache write
+    in the rotary launch, verify_attention), PDL off and on, eager and graph-replayed: the
+    same logits and the same cache."""
+    if not _hopper():
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    import specoff
+    from specoff.models import decoder
+
+    monkeypatch.setattr(skinny, "LINEAR", "auto")
+    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
+    model = specoff.load_model(make_checkpoint("llama"), device=DEVICE, dtype=torch.bfloat16)
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
+    ids = torch.randint(3, model.config.vocab_size, (3, 12), device=DEVICE, generator=gen)
+
+    def prefilled():
+        cache = model.new_cache(3, 16)
+        model(ids[:, :11], cache)
+        cache.advance(11)
+        return cache
+
+    with torch.inference_mode():
+        monkeypatch.setattr(kernels, "PDL", "off")
+        cache = prefilled()
+        expect = model(ids[:, 11:12], cache).clone()
+        expect_k = cache.k.clone()
+        monkeypatch.setattr(kernels, "PDL", mode)
+        cache = prefilled()
+        assert torch.equal(model(ids[:, 11:12], cache), expect) and torch.equal(cache.k, expect_k)
+        cache = prefilled()
+        step = ids[:, 11:12].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(step, cache)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = model(step, cache)
+        for _ in range(3):
+            logits.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(logits, expect) and torch.equal(cache.k, expect_k)
