@@ -19,6 +19,7 @@ import torch
 
 from .config import ModelConfig
 from .kvcache import KVCache, SegmentKVCache, available_host_bytes, check_segment_mode
+from .models import decoder as _decoder
 from .models.decoder import row_chunk
 from .offload import build_offloaded
 from .quant import check_weight_quant, quantize_linears
@@ -385,6 +386,8 @@ class LLM:
             self.draft_model = load_model(None if synthetic else draft, self.device, self.dtype,
                                           source=draft.source if synthetic else None,
                                           config=self.draft_config)
+            if _decoder.FOLD_DRAFT_NORMS:  # before any quantisation: plain products only
+                self.draft_model.fold_norms()
             if draft_quant is not None:
                 quantize_linears(self.draft_model, draft_quant)
             self.draft_model.use_graphs = self.model.use_graphs

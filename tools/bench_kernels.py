@@ -268,6 +268,14 @@ def bench_skinny(hbm: float, sweep: bool = False):
                 one = dict(skinny.config(M, N, K, num_sms(w.device)), BLOCK_N=32, ONE_DOT=True, SPLIT_K=1)
                 t_one = _graph_ms(lambda: skinny._skinny_into(x, w, None, act, one, swiglu=True))
                 fused_case = f"rows={M} swiglu (product + silu_mul; one 64-row tile a program: {t_one:.4f} ms)"
+            elif name == "wqkv":  # the norm inside the product (folded weight) against the norm's launch + the product
+                from specoff.kernels.fused import rms_norm
+
+                ones = torch.ones(K, device="cuda", dtype=torch.bfloat16)
+                normed = torch.empty_like(x)
+                t_torch = _graph_ms(lambda: torch.mm(rms_norm(x, ones, 1e-5, out=normed), w.t(), out=out))
+                t = _graph_ms(lambda: skinny._skinny_into(x, w, None, out, rms_eps=1e-5))
+                fused_case = f"rows={M} rms (rms_norm + product)"
             elif name == "w2":  # the down product adding the block's skip against torch's product + add
                 skip = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
                 total = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
@@ -505,15 +513,21 @@ def bench_draft(hbm: float, compile_step: bool = False):
     setting = (skinny.LINEAR, decoder.FUSED_CACHE_WRITE, kernels.PDL, skinny.SWIGLU_ONE_DOT)
     # the current settings' rows first, then every decode fusion off, the few-rows products
     # (kernels/skinny.py) with the cache write in the rotary launch (decoder.FUSED_CACHE_WRITE),
-    # those with programmatic dependent launches (kernels.PDL), and with the SwiGLU launch's
-    # one-tile programs (skinny.SWIGLU_ONE_DOT)
-    for linear, write, pdl, one_dot in dict.fromkeys((
-            setting, ("off", "off", "off", False), ("auto", "auto", "off", False), ("auto", "auto", "auto", False),
-            ("auto", "auto", "off", True), ("auto", "auto", "auto", True))):
+    # those with programmatic dependent launches (kernels.PDL), with the SwiGLU launch's
+    # one-tile programs (skinny.SWIGLU_ONE_DOT), and last (it rewrites the weights) with the
+    # norms folded into the products (Transformer.fold_norms: 6 launches a layer)
+    combos = [(*setting, False), ("off", "off", "off", False, False), ("auto", "auto", "off", False, False),
+              ("auto", "auto", "auto", False, False), ("auto", "auto", "off", True, False),
+              ("auto", "auto", "auto", True, False), ("auto", "auto", "off", False, True),
+              ("auto", "auto", "auto", False, True), ("auto", "auto", "auto", True, True)]
+    for linear, write, pdl, one_dot, fold in dict.fromkeys(combos):
         skinny.LINEAR, decoder.FUSED_CACHE_WRITE, kernels.PDL, skinny.SWIGLU_ONE_DOT = linear, write, pdl, one_dot
+        if fold:
+            model.fold_norms()
         for B in DRAFT_BATCHES:
             rows.append(draft_row(model, B, weights, floor_ms, hbm))
-            rows[-1]["case"] += f" skinny {linear}{' one-dot' if one_dot else ''}, cache write {write}, pdl {pdl}"
+            rows[-1]["case"] += (f" skinny {linear}{' one-dot' if one_dot else ''}, cache write {write}, pdl {pdl}"
+                                 + (", norms folded" if fold else ""))
             print_row(rows[-1])
             torch.cuda.empty_cache()
     skinny.LINEAR, decoder.FUSED_CACHE_WRITE, kernels.PDL, skinny.SWIGLU_ONE_DOT = setting

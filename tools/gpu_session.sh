@@ -82,7 +82,8 @@
 #   skinny       the few-rows product (kernels/skinny.py): its tests and PDL's, the draft's five
 #                matrices at 1/4/16 rows against torch's (SWEEP=1: with a grid of tiles and K
 #                slices), the draft step as one graph with kernels.skinny.LINEAR and
-#                models.decoder.FUSED_CACHE_WRITE off / auto; INTERACTIVE=1: then interactive
+#                models.decoder.FUSED_CACHE_WRITE off / auto, kernels.PDL, SWIGLU_ONE_DOT and
+#                the norms folded into the products (fold_norms); INTERACTIVE=1: then interactive
 #                chain and tree runs (TREES, default 64; ENGINES) with both off / both auto
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the

@@ -67,20 +67,23 @@ def _store(y_ptrs, acc, mask, r_ptrs, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N, K, k_per_split,
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N, K, k_per_split, rms_eps,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_rm, stride_rn,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
                    SWIGLU: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False,
-                   ONE_DOT: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-                   PDL_EARLY: tl.constexpr = False):
+                   ONE_DOT: tl.constexpr = False, RMS: tl.constexpr = False,
+                   USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False):
     """Program (n, k): rows n·BLOCK_N.. of W over the k-th K slice, every row of x (M ≤ BLOCK_M).
     SWIGLU (K whole): W is [gate; up] (2N, K) and y = silu(x·gateᵀ) · (x·upᵀ), each product
     rounded to the dtype first, then as fused.silu_mul rounds: the program streams the gate's
     and the up's rows n·BLOCK_N.. side by side, two products straight from the loaded tiles
     (ONE_DOT: as one tile of 2·BLOCK_N rows and one product, split after the loop).
     HAS_RESIDUAL: y = r + (the product rounded to the dtype), rounded again: torch's separate
-    residual add, in this launch. USE_PDL: see kernels.pdl."""
+    residual add, in this launch. RMS: each row of x normalised first, y = rsqrt(mean(x²) +
+    rms_eps) · (x · Wᵀ) (+ b): an RMSNorm whose weight was folded into W's columns; every
+    program reads its rows of x whole for the sum of squares, in a loop of its own before
+    the product's (x is 16 rows at most: from L2). USE_PDL: see kernels.pdl."""
     pdl_start(USE_PDL, PDL_EARLY)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -132,6 +135,16 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             w_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K * stride_xk
     pdl_release(USE_PDL)
+    if RMS:  # the rows' RMSNorm scale, applied to the fp32 sums (bias after: it is not normalised)
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            kk = k + rk
+            xs = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None] * stride_xk,
+                         mask=(kk[:, None] < K) & (rm[None, :] < M), other=0.0).to(tl.float32)
+            squares += tl.sum(xs * xs, axis=0)
+        scale = 1.0 / tl.sqrt_rn(squares / K + rms_eps)
+        acc = acc * scale[None, :]
+        acc_up = acc_up * scale[None, :]
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None] * stride_yn
     y_mask = (rn[:, None] < N) & (rm[None, :] < M)
     r_ptrs = r_ptr + rm[None, :] * stride_rm + rn[:, None] * stride_rn
@@ -198,7 +211,7 @@ def _counts(w: torch.Tensor, tiles: int) -> torch.Tensor:
 
 def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
                  cfg: Optional[dict] = None, swiglu: bool = False,
-                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 residual: Optional[torch.Tensor] = None, rms_eps: Optional[float] = None) -> torch.Tensor:
     M, K = x2.shape
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     assert w.shape[1] == K and out.shape == (M, N)
@@ -224,21 +237,22 @@ def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     assert r.shape == out.shape and r.dtype == out.dtype
     _launcher(_skinny_kernel, x2)[(tiles, split)](
         x2, w, bias if bias is not None else out, out, part, counts, r, M, N, K, k_per_split,
-        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), r.stride(0), r.stride(1),
+        0.0 if rms_eps is None else float(rms_eps), x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), r.stride(0), r.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split, IEEE=x2.dtype == torch.float32, SWIGLU=swiglu,
-        HAS_RESIDUAL=residual is not None, **cfg, **pdl(x2))
+        HAS_RESIDUAL=residual is not None, RMS=rms_eps is not None, **cfg, **pdl(x2))
     return out
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   cfg: Optional[dict] = None, swiglu: bool = False,
-                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  residual: Optional[torch.Tensor] = None, rms_eps: Optional[float] = None) -> torch.Tensor:
     """x (..., K) · Wᵀ (+ bias) → (..., N) in x's dtype, at most 16 rows in all; fp32
     accumulation, one rounding. `swiglu`: W (and bias) is [gate; up] (2N rows) and the result
     silu(gate) · up of the rounded products (fused.silu_mul's values): a SwiGLU's gate-up
     projection and activation in one launch. `residual` (..., N): returns residual + the
-    product, as torch's add after it would. `cfg`: config()'s dict with entries replaced
-    (tests, timing)."""
+    product, as torch's add after it would. `rms_eps`: x's rows RMS-normalised (no weight:
+    one folded into W) before the product, the scale applied to the fp32 sums. `cfg`:
+    config()'s dict with entries replaced (tests, timing)."""
     assert x.dtype in _DTYPES and w.dtype == x.dtype, f"x {x.dtype} and W {w.dtype}: one float dtype"
     assert w.dim() == 2 and x.shape[-1] == w.shape[1], f"x has {x.shape[-1]} features, W is {tuple(w.shape)}"
     assert not swiglu or w.shape[0] % 2 == 0, f"swiglu: W {tuple(w.shape)} is not [gate; up]"
@@ -249,14 +263,17 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     if residual is not None:
         assert residual.shape == (*x.shape[:-1], N) and residual.dtype == x.dtype, "residual: the output's shape"
         r2 = residual.reshape(-1, N)
-    return _skinny_into(x2, w, bias, out, cfg, swiglu, r2).reshape(*x.shape[:-1], N)
+    return _skinny_into(x2, w, bias, out, cfg, swiglu, r2, rms_eps).reshape(*x.shape[:-1], N)
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                      swiglu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      swiglu: bool = False, residual: Optional[torch.Tensor] = None,
+                      rms_eps: Optional[float] = None) -> torch.Tensor:
     """The same in plain torch, fp32, rounded once (with swiglu, then fused.silu_mul_ref's
     activation), then the residual added."""
     y = x.float() @ w.float().t()
+    if rms_eps is not None:
+        y = y * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + rms_eps)
     if bias is not None:
         y = y + bias.float()
     y = y.to(x.dtype)

@@ -53,13 +53,24 @@ FUSED_ELEMENTWISE = "auto"
 HOST_CACHE_AHEAD = 1
 
 
-def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def project(linear: nn.Module, x: torch.Tensor, rms_eps: Optional[float] = None,
+            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """linear(x), through the few-rows kernel where kernels.skinny.LINEAR takes it (a plain
     nn.Linear, ≤ skinny.MAX_ROWS rows: decode steps and short verifications); quantized
-    projections (quant.Fp8Linear) keep their own forward."""
+    projections (quant.Fp8Linear) keep their own forward. `rms_eps`: x RMS-normalised first
+    (an RMSNorm whose weight is folded into linear's, Transformer.fold_norms); `residual`:
+    added to the result."""
     if type(linear) is nn.Linear and skinny.usable(x, linear.weight):
-        return skinny.skinny_linear(x, linear.weight, linear.bias)
-    return linear(x)
+        return skinny.skinny_linear(x, linear.weight, linear.bias, residual=residual, rms_eps=rms_eps)
+    out = linear(x if rms_eps is None else unit_rms_norm(x, rms_eps))
+    return out if residual is None else residual + out
+
+
+def unit_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm with a weight of ones (a folded block's norms), HF's rounding: in fp32, then
+    rounded to x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 # The rotary embedding's launch also storing the new keys and values in the layer's cache
@@ -69,6 +80,14 @@ def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # "off": rope, then KVCache.write. The draft step on the H200: 4.53 ms against 4.78 (session
 # 23, products through torch in both).
 FUSED_CACHE_WRITE = "auto"
+
+
+# The draft's two RMSNorms a layer folded into the products after them at load
+# (Transformer.fold_norms; Engine), so that its decode steps normalise inside the few-rows
+# products and add the skips in them: 6 launches a layer instead of 8. Changes the draft's
+# numbers by bf16 rounding, never the target's (its tokens stay the target's own). Built
+# after session 23's GPU calls, interpreter-tested: off until the step is timed with it.
+FOLD_DRAFT_NORMS = False
 
 
 def fuses_cache_write(x: torch.Tensor, cache, causal: bool, positions) -> bool:
@@ -133,12 +152,14 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache], layer: int,
-                positions: Optional[torch.Tensor], kv_len: Optional[int]) -> torch.Tensor:
+                positions: Optional[torch.Tensor], kv_len: Optional[int], rms_eps: Optional[float] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`mask`: a TreeMask, or the causal mask of `positions` (causal_mask), which run
-        consecutively in each row."""
+        consecutively in each row. `rms_eps`: x is the block's input, its norm folded into
+        wqkv (Transformer.fold_norms); `residual`: added to the output projection's result."""
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = project(self.wqkv, x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q, k, v = project(self.wqkv, x, rms_eps).split([H * hd, KV * hd, KV * hd], dim=-1)
         q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -147,7 +168,7 @@ class Attention(nn.Module):
             # q rotated; k rotated and v stored in the cache by the same launch
             q = rope_write(q, k, v, cos, sin, cache.k[layer], cache.v[layer], positions)
             y = cached_attention(q.transpose(1, 2), None, None, mask, cache, layer, positions, kv_len, causal)
-            return project(self.wo, y.transpose(1, 2).reshape(B, T, H * hd))
+            return project(self.wo, y.transpose(1, 2).reshape(B, T, H * hd), residual=residual)
         if use_fused_elementwise(x):
             q, k = rope(q, k, cos, sin)  # one launch for both
         else:
@@ -157,7 +178,7 @@ class Attention(nn.Module):
                 cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
                 y = mask.attend(q, cache.k[layer], cache.v[layer], kv_len,
                                 row_start=cache.row_start)  # (B, T, H, hd)
-                return project(self.wo, y.reshape(B, T, H * hd))
+                return project(self.wo, y.reshape(B, T, H * hd), residual=residual)
             if not (cache is not None and cache.row_start is not None
                     and cache.k.device != x.device):  # streamed_segments takes the mask itself
                 mask = mask.dense(kv_len)
@@ -169,7 +190,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
         y = y.transpose(1, 2).reshape(B, T, H * hd)
-        return project(self.wo, y)
+        return project(self.wo, y, residual=residual)
 
 
 def use_chain_kernel(q: torch.Tensor, causal: bool) -> bool:
@@ -377,20 +398,22 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The feed-forward of x, added to `residual` when one is given (the block's skip)."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                rms_eps: Optional[float] = None) -> torch.Tensor:
+        """The feed-forward of x, added to `residual` when one is given (the block's skip).
+        `rms_eps`: x is un-normalised, the norm's weight folded into w13 (fold_norms)."""
         if use_fused_elementwise(x):
             if type(self.w13) is nn.Linear and skinny.usable(x, self.w13.weight):
-                # the few-rows products: the activation in the gate-up launch, the skip's add
-                # in the down projection's (two launches fewer)
-                act = skinny.skinny_linear(x, self.w13.weight, self.w13.bias, swiglu=True)
+                # the few-rows products: the activation (and a folded norm) in the gate-up
+                # launch, the skip's add in the down projection's (two launches fewer)
+                act = skinny.skinny_linear(x, self.w13.weight, self.w13.bias, swiglu=True, rms_eps=rms_eps)
                 if type(self.w2) is nn.Linear and skinny.usable(act, self.w2.weight):
                     return skinny.skinny_linear(act, self.w2.weight, self.w2.bias, residual=residual)
                 out = project(self.w2, act)
             else:
-                out = project(self.w2, silu_mul(project(self.w13, x)))
+                out = project(self.w2, silu_mul(project(self.w13, x, rms_eps)))
         else:
-            gate, up = project(self.w13, x).chunk(2, dim=-1)
+            gate, up = project(self.w13, x, rms_eps).chunk(2, dim=-1)
             out = project(self.w2, F.silu(gate) * up)
         return out if residual is None else residual + out
 
@@ -452,6 +475,31 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.feed_forward = MoEFeedForward(cfg) if cfg.is_moe else FeedForward(cfg)
+        self.folded = False  # Transformer.fold_norms: the norms' weights are in the products
+
+    def fold_norms(self) -> bool:
+        """Fold the two RMSNorms' weights into the products after them (wqkv's and w13's
+        columns), the norms left with weights of ones: the same function up to bf16
+        rounding (the scaled weights rounded once, the normalised rows no longer rounded
+        before the scale). Then, where the few-rows products run, forward() normalises inside
+        them. Dense blocks of plain nn.Linear only (before any quantisation); False if not."""
+        attn, ffn = self.attention, self.feed_forward
+        if self.folded:
+            return True
+        if not isinstance(ffn, FeedForward) or any(
+                type(m) is not nn.Linear for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)):
+            return False
+        with torch.no_grad():
+            for norm, linear in ((self.attention_norm, attn.wqkv), (self.ffn_norm, ffn.w13)):
+                linear.weight.copy_((linear.weight.float() * norm.weight.float()).to(linear.weight.dtype))
+                norm.weight.fill_(1.0)
+        self.folded = True
+        return True
+
+    def fast_folded(self, h: torch.Tensor) -> bool:
+        """Whether this step runs the folded path: the fused element-wise kernels and the
+        few-rows products take h's rows."""
+        return use_fused_elementwise(h) and skinny.usable(h, self.attention.wqkv.weight)
 
     def attend(self, h, cos, sin, mask, cache=None, layer=0, positions=None, kv_len=None):
         """(h + attention(attention_norm(h)), ffn_norm of that): the residual add and the
@@ -461,6 +509,12 @@ class TransformerBlock(nn.Module):
         return h, normed
 
     def forward(self, h, cos, sin, mask, cache=None, layer=0, positions=None, kv_len=None):
+        if self.folded and self.fast_folded(h):
+            # both norms inside the products after them, both skip adds in the products
+            # before them: wqkv, rotary + cache write, attention, wo, w13, w2 (6 launches)
+            h = self.attention(h, cos, sin, mask, cache, layer, positions, kv_len,
+                               rms_eps=self.attention_norm.eps, residual=h)
+            return self.feed_forward(h, residual=h, rms_eps=self.ffn_norm.eps)
         h, normed = self.attend(h, cos, sin, mask, cache, layer, positions, kv_len)
         if isinstance(self.feed_forward, FeedForward):
             return self.feed_forward(normed, residual=h)  # the skip's add may ride in its last product
@@ -481,6 +535,11 @@ class Transformer(nn.Module):
         self.ring = None  # a WeightRing when decoder layers stream from host memory
         self.use_graphs = False  # replay decode passes as per-layer CUDA graphs
         self._graphs = weakref.WeakKeyDictionary()  # KVCache → {(rows, tokens): LayerGraphs}
+
+    def fold_norms(self) -> int:
+        """TransformerBlock.fold_norms on every layer (a draft's, before quantize_linears:
+        its decode steps lose the two norm launches a layer); returns how many folded."""
+        return sum(layer.fold_norms() for layer in self.layers)
 
     def new_cache(self, rows: int, max_len: int, device=None, dtype=None) -> KVCache:
         cfg = self.config

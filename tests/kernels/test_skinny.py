@@ -88,6 +88,67 @@ def test_residual_is_added_after_the_rounding(rows, N, K, dtype, split):
         skinny_linear(x[:, :-1], w)
 
 
+@pytest.mark.parametrize("swiglu,split", [(False, 1), (False, 2), (True, 1)])
+@pytest.mark.parametrize("rows,N,K,dtype", list(dtype_cases([(3, 96, 200), (16, 64, 130)],
+                                                          [(1, 6144, 4096), (16, 28672, 4096)])))
+def test_rms_normalises_the_rows_first(rows, N, K, dtype, swiglu, split):
+    """rms_eps: each row of x RMS-normalised (a weight of ones) before the product, the scale
+    applied to the fp32 sums, the bias after it; in K slices too, and with the SwiGLU."""
+    x, w, b = inputs(rows, N, K, dtype, ("rms", rows, N, K, dtype, swiglu, split))
+    x = x * torch.linspace(0.1, 30.0, rows, device=DEVICE, dtype=dtype)[:, None]  # rows of unlike scales
+    cfg = dict(config(rows, N, K, 4), SPLIT_K=split, BLOCK_K=64)
+    for bias in (None, b):
+        got = skinny_linear(x, w, bias, cfg=cfg, swiglu=swiglu, rms_eps=1e-5)
+        want = skinny_linear_ref(x, w, bias, swiglu=swiglu, rms_eps=1e-5)
+        assert rel_err(got, want) < 2 * TOL[dtype]
+        # the plain product of the normalised rows (rounded to the dtype once more)
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        assert rel_err(got, skinny_linear_ref(normed, w, bias, swiglu=swiglu)) < 4 * TOL[dtype]
+
+
+@pytest.mark.parametrize("linear", ["off", "on"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_folded_norms_give_the_same_model(family, linear, make_checkpoint, monkeypatch):
+    """Transformer.fold_norms: the norms' weights in wqkv's and w13's columns, the norms at
+    ones. Through torch's ops (linear off: the norms as before, weight ones) or the few-rows
+    path (on, fused kernels: the blocks' norms inside the products, the skips in them), fp32
+    logits of a prompt, a decode step and a 5-token verification match the unfolded model."""
+    import specoff
+    from specoff.models import decoder
+
+    monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton" if linear == "on" else "torch")
+    monkeypatch.setattr(skinny, "LINEAR", linear)
+    path = make_checkpoint(family)
+    plain = specoff.load_model(path, device=DEVICE, dtype=torch.float32)
+    folded = specoff.load_model(path, device=DEVICE, dtype=torch.float32)
+    with torch.no_grad():  # norms of unlike weights, so folding them matters
+        for model in (plain, folded):
+            for i, layer in enumerate(model.layers):
+                for norm in (layer.attention_norm, layer.ffn_norm):
+                    norm.weight.copy_(torch.linspace(0.5, 2.0 + i, norm.weight.numel()))
+    assert folded.fold_norms() == len(folded.layers) and folded.fold_norms() == len(folded.layers)
+    assert all(bool((layer.ffn_norm.weight == 1).all()) for layer in folded.layers)
+    gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(family.encode()))
+    ids = torch.randint(3, plain.config.vocab_size, (3, 17), device=DEVICE, generator=gen)
+    steps = []
+    real = skinny._skinny_into
+    monkeypatch.setattr(skinny, "_skinny_into", lambda *a, **k: (steps.append(a[7]), real(*a, **k))[1])
+
+    def run(model):
+        with torch.inference_mode():
+            cache = model.new_cache(3, 20)
+            first = model(ids[:, :11], cache)
+            cache.advance(11)
+            step = model(ids[:, 11:12], cache)
+            cache.advance(1)
+            return first, step, model(ids[:, 12:17], cache)
+
+    for got, want in zip(run(folded), run(plain)):
+        assert rel_err(got, want) < 1e-5
+    assert (1e-5 in steps or plain.config.rms_norm_eps in steps) == (linear == "on")
+
+
 def test_skinny_takes_leading_dims_and_strided_rows():
     """(B, T, K) input, a strided view (a slice of a wider tensor), 128-row weight tiles."""
     x, w, b = inputs(6, 96, 200, torch.float32, "views")
@@ -209,21 +270,26 @@ def test_gpu_skinny_in_a_cuda_graph():
     assert int(skinny._COUNTS[(str(w.device), w.data_ptr())].abs().sum()) == 0
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("spec", ["chain", "tree"])
-def test_speculation_with_the_decode_fusions_equals_target(spec, pairs, monkeypatch):
+def test_speculation_with_the_decode_fusions_equals_target(spec, fold, pairs, monkeypatch):
     """kernels.skinny.LINEAR and decoder.FUSED_CACHE_WRITE on (with the fused element-wise
     kernels: the interpreter on the CPU; fp32, so every path rounds alike): greedy
     speculation, chain or tree, one row at a time (the draft's decode steps at 1 row,
-    verification at ≤ 16 through the kernels), gives the target's own greedy tokens."""
+    verification at ≤ 16 through the kernels), gives the target's own greedy tokens; `fold`:
+    the draft's norms folded into its products (decoder.FOLD_DRAFT_NORMS), normalised inside
+    the kernel."""
     import specoff
     from specoff.models import decoder
 
     monkeypatch.setattr(skinny, "LINEAR", "on")
     monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
     monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton")
+    monkeypatch.setattr(decoder, "FOLD_DRAFT_NORMS", fold)
     calls = []
     real = skinny._skinny_into
-    monkeypatch.setattr(skinny, "_skinny_into", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(skinny, "_skinny_into",
+                        lambda *a, **k: (calls.append(len(a) > 7 and a[7] is not None), real(*a, **k))[1])
     draft, target = pairs(0.3)
     prompts = ["def fibonacci(n):"] if DEVICE == "cpu" else ["def fibonacci(n):", "Beautiful is better than"]
     params = specoff.SamplingParams(max_new_tokens=12 if DEVICE == "cpu" else 24, ignore_eos=True)
@@ -231,4 +297,4 @@ def test_speculation_with_the_decode_fusions_equals_target(spec, pairs, monkeypa
     kw = dict(spec="tree", tree_budget=8) if spec == "tree" else dict(draft_len=3)
     llm = specoff.LLM(target, draft=draft, device=DEVICE, dtype="float32", max_rows=1, **kw)
     assert [o.token_ids for o in llm.generate(prompts, params)] == expect
-    assert calls  # the kernel ran
+    assert calls and any(calls) == fold  # the kernel ran; normalising rows only in the folded draft
