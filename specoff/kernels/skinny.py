@@ -67,6 +67,14 @@ def _store(y_ptrs, acc, mask, r_ptrs, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a · b; IEEE (fp32): no TF32 rounding of the inputs."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N, K, k_per_split, rms_eps,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_rm, stride_rn,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -106,10 +114,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             kk = k + rk
             w = tl.load(both_ptrs, mask=(col[:, None] < N) & (kk[None, :] < k_hi), other=0.0)
             xt = tl.load(x_ptrs, mask=(kk[:, None] < k_hi) & (rm[None, :] < M), other=0.0)
-            if IEEE:
-                both = tl.dot(w, xt, both, input_precision="ieee")
-            else:
-                both = tl.dot(w, xt, both)
+            both = _dot(w, xt, both, IEEE)
             both_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K * stride_xk
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
@@ -121,16 +126,9 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             w_mask = (rn[:, None] < N) & (kk[None, :] < k_hi)
             w = tl.load(w_ptrs, mask=w_mask, other=0.0)
             xt = tl.load(x_ptrs, mask=(kk[:, None] < k_hi) & (rm[None, :] < M), other=0.0)
-            if IEEE:  # fp32: no TF32 rounding of the inputs
-                acc = tl.dot(w, xt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
+            acc = _dot(w, xt, acc, IEEE)
             if SWIGLU:
-                up = tl.load(up_ptrs, mask=w_mask, other=0.0)
-                if IEEE:
-                    acc_up = tl.dot(up, xt, acc_up, input_precision="ieee")
-                else:
-                    acc_up = tl.dot(up, xt, acc_up)
+                acc_up = _dot(tl.load(up_ptrs, mask=w_mask, other=0.0), xt, acc_up, IEEE)
                 up_ptrs += BLOCK_K * stride_wk
             w_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K * stride_xk

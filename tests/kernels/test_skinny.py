@@ -19,6 +19,17 @@ CPU_CASES = [(1, 64, 128), (5, 100, 511), (16, 300, 1030)]  # rows, N, K
 GPU_CASES = [(1, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (1, 4096, 14336), (7, 511, 200)]
 
 
+def prompt_step_verify(model, ids):
+    """Logits of 3 rows: an 11-token prompt, a decode step, a 5-token verification."""
+    with torch.inference_mode():
+        cache = model.new_cache(3, 20)
+        first = model(ids[:, :11], cache)
+        cache.advance(11)
+        step = model(ids[:, 11:12], cache)
+        cache.advance(1)
+        return first, step, model(ids[:, 12:17], cache)
+
+
 def inputs(rows, N, K, dtype, key):
     gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr(key).encode()))
     w = (torch.randn(N, K, device=DEVICE, generator=gen) * K**-0.5).to(dtype)
@@ -135,16 +146,7 @@ def test_folded_norms_give_the_same_model(family, linear, make_checkpoint, monke
     real = skinny._skinny_into
     monkeypatch.setattr(skinny, "_skinny_into", lambda *a, **k: (steps.append(a[7]), real(*a, **k))[1])
 
-    def run(model):
-        with torch.inference_mode():
-            cache = model.new_cache(3, 20)
-            first = model(ids[:, :11], cache)
-            cache.advance(11)
-            step = model(ids[:, 11:12], cache)
-            cache.advance(1)
-            return first, step, model(ids[:, 12:17], cache)
-
-    for got, want in zip(run(folded), run(plain)):
+    for got, want in zip(prompt_step_verify(folded, ids), prompt_step_verify(plain, ids)):
         assert rel_err(got, want) < 1e-5
     assert (1e-5 in steps or plain.config.rms_norm_eps in steps) == (linear == "on")
 
@@ -220,21 +222,11 @@ def test_decoder_projections_through_the_kernel(family, dtype, fused, make_check
 
     monkeypatch.setattr(skinny, "_skinny_into", spy)
 
-    def run():
-        with torch.inference_mode():
-            cache = model.new_cache(3, 20)
-            first = model(ids[:, :11], cache)
-            cache.advance(11)
-            step = model(ids[:, 11:12], cache)
-            cache.advance(1)
-            verify = model(ids[:, 12:17], cache)
-        return first, step, verify
-
     monkeypatch.setattr(skinny, "LINEAR", "off")
-    expected = run()
+    expected = prompt_step_verify(model, ids)
     assert not calls
     monkeypatch.setattr(skinny, "LINEAR", "on")
-    got = run()
+    got = prompt_step_verify(model, ids)
     assert calls and set(calls) == {3, 15}  # the decode step's and the verification's rows
     assert any(swiglu) == (fused == "triton")
     for g, want in zip(got, expected):
