@@ -244,7 +244,7 @@ def bench_skinny(hbm: float, sweep: bool = False):
                        tflops=2 * M * N * K / t / 1e9, gbps=N * K * 2 / t / 1e6, hbm_share=N * K * 2 / t / 1e6 / hbm)
             if sweep and M in (1, 16):
                 best = (t, "default")
-                for bn, bk, stages, split in itertools.product((64, 128), (128, 256), (4,), (1, 2, 4, 8)):
+                for bn, bk, stages, split in itertools.product((32, 64, 128), (128, 256), (4,), (1, 2, 4, 8)):
                     c = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
                     try:
                         skinny._skinny_into(x, w, None, out, c)
