@@ -510,27 +510,34 @@ def bench_draft(hbm: float, compile_step: bool = False):
     from specoff.models import decoder
 
     rows = []
-    setting = (skinny.LINEAR, decoder.FUSED_CACHE_WRITE, kernels.PDL, skinny.SWIGLU_ONE_DOT)
-    # the current settings' rows first, then every decode fusion off, the few-rows products
-    # (kernels/skinny.py) with the cache write in the rotary launch (decoder.FUSED_CACHE_WRITE),
-    # those with programmatic dependent launches (kernels.PDL), with the SwiGLU launch's
-    # one-tile programs (skinny.SWIGLU_ONE_DOT), and last (it rewrites the weights) with the
-    # norms folded into the products (Transformer.fold_norms: 6 launches a layer)
-    combos = [(*setting, False), ("off", "off", "off", False, False), ("auto", "auto", "off", False, False),
-              ("auto", "auto", "auto", False, False), ("auto", "auto", "off", True, False),
-              ("auto", "auto", "auto", True, False), ("auto", "auto", "off", False, True),
-              ("auto", "auto", "auto", False, True), ("auto", "auto", "auto", True, True)]
-    for linear, write, pdl, one_dot, fold in dict.fromkeys(combos):
-        skinny.LINEAR, decoder.FUSED_CACHE_WRITE, kernels.PDL, skinny.SWIGLU_ONE_DOT = linear, write, pdl, one_dot
+    names = ("LINEAR", "FUSED_CACHE_WRITE", "PDL", "SWIGLU_ONE_DOT", "FUSED_ROPE_ATTENTION")
+    homes = (skinny, decoder, kernels, skinny, decoder)
+    setting = tuple(getattr(home, name) for home, name in zip(homes, names))
+    # the current settings' rows first, then every decode fusion off; the few-rows products
+    # (kernels/skinny.py) with the cache write in the rotary launch (the defaults); each of
+    # programmatic dependent launch, the SwiGLU launch's one-tile programs and the rotary +
+    # write + attention launch on top; then (it rewrites the weights, so last) the norms
+    # folded into the products (Transformer.fold_norms) alone and with the others
+    base = ("auto", "auto", "off", False, "off")
+    combos = [(setting, False), (("off", "off", "off", False, "off"), False), (base, False),
+              (("auto", "auto", "auto", False, "off"), False), (("auto", "auto", "off", True, "off"), False),
+              (("auto", "auto", "off", False, "auto"), False), (base, True),
+              (("auto", "auto", "off", False, "auto"), True), (("auto", "auto", "auto", False, "auto"), True),
+              (("auto", "auto", "auto", True, "auto"), True)]
+    for values, fold in dict.fromkeys(combos):
+        for home, name, value in zip(homes, names, values):
+            setattr(home, name, value)
         if fold:
             model.fold_norms()
+        linear, write, pdl, one_dot, rope_attention = values
         for B in DRAFT_BATCHES:
             rows.append(draft_row(model, B, weights, floor_ms, hbm))
             rows[-1]["case"] += (f" skinny {linear}{' one-dot' if one_dot else ''}, cache write {write}, pdl {pdl}"
-                                 + (", norms folded" if fold else ""))
+                                 f", rope+attention {rope_attention}" + (", norms folded" if fold else ""))
             print_row(rows[-1])
             torch.cuda.empty_cache()
-    skinny.LINEAR, decoder.FUSED_CACHE_WRITE, kernels.PDL, skinny.SWIGLU_ONE_DOT = setting
+    for home, name, value in zip(homes, names, setting):
+        setattr(home, name, value)
     if compile_step:
         rows.append(draft_row(model, DRAFT_BATCHES[-1], weights, floor_ms, hbm, compiled=True))
         print_row(rows[-1])

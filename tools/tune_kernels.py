@@ -384,25 +384,31 @@ def resource_report():
                       f"{'TMA' if 'cp.async.bulk.tensor' in ptx else 'no TMA'}, "
                       f"{ptx.count('wgmma.mma_async')} wgmma instructions")
     num_sms, attention._num_sms = attention._num_sms, lambda device: 132  # an H100/H200, even without a GPU
+    shared, moe.max_shared_memory = moe.max_shared_memory, lambda device: 232448
     for (H, KV, hd), B, T, tree in (((32, 8, 128), 64, 1, False), ((32, 8, 128), 64, 5, False),
                                      ((32, 4, 128), 64, 5, False), ((32, 8, 128), 1, 256, True),
                                      ((32, 8, 128), 1, 1024, True)):
         cfg = attention.launch_config(B, KV, T, H // KV, hd, 4096 + T, torch.device("cuda"), elem_size=2)
+        rope = not tree and T * (H // KV) <= 32  # a chain in one query block: the fused rotary too
         args = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", lengths_ptr="*i64",
-                    tree_ptr="*i1" if tree else "*i64", seg_ptr="*i64", out_ptr="*bf16", part_o_ptr="*fp32", part_lse_ptr="*fp32",
-                    T="i32", N="i32", kv_heads="i32", num_splits="i32", keys_per_split="i32/16", qk_scale="fp32",
+                    tree_ptr="*i1" if tree else "*i64", seg_ptr="*i64", row_ptr="*i64", out_ptr="*bf16",
+                    part_o_ptr="*fp32", part_lse_ptr="*fp32", qkv_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16",
+                    pos_ptr="*i64", T="i32", N="i32", kv_heads="i32", num_splits="i32", keys_per_split="i32/16",
+                    qk_scale="fp32", S="i32", half="i32/16",
                     stride_mj=1, G=H // KV, HEAD_DIM=hd, HAS_TREE=tree, SEGMENTED=False, SPLIT=cfg["num_splits"] > 1, IEEE=False,
-                    WHOLE_TILES=cfg["WHOLE_TILES"],
+                    WHOLE_TILES=cfg["WHOLE_TILES"], ROW_START=False, ROPE_WRITE=rope, BLOCK_G=H // KV, BLOCK_HALF=hd // 2,
+                    USE_PDL=False, PDL_EARLY=False,
                     BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=hd,
+                    **strides("stride_xb", "stride_xt", "stride_cb", "stride_ct", "stride_pb", "stride_pt"),
                     **strides("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_ks",
                               "stride_vb", "stride_vh", "stride_vs", "stride_mb", "stride_mt", "stride_sb",
                               "stride_st", "stride_ob",
                               "stride_ot", "stride_oh"))
         compiled = compile_for(attention._verify_attention_kernel, args, cfg["num_warps"], cfg["num_stages"])
         shown = {k: cfg[k] for k in ("BLOCK_Q", "BLOCK_N", "num_warps", "num_stages", "num_splits")}
-        print(f"verify_attention G={H // KV} B={B} T={T} {'tree' if tree else 'chain'} {shown}: "
+        print(f"verify_attention G={H // KV} B={B} T={T} {'tree' if tree else 'chain'}{' + rope' if rope else ''} {shown}: "
               f"{resources(compiled)}")
-    attention._num_sms = num_sms
+    attention._num_sms, moe.max_shared_memory = num_sms, shared
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import triton.language as tl
 from . import launcher as _launcher
 from . import num_sms, pdl, pdl_start
 from . import moe as _moe  # max_shared_memory: the device's probe, cached there
+from .fused import _rope_heads, _rope_tables, _token_tables
 
 
 @triton.jit
@@ -76,9 +77,11 @@ def _attend_masked_tile(q, k_base, v_base, stride_ks, stride_vs, offs_s, s_valid
 def _verify_attention_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, lengths_ptr, tree_ptr, seg_ptr, row_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr,
     # sizes
-    T, N, kv_heads, num_splits, keys_per_split, qk_scale,
+    T, N, kv_heads, num_splits, keys_per_split, qk_scale, S, half,
     # strides
+    stride_xb, stride_xt, stride_cb, stride_ct, stride_pb, stride_pt,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -90,6 +93,7 @@ def _verify_attention_kernel(
     SPLIT: tl.constexpr, ROW_START: tl.constexpr,
     WHOLE_TILES: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROPE_WRITE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_HALF: tl.constexpr,
     USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
 ):
     """Rows r = t * G + g of (batch b, kv head) against keys [split start, split end).
@@ -103,6 +107,11 @@ def _verify_attention_kernel(
     block starts at its rows' first segment start, and a tile no row sees is skipped.
     ROW_START: batch b's keys start row_start[b] slots into its cache (rows of a shared pool,
     kvcache.SegmentKVCache) rather than at b * stride_kb. USE_PDL: see kernels.pdl.
+    ROPE_WRITE (a chain, one query block; rope_verify_attention): the new tokens' q, k and v
+    come unrotated from the QKV projection's output (qkv: [q heads | k heads | v heads] a
+    token); the program rotates its G query heads into q (scratch it reads back), and the
+    program whose key range holds a new token's slot (positions, clamped to S - 1) rotates
+    its k and stores it and its v in the cache, as fused.rope_write, before attending.
     """
     pdl_start(USE_PDL, PDL_EARLY)
     pid_bh = tl.program_id(0)
@@ -112,6 +121,25 @@ def _verify_attention_kernel(
     b = (pid_bh // kv_heads).to(tl.int64)  # b * stride_kb can pass 2**31 in a big cache
     kvh = pid_bh % kv_heads
     L = tl.load(lengths_ptr + b).to(tl.int32)
+    if ROPE_WRITE:
+        hd = 2 * half
+        heads = kv_heads * G
+        for tt in range(0, T):
+            tok = b * stride_xb + tt * stride_xt
+            cos1, sin1, cos2, sin2 = _rope_tables(cos_ptr + b * stride_cb + tt * stride_ct,
+                                                  sin_ptr + b * stride_cb + tt * stride_ct, half, BLOCK_HALF)
+            _rope_heads(qkv_ptr, q_ptr, tok + kvh * G * hd, b * stride_qb + tt * stride_qt + kvh * G * stride_qh,
+                        G, hd, half, cos1, sin1, cos2, sin2, BLOCK_G, BLOCK_HALF, stride_qh)
+            slot = tl.minimum(tl.load(pos_ptr + b * stride_pb + tt * stride_pt).to(tl.int64), S - 1)
+            if (slot >= pid_s * keys_per_split) & (slot < (pid_s + 1) * keys_per_split):
+                _rope_heads(qkv_ptr, k_ptr, tok + (heads + kvh) * hd,
+                            b * stride_kb + kvh * stride_kh + slot * stride_ks, 1, hd, half,
+                            cos1, sin1, cos2, sin2, 1, BLOCK_HALF)
+                offs_v = tl.arange(0, 2 * BLOCK_HALF)
+                v_new = tl.load(qkv_ptr + tok + (heads + kv_heads + kvh) * hd + offs_v, mask=offs_v < hd)
+                tl.store(v_ptr + b * stride_vb + kvh * stride_vh + slot * stride_vs + offs_v, v_new,
+                         mask=offs_v < hd)
+        tl.debug_barrier()  # the rotated q and the new keys written before any thread reads them
 
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_valid = rows < T * G
@@ -323,8 +351,10 @@ def _check(q, k_cache, v_cache, lengths, tree_mask):
 def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float, kv_len: int, out,
                            num_splits: Optional[int] = None, config: Optional[dict] = None,
                            seg_start: Optional[torch.Tensor] = None,
-                           row_start: Optional[torch.Tensor] = None):
-    """config: launch_config's dict with some entries replaced (tools/tune_kernels.py --attention)."""
+                           row_start: Optional[torch.Tensor] = None, rope: Optional[tuple] = None):
+    """config: launch_config's dict with some entries replaced (tools/tune_kernels.py --attention).
+    rope: (qkv, cos, sin, positions) for ROPE_WRITE (rope_verify_attention): q is then the
+    scratch the rotated queries go to."""
     B, T, H, hd = q.shape
     KV = k_cache.shape[1]
     G = H // KV
@@ -350,10 +380,19 @@ def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float
     seg = seg_start if seg_start is not None else lengths  # lengths: unused pointer
     seg_strides = seg_start.stride() if seg_start is not None else (0, 0)
     first = row_start if row_start is not None else lengths  # lengths: unused pointer
+    if rope is not None:
+        assert cfg["q_blocks"] == 1, "rope_verify_attention: one query block a row and kv head"
+        qkv, cos, sin, positions = rope
+        rope_strides = (qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1),
+                        positions.stride(0), positions.stride(1))
+    else:
+        qkv = cos = sin = positions = lengths  # unused pointers
+        rope_strides = (0,) * 6
     grid = (B * KV, cfg["q_blocks"], cfg["num_splits"])
     _launcher(_verify_attention_kernel, q)[grid](
-        q, k_cache, v_cache, lengths, tree, seg, first, out, part_o, part_lse,
+        q, k_cache, v_cache, lengths, tree, seg, first, out, part_o, part_lse, qkv, cos, sin, positions,
         T, N, KV, cfg["num_splits"], cfg["keys_per_split"], scale * 1.4426950408889634,  # log2(e): exp2 below
+        k_cache.shape[2], hd // 2, *rope_strides,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -364,6 +403,7 @@ def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float
         ROW_START=row_start is not None,
         WHOLE_TILES=cfg["WHOLE_TILES"],
         IEEE=q.dtype == torch.float32, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(hd),
+        ROPE_WRITE=rope is not None, BLOCK_G=triton.next_power_of_2(G), BLOCK_HALF=triton.next_power_of_2(max(hd // 2, 1)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q),
     )
     if split:
@@ -445,6 +485,41 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert out.shape == q.shape and out.dtype == q.dtype
     return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out, num_splits,
                                   row_start=row_start)
+
+
+def rope_verify_attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          kv_len: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """fused.rope_write, then verify_attention of the chain, in one launch: qkv (B, T, (H + 2 KV)
+    hd), the QKV projection's output; cos, sin broadcastable to (B, T, 1, hd); positions (B, T)
+    consecutive in each row (lengths = positions[:, 0]). The rotated k and v land in the
+    layer's cache at positions clamped to S - 1; returns the attention (B, T, H, hd). Where
+    the rows' queries take more than one query block, the two launches run instead. Eager
+    launches only (the decoder takes it outside tracing)."""
+    B, T, width = qkv.shape
+    H, KV = n_heads, n_kv_heads
+    hd = width // (H + 2 * KV)
+    assert width == (H + 2 * KV) * hd and hd % 2 == 0, f"qkv width {width} is not (H + 2 KV) heads"
+    assert qkv.stride(2) == 1 and k_cache.dtype == v_cache.dtype == qkv.dtype, "a cache in qkv's dtype"
+    assert positions.shape == (B, T) and k_cache.shape[1] == KV and H % KV == 0
+    scale = hd ** -0.5 if scale is None else float(scale)
+    kv_len = k_cache.shape[2] if kv_len is None else min(int(kv_len), k_cache.shape[2])
+    lengths = positions[:, 0].contiguous()
+    q_raw = qkv[..., :H * hd].view(B, T, H, hd)
+    if launch_config(B, KV, T, H // KV, hd, kv_len, qkv.device, None, qkv.element_size())["q_blocks"] != 1:
+        from .fused import rope_write
+
+        k_raw = qkv[..., H * hd:(H + KV) * hd].view(B, T, KV, hd)
+        v_raw = qkv[..., (H + KV) * hd:].view(B, T, KV, hd)
+        q = rope_write(q_raw, k_raw, v_raw, cos, sin, k_cache, v_cache, positions)
+        return verify_attention(q, k_cache, v_cache, lengths, scale=scale, kv_len=kv_len)
+    _check(q_raw, k_cache, v_cache, lengths, None)
+    cos, sin = _token_tables(cos, B, T, hd), _token_tables(sin, B, T, hd)
+    assert cos.stride()[:2] == sin.stride()[:2], "cos and sin laid out alike"
+    q = torch.empty(B, T, H, hd, dtype=qkv.dtype, device=qkv.device)  # the rotated queries
+    out = torch.empty_like(q)
+    return _verify_attention_into(q, k_cache, v_cache, lengths, None, scale, kv_len, out,
+                                  rope=(qkv, cos, sin, positions))
 
 
 def attention_mask(lengths: torch.Tensor, T: int, kv_len: int, tree_mask: Optional[torch.Tensor] = None,

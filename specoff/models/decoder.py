@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, rope_inv_freq
 from ..kernels import skinny
-from ..kernels.attention import attention_mask, verify_attention
+from ..kernels.attention import attention_mask, rope_verify_attention, verify_attention
 from ..kernels.fused import add_rms_norm, rms_norm, rope, rope_write, silu_mul
 from ..kernels.moe import fused_moe, moe_route
 from ..kvcache import KVCache, bits, stored
@@ -88,6 +88,22 @@ FUSED_CACHE_WRITE = "auto"
 # numbers by bf16 rounding, never the target's (its tokens stay the target's own). Built
 # after session 23's GPU calls, interpreter-tested: off until the step is timed with it.
 FOLD_DRAFT_NORMS = False
+
+
+# The rotary launch with the cache write (FUSED_CACHE_WRITE) and the chain's attention as
+# one launch (kernels.attention.rope_verify_attention, bit-equal to the two): "auto" where
+# both would run and the model has no q/k norms; "off": two launches. Built after session
+# 23's GPU calls, interpreter-tested: off until timed in the draft's step.
+FUSED_ROPE_ATTENTION = "off"
+
+
+def fuses_rope_attention(x: torch.Tensor, q: torch.Tensor, cache, causal: bool, positions) -> bool:
+    """Whether FUSED_ROPE_ATTENTION takes this step: where the fused element-wise kernels, the
+    cache write in the rotary launch and the chain kernel (q (B, T, H, hd)) would all run."""
+    if FUSED_ROPE_ATTENTION not in ("auto", "off"):
+        raise ValueError(f"models.decoder.FUSED_ROPE_ATTENTION is {FUSED_ROPE_ATTENTION!r}: set it to 'auto' or 'off'")
+    return (FUSED_ROPE_ATTENTION == "auto" and use_fused_elementwise(x)
+            and fuses_cache_write(x, cache, causal, positions) and use_chain_kernel(q.transpose(1, 2), causal))
 
 
 def fuses_cache_write(x: torch.Tensor, cache, causal: bool, positions) -> bool:
@@ -159,11 +175,16 @@ class Attention(nn.Module):
         wqkv (Transformer.fold_norms); `residual`: added to the output projection's result."""
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = project(self.wqkv, x, rms_eps).split([H * hd, KV * hd, KV * hd], dim=-1)
+        qkv = project(self.wqkv, x, rms_eps)
+        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         causal = not isinstance(mask, (TreeMask, SegmentMask))
+        if fuses_rope_attention(x, q, cache, causal, positions) and self.q_norm is None:
+            # rotary, the cache write and the attention in one launch
+            y = rope_verify_attention(qkv, H, KV, cos, sin, positions, cache.k[layer], cache.v[layer], kv_len)
+            return project(self.wo, y.reshape(B, T, H * hd), residual=residual)
         if use_fused_elementwise(x) and fuses_cache_write(x, cache, causal, positions):
             # q rotated; k rotated and v stored in the cache by the same launch
             q = rope_write(q, k, v, cos, sin, cache.k[layer], cache.v[layer], positions)

@@ -352,3 +352,36 @@ def test_float8_keys_and_values(tree, rows_in_a_pool, splits, dtype):
     verify_attention(q, k8, v8, lengths, tree_mask, out=out, num_splits=splits, row_start=row_start)
     assert rel_err(out, ref) < TOL[dtype]
     assert rel_err(verify_attention(q, k8, v8, lengths, tree_mask, row_start=row_start), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("T,positions0,dtype", [(1, (5, 30), torch.float32), (5, (0, 17), torch.float16),
+                                                  (5, (349, 600), torch.float32), pytest.param(
+                                                      5, (349, 600), torch.bfloat16, marks=gpu)])
+def test_rope_verify_attention_is_rope_write_then_attention(T, positions0, dtype, monkeypatch):
+    """One launch (rope_verify_attention: the rotations, the cache write and the chain's
+    attention) against fused.rope_write then verify_attention: the same output bits and the
+    same cache. (349, 600) on a 700-slot cache: two prefix splits, row 0's new keys on both
+    sides of the split boundary (352), so two programs each write their own."""
+    from specoff.kernels.attention import rope_verify_attention
+    from specoff.kernels.fused import rope_write
+
+    monkeypatch.setattr("specoff.kernels.attention._num_sms", lambda device: 4)
+    B, H, KV, hd, S = 2, 4, 2, 32, 700
+    gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr((T, positions0, dtype)).encode()))
+    qkv = torch.randn(B, T, (H + 2 * KV) * hd, device=DEVICE, generator=gen).to(dtype)
+    positions = torch.tensor(positions0, device=DEVICE)[:, None] + torch.arange(T, device=DEVICE)
+    angles = positions.float()[..., None, None] * torch.linspace(0.01, 1.0, hd, device=DEVICE)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # (B, T, 1, hd)
+    caches = [torch.randn(2, B, KV, S, hd, device=DEVICE, generator=gen).to(dtype)]
+    caches.append(caches[0].clone())
+    kv_len = int(positions.max()) + 1
+    cfg = launch_config(B, KV, T, H // KV, hd, kv_len, torch.device(DEVICE), None, qkv.element_size())
+    assert cfg["num_splits"] == (2 if positions0[0] == 349 else 1)
+    q_raw = qkv[..., :H * hd].view(B, T, H, hd)
+    k_raw = qkv[..., H * hd:(H + KV) * hd].view(B, T, KV, hd)
+    v_raw = qkv[..., (H + KV) * hd:].view(B, T, KV, hd)
+    q = rope_write(q_raw, k_raw, v_raw, cos, sin, caches[0][0], caches[0][1], positions)
+    want = verify_attention(q, caches[0][0], caches[0][1], positions[:, 0].contiguous(), kv_len=kv_len)
+    got = rope_verify_attention(qkv, H, KV, cos, sin, positions, caches[1][0], caches[1][1], kv_len=kv_len)
+    assert torch.equal(caches[1], caches[0])
+    assert torch.equal(got, want)

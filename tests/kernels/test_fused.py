@@ -374,3 +374,20 @@ def test_decoder_cache_write_in_the_rotary_launch(family, dtype, make_checkpoint
     monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "yes")
     with pytest.raises(ValueError, match="'auto' or 'off'"):
         run()
+    # the rotary, the write and the chain's attention as one launch (the chain kernel forced
+    # on the CPU; qwen3's q/k norms keep the two launches): the same bits again
+    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
+    monkeypatch.setattr(decoder, "CHAIN_ATTENTION", "triton")
+    expected, cache_ref = run()
+    fused = []
+    real_rva = decoder.rope_verify_attention
+    monkeypatch.setattr(decoder, "rope_verify_attention", lambda *a: (fused.append(1), real_rva(*a))[1])
+    monkeypatch.setattr(decoder, "FUSED_ROPE_ATTENTION", "auto")
+    got, cache = run()
+    assert bool(fused) == (family != "qwen3")
+    for g, want in zip(got, expected):
+        assert torch.equal(g, want)
+    assert torch.equal(cache.k, cache_ref.k) and torch.equal(cache.v, cache_ref.v)
+    monkeypatch.setattr(decoder, "FUSED_ROPE_ATTENTION", "yes")
+    with pytest.raises(ValueError, match="FUSED_ROPE_ATTENTION"):
+        run()

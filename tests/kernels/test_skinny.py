@@ -270,7 +270,8 @@ def test_speculation_with_the_decode_fusions_equals_target(spec, fold, pairs, mo
     speculation, chain or tree, one row at a time (the draft's decode steps at 1 row,
     verification at ≤ 16 through the kernels), gives the target's own greedy tokens; `fold`:
     the draft's norms folded into its products (decoder.FOLD_DRAFT_NORMS), normalised inside
-    the kernel."""
+    the kernel, and the rotary, cache write and chain attention as one launch
+    (decoder.FUSED_ROPE_ATTENTION, the chain kernel forced on the CPU)."""
     import specoff
     from specoff.models import decoder
 
@@ -278,6 +279,15 @@ def test_speculation_with_the_decode_fusions_equals_target(spec, fold, pairs, mo
     monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
     monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton")
     monkeypatch.setattr(decoder, "FOLD_DRAFT_NORMS", fold)
+    monkeypatch.setattr(decoder, "FUSED_ROPE_ATTENTION", "auto" if fold else "off")
+    if fold:
+        monkeypatch.setattr(decoder, "CHAIN_ATTENTION", "triton")
+        from specoff.kernels import attention
+
+        fused_steps = []
+        real_rva = attention.rope_verify_attention
+        monkeypatch.setattr(decoder, "rope_verify_attention",
+                            lambda *a, **k: (fused_steps.append(1), real_rva(*a, **k))[1])
     calls = []
     real = skinny._skinny_into
     monkeypatch.setattr(skinny, "_skinny_into",
@@ -290,3 +300,4 @@ def test_speculation_with_the_decode_fusions_equals_target(spec, fold, pairs, mo
     llm = specoff.LLM(target, draft=draft, device=DEVICE, dtype="float32", max_rows=1, **kw)
     assert [o.token_ids for o in llm.generate(prompts, params)] == expect
     assert calls and any(calls) == fold  # the kernel ran; normalising rows only in the folded draft
+    assert not fold or fused_steps
