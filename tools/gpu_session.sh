@@ -79,7 +79,7 @@
 #   fp8-kernel   the float8-weight product timed (kernel in both forms, dequantizing, bf16),
 #                then tree runs with a float8 draft through the kernel as x · W8ᵀ or swapped
 #                (kernels.fp8_gemm.SWAP 0 / 1; COMPARE overrides), ABAB
-#   skinny       the few-rows product (kernels/skinny.py): its tests and PDL's, the draft's five
+#   skinny       the few-rows product (kernels/skinny.py): its tests, PDL's, the fused rotary's, the draft's five
 #                matrices at 1/4/16 rows against torch's (SWEEP=1: with a grid of tiles and K
 #                slices), the draft step as one graph with kernels.skinny.LINEAR and
 #                models.decoder.FUSED_CACHE_WRITE off / auto, kernels.PDL, SWIGLU_ONE_DOT and
@@ -224,7 +224,9 @@ ROWS
                 --prompts "${PROMPTS:-492}" --configs humaneval --draft-len 0 \
                 --engines "${ENGINES:-specoff-chain-interleaved,specoff-offload-group}" ;;
         skinny)
-            timeout 200 python -m pytest -q tests/kernels/test_skinny.py tests/kernels/test_pdl.py 2>&1 | tee -a "$OUT/skinny.log" | tail -3
+            timeout 240 python -m pytest -q tests/kernels/test_skinny.py tests/kernels/test_pdl.py \
+                "tests/kernels/test_attention.py::test_rope_verify_attention_is_rope_write_then_attention" \
+                tests/kernels/test_fused.py 2>&1 | tee -a "$OUT/skinny.log" | tail -3
             timeout 150 python tools/bench_kernels.py --only skinny ${SWEEP:+--skinny-sweep} --json "$OUT/skinny.json" 2>&1 \
                 | tee -a "$OUT/skinny.log" | tail -20
             timeout 150 python tools/bench_kernels.py --only draft --json "$OUT/skinny-draft.json" 2>&1 \
