@@ -18,6 +18,9 @@ and the down projection can add the block's skip (`residual`: after the product'
 as torch's add): a dense layer's feed-forward in two launches instead of four. (Session 23
 first formed silu · up in the down projection's K loop, from a [gate | up] input: correct,
 but 0.34 ms for w2 against torch's 0.034, the loop no longer pipelined its weight loads.)
+With an RMSNorm's weight folded into W's columns (models.decoder's fold_norms), `rms_eps`
+normalises x's rows inside the launch (the rows' scale from a loop of its own over x, applied
+to the fp32 sums): the norm's launch before the product goes too.
 
 On the H200 (`python tools/bench_kernels.py --only skinny [--skinny-sweep]`, session 23,
 bench/runs/h200-session23/swiglu/): correct (GPU tests: bf16, K slices racing, CUDA graphs);
