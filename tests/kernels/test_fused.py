@@ -337,6 +337,14 @@ def test_decoder_fused_matches_torch(family, dtype, make_checkpoint, monkeypatch
         assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else TOL[dtype])
 
 
+def assert_same_run(run, expected, cache_ref):
+    """run() gives the expected logits and cache, bit for bit."""
+    got, cache = run()
+    for g, want in zip(got, expected):
+        assert torch.equal(g, want)
+    assert torch.equal(cache.k, cache_ref.k) and torch.equal(cache.v, cache_ref.v)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu)])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_decoder_cache_write_in_the_rotary_launch(family, dtype, make_checkpoint, monkeypatch):
@@ -366,11 +374,8 @@ def test_decoder_cache_write_in_the_rotary_launch(family, dtype, make_checkpoint
     expected, cache_ref = run()
     assert not used
     monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
-    got, cache = run()
+    assert_same_run(run, expected, cache_ref)
     assert used
-    for g, want in zip(got, expected):
-        assert torch.equal(g, want)
-    assert torch.equal(cache.k, cache_ref.k) and torch.equal(cache.v, cache_ref.v)
     monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "yes")
     with pytest.raises(ValueError, match="'auto' or 'off'"):
         run()
@@ -383,11 +388,8 @@ def test_decoder_cache_write_in_the_rotary_launch(family, dtype, make_checkpoint
     real_rva = decoder.rope_verify_attention
     monkeypatch.setattr(decoder, "rope_verify_attention", lambda *a: (fused.append(1), real_rva(*a))[1])
     monkeypatch.setattr(decoder, "FUSED_ROPE_ATTENTION", "auto")
-    got, cache = run()
+    assert_same_run(run, expected, cache_ref)
     assert bool(fused) == (family != "qwen3")
-    for g, want in zip(got, expected):
-        assert torch.equal(g, want)
-    assert torch.equal(cache.k, cache_ref.k) and torch.equal(cache.v, cache_ref.v)
     monkeypatch.setattr(decoder, "FUSED_ROPE_ATTENTION", "yes")
     with pytest.raises(ValueError, match="FUSED_ROPE_ATTENTION"):
         run()
