@@ -40,17 +40,14 @@ def pdl(x: torch.Tensor) -> dict:
     both, even off: a kernel wrapped for torch.compile takes no defaults for constexprs."""
     if PDL not in ("auto", "early", "off"):
         raise ValueError(f"kernels.PDL is {PDL!r}: set it to 'auto', 'early' or 'off'")
-    if PDL == "off" or not x.is_cuda or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
-        return dict(_PLAIN)
-    if not _pdl_capable(x.device.index or 0):
+    if (PDL == "off" or not x.is_cuda or torch.compiler.is_compiling() or type(x) is not torch.Tensor
+            or not _pdl_capable(x.device.index or 0)):
         return dict(_PLAIN)
     return dict(USE_PDL=True, PDL_EARLY=PDL == "early", launch_pdl=True)
 
 
 @functools.lru_cache(maxsize=None)
 def _pdl_capable(index: int) -> bool:
-    import triton.language as tl
-
     cuda = getattr(getattr(tl, "extra", None), "cuda", None)
     return (torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(cuda, "gdc_wait")
             and hasattr(cuda, "gdc_launch_dependents"))

@@ -93,7 +93,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
     HAS_RESIDUAL: y = r + (the product rounded to the dtype), rounded again: torch's separate
     residual add, in this launch. RMS: each row of x normalised first, y = rsqrt(mean(x²) +
     rms_eps) · (x · Wᵀ) (+ b): an RMSNorm whose weight was folded into W's columns; every
-    program reads its rows of x whole for the sum of squares, in a loop of its own before
+    program reads its rows of x whole for the sum of squares, in a loop of its own after
     the product's (x is 16 rows at most: from L2). USE_PDL: see kernels.pdl."""
     pdl_start(USE_PDL, PDL_EARLY)
     pid_n = tl.program_id(0)
@@ -103,8 +103,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
     rk = tl.arange(0, BLOCK_K)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
-    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (k_lo + rk)[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
-    up_ptrs = w_ptr + (rn.to(tl.int64) + N)[:, None] * stride_wn + (k_lo + rk)[None, :] * stride_wk  # SWIGLU
     x_ptrs = x_ptr + rm[None, :] * stride_xm + (k_lo + rk)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M)
     if SWIGLU and ONE_DOT:
         # one 2·BLOCK_N-row tile a step: the gate's rows n·BLOCK_N.. over the up's, one product
@@ -122,6 +120,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             x_ptrs += BLOCK_K * stride_xk
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
     else:
+        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (k_lo + rk)[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
+        up_ptrs = w_ptr + (rn.to(tl.int64) + N)[:, None] * stride_wn + (k_lo + rk)[None, :] * stride_wk  # SWIGLU
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
@@ -224,8 +224,9 @@ def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
         if swiglu and SWIGLU_ONE_DOT:
             cfg.update(BLOCK_N=32, ONE_DOT=True)
     cfg = dict(cfg)
-    split = 1 if swiglu else cfg.pop("SPLIT_K")  # SwiGLU's epilogue needs both products whole
-    cfg.pop("SPLIT_K", None)
+    split = cfg.pop("SPLIT_K", 1)
+    if swiglu:  # its epilogue needs both products whole
+        split = 1
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = triton.cdiv(K, k_per_split)  # no empty slices
     tiles = triton.cdiv(N, cfg["BLOCK_N"])

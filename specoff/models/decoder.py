@@ -97,13 +97,12 @@ FOLD_DRAFT_NORMS = False
 FUSED_ROPE_ATTENTION = "off"
 
 
-def fuses_rope_attention(x: torch.Tensor, q: torch.Tensor, cache, causal: bool, positions) -> bool:
-    """Whether FUSED_ROPE_ATTENTION takes this step: where the fused element-wise kernels, the
-    cache write in the rotary launch and the chain kernel (q (B, T, H, hd)) would all run."""
+def fuses_rope_attention(q: torch.Tensor, causal: bool) -> bool:
+    """Whether FUSED_ROPE_ATTENTION takes a step whose cache write already rides in the rotary
+    launch: where the chain kernel (q (B, T, H, hd)) attends."""
     if FUSED_ROPE_ATTENTION not in ("auto", "off"):
         raise ValueError(f"models.decoder.FUSED_ROPE_ATTENTION is {FUSED_ROPE_ATTENTION!r}: set it to 'auto' or 'off'")
-    return (FUSED_ROPE_ATTENTION == "auto" and use_fused_elementwise(x)
-            and fuses_cache_write(x, cache, causal, positions) and use_chain_kernel(q.transpose(1, 2), causal))
+    return FUSED_ROPE_ATTENTION == "auto" and use_chain_kernel(q.transpose(1, 2), causal)
 
 
 def fuses_cache_write(x: torch.Tensor, cache, causal: bool, positions) -> bool:
@@ -181,11 +180,11 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         causal = not isinstance(mask, (TreeMask, SegmentMask))
-        if fuses_rope_attention(x, q, cache, causal, positions) and self.q_norm is None:
-            # rotary, the cache write and the attention in one launch
-            y = rope_verify_attention(qkv, H, KV, cos, sin, positions, cache.k[layer], cache.v[layer], kv_len)
-            return project(self.wo, y.reshape(B, T, H * hd), residual=residual)
         if use_fused_elementwise(x) and fuses_cache_write(x, cache, causal, positions):
+            if fuses_rope_attention(q, causal) and self.q_norm is None:
+                # rotary, the cache write and the attention in one launch
+                y = rope_verify_attention(qkv, H, KV, cos, sin, positions, cache.k[layer], cache.v[layer], kv_len)
+                return project(self.wo, y.reshape(B, T, H * hd), residual=residual)
             # q rotated; k rotated and v stored in the cache by the same launch
             q = rope_write(q, k, v, cos, sin, cache.k[layer], cache.v[layer], positions)
             y = cached_attention(q.transpose(1, 2), None, None, mask, cache, layer, positions, kv_len, causal)
