@@ -19,15 +19,17 @@ as torch's add): a dense layer's feed-forward in two launches instead of four. (
 first formed silu · up in the down projection's K loop, from a [gate | up] input: correct,
 but 0.34 ms for w2 against torch's 0.034, the loop no longer pipelined its weight loads.)
 With an RMSNorm's weight folded into W's columns (models.decoder's fold_norms), `rms_eps`
-normalises x's rows inside the launch (the rows' scale from a loop of its own over x, applied
-to the fp32 sums): the norm's launch before the product goes too.
+normalises x's rows inside the launch (the rows' scale from the x tiles the product loads,
+applied to the fp32 sums): the norm's launch before the product goes too.
 
-On the H200 (`python tools/bench_kernels.py --only skinny [--skinny-sweep]`, session 23,
-bench/runs/h200-session23/swiglu/): correct (GPU tests: bf16, K slices racing, CUDA graphs);
-1.04-1.43x torch's product on the draft's five matrices at 1-16 rows (3.7-4.4 TB/s: wo in
-two K slices 0.0076 ms against 0.0108, w2 0.0311 against 0.0323, the head 0.0615 against
-0.0672), the gate-up launch with its SwiGLU 0.0591 ms against torch's product + silu_mul
-0.0632, the down projection with the skip 0.0314 against 0.0339.
+On the H200 (`python tools/bench_kernels.py --only skinny [--skinny-sweep]`, session 24,
+each weight taken in turn from copies filling 4x the L2, bench/runs/h200-session24/l2-honest/):
+correct (GPU tests: bf16, K slices racing, CUDA graphs); against torch's product on the
+draft's five matrices at 1-16 rows: wqkv 0.0143 ms against 0.0151, wo (two K slices of
+256-wide steps) 0.0109 against 0.0134, w13 0.0558 against 0.0566, w2 0.0309 against 0.0321,
+the head 0.0612 against 0.0660 (3.1-4.3 TB/s); the gate-up launch with its SwiGLU 0.0569
+against torch's product + silu_mul 0.0583, the down projection with the skip 0.0309 against
+0.0336, wqkv with its RMS 0.0142 against torch's norm + product 0.0191.
 """
 from __future__ import annotations
 
@@ -46,15 +48,15 @@ from .fused import _exp
 # "auto": products of ≤ MAX_ROWS rows with a plain bf16 / fp16 weight on a CUDA device go
 # through this kernel (models.decoder's projections); "on" also under TRITON_INTERPRET
 # (tests); "off": torch's dense product everywhere. With decoder.FUSED_CACHE_WRITE the
-# Mistral-7B-shaped draft step took 4.27-4.37 ms on the H200 against 4.72-4.93 with both off
-# (session 23, bench/runs/h200-session23/pdl-draft.json).
+# Mistral-7B-shaped draft step took 4.31-4.42 ms on the H200 against 4.77-5.06 with both off
+# (session 24, bench/runs/h200-session24/; 4.08-4.26 with PDL and the other fusions).
 LINEAR = "auto"
 # The SwiGLU launch (swiglu=True) as 2·tiles programs of one 64-row tile (32 gate + 32 up
 # rows, one product a K step) instead of tiles programs of two 64-row products: Mistral-7B's
 # w13 as 448 programs (80 KB shared, two an SM) instead of 224 (144 KB, one an SM) at about
-# the plain product's 0.0552 ms instead of 0.0591, if it times as the plain one. Built after
-# session 23's GPU calls (interpreter-tested, sm_90 compile checked): False until timed.
-SWIGLU_ONE_DOT = False
+# the plain product's 0.0556 ms instead of 0.0592: 0.0570-0.0576 on the H200 (session 24),
+# the draft's step 0.04-0.08 ms shorter with it.
+SWIGLU_ONE_DOT = True
 MAX_ROWS = 16
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -92,9 +94,13 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
     (ONE_DOT: as one tile of 2·BLOCK_N rows and one product, split after the loop).
     HAS_RESIDUAL: y = r + (the product rounded to the dtype), rounded again: torch's separate
     residual add, in this launch. RMS: each row of x normalised first, y = rsqrt(mean(x²) +
-    rms_eps) · (x · Wᵀ) (+ b): an RMSNorm whose weight was folded into W's columns; every
-    program reads its rows of x whole for the sum of squares, in a loop of its own after
-    the product's (x is 16 rows at most: from L2). USE_PDL: see kernels.pdl."""
+    rms_eps) · (x · Wᵀ) (+ b): an RMSNorm whose weight was folded into W's columns. With K
+    whole (SPLIT_K 1) the squares come from the x tiles the product loads anyway, added up
+    element-wise in a register tile and summed over K once, after the loop (a sum across the
+    threads every K step cost the one-tile SwiGLU launch 5 µs in session 24's profile); K
+    slices read their rows of x whole in a loop of their own after the product's (x is 16
+    rows at most: from L2; session 24 timed that loop, the first form for every launch, as
+    the launch's +40%). USE_PDL: see kernels.pdl."""
     pdl_start(USE_PDL, PDL_EARLY)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -104,6 +110,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     x_ptrs = x_ptr + rm[None, :] * stride_xm + (k_lo + rk)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M)
+    squares = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)  # RMS: x², summed over K after the loop
     if SWIGLU and ONE_DOT:
         # one 2·BLOCK_N-row tile a step: the gate's rows n·BLOCK_N.. over the up's, one product
         half = tl.arange(0, 2 * BLOCK_N)
@@ -116,6 +123,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             w = tl.load(both_ptrs, mask=(col[:, None] < N) & (kk[None, :] < k_hi), other=0.0)
             xt = tl.load(x_ptrs, mask=(kk[:, None] < k_hi) & (rm[None, :] < M), other=0.0)
             both = _dot(w, xt, both, IEEE)
+            if RMS and SPLIT_K == 1:
+                squares += xt.to(tl.float32) * xt.to(tl.float32)
             both_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K * stride_xk
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
@@ -130,6 +139,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             w = tl.load(w_ptrs, mask=w_mask, other=0.0)
             xt = tl.load(x_ptrs, mask=(kk[:, None] < k_hi) & (rm[None, :] < M), other=0.0)
             acc = _dot(w, xt, acc, IEEE)
+            if RMS and SPLIT_K == 1:
+                squares += xt.to(tl.float32) * xt.to(tl.float32)
             if SWIGLU:
                 acc_up = _dot(tl.load(up_ptrs, mask=w_mask, other=0.0), xt, acc_up, IEEE)
                 up_ptrs += BLOCK_K * stride_wk
@@ -137,13 +148,13 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             x_ptrs += BLOCK_K * stride_xk
     pdl_release(USE_PDL)
     if RMS:  # the rows' RMSNorm scale, applied to the fp32 sums (bias after: it is not normalised)
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            kk = k + rk
-            xs = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None] * stride_xk,
-                         mask=(kk[:, None] < K) & (rm[None, :] < M), other=0.0).to(tl.float32)
-            squares += tl.sum(xs * xs, axis=0)
-        scale = 1.0 / tl.sqrt_rn(squares / K + rms_eps)
+        if SPLIT_K > 1:  # a slice saw part of each row: read the rows whole
+            for k in range(0, K, BLOCK_K):
+                kk = k + rk
+                xs = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None] * stride_xk,
+                             mask=(kk[:, None] < K) & (rm[None, :] < M), other=0.0).to(tl.float32)
+                squares += xs * xs
+        scale = 1.0 / tl.sqrt_rn(tl.sum(squares, axis=0) / K + rms_eps)
         acc = acc * scale[None, :]
         acc_up = acc_up * scale[None, :]
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None] * stride_yn
@@ -179,15 +190,17 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
 def config(M: int, N: int, K: int, sms: int) -> dict:
     """BLOCK_M 16 (the rows), 64 weight rows a tile with 4 warps (one wgmma group), 4 stages.
     K in two slices only where the column tiles cover under half the SMs and K is short
-    (Mistral-7B's wo: 64 tiles of 4096); 256-wide K steps where the tiles, whole, are under
-    one wave (more bytes in flight a program: wqkv's 96 tiles, w2's 64 of K 14336), 128 else.
-    From the H200's grids (tiles 64/128 x K steps 128/256 x 1/2/4/8 slices, graph replays at
-    1 and 16 rows; bench/runs/h200-session23/skinny.json): wo 0.0075 ms in two slices against
-    torch's 0.0108, w2 0.0309 with 256-wide steps against 0.0379 with 128 (torch 0.0320),
-    wqkv 0.0123 against 0.0134 (torch 0.0145); w13 and the head fastest as set."""
+    (Mistral-7B's wo: 64 tiles of 4096); 256-wide K steps where the tiles are under one wave
+    (more bytes in flight a program: wqkv's 96 tiles, w2's 64 of K 14336, wo's 64 in two
+    slices), 128 else. From the H200's grids (tiles 32/64/128 x K steps 128/256 x 1/2/4/8
+    slices at 1 and 16 rows, each weight taken in turn from copies filling 4x the L2 cache:
+    bench/runs/h200-session24/l2-honest/skinny.json): wo 0.0109 ms in two slices of 256-wide
+    steps against 0.0132 with 128 (torch 0.0134), w2 0.0309 (two slices 0.0305, torch
+    0.0321), wqkv 0.0143 (torch 0.0151); w13 and the head fastest as set. (Session 23's grid
+    replayed one weight, partly from L2: wo 0.0075 ms then, 11.4 µs in the step's profile.)"""
     tiles = triton.cdiv(N, 64)
     split = 2 if 2 * tiles < sms and K <= 8192 else 1
-    block_k = 256 if split == 1 and tiles < sms else 128
+    block_k = 256 if tiles < sms else 128
     return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4)
 
 

@@ -99,15 +99,19 @@ def test_residual_is_added_after_the_rounding(rows, N, K, dtype, split):
         skinny_linear(x[:, :-1], w)
 
 
-@pytest.mark.parametrize("swiglu,split", [(False, 1), (False, 2), (True, 1)])
+@pytest.mark.parametrize("swiglu,split,one_dot", [(False, 1, False), (False, 2, False), (True, 1, False),
+                                                   (True, 1, True)])
 @pytest.mark.parametrize("rows,N,K,dtype", list(dtype_cases([(3, 96, 200), (16, 64, 130)],
                                                           [(1, 6144, 4096), (16, 28672, 4096)])))
-def test_rms_normalises_the_rows_first(rows, N, K, dtype, swiglu, split):
+def test_rms_normalises_the_rows_first(rows, N, K, dtype, swiglu, split, one_dot):
     """rms_eps: each row of x RMS-normalised (a weight of ones) before the product, the scale
-    applied to the fp32 sums, the bias after it; in K slices too, and with the SwiGLU."""
+    applied to the fp32 sums, the bias after it; in K slices too (the rows re-read whole),
+    and with the SwiGLU (its one-product form too)."""
     x, w, b = inputs(rows, N, K, dtype, ("rms", rows, N, K, dtype, swiglu, split))
     x = x * torch.linspace(0.1, 30.0, rows, device=DEVICE, dtype=dtype)[:, None]  # rows of unlike scales
     cfg = dict(config(rows, N, K, 4), SPLIT_K=split, BLOCK_K=64)
+    if one_dot:
+        cfg.update(BLOCK_N=32, ONE_DOT=True)
     for bias in (None, b):
         got = skinny_linear(x, w, bias, cfg=cfg, swiglu=swiglu, rms_eps=1e-5)
         want = skinny_linear_ref(x, w, bias, swiglu=swiglu, rms_eps=1e-5)
@@ -163,9 +167,9 @@ def test_skinny_takes_leading_dims_and_strided_rows():
 
 def test_config_splits_only_narrow_short_products():
     """On 132 SMs: Mistral-7B's wo (64 column tiles, K 4096) in two K slices; wqkv (96
-    tiles), w13, the head and w2 (K 14336) whole; 256-wide K steps where the whole tiles
-    are under one wave (wqkv, w2), 128 else."""
-    assert config(1, 4096, 4096, 132)["SPLIT_K"] == 2 and config(1, 4096, 4096, 132)["BLOCK_K"] == 128
+    tiles), w13, the head and w2 (K 14336) whole; 256-wide K steps where the tiles are
+    under one wave (wqkv, w2, wo's slices), 128 else."""
+    assert config(1, 4096, 4096, 132)["SPLIT_K"] == 2 and config(1, 4096, 4096, 132)["BLOCK_K"] == 256
     for N, K, block_k in ((6144, 4096, 256), (28672, 4096, 128), (32000, 4096, 128), (4096, 14336, 256)):
         assert config(16, N, K, 132)["SPLIT_K"] == 1 and config(16, N, K, 132)["BLOCK_K"] == block_k
 
