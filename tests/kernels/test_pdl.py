@@ -105,3 +105,53 @@ def test_gpu_pdl_decode_step_equals_plain_launches(mode, make_checkpoint, monkey
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(logits, expect) and torch.equal(cache.k, expect_k)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["auto", "early"])
+def test_gpu_pdl_launch_waits_for_a_copy_streams_event(mode, monkeypatch):
+    """How the target's streamed layers read their weights: a copy stream writes them (here
+    the tail of a 512 MB host-to-device copy, milliseconds), the compute stream waits on its
+    event after a run of programmatic launches, then a programmatic launch reads them. The
+    relaxed ordering is between launches of one stream only: the product sees the copied
+    weights, never the zeros before them, eagerly and replayed from a CUDA graph."""
+    if not _hopper():
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    monkeypatch.setattr(kernels, "PDL", mode)
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+    N = K = 4096
+    w = (torch.randn(N, K, device=DEVICE, generator=gen) * K**-0.5).to(torch.bfloat16)
+    x = torch.randn(4, K, device=DEVICE, generator=gen).to(torch.bfloat16)
+    host = torch.empty(256 * 2**20, dtype=torch.bfloat16, pin_memory=True)  # 512 MB
+    host[-N * K:].copy_(w.reshape(-1).cpu())
+    buf = torch.empty(host.shape, dtype=torch.bfloat16, device=DEVICE)
+    streamed = buf[-N * K:].view(N, K)
+    expect = skinny.skinny_linear(x, w)
+    copy = torch.cuda.Stream()
+
+    def step():
+        buf[-N * K:].zero_()
+        copy.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(copy):
+            buf.copy_(host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        h = x
+        for _ in range(8):  # programmatic launches right before the wait
+            h = skinny.skinny_linear(h, w, residual=h)
+        torch.cuda.current_stream().wait_event(done)
+        torch.cuda.current_stream().wait_stream(copy)  # the capture joins the copy stream back
+        return skinny.skinny_linear(x, streamed), h
+
+    for _ in range(3):
+        out, _ = step()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expect)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = step()
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expect)
