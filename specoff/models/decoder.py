@@ -85,16 +85,18 @@ FUSED_CACHE_WRITE = "auto"
 # The draft's two RMSNorms a layer folded into the products after them at load
 # (Transformer.fold_norms; Engine), so that its decode steps normalise inside the few-rows
 # products and add the skips in them: 6 launches a layer instead of 8. Changes the draft's
-# numbers by bf16 rounding, never the target's (its tokens stay the target's own). Built
-# after session 23's GPU calls, interpreter-tested: off until the step is timed with it.
+# numbers by bf16 rounding, never the target's (its tokens stay the target's own). On the
+# H200 (session 24, the norms' sums of squares taken in the product's K loop): 4.23-4.31 ms
+# against 4.34-4.42 with the other fusions off, but no gain beside them (4.19-4.32 against
+# 4.07-4.24 with PDL, the one-tile SwiGLU and FUSED_ROPE_ATTENTION): off.
 FOLD_DRAFT_NORMS = False
 
 
 # The rotary launch with the cache write (FUSED_CACHE_WRITE) and the chain's attention as
 # one launch (kernels.attention.rope_verify_attention, bit-equal to the two): "auto" where
-# both would run and the model has no q/k norms; "off": two launches. Built after session
-# 23's GPU calls, interpreter-tested: off until timed in the draft's step.
-FUSED_ROPE_ATTENTION = "off"
+# both would run and the model has no q/k norms; "off": two launches. The draft's step on
+# the H200: 4.29-4.38 ms against 4.34-4.42 (session 24, the products through skinny).
+FUSED_ROPE_ATTENTION = "auto"
 
 
 def fuses_rope_attention(q: torch.Tensor, causal: bool) -> bool:
