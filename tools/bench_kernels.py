@@ -221,23 +221,30 @@ SKINNY_ROWS = (1, 4, 16)
 def bench_skinny(hbm: float, sweep: bool = False):
     """The few-rows kernel (kernels/skinny.py) against torch's dense product at the draft's
     decode shapes, graph times; with `sweep` also a small grid of tiles and K slices for 1
-    and 16 rows, the fastest printed beside the default's."""
+    and 16 rows, the fastest printed beside the default's. Each time is a product's share
+    of a graph that multiplies by as many copies of the weight as fill 4× the L2 cache in
+    turn: a weight replayed alone stays partly in the H200's 50 MB L2 (session 23 timed
+    wo's 33.5 MB at 7.5 µs so, 4.5 TB/s; session 24's profile of the step found 11.4 µs)."""
     import itertools
-
-    import triton.testing
 
     from specoff.kernels import num_sms, skinny
 
     rows = []
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     for name, (N, K) in SKINNY_SHAPES.items():
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+        ws = [w] + [w.clone() for _ in range(-(-4 * l2 // (2 * N * K)) - 1)]  # 4x L2 in all
+
+        def each(call):  # one product's graph time, the weights taken in turn
+            return _graph_ms(lambda: [call(wi) for wi in ws]) / len(ws)
+
         for M in SKINNY_ROWS:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
             got, ref = skinny.skinny_linear(x, w).float(), skinny.skinny_linear_ref(x, w).float()
             assert ((got - ref).norm() / ref.norm()).item() < 1e-2, f"skinny_linear wrong at {name}, {M} rows"
-            t_torch = _graph_ms(lambda: torch.mm(x, w.t(), out=out))
-            t = _graph_ms(lambda: skinny._skinny_into(x, w, None, out))
+            t_torch = each(lambda w: torch.mm(x, w.t(), out=out))
+            t = each(lambda w: skinny._skinny_into(x, w, None, out))
             cfg = skinny.config(M, N, K, num_sms(w.device))
             row = dict(kernel="skinny_linear", shape=f"mistral-7b {name} {N}x{K}", case=f"rows={M} split={cfg['SPLIT_K']}",
                        ms=t, graph_ms=t, torch_ms=t_torch, torch_graph_ms=t_torch, ref_ms=float("nan"),
@@ -249,8 +256,7 @@ def bench_skinny(hbm: float, sweep: bool = False):
                     try:
                         skinny._skinny_into(x, w, None, out, c)
                         torch.cuda.synchronize()
-                        tc = triton.testing.do_bench_cudagraph(lambda: skinny._skinny_into(x, w, None, out, c), rep=20,
-                                                               return_mode="median")
+                        tc = each(lambda w: skinny._skinny_into(x, w, None, out, c))
                     except Exception:  # too big for this GPU's shared memory
                         continue
                     best = min(best, (tc, f"N{bn} K{bk} s{stages} split{split}"))
@@ -263,24 +269,24 @@ def bench_skinny(hbm: float, sweep: bool = False):
                 from specoff.kernels.fused import silu_mul
 
                 act = torch.empty(M, N // 2, device="cuda", dtype=torch.bfloat16)
-                t_torch = _graph_ms(lambda: silu_mul(torch.mm(x, w.t(), out=out), out=act))
-                t = _graph_ms(lambda: skinny._skinny_into(x, w, None, act, swiglu=True))
+                t_torch = each(lambda w: silu_mul(torch.mm(x, w.t(), out=out), out=act))
+                t = each(lambda w: skinny._skinny_into(x, w, None, act, swiglu=True))
                 one = dict(skinny.config(M, N, K, num_sms(w.device)), BLOCK_N=32, ONE_DOT=True, SPLIT_K=1)
-                t_one = _graph_ms(lambda: skinny._skinny_into(x, w, None, act, one, swiglu=True))
+                t_one = each(lambda w: skinny._skinny_into(x, w, None, act, one, swiglu=True))
                 fused_case = f"rows={M} swiglu (product + silu_mul; one 64-row tile a program: {t_one:.4f} ms)"
             elif name == "wqkv":  # the norm inside the product (folded weight) against the norm's launch + the product
                 from specoff.kernels.fused import rms_norm
 
                 ones = torch.ones(K, device="cuda", dtype=torch.bfloat16)
                 normed = torch.empty_like(x)
-                t_torch = _graph_ms(lambda: torch.mm(rms_norm(x, ones, 1e-5, out=normed), w.t(), out=out))
-                t = _graph_ms(lambda: skinny._skinny_into(x, w, None, out, rms_eps=1e-5))
+                t_torch = each(lambda w: torch.mm(rms_norm(x, ones, 1e-5, out=normed), w.t(), out=out))
+                t = each(lambda w: skinny._skinny_into(x, w, None, out, rms_eps=1e-5))
                 fused_case = f"rows={M} rms (rms_norm + product)"
             elif name == "w2":  # the down product adding the block's skip against torch's product + add
                 skip = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
                 total = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-                t_torch = _graph_ms(lambda: torch.add(skip, torch.mm(x, w.t(), out=out), out=total))
-                t = _graph_ms(lambda: skinny._skinny_into(x, w, None, total, residual=skip))
+                t_torch = each(lambda w: torch.add(skip, torch.mm(x, w.t(), out=out), out=total))
+                t = each(lambda w: skinny._skinny_into(x, w, None, total, residual=skip))
                 fused_case = f"rows={M} residual (product + add)"
             if fused_case:
                 row = dict(row, case=fused_case, ms=t, graph_ms=t, torch_ms=t_torch, torch_graph_ms=t_torch,
@@ -516,14 +522,16 @@ def bench_draft(hbm: float, compile_step: bool = False):
     # the current settings' rows first, then every decode fusion off; the few-rows products
     # (kernels/skinny.py) with the cache write in the rotary launch (the defaults); each of
     # programmatic dependent launch, the SwiGLU launch's one-tile programs and the rotary +
-    # write + attention launch on top; then (it rewrites the weights, so last) the norms
-    # folded into the products (Transformer.fold_norms) alone and with the others
+    # write + attention launch on top, then all three; then (it rewrites the weights, so
+    # last) the norms folded into the products (Transformer.fold_norms): alone, with the
+    # one-tile programs and the rotary launch, and with PDL too
     base = ("auto", "auto", "off", False, "off")
+    three = ("auto", "auto", "auto", True, "auto")
+    two = ("auto", "auto", "off", True, "auto")
     combos = [(setting, False), (("off", "off", "off", False, "off"), False), (base, False),
               (("auto", "auto", "auto", False, "off"), False), (("auto", "auto", "off", True, "off"), False),
-              (("auto", "auto", "off", False, "auto"), False), (base, True),
-              (("auto", "auto", "off", False, "auto"), True), (("auto", "auto", "auto", False, "auto"), True),
-              (("auto", "auto", "auto", True, "auto"), True)]
+              (("auto", "auto", "off", False, "auto"), False), (two, False), (three, False),
+              (base, True), (two, True), (three, True)]
     for values, fold in dict.fromkeys(combos):
         for home, name, value in zip(homes, names, values):
             setattr(home, name, value)
@@ -547,7 +555,8 @@ def bench_draft(hbm: float, compile_step: bool = False):
     return rows
 
 
-def draft_row(model, B: int, weights: int, floor_ms: float, hbm: float, compiled: bool = False) -> dict:
+def draft_step(model, B: int, compiled: bool = False):
+    """A greedy decode step of B rows at position DRAFT_PREFIX - 1 (the closure), and its cache."""
     cache = model.new_cache(B, DRAFT_PREFIX)
     cache.lengths.fill_(DRAFT_PREFIX - 1)
     ids = torch.randint(3, model.config.vocab_size, (B, 1), device="cuda")
@@ -561,6 +570,83 @@ def draft_row(model, B: int, weights: int, floor_ms: float, hbm: float, compiled
     def step():
         next_ids.copy_(forward(ids))
 
+    return step, cache
+
+
+def profile_draft(hbm: float, steps: int = 10):
+    """Where the draft's step goes: each kernel's device time a step (torch.profiler over eager
+    steps with PDL off, so that each kernel's time is its own), their sum against the step
+    as one graph with the current settings (the rest: gaps between launches), at batch 1 and
+    16, then with the norms folded (Transformer.fold_norms, last: it rewrites the weights)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from specoff import kernels
+
+    model = draft_model()
+    floor_ms = weight_bytes_per_step(model) / hbm / 1e6
+    rows = []
+    for fold in (False, True):
+        if fold:
+            model.fold_norms()
+        for B in (DRAFT_BATCHES[0], DRAFT_BATCHES[-1]):
+            step, _ = draft_step(model, B)
+            with torch.inference_mode():
+                graph_ms = one_graph_replay_ms(step)
+                setting, kernels.PDL = kernels.PDL, "off"
+                try:
+                    for _ in range(3):
+                        step()
+                    torch.cuda.synchronize()
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(steps):
+                            step()
+                        torch.cuda.synchronize()
+                finally:
+                    kernels.PDL = setting
+            from torch.autograd import DeviceType
+
+            launches = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                              key=lambda e: e.time_range.start)
+            n = len(launches) // steps
+            names = [e.name for e in launches[:n]]
+            ms = [sum(launches[s * n + i].time_range.elapsed_us() for s in range(steps)) / steps / 1e3
+                  for i in range(n)]
+            assert len(launches) == n * steps and all(launches[s * n + i].name == names[i] for s in range(steps)
+                                                      for i in range(n)), "the steps launched unlike kernels"
+            total = sum(ms)
+            case = f"B={B}" + (", norms folded" if fold else "")
+            print(f"\ndraft step {case}: one graph {graph_ms:.3f} ms ({graph_ms / floor_ms:.2f}x the "
+                  f"{floor_ms:.3f} ms read), its {n} kernels {total:.3f} ms a step (PDL off, eager), "
+                  f"the rest {graph_ms - total:.3f} ms")
+            print("| kernel (in launch order; a layer's summed over the layers) | launches | ms a step | share |\n"
+                  "| --- | ---: | ---: | ---: |")
+            for name, count, t in layer_pattern(names, ms, len(model.layers)):
+                print(f"| {name[:100]} | {count} | {t:.4f} | {100 * t / total:.1f}% |")
+            rows.append(dict(kernel="draft_profile", case=case, graph_ms=graph_ms, floor_ms=floor_ms,
+                             kernels_ms=total, launches=names, launch_ms=ms))
+            torch.cuda.empty_cache()
+    return rows
+
+
+def layer_pattern(names, ms, layers: int):
+    """(name, launches, ms) of a step's launches, those of the `layers` repeats of one layer's
+    pattern (found as the longest run of launches that repeats `layers` times in a row: a
+    longer one would need more layers) summed position by position, the launches before and
+    after them as they come."""
+    n = len(names)
+    for period in range(n // layers, 0, -1):
+        for first in range(n - layers * period + 1):
+            if all(names[first + i * period + j] == names[first + j] for i in range(layers) for j in range(period)):
+                out = [(names[i], 1, ms[i]) for i in range(first)]
+                out += [(f"layer: {names[first + j]}", layers,
+                         sum(ms[first + i * period + j] for i in range(layers))) for j in range(period)]
+                end = first + layers * period
+                return out + [(names[i], 1, ms[i]) for i in range(end, n)]
+    return [(name, 1, t) for name, t in zip(names, ms)]
+
+
+def draft_row(model, B: int, weights: int, floor_ms: float, hbm: float, compiled: bool = False) -> dict:
+    step, cache = draft_step(model, B, compiled)
     with torch.inference_mode():
         t_eager = _time_ms(step)
         t_graph = one_graph_replay_ms(step)
@@ -593,7 +679,9 @@ def print_row(r):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["moe", "attention", "prefill", "fused", "draft", "skinny"])
+    parser.add_argument("--only", choices=["moe", "attention", "prefill", "fused", "draft", "skinny", "draft-profile"],
+                        help="one group of rows; draft-profile (never in the full run): the draft step's "
+                             "kernels, each one's device time a step")
     parser.add_argument("--skinny-sweep", action="store_true",
                         help="the few-rows kernel's rows also search a small grid of tiles and K slices")
     parser.add_argument("--no-ref", action="store_true", help="skip the slow float32 references")
@@ -622,6 +710,8 @@ def main():
         rows += bench_skinny(hbm, args.skinny_sweep)
     if args.only in (None, "draft"):
         rows += bench_draft(hbm, args.draft_compile)
+    if args.only == "draft-profile":
+        rows += profile_draft(hbm)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(hbm_gbps=hbm, rows=rows), f, indent=1)

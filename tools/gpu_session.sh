@@ -36,6 +36,9 @@
 #                the draft only in float8: EXTRA="--draft-quant fp8 --draft-grid fp8" (the
 #                pair built on the float8 grid, so the fp8 draft proposes as bf16 would)
 #   kernels      tools/bench_kernels.py --only prefill
+#   draft-profile  the draft step's kernels in launch order, a layer's summed over the layers,
+#                each one's device time a step, against the step as one graph (defaults, then
+#                the norms folded)
 #   kernel-goals tools/bench_kernels.py --no-ref over every kernel (the kernel issue's goals:
 #                MoE, verification and tree attention, the draft's step as one graph), JSON
 #                rows in $OUT/kernels.json
@@ -236,6 +239,9 @@ ROWS
                     --tree-budgets "${TREES:-64}" --engines "${ENGINES:-specoff-chain,specoff-tree}" \
                     --set "kernels.skinny.LINEAR=$linear" --set "models.decoder.FUSED_CACHE_WRITE=$linear"
             done ;;
+        draft-profile)  # the draft step's kernels, each one's device time a step (defaults, norms folded)
+            timeout 200 python tools/bench_kernels.py --only draft-profile --json "$OUT/draft-profile.json" 2>&1 \
+                | tee -a "$OUT/draft-profile.log" | tail -60 ;;
         moe-tma)
             timeout 150 python -m pytest -q -m gpu tests/kernels/test_moe.py -k "descriptor or cuda_graph or pieces" \
                 2>&1 | tee -a "$OUT/moe-tma.log" | tail -4
