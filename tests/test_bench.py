@@ -591,3 +591,21 @@ def test_a_pair_takes_the_layers_the_host_holds():
     assert bench.layers_the_host_holds("mixtral-8x22b", 1 << 40) == 56
     assert bench.layers_the_host_holds("mixtral-8x7b", free) == 32
     assert bench.layers_the_host_holds("mixtral-8x22b", None) == bench.PAIRS["mixtral-8x22b"][3]
+
+
+def test_kernel_bench_groups_a_steps_launches_by_layer():
+    """tools/bench_kernels.py's draft profile: a step's launches with the layers' repeated
+    pattern summed position by position (a pattern with a kernel twice in a row is not
+    mistaken for a shorter one), what comes before and after as it comes; no pattern, as
+    launched."""
+    spec = importlib.util.spec_from_file_location("bench_kernels_tool", ROOT / "tools" / "bench_kernels.py")
+    kernels_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels_bench)
+    layer = ["norm", "wqkv", "attention", "wo", "w13", "w2", "w2"]
+    names = ["embed"] + layer * 3 + ["norm", "head"]
+    ms = [float(i) for i in range(len(names))]
+    got = kernels_bench.layer_pattern(names, ms, 3)
+    assert got[0] == ("embed", 1, 0.0) and got[-2:] == [("norm", 1, 22.0), ("head", 1, 23.0)]
+    assert [(name, count) for name, count, _ in got[1:-2]] == [(f"layer: {k}", 3) for k in layer]
+    assert [t for _, _, t in got[1:-2]] == [sum(1.0 + j + 7 * i for i in range(3)) for j in range(7)]
+    assert kernels_bench.layer_pattern(["a", "b"], [1.0, 2.0], 3) == [("a", 1, 1.0), ("b", 1, 2.0)]

@@ -476,8 +476,8 @@ def weight_bytes_per_step(model) -> int:
     return total
 
 
-def one_graph_replay_ms(step, replays: int = 30) -> float:
-    """Capture step() as one CUDA graph; median time of single replays (launch included)."""
+def capture(step) -> "torch.cuda.CUDAGraph":
+    """step() captured as one CUDA graph (after two warm-up calls on a side stream)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -487,6 +487,13 @@ def one_graph_replay_ms(step, replays: int = 30) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
+    return graph
+
+
+def one_graph_replay_ms(step, replays: int = 30, graph=None) -> float:
+    """Capture step() as one CUDA graph (or take `graph`); median time of single replays
+    (launch included)."""
+    graph = graph or capture(step)
     for _ in range(3):
         graph.replay()
     times = []
@@ -573,13 +580,39 @@ def draft_step(model, B: int, compiled: bool = False):
     return step, cache
 
 
-def profile_draft(hbm: float, steps: int = 10):
-    """Where the draft's step goes: each kernel's device time a step (torch.profiler over eager
-    steps with PDL off, so that each kernel's time is its own), their sum against the step
-    as one graph with the current settings (the rest: gaps between launches), at batch 1 and
-    16, then with the norms folded (Transformer.fold_norms, last: it rewrites the weights)."""
+def profiled_launches(run, steps: int):
+    """torch.profiler over `steps` calls of run(): the kernels of one call in launch order
+    (names), each one's own device time (ms, the mean over the calls) and what each adds to
+    the call's span (its end minus the previous kernel's end: with programmatic launches a
+    kernel starts before the last one ends, so own times overlap and these sum to the span).
+    None where the profiler saw no kernels or the calls launched unlike kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    launches = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+    n = len(launches) // steps
+    names = [e.name for e in launches[:n]]
+    if n == 0 or len(launches) != n * steps or any(launches[s * n + i].name != names[i]
+                                                   for s in range(steps) for i in range(n)):
+        return None
+    calls = [launches[s * n:(s + 1) * n] for s in range(steps)]
+    own = [sum(c[i].time_range.elapsed_us() for c in calls) / steps / 1e3 for i in range(n)]
+    adds = [sum(c[i].time_range.end - (c[i - 1].time_range.end if i else c[0].time_range.start) for c in calls)
+            / steps / 1e3 for i in range(n)]
+    return names, own, adds
+
+
+def profile_draft(hbm: float, steps: int = 10):
+    """Where the draft's step goes, at batch 1 and 16, then with the norms folded
+    (Transformer.fold_norms, last: it rewrites the weights): each kernel's own device time
+    a step (torch.profiler over eager steps with PDL off), and inside the step's CUDA graph
+    with the current settings what each kernel adds to the replay's span (with PDL the
+    launches overlap; where the profiler sees no kernels inside graphs, only the first)."""
     from specoff import kernels
 
     model = draft_model()
@@ -591,39 +624,43 @@ def profile_draft(hbm: float, steps: int = 10):
         for B in (DRAFT_BATCHES[0], DRAFT_BATCHES[-1]):
             step, _ = draft_step(model, B)
             with torch.inference_mode():
-                graph_ms = one_graph_replay_ms(step)
+                graph = capture(step)
+                graph_ms = one_graph_replay_ms(step, graph=graph)
+                in_graph = profiled_launches(graph.replay, steps)
                 setting, kernels.PDL = kernels.PDL, "off"
                 try:
                     for _ in range(3):
                         step()
                     torch.cuda.synchronize()
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        for _ in range(steps):
-                            step()
-                        torch.cuda.synchronize()
+                    eager = profiled_launches(step, steps)
                 finally:
                     kernels.PDL = setting
-            from torch.autograd import DeviceType
-
-            launches = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
-                              key=lambda e: e.time_range.start)
-            n = len(launches) // steps
-            names = [e.name for e in launches[:n]]
-            ms = [sum(launches[s * n + i].time_range.elapsed_us() for s in range(steps)) / steps / 1e3
-                  for i in range(n)]
-            assert len(launches) == n * steps and all(launches[s * n + i].name == names[i] for s in range(steps)
-                                                      for i in range(n)), "the steps launched unlike kernels"
-            total = sum(ms)
+            assert eager is not None, "the profiler saw no kernels, or the steps launched unlike kernels"
+            names, own, _ = eager
+            total = sum(own)
             case = f"B={B}" + (", norms folded" if fold else "")
             print(f"\ndraft step {case}: one graph {graph_ms:.3f} ms ({graph_ms / floor_ms:.2f}x the "
-                  f"{floor_ms:.3f} ms read), its {n} kernels {total:.3f} ms a step (PDL off, eager), "
+                  f"{floor_ms:.3f} ms read), its {len(names)} kernels {total:.3f} ms a step (PDL off, eager), "
                   f"the rest {graph_ms - total:.3f} ms")
-            print("| kernel (in launch order; a layer's summed over the layers) | launches | ms a step | share |\n"
-                  "| --- | ---: | ---: | ---: |")
-            for name, count, t in layer_pattern(names, ms, len(model.layers)):
-                print(f"| {name[:100]} | {count} | {t:.4f} | {100 * t / total:.1f}% |")
-            rows.append(dict(kernel="draft_profile", case=case, graph_ms=graph_ms, floor_ms=floor_ms,
-                             kernels_ms=total, launches=names, launch_ms=ms))
+            row = dict(kernel="draft_profile", case=case, graph_ms=graph_ms, floor_ms=floor_ms,
+                       kernels_ms=total, launches=names, launch_ms=own)
+            eager_rows = layer_pattern(names, own, len(model.layers))
+            graph_rows = None
+            if in_graph is not None and in_graph[0] == names:
+                graph_rows = layer_pattern(names, in_graph[2], len(model.layers))
+                row.update(graph_span_ms=sum(in_graph[2]), graph_launch_ms=in_graph[1], graph_adds_ms=in_graph[2])
+                print(f"in the graph (PDL {kernels.PDL}): span {sum(in_graph[2]):.3f} ms, each kernel's "
+                      "end minus the last one's in the second column")
+            elif in_graph is not None:
+                print("in the graph: the profiler saw other kernels than the eager step's (not shown)")
+            else:
+                print("in the graph: the profiler saw no kernels inside the replays")
+            print("| kernel (in launch order; a layer's summed over the layers) | launches | ms a step | share "
+                  "| adds in the graph (ms) |\n| --- | ---: | ---: | ---: | ---: |")
+            for k, (name, count, t) in enumerate(eager_rows):
+                added = f"{graph_rows[k][2]:.4f}" if graph_rows else "–"
+                print(f"| {name[:100]} | {count} | {t:.4f} | {100 * t / total:.1f}% | {added} |")
+            rows.append(row)
             torch.cuda.empty_cache()
     return rows
 

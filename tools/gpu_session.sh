@@ -37,8 +37,8 @@
 #                pair built on the float8 grid, so the fp8 draft proposes as bf16 would)
 #   kernels      tools/bench_kernels.py --only prefill
 #   draft-profile  the draft step's kernels in launch order, a layer's summed over the layers,
-#                each one's device time a step, against the step as one graph (defaults, then
-#                the norms folded)
+#                each one's own device time (eager, PDL off) and what it adds to the span of
+#                the step's graph replay (as set), at batch 1 and 16 (defaults, then folded)
 #   kernel-goals tools/bench_kernels.py --no-ref over every kernel (the kernel issue's goals:
 #                MoE, verification and tree attention, the draft's step as one graph), JSON
 #                rows in $OUT/kernels.json
