@@ -53,24 +53,18 @@ FUSED_ELEMENTWISE = "auto"
 HOST_CACHE_AHEAD = 1
 
 
-def project(linear: nn.Module, x: torch.Tensor, rms_eps: Optional[float] = None,
+def project(linear: nn.Module, x: torch.Tensor, norm: Optional["RMSNorm"] = None,
             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """linear(x), through the few-rows kernel where kernels.skinny.LINEAR takes it (a plain
     nn.Linear, ≤ skinny.MAX_ROWS rows: decode steps and short verifications); quantized
-    projections (quant.Fp8Linear) keep their own forward. `rms_eps`: x RMS-normalised first
-    (an RMSNorm whose weight is folded into linear's, Transformer.fold_norms); `residual`:
-    added to the result."""
+    projections (quant.Fp8Linear) keep their own forward. `norm`: an RMSNorm whose weight
+    is folded into linear's (Transformer.fold_norms; its own weight ones), applied to x
+    first, inside the kernel where it runs; `residual`: added to the result."""
     if type(linear) is nn.Linear and skinny.usable(x, linear.weight):
-        return skinny.skinny_linear(x, linear.weight, linear.bias, residual=residual, rms_eps=rms_eps)
-    out = linear(x if rms_eps is None else unit_rms_norm(x, rms_eps))
+        return skinny.skinny_linear(x, linear.weight, linear.bias, residual=residual,
+                                    rms_eps=None if norm is None else norm.eps)
+    out = linear(x if norm is None else norm(x))
     return out if residual is None else residual + out
-
-
-def unit_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm with a weight of ones (a folded block's norms), HF's rounding: in fp32, then
-    rounded to x's dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 # The rotary embedding's launch also storing the new keys and values in the layer's cache
@@ -169,14 +163,14 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache], layer: int,
-                positions: Optional[torch.Tensor], kv_len: Optional[int], rms_eps: Optional[float] = None,
+                positions: Optional[torch.Tensor], kv_len: Optional[int], norm: Optional["RMSNorm"] = None,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`mask`: a TreeMask, or the causal mask of `positions` (causal_mask), which run
-        consecutively in each row. `rms_eps`: x is the block's input, its norm folded into
-        wqkv (Transformer.fold_norms); `residual`: added to the output projection's result."""
+        consecutively in each row. `norm`: x is the block's input, this norm's weight folded
+        into wqkv (Transformer.fold_norms); `residual`: added to the output projection's result."""
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = project(self.wqkv, x, rms_eps)
+        qkv = project(self.wqkv, x, norm)
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
         if self.q_norm is not None:
@@ -421,21 +415,22 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                rms_eps: Optional[float] = None) -> torch.Tensor:
+                norm: Optional[RMSNorm] = None) -> torch.Tensor:
         """The feed-forward of x, added to `residual` when one is given (the block's skip).
-        `rms_eps`: x is un-normalised, the norm's weight folded into w13 (fold_norms)."""
+        `norm`: x is un-normalised, this norm's weight folded into w13 (fold_norms)."""
         if use_fused_elementwise(x):
             if type(self.w13) is nn.Linear and skinny.usable(x, self.w13.weight):
                 # the few-rows products: the activation (and a folded norm) in the gate-up
                 # launch, the skip's add in the down projection's (two launches fewer)
-                act = skinny.skinny_linear(x, self.w13.weight, self.w13.bias, swiglu=True, rms_eps=rms_eps)
+                act = skinny.skinny_linear(x, self.w13.weight, self.w13.bias, swiglu=True,
+                                           rms_eps=None if norm is None else norm.eps)
                 if type(self.w2) is nn.Linear and skinny.usable(act, self.w2.weight):
                     return skinny.skinny_linear(act, self.w2.weight, self.w2.bias, residual=residual)
                 out = project(self.w2, act)
             else:
-                out = project(self.w2, silu_mul(project(self.w13, x, rms_eps)))
+                out = project(self.w2, silu_mul(project(self.w13, x, norm)))
         else:
-            gate, up = project(self.w13, x, rms_eps).chunk(2, dim=-1)
+            gate, up = project(self.w13, x, norm).chunk(2, dim=-1)
             out = project(self.w2, F.silu(gate) * up)
         return out if residual is None else residual + out
 
@@ -535,8 +530,8 @@ class TransformerBlock(nn.Module):
             # both norms inside the products after them, both skip adds in the products
             # before them: wqkv, rotary + cache write, attention, wo, w13, w2 (6 launches)
             h = self.attention(h, cos, sin, mask, cache, layer, positions, kv_len,
-                               rms_eps=self.attention_norm.eps, residual=h)
-            return self.feed_forward(h, residual=h, rms_eps=self.ffn_norm.eps)
+                               norm=self.attention_norm, residual=h)
+            return self.feed_forward(h, residual=h, norm=self.ffn_norm)
         h, normed = self.attend(h, cos, sin, mask, cache, layer, positions, kv_len)
         if isinstance(self.feed_forward, FeedForward):
             return self.feed_forward(normed, residual=h)  # the skip's add may ride in its last product
