@@ -523,32 +523,37 @@ def bench_draft(hbm: float, compile_step: bool = False):
     from specoff.models import decoder
 
     rows = []
-    names = ("LINEAR", "FUSED_CACHE_WRITE", "PDL", "SWIGLU_ONE_DOT", "FUSED_ROPE_ATTENTION")
-    homes = (skinny, decoder, kernels, skinny, decoder)
+    names = ("LINEAR", "FUSED_CACHE_WRITE", "PDL", "SWIGLU_ONE_DOT", "FUSED_ROPE_ATTENTION", "SQUARES_FROM_PRODUCTS")
+    homes = (skinny, decoder, kernels, skinny, decoder, decoder)
     setting = tuple(getattr(home, name) for home, name in zip(homes, names))
-    # the current settings' rows first, then every decode fusion off; the few-rows products
-    # (kernels/skinny.py) with the cache write in the rotary launch (the defaults); each of
-    # programmatic dependent launch, the SwiGLU launch's one-tile programs and the rotary +
-    # write + attention launch on top, then all three; then (it rewrites the weights, so
-    # last) the norms folded into the products (Transformer.fold_norms): alone, with the
-    # one-tile programs and the rotary launch, and with PDL too
-    base = ("auto", "auto", "off", False, "off")
-    three = ("auto", "auto", "auto", True, "auto")
-    two = ("auto", "auto", "off", True, "auto")
-    combos = [(setting, False), (("off", "off", "off", False, "off"), False), (base, False),
-              (("auto", "auto", "auto", False, "off"), False), (("auto", "auto", "off", True, "off"), False),
-              (("auto", "auto", "off", False, "auto"), False), (two, False), (three, False),
-              (base, True), (two, True), (three, True)]
-    for values, fold in dict.fromkeys(combos):
+    # the current settings' rows first (where they fold the norms, as the engine's draft
+    # does by default, decoder.FOLD_DRAFT_NORMS: first of the folded ones), then every
+    # decode fusion off; the few-rows products (kernels/skinny.py) with the cache write in
+    # the rotary launch; each of programmatic dependent launch, the SwiGLU launch's one-tile
+    # programs and the rotary + write + attention launch on top, then all three; then (it
+    # rewrites the weights, so last) the norms folded into the products
+    # (Transformer.fold_norms): alone, with the one-tile programs and the rotary launch, and
+    # with PDL too; each with its norms' sums of squares handed on by the products before
+    # (decoder.SQUARES_FROM_PRODUCTS) and, with all three, without (each product squaring
+    # its input)
+    base = ("auto", "auto", "off", False, "off", True)
+    three = ("auto", "auto", "auto", True, "auto", True)
+    two = ("auto", "auto", "off", True, "auto", True)
+    combos = [(setting, decoder.FOLD_DRAFT_NORMS), (("off", "off", "off", False, "off", True), False), (base, False),
+              (("auto", "auto", "auto", False, "off", True), False), (("auto", "auto", "off", True, "off", True), False),
+              (("auto", "auto", "off", False, "auto", True), False), (two, False), (three, False),
+              (base, True), (two, True), (three, True), (three[:5] + (False,), True)]
+    for values, fold in sorted(dict.fromkeys(combos), key=lambda c: c[1]):
         for home, name, value in zip(homes, names, values):
             setattr(home, name, value)
         if fold:
             model.fold_norms()
-        linear, write, pdl, one_dot, rope_attention = values
+        linear, write, pdl, one_dot, rope_attention, handoff = values
         for B in DRAFT_BATCHES:
             rows.append(draft_row(model, B, weights, floor_ms, hbm))
             rows[-1]["case"] += (f" skinny {linear}{' one-dot' if one_dot else ''}, cache write {write}, pdl {pdl}"
-                                 f", rope+attention {rope_attention}" + (", norms folded" if fold else ""))
+                                 f", rope+attention {rope_attention}"
+                                 + ((", norms folded" + ("" if handoff else " (own squares)")) if fold else ""))
             print_row(rows[-1])
             torch.cuda.empty_cache()
     for home, name, value in zip(homes, names, setting):

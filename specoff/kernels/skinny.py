@@ -20,7 +20,11 @@ first formed silu · up in the down projection's K loop, from a [gate | up] inpu
 but 0.34 ms for w2 against torch's 0.034, the loop no longer pipelined its weight loads.)
 With an RMSNorm's weight folded into W's columns (models.decoder's fold_norms), `rms_eps`
 normalises x's rows inside the launch (the rows' scale from the x tiles the product loads,
-applied to the fp32 sums): the norm's launch before the product goes too.
+applied to the fp32 sums): the norm's launch before the product goes too. The rows' sums
+of squares can come from the launch before: a product ending in the block's skip add
+(`squares`) also stores, a column tile each, its output rows' partial sums of squares, and
+the normalising product after it sums those few floats instead of squaring its x tiles in
+its K loop (which cost the one-tile SwiGLU launch ~5 µs at one row on the H200).
 
 On the H200 (`python tools/bench_kernels.py --only skinny [--skinny-sweep]`, session 24,
 each weight taken in turn from copies filling 4x the L2, bench/runs/h200-session24/l2-honest/):
@@ -33,7 +37,9 @@ against torch's product + silu_mul 0.0583, the down projection with the skip 0.0
 """
 from __future__ import annotations
 
+import functools
 import os
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -62,13 +68,18 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _store(y_ptrs, acc, mask, r_ptrs, HAS_RESIDUAL: tl.constexpr):
-    """acc rounded to y's dtype; with a residual, r + that, rounded again (as torch's add)."""
+def _store(y_ptrs, acc, mask, r_ptrs, sq_ptrs, HAS_RESIDUAL: tl.constexpr, SQ_OUT: tl.constexpr):
+    """acc rounded to y's dtype; with a residual, r + that, rounded again (as torch's add).
+    SQ_OUT: the tile's sums of squares of each row's stored values (as an RMSNorm of y reads
+    them: fp32 of the rounded values), one fp32 a row at sq_ptrs."""
     y = acc.to(y_ptrs.dtype.element_ty)
     if HAS_RESIDUAL:
         r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
         y = (y.to(tl.float32) + r).to(y_ptrs.dtype.element_ty)
     tl.store(y_ptrs, y, mask=mask)
+    if SQ_OUT:
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        tl.store(sq_ptrs, tl.sum(yf * yf, axis=0))
 
 
 @triton.jit
@@ -80,12 +91,13 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N, K, k_per_split, rms_eps,
-                   stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_rm, stride_rn,
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, sq_out_ptr, sq_in_ptr, M, N, K,
+                   k_per_split, rms_eps, sq_in_tiles, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_rm, stride_rn,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
                    SWIGLU: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False,
                    ONE_DOT: tl.constexpr = False, RMS: tl.constexpr = False,
+                   SQ_OUT: tl.constexpr = False, SQ_IN: tl.constexpr = 0,
                    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False):
     """Program (n, k): rows n·BLOCK_N.. of W over the k-th K slice, every row of x (M ≤ BLOCK_M).
     SWIGLU (K whole): W is [gate; up] (2N, K) and y = silu(x·gateᵀ) · (x·upᵀ), each product
@@ -100,12 +112,20 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
     threads every K step cost the one-tile SwiGLU launch 5 µs in session 24's profile); K
     slices read their rows of x whole in a loop of their own after the product's (x is 16
     rows at most: from L2; session 24 timed that loop, the first form for every launch, as
-    the launch's +40%). USE_PDL: see kernels.pdl."""
+    the launch's +40%). SQ_OUT: each column tile also stores its rows' sums of squares of y
+    (BLOCK_M fp32 at sq_out_ptr + tile · BLOCK_M): the partial sums an RMSNorm of y needs.
+    SQ_IN (with RMS; a power of two ≥ sq_in_tiles): x's squares not taken here but summed
+    from the sq_in_tiles partial rows a product's SQ_OUT left at sq_in_ptr (read as the
+    program starts, in one load). USE_PDL: see kernels.pdl."""
     pdl_start(USE_PDL, PDL_EARLY)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
+    if RMS and SQ_IN > 0:  # the rows' squares from the partials the product before left
+        tt = tl.arange(0, SQ_IN)
+        row_sq = tl.sum(tl.load(sq_in_ptr + tt[:, None] * BLOCK_M + rm[None, :],
+                                mask=tt[:, None] < sq_in_tiles, other=0.0), axis=0)
     rk = tl.arange(0, BLOCK_K)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
@@ -123,7 +143,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             w = tl.load(both_ptrs, mask=(col[:, None] < N) & (kk[None, :] < k_hi), other=0.0)
             xt = tl.load(x_ptrs, mask=(kk[:, None] < k_hi) & (rm[None, :] < M), other=0.0)
             both = _dot(w, xt, both, IEEE)
-            if RMS and SPLIT_K == 1:
+            if RMS and SPLIT_K == 1 and SQ_IN == 0:
                 squares += xt.to(tl.float32) * xt.to(tl.float32)
             both_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K * stride_xk
@@ -139,7 +159,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             w = tl.load(w_ptrs, mask=w_mask, other=0.0)
             xt = tl.load(x_ptrs, mask=(kk[:, None] < k_hi) & (rm[None, :] < M), other=0.0)
             acc = _dot(w, xt, acc, IEEE)
-            if RMS and SPLIT_K == 1:
+            if RMS and SPLIT_K == 1 and SQ_IN == 0:
                 squares += xt.to(tl.float32) * xt.to(tl.float32)
             if SWIGLU:
                 acc_up = _dot(tl.load(up_ptrs, mask=w_mask, other=0.0), xt, acc_up, IEEE)
@@ -148,18 +168,21 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             x_ptrs += BLOCK_K * stride_xk
     pdl_release(USE_PDL)
     if RMS:  # the rows' RMSNorm scale, applied to the fp32 sums (bias after: it is not normalised)
-        if SPLIT_K > 1:  # a slice saw part of each row: read the rows whole
-            for k in range(0, K, BLOCK_K):
-                kk = k + rk
-                xs = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None] * stride_xk,
-                             mask=(kk[:, None] < K) & (rm[None, :] < M), other=0.0).to(tl.float32)
-                squares += xs * xs
-        scale = 1.0 / tl.sqrt_rn(tl.sum(squares, axis=0) / K + rms_eps)
+        if SQ_IN == 0:
+            if SPLIT_K > 1:  # a slice saw part of each row: read the rows whole
+                for k in range(0, K, BLOCK_K):
+                    kk = k + rk
+                    xs = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None] * stride_xk,
+                                 mask=(kk[:, None] < K) & (rm[None, :] < M), other=0.0).to(tl.float32)
+                    squares += xs * xs
+            row_sq = tl.sum(squares, axis=0)
+        scale = 1.0 / tl.sqrt_rn(row_sq / K + rms_eps)
         acc = acc * scale[None, :]
         acc_up = acc_up * scale[None, :]
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None] * stride_yn
     y_mask = (rn[:, None] < N) & (rm[None, :] < M)
     r_ptrs = r_ptr + rm[None, :] * stride_rm + rn[:, None] * stride_rn
+    sq_ptrs = sq_out_ptr + pid_n * BLOCK_M + rm
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
@@ -170,7 +193,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
             gate = acc.to(dtype).to(tl.float32)
             silu = tl.math.div_rn(gate, 1.0 + _exp(-gate)).to(dtype).to(tl.float32)
             acc = silu * acc_up.to(dtype).to(tl.float32)
-        _store(y_ptrs, acc, y_mask, r_ptrs, HAS_RESIDUAL)
+        _store(y_ptrs, acc, y_mask, r_ptrs, sq_ptrs, HAS_RESIDUAL, SQ_OUT)
     else:
         tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
         slab = part_ptr + pid_n.to(tl.int64) * (SPLIT_K * BLOCK_N * BLOCK_M)
@@ -183,11 +206,11 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, M, N,
                 total += tl.load(slab + s * (BLOCK_N * BLOCK_M) + tile, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
-            _store(y_ptrs, total, y_mask, r_ptrs, HAS_RESIDUAL)
+            _store(y_ptrs, total, y_mask, r_ptrs, sq_ptrs, HAS_RESIDUAL, SQ_OUT)
             tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch
 
 
-def config(M: int, N: int, K: int, sms: int) -> dict:
+def config(M: int, N: int, K: int, sms: int, element_size: int = 2, shared: int = 227 * 1024) -> dict:
     """BLOCK_M 16 (the rows), 64 weight rows a tile with 4 warps (one wgmma group), 4 stages.
     K in two slices only where the column tiles cover under half the SMs and K is short
     (Mistral-7B's wo: 64 tiles of 4096); 256-wide K steps where the tiles are under one wave
@@ -197,11 +220,33 @@ def config(M: int, N: int, K: int, sms: int) -> dict:
     bench/runs/h200-session24/l2-honest/skinny.json): wo 0.0109 ms in two slices of 256-wide
     steps against 0.0132 with 128 (torch 0.0134), w2 0.0309 (two slices 0.0305, torch
     0.0321), wqkv 0.0143 (torch 0.0151); w13 and the head fastest as set. (Session 23's grid
-    replayed one weight, partly from L2: wo 0.0075 ms then, 11.4 µs in the step's profile.)"""
+    replayed one weight, partly from L2: wo 0.0075 ms then, 11.4 µs in the step's profile.)
+    The K step and then the stages shrink until the stages' tiles of W and x (`element_size`
+    bytes each) fit in `shared` bytes (fp32's 256-wide steps would need 320 KB)."""
     tiles = triton.cdiv(N, 64)
     split = 2 if 2 * tiles < sms and K <= 8192 else 1
     block_k = 256 if tiles < sms else 128
-    return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4)
+    return _fit(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4),
+                64, element_size, shared)
+
+
+def _fit(cfg: dict, w_rows: int, element_size: int, shared: int) -> dict:
+    """cfg with BLOCK_K (to 64), then num_stages (to 2), lowered until each stage's tiles of
+    `w_rows` weight rows and of x fit in `shared` bytes with 8 KB to spare."""
+    def need(c):
+        return c["num_stages"] * (w_rows + c["BLOCK_M"]) * c["BLOCK_K"] * element_size + 8 * 1024
+
+    while need(cfg) > shared and cfg["BLOCK_K"] > 64:
+        cfg["BLOCK_K"] //= 2
+    while need(cfg) > shared and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _shared(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
 # (device, weight's address) -> int32 counts, zero between launches. One buffer a weight
@@ -223,20 +268,56 @@ def _counts(w: torch.Tensor, tiles: int) -> torch.Tensor:
     return counts
 
 
+# (device, producing weight's address) -> its launches' partial sums of squares, (tiles, 16)
+# fp32: a product with squares=True leaves its output rows' squares a column tile there,
+# and a folded norm's product after it (rms_eps, x that very output) sums them instead of
+# squaring x itself. One buffer a weight, as the counts; never freed (graphs keep it).
+_SQUARES: Dict[Tuple[str, int], torch.Tensor] = {}
+_SQUARES_OF: Dict[Tuple[str, int], tuple] = {}  # (a weakref to the output whose squares it holds, tiles)
+
+
+def _squares_out(w: torch.Tensor, tiles: int) -> Tuple[Tuple[str, int], torch.Tensor]:
+    key = (str(w.device), w.data_ptr())
+    buf = _SQUARES.get(key)
+    if buf is None or buf.shape[0] < tiles:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = torch.zeros(tiles, 16, dtype=torch.float32, device=w.device)
+        _SQUARES[key] = buf
+    return key, buf
+
+
+def row_squares(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The partial sums of squares of x's rows (tiles, 16) that the product writing x left
+    (skinny_linear's squares=True), where no product with that weight has run since; else None."""
+    key = getattr(x, "_skinny_squares", None)
+    owner, tiles = _SQUARES_OF.get(key, (None, 0)) if key is not None else (None, 0)
+    return _SQUARES[key][:tiles] if owner is not None and owner() is x else None
+
+
+def _config(M: int, N: int, K: int, swiglu: bool, device, element_size: int) -> dict:
+    """config() for a launch of N output columns (the SwiGLU's: its one-tile programs, or
+    tiles of both the gate's and the up's rows) on this device (its shared memory)."""
+    device = torch.device(device)
+    shared = _shared(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1 << 30
+    cfg = config(M, 2 * N if swiglu else N, K, num_sms(device), element_size, shared)
+    if swiglu and SWIGLU_ONE_DOT:
+        cfg.update(BLOCK_N=32, ONE_DOT=True)
+    return _fit(cfg, 2 * cfg["BLOCK_N"] if swiglu else cfg["BLOCK_N"], element_size, shared)
+
+
 def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
                  cfg: Optional[dict] = None, swiglu: bool = False,
-                 residual: Optional[torch.Tensor] = None, rms_eps: Optional[float] = None) -> torch.Tensor:
+                 residual: Optional[torch.Tensor] = None, rms_eps: Optional[float] = None,
+                 sq_out: Optional[torch.Tensor] = None, sq_in: Optional[torch.Tensor] = None) -> torch.Tensor:
     M, K = x2.shape
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     assert w.shape[1] == K and out.shape == (M, N)
     if M == 0:
         return out
     assert M <= 16, "skinny products take at most 16 rows"
-    if cfg is None:
-        cfg = config(M, 2 * N if swiglu else N, K, num_sms(x2.device))
-        if swiglu and SWIGLU_ONE_DOT:
-            cfg.update(BLOCK_N=32, ONE_DOT=True)
-    cfg = dict(cfg)
+    cfg = dict(_config(M, N, K, swiglu, x2.device, x2.element_size()) if cfg is None else cfg)
     split = cfg.pop("SPLIT_K", 1)
     if swiglu:  # its epilogue needs both products whole
         split = 1
@@ -250,24 +331,35 @@ def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
         part = counts = out  # unused
     r = out if residual is None else residual
     assert r.shape == out.shape and r.dtype == out.dtype
+    if sq_out is not None:
+        assert cfg["BLOCK_M"] == 16 and sq_out.shape == (tiles, 16) and sq_out.is_contiguous()
+    if sq_in is not None:  # one power-of-two load of the partial rows
+        assert rms_eps is not None and cfg["BLOCK_M"] == 16 and sq_in.shape[1:] == (16,) and sq_in.is_contiguous()
     _launcher(_skinny_kernel, x2)[(tiles, split)](
-        x2, w, bias if bias is not None else out, out, part, counts, r, M, N, K, k_per_split,
-        0.0 if rms_eps is None else float(rms_eps), x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), r.stride(0), r.stride(1),
+        x2, w, bias if bias is not None else out, out, part, counts, r,
+        out if sq_out is None else sq_out, out if sq_in is None else sq_in, M, N, K, k_per_split,
+        0.0 if rms_eps is None else float(rms_eps), 0 if sq_in is None else sq_in.shape[0],
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), r.stride(0), r.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split, IEEE=x2.dtype == torch.float32, SWIGLU=swiglu,
-        HAS_RESIDUAL=residual is not None, RMS=rms_eps is not None, **cfg, **pdl(x2))
+        HAS_RESIDUAL=residual is not None, RMS=rms_eps is not None, SQ_OUT=sq_out is not None,
+        SQ_IN=0 if sq_in is None else triton.next_power_of_2(sq_in.shape[0]), **cfg, **pdl(x2))
     return out
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   cfg: Optional[dict] = None, swiglu: bool = False,
-                  residual: Optional[torch.Tensor] = None, rms_eps: Optional[float] = None) -> torch.Tensor:
+                  residual: Optional[torch.Tensor] = None, rms_eps: Optional[float] = None,
+                  squares: bool = False) -> torch.Tensor:
     """x (..., K) · Wᵀ (+ bias) → (..., N) in x's dtype, at most 16 rows in all; fp32
     accumulation, one rounding. `swiglu`: W (and bias) is [gate; up] (2N rows) and the result
     silu(gate) · up of the rounded products (fused.silu_mul's values): a SwiGLU's gate-up
     projection and activation in one launch. `residual` (..., N): returns residual + the
     product, as torch's add after it would. `rms_eps`: x's rows RMS-normalised (no weight:
-    one folded into W) before the product, the scale applied to the fp32 sums. `cfg`:
-    config()'s dict with entries replaced (tests, timing)."""
+    one folded into W) before the product, the scale applied to the fp32 sums; their sums of
+    squares from the partials the product writing x left (`squares`; row_squares) where it
+    did, else from x's tiles here. `squares`: the launch also leaves the output rows' partial
+    sums of squares for such a product after it (a folded block's skip adds, whose sums feed
+    the next norm). `cfg`: config()'s dict with entries replaced (tests, timing)."""
     assert x.dtype in _DTYPES and w.dtype == x.dtype, f"x {x.dtype} and W {w.dtype}: one float dtype"
     assert w.dim() == 2 and x.shape[-1] == w.shape[1], f"x has {x.shape[-1]} features, W is {tuple(w.shape)}"
     assert not swiglu or w.shape[0] % 2 == 0, f"swiglu: W {tuple(w.shape)} is not [gate; up]"
@@ -278,7 +370,18 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     if residual is not None:
         assert residual.shape == (*x.shape[:-1], N) and residual.dtype == x.dtype, "residual: the output's shape"
         r2 = residual.reshape(-1, N)
-    return _skinny_into(x2, w, bias, out, cfg, swiglu, r2, rms_eps).reshape(*x.shape[:-1], N)
+    sq_in = row_squares(x) if rms_eps is not None else None
+    key = sq_out = None
+    if squares and x2.shape[0]:
+        cfg = _config(x2.shape[0], N, x2.shape[1], swiglu, x.device, x.element_size()) if cfg is None else cfg
+        tiles = triton.cdiv(N, cfg["BLOCK_N"])
+        key, sq_out = _squares_out(w, tiles)
+        sq_out = sq_out[:tiles]
+    y = _skinny_into(x2, w, bias, out, cfg, swiglu, r2, rms_eps, sq_out, sq_in).reshape(*x.shape[:-1], N)
+    if key is not None:
+        y._skinny_squares = key
+        _SQUARES_OF[key] = (weakref.ref(y), tiles)
+    return y
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,

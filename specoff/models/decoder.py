@@ -54,15 +54,17 @@ HOST_CACHE_AHEAD = 1
 
 
 def project(linear: nn.Module, x: torch.Tensor, norm: Optional["RMSNorm"] = None,
-            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+            residual: Optional[torch.Tensor] = None, squares: bool = False) -> torch.Tensor:
     """linear(x), through the few-rows kernel where kernels.skinny.LINEAR takes it (a plain
     nn.Linear, ≤ skinny.MAX_ROWS rows: decode steps and short verifications); quantized
     projections (quant.Fp8Linear) keep their own forward. `norm`: an RMSNorm whose weight
     is folded into linear's (Transformer.fold_norms; its own weight ones), applied to x
-    first, inside the kernel where it runs; `residual`: added to the result."""
+    first, inside the kernel where it runs; `residual`: added to the result; `squares`: the
+    kernel, where it runs, also leaves the result's sums of squares for a folded norm's
+    product after it (skinny_linear)."""
     if type(linear) is nn.Linear and skinny.usable(x, linear.weight):
         return skinny.skinny_linear(x, linear.weight, linear.bias, residual=residual,
-                                    rms_eps=None if norm is None else norm.eps)
+                                    rms_eps=None if norm is None else norm.eps, squares=squares)
     out = linear(x if norm is None else norm(x))
     return out if residual is None else residual + out
 
@@ -80,10 +82,18 @@ FUSED_CACHE_WRITE = "auto"
 # (Transformer.fold_norms; Engine), so that its decode steps normalise inside the few-rows
 # products and add the skips in them: 6 launches a layer instead of 8. Changes the draft's
 # numbers by bf16 rounding, never the target's (its tokens stay the target's own). On the
-# H200 (session 24, the norms' sums of squares taken in the product's K loop): 4.23-4.31 ms
-# against 4.34-4.42 with the other fusions off, but no gain beside them (4.19-4.32 against
-# 4.07-4.24 with PDL, the one-tile SwiGLU and FUSED_ROPE_ATTENTION): off.
-FOLD_DRAFT_NORMS = False
+# H200 (session 24) with each product squaring its input in its K loop: no gain beside the
+# other fusions (4.19-4.32 ms against 4.07-4.24); session 25, the squares handed on by the
+# products before (SQUARES_FROM_PRODUCTS): 4.03 / 4.09 / 4.14 ms at batch 1 / 4 / 16 against
+# 4.13 / 4.19 / 4.26 unfolded in the same run (bench/runs/h200-session25/).
+FOLD_DRAFT_NORMS = True
+# In a folded block's decode step, the products ending in a skip add (wo, w2) also leave
+# their output rows' sums of squares, a column tile each (kernels.skinny's squares), and the
+# folded norm's product after them sums those instead of squaring its input in its K loop
+# (which cost the one-tile SwiGLU launch ~5 µs at one row, session 24's profile). The first
+# layer's wqkv (after the embedding) still squares its own input. Off: every folded product
+# squares its input.
+SQUARES_FROM_PRODUCTS = True
 
 
 # The rotary launch with the cache write (FUSED_CACHE_WRITE) and the chain's attention as
@@ -164,10 +174,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache], layer: int,
                 positions: Optional[torch.Tensor], kv_len: Optional[int], norm: Optional["RMSNorm"] = None,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None, squares: bool = False) -> torch.Tensor:
         """`mask`: a TreeMask, or the causal mask of `positions` (causal_mask), which run
         consecutively in each row. `norm`: x is the block's input, this norm's weight folded
-        into wqkv (Transformer.fold_norms); `residual`: added to the output projection's result."""
+        into wqkv (Transformer.fold_norms); `residual`: added to the output projection's result;
+        `squares`: see project()."""
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = project(self.wqkv, x, norm)
@@ -180,11 +191,11 @@ class Attention(nn.Module):
             if fuses_rope_attention(q, causal) and self.q_norm is None:
                 # rotary, the cache write and the attention in one launch
                 y = rope_verify_attention(qkv, H, KV, cos, sin, positions, cache.k[layer], cache.v[layer], kv_len)
-                return project(self.wo, y.reshape(B, T, H * hd), residual=residual)
+                return project(self.wo, y.reshape(B, T, H * hd), residual=residual, squares=squares)
             # q rotated; k rotated and v stored in the cache by the same launch
             q = rope_write(q, k, v, cos, sin, cache.k[layer], cache.v[layer], positions)
             y = cached_attention(q.transpose(1, 2), None, None, mask, cache, layer, positions, kv_len, causal)
-            return project(self.wo, y.transpose(1, 2).reshape(B, T, H * hd), residual=residual)
+            return project(self.wo, y.transpose(1, 2).reshape(B, T, H * hd), residual=residual, squares=squares)
         if use_fused_elementwise(x):
             q, k = rope(q, k, cos, sin)  # one launch for both
         else:
@@ -194,7 +205,7 @@ class Attention(nn.Module):
                 cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
                 y = mask.attend(q, cache.k[layer], cache.v[layer], kv_len,
                                 row_start=cache.row_start)  # (B, T, H, hd)
-                return project(self.wo, y.reshape(B, T, H * hd), residual=residual)
+                return project(self.wo, y.reshape(B, T, H * hd), residual=residual, squares=squares)
             if not (cache is not None and cache.row_start is not None
                     and cache.k.device != x.device):  # streamed_segments takes the mask itself
                 mask = mask.dense(kv_len)
@@ -206,7 +217,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
         y = y.transpose(1, 2).reshape(B, T, H * hd)
-        return project(self.wo, y, residual=residual)
+        return project(self.wo, y, residual=residual, squares=squares)
 
 
 def use_chain_kernel(q: torch.Tensor, causal: bool) -> bool:
@@ -415,9 +426,10 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                norm: Optional[RMSNorm] = None) -> torch.Tensor:
+                norm: Optional[RMSNorm] = None, squares: bool = False) -> torch.Tensor:
         """The feed-forward of x, added to `residual` when one is given (the block's skip).
-        `norm`: x is un-normalised, this norm's weight folded into w13 (fold_norms)."""
+        `norm`: x is un-normalised, this norm's weight folded into w13 (fold_norms);
+        `squares`: see project()."""
         if use_fused_elementwise(x):
             if type(self.w13) is nn.Linear and skinny.usable(x, self.w13.weight):
                 # the few-rows products: the activation (and a folded norm) in the gate-up
@@ -425,7 +437,8 @@ class FeedForward(nn.Module):
                 act = skinny.skinny_linear(x, self.w13.weight, self.w13.bias, swiglu=True,
                                            rms_eps=None if norm is None else norm.eps)
                 if type(self.w2) is nn.Linear and skinny.usable(act, self.w2.weight):
-                    return skinny.skinny_linear(act, self.w2.weight, self.w2.bias, residual=residual)
+                    return skinny.skinny_linear(act, self.w2.weight, self.w2.bias, residual=residual,
+                                                squares=squares)
                 out = project(self.w2, act)
             else:
                 out = project(self.w2, silu_mul(project(self.w13, x, norm)))
@@ -530,8 +543,8 @@ class TransformerBlock(nn.Module):
             # both norms inside the products after them, both skip adds in the products
             # before them: wqkv, rotary + cache write, attention, wo, w13, w2 (6 launches)
             h = self.attention(h, cos, sin, mask, cache, layer, positions, kv_len,
-                               norm=self.attention_norm, residual=h)
-            return self.feed_forward(h, residual=h, norm=self.ffn_norm)
+                               norm=self.attention_norm, residual=h, squares=SQUARES_FROM_PRODUCTS)
+            return self.feed_forward(h, residual=h, norm=self.ffn_norm, squares=SQUARES_FROM_PRODUCTS)
         h, normed = self.attend(h, cos, sin, mask, cache, layer, positions, kv_len)
         if isinstance(self.feed_forward, FeedForward):
             return self.feed_forward(normed, residual=h)  # the skip's add may ride in its last product

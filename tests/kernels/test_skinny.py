@@ -122,16 +122,58 @@ def test_rms_normalises_the_rows_first(rows, N, K, dtype, swiglu, split, one_dot
         assert rel_err(got, skinny_linear_ref(normed, w, bias, swiglu=swiglu)) < 4 * TOL[dtype]
 
 
-@pytest.mark.parametrize("linear", ["off", "on"])
+@pytest.mark.parametrize("consumer", ["plain", "split", "swiglu", "one-dot"])
+@pytest.mark.parametrize("producer_split", [1, 2])
+@pytest.mark.parametrize("rows,N,K,dtype", list(dtype_cases([(3, 200, 96), (16, 130, 64)],
+                                                          [(1, 4096, 4096), (16, 4096, 14336)])))
+def test_rms_sums_the_squares_the_product_before_left(rows, N, K, dtype, producer_split, consumer):
+    """squares=True: a product with the block's skip add also leaves its output rows' sums of
+    squares (a column tile each; K slices: the last slice's); a folded norm's product of that
+    output (rms_eps) sums those instead of squaring its input: the same values as squaring
+    (a clone of the output, whose squares nobody left, does that), and it does read them
+    (partials scaled change the result). A later product with the producer's weight takes
+    the claim away from the first output."""
+    x, w, _ = inputs(rows, N, K, dtype, ("squares", rows, N, K, dtype))
+    r = torch.randn(rows, N, device=DEVICE, dtype=torch.float32).to(dtype) * 3
+    pcfg = dict(config(rows, N, K, 4), SPLIT_K=producer_split, BLOCK_K=32)
+    h = skinny_linear(x, w, residual=r, squares=True, cfg=pcfg)
+    partials = skinny.row_squares(h)
+    assert partials is not None and partials.shape == (triton_cdiv(N, pcfg["BLOCK_N"]), 16)
+    want_sq = h.float().pow(2).sum(-1)
+    assert rel_err(partials.sum(0)[:rows], want_sq) < 1e-5
+    assert skinny.row_squares(h.clone()) is None and skinny.row_squares(x) is None
+    swiglu = consumer in ("swiglu", "one-dot")
+    _, w2, b2 = inputs(rows, 2 * 96 if swiglu else 96, N, dtype, ("consumer", consumer, rows, N))
+    cfg = dict(config(rows, 96, N, 4), SPLIT_K=2 if consumer == "split" else 1, BLOCK_K=32)
+    if consumer == "one-dot":
+        cfg.update(BLOCK_N=32, ONE_DOT=True)
+    got = skinny_linear(h, w2, b2, cfg=cfg, swiglu=swiglu, rms_eps=1e-5)
+    squared = skinny_linear(h.clone(), w2, b2, cfg=cfg, swiglu=swiglu, rms_eps=1e-5)
+    want = skinny_linear_ref(h, w2, b2, swiglu=swiglu, rms_eps=1e-5)
+    assert rel_err(got, want) < 2 * TOL[dtype] and rel_err(got, squared) < 2 * TOL[dtype]
+    partials.mul_(4)  # read: each row's scale halves
+    assert rel_err(skinny_linear(h, w2, b2, cfg=cfg, swiglu=swiglu, rms_eps=1e-5), want) > 0.2
+    h2 = skinny_linear(x, w, residual=r, squares=True, cfg=pcfg)
+    assert skinny.row_squares(h) is None and skinny.row_squares(h2) is not None
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("linear,handoff", [("off", True), ("on", False), ("on", True)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_folded_norms_give_the_same_model(family, linear, make_checkpoint, monkeypatch):
+def test_folded_norms_give_the_same_model(family, linear, handoff, make_checkpoint, monkeypatch):
     """Transformer.fold_norms: the norms' weights in wqkv's and w13's columns, the norms at
     ones. Through torch's ops (linear off: the norms as before, weight ones) or the few-rows
-    path (on, fused kernels: the blocks' norms inside the products, the skips in them), fp32
-    logits of a prompt, a decode step and a 5-token verification match the unfolded model."""
+    path (on, fused kernels: the blocks' norms inside the products, the skips in them; with
+    decoder.SQUARES_FROM_PRODUCTS each norm's sums of squares left by the product before,
+    but the first layer's), fp32 logits of a prompt, a decode step and a 5-token
+    verification match the unfolded model."""
     import specoff
     from specoff.models import decoder
 
+    monkeypatch.setattr(decoder, "SQUARES_FROM_PRODUCTS", handoff)
     monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton" if linear == "on" else "torch")
     monkeypatch.setattr(skinny, "LINEAR", linear)
     path = make_checkpoint(family)
@@ -148,11 +190,16 @@ def test_folded_norms_give_the_same_model(family, linear, make_checkpoint, monke
     ids = torch.randint(3, plain.config.vocab_size, (3, 17), device=DEVICE, generator=gen)
     steps = []
     real = skinny._skinny_into
-    monkeypatch.setattr(skinny, "_skinny_into", lambda *a, **k: (steps.append(a[7]), real(*a, **k))[1])
+    handed = []
+    monkeypatch.setattr(skinny, "_skinny_into",
+                        lambda *a, **k: (steps.append(a[7]), handed.append(a[9] is not None), real(*a, **k))[2])
 
     for got, want in zip(prompt_step_verify(folded, ids), prompt_step_verify(plain, ids)):
         assert rel_err(got, want) < 1e-5
     assert (1e-5 in steps or plain.config.rms_norm_eps in steps) == (linear == "on")
+    # a folded layer's two norms a step: the first layer's wqkv squares its own input
+    n = len(folded.layers)
+    assert sum(handed) == (2 * (2 * n - 1) if linear == "on" and handoff else 0)
 
 
 def test_skinny_takes_leading_dims_and_strided_rows():
@@ -172,6 +219,25 @@ def test_config_splits_only_narrow_short_products():
     assert config(1, 4096, 4096, 132)["SPLIT_K"] == 2 and config(1, 4096, 4096, 132)["BLOCK_K"] == 256
     for N, K, block_k in ((6144, 4096, 256), (28672, 4096, 128), (32000, 4096, 128), (4096, 14336, 256)):
         assert config(16, N, K, 132)["SPLIT_K"] == 1 and config(16, N, K, 132)["BLOCK_K"] == block_k
+
+
+def test_config_fits_the_shared_memory():
+    """The stages' tiles fit the device's shared memory: fp32's 256-wide K steps (320 KB at 4
+    stages) go to 128 on the H200's 227 KB; 99 KB (consumer GPUs) keeps bf16's 128-wide
+    steps at 4 stages, fp32 at 64-wide; the SwiGLU's two-product tiles (128 weight rows)
+    as well."""
+    H200 = 227 * 1024
+    def need(c, rows=64, size=2):
+        return c["num_stages"] * (rows + c["BLOCK_M"]) * c["BLOCK_K"] * size
+
+    assert config(1, 4096, 4096, 132, 4, H200)["BLOCK_K"] == 128
+    assert config(1, 4096, 4096, 132, 2, H200)["BLOCK_K"] == 256
+    for size, shared in ((2, H200), (4, H200), (2, 99 * 1024), (4, 99 * 1024), (4, 48 * 1024)):
+        for N, K in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)):
+            c = config(4, N, K, 132, size, shared)
+            assert need(c, size=size) <= shared and c["num_stages"] >= 2
+    c = skinny._fit(dict(config(4, 28672, 4096, 132), BLOCK_N=64), 128, 4, 99 * 1024)
+    assert need(c, 128, 4) <= 99 * 1024 and c["BLOCK_K"] == 64 and c["num_stages"] == 2
 
 
 def test_skinny_refuses_what_it_cannot_take(monkeypatch):
