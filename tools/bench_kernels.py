@@ -520,12 +520,14 @@ def bench_draft(hbm: float, compile_step: bool = False):
     floor_ms = weights / hbm / 1e6
     from specoff import kernels
     from specoff.kernels import skinny
+    from specoff.kernels import step as step_kernels
     from specoff.models import decoder
 
     rows = []
     names = ("LINEAR", "FUSED_CACHE_WRITE", "PDL", "SWIGLU_ONE_DOT", "FUSED_ROPE_ATTENTION", "SQUARES_FROM_PRODUCTS")
     homes = (skinny, decoder, kernels, skinny, decoder, decoder)
     setting = tuple(getattr(home, name) for home, name in zip(homes, names))
+    step_setting = step_kernels.STEP_KERNELS
     # the current settings' rows first (where they fold the norms, as the engine's draft
     # does by default, decoder.FOLD_DRAFT_NORMS: first of the folded ones), then every
     # decode fusion off; the few-rows products (kernels/skinny.py) with the cache write in
@@ -543,12 +545,16 @@ def bench_draft(hbm: float, compile_step: bool = False):
               (("auto", "auto", "auto", False, "off", True), False), (("auto", "auto", "off", True, "off", True), False),
               (("auto", "auto", "off", False, "auto", True), False), (two, False), (three, False),
               (base, True), (two, True), (three, True), (three[:5] + (False,), True)]
+    if os.environ.get("DRAFT_COMBOS") == "current":  # the current settings' rows alone
+        combos = combos[:1]
     for values, fold in sorted(dict.fromkeys(combos), key=lambda c: c[1]):
         for home, name, value in zip(homes, names, values):
             setattr(home, name, value)
         if fold:
             model.fold_norms()
         linear, write, pdl, one_dot, rope_attention, handoff = values
+        # all off: torch's gather and argmax too
+        step_kernels.STEP_KERNELS = "off" if linear == "off" else step_setting
         for B in DRAFT_BATCHES:
             rows.append(draft_row(model, B, weights, floor_ms, hbm))
             rows[-1]["case"] += (f" skinny {linear}{' one-dot' if one_dot else ''}, cache write {write}, pdl {pdl}"
@@ -558,6 +564,26 @@ def bench_draft(hbm: float, compile_step: bool = False):
             torch.cuda.empty_cache()
     for home, name, value in zip(homes, names, setting):
         setattr(home, name, value)
+    step_kernels.STEP_KERNELS = "off"
+    try:  # the current settings with torch's embedding and argmax (kernels.step off)
+        for B in DRAFT_BATCHES:
+            rows.append(draft_row(model, B, weights, floor_ms, hbm))
+            rows[-1]["case"] += " settings as set, embedding and argmax through torch"
+            print_row(rows[-1])
+    finally:
+        step_kernels.STEP_KERNELS = step_setting
+    if os.environ.get("DRAFT_SPLITS"):  # the current settings with shorter attention splits
+        from specoff.kernels import attention
+
+        for keys in map(int, os.environ["DRAFT_SPLITS"].split(",")):
+            attention.MIN_KEYS_PER_SPLIT, kept = keys, attention.MIN_KEYS_PER_SPLIT
+            try:
+                for B in DRAFT_BATCHES:
+                    rows.append(draft_row(model, B, weights, floor_ms, hbm))
+                    rows[-1]["case"] += f" settings as set, attention splits of >= {keys} keys"
+                    print_row(rows[-1])
+            finally:
+                attention.MIN_KEYS_PER_SPLIT = kept
     if compile_step:
         rows.append(draft_row(model, DRAFT_BATCHES[-1], weights, floor_ms, hbm, compiled=True))
         print_row(rows[-1])
@@ -569,13 +595,16 @@ def bench_draft(hbm: float, compile_step: bool = False):
 
 def draft_step(model, B: int, compiled: bool = False):
     """A greedy decode step of B rows at position DRAFT_PREFIX - 1 (the closure), and its cache."""
+    from specoff.kernels.step import argmax_rows
+
     cache = model.new_cache(B, DRAFT_PREFIX)
     cache.lengths.fill_(DRAFT_PREFIX - 1)
     ids = torch.randint(3, model.config.vocab_size, (B, 1), device="cuda")
     next_ids = torch.empty(B, 1, dtype=torch.long, device="cuda")
 
     def forward(ids):
-        return torch.argmax(model(ids, cache)[:, -1], dim=-1, keepdim=True)  # (B, 1)
+        # the greedy pick as the throughput pipeline's draft makes it (kernels.step)
+        return argmax_rows(model(ids, cache)[:, -1])[:, None]  # (B, 1)
 
     forward = torch.compile(forward, fullgraph=True, dynamic=False) if compiled else forward
 

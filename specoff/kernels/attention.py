@@ -31,6 +31,10 @@ from . import num_sms, pdl, pdl_start
 from . import moe as _moe  # max_shared_memory: the device's probe, cached there
 from .fused import _rope_heads, _rope_tables, _token_tables
 
+# Keys a program attends to at least before launch_config splits a prefix over several
+# (each split's partial results then merged by _combine_splits_kernel, a second launch).
+MIN_KEYS_PER_SPLIT = 512
+
 
 @triton.jit
 def _load_tile(ptrs, mask, EVEN: tl.constexpr):
@@ -317,7 +321,7 @@ def launch_config(B: int, KV: int, T: int, G: int, head_dim: int, max_keys: int,
     block_n = cfg["BLOCK_N"]  # fp32: 32
     q_blocks = triton.cdiv(rows, cfg["BLOCK_Q"])
     base = B * KV * q_blocks
-    max_splits = max(1, min(triton.cdiv(max_keys, 512), triton.cdiv(max_keys, block_n)))
+    max_splits = max(1, min(triton.cdiv(max_keys, MIN_KEYS_PER_SPLIT), triton.cdiv(max_keys, block_n)))
     if num_splits is None and slots is None:
         # About two programs an SM, rounded down (256 programs of 64-row blocks on 132 SMs
         # ran faster unsplit than split in two).

@@ -21,6 +21,7 @@ from ..config import ModelConfig, rope_inv_freq
 from ..kernels import skinny
 from ..kernels.attention import attention_mask, rope_verify_attention, verify_attention
 from ..kernels.fused import add_rms_norm, rms_norm, rope, rope_write, silu_mul
+from ..kernels.step import embed_rows, rope_tables, rope_tables_ref
 from ..kernels.moe import fused_moe, moe_route
 from ..kvcache import KVCache, bits, stored
 
@@ -571,6 +572,13 @@ class Transformer(nn.Module):
         its decode steps lose the two norm launches a layer); returns how many folded."""
         return sum(layer.fold_norms() for layer in self.layers)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The tokens' embeddings: one gather launch where the fused kernels run
+        (kernels.step.embed_rows; torch's index_select took 11 µs for 16 tokens on the H200)."""
+        if use_fused_elementwise(input_ids) and type(self.tok_embeddings) is nn.Embedding:
+            return embed_rows(input_ids, self.tok_embeddings.weight)
+        return self.tok_embeddings(input_ids)
+
     def new_cache(self, rows: int, max_len: int, device=None, dtype=None) -> KVCache:
         cfg = self.config
         device = device or self.tok_embeddings.weight.device
@@ -578,10 +586,11 @@ class Transformer(nn.Module):
         return KVCache(cfg.n_layers, rows, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, device)
 
     def rope(self, positions: torch.Tensor, dtype):
-        """cos, sin of shape (B, T, 1, hd) for absolute positions (B, T), computed in fp32."""
-        freqs = positions.float()[..., None] * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """cos, sin of shape (B, T, 1, hd) for absolute positions (B, T), computed in fp32
+        (kernels.step.rope_tables: one launch where the fused kernels run)."""
+        if use_fused_elementwise(positions):
+            return rope_tables(positions, self.inv_freq, dtype)
+        return rope_tables_ref(positions, self.inv_freq, dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, *,
                 kv_len: Optional[int] = None, logits_at: Optional[torch.Tensor] = None
@@ -602,7 +611,7 @@ class Transformer(nn.Module):
             kv_len = kv_len or cache.max_len
             positions = cache.positions(T)  # (B, T)
             mask = causal_mask(positions, kv_len)
-        h = self.tok_embeddings(input_ids)
+        h = self.embed(input_ids)
         cos, sin = self.rope(positions, h.dtype)
         h = self.run_layers(h, cos, sin, mask, cache, positions, kv_len)
         return self.head(h, logits_at)
@@ -661,7 +670,7 @@ class Transformer(nn.Module):
         final hidden states). Layer outer, part inner: a streamed layer is loaded once per
         pass however many parts (prefill chunks, verification, refills) ride on it."""
         for p in parts:
-            p.h = self.tok_embeddings(p.input_ids)
+            p.h = self.embed(p.input_ids)
             p.cos, p.sin = self.rope(p.positions, p.h.dtype)
             if p.mask is None:
                 p.mask = causal_mask(p.positions, p.kv_len)

@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..kernels.step import argmax_rows
 from ..kvcache import (KVCache, SegmentAllocator, SegmentKVCache, cache_slots, check_segment_mode,
                        draft_cache_dtype, segment_size)
 from ..models.decoder import PassPart, PrefillBatch, row_chunk
@@ -346,7 +347,7 @@ class ChainPipeline:
                     break
                 logits = self._fit_vocab(logits)
                 if self.params.greedy:
-                    tokens = logits.argmax(dim=-1)
+                    tokens = argmax_rows(logits)  # argmax(dim=-1), one launch on a GPU
                 else:
                     q = logits_to_probs(logits, self.params.temperature, self.params.top_k,
                                         self.params.top_p)
