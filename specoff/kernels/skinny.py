@@ -273,7 +273,16 @@ def _counts(w: torch.Tensor, tiles: int) -> torch.Tensor:
 # and a folded norm's product after it (rms_eps, x that very output) sums them instead of
 # squaring x itself. One buffer a weight, as the counts; never freed (graphs keep it).
 _SQUARES: Dict[Tuple[str, int], torch.Tensor] = {}
-_SQUARES_OF: Dict[Tuple[str, int], tuple] = {}  # (a weakref to the output whose squares it holds, tiles)
+# (a weakref to the output whose squares it holds, tiles, the output's version then)
+_SQUARES_OF: Dict[Tuple[str, int], tuple] = {}
+
+
+def _version(x: torch.Tensor) -> Optional[int]:
+    """x's in-place change count; None for inference tensors (they keep none)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
 
 def _squares_out(w: torch.Tensor, tiles: int) -> Tuple[Tuple[str, int], torch.Tensor]:
@@ -289,10 +298,14 @@ def _squares_out(w: torch.Tensor, tiles: int) -> Tuple[Tuple[str, int], torch.Te
 
 def row_squares(x: torch.Tensor) -> Optional[torch.Tensor]:
     """The partial sums of squares of x's rows (tiles, 16) that the product writing x left
-    (skinny_linear's squares=True), where no product with that weight has run since; else None."""
+    (skinny_linear's squares=True), where no product with that weight has run since and x
+    has not changed in place since (where torch counts that: not for inference tensors);
+    else None."""
     key = getattr(x, "_skinny_squares", None)
-    owner, tiles = _SQUARES_OF.get(key, (None, 0)) if key is not None else (None, 0)
-    return _SQUARES[key][:tiles] if owner is not None and owner() is x else None
+    owner, tiles, version = _SQUARES_OF.get(key, (None, 0, None)) if key is not None else (None, 0, None)
+    if owner is None or owner() is not x or version != _version(x):
+        return None
+    return _SQUARES[key][:tiles]
 
 
 def _config(M: int, N: int, K: int, swiglu: bool, device, element_size: int) -> dict:
@@ -380,7 +393,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     y = _skinny_into(x2, w, bias, out, cfg, swiglu, r2, rms_eps, sq_out, sq_in).reshape(*x.shape[:-1], N)
     if key is not None:
         y._skinny_squares = key
-        _SQUARES_OF[key] = (weakref.ref(y), tiles)
+        _SQUARES_OF[key] = (weakref.ref(y), tiles, _version(y))
     return y
 
 

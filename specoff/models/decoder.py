@@ -21,8 +21,8 @@ from ..config import ModelConfig, rope_inv_freq
 from ..kernels import skinny
 from ..kernels.attention import attention_mask, rope_verify_attention, verify_attention
 from ..kernels.fused import add_rms_norm, rms_norm, rope, rope_write, silu_mul
-from ..kernels.step import embed_rows, rope_tables, rope_tables_ref
 from ..kernels.moe import fused_moe, moe_route
+from ..kernels.step import embed_rows, rope_tables, rope_tables_ref
 from ..kvcache import KVCache, bits, stored
 
 # Tree passes: "auto" runs the Triton verification kernel where the cache is on a GPU and

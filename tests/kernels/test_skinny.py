@@ -132,7 +132,7 @@ def test_rms_sums_the_squares_the_product_before_left(rows, N, K, dtype, produce
     output (rms_eps) sums those instead of squaring its input: the same values as squaring
     (a clone of the output, whose squares nobody left, does that), and it does read them
     (partials scaled change the result). A later product with the producer's weight takes
-    the claim away from the first output."""
+    the claim away from the first output; an output changed in place loses it."""
     x, w, _ = inputs(rows, N, K, dtype, ("squares", rows, N, K, dtype))
     r = torch.randn(rows, N, device=DEVICE, dtype=torch.float32).to(dtype) * 3
     pcfg = dict(config(rows, N, K, 4), SPLIT_K=producer_split, BLOCK_K=32)
@@ -155,6 +155,8 @@ def test_rms_sums_the_squares_the_product_before_left(rows, N, K, dtype, produce
     assert rel_err(skinny_linear(h, w2, b2, cfg=cfg, swiglu=swiglu, rms_eps=1e-5), want) > 0.2
     h2 = skinny_linear(x, w, residual=r, squares=True, cfg=pcfg)
     assert skinny.row_squares(h) is None and skinny.row_squares(h2) is not None
+    h2.mul_(2)  # changed in place since: its squares are stale
+    assert skinny.row_squares(h2) is None
 
 
 def triton_cdiv(a, b):
