@@ -572,9 +572,17 @@ def bench_draft(hbm: float, compile_step: bool = False):
             print_row(rows[-1])
     finally:
         step_kernels.STEP_KERNELS = step_setting
-    if os.environ.get("DRAFT_SPLITS"):  # the current settings with shorter attention splits
-        from specoff.kernels import attention
+    from specoff.kernels import attention
 
+    attention.ROPE_Q_REGISTERS, q_regs = not attention.ROPE_Q_REGISTERS, attention.ROPE_Q_REGISTERS
+    try:  # the current settings with the rotary's queries the other way (registers / scratch)
+        for B in DRAFT_BATCHES:
+            rows.append(draft_row(model, B, weights, floor_ms, hbm))
+            rows[-1]["case"] += f" settings as set, queries rotated in {'scratch' if q_regs else 'registers'}"
+            print_row(rows[-1])
+    finally:
+        attention.ROPE_Q_REGISTERS = q_regs
+    if os.environ.get("DRAFT_SPLITS"):  # the current settings with shorter attention splits
         for keys in map(int, os.environ["DRAFT_SPLITS"].split(",")):
             attention.MIN_KEYS_PER_SPLIT, kept = keys, attention.MIN_KEYS_PER_SPLIT
             try:

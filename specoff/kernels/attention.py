@@ -29,11 +29,16 @@ import triton.language as tl
 from . import launcher as _launcher
 from . import num_sms, pdl, pdl_start
 from . import moe as _moe  # max_shared_memory: the device's probe, cached there
-from .fused import _rope_heads, _rope_tables, _token_tables
+from .fused import _add_rn, _rope_heads, _rope_tables, _token_tables
 
 # Keys a program attends to at least before launch_config splits a prefix over several
 # (each split's partial results then merged by _combine_splits_kernel, a second launch).
 MIN_KEYS_PER_SPLIT = 512
+# rope_verify_attention: each program rotates its query rows in registers, from the QKV
+# output straight into the tile it attends with, instead of through a scratch tensor (a
+# store, a barrier and a load back); where half the head is a power of two. The same bits
+# either way (tests). Off until timed on a GPU (predicted: ~0.5 µs a layer of the draft step).
+ROPE_Q_REGISTERS = False
 
 
 @triton.jit
@@ -98,7 +103,7 @@ def _verify_attention_kernel(
     WHOLE_TILES: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROPE_WRITE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False, Q_REGS: tl.constexpr = False,
 ):
     """Rows r = t * G + g of (batch b, kv head) against keys [split start, split end).
 
@@ -116,6 +121,8 @@ def _verify_attention_kernel(
     token); the program rotates its G query heads into q (scratch it reads back), and the
     program whose key range holds a new token's slot (positions, clamped to S - 1) rotates
     its k and stores it and its v in the cache, as fused.rope_write, before attending.
+    Q_REGS (with ROPE_WRITE; BLOCK_HALF the half head exactly): the query rows rotated in
+    registers into the tile the program attends with (_rope_rows), no scratch.
     """
     pdl_start(USE_PDL, PDL_EARLY)
     pid_bh = tl.program_id(0)
@@ -132,8 +139,9 @@ def _verify_attention_kernel(
             tok = b * stride_xb + tt * stride_xt
             cos1, sin1, cos2, sin2 = _rope_tables(cos_ptr + b * stride_cb + tt * stride_ct,
                                                   sin_ptr + b * stride_cb + tt * stride_ct, half, BLOCK_HALF)
-            _rope_heads(qkv_ptr, q_ptr, tok + kvh * G * hd, b * stride_qb + tt * stride_qt + kvh * G * stride_qh,
-                        G, hd, half, cos1, sin1, cos2, sin2, BLOCK_G, BLOCK_HALF, stride_qh)
+            if not Q_REGS:
+                _rope_heads(qkv_ptr, q_ptr, tok + kvh * G * hd, b * stride_qb + tt * stride_qt + kvh * G * stride_qh,
+                            G, hd, half, cos1, sin1, cos2, sin2, BLOCK_G, BLOCK_HALF, stride_qh)
             slot = tl.minimum(tl.load(pos_ptr + b * stride_pb + tt * stride_pt).to(tl.int64), S - 1)
             if (slot >= pid_s * keys_per_split) & (slot < (pid_s + 1) * keys_per_split):
                 _rope_heads(qkv_ptr, k_ptr, tok + (heads + kvh) * hd,
@@ -151,8 +159,12 @@ def _verify_attention_kernel(
     h = kvh * G + rows % G
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if ROPE_WRITE and Q_REGS:
+        q = _rope_rows(qkv_ptr + b * stride_xb, cos_ptr + b * stride_cb, sin_ptr + b * stride_cb, t, h, row_valid,
+                       stride_xt, stride_ct, half, q_ptr.dtype.element_ty, BLOCK_Q, BLOCK_HALF)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
 
     start = pid_s * keys_per_split
     if HAS_TREE:  # ancestors may sit in any of the N new slots
@@ -242,6 +254,28 @@ def _verify_attention_kernel(
     else:
         tl.store(out_ptr + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _rope_rows(qkv_row, cos_row, sin_row, t, h, row_valid, stride_xt, stride_ct, half, dtype: tl.constexpr,
+               BLOCK_Q: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Query rows (token t, head h) of one batch row's QKV output rotated, (BLOCK_Q, 2 ·
+    BLOCK_HALF) in dtype (BLOCK_HALF == half): fused._rope_heads's values, its roundings in
+    its order, the two halves joined side by side in registers."""
+    offs = tl.arange(0, BLOCK_HALF)
+    x_ptrs = qkv_row + t[:, None] * stride_xt + h[:, None] * (2 * half) + offs[None, :]
+    c_ptrs = cos_row + t[:, None] * stride_ct + offs[None, :]
+    s_ptrs = sin_row + t[:, None] * stride_ct + offs[None, :]
+    m = row_valid[:, None]
+    x1 = tl.load(x_ptrs, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptrs + half, mask=m, other=0.0).to(tl.float32)
+    cos1 = tl.load(c_ptrs, mask=m, other=0.0).to(tl.float32)
+    cos2 = tl.load(c_ptrs + half, mask=m, other=0.0).to(tl.float32)
+    sin1 = tl.load(s_ptrs, mask=m, other=0.0).to(tl.float32)
+    sin2 = tl.load(s_ptrs + half, mask=m, other=0.0).to(tl.float32)
+    out1 = _add_rn((x1 * cos1).to(dtype).to(tl.float32), ((-x2) * sin1).to(dtype).to(tl.float32)).to(dtype)
+    out2 = _add_rn((x2 * cos2).to(dtype).to(tl.float32), (x1 * sin2).to(dtype).to(tl.float32)).to(dtype)
+    return tl.reshape(tl.permute(tl.join(out1, out2), (0, 2, 1)), (BLOCK_Q, 2 * BLOCK_HALF))
 
 
 @triton.jit
@@ -408,6 +442,7 @@ def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float
         WHOLE_TILES=cfg["WHOLE_TILES"],
         IEEE=q.dtype == torch.float32, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(hd),
         ROPE_WRITE=rope is not None, BLOCK_G=triton.next_power_of_2(G), BLOCK_HALF=triton.next_power_of_2(max(hd // 2, 1)),
+        Q_REGS=rope is not None and ROPE_Q_REGISTERS and hd // 2 == triton.next_power_of_2(max(hd // 2, 1)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q),
     )
     if split:

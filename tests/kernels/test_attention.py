@@ -354,19 +354,24 @@ def test_float8_keys_and_values(tree, rows_in_a_pool, splits, dtype):
     assert rel_err(verify_attention(q, k8, v8, lengths, tree_mask, row_start=row_start), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("q_registers,hd", [(False, 32), (True, 32), (True, 48)])
 @pytest.mark.parametrize("T,positions0,dtype", [(1, (5, 30), torch.float32), (5, (0, 17), torch.float16),
                                                   (5, (349, 600), torch.float32), pytest.param(
                                                       5, (349, 600), torch.bfloat16, marks=gpu)])
-def test_rope_verify_attention_is_rope_write_then_attention(T, positions0, dtype, monkeypatch):
+def test_rope_verify_attention_is_rope_write_then_attention(T, positions0, dtype, q_registers, hd, monkeypatch):
     """One launch (rope_verify_attention: the rotations, the cache write and the chain's
     attention) against fused.rope_write then verify_attention: the same output bits and the
     same cache. (349, 600) on a 700-slot cache: two prefix splits, row 0's new keys on both
-    sides of the split boundary (352), so two programs each write their own."""
+    sides of the split boundary (352), so two programs each write their own. With the query
+    rows rotated in registers (attention.ROPE_Q_REGISTERS; a half head of 24 is not a power of
+    two, so head_dim 48 keeps the scratch)."""
+    from specoff.kernels import attention
     from specoff.kernels.attention import rope_verify_attention
     from specoff.kernels.fused import rope_write
 
     monkeypatch.setattr("specoff.kernels.attention._num_sms", lambda device: 4)
-    B, H, KV, hd, S = 2, 4, 2, 32, 700
+    monkeypatch.setattr(attention, "ROPE_Q_REGISTERS", q_registers)
+    B, H, KV, S = 2, 4, 2, 700
     gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr((T, positions0, dtype)).encode()))
     qkv = torch.randn(B, T, (H + 2 * KV) * hd, device=DEVICE, generator=gen).to(dtype)
     positions = torch.tensor(positions0, device=DEVICE)[:, None] + torch.arange(T, device=DEVICE)
