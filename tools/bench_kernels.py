@@ -564,34 +564,25 @@ def bench_draft(hbm: float, compile_step: bool = False):
             torch.cuda.empty_cache()
     for home, name, value in zip(homes, names, setting):
         setattr(home, name, value)
-    step_kernels.STEP_KERNELS = "off"
-    try:  # the current settings with torch's embedding and argmax (kernels.step off)
-        for B in DRAFT_BATCHES:
-            rows.append(draft_row(model, B, weights, floor_ms, hbm))
-            rows[-1]["case"] += " settings as set, embedding and argmax through torch"
-            print_row(rows[-1])
-    finally:
-        step_kernels.STEP_KERNELS = step_setting
     from specoff.kernels import attention
 
-    attention.ROPE_Q_REGISTERS, q_regs = not attention.ROPE_Q_REGISTERS, attention.ROPE_Q_REGISTERS
-    try:  # the current settings with the rotary's queries the other way (registers / scratch)
-        for B in DRAFT_BATCHES:
-            rows.append(draft_row(model, B, weights, floor_ms, hbm))
-            rows[-1]["case"] += f" settings as set, queries rotated in {'scratch' if q_regs else 'registers'}"
-            print_row(rows[-1])
-    finally:
-        attention.ROPE_Q_REGISTERS = q_regs
-    if os.environ.get("DRAFT_SPLITS"):  # the current settings with shorter attention splits
-        for keys in map(int, os.environ["DRAFT_SPLITS"].split(",")):
-            attention.MIN_KEYS_PER_SPLIT, kept = keys, attention.MIN_KEYS_PER_SPLIT
-            try:
-                for B in DRAFT_BATCHES:
-                    rows.append(draft_row(model, B, weights, floor_ms, hbm))
-                    rows[-1]["case"] += f" settings as set, attention splits of >= {keys} keys"
-                    print_row(rows[-1])
-            finally:
-                attention.MIN_KEYS_PER_SPLIT = kept
+    def variant(home, name, value, label):
+        """The current settings with home.name = value, a row each batch."""
+        kept = getattr(home, name)
+        setattr(home, name, value)
+        try:
+            for B in DRAFT_BATCHES:
+                rows.append(draft_row(model, B, weights, floor_ms, hbm))
+                rows[-1]["case"] += f" settings as set, {label}"
+                print_row(rows[-1])
+        finally:
+            setattr(home, name, kept)
+
+    variant(step_kernels, "STEP_KERNELS", "off", "embedding and argmax through torch")
+    q_regs = attention.ROPE_Q_REGISTERS  # the rotary's queries the other way
+    variant(attention, "ROPE_Q_REGISTERS", not q_regs, f"queries rotated in {'scratch' if q_regs else 'registers'}")
+    for keys in map(int, filter(None, os.environ.get("DRAFT_SPLITS", "").split(","))):
+        variant(attention, "MIN_KEYS_PER_SPLIT", keys, f"attention splits of >= {keys} keys")
     if compile_step:
         rows.append(draft_row(model, DRAFT_BATCHES[-1], weights, floor_ms, hbm, compiled=True))
         print_row(rows[-1])
