@@ -29,7 +29,7 @@ import triton.language as tl
 from . import launcher as _launcher
 from . import num_sms, pdl, pdl_start
 from . import moe as _moe  # max_shared_memory: the device's probe, cached there
-from .fused import _add_rn, _rope_heads, _rope_tables, _token_tables
+from .fused import _rope_heads, _rope_tables, _rotate, _token_tables
 
 # Keys a program attends to at least before launch_config splits a prefix over several
 # (each split's partial results then merged by _combine_splits_kernel, a second launch).
@@ -260,8 +260,8 @@ def _verify_attention_kernel(
 def _rope_rows(qkv_row, cos_row, sin_row, t, h, row_valid, stride_xt, stride_ct, half, dtype: tl.constexpr,
                BLOCK_Q: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """Query rows (token t, head h) of one batch row's QKV output rotated, (BLOCK_Q, 2 ·
-    BLOCK_HALF) in dtype (BLOCK_HALF == half): fused._rope_heads's values, its roundings in
-    its order, the two halves joined side by side in registers."""
+    BLOCK_HALF) in dtype (BLOCK_HALF == half): fused._rotate's values, as _rope_heads
+    stores them, the two halves joined side by side in registers."""
     offs = tl.arange(0, BLOCK_HALF)
     x_ptrs = qkv_row + t[:, None] * stride_xt + h[:, None] * (2 * half) + offs[None, :]
     c_ptrs = cos_row + t[:, None] * stride_ct + offs[None, :]
@@ -273,9 +273,8 @@ def _rope_rows(qkv_row, cos_row, sin_row, t, h, row_valid, stride_xt, stride_ct,
     cos2 = tl.load(c_ptrs + half, mask=m, other=0.0).to(tl.float32)
     sin1 = tl.load(s_ptrs, mask=m, other=0.0).to(tl.float32)
     sin2 = tl.load(s_ptrs + half, mask=m, other=0.0).to(tl.float32)
-    out1 = _add_rn((x1 * cos1).to(dtype).to(tl.float32), ((-x2) * sin1).to(dtype).to(tl.float32)).to(dtype)
-    out2 = _add_rn((x2 * cos2).to(dtype).to(tl.float32), (x1 * sin2).to(dtype).to(tl.float32)).to(dtype)
-    return tl.reshape(tl.permute(tl.join(out1, out2), (0, 2, 1)), (BLOCK_Q, 2 * BLOCK_HALF))
+    out1, out2 = _rotate(x1, x2, cos1, sin1, cos2, sin2, dtype)
+    return tl.reshape(tl.permute(tl.join(out1.to(dtype), out2.to(dtype)), (0, 2, 1)), (BLOCK_Q, 2 * BLOCK_HALF))
 
 
 @triton.jit

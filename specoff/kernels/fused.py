@@ -132,6 +132,19 @@ def _add_rms_norm_kernel(
 
 
 @triton.jit
+def _rotate(x1, x2, cos1, sin1, cos2, sin2, dtype: tl.constexpr):
+    """x * cos + rotate_half(x) * sin of x's two halves (fp32), the two halves out in fp32.
+    rotate_half(x) = cat(-x2, x1). Each product and the sum rounded to dtype, as torch's three
+    kernels. add.rn in every dtype: LLVM narrows the casts around a plain add to a bf16 add,
+    then fuses it with the product before it into a bf16 FMA."""
+    a1 = (x1 * cos1).to(dtype).to(tl.float32)
+    b1 = ((-x2) * sin1).to(dtype).to(tl.float32)
+    a2 = (x2 * cos2).to(dtype).to(tl.float32)
+    b2 = (x1 * sin2).to(dtype).to(tl.float32)
+    return _add_rn(a1, b1), _add_rn(a2, b2)
+
+
+@triton.jit
 def _rope_heads(x_ptr, out_ptr, x_row, out_row, heads, stride_xh, half, cos1, sin1, cos2, sin2,
                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, stride_oh=None):
     """x * cos + rotate_half(x) * sin over the heads of one token, rounded as torch's three kernels."""
@@ -142,15 +155,7 @@ def _rope_heads(x_ptr, out_ptr, x_row, out_row, heads, stride_xh, half, cos1, si
     x_ptrs = x_ptr + x_row + offs_h[:, None] * stride_xh + offs_d[None, :]  # (H, hd/2): first halves
     x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + half, mask=mask, other=0.0).to(tl.float32)
-    # rotate_half(x) = cat(-x2, x1). Each product and the sum rounded to dtype, as torch's three
-    # kernels. add.rn in every dtype: LLVM narrows the casts around a plain add to a bf16 add,
-    # then fuses it with the product before it into a bf16 FMA.
-    a1 = (x1 * cos1).to(dtype).to(tl.float32)
-    b1 = ((-x2) * sin1).to(dtype).to(tl.float32)
-    a2 = (x2 * cos2).to(dtype).to(tl.float32)
-    b2 = (x1 * sin2).to(dtype).to(tl.float32)
-    out1 = _add_rn(a1, b1)
-    out2 = _add_rn(a2, b2)
+    out1, out2 = _rotate(x1, x2, cos1, sin1, cos2, sin2, dtype)
     if stride_oh is None:  # contiguous heads
         stride_oh = 2 * half
     out_ptrs = out_ptr + out_row + offs_h[:, None] * stride_oh + offs_d[None, :]

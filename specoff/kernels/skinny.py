@@ -37,7 +37,6 @@ against torch's product + silu_mul 0.0583, the down projection with the skip 0.0
 """
 from __future__ import annotations
 
-import functools
 import os
 import weakref
 from typing import Dict, Optional, Tuple
@@ -50,6 +49,7 @@ import triton.language as tl
 from . import launcher as _launcher
 from . import num_sms, pdl, pdl_release, pdl_start
 from .fused import _exp
+from .moe import max_shared_memory  # the device's probe, cached there
 
 # "auto": products of ≤ MAX_ROWS rows with a plain bf16 / fp16 weight on a CUDA device go
 # through this kernel (models.decoder's projections); "on" also under TRITON_INTERPRET
@@ -243,12 +243,6 @@ def _fit(cfg: dict, w_rows: int, element_size: int, shared: int) -> dict:
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
-def _shared(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-
-
 # (device, weight's address) -> int32 counts, zero between launches. One buffer a weight
 # matrix: products that may run at once on two streams (the draft's step beside the target's
 # pass, each perhaps a CUDA graph's replay) multiply different weights, and one weight's
@@ -312,8 +306,7 @@ def _config(M: int, N: int, K: int, swiglu: bool, device, element_size: int) -> 
     """config() for a launch of N output columns (the SwiGLU's: its one-tile programs, or
     tiles of both the gate's and the up's rows) on this device (its shared memory)."""
     device = torch.device(device)
-    shared = _shared(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 1 << 30
+    shared = max_shared_memory(device)
     cfg = config(M, 2 * N if swiglu else N, K, num_sms(device), element_size, shared)
     if swiglu and SWIGLU_ONE_DOT:
         cfg.update(BLOCK_N=32, ONE_DOT=True)

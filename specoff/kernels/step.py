@@ -1,10 +1,12 @@
-"""The two ends of a decode step: the token embeddings' gather and the greedy argmax.
+"""The ends of a decode step: the token embeddings' gather, the rotary tables and the
+greedy argmax.
 
 At decode sizes torch launches both as kernels built for big tensors. On the H200 (session
 25's profile of a Mistral-7B-shaped draft step, bench/runs/h200-session25/) the embedding's
 index_select took 11.2 µs for 16 tokens (2.0 µs for one) and the argmax over a 32000-token
 vocabulary 11.3-11.6 µs at 1 and at 16 rows: each about what a whole layer's attention
-takes. Here each is one launch of programs that issue all their loads at once:
+takes; the rotary tables were six small launches. Here each is one launch of programs
+that issue all their loads at once:
 
 - embed_rows: weight[ids], a program per (token, 1024-wide slice of the row); an id out of
   the table's range gives a row of NaN (torch's CUDA embedding stops the process with a
