@@ -404,10 +404,12 @@ def resource_report():
                               "stride_vb", "stride_vh", "stride_vs", "stride_mb", "stride_mt", "stride_sb",
                               "stride_st", "stride_ob",
                               "stride_ot", "stride_oh"))
-        compiled = compile_for(attention._verify_attention_kernel, args, cfg["num_warps"], cfg["num_stages"])
         shown = {k: cfg[k] for k in ("BLOCK_Q", "BLOCK_N", "num_warps", "num_stages", "num_splits")}
-        print(f"verify_attention G={H // KV} B={B} T={T} {'tree' if tree else 'chain'}{' + rope' if rope else ''} {shown}: "
-              f"{resources(compiled)}")
+        for q_regs in (False, True) if rope else (False,):  # the rotated queries through scratch / in registers
+            compiled = compile_for(attention._verify_attention_kernel, dict(args, Q_REGS=q_regs), cfg["num_warps"],
+                                   cfg["num_stages"])
+            print(f"verify_attention G={H // KV} B={B} T={T} {'tree' if tree else 'chain'}"
+                  f"{' + rope' if rope else ''}{' (queries in registers)' if q_regs else ''} {shown}: {resources(compiled)}")
     attention._num_sms, moe.max_shared_memory = num_sms, shared
 
 

@@ -37,8 +37,19 @@ MIN_KEYS_PER_SPLIT = 512
 # rope_verify_attention: each program rotates its query rows in registers, from the QKV
 # output straight into the tile it attends with, instead of through a scratch tensor (a
 # store, a barrier and a load back); where half the head is a power of two. The same bits
-# either way (tests). Off until timed on a GPU (predicted: ~0.5 µs a layer of the draft step).
-ROPE_Q_REGISTERS = False
+# either way (tests). "auto": from ROPE_Q_REGISTERS_MIN_ROWS query rows a launch (B x T), where
+# it timed faster in the draft step (H200, session 26, two runs: batch 16 -0.005 / -0.012 ms a
+# step; batch 1 and 4 +0.002 to +0.004 ms, so those keep the scratch); "on" / "off": always / never.
+ROPE_Q_REGISTERS = "auto"
+ROPE_Q_REGISTERS_MIN_ROWS = 16
+
+
+def _q_in_registers(rows: int, hd: int) -> bool:
+    if ROPE_Q_REGISTERS not in ("auto", "on", "off"):
+        raise ValueError(f"kernels.attention.ROPE_Q_REGISTERS is {ROPE_Q_REGISTERS!r}: set it to 'auto', 'on' or 'off'")
+    if hd // 2 != triton.next_power_of_2(max(hd // 2, 1)):
+        return False
+    return ROPE_Q_REGISTERS == "on" or (ROPE_Q_REGISTERS == "auto" and rows >= ROPE_Q_REGISTERS_MIN_ROWS)
 
 
 @triton.jit
@@ -441,7 +452,7 @@ def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float
         WHOLE_TILES=cfg["WHOLE_TILES"],
         IEEE=q.dtype == torch.float32, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(hd),
         ROPE_WRITE=rope is not None, BLOCK_G=triton.next_power_of_2(G), BLOCK_HALF=triton.next_power_of_2(max(hd // 2, 1)),
-        Q_REGS=rope is not None and ROPE_Q_REGISTERS and hd // 2 == triton.next_power_of_2(max(hd // 2, 1)),
+        Q_REGS=rope is not None and _q_in_registers(B * T, hd),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q),
     )
     if split:

@@ -354,7 +354,7 @@ def test_float8_keys_and_values(tree, rows_in_a_pool, splits, dtype):
     assert rel_err(verify_attention(q, k8, v8, lengths, tree_mask, row_start=row_start), ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("q_registers,hd", [(False, 32), (True, 32), (True, 48)])
+@pytest.mark.parametrize("q_registers,hd", [("off", 32), ("on", 32), ("on", 48)])
 @pytest.mark.parametrize("T,positions0,dtype", [(1, (5, 30), torch.float32), (5, (0, 17), torch.float16),
                                                   (5, (349, 600), torch.float32), pytest.param(
                                                       5, (349, 600), torch.bfloat16, marks=gpu)])
@@ -390,3 +390,22 @@ def test_rope_verify_attention_is_rope_write_then_attention(T, positions0, dtype
     got = rope_verify_attention(qkv, H, KV, cos, sin, positions, caches[1][0], caches[1][1], kv_len=kv_len)
     assert torch.equal(caches[1], caches[0])
     assert torch.equal(got, want)
+
+
+def test_rope_queries_in_registers_from_min_rows(monkeypatch):
+    """attention.ROPE_Q_REGISTERS "auto" rotates the queries in registers from
+    ROPE_Q_REGISTERS_MIN_ROWS query rows a launch (where it timed faster), never where half
+    the head is not a power of two; "on" / "off" always / never; anything else is refused."""
+    from specoff.kernels import attention
+
+    monkeypatch.setattr(attention, "ROPE_Q_REGISTERS", "auto")
+    rows = attention.ROPE_Q_REGISTERS_MIN_ROWS
+    assert attention._q_in_registers(rows, 128) and not attention._q_in_registers(rows - 1, 128)
+    assert not attention._q_in_registers(rows, 48)
+    monkeypatch.setattr(attention, "ROPE_Q_REGISTERS", "on")
+    assert attention._q_in_registers(1, 128)
+    monkeypatch.setattr(attention, "ROPE_Q_REGISTERS", "off")
+    assert not attention._q_in_registers(4 * rows, 128)
+    monkeypatch.setattr(attention, "ROPE_Q_REGISTERS", True)
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        attention._q_in_registers(rows, 128)
