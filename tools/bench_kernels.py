@@ -579,8 +579,18 @@ def bench_draft(hbm: float, compile_step: bool = False):
             setattr(home, name, kept)
 
     variant(step_kernels, "STEP_KERNELS", "off", "embedding and argmax through torch")
-    q_regs = attention.ROPE_Q_REGISTERS  # the rotary's queries the other way
-    variant(attention, "ROPE_Q_REGISTERS", not q_regs, f"queries rotated in {'scratch' if q_regs else 'registers'}")
+    for q_regs, where in (("on", "registers"), ("off", "scratch")):  # the rotary's queries each way
+        if attention.ROPE_Q_REGISTERS != q_regs:
+            variant(attention, "ROPE_Q_REGISTERS", q_regs, f"queries rotated in {where}")
+    from specoff.kernels import skinny
+
+    # DRAFT_TILES="4096x4096:BLOCK_N=32,SPLIT_K=2;6144x4096:SPLIT_K=2": each product's tile
+    # choices replaced in turn (skinny.CONFIG_OVERRIDES), a row each batch.
+    for spec in filter(None, os.environ.get("DRAFT_TILES", "").split(";")):
+        shape, _, entries = spec.partition(":")
+        N, K = map(int, shape.split("x"))
+        replaced = {k: int(v) for k, v in (e.split("=") for e in entries.split(","))}
+        variant(skinny, "CONFIG_OVERRIDES", {(N, K): replaced}, f"{N}x{K} products with {replaced}")
     for keys in map(int, filter(None, os.environ.get("DRAFT_SPLITS", "").split(","))):
         variant(attention, "MIN_KEYS_PER_SPLIT", keys, f"attention splits of >= {keys} keys")
     if compile_step:

@@ -212,22 +212,30 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, sq_ou
 
 def config(M: int, N: int, K: int, sms: int, element_size: int = 2, shared: int = 227 * 1024) -> dict:
     """BLOCK_M 16 (the rows), 64 weight rows a tile with 4 warps (one wgmma group), 4 stages.
-    K in two slices only where the column tiles cover under half the SMs and K is short
-    (Mistral-7B's wo: 64 tiles of 4096); 256-wide K steps where the tiles are under one wave
-    (more bytes in flight a program: wqkv's 96 tiles, w2's 64 of K 14336, wo's 64 in two
-    slices), 128 else. From the H200's grids (tiles 32/64/128 x K steps 128/256 x 1/2/4/8
-    slices at 1 and 16 rows, each weight taken in turn from copies filling 4x the L2 cache:
-    bench/runs/h200-session24/l2-honest/skinny.json): wo 0.0109 ms in two slices of 256-wide
-    steps against 0.0132 with 128 (torch 0.0134), w2 0.0309 (two slices 0.0305, torch
-    0.0321), wqkv 0.0143 (torch 0.0151); w13 and the head fastest as set. (Session 23's grid
-    replayed one weight, partly from L2: wo 0.0075 ms then, 11.4 µs in the step's profile.)
+    K in two slices only where the column tiles cover under a quarter of the SMs and K is
+    short; 256-wide K steps where the tiles are under one wave (more bytes in flight a
+    program: wqkv's 96 tiles, w2's 64 of K 14336, wo's 64), 128 else. From the H200's grids
+    (tiles 32/64/128 x K steps 128/256 x 1/2/4/8 slices at 1 and 16 rows, each weight taken
+    in turn from copies filling 4x the L2 cache: bench/runs/h200-session24/l2-honest/skinny.json):
+    wo 0.0109 ms in two slices of 256-wide steps against 0.0132 with 128 (torch 0.0134), w2
+    0.0309 (two slices 0.0305, torch 0.0321), wqkv 0.0143 (torch 0.0151); w13 and the head
+    fastest as set. Inside the draft's step (Mistral-7B, one graph, session 26) wo's two
+    slices lost to one: the step 0.021-0.023 ms faster at batch 1, 4 and 16 with wo whole
+    (its 64 tiles were under half the SMs, the rule before), so slices are kept for narrower
+    products (a small draft's, not timed in a step). Five stages where K is long (w2's 14336:
+    the step 0.015-0.041 ms faster at batch 1 and 4, -0.013 to +0.001 at 16, two runs; wo's
+    and wqkv's K of 4096 gained nothing from a fifth), where it fits without a narrower K step.
     The K step and then the stages shrink until the stages' tiles of W and x (`element_size`
     bytes each) fit in `shared` bytes (fp32's 256-wide steps would need 320 KB)."""
     tiles = triton.cdiv(N, 64)
-    split = 2 if 2 * tiles < sms and K <= 8192 else 1
+    split = 2 if 4 * tiles < sms and K <= 8192 else 1
     block_k = 256 if tiles < sms else 128
-    return _fit(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4),
-                64, element_size, shared)
+    cfg = _fit(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4),
+               64, element_size, shared)
+    if K > 8192 and cfg["num_stages"] == 4 and _fit(dict(cfg, num_stages=5), 64, element_size, shared) == dict(
+            cfg, num_stages=5):  # a fifth stage only where it fits as it is
+        cfg["num_stages"] = 5
+    return cfg
 
 
 def _fit(cfg: dict, w_rows: int, element_size: int, shared: int) -> dict:
@@ -302,6 +310,12 @@ def row_squares(x: torch.Tensor) -> Optional[torch.Tensor]:
     return _SQUARES[key][:tiles]
 
 
+# (N, K) of a product (N: its output columns; a SwiGLU's gate and up together) -> entries
+# replacing what _config picks for it ({"BLOCK_N": 32, "SPLIT_K": 2}, ...): tile choices
+# timed inside the draft's step (bench_kernels --only draft, DRAFT_TILES). Empty: as measured.
+CONFIG_OVERRIDES: Dict[Tuple[int, int], dict] = {}
+
+
 def _config(M: int, N: int, K: int, swiglu: bool, device, element_size: int) -> dict:
     """config() for a launch of N output columns (the SwiGLU's: its one-tile programs, or
     tiles of both the gate's and the up's rows) on this device (its shared memory)."""
@@ -310,6 +324,7 @@ def _config(M: int, N: int, K: int, swiglu: bool, device, element_size: int) -> 
     cfg = config(M, 2 * N if swiglu else N, K, num_sms(device), element_size, shared)
     if swiglu and SWIGLU_ONE_DOT:
         cfg.update(BLOCK_N=32, ONE_DOT=True)
+    cfg.update(CONFIG_OVERRIDES.get((2 * N if swiglu else N, K), {}))
     return _fit(cfg, 2 * cfg["BLOCK_N"] if swiglu else cfg["BLOCK_N"], element_size, shared)
 
 

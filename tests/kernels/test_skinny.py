@@ -163,15 +163,18 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
-@pytest.mark.parametrize("linear,handoff", [("off", True), ("on", False), ("on", True)])
+@pytest.mark.parametrize("linear,handoff,tiles", [("off", True, None), ("on", False, None), ("on", True, None),
+                                                  ("on", True, dict(BLOCK_N=32, SPLIT_K=2))])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_folded_norms_give_the_same_model(family, linear, handoff, make_checkpoint, monkeypatch):
+def test_folded_norms_give_the_same_model(family, linear, handoff, tiles, make_checkpoint, monkeypatch):
     """Transformer.fold_norms: the norms' weights in wqkv's and w13's columns, the norms at
     ones. Through torch's ops (linear off: the norms as before, weight ones) or the few-rows
     path (on, fused kernels: the blocks' norms inside the products, the skips in them; with
     decoder.SQUARES_FROM_PRODUCTS each norm's sums of squares left by the product before,
     but the first layer's), fp32 logits of a prompt, a decode step and a 5-token
-    verification match the unfolded model."""
+    verification match the unfolded model; also with every product's tiles replaced
+    (skinny.CONFIG_OVERRIDES: 32-row tiles in two K slices, the partial squares then in more
+    column tiles and the folded norms' products split)."""
     import specoff
     from specoff.models import decoder
 
@@ -187,6 +190,11 @@ def test_folded_norms_give_the_same_model(family, linear, handoff, make_checkpoi
                 for norm in (layer.attention_norm, layer.ffn_norm):
                     norm.weight.copy_(torch.linspace(0.5, 2.0 + i, norm.weight.numel()))
     assert folded.fold_norms() == len(folded.layers) and folded.fold_norms() == len(folded.layers)
+    if tiles:
+        first = folded.layers[0]
+        monkeypatch.setattr(skinny, "CONFIG_OVERRIDES", {
+            tuple(m.weight.shape): tiles for m in (first.attention.wqkv, first.attention.wo,
+                                                   first.feed_forward.w13, first.feed_forward.w2)})
     assert all(bool((layer.ffn_norm.weight == 1).all()) for layer in folded.layers)
     gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(family.encode()))
     ids = torch.randint(3, plain.config.vocab_size, (3, 17), device=DEVICE, generator=gen)
@@ -215,12 +223,15 @@ def test_skinny_takes_leading_dims_and_strided_rows():
 
 
 def test_config_splits_only_narrow_short_products():
-    """On 132 SMs: Mistral-7B's wo (64 column tiles, K 4096) in two K slices; wqkv (96
-    tiles), w13, the head and w2 (K 14336) whole; 256-wide K steps where the tiles are
-    under one wave (wqkv, w2, wo's slices), 128 else."""
-    assert config(1, 4096, 4096, 132)["SPLIT_K"] == 2 and config(1, 4096, 4096, 132)["BLOCK_K"] == 256
-    for N, K, block_k in ((6144, 4096, 256), (28672, 4096, 128), (32000, 4096, 128), (4096, 14336, 256)):
+    """On 132 SMs: a small draft's wo (Qwen2.5-0.5B: 896 columns, 14 tiles) in two K slices;
+    Mistral-7B's wo (64 tiles, timed whole in the step), wqkv (96 tiles), w13, the head and
+    w2 (K 14336) whole; 256-wide K steps where the tiles are under one wave (wo, wqkv, w2),
+    128 else; five stages for w2's long K, four else."""
+    assert config(1, 896, 896, 132)["SPLIT_K"] == 2 and config(1, 896, 896, 132)["BLOCK_K"] == 256
+    for N, K, block_k in ((4096, 4096, 256), (6144, 4096, 256), (28672, 4096, 128), (32000, 4096, 128),
+                          (4096, 14336, 256)):
         assert config(16, N, K, 132)["SPLIT_K"] == 1 and config(16, N, K, 132)["BLOCK_K"] == block_k
+        assert config(16, N, K, 132)["num_stages"] == (5 if K == 14336 else 4)
 
 
 def test_config_fits_the_shared_memory():
