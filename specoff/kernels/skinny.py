@@ -232,9 +232,9 @@ def config(M: int, N: int, K: int, sms: int, element_size: int = 2, shared: int 
     block_k = 256 if tiles < sms else 128
     cfg = _fit(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4),
                64, element_size, shared)
-    if K > 8192 and cfg["num_stages"] == 4 and _fit(dict(cfg, num_stages=5), 64, element_size, shared) == dict(
-            cfg, num_stages=5):  # a fifth stage only where it fits as it is
-        cfg["num_stages"] = 5
+    deeper = dict(cfg, num_stages=5)
+    if K > 8192 and cfg["num_stages"] == 4 and _fit(dict(deeper), 64, element_size, shared) == deeper:
+        return deeper  # a fifth stage only where it fits as it is
     return cfg
 
 
