@@ -6,8 +6,10 @@ For each token count and each config folder (files named as in specoff/kernels/c
 fused_moe is timed as (a) the tuner does (a CUDA graph of a few calls, ~4 ms a replay),
 (b) as bench_kernels does (triton's do_bench_cudagraph, ~60 ms of calls a replay) and (c)
 eagerly (do_bench, the L2 flushed between calls), beside the benchmark's torch composition
-(eager) and cuBLAS on the same products without the grouping (torch.mm of all the pairs'
-rows against one expert's weights: the dense ceiling for the same FLOPs). Folders alternate
+(eager), cuBLAS on the same products without the grouping (torch.mm of all the pairs'
+rows against one expert's weights: the dense ceiling for the same FLOPs) and cuBLAS on the
+exact groups (each expert's rows against its weights, nothing else of the MoE), both under
+the two graph timers. Folders alternate
 `--repeats` times so drift shows. Prints a markdown table; --json writes the rows.
 """
 from __future__ import annotations
@@ -64,7 +66,24 @@ def main():
             torch.mm(rows_all, w13[0].t(), out=h)
             torch.mm(hid, w2[0].t(), out=y)
 
+        # cuBLAS on the exact groups: each expert's rows (counted once, on the host) against
+        # its own weights, every other op of the MoE left out
+        counts = torch.bincount(topk_ids.reshape(-1), minlength=E).tolist()
+        ends = [sum(counts[:e + 1]) for e in range(E)]
+
+        def groups():
+            for e in range(E):
+                lo, hi = ends[e] - counts[e], ends[e]
+                if hi > lo:
+                    torch.mm(rows_all[lo:hi], w13[e].t(), out=h[lo:hi])
+                    torch.mm(hid[lo:hi], w2[e].t(), out=y[lo:hi])
+
         dense_ms = graph_ms(dense)
+        dense_sustained = triton.testing.do_bench_cudagraph(dense, rep=60, return_mode="median")
+        groups_ms = graph_ms(groups)
+        groups_sustained = triton.testing.do_bench_cudagraph(groups, rep=60, return_mode="median")
+        print(f"tokens {tokens}: dense mm {dense_ms:.4f} ms (tuner's timer) / {dense_sustained:.4f} (bench's); "
+              f"cuBLAS on the exact groups {groups_ms:.4f} / {groups_sustained:.4f}", flush=True)
         torch_ms = triton.testing.do_bench(lambda: moe_torch_grouped(x, w13, w2, topk_weights, topk_ids),
                                            warmup=10, rep=60, return_mode="median")
         out = torch.empty_like(x)
@@ -79,7 +98,9 @@ def main():
                 row = dict(tokens=tokens, configs=folder, tuner_graph_ms=graph_ms(fn),
                            bench_graph_ms=triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median"),
                            eager_ms=triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"),
-                           torch_eager_ms=torch_ms, dense_mm_graph_ms=dense_ms, rel_err=err, gate_up=cfg1, down=cfg2)
+                           torch_eager_ms=torch_ms, dense_mm_graph_ms=dense_ms,
+                           dense_mm_bench_graph_ms=dense_sustained, groups_mm_graph_ms=groups_ms,
+                           groups_mm_bench_graph_ms=groups_sustained, rel_err=err, gate_up=cfg1, down=cfg2)
                 rows.append(row)
                 print(f"| {tokens} | {folder} | {row['tuner_graph_ms']:.4f} | {row['bench_graph_ms']:.4f} | "
                       f"{row['eager_ms']:.4f} | {torch_ms:.4f} | {dense_ms:.4f} |", flush=True)
