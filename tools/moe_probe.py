@@ -9,12 +9,13 @@ eagerly (do_bench, the L2 flushed between calls), beside the benchmark's torch c
 (eager), cuBLAS on the same products without the grouping (torch.mm of all the pairs'
 rows against one expert's weights: the dense ceiling for the same FLOPs) and cuBLAS on the
 exact groups (each expert's rows against its weights, nothing else of the MoE), both under
-the two graph timers. Folders alternate
-`--repeats` times so drift shows. Prints a markdown table; --json writes the rows.
+the two graph timers. `--variants` adds entries to each folder's gate-up config ('TAIL=1':
+tail tiles). Folders alternate `--repeats` times so drift shows. Prints a markdown table; --json writes the rows.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -46,6 +47,8 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1280])
     parser.add_argument("--configs", nargs="+", required=True, help="config folders to compare")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=[""],
+                        help="entries added to each folder's gate-up config, e.g. '' 'TAIL=1' (a row each)")
     parser.add_argument("--json")
     args = parser.parse_args()
     moe.GROUPED_MM_TOKENS = 0
@@ -88,21 +91,23 @@ def main():
                                            warmup=10, rep=60, return_mode="median")
         out = torch.empty_like(x)
         for _ in range(args.repeats):
-            for folder in args.configs:
+            for folder, variant in itertools.product(args.configs, args.variants):
                 cfg1, cfg2 = configs_in(folder, E, D, I, x.dtype, tokens)
+                cfg1.update({k: int(v) for k, v in (e.split("=") for e in filter(None, variant.split(",")))})
+                label = f"{folder} {variant}".strip()
                 fn = lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, cfg1, cfg2)  # noqa: E731
                 fn()
                 ref = moe.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                 torch.cuda.synchronize()
-                row = dict(tokens=tokens, configs=folder, tuner_graph_ms=graph_ms(fn),
+                row = dict(tokens=tokens, configs=label, tuner_graph_ms=graph_ms(fn),
                            bench_graph_ms=triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median"),
                            eager_ms=triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"),
                            torch_eager_ms=torch_ms, dense_mm_graph_ms=dense_ms,
                            dense_mm_bench_graph_ms=dense_sustained, groups_mm_graph_ms=groups_ms,
                            groups_mm_bench_graph_ms=groups_sustained, rel_err=err, gate_up=cfg1, down=cfg2)
                 rows.append(row)
-                print(f"| {tokens} | {folder} | {row['tuner_graph_ms']:.4f} | {row['bench_graph_ms']:.4f} | "
+                print(f"| {tokens} | {label} | {row['tuner_graph_ms']:.4f} | {row['bench_graph_ms']:.4f} | "
                       f"{row['eager_ms']:.4f} | {torch_ms:.4f} | {dense_ms:.4f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
