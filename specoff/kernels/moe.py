@@ -613,26 +613,22 @@ def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None
     route_w = topk_weights.reshape(-1).float().contiguous()
     # Pairs of experts not in w13 (partial) get no row of the weighted outputs: zero them.
     down = (torch.zeros if partial else torch.empty)((num_pairs, D), dtype=x.dtype, device=x.device)
-    if tails:
+    if by_descriptors:
+        # Both launches by descriptors: x gathered into grouped order once (a copy of
+        # num_padded rows), the intermediate kept in that order for the second launch; with
+        # tails, each product in two launches (whole tiles, then half-block tails).
+        tiles = ([(experts, rows, shrink) for (rows, experts), shrink in zip(tables, (1, 2))] if tails
+                 else [(block_expert, None, 1)])
         hidden = torch.empty((sorted_pairs.numel(), I), dtype=x.dtype, device=x.device)
         xs = grouped_rows(x, sorted_pairs, num_pairs, top_k)
-        for (rows, experts), shrink in zip(tables, (1, 2)):
+        for experts, rows, shrink in tiles:
             _launch_gemm_tma(xs, w13, hidden, route_w, sorted_pairs, experts, num_pairs,
                              dict(cfg1, BLOCK_M=cfg1["BLOCK_M"] // shrink), gated=True, out_sorted=True,
                              weighted=False, block_row=rows)
-        for (rows, experts), shrink in zip(tables, (1, 2)):
+        for experts, rows, shrink in tiles:
             _launch_gemm_tma(hidden, w2, down, route_w, sorted_pairs, experts, num_pairs,
                              dict(cfg2, BLOCK_M=cfg2["BLOCK_M"] // shrink), gated=False, out_sorted=False,
                              weighted=True, block_row=rows)
-        return torch.sum(down.view(N, top_k, D), dim=1, out=out)
-    if by_descriptors:
-        # Both launches by descriptors: x gathered into grouped order once (a copy of
-        # num_padded rows), the intermediate kept in that order for the second launch.
-        hidden = torch.empty((sorted_pairs.numel(), I), dtype=x.dtype, device=x.device)
-        _launch_gemm_tma(grouped_rows(x, sorted_pairs, num_pairs, top_k), w13, hidden, route_w, sorted_pairs,
-                         block_expert, num_pairs, cfg1, gated=True, out_sorted=True, weighted=False)
-        _launch_gemm_tma(hidden, w2, down, route_w, sorted_pairs, block_expert, num_pairs, cfg2,
-                         gated=False, out_sorted=False, weighted=True)
         return torch.sum(down.view(N, top_k, D), dim=1, out=out)
     hidden = torch.empty((num_pairs, I), dtype=x.dtype, device=x.device)  # silu(gate) * up
     _launch_gemm(x, w13, hidden, route_w, sorted_pairs, block_expert, num_pairs, top_k, cfg1,
