@@ -9,8 +9,9 @@ eagerly (do_bench, the L2 flushed between calls), beside the benchmark's torch c
 (eager), cuBLAS on the same products without the grouping (torch.mm of all the pairs'
 rows against one expert's weights: the dense ceiling for the same FLOPs) and cuBLAS on the
 exact groups (each expert's rows against its weights, nothing else of the MoE), both under
-the two graph timers. `--variants` adds entries to each folder's gate-up config ('TAIL=1':
-tail tiles). Folders alternate `--repeats` times so drift shows. Prints a markdown table; --json writes the rows.
+the two graph timers. `--variants` changes entries of each folder's configs ('GROUP_M=16':
+the gate-up one's, 'down.GROUP_M=16': the down one's; comma-separated, a row each). Folders
+alternate `--repeats` times so drift shows. Prints a markdown table; --json writes the rows.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def main():
     parser.add_argument("--configs", nargs="+", required=True, help="config folders to compare")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=[""],
-                        help="entries added to each folder's gate-up config, e.g. '' 'TAIL=1' (a row each)")
+                        help="config changes, a row each: '' (as installed), 'GROUP_M=16', 'GROUP_M=16,down.GROUP_M=16'")
     parser.add_argument("--json")
     args = parser.parse_args()
     moe.GROUPED_MM_TOKENS = 0
@@ -93,7 +94,10 @@ def main():
         for _ in range(args.repeats):
             for folder, variant in itertools.product(args.configs, args.variants):
                 cfg1, cfg2 = configs_in(folder, E, D, I, x.dtype, tokens)
-                cfg1.update({k: int(v) for k, v in (e.split("=") for e in filter(None, variant.split(",")))})
+                for key, value in (e.split("=") for e in filter(None, variant.split(","))):
+                    # 'down.KEY=V' goes to the down config, a bare 'KEY=V' to the gate-up one
+                    target, key = (cfg2, key[5:]) if key.startswith("down.") else (cfg1, key)
+                    target[key] = int(value)
                 label = f"{folder} {variant}".strip()
                 fn = lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, cfg1, cfg2)  # noqa: E731
                 fn()

@@ -108,7 +108,7 @@ class GemmLaunch:
             descriptor = moe._tensor_descriptor()
             descs = [descriptor(MockTensor(dtype), *d) for dtype, d in zip(self.dtypes[:2], self.descs)]
             return moe._moe_gemm_tma_kernel.warmup(
-                *descs, *self.dtypes[2:], self.dtypes[-1], *self.ints,  # block_row: block_expert's (unused)
+                *descs, *self.dtypes[2:], *self.ints,
                 GATED=self.gated, OUT_SORTED=self.gated, WEIGHTED=not self.gated, IEEE=self.ieee,
                 ONE_DOT=self.one_dot, **tiles)
         return moe._moe_gemm_kernel.warmup(
@@ -370,26 +370,19 @@ def resource_report():
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             args = dict(a_desc=f"tensordesc<bf16[{bm},{bk}]>", w_desc=f"tensordesc<bf16[{bn},{bk}]>", out_ptr="*bf16",
                         topk_weights_ptr="*fp32", sorted_pairs_ptr="*i32", block_expert_ptr="*i32",
-                        block_row_ptr="*i32", num_pairs="i32", num_padded="i32/16", N="i32/16", K="i32/16",
-                        W_ROWS="i32/16",
+                        num_pairs="i32", num_padded="i32/16", N="i32/16", K="i32/16", W_ROWS="i32/16",
                         stride_om="i32/16", stride_on=1, GATED=gated, OUT_SORTED=gated, WEIGHTED=not gated,
                         IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"])
             for one_dot in (False, True) if gated else (False,):
                 if one_dot:
                     args["w_desc"] = f"tensordesc<bf16[1,2,{bn},{bk}]>"
-                compiled = compile_for(moe._moe_gemm_tma_kernel, dict(args, ONE_DOT=one_dot, ROW_TABLE=False),
-                                       cfg["num_warps"], cfg["num_stages"])
+                compiled = compile_for(moe._moe_gemm_tma_kernel, dict(args, ONE_DOT=one_dot), cfg["num_warps"],
+                                       cfg["num_stages"])
                 ptx = compiled.asm["ptx"]
                 print(f"fused_moe tokens={tokens} {'gate_up' if gated else 'down'} by descriptors"
                       f"{', one product' if one_dot else ''}: {resources(compiled)}, "
                       f"{'TMA' if 'cp.async.bulk.tensor' in ptx else 'no TMA'}, "
                       f"{ptx.count('wgmma.mma_async')} wgmma instructions")
-                # the tail tiles' launch (TAIL): half the rows, from a row table
-                tail = dict(args, ONE_DOT=one_dot, ROW_TABLE=True, BLOCK_M=bm // 2,
-                            a_desc=f"tensordesc<bf16[{bm // 2},{bk}]>")
-                compiled = compile_for(moe._moe_gemm_tma_kernel, tail, cfg["num_warps"], cfg["num_stages"])
-                print(f"fused_moe tokens={tokens} {'gate_up' if gated else 'down'} tail tiles of {bm // 2} rows"
-                      f"{', one product' if one_dot else ''}: {resources(compiled)}")
     num_sms, attention._num_sms = attention._num_sms, lambda device: 132  # an H100/H200, even without a GPU
     shared, moe.max_shared_memory = moe.max_shared_memory, lambda device: 232448
     for (H, KV, hd), B, T, tree in (((32, 8, 128), 64, 1, False), ((32, 8, 128), 64, 5, False),
@@ -519,18 +512,8 @@ def main():
         out = torch.empty_like(x)
         default_ms = graph_ms(lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *defaults))
         tuned_ms = graph_ms(lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, cfg1, cfg2))
-        ref = moe.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
-        if cfg1.get("TMA") and cfg1["BLOCK_M"] >= 32:
-            # The same tiles over groups padded to half a block, tails in a second launch
-            tail = dict(cfg1, TAIL=1)
-            tail_ms = graph_ms(lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, tail, cfg2))
-            moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, tail, cfg2)
-            tail_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            print(f"  tokens={tokens} tail tiles: {tail_ms:.4f} ms against {tuned_ms:.4f} (relative error "
-                  f"{tail_err:.2g})", flush=True)
-            if tail_ms < tuned_ms and tail_err < 2e-2:
-                cfg1, tuned_ms = tail, tail_ms
         moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, cfg1, cfg2)
+        ref = moe.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         if not err < 2e-2:  # a fast but wrong compile (seen with Triton 3.6's warp specialisation on sm_90)
             print(f"| {tokens} | {tuned_ms:.4f} | {default_ms:.4f} | computes wrong values (relative error {err:.2g}): "

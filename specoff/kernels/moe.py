@@ -115,7 +115,7 @@ def _moe_gemm_tma_kernel(
     # tensor descriptors (TMA on Hopper): a [num_padded, K] rows in grouped order, w [E * W_ROWS, K]
     a_desc, w_desc,
     # pointers
-    out_ptr, topk_weights_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_ptr,
+    out_ptr, topk_weights_ptr, sorted_pairs_ptr, block_expert_ptr,
     # sizes
     num_pairs, num_padded, N, K, W_ROWS,
     # strides
@@ -127,23 +127,16 @@ def _moe_gemm_tma_kernel(
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dot instead of tf32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ONE_DOT: tl.constexpr = False,  # GATED: w_desc is w13 as [E, 2, I, K]; gate and up tiles in one load and one product
-    ROW_TABLE: tl.constexpr = False,  # row block i starts at grouped row block_row[i] (tail_tiles), else i·BLOCK_M
 ):
     """_moe_gemm_kernel with its activations already in grouped order: both operands are
     whole tiles of 2-D tensors, loaded by tensor descriptors (the copy engine's TMA on Hopper,
-    no per-row address arithmetic; past K and past the last row they read zeros).
-    ROW_TABLE: the row blocks are a table's (num_padded = its entries · BLOCK_M), each
-    starting where the table says: whole tiles and tail tiles of groups padded to less than
-    BLOCK_M rows (tail_tiles)."""
+    no per-row address arithmetic; past K and past the last row they read zeros)."""
     pid_m, pid_n = _tile(num_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:  # padding block past the last expert's group
         return
-    if ROW_TABLE:
-        row0 = tl.load(block_row_ptr + pid_m)
-    else:
-        row0 = pid_m * BLOCK_M
+    row0 = pid_m * BLOCK_M
     # Columns past N read the next rows of w (the up half, the next expert, or zeros past
     # the end): never stored.
     w_row = expert * W_ROWS + pid_n * BLOCK_N
@@ -196,20 +189,16 @@ def _moe_gemm_tma_kernel(
 def _moe_align_kernel(
     # pointers
     topk_ids_ptr, sorted_pairs_ptr, block_expert_ptr,
-    whole_row_ptr, whole_expert_ptr, tail_row_ptr, tail_expert_ptr,  # TABLES: tail_tiles' tables
     # sizes
     num_pairs, num_padded, num_experts,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
-    TABLES: tl.constexpr = False,  # also tail_tiles(topk_ids, num_experts, 2 * BLOCK_M)'s tables
 ):
     """moe_align in one program: per-expert counts, padded offsets, then each pair's slot.
 
     A pair's slot is its expert's padded start plus the number of earlier pairs of that
     expert (a running count over chunks plus a cumulative sum of one-hot rows within one),
     so the order within a group is the pair order, as in the stable argsort of moe_align.
-    TABLES: the tiles of twice BLOCK_M rows over that grouping and the BLOCK_M-row tails
-    (tail_tiles: the same values, without its ~25 small launches).
     """
     experts = tl.arange(0, BLOCK_E)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -230,22 +219,6 @@ def _moe_align_kernel(
         # The group holding row blocks * BLOCK_M: how many groups end at or before it.
         expert = tl.sum((padded_end[None, :] <= (blocks * BLOCK_M)[:, None]).to(tl.int32), 1)
         tl.store(block_expert_ptr + blocks, tl.where(expert < num_experts, expert, -1), mask=blocks < num_blocks)
-    if TABLES:
-        whole = padded // (2 * BLOCK_M)
-        whole_end = tl.cumsum(whole, 0)
-        whole_start = whole_end - whole
-        for k0 in range(0, num_padded // (2 * BLOCK_M), BLOCK_P):
-            slots = k0 + tl.arange(0, BLOCK_P)
-            owner = tl.sum((whole_end[None, :] <= slots[:, None]).to(tl.int32), 1)
-            mine = experts[None, :] == owner[:, None]
-            rows = tl.sum(tl.where(mine, padded_start[None, :] + (slots[:, None] - whole_start[None, :]) * (2 * BLOCK_M),
-                                   0), 1)
-            keep = slots < num_padded // (2 * BLOCK_M)
-            tl.store(whole_row_ptr + slots, rows, mask=keep)
-            tl.store(whole_expert_ptr + slots, tl.where(owner < num_experts, owner, -1), mask=keep)
-        real = experts < num_experts
-        tl.store(tail_row_ptr + experts, padded_start + whole * (2 * BLOCK_M), mask=real)
-        tl.store(tail_expert_ptr + experts, tl.where(padded % (2 * BLOCK_M) != 0, experts, -1), mask=real)
     tl.debug_barrier()  # the padding fill above lands before the pairs below overwrite it
 
     seen = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -362,38 +335,28 @@ def padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 FUSED_ALIGN_MAX_PAIRS = 4096
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, tables: bool = False):
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """Sort (token, expert) pairs by expert, each expert's group padded to a multiple of block_m.
 
     Returns sorted_pairs [num_padded] int32 (pair index token*top_k + j, or num_pairs for a
     padding row) and block_expert [num_padded // block_m] int32 (-1 past the last group).
     One Triton launch for up to FUSED_ALIGN_MAX_PAIRS pairs, else moe_align_torch: its ~25
     small kernels take an estimated ~50 us even in a CUDA graph, a fifth of the 1-token MoE.
-    tables: also tail_tiles(topk_ids, num_experts, 2 * block_m), a third value.
     """
     num_pairs = topk_ids.numel()
     if num_pairs > FUSED_ALIGN_MAX_PAIRS:
-        grouping = moe_align_torch(topk_ids, num_experts, block_m)
-        return (*grouping, tail_tiles(topk_ids, num_experts, 2 * block_m)) if tables else grouping
+        return moe_align_torch(topk_ids, num_experts, block_m)
     topk_ids = topk_ids.contiguous()  # read as a flat [num_pairs] array
     num_padded = padded_rows(num_pairs, num_experts, block_m)
     sorted_pairs = torch.empty((num_padded,), dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty((num_padded // block_m,), dtype=torch.int32, device=topk_ids.device)
-    if tables:  # tail_tiles(topk_ids, num_experts, 2 * block_m)'s, filled by the same launch
-        whole = torch.empty((2, num_padded // (2 * block_m)), dtype=torch.int32, device=topk_ids.device)
-        tails = torch.empty((2, num_experts), dtype=torch.int32, device=topk_ids.device)
-    else:
-        whole = tails = block_expert[None]  # unused
     block_e = triton.next_power_of_2(num_experts)
     block_p = max(16, min(1024, 8192 // block_e, triton.next_power_of_2(max(num_pairs, num_padded // block_m))))
     _launcher(_moe_align_kernel, topk_ids)[(1,)](
-        topk_ids, sorted_pairs, block_expert, whole[0], whole[-1], tails[0], tails[-1],
+        topk_ids, sorted_pairs, block_expert,
         num_pairs, num_padded, num_experts,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_E=block_e, TABLES=tables,
-        num_warps=8 if block_p * block_e >= 4096 else 4,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=8 if block_p * block_e >= 4096 else 4,
     )
-    if tables:
-        return sorted_pairs, block_expert, ((whole[0], whole[1]), (tails[0], tails[1]))
     return sorted_pairs, block_expert
 
 
@@ -496,16 +459,14 @@ def tma_usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
 
 
 def _launch_gemm_tma(a, w, out, topk_weights, sorted_pairs, block_expert, num_pairs, cfg, *,
-                     gated: bool, out_sorted: bool, weighted: bool, block_row: Optional[torch.Tensor] = None):
-    """_launch_gemm over `a` already in grouped order (row r holds sorted pair r's input);
-    block_row: the row blocks' first rows (a tile table of tail_tiles, with block_expert)."""
+                     gated: bool, out_sorted: bool, weighted: bool):
+    """_launch_gemm over `a` already in grouped order (row r holds sorted pair r's input)."""
     descriptor = _tensor_descriptor()
     E, W_ROWS, K = w.shape
     N = W_ROWS // 2 if gated else W_ROWS
-    rows = sorted_pairs.numel()
-    num_padded = rows if block_row is None else block_row.numel() * cfg["BLOCK_M"]
+    num_padded = sorted_pairs.numel()
     one_dot = gated and bool(cfg.get("ONE_DOT"))
-    a_desc = descriptor(a, [rows, K], [a.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+    a_desc = descriptor(a, [num_padded, K], [a.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
     if one_dot:  # w13 as [E, 2, I, K]: a tile's gate and up rows in one box (zeros past I)
         w_desc = descriptor(w, [E, 2, N, K], [w.stride(0), N * w.stride(1), w.stride(1), 1],
                             [1, 2, cfg["BLOCK_N"], cfg["BLOCK_K"]])
@@ -514,39 +475,11 @@ def _launch_gemm_tma(a, w, out, topk_weights, sorted_pairs, block_expert, num_pa
     grid = (triton.cdiv(num_padded, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _moe_gemm_tma_kernel[grid](
         a_desc, w_desc, out, topk_weights, sorted_pairs, block_expert,
-        block_expert if block_row is None else block_row,
         num_pairs, num_padded, N, K, W_ROWS, out.stride(0), out.stride(1),
         GATED=gated, OUT_SORTED=out_sorted, WEIGHTED=weighted, IEEE=a.dtype == torch.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        ONE_DOT=one_dot, ROW_TABLE=block_row is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        ONE_DOT=one_dot, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-
-
-def tail_tiles(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """Tile tables over moe_align(topk_ids, num_experts, block_m // 2)'s grouping (each
-    expert's group padded to half a block, not a whole one): ((rows, experts) of the whole
-    block_m-row tiles, (rows, experts) of the half-block tail tiles), int32 on the device,
-    expert -1 where a table entry is unused. An expert's group is its whole tiles, then one
-    tail tile where its padded rows are an odd number of half blocks. Fixed sizes (whole
-    tiles: at most half the half blocks; tails: one an expert), so a CUDA graph captures it."""
-    half = block_m // 2
-    assert half >= 1 and block_m == 2 * half, "block_m must be even"
-    flat = topk_ids.reshape(-1).long()
-    num_half_blocks = padded_rows(flat.numel(), num_experts, half) // half
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(
-        0, torch.where(flat >= 0, flat, num_experts), torch.ones_like(flat))[:num_experts]
-    padded = (counts + half - 1) // half * half
-    start = torch.cumsum(padded, 0) - padded
-    whole = padded // block_m
-    whole_end = torch.cumsum(whole, 0)
-    slots = torch.arange(num_half_blocks // 2, device=flat.device)
-    expert = torch.searchsorted(whole_end, slots, right=True)  # experts whose tiles end at or before the slot
-    owner = expert.clamp(max=num_experts - 1)
-    rows = start[owner] + (slots - (whole_end - whole)[owner]) * block_m
-    experts = torch.arange(num_experts, device=flat.device)
-    has_tail = padded % block_m != 0
-    return ((rows.to(torch.int32), torch.where(expert < num_experts, expert, -1).to(torch.int32)),
-            ((start + whole * block_m).to(torch.int32), torch.where(has_tail, experts, -1).to(torch.int32)))
 
 
 def grouped_rows(x: torch.Tensor, sorted_pairs: torch.Tensor, num_pairs: int, top_k: int) -> torch.Tensor:
@@ -602,33 +535,18 @@ def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None
     cfg1 = gate_up_config or get_config(E, 2 * I, D, x.dtype, name, N, top_k, max_shared)
     cfg2 = dict(down_config or get_config(E, D, I, x.dtype, name, N, top_k, max_shared))
     cfg2["BLOCK_M"] = cfg1["BLOCK_M"]  # both launches share one grouping
-    by_descriptors = (TMA == "on" or cfg1.get("TMA")) and tma_usable(x, w13, w2)
-    # TAIL (a config key, descriptor launches): groups padded to half a block, each computed
-    # as whole tiles plus one half-block tail tile where it has one (a second launch).
-    tails = by_descriptors and bool(cfg1.get("TAIL")) and cfg1["BLOCK_M"] % 2 == 0
-    if tails:
-        sorted_pairs, block_expert, tables = moe_align(topk_ids, E, cfg1["BLOCK_M"] // 2, tables=True)
-    else:
-        sorted_pairs, block_expert = moe_align(topk_ids, E, cfg1["BLOCK_M"])
+    sorted_pairs, block_expert = moe_align(topk_ids, E, cfg1["BLOCK_M"])
     route_w = topk_weights.reshape(-1).float().contiguous()
     # Pairs of experts not in w13 (partial) get no row of the weighted outputs: zero them.
     down = (torch.zeros if partial else torch.empty)((num_pairs, D), dtype=x.dtype, device=x.device)
-    if by_descriptors:
+    if (TMA == "on" or cfg1.get("TMA")) and tma_usable(x, w13, w2):
         # Both launches by descriptors: x gathered into grouped order once (a copy of
-        # num_padded rows), the intermediate kept in that order for the second launch; with
-        # tails, each product in two launches (whole tiles, then half-block tails).
-        tiles = ([(experts, rows, shrink) for (rows, experts), shrink in zip(tables, (1, 2))] if tails
-                 else [(block_expert, None, 1)])
+        # num_padded rows), the intermediate kept in that order for the second launch.
         hidden = torch.empty((sorted_pairs.numel(), I), dtype=x.dtype, device=x.device)
-        xs = grouped_rows(x, sorted_pairs, num_pairs, top_k)
-        for experts, rows, shrink in tiles:
-            _launch_gemm_tma(xs, w13, hidden, route_w, sorted_pairs, experts, num_pairs,
-                             dict(cfg1, BLOCK_M=cfg1["BLOCK_M"] // shrink), gated=True, out_sorted=True,
-                             weighted=False, block_row=rows)
-        for experts, rows, shrink in tiles:
-            _launch_gemm_tma(hidden, w2, down, route_w, sorted_pairs, experts, num_pairs,
-                             dict(cfg2, BLOCK_M=cfg2["BLOCK_M"] // shrink), gated=False, out_sorted=False,
-                             weighted=True, block_row=rows)
+        _launch_gemm_tma(grouped_rows(x, sorted_pairs, num_pairs, top_k), w13, hidden, route_w, sorted_pairs,
+                         block_expert, num_pairs, cfg1, gated=True, out_sorted=True, weighted=False)
+        _launch_gemm_tma(hidden, w2, down, route_w, sorted_pairs, block_expert, num_pairs, cfg2,
+                         gated=False, out_sorted=False, weighted=True)
         return torch.sum(down.view(N, top_k, D), dim=1, out=out)
     hidden = torch.empty((num_pairs, I), dtype=x.dtype, device=x.device)  # silu(gate) * up
     _launch_gemm(x, w13, hidden, route_w, sorted_pairs, block_expert, num_pairs, top_k, cfg1,

@@ -72,22 +72,19 @@ def _must_not_launch(*args, **kwargs):
 
 
 @pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", list(dtype_cases(TMA_CPU_CASES, TMA_GPU_CASES)))
-@pytest.mark.parametrize("tiles", ["default", "small", "small-one-dot", "tails", "tails-one-dot"])
+@pytest.mark.parametrize("tiles", ["default", "small", "small-one-dot"])
 def test_fused_moe_by_descriptors_matches_ref(tokens, hidden, inter, experts, top_k, dtype, tiles, monkeypatch):
     """moe.TMA: x gathered into grouped order, both grouped GEMMs loading whole tiles through
     tensor descriptors (Triton's interpreter on the CPU), the intermediate kept grouped;
     "one-dot": the gate-up launch loads a tile's gate and up rows as one box of w13 seen as
-    [E, 2, I, K] and multiplies once; "tails": groups padded to half a block, whole tiles
-    then half-block tail tiles (moe.tail_tiles) in a second launch of each product."""
+    [E, 2, I, K] and multiplies once."""
     monkeypatch.setattr(moe, "TMA", "on")
     monkeypatch.setattr(moe, "_launch_gemm", _must_not_launch)
     seed = zlib.crc32(repr(("tma", tokens, hidden, inter, experts, top_k, dtype)).encode())
     x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed)
     assert moe.tma_usable(x, w13, w2)
     configs = {"default": (None, None), "small": (TMA_TILES, TMA_TILES),
-               "small-one-dot": (dict(TMA_TILES, ONE_DOT=1), TMA_TILES),
-               "tails": (dict(TMA_TILES, BLOCK_M=32, TAIL=1), dict(TMA_TILES, BLOCK_M=32)),
-               "tails-one-dot": (dict(TMA_TILES, BLOCK_M=32, TAIL=1, ONE_DOT=1), dict(TMA_TILES, BLOCK_M=32))}[tiles]
+               "small-one-dot": (dict(TMA_TILES, ONE_DOT=1), TMA_TILES)}[tiles]
     out = torch.full_like(x, float("nan"))
     moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *configs)
     assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
@@ -146,42 +143,6 @@ def test_fused_moe_in_pieces_sums_to_the_whole(tokens, experts, top_k, pieces, t
         assert rel_err(out, fused_moe_ref(x, w13, w2, own, topk_ids)) < TOL[dtype]
         total += out
     assert rel_err(total, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
-
-
-@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 8, 2, 32), (33, 8, 2, 32), (222, 8, 2, 128),
-                                                           (100, 16, 4, 64), (600, 2, 1, 32)])
-def test_tail_tiles_cover_every_group_once(tokens, experts, top_k, block_m):
-    """moe.tail_tiles over moe_align's half-block grouping: the whole tiles and the tail
-    tiles of each expert cover its padded group exactly once, inside it; whole tiles are
-    block_m rows, tails half; pairs of no expert (id -1) get no rows."""
-    gen = torch.Generator(device=DEVICE).manual_seed(tokens * experts)
-    ids = torch.randint(0, experts, (tokens, top_k), device=DEVICE, generator=gen)
-    ids[::5, 0] = -1
-    half = block_m // 2
-    sorted_pairs, block_expert = moe.moe_align(ids, experts, half)
-    (rows, owners), (tail_rows, tail_owners) = moe.tail_tiles(ids, experts, block_m)
-    covered = torch.full((sorted_pairs.numel(),), -1, dtype=torch.int64)
-    for starts, who, size in ((rows, owners, block_m), (tail_rows, tail_owners, half)):
-        for r, e in zip(starts.tolist(), who.tolist()):
-            if e < 0:
-                continue
-            assert (covered[r:r + size] == -1).all() and r + size <= sorted_pairs.numel()
-            covered[r:r + size] = e
-    # every half block of an expert's group is covered by that expert's tiles, and nothing else
-    want = block_expert.cpu().long().repeat_interleave(half)
-    assert torch.equal(covered, want)
-    assert int((tail_owners >= 0).sum()) <= experts
-    # the align launch's own tables (TABLES), and the torch path's, are the same
-    for max_pairs in (moe.FUSED_ALIGN_MAX_PAIRS, 0):
-        moe.FUSED_ALIGN_MAX_PAIRS, kept = max_pairs, moe.FUSED_ALIGN_MAX_PAIRS
-        try:
-            pairs_t, blocks_t, tables = moe.moe_align(ids, experts, half, tables=True)
-        finally:
-            moe.FUSED_ALIGN_MAX_PAIRS = kept
-        assert torch.equal(pairs_t, sorted_pairs) and torch.equal(blocks_t, block_expert)
-        for (got_rows, got_owners), (want_rows, want_owners) in zip(tables, ((rows, owners), (tail_rows, tail_owners))):
-            used = want_owners >= 0  # an unused entry's row is never read
-            assert torch.equal(got_owners, want_owners) and torch.equal(got_rows[used], want_rows[used])
 
 
 @pytest.mark.parametrize("block_m", [16, 64])
