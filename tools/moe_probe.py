@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from specoff.kernels import moe  # noqa: E402
-from tools.bench_kernels import moe_inputs, moe_torch_grouped  # noqa: E402
+from tools.bench_kernels import moe_inputs, moe_torch_grouped, profiled_launches  # noqa: E402
 from tools.tune_kernels import graph_ms  # noqa: E402
 
 
@@ -50,6 +50,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=[""],
                         help="config changes, a row each: '' (as installed), 'GROUP_M=16', 'GROUP_M=16,down.GROUP_M=16'")
+    parser.add_argument("--profile", action="store_true",
+                        help="also each row's kernels: own device time a call (torch.profiler, eager, first repeat)")
     parser.add_argument("--json")
     args = parser.parse_args()
     moe.GROUPED_MM_TOKENS = 0
@@ -91,7 +93,7 @@ def main():
         torch_ms = triton.testing.do_bench(lambda: moe_torch_grouped(x, w13, w2, topk_weights, topk_ids),
                                            warmup=10, rep=60, return_mode="median")
         out = torch.empty_like(x)
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for folder, variant in itertools.product(args.configs, args.variants):
                 cfg1, cfg2 = configs_in(folder, E, D, I, x.dtype, tokens)
                 for key, value in (e.split("=") for e in filter(None, variant.split(","))):
@@ -100,7 +102,11 @@ def main():
                     target[key] = int(value)
                 label = f"{folder} {variant}".strip()
                 fn = lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, cfg1, cfg2)  # noqa: E731
-                fn()
+                try:
+                    fn()
+                except triton.runtime.errors.OutOfResources as e:  # a variant too big for this GPU
+                    print(f"| {tokens} | {label} | does not fit: {e} |||||", flush=True)
+                    continue
                 ref = moe.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                 torch.cuda.synchronize()
@@ -113,6 +119,12 @@ def main():
                 rows.append(row)
                 print(f"| {tokens} | {label} | {row['tuner_graph_ms']:.4f} | {row['bench_graph_ms']:.4f} | "
                       f"{row['eager_ms']:.4f} | {torch_ms:.4f} | {dense_ms:.4f} |", flush=True)
+                if args.profile and repeat == 0:
+                    launches = profiled_launches(fn, 20)
+                    if launches is not None:
+                        row["kernels"] = [dict(name=n, own_ms=o) for n, o, _ in zip(*launches)]
+                        print("    kernels (own ms a call): " + ", ".join(
+                            f"{n[:40]} {o:.4f}" for n, o, _ in zip(*launches)), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
