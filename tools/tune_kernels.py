@@ -512,6 +512,16 @@ def main():
         out = torch.empty_like(x)
         default_ms = graph_ms(lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *defaults))
         tuned_ms = graph_ms(lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, cfg1, cfg2))
+        if not cfg1.get("TMA") and cfg1["BLOCK_M"] >= 32:
+            # The same tiles with SHRINK (groups' last blocks of at most half a block of pairs
+            # multiply that half only): strictly less tensor-core work, kept unless slower. The
+            # short graphs here run at boost clock, where that work hides; under sustained
+            # calls it was 1.5% faster at 256 Mixtral tokens (KERNEL_NOTES, session 27).
+            shrunk = dict(cfg1, SHRINK=1), dict(cfg2, SHRINK=1)
+            shrunk_ms = graph_ms(lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *shrunk))
+            print(f"  tokens={tokens} shrunk blocks: {shrunk_ms:.4f} ms against {tuned_ms:.4f}", flush=True)
+            if shrunk_ms <= 1.005 * tuned_ms:
+                (cfg1, cfg2), tuned_ms = shrunk, min(tuned_ms, shrunk_ms)
         moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, cfg1, cfg2)
         ref = moe.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()

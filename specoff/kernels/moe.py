@@ -59,15 +59,42 @@ def _moe_gemm_kernel(
     WEIGHTED: tl.constexpr,  # scale each row by its routing weight
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dot instead of tf32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SHRINK: tl.constexpr = False,  # a block whose second half holds no pair computes its first half only
 ):
-    """One BLOCK_M x BLOCK_N tile of out[pair] = a[row(pair)] @ w[expert(block)].T."""
+    """One BLOCK_M x BLOCK_N tile of out[pair] = a[row(pair)] @ w[expert(block)].T.
+
+    SHRINK: a group's pairs fill its blocks from the front, so a block whose middle row is
+    padding is its group's last and holds at most BLOCK_M / 2 pairs: it runs the product of
+    its first BLOCK_M / 2 rows (half the tensor-core work of the padded tile, the same
+    weight tile, in the same launch)."""
     pid_m, pid_n = _tile(num_padded, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:  # padding block past the last expert's group
         return
+    row0 = pid_m * BLOCK_M
+    if SHRINK:
+        if tl.load(sorted_pairs_ptr + row0 + BLOCK_M // 2) >= num_pairs:
+            _moe_gemm_rows(a_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pairs_ptr, expert, row0, pid_n,
+                           num_pairs, N, K, top_k, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                           stride_om, stride_on, GATED, A_PER_TOKEN, WEIGHTED, IEEE, BLOCK_M // 2, BLOCK_N, BLOCK_K)
+        else:
+            _moe_gemm_rows(a_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pairs_ptr, expert, row0, pid_n,
+                           num_pairs, N, K, top_k, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                           stride_om, stride_on, GATED, A_PER_TOKEN, WEIGHTED, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _moe_gemm_rows(a_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pairs_ptr, expert, row0, pid_n,
+                       num_pairs, N, K, top_k, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                       stride_om, stride_on, GATED, A_PER_TOKEN, WEIGHTED, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+@triton.jit
+def _moe_gemm_rows(a_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pairs_ptr, expert, row0, pid_n,
+                   num_pairs, N, K, top_k, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+                   GATED: tl.constexpr, A_PER_TOKEN: tl.constexpr, WEIGHTED: tl.constexpr, IEEE: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_moe_gemm_kernel's tile of grouped rows [row0, row0 + ROWS) and column block pid_n."""
+    offs_m = row0 + tl.arange(0, ROWS)
     pairs = tl.load(sorted_pairs_ptr + offs_m).to(tl.int64)
     row_valid = pairs < num_pairs
     if A_PER_TOKEN:
@@ -81,9 +108,9 @@ def _moe_gemm_kernel(
 
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + expert * stride_we + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k0 * BLOCK_K
         a = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
@@ -405,6 +432,7 @@ def _launch_gemm(a, w, out, topk_weights, sorted_pairs, block_expert, num_pairs,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         GATED=gated, A_PER_TOKEN=a_per_token, WEIGHTED=weighted, IEEE=a.dtype == torch.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        SHRINK=bool(cfg.get("SHRINK")) and cfg["BLOCK_M"] >= 32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 

@@ -59,6 +59,27 @@ def test_fused_moe_on_views_of_a_flat_buffer():
 
 
 
+# SHRINK: blocks whose second half is padding multiply their first half only. 32-row blocks
+# on the CPU (16-row halves): ~8, ~25 and ~37 pairs an expert (every block shrunk, none, the
+# last of two); Mixtral-like 128-row tiles on the GPU.
+SHRINK_CPU_CASES = [(33, 64, 32, 8, 2), (100, 64, 48, 8, 2), (150, 96, 32, 8, 2)]
+SHRINK_GPU_CASES = [(256, 512, 256, 8, 2), (300, 128, 256, 8, 2), (1100, 256, 128, 8, 2), (1280, 4096, 1024, 8, 2)]
+
+
+@pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", list(dtype_cases(SHRINK_CPU_CASES, SHRINK_GPU_CASES)))
+@pytest.mark.parametrize("which", ["both", "gate-up", "down"])
+def test_shrunk_blocks_compute_the_moe(tokens, hidden, inter, experts, top_k, dtype, which, monkeypatch):
+    monkeypatch.setattr(moe, "TMA", "off")
+    seed = zlib.crc32(repr(("shrink", tokens, hidden, inter, experts, top_k, dtype)).encode())
+    x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed)
+    tiles = (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2) if DEVICE == "cpu" else
+             dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
+    configs = [dict(tiles, SHRINK=int(which in ("both", part))) for part in ("gate-up", "down")]
+    out = torch.full_like(x, float("nan"))
+    moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *configs)
+    assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
+
+
 # Descriptor (TMA) launches: sizes whose rows are 16-byte multiples; tiles chosen so the K
 # loop has a tail (hidden 80 by 32), the gate tile runs into the up half (inter 40 by 32)
 # and a group needs several row blocks.
