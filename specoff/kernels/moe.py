@@ -73,15 +73,13 @@ def _moe_gemm_kernel(
     if expert < 0:  # padding block past the last expert's group
         return
     row0 = pid_m * BLOCK_M
+    half = False  # a compile-time False without SHRINK: the one-size product only
     if SHRINK:
-        if tl.load(sorted_pairs_ptr + row0 + BLOCK_M // 2) >= num_pairs:
-            _moe_gemm_rows(a_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pairs_ptr, expert, row0, pid_n,
-                           num_pairs, N, K, top_k, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                           stride_om, stride_on, GATED, A_PER_TOKEN, WEIGHTED, IEEE, BLOCK_M // 2, BLOCK_N, BLOCK_K)
-        else:
-            _moe_gemm_rows(a_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pairs_ptr, expert, row0, pid_n,
-                           num_pairs, N, K, top_k, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                           stride_om, stride_on, GATED, A_PER_TOKEN, WEIGHTED, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        half = tl.load(sorted_pairs_ptr + row0 + BLOCK_M // 2) >= num_pairs
+    if half:
+        _moe_gemm_rows(a_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pairs_ptr, expert, row0, pid_n,
+                       num_pairs, N, K, top_k, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                       stride_om, stride_on, GATED, A_PER_TOKEN, WEIGHTED, IEEE, BLOCK_M // 2, BLOCK_N, BLOCK_K)
     else:
         _moe_gemm_rows(a_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pairs_ptr, expert, row0, pid_n,
                        num_pairs, N, K, top_k, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
