@@ -521,7 +521,7 @@ def main():
             shrunk_ms = graph_ms(lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *shrunk))
             print(f"  tokens={tokens} shrunk blocks: {shrunk_ms:.4f} ms against {tuned_ms:.4f}", flush=True)
             if shrunk_ms <= 1.005 * tuned_ms:
-                (cfg1, cfg2), tuned_ms = shrunk, min(tuned_ms, shrunk_ms)
+                (cfg1, cfg2), tuned_ms = shrunk, shrunk_ms  # the time of what is written
         moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, cfg1, cfg2)
         ref = moe.fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
