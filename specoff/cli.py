@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "float8 (half its GPU memory; the output stays exact)")
     p.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
                    help="stream the target's layers from host memory: auto lets the planner decide")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="set any engine option (specoff.options.EngineOptions), after the flags "
+                        "above: --set kernels.pdl=off --set cache.segment_draft_cache=on")
     p.add_argument("--json", help="write outputs and stats to this file")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     return p
@@ -129,6 +132,7 @@ def run(args) -> int:
 
     import specoff
     from specoff import demo
+    from specoff.options import EngineOptions, OptionsError
     from specoff.synthetic import default_checkpoint
 
     prompts = gather_prompts(args)
@@ -165,15 +169,23 @@ def run(args) -> int:
     if args.max_rows is not None and args.max_rows < 1:
         raise ValueError("--max-rows must be at least 1")
     max_rows = min(args.max_rows or 256, len(prompts))
-    llm = specoff.LLM(target, draft=draft, spec=args.spec, device=args.device,
-                      dtype=args.dtype, seed=args.seed, offload=offload,
-                      gpu_memory=args.gpu_memory, draft_len=draft_len,
-                      interleave=False if args.no_interleave else (True if args.interleave else None),
-                      tree_budget=tree_budget, tree_scores=args.tree_scores,
-                      draft_quant=args.draft_quant,
-                      # The weights are placed for the rows this run can use: a few prompts
-                      # leave the budget to resident weights and whole-layer ring slots.
-                      max_rows=max_rows)
+    options = EngineOptions.build(
+        spec=args.spec, device=args.device, dtype=args.dtype, seed=args.seed, offload=offload,
+        gpu_memory=args.gpu_memory, draft_len=draft_len,
+        interleave=False if args.no_interleave else (True if args.interleave else None),
+        tree_budget=tree_budget, tree_scores=args.tree_scores, draft_quant=args.draft_quant,
+        # The weights are placed for the rows this run can use: a few prompts leave the
+        # budget to resident weights and whole-layer ring slots.
+        max_rows=max_rows)
+    for item in args.set:  # after the flags: --set has the last word
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item}: give NAME=VALUE, e.g. --set kernels.pdl=off")
+        try:
+            options = options.with_setting(name, value)
+        except OptionsError as e:
+            raise ValueError(f"--set {item}: {e}") from None
+    llm = specoff.LLM(target, draft=draft, options=options)
     with tqdm(total=len(prompts), unit="prompt", disable=None, file=sys.stderr) as bar:
         outputs = llm.generate(prompts, params, progress=bar)
     if not args.quiet:

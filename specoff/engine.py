@@ -1,9 +1,9 @@
 """The engine behind `specoff.LLM`: prompts in, tokens out, with the run's figures.
 
-Batched generation (prefill, then one target pass per token), with the target resident on
-the device or streamed from host memory as the planner decides. Speculation (a draft
-model, chain and tree verification) plugs in here; until it lands, asking for it is
-refused with a clear error.
+Batched generation with the target resident on the device or streamed from host memory as
+the planner decides: the target alone (prefill, then one pass a token), or speculation with
+a draft model, chain (SpecOffload) or tree (SpecExec) verification, as EngineOptions and the
+planner choose.
 """
 from __future__ import annotations
 
@@ -18,64 +18,42 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .config import ModelConfig
-from .kvcache import KVCache, SegmentKVCache, available_host_bytes, check_segment_mode
-from .models import decoder as _decoder
+from .kvcache import KVCache, SegmentKVCache, available_host_bytes
 from .models.decoder import row_chunk
 from .offload import build_offloaded
+from .options import EngineOptions
+from .planner import (BudgetError, Plan, TreeBudgetTuner, chain_groups as predict_chain_groups,
+                      cost_at_budget, expected_tree_rates, load_profile, parse_bytes,
+                      plan_run, plan_weights, predict_draft_prefill, predict_pass,
+                      tree_budget_ladder, weight_reserve)
 from .quant import check_weight_quant, quantize_linears
-from .planner import (BudgetError, Plan, load_profile, parse_bytes, plan_run, plan_weights,
-                      predict_draft_prefill, weight_reserve)
 from .sampling import SamplingParams, select
-from .spec.chain import MAX_DRAFT_LEN
+from .speculation.chain import MAX_DRAFT_LEN, chain_passes
+from .speculation.chain_scheduler import ChainScheduler, draft_cache_slots as chain_cache_slots
+from .speculation.growth import AcceptanceModel
+from .speculation.requests import Request, SpecRun
+from .speculation.tree_scheduler import (TreeScheduler, draft_cache_slots as tree_cache_slots,
+                                         tree_passes)
 from .synthetic import SyntheticModel, random_source
 from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
 
-TREE_MAX_ROWS = 4  # interactive batches: up to this many rows, tree budgets up to tree_budget_max
-# Above TREE_MAX_ROWS, tree_budget="auto" keeps a pass's tree tokens (rows × nodes) under
-# TREE_PASS_TOKENS, and trees at THROUGHPUT_TREE_BUDGET nodes at least. On the H200 a
-# streamed pass carried 4 × 1025 tree tokens (batch 4, budget 1024) and 130 × 17 within the
-# copy's time; bigger trees also cost rows of the plan (their activations and logits). At
-# 24 GiB (Mixtral-8x7B / Mistral-7B shapes, α 0.7, session 10) budgets 8 / 16 / 32 / 64 ran
-# 145 / 130 / 106 / 77 rows at 3.22 / 3.91 / 4.61 / 5.26 tokens per row per pass: 162 / 188 /
-# 167 / 142 tokens/s, against 148-151 for chain γ=4 at 144 rows in the same runs (the plan
-# then counted every node's logits; since, spec.tree.target_picks bounds them: 143 rows at 16).
-TREE_PASS_TOKENS = 4096
-THROUGHPUT_TREE_BUDGET = 16
-# Plain (non-speculative) batches with the cache in host memory: rows in segments of one
-# pool (kvcache.SegmentKVCache), each its prompt and new tokens long, so a pass streams what
-# the rows hold instead of rows × the longest (HumanEval: mean 113 of 340 tokens; the 24 GiB
-# Mixtral 8x7B plan of 492 rows streams ~24 GB of cache a pass dense, ~9 GB so): "on",
-# "off", or "auto" (host memory, prompts of different lengths). H200, one process, ABAB
-# (session 12): pass 1.818 → 1.736 s at 148 rows, 16 tokens.
-SEGMENT_HOST_CACHE = "auto"
-# spec=None and generate(speculate=None), above TREE_MAX_ROWS prompts, with a hardware
-# profile: the target alone runs instead of speculation where its plan serves more tokens a
-# second at this many tokens a row a pass for speculation (the last speculative call's
-# figure once there is one), or where no speculative plan fits the budget. An optimistic
-# figure, so speculation gives way only where its plan keeps far fewer rows: at 16 GiB with
-# a Mistral-7B-shaped draft (14.5 GB) tree mode kept 20 rows, 33.6 tokens/s, where the
-# target alone with the idle draft served 101 rows, 57.6 tokens/s (H200, session 15).
-SPECULATION_PRIOR_TOKENS = 4.0
-# A loaded draft that a call does not use (generate runs the target alone: speculate=False,
-# or the planner's choice): its weights wait in page-locked host memory for the call, so
-# the target's rows get the GPU memory they held (LLM._park_draft), and come back for the
-# next speculative call (~0.3 s each way for 14.5 GB at ~50 GB/s). "auto": on a CUDA device
-# where the host has the room and the plan beside the idle draft serves fewer rows than the
-# call can take (else nothing is moved), "on" anywhere (the CPU: tests), "off". GPU-tested
-# (session 19: parked, within the budget, exact, and back for the next speculative call),
-# not yet timed. Planner figures
-# (H200 profile, Mixtral 8x7B with a Mistral-7B-shaped draft, HumanEval prompts): at 16 GiB
-# the target alone keeps 185 rows with the idle draft on the GPU, 492 with it parked; at
-# 12 GiB no plan fits beside the draft. "off" until timed.
-PARK_IDLE_DRAFT = "off"
+
+def host_cache_segmented(mode: str, lengths: Sequence[int], host: bool = True) -> bool:
+    """Whether a plain batch's cache over prompts of these lengths sits in row segments
+    (CacheOptions.segment_host_cache; `host`: the cache is in host memory): a pass then
+    streams what the rows hold instead of rows × the longest."""
+    return mode == "on" or (mode == "auto" and host and min(lengths) != max(lengths))
 
 
-def host_cache_segmented(lengths: Sequence[int], host: bool = True) -> bool:
-    """Whether a plain batch's cache over prompts of these lengths sits in row segments, as
-    SEGMENT_HOST_CACHE says (`host`: the cache is in host memory)."""
-    check_segment_mode("engine.SEGMENT_HOST_CACHE", SEGMENT_HOST_CACHE)
-    return SEGMENT_HOST_CACHE == "on" or (SEGMENT_HOST_CACHE == "auto" and host
-                                          and min(lengths) != max(lengths))
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"kernels.pdl": ...}: a nested options dict by dotted names."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def check_same_tokenizer(target_tok, draft_tok) -> None:
@@ -128,7 +106,7 @@ class GenerationStats:
     tokens_per_pass: Optional[float] = None  # tokens a row emits per target pass, on average
     draft_hidden_fraction: Optional[float] = None  # of draft time, the part under target passes
     # From the plan (and α): plain and chain runs count this workload's passes (prefill
-    # included; chain: spec.chain.chain_passes, tail and all; every row to max_new_tokens),
+    # included; chain: speculation.chain.chain_passes, tail and all; every row to max_new_tokens),
     # tree mode gives the steady state.
     predicted_tokens_per_second: Optional[float] = None
     predicted_passes: Optional[int] = None
@@ -166,23 +144,11 @@ class GenerationStats:
     tail_merges: int = 0  # times the two row groups became one at the end of a workload
     joint_passes: int = 0  # chain passes that verified both groups at the tail (JOINT_TAIL)
     speculated: bool = False  # the call ran speculation (generate's speculate, or the planner's choice)
-    # The draft's weights sat in host memory for the call (PARK_IDLE_DRAFT), and the seconds
-    # this call spent moving them there or back
-    draft_parked: bool = False
-    draft_move_seconds: float = 0.0
     speculation_note: Optional[str] = None  # why the planner ran the target alone (speculate=None)
-    # Tree mode's tail (spec.tree.TAIL_BUDGET): (rows, tree budget) of each batch the
-    # serving rows went on in once no prompt waited and most rows had finished
-    tail_batches: Optional[List[Tuple[int, int]]] = None
     # Draft cache in row segments: times a free row found no room for a waiting prompt
     segment_waits: int = 0
-    # Tree mode's plain rows (spec.tree.PLAIN_ROWS): rows the target alone served beside the
-    # trees, the tokens they emitted, and the requests moved from them onto tree rows
-    plain_rows: int = 0
-    plain_tokens: int = 0
-    promotions: int = 0
     # After a speculative run: the planner's figure for the target alone batching the same
-    # prompts (a big queue of short answers can favour it: bench/runs/h200-24gib-session12)
+    # prompts (a big queue of short answers can favour it)
     predicted_plain_tokens_per_second: Optional[float] = None
     # Tree mode: seconds its growth spent capturing CUDA graphs (inside draft_seconds and the
     # run's time: a new draft cache each call captures anew)
@@ -193,6 +159,7 @@ class GenerationStats:
     # outside, so this is the rate a queue of thousands of prompts would see.
     steady_tokens: int = 0
     steady_seconds: float = 0.0
+    options: Optional[dict] = None  # the EngineOptions the call ran with
 
     def count_verified(self, proposed: int, accepted: int) -> None:
         """One row's drafts checked by one target pass: `accepted` of `proposed` kept."""
@@ -255,9 +222,7 @@ def _plain_prediction(plan: Plan, prompts: int, new_tokens: int):
 
 
 def _requests(rows, progress=None) -> list:
-    """spec.pipeline.Request of each prompt; `progress` (a tqdm bar) counts each finished one."""
-    from .spec.pipeline import Request
-
+    """speculation.requests.Request of each prompt; `progress` (a tqdm bar) counts each finished one."""
     done = (lambda: progress.update(1)) if progress is not None else None  # noqa: E731
     return [Request(list(r), on_finish=done) for r in rows]
 
@@ -268,39 +233,44 @@ def _sync(device: torch.device) -> None:
 
 
 class LLM:
-    """A target model (and, later, a draft) ready to generate.
+    """A target model and, optionally, a draft model, ready to generate.
 
-    `LLM(target, draft=None, *, spec=None, device=None, dtype=None, gpu_memory=None,
-    offload=None, seed=0)`; `target` and `draft` are Hugging Face checkpoint folders, or
-    ModelConfigs (seeded random weights of that shape), or SyntheticModels (e.g. an upcycled
-    pair from synthetic.upcycled_pair) built in memory. `draft_quant="fp8"` stores a dense
-    draft's decoder weights in float8 (specoff.quant): half its GPU memory goes to rows.
+    `LLM(target, draft=None, *, options=None, **fields)`: `target` and `draft` are Hugging
+    Face checkpoint folders, ModelConfigs (seeded random weights of that shape) or
+    SyntheticModels built in memory (specoff.synthetic). `options` (EngineOptions) says how
+    the engine runs; `fields` set its fields by name (`spec="tree"`, `gpu_memory="24GiB"`,
+    `draft_len=4`, `kernels=KernelOptions(...)`: EngineOptions.replace).
     """
 
-    def __init__(self, target, draft=None, *, spec=None, device=None, dtype=None,
-                 gpu_memory=None, offload=None, seed: int = 0, max_rows: int = 256,
-                 prefill_chunk: int = 512, ring_slots: int = 3,
-                 ring_pieces: Optional[int] = None, cuda_graphs: bool = True,
-                 kv_placement: Optional[str] = None, draft_len: Optional[int] = None,
-                 interleave: Optional[bool] = None, tree_budget: Union[int, str] = "auto",
-                 tree_budget_max: Optional[int] = None, tree_scores: str = "learned",
-                 draft_quant: Optional[str] = None):
-        if spec not in (None, "chain", "tree"):
-            raise ValueError(f"spec must be 'chain', 'tree' or None, not {spec!r}")
-        if spec is not None and draft is None:
-            raise ValueError(f"spec={spec!r} needs a draft model: pass draft=DIR")
-        if draft_quant is not None and draft is None:
-            raise ValueError(f"draft_quant={draft_quant!r} needs a draft model: pass draft=DIR")
-        if max_rows < 1 or prefill_chunk < 1 or ring_slots < 1:
+    def __init__(self, target, draft=None, *, options: Optional[EngineOptions] = None, **fields):
+        options = (options or EngineOptions()).replace(**fields)
+        spec = options.spec
+        if spec.mode is not None and draft is None:
+            raise ValueError(f"spec={spec.mode!r} needs a draft model: pass draft=DIR")
+        if options.draft_quant is not None and draft is None:
+            raise ValueError(f"draft_quant={options.draft_quant!r} needs a draft model: pass draft=DIR")
+        if options.max_rows < 1 or options.prefill_chunk < 1 or options.ring_slots < 1:
             raise ValueError("max_rows, prefill_chunk and ring_slots must be positive")
-        self.device = default_device(device)
-        self.dtype = parse_dtype(dtype) or (
+        if spec.draft_len is not None and not 1 <= spec.draft_len <= MAX_DRAFT_LEN:
+            raise ValueError(f"draft_len must be between 1 and {MAX_DRAFT_LEN} (or None: "
+                             f"adaptive), not {spec.draft_len}")
+        if spec.tree_budget != "auto" and not 1 <= spec.tree_budget <= 2048:
+            raise ValueError(f"tree_budget must be between 1 and 2048, or 'auto', not {spec.tree_budget!r}")
+        self.device = default_device(options.device)
+        self.dtype = parse_dtype(options.dtype) or (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        # "auto" budgets go up to tree_budget_max; on a CPU a pass costs in proportion to
+        # its tokens, so big trees never pay there.
+        tree_budget_max = spec.tree_budget_max or (1024 if self.device.type == "cuda" else 64)
+        if not 1 <= tree_budget_max <= 2048:
+            raise ValueError(f"tree_budget_max must be between 1 and 2048, not {tree_budget_max}")
+        self.options = options
+        self.tree_budget_max = tree_budget_max  # halved below while one row's tree does not fit
         if isinstance(target, ModelConfig):
             # A model of this shape with seeded random weights (benchmarks at real size).
-            target = SyntheticModel(target, random_source(target, seed, self.device))
+            target = SyntheticModel(target, random_source(target, options.seed, self.device))
         if isinstance(draft, ModelConfig):
-            draft = SyntheticModel(draft, random_source(draft, seed + 1, self.device))
+            draft = SyntheticModel(draft, random_source(draft, options.seed + 1, self.device))
         if isinstance(target, SyntheticModel):
             self.path, self.config, self.tokenizer = None, target.config, None
             source = target.source
@@ -318,55 +288,33 @@ class LLM:
                 self.draft_config = ModelConfig.from_hf(draft)
                 draft_tok = load_tokenizer(draft)
             check_same_tokenizer(self.tokenizer, draft_tok)
-            check_weight_quant(self.draft_config, draft_quant)
+            check_weight_quant(self.draft_config, options.draft_quant)
             # The plan counts the draft as it will be stored.
-            self.draft_config = dataclasses.replace(self.draft_config, weight_quant=draft_quant)
-        self.draft_quant = draft_quant
-        self.spec = spec  # None with a draft: tree for small batches, chain above
-        self.seed = seed
-        self.max_rows = max_rows
-        self.prefill_chunk = prefill_chunk
-        self.kv_placement = kv_placement
-        if draft_len is not None and not 1 <= draft_len <= MAX_DRAFT_LEN:
-            raise ValueError(f"draft_len must be between 1 and {MAX_DRAFT_LEN} (or None: "
-                             f"adaptive), not {draft_len}")
-        self.draft_len, self.interleave = draft_len, interleave
-        if tree_budget != "auto" and not (isinstance(tree_budget, int) and 1 <= tree_budget <= 2048):
-            raise ValueError(f"tree_budget must be between 1 and 2048, or 'auto', not {tree_budget!r}")
-        # "auto": the budget is chosen per round, up to tree_budget_max; on a CPU a pass costs
-        # in proportion to its tokens, so big trees never pay there.
-        tree_budget_max = tree_budget_max or (1024 if self.device.type == "cuda" else 64)
-        if not 1 <= tree_budget_max <= 2048:
-            raise ValueError(f"tree_budget_max must be between 1 and 2048, not {tree_budget_max}")
-        self.tree_budget, self.tree_budget_max = tree_budget, tree_budget_max
-        if tree_scores not in ("learned", "draft"):
-            raise ValueError(f"tree_scores must be 'learned' (acceptance learned from the "
-                             f"target's verdicts) or 'draft' (the draft's log-probabilities), "
-                             f"not {tree_scores!r}")
-        self.tree_scores = tree_scores
+            self.draft_config = dataclasses.replace(self.draft_config,
+                                                    weight_quant=options.draft_quant)
         self._tree_acceptance = None
         self._tree_tuners = {}  # (rows per pass, budget ladder) → TreeBudgetTuner
         self._spec_tokens_per_pass = None  # the last speculative throughput call's (choose_speculation)
-        self._draft_parked = False  # the draft's weights wait in host memory (PARK_IDLE_DRAFT)
-        self._draft_nbytes = None
         self.last_plan_pass_seconds = None
         self.profile = None
         budget = None
         if self.device.type == "cuda":
-            budget = default_budget(self.device) if gpu_memory is None else parse_bytes(gpu_memory)
+            budget = (default_budget(self.device) if options.gpu_memory is None
+                      else parse_bytes(options.gpu_memory))
             self.profile = load_profile(self.device, dtype=self.dtype)
-        elif gpu_memory is not None:
+        elif options.gpu_memory is not None:
             raise ValueError("gpu_memory applies to a CUDA device; this LLM runs on the CPU")
         # Tree mode's verification passes carry rows × the largest tree: room for an
         # interactive batch's (a throughput run's trees are small: the run plan fits them).
-        tree_rows = 0 if self.draft_config is None or spec == "chain" else (
-            max_rows if spec == "tree" else min(max_rows, TREE_MAX_ROWS))
+        max_rows = options.max_rows
+        tree_rows = 0 if self.draft_config is None or spec.mode == "chain" else (
+            max_rows if spec.mode == "tree" else min(max_rows, spec.interactive_rows))
         reserve = 0 if budget is None else weight_reserve(
             self.config, self.dtype, budget, max_rows, self.draft_config,
             tree_rows=tree_rows, tree_nodes=self.tree_capacity_for(max(tree_rows, 1)) + 1)
-        self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=offload,
-                                        reserve=reserve, ring_slots=ring_slots,
-                                        ring_pieces=ring_pieces)
+        self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=options.offload,
+                                        reserve=reserve, ring_slots=options.ring_slots,
+                                        ring_pieces=options.ring_pieces)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.weight_plan.offload:
@@ -380,16 +328,16 @@ class LLM:
             self.model = load_model(self.path, self.device, self.dtype, source=source,
                                     config=self.config)
             self.load_report = None
-        self.model.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.model.use_graphs = options.cuda_graphs and self.device.type == "cuda"
         if draft is not None:
             synthetic = isinstance(draft, SyntheticModel)
             self.draft_model = load_model(None if synthetic else draft, self.device, self.dtype,
                                           source=draft.source if synthetic else None,
                                           config=self.draft_config)
-            if _decoder.FOLD_DRAFT_NORMS:  # before any quantisation: plain products only
+            if options.kernels.fold_draft_norms:  # before any quantisation: plain products only
                 self.draft_model.fold_norms()
-            if draft_quant is not None:
-                quantize_linears(self.draft_model, draft_quant)
+            if options.draft_quant is not None:
+                quantize_linears(self.draft_model, options.draft_quant)
             self.draft_model.use_graphs = self.model.use_graphs
         self.eos_token_ids = self._eos_ids()
         self.last_stats = GenerationStats()
@@ -399,10 +347,29 @@ class LLM:
                 break
             except BudgetError:
                 # Auto tree budgets stop where one row's tree no longer fits.
-                if (self.tree_budget != "auto" or self.spec_mode(1) != "tree"
+                if (spec.tree_budget != "auto" or self.spec_mode(1) != "tree"
                         or self.draft_config is None or self.tree_budget_max <= 16):
                     raise
                 self.tree_budget_max //= 2
+
+    # Options that shape what was built: changing them needs a new LLM.
+    _BUILT_BY = ("device", "dtype", "gpu_memory", "offload", "ring_slots", "ring_pieces",
+                 "cuda_graphs", "draft_quant", "kernels.fold_draft_norms")
+
+    def reconfigure(self, options: Optional[EngineOptions] = None, **fields) -> None:
+        """Run the next calls with other options (`options`, or these fields changed): the
+        speculation, the cache layout, the kernels, the rows. Those that shaped the build
+        (_BUILT_BY) are refused with a clear error."""
+        new = (options or self.options).replace(**fields)
+        old_flat, new_flat = _flat(self.options.to_dict()), _flat(new.to_dict())
+        fixed = [name for name in self._BUILT_BY if old_flat[name] != new_flat[name]]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} shaped the models this LLM built; build a new "
+                             f"LLM to change {'it' if len(fixed) == 1 else 'them'}")
+        if new.spec.tree_budget_max != self.options.spec.tree_budget_max:
+            self.tree_budget_max = new.spec.tree_budget_max or (
+                1024 if self.device.type == "cuda" else 64)
+        self.options = new
 
     def _eos_ids(self) -> set:
         ids = set(self.config.eos_token_ids)
@@ -445,133 +412,44 @@ class LLM:
     def plan(self, rows: int, longest: int, max_new_tokens: int,
              prompts: Optional[Sequence[int]] = None, speculate: bool = True) -> Plan:
         """The run plan for `rows` prompts of at most `longest` tokens (`prompts`: their
-        lengths in queue order, if known: tree mode sizes the draft's cache by them).
+        lengths in queue order, if known: the caches are sized by them).
         `speculate=False`: the target alone, a token a row a pass (a loaded draft's weights
-        still count against the budget, unless PARK_IDLE_DRAFT moves them to the host)."""
+        still count against the budget)."""
+        options = self.options
         spec = self.draft_config is not None and speculate
         # Chain: γ+1 tokens per row per pass, caches γ+2 longer; tree: the largest tree.
         tokens, logit_rows, draft_tokens = 1 + MAX_DRAFT_LEN * spec, None, None
         host_tokens = None  # a host cache in row segments streams its pool, not rows × longest
-        if not spec and prompts and host_cache_segmented(prompts):
+        if not spec and prompts and host_cache_segmented(options.cache.segment_host_cache, prompts):
             host_tokens = lambda r: sum(prompts[:r]) + min(r, rows) * (max_new_tokens + 1)  # noqa: E731
-        plain = 0
         if spec and self.spec_mode(rows) == "tree":
-            from .spec import tree as tree_mode
-            from .spec.tree import LOGIT_ROWS, draft_cache_slots
-
-            plain = tree_mode.PLAIN_ROWS  # rows the target alone serves beside the trees
             # Tree passes take the target's picks a few hundred nodes at a time.
-            tokens, logit_rows = self.tree_capacity_for(rows), LOGIT_ROWS
+            tokens, logit_rows = self.tree_capacity_for(rows), options.spec.logit_rows
 
             def target_slots(r):  # in the draft's segments, where those are taken
-                slots, segmented = draft_cache_slots(min(r, rows), prompts, max_new_tokens, tokens)
+                slots, segmented = tree_cache_slots(min(r, rows), prompts, max_new_tokens, tokens,
+                                                    options.cache)
                 return slots if segmented else r * (longest + max_new_tokens + tokens + 1)
 
-            if prompts:  # the draft's cache as generate_tree allocates it
-                draft_tokens = lambda r: draft_cache_slots(  # noqa: E731
-                    min(r, rows), prompts, max_new_tokens, tokens)[0]
-                if tree_mode.SEGMENT_TARGET_CACHE != "off":
+            if prompts:  # the draft's cache as the tree scheduler allocates it
+                draft_tokens = lambda r: tree_cache_slots(  # noqa: E731
+                    min(r, rows), prompts, max_new_tokens, tokens, options.cache)[0]
+                if options.cache.segment_target_cache != "off":
                     host_tokens = target_slots
         elif spec and prompts:  # chain: the draft's cache as ChainPipeline allocates it
-            from .spec.pipeline import draft_cache_slots as chain_slots
-
-            draft_tokens = lambda r: chain_slots(min(r, rows), prompts, max_new_tokens)[0]  # noqa: E731
-
-        host_free = available_host_bytes() if self.device.type == "cuda" else None
-
-        def run_plan(parked: bool) -> Plan:
-            host_budget = host_free
-            if parked and host_budget is not None and not self._draft_parked:
-                host_budget -= self._draft_bytes()  # where they will wait
-            return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
-                            context=longest + max_new_tokens + (tokens + 1) * spec,
-                            max_rows=self.max_rows, tokens_per_row=tokens,
-                            prefill_tokens=longest, prefill_chunk=self.prefill_chunk,
-                            kv_placement=self.kv_placement, profile=self.profile,
-                            draft=None if parked else self.draft_config, max_logit_rows=logit_rows,
-                            draft_tokens=draft_tokens, draft_idle=not spec,
-                            host_kv_tokens=host_tokens,
-                            prompt_tokens=(lambda r: sum(prompts[:r])) if prompts else None,
-                            plain_rows=plain, host_budget=host_budget)
-
-        parked = not spec and self._park_applies()  # the idle draft's weights go to the host
-        if parked and PARK_IDLE_DRAFT == "auto" and not self._draft_parked:
-            # "auto" parks where that buys rows: a plan beside the idle draft that already
-            # serves every row the call can take keeps the draft where it is (no move, no
-            # graphs to capture again).
-            try:
-                beside = run_plan(False)
-                if beside.rows_per_pass >= min(rows, self.max_rows):
-                    return beside
-            except BudgetError:
-                pass
-        return run_plan(parked)
-
-    # -- the idle draft ------------------------------------------------------------------
-
-    def _draft_tensors(self) -> list:
-        """The draft's parameters and buffers, each once (tied weights are one tensor)."""
-        seen, out = set(), []
-        for m in self.draft_model.modules():
-            for t in itertools.chain(m._parameters.values(), m._buffers.values()):
-                if t is not None and id(t) not in seen:
-                    seen.add(id(t))
-                    out.append(t)
-        return out
-
-    def _draft_bytes(self) -> int:
-        if self._draft_nbytes is None:  # sizes never change: counted once
-            self._draft_nbytes = sum(t.numel() * t.element_size() for t in self._draft_tensors())
-        return self._draft_nbytes
-
-    def _park_applies(self) -> bool:
-        """Whether a call without speculation parks the draft (PARK_IDLE_DRAFT), the host
-        having room for its weights beside what it holds now."""
-        check_segment_mode("engine.PARK_IDLE_DRAFT", PARK_IDLE_DRAFT)
-        if self.draft_model is None or PARK_IDLE_DRAFT == "off":
-            return False
-        if self._draft_parked or PARK_IDLE_DRAFT == "on":
-            return True
-        if self.device.type != "cuda":
-            return False
-        room = available_host_bytes()
-        return room is None or room >= 2 * self._draft_bytes()  # and as much for caches
-
-    def _park_draft(self) -> float:
-        """Move the draft's weights into one page-locked host block (kvcache.host_zeros,
-        reused by later caches once the draft is back); its captured graphs, which read the
-        old addresses, are dropped. Returns the seconds it took."""
-        if self._draft_parked:
-            return 0.0
-        from .kvcache import host_zeros
-        from .spec import tree as tree_mode
-
-        t0 = time.perf_counter()
-        tensors = self._draft_tensors()
-        sizes = [t.numel() * t.element_size() for t in tensors]
-        starts = list(itertools.accumulate([0] + [-(-n // 64) * 64 for n in sizes]))
-        pinned = self.device.type == "cuda"
-        flat = (host_zeros((starts[-1],), torch.uint8) if pinned
-                else torch.empty(starts[-1], dtype=torch.uint8))
-        for t, start, n in zip(tensors, starts, sizes):
-            host = flat[start:start + n].view(t.dtype).view(t.shape)
-            host.copy_(t.data)
-            t.data = host
-        self.draft_model._graphs.clear()
-        tree_mode.drop_growth_graphs()
-        self._draft_parked = True
-        return time.perf_counter() - t0
-
-    def _unpark_draft(self) -> float:
-        """The parked draft's weights back onto the device; returns the seconds it took."""
-        if not self._draft_parked:
-            return 0.0
-        t0 = time.perf_counter()
-        for t in self._draft_tensors():
-            t.data = t.data.to(self.device)
-        self._draft_parked = False
-        _sync(self.device)
-        return time.perf_counter() - t0
+            draft_tokens = lambda r: chain_cache_slots(  # noqa: E731
+                min(r, rows), prompts, max_new_tokens, options.cache)[0]
+        return plan_run(self.weight_plan, self.config, self.dtype, rows=rows,
+                        context=longest + max_new_tokens + (tokens + 1) * spec,
+                        max_rows=options.max_rows, tokens_per_row=tokens,
+                        prefill_tokens=longest, prefill_chunk=options.prefill_chunk,
+                        kv_placement=options.kv_placement, profile=self.profile,
+                        draft=self.draft_config, max_logit_rows=logit_rows,
+                        draft_tokens=draft_tokens, draft_idle=not spec,
+                        host_kv_tokens=host_tokens,
+                        prompt_tokens=(lambda r: sum(prompts[:r])) if prompts else None,
+                        host_budget=available_host_bytes() if self.device.type == "cuda" else None,
+                        host_cache_ahead=options.cache.host_cache_ahead)
 
     def choose_speculation(self, rows: int, longest: int, max_new_tokens: int,
                            prompts: Optional[Sequence[int]] = None) -> Tuple[bool, Optional[str]]:
@@ -588,27 +466,28 @@ class LLM:
         which generate then runs."""
         if self.draft_model is None:
             return False, None, None
-        if (self.spec is not None or self.draft_len is not None or self.interleave is not None
-                or self.profile is None or rows <= TREE_MAX_ROWS):
+        spec = self.options.spec
+        if (spec.mode is not None or spec.draft_len is not None or spec.interleave is not None
+                or self.profile is None or rows <= spec.interactive_rows):
             return True, None, None  # speculation settings asked for, or nothing to predict with
         try:
-            spec = self.plan(rows, longest, max_new_tokens, prompts, speculate=True)
+            guess = self.plan(rows, longest, max_new_tokens, prompts, speculate=True)
         except BudgetError as e:
             plain = self.plan(rows, longest, max_new_tokens, prompts, speculate=False)  # or raise
             return False, f"the target alone: no speculative plan fits ({e})", plain
         plain = self.plan(rows, longest, max_new_tokens, prompts, speculate=False)
-        if not (spec.predicted_pass_seconds and plain.predicted_pass_seconds):
-            return True, None, spec
-        per_pass = self._spec_tokens_per_pass or SPECULATION_PRIOR_TOKENS
-        spec_rate = min(rows, spec.rows_per_pass) * per_pass / spec.predicted_pass_seconds
+        if not (guess.predicted_pass_seconds and plain.predicted_pass_seconds):
+            return True, None, guess
+        per_pass = self._spec_tokens_per_pass or spec.prior_tokens_per_pass
+        spec_rate = min(rows, guess.rows_per_pass) * per_pass / guess.predicted_pass_seconds
         plain_rate = min(rows, plain.rows_per_pass) / plain.predicted_pass_seconds
         if plain_rate <= spec_rate:
-            return True, None, spec
+            return True, None, guess
         return False, (f"the target alone: {min(rows, plain.rows_per_pass)} rows at "
                        f"{plain.predicted_pass_seconds:.3f} s a pass, {plain_rate:.1f} tokens/s, "
                        f"against {self.spec_mode(rows)} speculation's "
-                       f"{min(rows, spec.rows_per_pass)} rows × {per_pass:.2f} tokens at "
-                       f"{spec.predicted_pass_seconds:.3f} s, {spec_rate:.1f}"), plain
+                       f"{min(rows, guess.rows_per_pass)} rows × {per_pass:.2f} tokens at "
+                       f"{guess.predicted_pass_seconds:.3f} s, {spec_rate:.1f}"), plain
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *,
                  progress=None, speculate: Optional[bool] = None) -> List[RequestOutput]:
@@ -628,22 +507,15 @@ class LLM:
             speculate, note, plan = self._choose_speculation(
                 len(rows), max(len(r) for r in rows), params.max_new_tokens, [len(r) for r in rows])
         speculate = bool(speculate) and self.draft_model is not None
-        moved = self._unpark_draft() if speculate else 0.0
         plan = plan or self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens,
                                  [len(r) for r in rows], speculate=speculate)
-        # The plan says whether the idle draft waits in host memory (it counts no draft
-        # weights then).
-        parked = (not speculate and self.draft_model is not None
-                  and "draft_weights" not in plan.gpu_bytes)
-        if parked:
-            moved += self._park_draft()
-        seed = self.seed if params.seed is None else params.seed
+        seed = self.options.seed if params.seed is None else params.seed
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stats = GenerationStats(rows=len(rows), plan=plan.to_dict(),
                                 predicted_pass_seconds=plan.predicted_pass_seconds,
                                 predicted_prefill_seconds=plan.predicted_prefill_seconds,
                                 speculated=speculate, speculation_note=note,
-                                draft_parked=parked, draft_move_seconds=moved)
+                                options=self.options.to_dict())
         ring = self.model.ring
         copied0 = ring.bytes_copied if ring is not None else 0
         if self.device.type == "cuda":
@@ -668,7 +540,7 @@ class LLM:
         if not speculate and plan.predicted_pass_seconds and plan.predicted_prefill_seconds:
             stats.predicted_passes, stats.predicted_tokens_per_second = _plain_prediction(
                 plan, len(rows), params.max_new_tokens)
-        elif speculate and self.profile is not None and len(rows) > TREE_MAX_ROWS:
+        elif speculate and self.profile is not None and len(rows) > self.options.spec.interactive_rows:
             plain = self.plan(len(rows), max(len(r) for r in rows), params.max_new_tokens,
                               [len(r) for r in rows], speculate=False)
             if plain.predicted_pass_seconds and plain.predicted_prefill_seconds:
@@ -676,8 +548,9 @@ class LLM:
                     plain, len(rows), params.max_new_tokens)[1]
         stats.tokens = sum(len(o.token_ids) for o in outputs)
         stats.finalize()
-        if (speculate and len(rows) > TREE_MAX_ROWS and stats.tokens_per_pass
-                and params.max_new_tokens >= 4 * SPECULATION_PRIOR_TOKENS):
+        prior = self.options.spec.prior_tokens_per_pass
+        if (speculate and len(rows) > self.options.spec.interactive_rows and stats.tokens_per_pass
+                and params.max_new_tokens >= 4 * prior):
             # choose_speculation's next figure (not from a few tokens a row: they cap it)
             self._spec_tokens_per_pass = stats.tokens_per_pass
         stats.bytes_streamed = (ring.bytes_copied - copied0) if ring is not None else 0
@@ -738,11 +611,11 @@ class LLM:
         return result
 
     def _batch_cache(self, rows, max_new: int, where: torch.device) -> KVCache:
-        """A plain batch's cache: dense, or rows in segments as SEGMENT_HOST_CACHE says
-        (each row's prompt and new tokens and a spare slot, one after another)."""
+        """A plain batch's cache: dense, or rows in segments as CacheOptions says (each
+        row's prompt and new tokens and a spare slot, one after another)."""
         cfg, lengths = self.config, [len(r) for r in rows]
         host = where.type != self.device.type
-        if host_cache_segmented(lengths, host):
+        if host_cache_segmented(self.options.cache.segment_host_cache, lengths, host):
             sizes = [n + max_new + 1 for n in lengths]
             starts = [0, *itertools.accumulate(sizes)][:-1]
             cache = SegmentKVCache(cfg.n_layers, len(rows), sum(sizes), max(sizes),
@@ -757,17 +630,16 @@ class LLM:
     def tree_ladder(self, rows: int) -> List[int]:
         """The tree budgets a run over `rows` rows may use: the fixed budget, or with "auto"
         a ladder the tuner picks from each round: up to tree_budget_max for interactive
-        batches; above TREE_MAX_ROWS rows, up to the largest power of two whose trees keep
-        the pass under TREE_PASS_TOKENS (THROUGHPUT_TREE_BUDGET nodes at least: 16 from
-        128 rows up, 32 from 64, ..., 512 at 5 to 7 rows)."""
-        from .planner import tree_budget_ladder
-
-        if self.tree_budget != "auto":
-            return [self.tree_budget]
+        batches; above them, up to the largest power of two whose trees keep the pass under
+        SpecOptions.tree_pass_tokens (throughput_tree_budget nodes at least: 16 from 128 rows
+        up, 32 from 64, ..., 512 at 5 to 7 rows)."""
+        spec = self.options.spec
+        if spec.tree_budget != "auto":
+            return [spec.tree_budget]
         top = self.tree_budget_max
-        if rows > TREE_MAX_ROWS:
-            top = THROUGHPUT_TREE_BUDGET
-            while 2 * top * rows < TREE_PASS_TOKENS:
+        if rows > spec.interactive_rows:
+            top = spec.throughput_tree_budget
+            while 2 * top * rows < spec.tree_pass_tokens:
                 top *= 2
             top = min(top, self.tree_budget_max)
         return tree_budget_ladder(top)
@@ -777,13 +649,12 @@ class LLM:
         return max(self.tree_ladder(rows))
 
     def tree_acceptance_model(self):
-        """Tree mode's learned acceptance (spec.tree.AcceptanceModel), kept across calls so
+        """Tree mode's learned acceptance (speculation.growth.AcceptanceModel), kept across calls so
         that later trees start from what earlier verifications taught; None with
         tree_scores="draft" (nodes ranked by the draft's log-probabilities)."""
-        if self.tree_scores != "learned":
+        if self.options.spec.tree_scores != "learned":
             return None
         if self._tree_acceptance is None:
-            from .spec.tree import AcceptanceModel
             self._tree_acceptance = AcceptanceModel(self.device)
         return self._tree_acceptance
 
@@ -795,37 +666,26 @@ class LLM:
     def spec_mode(self, rows: int) -> str:
         """spec=None picks tree speculation for interactive batches and, above them, where
         the target streams from host memory to a GPU (a copy-bound pass verifies a tree's
-        tokens nearly for free: 1.23-1.27× chain at 130-144 rows on the H200, session 10);
-        chain where chain settings were asked for (draft_len, interleave) or the target's
-        pass costs its compute (resident, or on the CPU)."""
-        if self.spec:
-            return self.spec
-        if rows <= TREE_MAX_ROWS:
+        tokens nearly for free); chain where chain settings were asked for (draft_len,
+        interleave) or the target's pass costs its compute (resident, or on the CPU)."""
+        spec = self.options.spec
+        if spec.mode:
+            return spec.mode
+        if rows <= spec.interactive_rows:
             return "tree"
-        if self.draft_len is not None or self.interleave:
+        if spec.draft_len is not None or spec.interleave:
             return "chain"
         streams = self.weight_plan.offload and self.device.type == "cuda"
         return "tree" if streams else "chain"
 
     def _speculate_tree(self, rows, params, generator, stats, plan,
                         progress=None) -> List[RequestOutput]:
-        from .planner import (TreeBudgetTuner, cost_at_budget, expected_tree_rates,
-                              predict_pass)
-        from .spec.tree import generate_tree, tree_passes
-
         requests = _requests(rows, progress)
         per_pass = min(len(rows), plan.rows_per_pass)
         predict = None
         if self.profile is not None:  # the target pass at n nodes per row, from the profile
             context = max(len(r) for r in rows) + params.max_new_tokens
-            from .planner import ModelSizes
-            from .spec import tree as tree_mode
-
-            # plain rows (spec.tree.PLAIN_ROWS): their cache's stream, where it is on the host
-            plain = min(tree_mode.PLAIN_ROWS, len(rows) - per_pass)
-            plain_s = (0.0 if plan.kv_on_gpu else plain * context * ModelSizes.of(
-                self.config, self.dtype).kv_per_token / (self.profile.copy_gbps * 1e9))
-            predict = lambda n: plain_s + predict_pass(  # noqa: E731
+            predict = lambda n: predict_pass(  # noqa: E731
                 plan, self.config, self.dtype, self.profile, per_pass, n, context + n)
         ladder = self.tree_ladder(len(rows))
         # What one call learnt about the budgets serves the next ones at the same batch size.
@@ -833,13 +693,14 @@ class LLM:
         tuner.predict_pass = predict
         _sync(self.device)
         t0 = time.perf_counter()
-        generate_tree(self, requests, params, generator, stats, plan.rows_per_pass, tuner,
-                      kv_on_gpu=plan.kv_on_gpu, prefill_chunk=plan.prefill_chunk)
+        TreeScheduler(self._spec_run(), requests, params, generator, stats, plan.rows_per_pass,
+                      tuner, kv_on_gpu=plan.kv_on_gpu, prefill_chunk=plan.prefill_chunk,
+                      acceptance=self.tree_acceptance_model()).run()
         _sync(self.device)
         stats.decode_seconds += time.perf_counter() - t0
         stats.rows_per_group = per_pass
         stats.tree_budget = tuner.choice
-        stats.tree_scores = self.tree_scores
+        stats.tree_scores = self.options.spec.tree_scores
         if predict is not None and tuner.samples:
             # The planner's figure at the chosen budget: its predicted pass plus the measured
             # growth a round, over the passes this workload takes at the acceptance seen
@@ -853,8 +714,7 @@ class LLM:
             stats.predicted_tokens_per_second = per_pass * rate
             if stats.accepted_histogram:  # one wave too: its tail (the slowest row) counts
                 stats.predicted_passes = tree_passes(len(rows), per_pass, params.max_new_tokens,
-                                                     stats.accepted_histogram, self.seed,
-                                                     plain=stats.plain_rows,
+                                                     stats.accepted_histogram, self.options.seed,
                                                      request_histograms=stats.request_histograms)
                 round_s = stats.predicted_pass_seconds + cost_at_budget(n, grows, None)
                 seconds = (plan.predicted_prefill_seconds or 0.0) + stats.predicted_passes * round_s
@@ -864,28 +724,24 @@ class LLM:
     @torch.inference_mode()
     def _speculate(self, rows, params, generator, stats, plan,
                    progress=None) -> List[RequestOutput]:
-        from .spec.pipeline import ChainPipeline
-
         requests = _requests(rows, progress)
         groups = self.chain_groups(len(rows), plan, max(map(len, rows)) + params.max_new_tokens)
         per_group = -(-min(len(rows), plan.rows_per_pass) // groups)
         _sync(self.device)
         t0 = time.perf_counter()  # the caches' allocation counted, as in the other modes
-        pipeline = ChainPipeline(self, params, requests, per_group, groups, self.draft_len,
-                                 generator, stats, kv_on_gpu=plan.kv_on_gpu,
-                                 prefill_chunk=plan.prefill_chunk)
+        pipeline = ChainScheduler(self._spec_run(), params, requests, per_group, groups,
+                                  self.options.spec.draft_len, generator, stats,
+                                  kv_on_gpu=plan.kv_on_gpu, prefill_chunk=plan.prefill_chunk)
         pipeline.run()
         _sync(self.device)
         stats.decode_seconds += time.perf_counter() - t0
         stats.groups, stats.rows_per_group = groups, per_group
         stats.draft_len = pipeline.gamma
         if stats.proposed:
-            # Planner v2's figure: this workload's passes at the measured α and final γ
+            # The planner's figure: this workload's passes at the measured α and final γ
             # (E(α, γ) tokens per row per pass in steady state, plus the first prefill and
             # the tail), each costing the predicted pass (plus the draft's γ+1 steps when
             # they cannot hide under the other group's pass).
-            from .spec.chain import chain_passes
-
             stats.predicted_passes = chain_passes(len(rows), per_group, groups,
                                                   params.max_new_tokens,
                                                   stats.position_acceptance(), pipeline.gamma,
@@ -907,6 +763,13 @@ class LLM:
                 len(rows) * params.max_new_tokens / (stats.predicted_passes * round_s))
         return [self._finish(r.prompt, r.tokens, params) for r in requests]
 
+    def _spec_run(self) -> SpecRun:
+        """The narrow handle a speculative schedule runs with."""
+        return SpecRun(self.model, self.draft_model, self.config, self.draft_config,
+                       self.device, self.dtype, frozenset(self.eos_token_ids), self.options,
+                       offloaded=self.weight_plan.offload,
+                       predicted_pass_seconds=self.last_plan_pass_seconds)
+
     def chain_groups(self, rows: int, plan: Plan, context: int) -> int:
         """Row groups of a chain run: two interleaved (the draft hides under the other
         group's target pass) or one (each pass serves every row, the draft runs between
@@ -914,14 +777,14 @@ class LLM:
         pay only when drafting for all rows takes a good part of a pass; an offloaded
         target's copy-bound pass usually dwarfs the draft, and one group then gets twice
         the rows into each pass."""
-        if rows < 2 or self.interleave is False:
+        spec = self.options.spec
+        if rows < 2 or spec.interleave is False:
             return 1
-        if self.interleave or self.profile is None or not plan.predicted_pass_seconds:
-            return 2 if self.interleave else 1
-        from .planner import chain_groups
-
-        return chain_groups(plan, self.config, self.draft_config, self.dtype, self.profile,
-                            min(rows, plan.rows_per_pass), self.draft_len or 4, context)
+        if spec.interleave or self.profile is None or not plan.predicted_pass_seconds:
+            return 2 if spec.interleave else 1
+        return predict_chain_groups(plan, self.config, self.draft_config, self.dtype,
+                                    self.profile, min(rows, plan.rows_per_pass),
+                                    spec.draft_len or 4, context)
 
     def _finish(self, prompt_ids, new_ids, params: SamplingParams) -> RequestOutput:
         reason = "length"

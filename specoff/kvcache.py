@@ -16,31 +16,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-# Caches in pinned host memory take page-locked blocks that are kept once their cache is
-# gone and reused by the next (HostPool): pinning costs seconds (8 GiB with pin_memory=True:
-# 3.4 s on the H200 host; touching it and cudaHostRegister: 1.2 s, DESIGN.md), and a tree
-# throughput run's target cache at 222 HumanEval rows is 11 GB. False: pin_memory=True
-# allocations, as before. Not yet measured on a GPU.
-HOST_POOL = True
-# The draft's cache in float8 e4m3 ("fp8"), or in the model's dtype ("off"): a byte a value
-# instead of two, so where the draft's cache on the GPU bounds tree mode's rows (long
-# prompts, small budgets) twice as many fit. Keys and values are rounded to e4m3 as they are
-# written (no scale: values saturate at ±448, far beyond a model's keys after its norms) and
-# read back in the compute dtype by the attention kernels and the torch paths alike. Only
-# the draft's proposals can change, i.e. the acceptance; the target verifies every token,
-# so outputs stay exact. The target's cache keeps its dtype. Not yet measured on a GPU:
-# "off".
-DRAFT_CACHE_DTYPE = "off"
 FP8 = torch.float8_e4m3fn
-
-
-def draft_cache_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a draft's cache for a model in `dtype` (DRAFT_CACHE_DTYPE)."""
-    if DRAFT_CACHE_DTYPE == "off":
-        return dtype
-    if DRAFT_CACHE_DTYPE == "fp8":
-        return FP8
-    raise ValueError(f"kvcache.DRAFT_CACHE_DTYPE is 'off' or 'fp8', not {DRAFT_CACHE_DTYPE!r}")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +35,8 @@ def stored(new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class HostPool:
     """Page-locked host blocks handed out as cache tensors, taken back when the tensor is
-    collected. A request takes the smallest free block that holds it; failing that, the free
+    collected: pinning costs seconds (docs/design.md), and a throughput run's cache in host
+    memory is tens of GB, so the next cache reuses the blocks. A request takes the smallest free block that holds it; failing that, the free
     blocks are let go (their memory returned) and a new one is touched and registered
     (offload.pin). A new block is zeros; a reused one holds what caches of the same dtype
     wrote (finite values a cache never reads past a row's length: masked keys weigh 0, and
@@ -121,8 +98,8 @@ HOST_BLOCKS = HostPool()
 
 
 def host_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed tensor in page-locked host memory (from HOST_BLOCKS where HOST_POOL)."""
-    if HOST_POOL and torch.cuda.is_available():
+    """A zeroed tensor in page-locked host memory (from HOST_BLOCKS where CUDA runs)."""
+    if torch.cuda.is_available():
         return HOST_BLOCKS.zeros(shape, dtype)
     return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
@@ -257,9 +234,9 @@ class SegmentKVCache(KVCache):
     (L, KV, P, hd) with stride 0 over B: the attention kernels add row_start[b] to their key
     offsets (verify_attention(row_start=)); torch paths gather a row's keys (dense) and
     writes go to the pool (write, put_rows, put_tokens). A write past a row's segment lands
-    on its last slot, which the caller keeps unused (spec.tree sizes segments one slot over).
+    on its last slot, which the caller keeps unused (the tree scheduler sizes segments one slot over).
 
-    Segments are handed out by the caller (spec.tree.generate_tree, SegmentAllocator):
+    Segments are handed out by the caller (the speculation schedulers, SegmentAllocator):
     `assign(rows, starts, sizes)` before the rows are used. On the GPU the draft's cache in
     tree mode: HumanEval prompts average 113 tokens against a longest of 340, so the draft's
     cache of a 24 GiB throughput run holds about twice the rows at the same size."""
@@ -403,8 +380,7 @@ class SegmentAllocator:
 
 
 def check_segment_mode(name: str, mode) -> None:
-    """An "auto" / "on" / "off" option (SEGMENT_DRAFT_CACHE, JOINT_TAIL, PARK_IDLE_DRAFT,
-    FP8_WEIGHT_KERNEL, ...) holds one of those."""
+    """An "auto" / "on" / "off" switch holds one of those."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"{name} is 'auto', 'on' or 'off', not {mode!r}")
 
@@ -430,11 +406,10 @@ def segment_pool_slots(rows: int, prompts: Sequence[int], max_new_tokens: int, e
 
 
 def cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int, extra: int, mode: str,
-                slack: float, name: str = "the segment mode") -> Tuple[int, bool]:
+                slack: float) -> Tuple[int, bool]:
     """(slots, segmented): a cache of rows in segments (segment_pool_slots) or of rows ×
-    the longest need, by `mode` (the option `name`): "auto" takes the pool where it is the
-    smaller, "on" and "off" force one."""
-    check_segment_mode(name, mode)
+    the longest need, by `mode`: "auto" takes the pool where it is the smaller, "on" and
+    "off" force one."""
     dense = rows * (max(prompts) + max_new_tokens + extra + 2)
     if mode == "off":
         return dense, False

@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple, Union
 
+import torch
+
 # "auto": where the engine's rule says (each field's doc names it); "on" / "off": always / never.
 Switch = Literal["auto", "on", "off"]
 SWITCHES = ("auto", "on", "off")
@@ -88,8 +90,8 @@ class SpecOptions:
 @dataclass(frozen=True)
 class EngineOptions:
     """Everything an `LLM` is built with, but the two models."""
-    device: Optional[str] = None  # "cuda", "cuda:1" or "cpu"; None: cuda where there is one
-    dtype: Optional[str] = None  # "bfloat16", "float16" or "float32"; None: bf16 on a GPU, fp32 on the CPU
+    device: Optional[str] = None  # "cuda", "cuda:1" or "cpu" (or a torch.device); None: cuda where there is one
+    dtype: Optional[str] = None  # "bfloat16", "float16" or "float32" (or a torch.dtype); None: bf16 on a GPU, fp32 on the CPU
     gpu_memory: Union[None, int, str] = None  # GPU budget ("24GiB" or bytes); None: free memory less 1 GiB
     offload: Optional[bool] = None  # stream the target from host memory; None: the planner decides
     seed: int = 0  # sampling's seed where SamplingParams gives none
@@ -175,6 +177,10 @@ def _allowed(tp) -> Tuple[list, list]:
 
 
 def _check(path: Tuple[str, ...], value):
+    if path == ("device",) and isinstance(value, torch.device):
+        return str(value)
+    if path == ("dtype",) and isinstance(value, torch.dtype):
+        return str(value).split(".")[-1]
     tp = _type(path)
     if len(path) == 1 and path[0] in _NESTED:
         if not isinstance(value, _NESTED[path[0]]):

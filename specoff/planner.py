@@ -24,8 +24,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .config import ModelConfig
-from .kvcache import draft_cache_dtype
-from .models import decoder
 
 GiB = 2**30
 CONTEXT_MARGIN = 256 << 20  # allocator slack, graph pools, cuBLAS workspaces
@@ -157,8 +155,7 @@ class ModelSizes:
 
     @classmethod
     def of(cls, cfg: ModelConfig, dtype: torch.dtype, kv_dtype: Optional[torch.dtype] = None):
-        """`kv_dtype`: the cache's, where it differs from the weights' (a draft's cache in
-        float8: kvcache.draft_cache_dtype)."""
+        """`kv_dtype`: the cache's, where it differs from the weights'."""
         b = torch.empty(0, dtype=dtype).element_size()
         kv_b = torch.empty(0, dtype=kv_dtype or dtype).element_size()
         D, V, hd = cfg.dim, cfg.vocab_size, cfg.head_dim
@@ -257,7 +254,7 @@ def weight_reserve(cfg: ModelConfig, dtype: torch.dtype, budget: int, max_rows: 
     sizes = ModelSizes.of(cfg, dtype)
     smallest = min(sizes.total, smallest_weights(sizes))
     if draft is not None:
-        d = ModelSizes.of(draft, dtype, draft_cache_dtype(dtype))
+        d = ModelSizes.of(draft, dtype)
         free = max(budget - d.total - smallest - CONTEXT_MARGIN, 0)
         rows_need = max_rows * 512 * d.kv_per_token + activation_bytes(draft, max_rows * 8, max_rows, dtype)
         tokens = tree_rows * tree_nodes
@@ -350,59 +347,51 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
              draft_idle: bool = False,
              host_kv_tokens: Optional[Callable[[int], int]] = None,
              prompt_tokens: Optional[Callable[[int], int]] = None,
-             plain_rows: int = 0, host_budget: Optional[int] = None) -> Plan:
+             host_budget: Optional[int] = None, host_cache_ahead: int = 1) -> Plan:
     """Rows per pass, KV placement and predicted times for a workload, within the budget
     left by the weights. `kv_placement` "gpu" or "host" forces the cache's place; by
     default it is on the GPU when it fits, else (for an offloaded target) in host memory.
     `max_logit_rows`: the pass's logits are taken that many positions at a time (tree mode:
-    spec.tree.target_picks), at least a row's worth each (a refill's first tokens).
+    speculation.verify.target_picks), at least a row's worth each (a refill's first tokens).
     `draft_tokens(r)`: the token slots of the draft's cache over r rows (default r ×
-    `context`; tree mode's segment pool: spec.tree.draft_cache_slots). `draft_idle`: the
+    `context`; tree mode's segment pool: speculation.tree_scheduler.draft_cache_slots). `draft_idle`: the
     draft is loaded but the run does not speculate (its weights count, its cache and steps
     do not). `host_kv_tokens(r)`: the token slots of r rows' cache a pass streams from the
     host (default r × `context`; rows in segments: engine.LLM._batch_cache).
     `prompt_tokens(r)`: the first r rows' prompt tokens, for the prefill's memory and time
     (prompts are packed, not padded to `prefill_tokens`; default r × `prefill_tokens`).
-    `plain_rows`: up to this many of the `rows` beyond the pass's rows ride each pass a token
-    at a time, the target's cache theirs too (tree mode's spec.tree.PLAIN_ROWS).
     `host_budget`: the host memory a cache there may take (kvcache.available_host_bytes);
-    rows beyond it are dropped, and where not even one row's fits, HostMemoryError says so."""
+    rows beyond it are dropped, and where not even one row's fits, HostMemoryError says so.
+    `host_cache_ahead`: layers of a host cache fetched ahead of the computing one
+    (CacheOptions.host_cache_ahead)."""
     if kv_placement not in (None, "gpu", "host"):
         raise ValueError(f"kv_placement must be 'gpu', 'host' or None, not {kv_placement!r}")
     sizes = ModelSizes.of(cfg, dtype)
     budget = weights.budget_bytes
-    draft_sizes = (ModelSizes.of(draft, dtype, draft_cache_dtype(dtype)) if draft is not None
-                   else None)
+    draft_sizes = ModelSizes.of(draft, dtype) if draft is not None else None
     draft_weights = draft_sizes.total if draft_sizes else 0  # a draft is wholly resident
     used = sum(weights.gpu_bytes.values()) + draft_weights + CONTEXT_MARGIN
     rows_per_pass = max(1, min(rows, max_rows))
     chunk = max(1, min(prefill_chunk, prefill_tokens or prefill_chunk))
 
     def streamed_tokens(r):  # the token slots of r rows' cache in host memory
-        p = min(plain_rows, max(rows - r, 0))
-        streamed = host_kv_tokens(r) if host_kv_tokens else r * context
-        if p:  # the plain rows' cache in row segments: each its prompt and new tokens
-            streamed += (prompt_tokens(r + p) - prompt_tokens(r)
-                         + p * (context - prefill_tokens) if prompt_tokens else p * context)
-        return streamed
+        return host_kv_tokens(r) if host_kv_tokens else r * context
 
     def need(r, kv_gpu, c):
-        p = min(plain_rows, max(rows - r, 0))  # plain rows: a token each, their own cache
         logit_rows = r * tokens_per_row
         if max_logit_rows is not None:
             logit_rows = min(logit_rows, max(max_logit_rows, r))
-        act = activation_bytes(cfg, max(r * tokens_per_row + p, (r + p) * c), logit_rows + p,
-                               dtype)
+        act = activation_bytes(cfg, max(r * tokens_per_row, r * c), logit_rows, dtype)
         # The prompts' hidden states through the prefill (packed one after another where
         # their lengths are known: decoder.PrefillBatch; else each padded to the longest).
-        prompt = prompt_tokens(r + p) if prompt_tokens else (r + p) * max(prefill_tokens, 1)
+        prompt = prompt_tokens(r) if prompt_tokens else r * max(prefill_tokens, 1)
         hidden = prompt * cfg.dim * torch.empty(0, dtype=dtype).element_size()
-        kv = (r + p) * context * sizes.kv_per_token if kv_gpu else 0
+        kv = r * context * sizes.kv_per_token if kv_gpu else 0
         # Prompts fill a cache away from the GPU (or rows of a larger one) through a
         # one-layer scratch of their K/V (decoder.PrefillStage, PackedStage).
         hidden += prompt * sizes.kv_per_token // cfg.n_layers
         if not kv_gpu:  # layers of it stream in for attention: one read, the next ones coming
-            in_flight = 1 + max(decoder.HOST_CACHE_AHEAD, 1)
+            in_flight = 1 + max(host_cache_ahead, 1)
             hidden += in_flight * streamed_tokens(r) * sizes.kv_per_token // cfg.n_layers
         if draft_sizes is not None and not draft_idle:  # the draft's cache and steps live on the GPU
             kv += (draft_tokens(r) if draft_tokens else r * context) * draft_sizes.kv_per_token
@@ -522,6 +511,14 @@ def predict_draft_prefill(cfg: ModelConfig, dtype, profile: HardwareProfile, tok
     return 2 * tokens * weights / (profile.gemm_tflops * 1e12) + parts * cfg.n_layers * 0.3e-3
 
 
+def expected_tokens_per_pass(alpha: float, draft_len: int) -> float:
+    """E = (1 − α^(γ+1)) / (1 − α): mean tokens a row emits per chain pass (Leviathan et al.
+    2023, §3.1)."""
+    if alpha >= 1.0:
+        return draft_len + 1.0
+    return (1 - alpha ** (draft_len + 1)) / (1 - alpha)
+
+
 def chain_groups(plan: Plan, cfg: ModelConfig, draft: ModelConfig, dtype,
                  profile: HardwareProfile, rows: int, gamma: int, context: int,
                  alpha: float = 0.7) -> int:
@@ -529,8 +526,6 @@ def chain_groups(plan: Plan, cfg: ModelConfig, draft: ModelConfig, dtype,
     faster: two groups hide the draft under the other group's target pass but serve half
     the rows per pass, (R/2)·E / max(target, draft); one group serves them all,
     R·E / (target + draft)."""
-    from .spec.chain import expected_tokens_per_pass
-
     def rate(r, interleaved):
         target = predict_pass(plan, cfg, dtype, profile, r, gamma + 1, context)
         drafting = (gamma + 1) * predict_draft_step(draft, dtype, profile, r, context)

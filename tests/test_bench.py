@@ -148,20 +148,19 @@ def test_engines_and_configs_select_runs(tmp_path):
     assert all(r["status"] == "ok" for r in rows)
 
 
-def test_set_options_a_run_and_puts_them_back(tmp_path):
-    """--set NAME=VALUE: a module option for the run, recorded in every row, then restored."""
-    from specoff.spec import tree
-
-    before = tree.TAIL_BUDGET
+def test_set_options_a_run(tmp_path):
+    """--set NAME=VALUE: an EngineOptions field for the run's LLMs, recorded in every row; a
+    name or value the options do not take is refused before anything runs."""
     records = bench.main(["--tiny", "--scenario", "interactive", "--out", str(tmp_path), "--quiet",
                           "--engines", "specoff-tree", "--configs", "batch 1",
-                          "--set", "spec.tree.TAIL_BUDGET=0"])
+                          "--set", "growth_tokens=64", "--set", "kernels.pdl=off"])
     rows = records["interactive"]
-    assert rows and all(r["status"] == "ok" and r["options"]["spec.tree.TAIL_BUDGET"] == 0
-                        for r in rows)
-    assert tree.TAIL_BUDGET == before
-    with pytest.raises(SystemExit, match="no option"):
-        bench.main(["--tiny", "--out", str(tmp_path), "--set", "spec.tree.NO_SUCH=1"])
+    assert rows and all(r["status"] == "ok" and r["options"]["spec"]["growth_tokens"] == 64
+                        and r["options"]["kernels"]["pdl"] is False for r in rows)
+    with pytest.raises(SystemExit, match="no option named 'spec.no_such'"):
+        bench.main(["--tiny", "--out", str(tmp_path), "--set", "spec.no_such=1"])
+    with pytest.raises(SystemExit, match="joint_tail takes 'auto' or 'on' or 'off', not 'maybe'"):
+        bench.main(["--tiny", "--out", str(tmp_path), "--set", "joint_tail=maybe"])
 
 
 def test_offload_group_takes_the_interleaved_runs_group(tmp_path):
@@ -250,8 +249,8 @@ def test_engines_run_in_the_order_given(tmp_path):
     records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",
                           "--engines", "specoff-tree,specoff-offload", "--new-tokens", "3,2",
                           "--configs", "humaneval"])
-    options = records["throughput"][0]["options"]  # the module options each row ran with
-    assert options["spec.tree.SEGMENT_DRAFT_CACHE"] == "auto" and "engine.SEGMENT_HOST_CACHE" in options
+    options = records["throughput"][0]["options"]  # the options each row ran with
+    assert options["cache"]["segment_draft_cache"] == "auto" and "segment_host_cache" in options["cache"]
     assert [(r["config"], r["engine"]) for r in records["throughput"]] == [
         ("humaneval x3", "specoff-tree"), ("humaneval x3", "specoff-offload"),
         ("humaneval x2", "specoff-tree"), ("humaneval x2", "specoff-offload")]
@@ -345,38 +344,30 @@ def test_profile_pass_summarises_streams_and_copy_gaps():
     assert out["passes"] >= 1 and out["streams"] == {}
     out = profile_pass.main(["--tiny", "--spec", "tree", "--tree-budget", "4"])
     assert out["passes"] >= 1 and out["rounds"] == out["passes"] and out["draft_seconds"] > 0
-    from specoff.spec import tree
-    rows = profile_pass.main(["--tiny", "--spec", "tree", "--compare", "spec.tree.GROWTH_TOKENS=4,512"])
-    assert [r["value"] for r in rows["compare"]] == ["4", "512"] * 2 and tree.GROWTH_TOKENS == 512
-    with pytest.raises(SystemExit, match="no module"):
-        profile_pass.main(["--tiny", "--set", "nowhere.GROWTH_TOKENS=1"])
-    assert profile_pass._option(tree, "DRAFT_PREFILL_STREAM", "1") is True
-    assert profile_pass._option(tree, "DRAFT_PREFILL_STREAM", "off") is False
-    with pytest.raises(SystemExit, match="0/1"):
-        profile_pass._option(tree, "DRAFT_PREFILL_STREAM", "maybe")
+    rows = profile_pass.main(["--tiny", "--spec", "tree", "--compare", "spec.growth_tokens=4,512"])
+    assert [r["value"] for r in rows["compare"]] == ["4", "512"] * 2
+    with pytest.raises(SystemExit, match="no option named 'nowhere.growth_tokens'"):
+        profile_pass.main(["--tiny", "--set", "nowhere.growth_tokens=1"])
+    with pytest.raises(SystemExit, match="draft_prefill_stream takes bool, not 'maybe'"):
+        profile_pass.main(["--tiny", "--compare", "draft_prefill_stream=on,maybe"])
     # --syncs: the host's waits for the device by the specoff lines that called them (none
     # on the CPU); a site names the innermost specoff frames, the caller last
     out = profile_pass.main(["--tiny", "--syncs"])
     assert out["passes"] >= 1 and out["syncs"] == 0 and out["sites"] == []
     from traceback import FrameSummary
     stack = [FrameSummary("/x/tools/profile_pass.py", 9, "main"),
-             FrameSummary("/x/specoff/spec/pipeline.py", 477, "_commit"),
+             FrameSummary("/x/specoff/speculation/chain_scheduler.py", 477, "_commit"),
              FrameSummary("/x/specoff/kvcache.py", 271, "assign"),
              FrameSummary("/x/torch/_tensor.py", 5, "tolist")]
-    assert profile_pass.sync_site(stack) == "kvcache.py:271 assign < pipeline.py:477 _commit"
+    assert profile_pass.sync_site(stack) == "kvcache.py:271 assign < chain_scheduler.py:477 _commit"
     assert profile_pass.sync_site(stack[:1]) == "(outside specoff)"
-    rows = profile_pass.main(["--tiny", "--offload-only", "--compare", "CHAIN_ATTENTION=auto,torch"])
-    assert [r["value"] for r in rows["compare"]] == ["auto", "torch", "auto", "torch"]
+    rows = profile_pass.main(["--tiny", "--offload-only", "--compare", "kernels.chain_attention=on,off"])
+    assert [r["value"] for r in rows["compare"]] == ["on", "off", "on", "off"]
     assert all(r["passes"] >= 1 and r["pass_seconds"] > 0 for r in rows["compare"])
     with pytest.raises(SystemExit, match="no option"):
         profile_pass.main(["--tiny", "--set", "NOT_AN_OPTION=1"])
-    # values take the option's type (an unset bound: int; "none" unsets it)
-    from specoff.models import decoder
-    assert profile_pass._option(decoder, "CHAIN_KERNEL_TOKENS", "16") == 16
-    assert profile_pass._option(decoder, "CHAIN_KERNEL_TOKENS", "none") is None
-    assert profile_pass._option(decoder, "CHAIN_ATTENTION", "torch") == "torch"
-    with pytest.raises(SystemExit, match="takes int values"):
-        profile_pass._option(decoder, "CHAIN_KERNEL_TOKENS", "many")
+    with pytest.raises(SystemExit, match="not NAME=VALUE"):
+        profile_pass.main(["--tiny", "--set", "kernels.pdl"])
 
 
 def test_time_estimate_plans_other_budgets():
@@ -386,6 +377,7 @@ def test_time_estimate_plans_other_budgets():
     from types import SimpleNamespace
 
     from specoff.planner import parse_bytes, plan_weights, weight_reserve
+    from specoff.options import EngineOptions
     from specoff.synthetic import MISTRAL_7B, MIXTRAL_8X7B
 
     draft, target = pair_configs(MISTRAL_7B, MIXTRAL_8X7B)
@@ -394,7 +386,7 @@ def test_time_estimate_plans_other_budgets():
                            reserve=weight_reserve(target, dtype, at, 164, draft))
     fake = SimpleNamespace(args=SimpleNamespace(rows=164), cuda=True, pass_seconds=2.0,
                            llm=SimpleNamespace(weight_plan=weights, draft_config=draft,
-                                               draft_quant=None),
+                                               options=EngineOptions()),
                            llm_key=("24GiB", True, False, "on", None, 164), target_cfg=target,
                            draft_cfg=draft, dtype=dtype, built=dict(profile=None, seconds=20.0),
                            draft_quants=[None])
@@ -524,21 +516,6 @@ def test_make_checkpoint_upcycle_command(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     assert tool.main(["--upcycle", "mixtral-8x7b", str(tmp_path / "x"), "--tiny"]) == 2
     assert "needs one of --sigma" in capsys.readouterr().err
-
-
-def test_tree_runs_with_plain_rows(tmp_path):
-    """--plain-rows: one specoff-tree run per count of rows the target alone serves beside the
-    trees (spec.tree.PLAIN_ROWS, set back after the run); the row says how many it had."""
-    from specoff.spec import tree
-
-    records = bench.main(["--tiny", "--scenario", "throughput", "--out", str(tmp_path), "--quiet",
-                          "--engines", "specoff-tree", "--new-tokens", "4", "--plain-rows", "0,3",
-                          "--configs", "humaneval"])
-    rows = records["throughput"]
-    assert [r["status"] for r in rows] == ["ok", "ok"]
-    assert [r["plain_rows"] for r in rows] == [0, 3] and tree.PLAIN_ROWS == 0
-    assert rows[0]["stats"]["plain_rows"] == 0 and rows[1]["stats"]["plain_rows"] == 3
-    assert "3 plain rows" in bench.setting(rows[1]) and "plain" not in bench.setting(rows[0])
 
 
 def test_draft_quant_runs_the_speculative_engines_once_each(tmp_path):

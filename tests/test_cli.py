@@ -64,10 +64,11 @@ def test_speculative_run(tmp_path, tokenizer):
     assert "tree 16 nodes, learned ranks" in r.stdout.splitlines()[-1]
     r = cli("--target", target, "--draft", draft, "--prompt", "def f(x):", "--max-new-tokens", 12,
             "--spec", "tree", "--tree-budget", 16, "--tree-scores", "draft", "--json", tree,
-            "--ignore-eos")
+            "--ignore-eos", "--set", "growth_tokens=64", "--set", "spec.tree_budget=8")
     assert r.returncode == 0, r.stderr
-    assert "tree 16 nodes, draft ranks" in r.stdout.splitlines()[-1]
-    assert json.loads(tree.read_text())["stats"]["tree_scores"] == "draft"
+    assert "tree 8 nodes, draft ranks" in r.stdout.splitlines()[-1]  # --set after the flags
+    stats = json.loads(tree.read_text())["stats"]
+    assert stats["tree_scores"] == "draft" and stats["options"]["spec"]["growth_tokens"] == 64
     r = cli("--target", target, "--draft", draft, "--prompt", "def f(x):", "--max-new-tokens", 24,
             "--spec", "tree", "--tree-budget", "auto", "--json", tree, "--ignore-eos")
     assert r.returncode == 0, r.stderr
@@ -111,6 +112,9 @@ def test_default_runs_without_a_target(tmp_path):
     (["--max-rows", "0"], "error: --max-rows must be at least 1"),
     (["--tree-budget", "lots"], "error: --tree-budget takes a number or auto"),
     (["--gpu-memory", "24GiB", "--device", "cpu"], "error: gpu_memory applies to a CUDA device"),
+    (["--set", "kernels.pdl"], "error: --set kernels.pdl: give NAME=VALUE"),
+    (["--set", "no_such=1"], "error: --set no_such=1: no option named 'no_such'"),
+    (["--set", "joint_tail=maybe"], "error: --set joint_tail=maybe: option spec.joint_tail takes"),
 ])
 def test_bad_input_is_one_line(args, message, make_checkpoint, tmp_path):
     if "--target" not in args:

@@ -103,7 +103,7 @@ def test_bad_requests_are_refused(make_checkpoint):
     (dict(draft="/no/such/draft"), "no config.json in"), (dict(spec="tree"), "needs a draft model"),
     (dict(spec="chain"), "needs a draft model"),
     (dict(gpu_memory="24GiB"), "gpu_memory applies to a CUDA device"),
-    (dict(kv_placement="disk"), "kv_placement must be"),
+    (dict(kv_placement="disk"), "option kv_placement takes 'gpu' or 'host' or None, not 'disk'"),
     (dict(dtype="int8"), "dtype 'int8' is not supported")])
 def test_llm_refuses_what_is_not_there(kw, message, make_checkpoint):
     with pytest.raises((ValueError, NotImplementedError, FileNotFoundError), match=message):

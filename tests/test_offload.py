@@ -221,25 +221,21 @@ def test_staged_prefill_fills_rows_of_a_larger_cache(make_checkpoint):
 
 
 @pytest.mark.parametrize("mode", ["on", "auto"])
-def test_plain_batches_with_the_cache_in_row_segments(mode, make_checkpoint, monkeypatch):
-    """engine.SEGMENT_HOST_CACHE: a plain batch's cache as rows in segments of one pool (each
-    its prompt and new tokens long) gives the tokens the dense cache gives; "auto" keeps
-    the dense cache where it is on the compute device."""
-    from specoff import engine
-
+def test_plain_batches_with_the_cache_in_row_segments(mode, make_checkpoint):
+    """CacheOptions.segment_host_cache: a plain batch's cache as rows in segments of one pool
+    (each its prompt and new tokens long) gives the tokens the dense cache gives; "auto"
+    keeps the dense cache where it is on the compute device."""
     path = make_checkpoint("mixtral", layers=3)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     expect = [o.token_ids for o in specoff.LLM(path, device="cpu").generate(prompts, GREEDY)]
-    monkeypatch.setattr(engine, "SEGMENT_HOST_CACHE", mode)
-    llm = specoff.LLM(path, device="cpu")
+    llm = specoff.LLM(path, device="cpu", segment_host_cache=mode)
     cache = llm._batch_cache(prompts, 6, torch.device("cpu"))
     assert (cache.row_start is not None) == (mode == "on")
     if mode == "on":
         assert cache.pool == sum(len(p) + 7 for p in prompts)
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expect
-    monkeypatch.setattr(engine, "SEGMENT_HOST_CACHE", "sometimes")
-    with pytest.raises(ValueError, match="SEGMENT_HOST_CACHE"):
-        llm.generate(prompts, GREEDY)
+    with pytest.raises(ValueError, match="segment_host_cache takes 'auto' or 'on' or 'off'"):
+        llm.reconfigure(segment_host_cache="sometimes")
 
 
 def _gpu_runs(path, **kw):
@@ -327,14 +323,10 @@ def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, ahead, make_c
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("overlap", [False, True])
-def test_gpu_tree_throughput_keeps_the_budget(overlap, make_checkpoint, tmp_path, monkeypatch):
+def test_gpu_tree_throughput_keeps_the_budget(overlap, make_checkpoint, tmp_path):
     """Tree mode over many prompts (rows refilled, the target's cache in host memory, the
     target's picks taken in chunks, the draft's refill prefill after or under the pass):
     the target's tokens, within budget."""
-    from specoff.spec import tree
-
-    monkeypatch.setattr(tree, "DRAFT_PREFILL_STREAM", overlap)
-    monkeypatch.setattr(tree, "LOGIT_ROWS", 16)
     prompts = PROMPTS * 6
     draft, target, params, expect = _gpu_pair(tmp_path, prompts, 20)
     budget = 1 << 30
@@ -342,7 +334,7 @@ def test_gpu_tree_throughput_keeps_the_budget(overlap, make_checkpoint, tmp_path
     base = torch.cuda.memory_allocated()
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
                       gpu_memory=budget, kv_placement="host", max_rows=8, spec="tree",
-                      tree_budget=8)
+                      tree_budget=8, draft_prefill_stream=overlap, logit_rows=16)
     assert [o.token_ids for o in llm.generate(prompts, params)] == expect
     assert not llm.last_stats.plan["kv_on_gpu"] and llm.last_stats.rows_per_group == 8
     assert torch.cuda.max_memory_allocated() - base <= budget

@@ -1,5 +1,4 @@
 """Chain speculation: exact greedy output, lossless sampling, refill, tokenizer checks."""
-import dataclasses
 import json
 import shutil
 
@@ -9,8 +8,11 @@ from scipy.stats import chisquare
 
 import specoff
 from conftest import same_distribution, without_tokenizers
-from specoff.spec.chain import (chain_passes, choose_draft_len, emitted_tokens, expected_tokens_per_pass,
-                                greedy_accept, sample_accept)
+from specoff.options import CacheOptions, OptionsError
+from specoff.planner import expected_tokens_per_pass
+from specoff.speculation import chain_scheduler
+from specoff.speculation.chain import (chain_passes, choose_draft_len, emitted_tokens, greedy_accept,
+                                       sample_accept)
 from specoff.kvcache import SegmentKVCache
 from specoff.synthetic import make_tiny_checkpoint, make_tokenizer
 
@@ -69,16 +71,14 @@ def test_expected_tokens_and_draft_length():
 
 
 def record_pipelines(monkeypatch) -> list:
-    """Every ChainPipeline built from here on, to look at its caches after a run."""
-    from specoff.spec import pipeline
-
-    made, init = [], pipeline.ChainPipeline.__init__
+    """Every ChainScheduler built from here on, to look at its caches after a run."""
+    made, init = [], chain_scheduler.ChainScheduler.__init__
 
     def recording(self, *args, **kwargs):
         init(self, *args, **kwargs)
         made.append(self)
 
-    monkeypatch.setattr(pipeline.ChainPipeline, "__init__", recording)
+    monkeypatch.setattr(chain_scheduler.ChainScheduler, "__init__", recording)
     return made
 
 
@@ -115,21 +115,17 @@ def test_greedy_speculation_equals_target(sigma, draft_len, interleave, pairs):
 def test_chain_with_the_draft_cache_in_row_segments(interleave, slack, sampled, target_segments,
                                                     pairs, monkeypatch):
     """The draft's cache as row segments of one pool shared by the groups (SegmentKVCache),
-    and the target's in segments of a pool per group (SEGMENT_TARGET_CACHE): greedy output
+    and the target's in segments of a pool per group (segment_target_cache): greedy output
     equals the target's own, with refills (waiting for room when the pools are short: slack
     0.3) and the two groups merged at the tail by handing the draft's segments over and
     moving the target's into the merged group's pool; sampled runs finish every prompt."""
-    from specoff.spec import pipeline
-
-    monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", "on")
-    monkeypatch.setattr(pipeline, "SEGMENT_TARGET_CACHE", target_segments)
     made = record_pipelines(monkeypatch)
-    monkeypatch.setattr(pipeline, "SEGMENT_SLACK", slack)
-    monkeypatch.setattr(pipeline, "SEGMENT_TARGET_SLACK", slack)
+    cache = CacheOptions(segment_draft_cache="on", segment_target_cache=target_segments,
+                         draft_slack=slack, target_slack=slack)
     draft, target = pairs(0.3)
     prompts = PROMPTS + [[5] * 23, [7, 9], [11] * 17]
     llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=4, draft_len=3,
-                      interleave=interleave)
+                      interleave=interleave, cache=cache)
     if sampled:
         out = llm.generate(prompts, specoff.SamplingParams(max_new_tokens=9, temperature=0.9,
                                                            seed=2, ignore_eos=True))
@@ -145,16 +141,13 @@ def test_chain_with_the_draft_cache_in_row_segments(interleave, slack, sampled, 
     assert all(isinstance(c, SegmentKVCache) == (target_segments == "on") for c in caches)
 
 
-def test_chain_plan_counts_the_segment_pool(pairs, monkeypatch):
-    """The chain plan's draft cache is the pool ChainPipeline allocates."""
-    from specoff.spec import pipeline
-
-    lengths = [3, 40, 5, 7, 9, 2, 60, 4]
-    monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", "off")
-    assert pipeline.draft_cache_slots(4, lengths, 8) == (4 * (60 + 8 + pipeline.MAX_DRAFT_LEN + 2), False)
-    monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", "auto")
-    pool, segmented = pipeline.draft_cache_slots(64, lengths * 8, 8)
-    assert segmented and pool < 64 * (60 + 8 + pipeline.MAX_DRAFT_LEN + 2)
+def test_chain_plan_counts_the_segment_pool():
+    """The chain plan's draft cache is the pool ChainScheduler allocates."""
+    lengths, gamma = [3, 40, 5, 7, 9, 2, 60, 4], chain_scheduler.MAX_DRAFT_LEN
+    off = CacheOptions(segment_draft_cache="off")
+    assert chain_scheduler.draft_cache_slots(4, lengths, 8, off) == (4 * (60 + 8 + gamma + 2), False)
+    pool, segmented = chain_scheduler.draft_cache_slots(64, lengths * 8, 8, CacheOptions())
+    assert segmented and pool < 64 * (60 + 8 + gamma + 2)
 
 
 @pytest.mark.parametrize("interleave", [False, True])
@@ -176,12 +169,10 @@ def test_new_prompts_are_verified_in_their_first_pass(interleave, pairs):
 
 
 @pytest.mark.parametrize("sampled", [False, True])
-def test_joint_tail_passes_verify_both_groups(sampled, pairs, monkeypatch):
-    """pipeline.JOINT_TAIL: once no prompt waits, each pass verifies both groups' rows (a
+def test_joint_tail_passes_verify_both_groups(sampled, pairs):
+    """SpecOptions.joint_tail: once no prompt waits, each pass verifies both groups' rows (a
     part each), their drafts run before it; greedy output stays the target's, and the run
     takes no more passes than with a pass per group; chain_passes models it."""
-    from specoff.spec import pipeline
-
     draft, target = pairs(0.3)
     params = (specoff.SamplingParams(max_new_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
               if sampled else specoff.SamplingParams(max_new_tokens=20, ignore_eos=True))
@@ -189,9 +180,8 @@ def test_joint_tail_passes_verify_both_groups(sampled, pairs, monkeypatch):
     expect = None if sampled else target_only(target, params, prompts)
     passes = {}
     for joint in ("off", "on"):
-        monkeypatch.setattr(pipeline, "JOINT_TAIL", joint)
         llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=6, draft_len=3,
-                          interleave=True)
+                          interleave=True, joint_tail=joint)
         got = [o.token_ids for o in llm.generate(prompts, params)]
         s = llm.last_stats
         assert len(got) == 12 and all(len(t) == 20 for t in got)
@@ -208,10 +198,9 @@ def test_joint_tail_passes_verify_both_groups(sampled, pairs, monkeypatch):
         passes[joint] = s.decode_passes
     if not sampled:  # the same acceptance row by row: only the schedule differs
         assert passes["on"] < passes["off"]
-    monkeypatch.setattr(pipeline, "JOINT_TAIL", "sometimes")
-    with pytest.raises(ValueError, match="JOINT_TAIL"):
-        specoff.LLM(target, draft=draft, device="cpu", max_rows=6, interleave=True).generate(
-            prompts, params)
+    with pytest.raises(OptionsError, match="joint_tail takes 'auto' or 'on' or 'off'"):
+        specoff.LLM(target, draft=draft, device="cpu", max_rows=6, interleave=True,
+                    joint_tail="sometimes")
 
 
 def test_chain_passes_counts_refills_and_the_tail():
@@ -304,7 +293,7 @@ def test_draft_vocabulary_padded_or_a_prefix(draft_vocab, pairs, tokenizer, tmp_
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(spec="tree", tree_budget=0), "tree_budget must be between"), (dict(spec="beam"), "spec must be"),
+    (dict(spec="tree", tree_budget=0), "tree_budget must be between"), (dict(spec="beam"), "spec.mode takes 'chain' or 'tree' or None, not 'beam'"),
     (dict(draft_len=9), "draft_len must be between 1 and 8")])
 def test_bad_speculation_arguments(kw, message, pairs):
     draft, target = pairs(0.3)
@@ -321,18 +310,15 @@ def test_gpu_speculation_equals_target(interleave, segments, kv, joint, pairs, m
     """On the GPU (draft steps replayed as CUDA graphs), with the draft's cache dense or in
     row segments (the kernels' row offsets inside the graphs); with the target's cache in
     pinned host memory, in segments of a pool per group streamed each pass; with the two
-    groups verified in one pass at the tail (JOINT_TAIL)."""
-    from specoff.spec import pipeline
-
-    monkeypatch.setattr(pipeline, "JOINT_TAIL", joint)
-    monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", segments)
-    monkeypatch.setattr(pipeline, "SEGMENT_TARGET_CACHE", "auto")  # on where kv is "host"
+    groups verified in one pass at the tail (joint_tail); segment_target_cache "auto": in
+    segments where kv is "host"."""
     made = record_pipelines(monkeypatch)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=24, ignore_eos=True)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
-                      max_rows=4, draft_len=3, interleave=interleave, kv_placement=kv)
+                      max_rows=4, draft_len=3, interleave=interleave, kv_placement=kv,
+                      joint_tail=joint, cache=CacheOptions(segment_draft_cache=segments))
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expect
     hidden = llm.last_stats.draft_hidden_fraction  # device-time overlap with the target's passes
     assert (0.0 <= hidden <= 1.0) if interleave else hidden == 0.0
@@ -386,7 +372,7 @@ def test_token_acceptance_counts_only_the_first_rejection():
 
 
 def test_chain_prediction_counts_the_drafts_prefill(pairs):
-    """Planner v2's figure for a chain run: the workload's passes, each costing the predicted
+    """The planner's figure for a chain run: the workload's passes, each costing the predicted
     pass plus (one group) the draft's round: its γ+1 steps and its share of prefilling the
     new prompts, predicted from its FLOPs (a profile set by hand: the CPU has none)."""
     from specoff.planner import HardwareProfile, predict_draft_prefill
@@ -419,64 +405,6 @@ def test_a_run_without_speculation_plans_the_target_alone(pairs):
     assert plain["tokens_per_row"] == 1 and spec["tokens_per_row"] > 1
     assert plain["gpu_bytes"].get("draft_weights") == spec["gpu_bytes"].get("draft_weights")
     assert llm.last_stats.proposed == 0
-
-
-@pytest.mark.parametrize("spec", ["chain", "tree"])
-def test_an_idle_draft_waits_in_host_memory(spec, pairs, monkeypatch):
-    """engine.PARK_IDLE_DRAFT: a call without speculation moves the draft's weights into one
-    host block (here the CPU's, "on") and plans without them; the next speculative call
-    brings them back, and both give the target's tokens."""
-    from specoff import engine
-
-    monkeypatch.setattr(engine, "PARK_IDLE_DRAFT", "on")
-    draft, target = pairs(0.3)
-    params = specoff.SamplingParams(max_new_tokens=8)
-    prompts = ["def add(a, b):", "Once upon a time", "import numpy as np", "x = [1, 2, 3]"]
-    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(prompts, params)]
-    llm = specoff.LLM(target, draft=draft, device="cpu", spec=spec, max_rows=2)
-    weights = {id(t): t.data_ptr() for t in llm._draft_tensors()}
-    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
-    s = llm.last_stats
-    assert s.draft_parked and not s.speculated and "draft_weights" not in s.plan["gpu_bytes"]
-    moved = llm._draft_tensors()
-    assert all(t.data_ptr() != weights[id(t)] for t in moved if t.numel())  # the same tensors
-    block = moved[0].untyped_storage().data_ptr()
-    assert all(t.untyped_storage().data_ptr() == block for t in moved)  # in one block
-    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
-    assert llm.last_stats.draft_move_seconds == 0.0  # already there
-    assert [o.token_ids for o in llm.generate(prompts, params, speculate=True)] == expect
-    s = llm.last_stats
-    assert s.speculated and not s.draft_parked and s.draft_move_seconds > 0 and s.proposed > 0
-    assert not llm._draft_parked and "draft_weights" in s.plan["gpu_bytes"]
-    monkeypatch.setattr(engine, "PARK_IDLE_DRAFT", "sometimes")
-    with pytest.raises(ValueError, match="PARK_IDLE_DRAFT"):
-        llm.generate(prompts, params, speculate=False)
-
-
-def test_auto_parks_the_idle_draft_only_where_that_buys_rows(pairs, monkeypatch):
-    """PARK_IDLE_DRAFT "auto": a plan beside the idle draft that serves every row the call can
-    take keeps the draft on the device; one that serves fewer parks it (the plan without the
-    draft's weights, and generate moves them)."""
-    from specoff import engine
-
-    monkeypatch.setattr(engine, "PARK_IDLE_DRAFT", "auto")
-    draft, target = pairs(0.3)
-    params = specoff.SamplingParams(max_new_tokens=6)
-    prompts = ["def add(a, b):", "Once upon a time", "import numpy as np", "x = [1, 2, 3]"]
-    expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(prompts, params)]
-    llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=4)
-    monkeypatch.setattr(llm, "_park_applies", lambda: True)  # the host's room, as on a GPU
-    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
-    s = llm.last_stats
-    assert not s.draft_parked and "draft_weights" in s.plan["gpu_bytes"] and not llm._draft_parked
-    # A budget where the idle draft leaves room for one row (the planner's answer stood in for)
-    real = engine.plan_run
-    monkeypatch.setattr(engine, "plan_run", lambda *a, draft=None, **kw: dataclasses.replace(
-        real(*a, draft=draft, **kw), rows_per_pass=1) if draft is not None else real(*a, draft=draft, **kw))
-    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
-    s = llm.last_stats
-    assert s.draft_parked and "draft_weights" not in s.plan["gpu_bytes"] and s.plan["rows_per_pass"] == 4
-    assert llm._draft_parked
 
 
 def test_a_speculative_run_reports_the_plain_prediction(pairs):

@@ -12,8 +12,12 @@ import specoff
 from conftest import DEVICE, gpu, same_distribution, without_tokenizers
 from specoff.kvcache import KVCache
 from specoff.planner import TreeBudgetTuner, choose_tree_budget, expected_tree_rates, tree_budget_ladder
-from specoff.spec.tree import (AcceptanceModel, Tree, accept, commit, expand, grow, growth_shape,
-                               tree_part)
+from specoff.options import CacheOptions, OptionsError
+from specoff.speculation import chain_scheduler, growth, tree_scheduler
+from specoff.speculation.growth import AcceptanceModel, expand, grow, growth_shape
+from specoff.speculation.tree import Tree, tree_part
+from specoff.speculation.tree_scheduler import tree_passes
+from specoff.speculation.verify import accept, commit, target_picks
 
 PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n"]
 
@@ -495,8 +499,6 @@ def test_graph_path_plumbing(make_checkpoint, monkeypatch):
     """The graph path (static tree and root/prev buffers, one runner per budget, the copy
     back) on the CPU, with a stand-in capture whose replay runs the pass again: it gives the
     eager path's trees and draft cache, round after round."""
-    from specoff.spec import tree as tree_mod
-
     class Replay:
         def __init__(self, step, done):
             self.step, self.done = step, done
@@ -511,14 +513,14 @@ def test_graph_path_plumbing(make_checkpoint, monkeypatch):
             t.copy_(s)
         return Replay(step, done), done
 
-    monkeypatch.setattr(tree_mod.GrowthGraphs, "_capture", capture)
+    monkeypatch.setattr(growth.GrowthGraphs, "_capture", capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     model = specoff.load_model(make_checkpoint("llama"), "cpu")
     budgets = [24, 24, 16, 24]
     eager, _ = grow_rounds(model, False, budgets, "cpu")
     captured, cache = grow_rounds(model, True, budgets, "cpu")
     same_rounds(eager, captured, 0.0)
-    runners = [v for k, v in tree_mod._growth_graphs[cache].items() if k != "pool"]
+    runners = [v for k, v in growth._growth_graphs[cache].items() if k != "pool"]
     assert sorted(r.tree.size for r in runners) == [16, 24]
     assert all(set(r.graphs) == {"first", "wide"} for r in runners)
 
@@ -531,14 +533,12 @@ def test_graph_path_plumbing(make_checkpoint, monkeypatch):
 def test_captured_growth_equals_eager(family, dtype, learn, make_checkpoint):
     """CUDA graphs of the growth passes (captured, then replayed over new roots, prefixes,
     budgets and learned acceptance tables) grow exactly the eager passes' trees and draft K/V."""
-    from specoff.spec import tree as tree_mod
-
     model = specoff.load_model(make_checkpoint(family), "cuda", dtype)
     budgets = [64, 64, 32, 64, 64]
     eager, _ = grow_rounds(model, False, budgets, "cuda", learn)
     captured, cache = grow_rounds(model, True, budgets, "cuda", learn)
     same_rounds(eager, captured, 1e-5 if dtype == "float32" else 1e-2)
-    runners = [v for k, v in tree_mod._growth_graphs[cache].items() if k != "pool"]
+    runners = [v for k, v in growth._growth_graphs[cache].items() if k != "pool"]
     assert sorted(r.tree.size for r in runners) == [32, 64]
     assert all(set(r.graphs) == {"first", "wide"} for r in runners)
 
@@ -690,22 +690,17 @@ def test_greedy_tree_refills_rows(sigma, budget, rows, pairs):
 @pytest.mark.parametrize("budget, rows, slack, target", [(8, 3, 1.15, "off"), ("auto", 4, 1.15, "off"),
                                                           (16, 3, 0.3, "off"), (8, 3, 1.15, "on"),
                                                           (16, 3, 0.3, "on")])
-def test_greedy_tree_with_the_draft_cache_in_row_segments(budget, rows, slack, target, pairs,
-                                                          monkeypatch):
+def test_greedy_tree_with_the_draft_cache_in_row_segments(budget, rows, slack, target, pairs):
     """The draft's cache as a pool of row segments (SegmentKVCache), and the target's in the
-    same segments (SEGMENT_TARGET_CACHE): greedy output equals the target's own; a pool too
+    same segments (segment_target_cache): greedy output equals the target's own; a pool too
     small for the rows' mean need (slack 0.3) makes refills wait for a segment and still
     serves every prompt."""
-    from specoff.spec import tree
-
-    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "on")
-    monkeypatch.setattr(tree, "SEGMENT_TARGET_CACHE", target)
-    monkeypatch.setattr(tree, "SEGMENT_SLACK", slack)
+    cache = CacheOptions(segment_draft_cache="on", segment_target_cache=target, draft_slack=slack)
     draft, target_dir = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=9)
     expect = [o.token_ids for o in specoff.LLM(target_dir, device="cpu").generate(MANY, params)]
     llm = specoff.LLM(target_dir, draft=draft, device="cpu", spec="tree", tree_budget=budget,
-                      max_rows=rows)
+                      max_rows=rows, cache=cache)
     assert [o.token_ids for o in llm.generate(MANY * 2, params)] == expect * 2
     assert llm.last_stats.rows_per_group == rows
     assert (llm.last_stats.segment_waits > 0) == (slack < 1)  # a short pool makes refills wait
@@ -714,28 +709,27 @@ def test_greedy_tree_with_the_draft_cache_in_row_segments(budget, rows, slack, t
     assert all(len(o.token_ids) == 5 for o in sampled)
 
 
-def test_draft_cache_slots_take_segments_where_they_are_smaller(monkeypatch):
+def test_draft_cache_slots_take_segments_where_they_are_smaller():
     """"auto": a segment pool where many rows' prompts differ in length (HumanEval-like:
     mean ~113 of at most 340), the dense cache for one row; the 24 GiB Mixtral 8x7B tree
     plan holds more rows with the pool."""
     from specoff import planner
-    from specoff.spec import tree
     from specoff.synthetic import MIXTRAL_8X7B
+
+    def slots(rows, mode="auto"):
+        return tree_scheduler.draft_cache_slots(rows, lengths, 32, 16,
+                                                CacheOptions(segment_draft_cache=mode))
 
     lengths = [29 + (i * i * 7) % 97 + (i % 5 == 0) * (i * 13) % 214 for i in range(492)]
     assert max(lengths) <= 340 and 90 < sum(lengths) / len(lengths) < 140
     dense = 130 * (max(lengths) + 32 + 16 + 2)
-    slots, segmented = tree.draft_cache_slots(130, lengths, 32, 16)
-    assert segmented and slots < 0.75 * dense
-    assert tree.draft_cache_slots(1, lengths, 32, 16) == (max(lengths) + 50, False)
-    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "on")
-    assert tree.draft_cache_slots(1, lengths, 32, 16)[1]
-    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "off")
-    assert tree.draft_cache_slots(130, lengths, 32, 16) == (dense, False)
-    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "maybe")
-    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
-        tree.draft_cache_slots(130, lengths, 32, 16)
-    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "auto")
+    pool, segmented = slots(130)
+    assert segmented and pool < 0.75 * dense
+    assert slots(1) == (max(lengths) + 50, False)
+    assert slots(1, "on")[1]
+    assert slots(130, "off") == (dense, False)
+    with pytest.raises(OptionsError, match="segment_draft_cache takes 'auto' or 'on' or 'off'"):
+        specoff.options.EngineOptions.build(segment_draft_cache="maybe")
     target = specoff.ModelConfig.from_dict(MIXTRAL_8X7B)
     draft = specoff.ModelConfig.from_dict(dict(MIXTRAL_8X7B, model_type="mistral"))
     budget, bf16 = 24 * 2**30, torch.bfloat16
@@ -745,7 +739,7 @@ def test_draft_cache_slots_take_segments_where_they_are_smaller(monkeypatch):
         weights, target, bf16, rows=492, context=max(lengths) + 32 + 17, max_rows=256,
         tokens_per_row=16, prefill_tokens=max(lengths), draft=draft, max_logit_rows=512,
         kv_placement="host", **kw).rows_per_pass
-    pooled = plan(draft_tokens=lambda r: tree.draft_cache_slots(r, lengths, 32, 16)[0])
+    pooled = plan(draft_tokens=lambda r: slots(r)[0])
     assert pooled > 1.2 * plan()
 
 
@@ -767,22 +761,20 @@ def test_progress_counts_every_prompt(spec, pairs):
 
 
 @pytest.mark.parametrize("spec", ["tree", "chain"])
-def test_plan_counts_the_draft_cache_the_run_allocates(spec, pairs, monkeypatch):
+def test_plan_counts_the_draft_cache_the_run_allocates(spec, pairs):
     """The plan's cache bytes are the target's rows × context plus the draft's cache as the
-    run allocates it (tree: spec.tree.draft_cache_slots; chain: spec.pipeline's), pooled."""
+    run allocates it (each scheduler's draft_cache_slots), pooled."""
     from specoff.planner import ModelSizes
-    from specoff.spec import pipeline, tree
 
-    monkeypatch.setattr(pipeline, "SEGMENT_DRAFT_CACHE", "on")
-    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "on")
     draft, target = pairs(0.3)
-    llm = specoff.LLM(target, draft=draft, device="cpu", spec=spec, max_rows=6)
+    cache = CacheOptions(segment_draft_cache="on")
+    llm = specoff.LLM(target, draft=draft, device="cpu", spec=spec, max_rows=6, cache=cache)
     lengths = [3, 17, 5, 30, 2, 9, 11, 4]
     plan = llm.plan(len(lengths), max(lengths), 7, lengths)
     rows = plan.rows_per_pass
-    extra = llm.tree_capacity_for(len(lengths)) if spec == "tree" else pipeline.MAX_DRAFT_LEN
-    slots = (tree.draft_cache_slots(rows, lengths, 7, extra) if spec == "tree"
-             else pipeline.draft_cache_slots(rows, lengths, 7))[0]
+    extra = llm.tree_capacity_for(len(lengths))
+    slots = (tree_scheduler.draft_cache_slots(rows, lengths, 7, extra, cache) if spec == "tree"
+             else chain_scheduler.draft_cache_slots(rows, lengths, 7, cache))[0]
     target_kv = rows * (max(lengths) + 7 + plan.tokens_per_row + 1) * ModelSizes.of(
         llm.config, llm.dtype).kv_per_token
     draft_kv = slots * ModelSizes.of(llm.draft_config, llm.dtype).kv_per_token
@@ -795,7 +787,6 @@ def test_tree_prefill_parts_hold_what_the_plan_counts(pairs, monkeypatch):
     rows tokens. (A 24 GiB H200 run had prefilled 26k tokens in one part, 0.5 GiB over the
     budget, while the plan counted 10 a row.)"""
     from specoff.models import decoder
-    from specoff.spec import tree
 
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=5)
@@ -813,7 +804,7 @@ def test_tree_prefill_parts_hold_what_the_plan_counts(pairs, monkeypatch):
             sizes.append(max(p.input_ids.shape[1] for p in self.parts))
 
     monkeypatch.setattr(decoder, "PrefillBatch", Spy)
-    monkeypatch.setattr(tree, "PrefillBatch", Spy)
+    monkeypatch.setattr(tree_scheduler, "PrefillBatch", Spy)
     assert [o.token_ids for o in llm.generate(MANY, params)] == expect
     assert len(sizes) > 3 and max(sizes) <= 2 * 3
 
@@ -869,56 +860,33 @@ def test_gpu_tree_over_an_offloaded_target(budget, kv, pairs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv, overlap", [(None, False), ("host", False), (None, True),
                                          ("host", True)])
-def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, overlap, pairs, monkeypatch):
+def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, overlap, pairs):
     """Refills on the GPU: new prompts prefilled (packed) in the verification pass, into a
     device cache or one in pinned host memory; growth replayed as CUDA graphs; the draft's
     prefill of the new prompts after the pass or on its own stream under it."""
-    from specoff.spec import tree
-
-    monkeypatch.setattr(tree, "DRAFT_PREFILL_STREAM", overlap)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=12)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(MANY, params)]
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
-                      spec="tree", tree_budget=16, kv_placement=kv, max_rows=3)
+                      spec="tree", tree_budget=16, kv_placement=kv, max_rows=3,
+                      draft_prefill_stream=overlap)
     assert [o.token_ids for o in llm.generate(MANY, params)] == expect
     assert llm.last_stats.prefill_passes == 1 and llm.last_stats.rows_per_group == 3
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("segments, target", [("on", "off"), ("off", "off"), ("on", "on")])
-def test_gpu_tree_draft_cache_in_row_segments(segments, target, pairs, monkeypatch):
+def test_gpu_tree_draft_cache_in_row_segments(segments, target, pairs):
     """The draft's cache in row segments on the GPU: growth graphs and kernels read each
     row's own segment (verify_attention(row_start=)); the target's host cache in the same
     segments, streamed as a pool (decoder.streamed_segments); greedy exact with refills."""
-    from specoff.spec import tree
-
-    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", segments)
-    monkeypatch.setattr(tree, "SEGMENT_TARGET_CACHE", target)
+    cache = CacheOptions(segment_draft_cache=segments, segment_target_cache=target)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=12)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(MANY, params)]
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
-                      spec="tree", tree_budget=16, kv_placement="host", max_rows=4)
+                      spec="tree", tree_budget=16, kv_placement="host", max_rows=4, cache=cache)
     assert [o.token_ids for o in llm.generate(MANY * 2, params)] == expect * 2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kv", ["host", "gpu"])
-def test_gpu_tree_with_plain_rows(kv, pairs, monkeypatch):
-    """Plain rows beside the trees on the GPU (spec.tree.PLAIN_ROWS): their cache in host
-    memory in row segments streamed as a pool, or on the GPU; greedy exact with refills and
-    promotions."""
-    from specoff.spec import tree
-
-    monkeypatch.setattr(tree, "PLAIN_ROWS", 5)
-    draft, target = pairs(0.3)
-    params = specoff.SamplingParams(max_new_tokens=12)
-    expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(MANY, params)]
-    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
-                      spec="tree", tree_budget=16, kv_placement=kv, max_rows=3)
-    assert [o.token_ids for o in llm.generate(MANY * 2, params)] == expect * 2
-    assert llm.last_stats.plain_rows == 5 and llm.last_stats.promotions > 0
 
 
 @pytest.mark.gpu
@@ -939,41 +907,39 @@ def test_spec_none_picks_tree_where_the_target_streams(pairs):
     """Above the interactive batches spec=None picks tree mode where the target streams from
     host memory to a GPU (its pass is copy-bound), chain where chain settings were asked
     for; "auto" trees there shrink as rows grow (the plan sized for the largest)."""
-    from specoff.engine import (MAX_DRAFT_LEN, THROUGHPUT_TREE_BUDGET, TREE_MAX_ROWS,
-                                TREE_PASS_TOKENS)
     from specoff.planner import tree_budget_ladder
+    from specoff.speculation.chain import MAX_DRAFT_LEN
 
     draft, target = pairs(0.3)
     llm = specoff.LLM(target, draft=draft, device="cpu", offload=True)
+    spec = llm.options.spec
     assert llm.spec_mode(64) == "chain"  # on the CPU a pass costs its tokens
     llm.device = torch.device("cuda")  # the choice only: nothing runs
     assert llm.spec_mode(1) == llm.spec_mode(64) == "tree"
-    llm.draft_len = 4
-    assert llm.spec_mode(64) == "chain" and llm.spec_mode(TREE_MAX_ROWS) == "tree"
-    llm.draft_len, llm.interleave = None, True
+    llm.reconfigure(draft_len=4)
+    assert llm.spec_mode(64) == "chain" and llm.spec_mode(spec.interactive_rows) == "tree"
+    llm.reconfigure(draft_len=None, interleave=True)
     assert llm.spec_mode(64) == "chain"
     llm.device = torch.device("cpu")
-    # auto trees keep a pass's tree tokens under TREE_PASS_TOKENS, down to 16 nodes a row
-    assert llm.tree_ladder(TREE_MAX_ROWS) == tree_budget_ladder(llm.tree_budget_max)
+    # auto trees keep a pass's tree tokens under tree_pass_tokens, down to 16 nodes a row
+    assert llm.tree_ladder(spec.interactive_rows) == tree_budget_ladder(llm.tree_budget_max)
     llm.tree_budget_max = 1024
     tops = {rows: llm.tree_ladder(rows)[-1] for rows in (5, 8, 16, 64, 100, 128, 130, 500)}
     assert tops == {5: 512, 8: 256, 16: 128, 64: 32, 100: 32, 128: 16, 130: 16, 500: 16}
-    assert all(rows * top < TREE_PASS_TOKENS for rows, top in tops.items() if top > 16)
-    assert llm.tree_ladder(130) == [THROUGHPUT_TREE_BUDGET] and llm.tree_ladder(64) == [16, 32]
+    assert all(rows * top < spec.tree_pass_tokens for rows, top in tops.items() if top > 16)
+    assert llm.tree_ladder(130) == [spec.throughput_tree_budget] and llm.tree_ladder(64) == [16, 32]
     assert llm.plan(130, 10, 8).tokens_per_row == 1 + MAX_DRAFT_LEN  # chain: spec_mode(130)
-    llm.spec = "tree"
-    assert llm.plan(130, 10, 8).tokens_per_row == THROUGHPUT_TREE_BUDGET
+    llm.reconfigure(spec="tree")
+    assert llm.plan(130, 10, 8).tokens_per_row == spec.throughput_tree_budget
     assert llm.plan(8, 10, 8).tokens_per_row == 256
     assert llm.plan(2, 10, 8).tokens_per_row == 1024
-    llm.tree_budget = 8
+    llm.reconfigure(tree_budget=8)
     assert llm.tree_ladder(64) == llm.tree_ladder(1) == [8]
 
 
 def test_target_picks_in_chunks():
     """The target's picks over a tree pass, computed a few rows × nodes at a time: greedy
     the same as over all logits at once; sampled with top-k 1 too (every chunk written)."""
-    from specoff.spec.tree import target_picks
-
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(3, 7, 16, generator=gen)
     head = torch.nn.Linear(16, 50)
@@ -994,7 +960,6 @@ def test_tree_prediction_counts_the_workloads_passes(pairs):
     (whose slowest row sets its end: on the H200, 164 prompts over 164 rows, the steady
     state had predicted 313 tokens/s against 205 measured)."""
     from specoff.planner import HardwareProfile
-    from specoff.spec.tree import tree_passes
 
     draft, target = pairs(0.3)
     llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=8, max_rows=3)
@@ -1003,7 +968,7 @@ def test_tree_prediction_counts_the_workloads_passes(pairs):
     prompts = MANY * 2
     llm.generate(prompts, specoff.SamplingParams(max_new_tokens=9, ignore_eos=True))
     s = llm.last_stats
-    assert s.predicted_passes == tree_passes(len(prompts), 3, 9, s.accepted_histogram, llm.seed,
+    assert s.predicted_passes == tree_passes(len(prompts), 3, 9, s.accepted_histogram, llm.options.seed,
                                              request_histograms=s.request_histograms)
     assert len(s.request_histograms) == len(prompts)
     assert sum(map(sum, s.request_histograms)) == sum(s.accepted_histogram)
@@ -1012,15 +977,13 @@ def test_tree_prediction_counts_the_workloads_passes(pairs):
     assert s.predicted_tokens_per_second == pytest.approx(len(prompts) * 9 / seconds)
     llm.generate(MANY[:3], specoff.SamplingParams(max_new_tokens=9, ignore_eos=True))
     s = llm.last_stats
-    assert s.predicted_passes == tree_passes(3, 3, 9, s.accepted_histogram, llm.seed,
+    assert s.predicted_passes == tree_passes(3, 3, 9, s.accepted_histogram, llm.options.seed,
                                              request_histograms=s.request_histograms) >= 2
 
 
 def test_tree_passes_counts_what_generate_tree_runs(pairs):
     """The workload model: simple schedules exactly, and the passes of real refilled runs
     from their own accepted histograms."""
-    from specoff.spec.tree import tree_passes
-
     assert tree_passes(3, 4, 1, [1]) == 0  # the prefill pass gives every answer
     assert tree_passes(10, 4, 1, [1]) == 2  # 6 refills over 4 rows: two passes
     assert tree_passes(1, 1, 9, [0, 0, 0, 0, 1]) == 2  # 8 tokens at 5 a pass
@@ -1051,10 +1014,7 @@ def test_tree_passes_counts_what_generate_tree_runs(pairs):
 def test_tree_passes_keeps_slow_requests_slow():
     """One wave where a few requests accept nothing: drawn from the pooled histogram every row
     finishes in about the fast rows' passes; each row at its own request's pace, the slow
-    ones set the end (a token a pass: 31 passes for 32 tokens), as in the Qwen3-30B-A3B run
-    of session 15 (23 passes measured where the pooled model gave ~11)."""
-    from specoff.spec.tree import tree_passes
-
+    ones set the end (a token a pass: 31 passes for 32 tokens), as a real run's slow rows do."""
     fast, slow = [0, 0, 0, 1], [1]  # 4 tokens a pass, 1 token a pass
     per_request = [fast] * 160 + [slow] * 4
     pooled = [4, 0, 0, 160]
@@ -1069,119 +1029,11 @@ def test_tree_passes_keeps_slow_requests_slow():
     assert tree_passes(164, 164, 32, [1, 0, 0, 1]) > 13
 
 
-@pytest.mark.parametrize("plain_rows, segments, draft_segments, sigma",
-                         [(5, "off", "off", 0.3), (3, "on", "on", 0.3), (30, "on", "on", 0.0),
-                          (4, "on", "off", 2.0)])
-def test_greedy_tree_with_plain_rows_beside_the_trees(plain_rows, segments, draft_segments, sigma,
-                                                     pairs, monkeypatch):
-    """PLAIN_ROWS: rows the target alone serves in the trees' passes (their cache dense or in
-    row segments), refilled from the queue, and moved onto tree rows that free when no prompt
-    waits (their prompt and tokens so far prefilled as a refill): greedy output equals the
-    target's own, EOS included; more plain rows than prompts left idle some; an unrelated
-    draft (σ 2.0) still exact. Sampling serves every prompt."""
-    from specoff import engine
-    from specoff.spec import tree
-
-    monkeypatch.setattr(tree, "PLAIN_ROWS", plain_rows)
-    monkeypatch.setattr(engine, "SEGMENT_HOST_CACHE", segments)
-    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", draft_segments)
-    draft, target_dir = pairs(sigma)
-    params = specoff.SamplingParams(max_new_tokens=9)
-    expect = [o.token_ids for o in specoff.LLM(target_dir, device="cpu").generate(MANY, params)]
-    llm = specoff.LLM(target_dir, draft=draft, device="cpu", spec="tree", tree_budget=8,
-                      max_rows=3)
-    assert [o.token_ids for o in llm.generate(MANY * 2, params)] == expect * 2
-    s = llm.last_stats
-    assert s.rows_per_group == 3 and s.plain_rows == min(plain_rows, 2 * len(MANY) - 3)
-    assert s.plain_tokens > 0
-    assert s.promotions > 0 or sigma > 1  # an unrelated draft's rows go no faster than plain
-    assert s.prefill_passes == 1  # the plain rows' prompts ride the verification passes
-    sampled = llm.generate(MANY, specoff.SamplingParams(max_new_tokens=5, temperature=0.8,
-                                                        seed=1, ignore_eos=True))
-    assert all(len(o.token_ids) == 5 for o in sampled)
-
-
-def test_tree_passes_with_plain_rows(pairs, monkeypatch):
-    """The workload model with plain rows: a hand-counted schedule, and a real run's passes
-    from its own accepted histogram (σ=1: acceptance alike across prompts)."""
-    from specoff.spec import tree
-    from specoff.spec.tree import tree_passes
-
-    # 1 tree row, 4 plain rows, 5 prompts of 3 tokens at one token a pass: the plain rows'
-    # first tokens come on pass 1; on pass 2 the tree row's prompt ends and a plain row's
-    # request (one token to go) moves to it, given on pass 3 as the others end.
-    assert tree_passes(5, 1, 3, [1], plain=4) == 3
-    assert tree_passes(5, 1, 3, [1], plain=4) < tree_passes(5, 1, 3, [1])
-    monkeypatch.setattr(tree, "PLAIN_ROWS", 4)
-    draft, target = pairs(1.0)
-    llm = specoff.LLM(target, draft=draft, device="cpu", spec="tree", tree_budget=8, max_rows=3)
-    prompts = MANY * 3
-    llm.generate(prompts, specoff.SamplingParams(max_new_tokens=9, ignore_eos=True))
-    s = llm.last_stats
-    assert s.plain_rows == 4 and s.promotions > 0
-    model = sum(tree_passes(len(prompts), 3, 9, s.accepted_histogram, seed, plain=4)
-                for seed in range(5)) / 5
-    assert abs(model - s.decode_passes) <= 2
-
-
-@pytest.mark.parametrize("rows, tail_rows, target, budget, most", [
-    (8, 0.5, "auto", 4, 32), (8, 0.9, "auto", 8, 32), (6, 0.5, "off", 4, 32),
-    (7, 0.7, "auto", "auto", 256)])
-def test_greedy_tree_tail_goes_on_in_a_smaller_batch_with_bigger_trees(rows, tail_rows, target,
-                                                                      budget, most, pairs,
-                                                                      monkeypatch):
-    """One wave of prompts (no refills): once most rows finish, the serving rows go on as a
-    batch of their own (TAIL_ROWS), each row's segment moved where it must grow, with trees of
-    up to TAIL_BUDGET nodes; output equals the target's own greedy output. With the target's
-    cache outside the segments (SEGMENT_TARGET_CACHE "off") the batch goes on as it was."""
-    from specoff.spec import tree
-
-    monkeypatch.setattr(tree, "SEGMENT_DRAFT_CACHE", "on")
-    monkeypatch.setattr(tree, "SEGMENT_TARGET_CACHE", target)
-    monkeypatch.setattr(tree, "TAIL_ROWS", tail_rows)
-    monkeypatch.setattr(tree, "TAIL_BUDGET", most)
-    draft, target_dir = pairs(0.3)
-    prompts = (MANY * 2)[:rows]
-    params = specoff.SamplingParams(max_new_tokens=12, ignore_eos=True)
-    expect = [o.token_ids for o in specoff.LLM(target_dir, device="cpu").generate(prompts, params)]
-    llm = specoff.LLM(target_dir, draft=draft, device="cpu", spec="tree", tree_budget=budget,
-                      max_rows=rows)
-    assert [o.token_ids for o in llm.generate(prompts, params)] == expect
-    batches = llm.last_stats.tail_batches
-    if target == "off":
-        assert batches is None
-    else:
-        assert batches, "the tail never went on in a smaller batch"
-        sizes = [r for r, _ in batches]
-        budgets = [n for _, n in batches]
-        assert sizes == sorted(sizes, reverse=True) and sizes[0] <= tail_rows * rows
-        assert budgets == sorted(budgets) and max(budgets) <= most
-        assert set(llm.last_stats.tree_budgets) >= set(budgets)
-    sampled = llm.generate(prompts, specoff.SamplingParams(max_new_tokens=7, temperature=0.8,
-                                                           seed=3, ignore_eos=True))
-    assert all(len(o.token_ids) == 7 for o in sampled)
-
-
-def test_tail_budget_doubles_as_rows_halve(monkeypatch):
-    """The tail's budget: the full batch's × a power of two ≤ its rows / the serving rows, at
-    most TAIL_BUDGET and never below the full batch's."""
-    from specoff.spec import tree
-
-    monkeypatch.setattr(tree, "TAIL_BUDGET", 128)
-    assert tree.tail_budget_for(16, 164, 164) == 16
-    assert tree.tail_budget_for(16, 164, 82) == 32
-    assert tree.tail_budget_for(16, 164, 81) == 32
-    assert tree.tail_budget_for(16, 164, 41) == 64
-    assert tree.tail_budget_for(16, 164, 3) == 128
-    assert tree.tail_budget_for(256, 164, 3) == 256
-
-
-def test_planner_runs_the_target_alone_where_it_outserves_speculation(pairs, monkeypatch):
+def test_planner_runs_the_target_alone_where_it_outserves_speculation(pairs):
     """generate(speculate=None) with spec=None and a hardware profile: speculation unless the
-    target alone's plan serves more tokens a second (SPECULATION_PRIOR_TOKENS tokens a row a
+    target alone's plan serves more tokens a second (prior_tokens_per_pass tokens a row a
     pass for speculation), the reason in last_stats; spec set, speculate=True, a batch of at
-    most TREE_MAX_ROWS or no profile keep speculating. Outputs equal the target's either way."""
-    from specoff import engine
+    most interactive_rows or no profile keep speculating. Outputs equal the target's either way."""
     from specoff.planner import HardwareProfile
 
     draft, target = pairs(0.3)
@@ -1194,12 +1046,13 @@ def test_planner_runs_the_target_alone_where_it_outserves_speculation(pairs, mon
     llm = specoff.LLM(target, draft=draft, device="cpu", max_rows=4)
     assert [o.token_ids for o in llm.generate(MANY, params)] == expect
     assert llm.last_stats.speculated and llm.last_stats.speculation_note is None  # no profile
+
     llm.profile = profile
     llm._spec_tokens_per_pass = None  # the prior, not the first call's figure
     assert [o.token_ids for o in llm.generate(MANY, params)] == expect
     assert llm.last_stats.speculated, llm.last_stats.speculation_note
     # A speculative pass worth a tenth of a token a row: the target alone serves more.
-    monkeypatch.setattr(engine, "SPECULATION_PRIOR_TOKENS", 0.1)
+    llm.reconfigure(prior_tokens_per_pass=0.1)
     llm._spec_tokens_per_pass = None
     assert [o.token_ids for o in llm.generate(MANY, params)] == expect
     s = llm.last_stats
@@ -1208,11 +1061,11 @@ def test_planner_runs_the_target_alone_where_it_outserves_speculation(pairs, mon
     assert llm.generate(MANY, params, speculate=True) and llm.last_stats.speculated
     assert llm.generate(MANY[:4], params) and llm.last_stats.speculated  # interactive batch
     llm._spec_tokens_per_pass = None
-    llm.spec = "chain"  # asked for: the planner does not overrule it
+    llm.reconfigure(spec="chain")  # asked for: the planner does not overrule it
     assert llm.generate(MANY, params) and llm.last_stats.speculated
-    llm.spec, llm.draft_len = None, 3  # chain settings asked for: the same
+    llm.reconfigure(spec=None, draft_len=3)  # chain settings asked for: the same
     assert llm.generate(MANY, params) and llm.last_stats.speculated
-    llm.draft_len = None
+    llm.reconfigure(draft_len=None)
     # The last speculative call's tokens a row a pass replace the prior.
     llm._spec_tokens_per_pass = 10.0
     assert llm.generate(MANY, params) and llm.last_stats.speculated

@@ -78,7 +78,8 @@ from specoff.kernels import compiled_kernels  # noqa: E402
 from specoff.offload import copy_gbps, peak_host_bytes, refill  # noqa: E402
 from specoff.kvcache import available_host_bytes  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
-from specoff.spec.chain import MAX_DRAFT_LEN, chain_passes  # noqa: E402
+from specoff.options import EngineOptions, OptionsError  # noqa: E402
+from specoff.speculation.chain import MAX_DRAFT_LEN, chain_passes  # noqa: E402
 from specoff.synthetic import (PAIRS, TINY_PAIRS, draft_trajectories,  # noqa: E402
                                greedy_agreement, pair_configs, sigma_for_acceptance,
                                upcycled_pair)
@@ -90,12 +91,12 @@ DEFAULTS = {
     "gpu": dict(rows=128, new_tokens="32,16,64,128", long_prompts="512,1024,2048",
                 interactive_new_tokens=32, batches="1,4", tree_budgets="16,64,256,1024,auto",
                 tree_scores="learned",
-                throughput_tree_budget=16, plain_rows="0", budgets="8,12,16,24,48", rows_sweep="32,64,128,256",
+                throughput_tree_budget=16, budgets="8,12,16,24,48", rows_sweep="32,64,128,256",
                 gammas="1,2,4,6,8,auto", alphas="0.5,0.6,0.7,0.8,0.9", peer_layers=4,
                 peer_steps=3, assisted_prompts=1, calibration_rows=32),
     "tiny": dict(layers=2, rows=4, new_tokens="6", long_prompts="48", interactive_new_tokens=6,
                  batches="1,3", tree_budgets="4,auto", tree_scores="learned,draft",
-                 throughput_tree_budget=4, plain_rows="0", budgets="8,24",
+                 throughput_tree_budget=4, budgets="8,24",
                  rows_sweep="2,4", gammas="2,auto", alphas="0.5,0.9", peer_layers=1, peer_steps=0,
                  assisted_prompts=1, calibration_rows=16),
 }
@@ -153,23 +154,6 @@ class Job:
     estimate: Callable[["Job"], Optional[float]] = lambda job: None  # seconds, if known
 
 
-def engine_options() -> dict:
-    """specoff's module options as they stand (upper-case names: spec.tree.SEGMENT_DRAFT_CACHE,
-    spec.tree.GROWTH_TOKENS, ...), recorded with every run: what a row measured."""
-    import importlib
-
-    out = {}
-    for name in ("engine", "spec.tree", "spec.pipeline", "models.decoder", "quant", "kvcache",
-                 "kernels.fp8_gemm", "kernels.moe", "kernels.skinny"):
-        module = importlib.import_module(f"specoff.{name}")
-        for key, value in vars(module).items():
-            if key.isupper() and not key.endswith("_DIR") and isinstance(  # a folder is no option
-                    value, (bool, int, float, str, type(None))) and not (
-                    isinstance(value, float) and not math.isfinite(value)):  # NEG_INF: no option
-                out[f"{name}.{key}"] = value
-    return out
-
-
 def host_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -186,6 +170,14 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.tiny = args.tiny
+        # --set NAME=VALUE: the options every specoff LLM of the run is built with
+        self.options = EngineOptions()
+        for item in args.set:
+            name, _, value = item.partition("=")
+            try:
+                self.options = self.options.with_setting(name, value)
+            except OptionsError as e:
+                raise SystemExit(f"error: --set {item}: {e}")
         # --draft-quant: "none" (bf16) and/or "fp8", the speculative engines run each
         self.draft_quants = [None if q == "none" else q for q in split(args.draft_quant or "none")]
         if not self.draft_quants or any(q not in (None, "fp8") for q in self.draft_quants):
@@ -317,8 +309,10 @@ class Bench:
         for i, budget in enumerate(budgets):
             try:
                 # On the CPU the store is built anyway (offload=True): the same code runs.
-                llm = specoff.LLM(target, draft=draft if with_draft else None, device=self.device,
-                                  dtype=self.dtype, gpu_memory=budget if self.cuda else None,
+                llm = specoff.LLM(target, draft=draft if with_draft else None, options=self.options,
+                                  device=str(self.device),
+                                  dtype=str(self.dtype).split(".")[-1],
+                                  gpu_memory=budget if self.cuda else None,
                                   offload=True if not self.cuda or offload == "on" else None,
                                   max_rows=max_rows, draft_len=a.draft_len, seed=a.seed,
                                   draft_quant=draft_quant)
@@ -327,9 +321,9 @@ class Bench:
                 continue
             if workload is not None and self.cuda and i + 1 < len(budgets):
                 rows, longest, new = workload
-                llm.max_rows = rows
+                llm.reconfigure(max_rows=rows)
                 plan = llm.plan(rows, longest, new)
-                llm.max_rows = max_rows
+                llm.reconfigure(max_rows=max_rows)
                 if not plan.kv_on_gpu or plan.rows_per_pass < rows:
                     why = why or (f"{rows} rows of {longest}+{new} tokens get "
                                   f"{plan.rows_per_pass} rows, KV on "
@@ -370,7 +364,7 @@ class Bench:
                     full_layers=self.full_layers, std=a.std, seed=a.seed,
                     gpu_memory_requested=job.params.get("gpu_memory"),
                     copy_gbps=self.copy_gbps, torch=torch.__version__, draft_grid=a.draft_grid,
-                    command=" ".join(sys.argv), settings=vars(a), options=engine_options(),
+                    command=" ".join(sys.argv), settings=vars(a), options=self.options.to_dict(),
                     **{"draft_quant": self.draft_quants[0],  # unless the job says
                        **{k: v for k, v in job.params.items() if k != "prompts"}})
 
@@ -416,18 +410,6 @@ def bound(rows: float, tokens_per_pass: float, copy_rate_gbps: float, stream_byt
     return rows * tokens_per_pass * copy_rate_gbps * 1e9 / stream_bytes
 
 
-def run_specoff(bench: Bench, job: Job) -> dict:
-    """A specoff run, with spec.tree.PLAIN_ROWS as the job says (0 unless --plain-rows)."""
-    from specoff.spec import tree as tree_mode
-
-    before = tree_mode.PLAIN_ROWS
-    tree_mode.PLAIN_ROWS = job.params.get("plain_rows") or 0
-    try:
-        return _run_specoff(bench, job)
-    finally:
-        tree_mode.PLAIN_ROWS = before
-
-
 def carries_draft(bench: Bench, engine: str, alone: bool = False) -> bool:
     """Whether an engine's LLM carries the draft: all do, but with --offload-alone (the
     offload issue's benchmark) or `alone` (a job's `target_alone`: the budget sweep) the
@@ -438,7 +420,7 @@ def carries_draft(bench: Bench, engine: str, alone: bool = False) -> bool:
                      or engine in ("hf-accelerate", "hf-accelerate-pinned")))
 
 
-def _run_specoff(bench: Bench, job: Job) -> dict:
+def run_specoff(bench: Bench, job: Job) -> dict:
     p = job.params
     cal = bench.calibrate(p["alpha"])
     engine = job.engine
@@ -456,16 +438,16 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
                             max_rows=p.get("build_rows"))
     # specoff-auto: what a user gets with the defaults (spec=None, generate(speculate=None):
     # the planner picks tree, chain or the target alone).
-    llm.spec = None if engine == "specoff-auto" else "tree" if engine == "specoff-tree" else "chain"
     # specoff-chain (and tree) leave the choice of groups to the planner.
-    llm.interleave = {"specoff-chain-serial": False, "specoff-chain-interleaved": True}.get(engine)
-    llm.draft_len = None if engine == "specoff-auto" else p.get("draft_len")
-    llm.tree_budget = p.get("tree_budget", llm.tree_budget)
+    llm.reconfigure(
+        spec=None if engine == "specoff-auto" else "tree" if engine == "specoff-tree" else "chain",
+        interleave={"specoff-chain-serial": False, "specoff-chain-interleaved": True}.get(engine),
+        draft_len=None if engine == "specoff-auto" else p.get("draft_len"),
+        tree_budget=p.get("tree_budget", bench.options.spec.tree_budget),
+        tree_scores=p.get("tree_scores", "learned"), max_rows=p["max_rows"])
     # Each run learns tree acceptance from scratch (its warm-up included): figures do not
     # depend on which runs came before in the process.
-    llm.tree_scores = p.get("tree_scores", "learned")
     llm.reset_tree_acceptance()
-    llm.max_rows = p["max_rows"]
     prompts = p["prompts"]
     offload_only = engine.startswith("specoff-offload")
     if offload_only:
@@ -488,7 +470,8 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
         # (Triton compiling the draft's tree kernels, graph captures) took 3.7 s of a 58 s
         # batch-1 tree run on the H200 (2026-11-30). A short run of the same rows and
         # settings first keeps that out of the figures, as llm_for's warm-up does for cuBLAS.
-        key = (engine, len(prompts), llm.tree_budget, llm.draft_len, llm.tree_scores)
+        spec = llm.options.spec
+        key = (engine, len(prompts), spec.tree_budget, spec.draft_len, spec.tree_scores)
         if key not in bench.warmed:
             t0 = time.perf_counter()
             llm.generate(prompts, specoff.SamplingParams(max_new_tokens=8, ignore_eos=True))
@@ -500,7 +483,7 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
         # a first run of a workload measured 30.6 s against 19.6-20.1 s for each run after it
         # on the H200 (2026-11-30, tools/profile_pass.py --compare, which cuDNN's plans also
         # slowed). A short run over the rows and a quarter more (refills) meets most of them.
-        key = (engine, len(prompts), max(map(len, prompts)), llm.draft_len)
+        key = (engine, len(prompts), max(map(len, prompts)), llm.options.spec.draft_len)
         if key not in bench.warmed:
             groups = 2 if engine == "specoff-chain-interleaved" else 1
             first = prompts if offload_only else prompts[:groups * p["max_rows"] * 5 // 4]
@@ -528,8 +511,6 @@ def _run_specoff(bench: Bench, job: Job) -> dict:
     if predicted is None and not spec and s.predicted_pass_seconds:
         predicted = rows / s.predicted_pass_seconds
     limit = bound(rows, tpp, bench.copy_gbps, stream)
-    if spec and s.plain_rows and limit is not None:  # and a token a pass from each plain row beside the trees
-        limit += bound(s.plain_rows, 1.0, bench.copy_gbps, stream)
     tokens = [o.token_ids for o in outputs]
     if engine == "specoff-offload":
         bench.reference_tokens[job.config] = tokens
@@ -586,7 +567,7 @@ def run_hf(bench: Bench, job: Job) -> dict:
                         with_draft=carries_draft(bench, job.engine))
     cfg, dtype, L = llm.config, llm.dtype, llm.config.n_layers
     sizes = ModelSizes.of(cfg, dtype)
-    if assisted and llm.draft_quant:  # transformers would need our float8 layers
+    if assisted and llm.options.draft_quant:  # transformers would need our float8 layers
         raise Skip("hf-assisted runs without --draft-quant (its draft is transformers' own bf16 model)")
     prompts = p["prompts"][:a.assisted_prompts] if assisted else p["prompts"]
     rows = 1 if assisted else len(prompts)
@@ -685,7 +666,7 @@ def rebuild_estimate(bench: Bench, job: Job) -> tuple:
     build_rows = p.get("build_rows") or a.rows
     quant = p.get("draft_quant", bench.draft_quants[0])
     same = (bench.llm is not None and bench.llm_key[0] == p["gpu_memory"]
-            and bench.llm_key[-1] == build_rows and bench.llm.draft_quant == quant)
+            and bench.llm_key[-1] == build_rows and bench.llm.options.draft_quant == quant)
     # Where the pair does not fit, an offload run builds the target alone (run_specoff).
     for with_draft in (True, False) if job.engine.startswith("specoff-offload") else (True,):
         d = dataclasses.replace(draft, weight_quant=quant) if with_draft else None
@@ -773,7 +754,6 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
     # The budget must hold the main config's interleaved rows with their KV cache on the GPU.
     workload = (2 * rows, max(map(len, configs[0][1])), main_new)
     tree_budgets = [int(b) for b in split(str(a.throughput_tree_budget))]
-    plain_rows = [int(n) for n in split(str(a.plain_rows))]
     for config, prompts, new in configs:
         for engine in engines:
             per_pass = 2 * rows if engine == "specoff-chain-interleaved" else rows
@@ -782,12 +762,10 @@ def throughput_jobs(bench: Bench, name: str = "throughput") -> List[Job]:
             use = prompts if refills else prompts[:rows]
             tree = engine == "specoff-tree"
             for budget in tree_budgets if tree else tree_budgets[:1]:
-                for plain in plain_rows if tree else [0]:
-                    for quant in bench.draft_quants if speculates(engine) else bench.draft_quants[:1]:
-                        jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new,
-                                        max_rows=per_pass, draft_len=a.draft_len,
-                                        tree_budget=budget, fit_workload=workload,
-                                        plain_rows=plain, draft_quant=quant))
+                for quant in bench.draft_quants if speculates(engine) else bench.draft_quants[:1]:
+                    jobs.append(job(bench, name, config, engine, prompts=use, new_tokens=new,
+                                    max_rows=per_pass, draft_len=a.draft_len,
+                                    tree_budget=budget, fit_workload=workload, draft_quant=quant))
     return jobs
 
 
@@ -956,9 +934,8 @@ def setting(r: dict) -> str:
     if r["engine"] == "specoff-tree":
         final = r.get("tree_budget_final")
         scores = "" if r.get("tree_scores", "learned") == "learned" else ", draft scores"
-        plain = f", {r['plain_rows']} plain rows" if r.get("plain_rows") else ""
         return (f"budget {r.get('tree_budget')}" + (f"→{final}" if r.get("tree_budget") == "auto" and final else "")
-                + scores + plain + quant_note(r))
+                + scores + quant_note(r))
     if r["engine"].startswith("specoff-chain"):
         final = r.get("draft_len_final")
         return (f"γ={r.get('draft_len') or 'auto'}" + (f"→{final}" if not r.get("draft_len") and final else "")
@@ -1307,9 +1284,6 @@ def parse_args(argv=None):
                    "'draft' (by the draft's log-probabilities)")
     p.add_argument("--throughput-tree-budget", help="throughput tree runs: comma-separated node "
                    "budgets per row (one specoff-tree run each)")
-    p.add_argument("--plain-rows", help="throughput tree runs: comma-separated counts of rows the "
-                   "target alone serves beside the trees (spec.tree.PLAIN_ROWS; one specoff-tree "
-                   "run each; default 0)")
     p.add_argument("--budgets", help="sweep-budget: GiB values")
     p.add_argument("--rows-sweep", help="sweep-rows: rows per group")
     p.add_argument("--gammas", help="sweep-gamma: γ values, 'auto' allowed")
@@ -1337,8 +1311,9 @@ def parse_args(argv=None):
                    help="run nothing: the tables and plots of these runs' rows together (rows of "
                         "several runs, e.g. a sweep's budgets run one command each), under --out")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a specoff module option for the run, as tools/profile_pass.py's "
-                        "--set (spec.tree.TAIL_BUDGET=0); every row records the options")
+                   help="set an EngineOptions field for every specoff run (kernels.pdl=off, "
+                        "cache.segment_draft_cache=on, growth_tokens=1024); every row records "
+                        "the options")
     args = p.parse_args(argv)
     if args.replot:
         return args
@@ -1390,21 +1365,9 @@ def main(argv=None) -> Dict[str, List[dict]]:
     threads = torch.get_num_threads()
     if args.tiny:
         torch.set_num_threads(1)  # toy sizes gain nothing from threads, and lose on a busy host
-    saved = []
-    if args.set:  # tools/profile_pass.py's option parsing, beside this file
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from profile_pass import _module_of, _option
     try:
-        for item in args.set:
-            name, _, value = item.partition("=")
-            module, attr = _module_of(name)
-            converted = _option(module, attr, value)
-            saved.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, converted)
         return run(args)
     finally:
-        for module, attr, value in reversed(saved):  # as they were (in-process callers)
-            setattr(module, attr, value)
         torch.set_num_threads(threads)
 
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import specoff  # noqa: E402
 from specoff.kernels import compiled_kernels  # noqa: E402
+from specoff.options import EngineOptions, OptionsError  # noqa: E402
 from specoff.synthetic import MIXTRAL_8X7B, dense_of, pair_configs, upcycled_pair  # noqa: E402
 
 TINY_TARGET = dict(MIXTRAL_8X7B, hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -155,7 +156,7 @@ def host_during(trace: dict, windows: List[tuple], top: int = 12) -> List[dict]:
     return [dict(thread=k[0], op=k[1], seconds=v) for k, v in ranked]
 
 
-def build(args):
+def build(args, options: EngineOptions):
     if args.tiny:
         draft_cfg, target_cfg = pair_configs(dense_of(TINY_TARGET), TINY_TARGET)
         device, budget = torch.device("cpu"), None
@@ -164,11 +165,11 @@ def build(args):
         device, budget = torch.device("cuda"), args.gpu_memory
     draft, target = upcycled_pair(draft_cfg, target_cfg, args.sigma, args.seed, device)
     # Built as tools/bench.py builds it (spec=None: room for an interactive tree), then set.
-    llm = specoff.LLM(target, draft=draft, device=device, gpu_memory=budget, offload=True,
-                      max_rows=args.rows, seed=args.seed, draft_quant=args.draft_quant)
-    llm.spec, llm.tree_budget = args.spec, args.tree_budget
-    llm.draft_len = args.draft_len
-    llm.interleave = {"on": True, "off": False}.get(args.interleave)
+    llm = specoff.LLM(target, draft=draft, options=options, device=str(device),
+                      gpu_memory=budget, offload=True, max_rows=args.rows, seed=args.seed,
+                      draft_quant=args.draft_quant)
+    llm.reconfigure(spec=args.spec, tree_budget=args.tree_budget, draft_len=args.draft_len,
+                    interleave={"on": True, "off": False}.get(args.interleave))
     return llm, target_cfg.vocab_size
 
 
@@ -193,8 +194,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--sigma", type=float, default=0.0158)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="set an option for the run: NAME of specoff.models.decoder "
-                        "(CHAIN_ATTENTION=torch) or module.NAME (spec.tree.GROWTH_TOKENS=1024)")
+                   help="set an EngineOptions field for the run (kernels.chain_attention=off, "
+                        "growth_tokens=1024)")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="no profiler: time the run with each value of an option (named as for "
                         "--set) in turn, twice over (ABAB), and print a row for each (repeatable: "
@@ -216,11 +217,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
         args.rows, args.prompt_len, args.new_tokens = min(args.rows, 4), 12, 4
     elif not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --tiny)")
+    options = EngineOptions()
     for item in args.set:
-        name, value = item.split("=", 1)
-        module, attr = _module_of(name)
-        setattr(module, attr, _option(module, attr, value))
-    llm, vocab = build(args)
+        options = _with_setting(options, item)
+    for item in args.compare:  # refused before anything is built
+        name, values = _setting(item)
+        for value in values.split(","):
+            _with_setting(options, f"{name}={value}")
+    llm, vocab = build(args, options)
     gen = torch.Generator().manual_seed(args.seed)
     n = args.prompts or args.rows + args.rows // 4
     if args.humaneval:
@@ -298,38 +302,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
     return summary
 
 
-def _module_of(name: str):
-    """(module, attribute) of an option: NAME is specoff.models.decoder's, a dotted name
-    one of another specoff module's (spec.tree.GROWTH_TOKENS)."""
-    import importlib
+def _setting(item: str):
+    """(name, value) of a NAME=VALUE argument."""
+    name, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"error: {item!r} is not NAME=VALUE")
+    return name, value
 
-    path, _, attr = name.rpartition(".")
+
+def _with_setting(options: EngineOptions, item: str) -> EngineOptions:
+    """`options` with NAME=VALUE set (EngineOptions.with_setting); a clear exit where wrong."""
+    name, value = _setting(item)
     try:
-        module = importlib.import_module(f"specoff.{path or 'models.decoder'}")
-    except ImportError:
-        raise SystemExit(f"no module specoff.{path} (options are NAME for specoff.models.decoder "
-                         f"or module.NAME, e.g. spec.tree.GROWTH_TOKENS)")
-    return module, attr
-
-
-def _option(module, name: str, value: Optional[str] = None):
-    """The module's option `name` (an upper-case attribute), `value` as its type."""
-    if not name.isupper() or not hasattr(module, name):
-        raise SystemExit(f"{module.__name__} has no option {name}")
-    if value is None:
-        return None
-    current = getattr(module, name)
-    if value.lower() == "none":
-        return None
-    kind = int if current is None else type(current)  # None: an unset bound
-    if kind is bool:
-        if value.lower() not in ("0", "1", "true", "false", "off", "on"):
-            raise SystemExit(f"{module.__name__}.{name} takes 0/1 (or true/false, on/off), not {value!r}")
-        return value.lower() in ("1", "true", "on")
-    try:
-        return kind(value)
-    except ValueError:
-        raise SystemExit(f"{module.__name__}.{name} takes {kind.__name__} values, not {value!r}")
+        return options.with_setting(name, value)
+    except OptionsError as e:
+        raise SystemExit(f"error: {item}: {e}")
 
 
 def pass_seconds(s) -> Optional[float]:
@@ -469,9 +456,7 @@ def compare(llm, run, args) -> dict:
         rows.append(dict(option=name, value=value, wall_seconds=time.perf_counter() - t0,
                          triton_compiles=compiles,
                          passes=s.decode_passes, rows_per_group=s.rows_per_group,
-                         segment_waits=s.segment_waits,
-                         plain_rows=s.plain_rows, plain_tokens=s.plain_tokens,
-                         promotions=s.promotions, graph_capture_seconds=s.graph_capture_seconds,
+                         segment_waits=s.segment_waits, graph_capture_seconds=s.graph_capture_seconds,
                          joint_passes=s.joint_passes, tail_merges=s.tail_merges,
                          tokens_per_pass=s.tokens_per_pass,
                          peak_gpu_gib=s.peak_gpu_bytes / 2**30 if s.peak_gpu_bytes else None,
@@ -489,14 +474,12 @@ def compare(llm, run, args) -> dict:
     for _ in range(args.repeat):
         timed()
     for item in args.compare:
-        name, values = item.split("=", 1)
-        module, attr = _module_of(name)
-        _option(module, attr)
-        before = getattr(module, attr)
+        name, values = _setting(item)
+        before = llm.options
         for value in values.split(",") * 2:
-            setattr(module, attr, _option(module, attr, value))
+            llm.reconfigure(_with_setting(before, f"{name}={value}"))
             timed(name, value)
-        setattr(module, attr, before)
+        llm.reconfigure(before)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return {"compare": rows}

@@ -13,86 +13,26 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ..kernels.step import argmax_rows
-from ..kvcache import (KVCache, SegmentAllocator, SegmentKVCache, cache_slots, check_segment_mode,
-                       draft_cache_dtype, segment_size)
+from ..kvcache import KVCache, SegmentAllocator, SegmentKVCache, cache_slots
 from ..models.decoder import PassPart, PrefillBatch, row_chunk
+from ..options import CacheOptions
 from ..sampling import SamplingParams, logits_to_probs, sample_from
 from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accept, sample_accept
+from .requests import Request, SpecRun, next_request, pad_prompts
 
 
-# The draft's cache in chain mode: rows in segments of one pool shared by the groups
-# (kvcache.SegmentKVCache, as tree mode's), "auto" where that is the smaller, or "on" /
-# "off". H200, 24 GiB, 328 HumanEval prompts, 32 tokens, γ=4, one process (session 12):
-# 144 rows dense, 229 in segments, 142.5 → 176.7 tokens/s.
-SEGMENT_DRAFT_CACHE = "auto"
-SEGMENT_SLACK = 1.15
-SEGMENT_LOOKAHEAD = 8  # a free row takes the first of this many waiting prompts that fits
-# The target's cache in row segments too, a pool per group of SEGMENT_TARGET_SLACK × the
-# rows' mean need (a pass streams its own group's rows), where the draft's cache is in
-# segments: "auto" where the plan keeps the target's cache in pinned host memory (a pass
-# then streams what its rows hold, not rows × the longest need: at 123 rows of HumanEval
-# prompts and 32 tokens, ~24k token slots a layer against ~47k), or "on" / "off".
-# Measured (H200, 24 GiB, 492 HumanEval prompts × 32 tokens, 2 × 123 rows): at slack 1.15
-# (session 16, runs 183826Z / 185522Z) the pass went 1.844 → 1.818 s but a group's pool made
-# refills wait 7 times (57 passes against 55); at slack 1.5 (session 18, runs 230224Z /
-# 230616Z, the cache fetched a layer ahead) 1.825 → 1.768 s in 55 passes both, 153.4 →
-# 156.0 tokens/s (steady 177.6 → 184.6). Host memory is cheap; the pool's stream grows with
-# the slack.
-SEGMENT_TARGET_CACHE = "auto"
-SEGMENT_TARGET_SLACK = 1.5
-
-# The tail of a two-group run (no prompt waiting, no refill pending): one target pass
-# verifies both groups' rows (a part each, the weights streamed once), their drafts run
-# before it, unhidden; where the two groups would each pay a whole pass for their thinning
-# rows. "auto": where the target is offloaded (its pass costs the weights' copy, whatever the
-# rows: H200, Mixtral 8x7B at 24 GiB, 1.80 s predicted for 123 rows, 1.93 s for 246,
-# against ~0.04 s of drafting), or "on" / "off". The groups still merge into one once their
-# rows fit in one (_merge_tail). Predicted by chain_passes (α 0.7, γ 4, 2 × 123 rows, 492
-# HumanEval-sized requests of 32 tokens): 56.4 → 51.0 passes. Measured (H200, session 19,
-# `PROMPTS=492 NEW=32 bash tools/gpu_session.sh joint-tail`, ABAB): 56 → 50 passes (6 of them
-# joint), 146.5 / 154.7 → 170.3 / 168.9 tokens/s; the pass 1.77 → 1.80 s.
-JOINT_TAIL = "auto"
-
-
-def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int) -> Tuple[int, bool]:
+def draft_cache_slots(rows: int, prompts: Sequence[int], max_new_tokens: int,
+                      options: CacheOptions) -> Tuple[int, bool]:
     """(slots, segmented): the draft's cache of a chain run over `rows` rows in all."""
-    return cache_slots(rows, prompts, max_new_tokens, MAX_DRAFT_LEN, SEGMENT_DRAFT_CACHE,
-                       SEGMENT_SLACK, "spec.pipeline.SEGMENT_DRAFT_CACHE")
-
-
-@dataclass
-class Request:
-    prompt: List[int]
-    tokens: List[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    on_finish: Optional[Callable[[], None]] = None  # called once, when it finishes (progress)
-
-    def add(self, token: int, eos, max_new_tokens: int) -> bool:
-        """Append a generated token; True once the request has finished."""
-        self.tokens.append(token)
-        if token in eos:
-            self.finish_reason = "stop"
-        elif len(self.tokens) >= max_new_tokens:
-            self.finish_reason = "length"
-        if self.finish_reason is not None and self.on_finish is not None:
-            self.on_finish()
-            self.on_finish = None
-        return self.finish_reason is not None
-
-
-def pad_prompts(prompts, device) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-    """(ids (R, longest) zero-padded, lengths, lengths as ints) of token lists, on `device`."""
-    host = [len(p) for p in prompts]
-    ids = torch.zeros(len(prompts), max(host), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-    return ids.to(device), torch.tensor(host, device=device), host
+    return cache_slots(rows, prompts, max_new_tokens, MAX_DRAFT_LEN,
+                       options.segment_draft_cache, options.draft_slack)
 
 
 @dataclass(eq=False)
@@ -114,7 +54,7 @@ class Group:
     # own idle segment, which starts at idle_first + b × the idle size.
     segment: List[Optional[tuple]] = field(default_factory=list)
     idle_first: int = 0
-    # The target's cache in segments (SEGMENT_TARGET_CACHE): the group's own pool, its
+    # The target's cache in segments (CacheOptions.segment_target_cache): the group's own pool, its
     # allocator, and each row's (first slot, slots) there (None: idling at b × the idle size)
     target_slots: Optional[SegmentAllocator] = None
     target_segment: List[Optional[tuple]] = field(default_factory=list)
@@ -136,17 +76,21 @@ class RoundTiming:
     kind: str = "interleaved"  # or "first", "joint", "serial" (stats.draft_exposed_seconds)
 
 
-class ChainPipeline:
-    def __init__(self, llm, params: SamplingParams, requests: List[Request], rows_per_group: int,
-                 groups: int, draft_len: Optional[int], generator, stats, *,
+class ChainScheduler:
+    """Chain-mode generation for `requests` over `groups` row groups of `rows_per_group`
+    rows (module docstring). `draft_len`: γ, or None to adapt it between rounds."""
+
+    def __init__(self, run: SpecRun, params: SamplingParams, requests: List[Request],
+                 rows_per_group: int, groups: int, draft_len: Optional[int], generator, stats, *,
                  kv_on_gpu: bool = True, prefill_chunk: Optional[int] = None):
-        self.llm, self.target, self.draft = llm, llm.model, llm.draft_model
+        self.run_, self.target, self.draft = run, run.target, run.draft
+        self.cache_options, spec = run.options.cache, run.options.spec
         self.params, self.requests, self.generator, self.stats = params, requests, generator, stats
-        self.device = llm.device
+        self.device = run.device
         self.cuda = self.device.type == "cuda"
         # The plan's KV placement (the target's cache may sit in pinned host memory, streamed
         # to the device for attention) and prefill chunk; the draft's cache is on the device.
-        self.kv_on_gpu, self.chunk = kv_on_gpu, prefill_chunk or llm.prefill_chunk
+        self.kv_on_gpu, self.chunk = kv_on_gpu, prefill_chunk or run.options.prefill_chunk
         # The plan's chunk is sized for prefilling every row at once; a refill of a few rows
         # takes as many tokens per part (rows × chunk), so it runs in few parts: each part
         # costs its launches on every layer, which for chunks of ~10 tokens outweighed the
@@ -155,39 +99,45 @@ class ChainPipeline:
         self.adaptive = draft_len is None
         self.gamma = draft_len or 4
         self.max_gamma = MAX_DRAFT_LEN
-        self.vocab = llm.config.vocab_size
+        self.vocab = run.target_config.vocab_size
         self.alpha = 0.7  # prior acceptance rate, replaced by what is observed
-        self.waiting = list(range(len(requests)))[::-1]
+        self.waiting = deque(range(len(requests)))
         longest = max(len(r.prompt) for r in requests)
         self.max_len = longest + params.max_new_tokens + self.max_gamma + 2
-        self.eos = sorted(llm.eos_token_ids) if not params.ignore_eos else []
+        self.eos = sorted(run.eos_token_ids) if not params.ignore_eos else []
         self.draft_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.pool, self.segmented = draft_cache_slots(
-            rows_per_group * groups, [len(r.prompt) for r in requests], params.max_new_tokens)
+            rows_per_group * groups, [len(r.prompt) for r in requests], params.max_new_tokens,
+            self.cache_options)
         self.idle = self.max_gamma + 3  # an idle row's segment: its γ+1 draft steps at 0..γ
         if self.segmented:
             self.free_slots = SegmentAllocator(rows_per_group * groups * self.idle, self.pool)
-        check_segment_mode("spec.pipeline.SEGMENT_TARGET_CACHE", SEGMENT_TARGET_CACHE)
-        self.target_segmented = self.segmented and (SEGMENT_TARGET_CACHE == "on" or (
-            SEGMENT_TARGET_CACHE == "auto" and not kv_on_gpu and self.cuda))
+        # The target's cache in segments too, a pool per group (a pass streams its own
+        # group's rows): where it sits in host memory, a pass then streams what its rows
+        # hold, not rows × the longest need.
+        mode = self.cache_options.segment_target_cache
+        self.target_segmented = self.segmented and (mode == "on" or (
+            mode == "auto" and not kv_on_gpu and self.cuda))
         self.target_pool = cache_slots(
             rows_per_group, [len(r.prompt) for r in requests], params.max_new_tokens,
-            MAX_DRAFT_LEN, "on", SEGMENT_TARGET_SLACK)[0] if self.target_segmented else None
+            MAX_DRAFT_LEN, "on", self.cache_options.target_slack)[0] if self.target_segmented else None
         self._pools = None  # the draft caches' shared pools
         self.groups = [self._new_group(rows_per_group, i) for i in range(groups)]
-        check_segment_mode("spec.pipeline.JOINT_TAIL", JOINT_TAIL)
-        self.joint_tail = JOINT_TAIL == "on" or (JOINT_TAIL == "auto"
-                                                 and llm.weight_plan.offload)
+        # The tail (no prompt waiting): one pass verifies both groups, their drafts before
+        # it, unhidden, where each group would pay a whole pass for its thinning rows: where
+        # the target is offloaded its pass costs the weights' copy, whatever the rows.
+        self.joint_tail = spec.joint_tail == "on" or (spec.joint_tail == "auto"
+                                                      and run.offloaded)
         self.timings: List[RoundTiming] = []
-        self.draft_step_s, self.target_pass_s = None, llm.last_plan_pass_seconds
+        self.draft_step_s, self.target_pass_s = None, run.predicted_pass_seconds
         self._pending_drafts, self._last_commit = [], None
         self._pending_cpu: List[float] = []  # off a GPU: the drafts' seconds since the last pass
 
     # -- state -----------------------------------------------------------------------------
 
     def _new_group(self, rows: int, index: int) -> Group:
-        tcfg, dcfg = self.llm.config, self.llm.draft_config
-        dtype, device = self.llm.dtype, self.device
+        tcfg, dcfg = self.run_.target_config, self.run_.draft_config
+        dtype, device = self.run_.dtype, self.device
         where = device if self.kv_on_gpu else torch.device("cpu")
         if self.target_segmented:
             tcache = SegmentKVCache(tcfg.n_layers, rows, self.target_pool, self.max_len + 1,
@@ -200,11 +150,11 @@ class ChainPipeline:
                              lengths_device=device)
         if not self.segmented:
             dcache = KVCache(dcfg.n_layers, rows, self.max_len, dcfg.n_kv_heads, dcfg.head_dim,
-                             draft_cache_dtype(dtype), device)
+                             dtype, device)
             return Group(rows, tcache, dcache, torch.zeros(rows, dtype=torch.long, device=device),
                          [None] * rows)
         dcache = SegmentKVCache(dcfg.n_layers, rows, self.pool, self.max_len + 1, dcfg.n_kv_heads,
-                                dcfg.head_dim, draft_cache_dtype(dtype), device, pools=self._pools)
+                                dcfg.head_dim, dtype, device, pools=self._pools)
         self._pools = (dcache.k_pool, dcache.v_pool)
         g = Group(rows, tcache, dcache, torch.zeros(rows, dtype=torch.long, device=device),
                   [None] * rows, segment=[None] * rows, idle_first=index * rows * self.idle)
@@ -220,24 +170,22 @@ class ChainPipeline:
         of a few whose segments fit; a row waits while none does); they are prefilled in the
         next pass."""
         placed = []
+        pools = ([self.free_slots] + ([g.target_slots] if self.target_segmented else [])
+                 if self.segmented else [])
         for b in range(g.rows):
             if g.request[b] is not None or not self.waiting:
                 continue
-            j = 0  # from the end: the queue's next prompt is last
+            taken = next_request(self.waiting, self.requests, pools, self.params.max_new_tokens,
+                                 self.max_gamma, self.cache_options.lookahead)
+            if taken is None:
+                self.stats.segment_waits += 1
+                continue
+            g.request[b], starts, n = taken
             if self.segmented:
-                window = self.waiting[:-SEGMENT_LOOKAHEAD - 1:-1]
-                found = self._take_segments(g, [segment_size(
-                    len(self.requests[i].prompt), self.params.max_new_tokens, self.max_gamma)
-                    for i in window])
-                if found is None:
-                    self.stats.segment_waits += 1
-                    continue
-                j, start, first, n = found
+                g.segment[b] = (starts[0], n)
                 if self.target_segmented:
-                    g.target_segment[b] = (first, n)
-                g.segment[b] = (start, n)
+                    g.target_segment[b] = (starts[1], n)
                 placed.append(b)
-            g.request[b] = self.waiting.pop(-1 - j)
             g.refill.append(b)
         if placed:
             g.draft_cache.assign(placed, [g.segment[b][0] for b in placed],
@@ -245,21 +193,6 @@ class ChainPipeline:
             if self.target_segmented:
                 g.target_cache.assign(placed, [g.target_segment[b][0] for b in placed],
                                       [g.target_segment[b][1] for b in placed])
-
-    def _take_segments(self, g: Group, needs: List[int]):
-        """(i, draft slot, target slot or None, slots) for the first of `needs` that fits
-        the shared draft pool (and g's target pool, where the target's cache is in
-        segments), both allocated; None when none does."""
-        for i, n in enumerate(needs):
-            start = self.free_slots.alloc(n)
-            if start is None:
-                continue
-            first = g.target_slots.alloc(n) if self.target_segmented else None
-            if self.target_segmented and first is None:
-                self.free_slots.release(start, n)
-                continue
-            return i, start, first, n
-        return None
 
     def _release(self, g: Group, rows: List[int]) -> None:
         """Finished rows give their draft segments back and idle in their own (the round
@@ -299,7 +232,7 @@ class ChainPipeline:
     def _draft_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Target tokens the draft cannot embed (its vocabulary is a prefix of the target's)
         become token 0: it only weakens the draft's guesses, never the output."""
-        n = self.llm.draft_config.vocab_size
+        n = self.run_.draft_config.vocab_size
         return ids if n >= self.vocab else torch.where(ids < n, ids, torch.zeros_like(ids))
 
     def _prefill_draft(self, g: Group) -> None:
@@ -377,7 +310,7 @@ class ChainPipeline:
 
     def target_round(self, *groups: Group) -> None:
         """One offloaded target pass for the groups (one, or at the tail every active one:
-        JOINT_TAIL): verify their drafts, and prefill their new prompts with their drafts
+        SpecOptions.joint_tail): verify their drafts, and prefill their new prompts with their drafts
         appended (verified the same way); then commit what each row accepted."""
         work = []  # (group, verify?, refilled rows) for each group with drafts to verify
         for g in groups:
@@ -525,7 +458,7 @@ class ChainPipeline:
                                           interleaved=interleaved, max_len=self.max_gamma)
 
     def _joint(self) -> bool:
-        """Whether the groups share their passes now (JOINT_TAIL): the queue is empty and
+        """Whether the groups share their passes now (SpecOptions.joint_tail): the queue is empty and
         no group has a prompt to prefill."""
         return (self.joint_tail and len(self.groups) > 1 and not self.waiting
                 and not any(g.refill for g in self.groups))

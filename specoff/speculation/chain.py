@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..kernels.step import argmax_rows
+from ..planner import expected_tokens_per_pass
 from ..sampling import sample_from
 
 MAX_DRAFT_LEN = 8  # γ never exceeds this; caches and plans are sized for it
@@ -57,17 +58,10 @@ def emitted_tokens(draft_tokens: torch.Tensor, accepted: torch.Tensor,
     return out.scatter(1, accepted[:, None], next_token[:, None])
 
 
-def expected_tokens_per_pass(alpha: float, draft_len: int) -> float:
-    """E = (1 − α^(γ+1)) / (1 − α): mean tokens a row emits per target pass."""
-    if alpha >= 1.0:
-        return draft_len + 1.0
-    return (1 - alpha ** (draft_len + 1)) / (1 - alpha)
-
-
 def chain_passes(prompts: int, rows_per_group: int, groups: int, new_tokens: int,
                  alpha: float, draft_len: int, seed: int = 0, joint: bool = False) -> int:
     """Target passes a chain run takes for `prompts` prompts of `new_tokens` tokens each,
-    simulated as spec.pipeline.ChainPipeline schedules them: rounds in turn, each row
+    simulated as speculation.chain_scheduler.ChainScheduler schedules them: rounds in turn, each row
     emitting 1 + a tokens a pass with P(a ≥ k) = α^k (k ≤ γ), a new prompt's first pass
     included (it is prefilled with its drafts appended and verified like the others), freed
     rows refilled in the group's next pass, two groups merged into one at the tail (and
