@@ -18,7 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .config import ModelConfig
-from .kvcache import KVCache, SegmentKVCache, available_host_bytes
+from .hostmem import available_host_bytes
+from .kvcache import KVCache, SegmentKVCache
 from .models.decoder import row_chunk
 from .offload import build_offloaded
 from .options import EngineOptions
@@ -569,7 +570,7 @@ class LLM:
         cache_device = device if plan.kv_on_gpu else torch.device("cpu")
         _sync(device)
         # Timed from the cache's allocation, as the speculative runs are (pinned host memory
-        # takes seconds the first time: kvcache.HostPool).
+        # takes seconds the first time: hostmem.HostPool).
         t0 = time.perf_counter()
         cache = self._batch_cache(rows, max_new, cache_device)
         # Pads past a row's end are written beyond its length and so never attended to.

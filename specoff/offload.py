@@ -17,15 +17,15 @@ free GPU memory for rows: at 24 GiB with a 7B draft resident, three quarters of 
 from __future__ import annotations
 
 import math
-import resource
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .config import ModelConfig
+from .hostmem import GiB, HOST_MARGIN, HostMemoryError, available_host_bytes, peak_host_bytes, pin
+from .models.decoder import Transformer
 from .weights import materialize
 
 FFN_PREFIX = "feed_forward."
@@ -106,21 +106,6 @@ class LayerLayout:
         """The tensors of piece `piece` inside a slot buffer."""
         return {name: flat[dst:dst + n].view(shape)
                 for name, _, dst, n, shape in self.piece_plan(piece)}
-
-
-def pin(tensor: torch.Tensor) -> None:
-    """Page-lock an existing host tensor in place (cudaHostRegister).
-
-    Touching the pages first and registering them was measured ~3x faster than allocating
-    with pin_memory=True on the reference host (DESIGN.md).
-    """
-    cudart = torch.cuda.cudart()
-    nbytes = tensor.numel() * tensor.element_size()
-    err = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({err}); "
-                           f"is host memory or the locked-memory limit (ulimit -l) too small?")
-    weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())
 
 
 class HostStore:
@@ -251,11 +236,6 @@ def copy_gbps(device, nbytes: int = 1 << 30, repeat: int = 5) -> float:
     return nbytes * repeat / (time.perf_counter() - t0) / 1e9
 
 
-def peak_host_bytes() -> int:
-    """Peak resident set size of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 @dataclass
 class LoadReport:
     seconds: float
@@ -271,9 +251,6 @@ class LoadReport:
 def check_host_memory(cfg: ModelConfig, store_bytes: int) -> None:
     """Refuse, before any of it is allocated, a store of the decoder layers that the host's
     free memory cannot hold: past it the kernel kills the process (or pins swap) mid-load."""
-    from .kvcache import HOST_MARGIN, available_host_bytes
-    from .planner import GiB, HostMemoryError
-
     free = available_host_bytes()
     if free is not None and store_bytes > free:
         raise HostMemoryError(
@@ -291,8 +268,6 @@ def build_offloaded(cfg: ModelConfig, source, device, dtype, *, ring_slots: int,
     the ring attached (`model.ring`), and a LoadReport. With ring_pieces > 1 a streamed
     layer's expert tensors stay host views in the module; its `feed_forward.pieces` name the
     slot views each piece computes from (decoder.Transformer runs them piece by piece)."""
-    from .models.decoder import Transformer
-
     device = torch.device(device)
     pinned = device.type == "cuda" if pinned is None else pinned
     t0, peak0 = time.perf_counter(), peak_host_bytes()

@@ -23,30 +23,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import hostmem
 from .config import ModelConfig
+from .hostmem import GiB, BudgetError, HostMemoryError, parse_bytes  # noqa: F401 (re-exported)
+from .kernels.moe import fused_moe, moe_route
+from .offload import copy_gbps
 
-GiB = 2**30
 CONTEXT_MARGIN = 256 << 20  # allocator slack, graph pools, cuBLAS workspaces
-
-
-class BudgetError(ValueError):
-    """The GPU memory budget cannot hold any plan."""
-
-
-class HostMemoryError(BudgetError):
-    """Host memory cannot hold the offloaded weights' store or a cache placed there."""
-
-
-def parse_bytes(value) -> int:
-    """'24GiB', '24GB', '512MiB', 24e9 → bytes."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot read a memory size from {value!r}; write e.g. '24GiB' or '80GB'")
-    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    scale = (1024 if binary else 1000) ** " KMGT".index(unit or " ")
-    return int(number * scale)
 
 
 # -- hardware profile -------------------------------------------------------------------------
@@ -79,8 +62,6 @@ def _timed(fn, device, repeat=5, warmup=2) -> float:
 def measure_profile(device, dtype=torch.bfloat16) -> HardwareProfile:
     device = torch.device(device)
     cuda = device.type == "cuda"
-    from .offload import copy_gbps
-
     # Measured as tools/bench.py's physical-limit line measures it, in 1 GiB copies (the
     # 256 MiB copies used before read 50.2 GB/s in one H200 run whose 1 GiB copies and ring
     # passes moved 55.4 and 55.2, 54.6 against 55.2 in another: 2026-11-30).
@@ -95,8 +76,6 @@ def measure_profile(device, dtype=torch.bfloat16) -> HardwareProfile:
     gemm = 2 * m**3 / _timed(lambda: a @ a, device, repeat=20 if cuda else 3) / 1e12
     moe = gemm
     if cuda:
-        from .kernels.moe import fused_moe, moe_route
-
         E, D, I, N, k = 8, 2048, 7168, 8192, 2
         x = torch.randn(N, D, device=device, dtype=dtype)
         w13 = torch.randn(E, 2 * I, D, device=device, dtype=dtype) * 0.02
@@ -111,11 +90,9 @@ def measure_profile(device, dtype=torch.bfloat16) -> HardwareProfile:
 
 def profile_path(device_name: str, cache_dir: Optional[Path] = None,
                  dtype: torch.dtype = torch.bfloat16) -> Path:
-    from .synthetic import cache_dir as default_cache
-
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name)
     # Rates depend on the dtype (fp32 products run at a fraction of bf16's).
-    return Path(cache_dir or default_cache()) / f"profile-{safe}-{str(dtype).split('.')[-1]}.json"
+    return Path(cache_dir or hostmem.cache_dir()) / f"profile-{safe}-{str(dtype).split('.')[-1]}.json"
 
 
 def load_profile(device, cache_dir: Optional[Path] = None, dtype=torch.bfloat16) -> HardwareProfile:
@@ -360,7 +337,7 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     host (default r × `context`; rows in segments: engine.LLM._batch_cache).
     `prompt_tokens(r)`: the first r rows' prompt tokens, for the prefill's memory and time
     (prompts are packed, not padded to `prefill_tokens`; default r × `prefill_tokens`).
-    `host_budget`: the host memory a cache there may take (kvcache.available_host_bytes);
+    `host_budget`: the host memory a cache there may take (hostmem.available_host_bytes);
     rows beyond it are dropped, and where not even one row's fits, HostMemoryError says so.
     `host_cache_ahead`: layers of a host cache fetched ahead of the computing one
     (CacheOptions.host_cache_ahead)."""

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import hostmem
 from .config import SUPPORTED_FAMILIES
 
 _CODE = '''
@@ -131,13 +132,9 @@ def make_tiny_checkpoint(family: str, out_dir, *, seed: int = 0, max_shard_size=
     return out_dir
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPECOFF_CACHE", Path.home() / ".cache" / "specoff"))
-
-
 def default_checkpoint() -> Path:
     """The command line's built-in target: a tiny random Mixtral, written once to the cache."""
-    path = cache_dir() / "default-tiny-mixtral-v1"
+    path = hostmem.cache_dir() / "default-tiny-mixtral-v1"
     if (path / "config.json").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
 
 from .config import ModelConfig, rope_inv_freq
+from .models.decoder import Transformer
 
 
 class CheckpointError(ValueError):
@@ -112,8 +115,6 @@ class Checkpoint:
 
     @staticmethod
     def _open(file: Path):
-        from safetensors import safe_open
-
         try:
             return safe_open(str(file), framework="pt")
         except Exception as e:
@@ -211,8 +212,6 @@ def load_model(path, device=None, dtype=None, *, source: Optional[WeightSource] 
     Returns a `Transformer`; `model(input_ids)` gives causal logits (B, T, vocab). With
     `config` and `source` (e.g. synthetic.random_source) no checkpoint is read.
     """
-    from .models.decoder import Transformer
-
     cfg = config or ModelConfig.from_hf(path)
     device = default_device(device)
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -238,8 +237,6 @@ def materialize(model, cfg: ModelConfig, params: Dict[str, torch.Tensor], device
 
 def load_tokenizer(path):
     """The checkpoint folder's tokenizer (local files only), or None when it has none."""
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError):

@@ -159,17 +159,17 @@ def test_streamed_segments_attend_as_over_a_dense_cache(tree):
 
 
 def test_host_pool_reuses_blocks_once_their_caches_are_gone(monkeypatch):
-    """kvcache.HostPool (host caches' page-locked memory, kept across generate calls): a
+    """hostmem.HostPool (host caches' page-locked memory, kept across generate calls): a
     block goes back when its tensor is collected, the smallest free block that holds a
     request serves it, a block reused for the same dtype keeps its contents and is zeroed
     for another; failing a fit the free blocks go and a new one comes. (Registering is
     cudaHostRegister on a GPU host: a no-op here.)"""
     import gc
 
-    from specoff import kvcache, offload
+    from specoff import hostmem
 
-    monkeypatch.setattr(offload, "pin", lambda t: None)
-    pool = kvcache.HostPool()
+    monkeypatch.setattr(hostmem, "pin", lambda t: None)
+    pool = hostmem.HostPool()
     a = pool.zeros((4, 8), torch.float32)
     assert a.abs().sum() == 0 and pool.nbytes == 128
     a.fill_(3.0)
@@ -201,16 +201,16 @@ def test_gpu_host_pool_blocks_are_page_locked_and_reused():
     copies, device aliases), handed out again once their tensor is gone."""
     import gc
 
-    from specoff import kvcache
+    from specoff import hostmem
 
-    t = kvcache.host_zeros((3, 1 << 20), torch.bfloat16)
-    assert t.is_pinned() and kvcache.HOST_BLOCKS.holds(t)
+    t = hostmem.host_zeros((3, 1 << 20), torch.bfloat16)
+    assert t.is_pinned() and hostmem.HOST_BLOCKS.holds(t)
     t.fill_(2.0)
     assert (device_alias(t, "cuda").sum() == 6 * (1 << 20)).item()
     ptr = t.data_ptr()
     del t
     gc.collect()
-    again = kvcache.host_zeros((3, 1 << 20), torch.bfloat16)
+    again = hostmem.host_zeros((3, 1 << 20), torch.bfloat16)
     assert again.data_ptr() == ptr
     copied = again.to("cuda", non_blocking=True)
     torch.cuda.synchronize()

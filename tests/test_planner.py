@@ -130,17 +130,17 @@ def test_a_host_cache_takes_only_the_host_memory_that_is_free():
 
 
 def test_available_host_bytes_counts_reusable_pinned_blocks(monkeypatch):
-    from specoff import kvcache
+    from specoff import hostmem
 
-    base = kvcache.available_host_bytes()
-    assert base is None or base > -kvcache.HOST_MARGIN
+    base = hostmem.available_host_bytes()
+    assert base is None or base > -hostmem.HOST_MARGIN
     if base is None:
         return
     block = [torch.zeros(1 << 20, dtype=torch.uint8), False, torch.uint8]
-    monkeypatch.setattr(kvcache.HOST_BLOCKS, "_blocks", [block])
-    assert kvcache.available_host_bytes() == pytest.approx(base + (1 << 20), abs=64 << 20)
+    monkeypatch.setattr(hostmem.HOST_BLOCKS, "_blocks", [block])
+    assert hostmem.available_host_bytes() == pytest.approx(base + (1 << 20), abs=64 << 20)
     block[1] = True  # leased: a cache holds it
-    assert kvcache.available_host_bytes() == pytest.approx(base, abs=64 << 20)
+    assert hostmem.available_host_bytes() == pytest.approx(base, abs=64 << 20)
 
 
 def test_host_segments_and_packed_prompts_in_the_prediction():

@@ -75,8 +75,8 @@ import torch  # noqa: E402
 import specoff  # noqa: E402
 from specoff import baselines  # noqa: E402
 from specoff.kernels import compiled_kernels  # noqa: E402
-from specoff.offload import copy_gbps, peak_host_bytes, refill  # noqa: E402
-from specoff.kvcache import available_host_bytes  # noqa: E402
+from specoff.hostmem import available_host_bytes, peak_host_bytes, release_host_memory  # noqa: E402
+from specoff.offload import copy_gbps, refill  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
 from specoff.options import EngineOptions, OptionsError  # noqa: E402
 from specoff.speculation.chain import MAX_DRAFT_LEN, chain_passes  # noqa: E402
@@ -269,7 +269,6 @@ class Bench:
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
-            from specoff.kvcache import release_host_memory
 
             release_host_memory()  # the host caches' page-locked blocks too
 

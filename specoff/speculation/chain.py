@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..kernels.step import argmax_rows
@@ -69,8 +70,6 @@ def chain_passes(prompts: int, rows_per_group: int, groups: int, new_tokens: int
     pipeline's JOINT_TAIL). Where E
     tokens per row per pass is the steady state, this counts what a finite workload pays:
     the overshoot of each row's last pass, and the rounds with rows left empty at the tail."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     waiting = prompts
     left = [[0] * rows_per_group for _ in range(groups)]  # tokens still to emit; 0: free
