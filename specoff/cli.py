@@ -8,6 +8,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
+from tqdm import tqdm
+
+import specoff
+from specoff import demo
+from specoff.bench.synthetic import default_checkpoint
+from specoff.config import UnsupportedModelError
+from specoff.options import EngineOptions, OptionsError
+from specoff.planner import BudgetError
+from specoff.weights import CheckpointError
+
 DEFAULT_PROMPTS = 8  # HumanEval prompts run when none are given
 
 
@@ -128,13 +138,6 @@ def summary(stats) -> str:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    import specoff
-    from specoff import demo
-    from specoff.options import EngineOptions, OptionsError
-    from specoff.synthetic import default_checkpoint
-
     prompts = gather_prompts(args)
     params = specoff.SamplingParams(max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p,
@@ -208,10 +211,6 @@ def run(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from specoff.config import UnsupportedModelError
-    from specoff.planner import BudgetError
-    from specoff.weights import CheckpointError
-
     try:
         return run(args)
     except (ValueError, FileNotFoundError, NotImplementedError, CheckpointError,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
@@ -184,7 +186,7 @@ def _rope(hf: dict, family: str):
 
 def rope_inv_freq(cfg: ModelConfig):
     """Inverse frequencies of RoPE, with Llama 3.1's frequency-dependent scaling."""
-    import torch
+
 
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))

@@ -35,8 +35,8 @@ from .speculation.growth import AcceptanceModel
 from .speculation.requests import Request, SpecRun
 from .speculation.tree_scheduler import (TreeScheduler, draft_cache_slots as tree_cache_slots,
                                          tree_passes)
-from .synthetic import SyntheticModel, random_source
-from .weights import checkpoint_source, default_device, load_model, load_tokenizer, parse_dtype
+from .weights import (SyntheticModel, checkpoint_source, default_device, load_model, load_tokenizer,
+                      parse_dtype, random_source)
 
 
 def host_cache_segmented(mode: str, lengths: Sequence[int], host: bool = True) -> bool:
@@ -238,7 +238,7 @@ class LLM:
 
     `LLM(target, draft=None, *, options=None, **fields)`: `target` and `draft` are Hugging
     Face checkpoint folders, ModelConfigs (seeded random weights of that shape) or
-    SyntheticModels built in memory (specoff.synthetic). `options` (EngineOptions) says how
+    SyntheticModels built in memory (weights.SyntheticModel; specoff.bench.synthetic builds pairs). `options` (EngineOptions) says how
     the engine runs; `fields` set its fields by name (`spec="tree"`, `gpu_memory="24GiB"`,
     `draft_len=4`, `kernels=KernelOptions(...)`: EngineOptions.replace).
     """

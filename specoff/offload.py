@@ -263,7 +263,7 @@ def check_host_memory(cfg: ModelConfig, store_bytes: int) -> None:
 def build_offloaded(cfg: ModelConfig, source, device, dtype, *, ring_slots: int,
                     resident_attention: bool, resident_layers: int = 0,
                     pinned: Optional[bool] = None, ring_pieces: int = 1):
-    """Fill a host store from `source` (weights.checkpoint_source or synthetic.random_source)
+    """Fill a host store from `source` (weights.checkpoint_source or weights.random_source)
     and return a Transformer whose streamed layers read their weights from ring slots, with
     the ring attached (`model.ring`), and a LoadReport. With ring_pieces > 1 a streamed
     layer's expert tensors stay host views in the module; its `feed_forward.pieces` name the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer
 
 from .config import ModelConfig, rope_inv_freq
 from .models.decoder import Transformer
+from .quant import fp8_rows
 
 
 class CheckpointError(ValueError):
@@ -210,7 +212,7 @@ def load_model(path, device=None, dtype=None, *, source: Optional[WeightSource] 
     """Build the decoder of the checkpoint in `path` on `device` with weights in `dtype`.
 
     Returns a `Transformer`; `model(input_ids)` gives causal logits (B, T, vocab). With
-    `config` and `source` (e.g. synthetic.random_source) no checkpoint is read.
+    `config` and `source` (e.g. random_source below) no checkpoint is read.
     """
     cfg = config or ModelConfig.from_hf(path)
     device = default_device(device)
@@ -241,3 +243,82 @@ def load_tokenizer(path):
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError):
         return None
+
+
+# -- models built in memory: seeded random weights at any size ---------------------------------
+
+@dataclass
+class SyntheticModel:
+    """A model to build in memory: its shape and where its weights come from."""
+    config: object  # ModelConfig
+    source: Callable  # weights.WeightSource
+
+
+def tensor_seed(seed: int, name: str, expert: int = -1) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{name}/{expert}".encode())) % (2**63)
+
+
+GRIDS = ("fp8",)
+
+
+def on_fp8_grid(values: torch.Tensor, row: int) -> torch.Tensor:
+    """`values` (rows of `row` elements) rounded as quant.Fp8Linear stores a weight: e4m3
+    with one scale per row (absmax / 448), back in the values' dtype."""
+    w8, scale = fp8_rows(values.view(-1, row))
+    return (w8.float() * scale[:, None]).to(values.dtype).view(values.shape)
+
+
+def draw_random(flat: torch.Tensor, device, std: float, seed: int, noise_seed: Optional[int] = None,
+          sigma: float = 0.0, chunk: int = 1 << 26, grid_row: Optional[int] = None) -> None:
+    """Fill `flat` with N(0, std²) values drawn on `device` a chunk at a time (plus, with a
+    noise seed, σ·std-scaled noise), so any size fits in bounded device memory. `grid_row`:
+    the drawn values (before the noise) on the float8 grid of rows that long (on_fp8_grid)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.Generator(device=device).manual_seed(noise_seed) if noise_seed is not None else None
+    if grid_row:
+        chunk = max(grid_row, chunk // grid_row * grid_row)  # whole rows a chunk
+    for part in flat.split(chunk):
+        values = torch.randn(part.numel(), generator=g, device=device, dtype=part.dtype).mul_(std)
+        if grid_row:
+            values = on_fp8_grid(values, grid_row)
+        if noise is not None:
+            values.add_(torch.randn(part.numel(), generator=noise, device=device,
+                                    dtype=part.dtype).mul_(sigma * std))
+        part.copy_(values)
+
+
+def grid_row(name: str, dst: torch.Tensor, grid: Optional[str]) -> Optional[int]:
+    """The row length to put a tensor on `grid` by (None: left as drawn): a decoder layer's
+    attention and feed-forward weights, what draft_quant quantizes (not norms, routers,
+    embeddings or the head)."""
+    if grid is None:
+        return None
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)} or None, not {grid!r}")
+    if (name.startswith("layers.") and (".attention." in name or ".feed_forward." in name)
+            and "norm" not in name and ".gate." not in name and dst.dim() >= 2):
+        return dst.shape[-1]
+    return None
+
+
+def random_source(cfg, seed: int = 0, device=None, std: float = 0.02, grid: Optional[str] = None):
+    """A weight source (see weights.WeightSource) of seeded random weights at any size.
+
+    Each tensor has its own seed (from its name), so two models that share tensor names
+    share those tensors. Values are drawn on `device` (the GPU when there is one) and copied
+    into their destinations, which may be views into the pinned host store: a full-size
+    model is built in memory with no checkpoint on disk and no second host copy. Norm
+    weights are ones. `grid="fp8"`: the decoder layers' weights on the float8 grid that
+    draft_quant="fp8" stores (grid_row).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    grid_row("", torch.empty(0), grid)  # an unknown grid fails here, not mid-build
+
+    def fill(destinations):
+        for name, dst in destinations.items():
+            if "norm" in name:
+                dst.fill_(1.0)
+            else:
+                draw_random(dst.view(-1), device, std, tensor_seed(seed, name),
+                      grid_row=grid_row(name, dst, grid))
+    return fill

@@ -46,7 +46,7 @@ FAMILIES = ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"]
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from specoff.synthetic import make_tokenizer
+    from specoff.bench.synthetic import make_tokenizer
 
     return make_tokenizer()
 
@@ -54,7 +54,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory, tokenizer):
     """make_checkpoint(family, **config) -> folder of a tiny random HF checkpoint (cached)."""
-    from specoff.synthetic import make_tiny_checkpoint
+    from specoff.bench.synthetic import make_tiny_checkpoint
 
     made = {}
 
@@ -71,7 +71,7 @@ def make_checkpoint(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory, tokenizer):
     """pairs(sigma, **config) -> (draft_dir, target_dir): a tiny upcycled pair (cached)."""
-    from specoff.synthetic import make_upcycled_pair
+    from specoff.bench.synthetic import make_upcycled_pair
 
     made = {}
 

@@ -11,7 +11,7 @@ import torch
 
 import specoff
 from specoff.offload import refill
-from specoff.synthetic import pair_configs, sigma_for_acceptance, upcycled_pair
+from specoff.bench.synthetic import pair_configs, sigma_for_acceptance, upcycled_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_tool", ROOT / "tools" / "bench.py")
@@ -260,7 +260,7 @@ def test_offload_alone_builds_the_target_without_the_draft(tmp_path, monkeypatch
     """--offload-alone (the offload issue's benchmark): specoff-offload and the plain peer run
     on the target alone, the speculative engines on the pair; --peer-experts reaches
     transformers' config (its experts implementation)."""
-    from specoff import baselines
+    from specoff.bench import baselines
 
     seen = []
     hf_model = baselines.hf_model
@@ -378,7 +378,7 @@ def test_time_estimate_plans_other_budgets():
 
     from specoff.planner import parse_bytes, plan_weights, weight_reserve
     from specoff.options import EngineOptions
-    from specoff.synthetic import MISTRAL_7B, MIXTRAL_8X7B
+    from specoff.bench.synthetic import MISTRAL_7B, MIXTRAL_8X7B
 
     draft, target = pair_configs(MISTRAL_7B, MIXTRAL_8X7B)
     dtype, at = torch.bfloat16, parse_bytes("24GiB")
@@ -450,7 +450,7 @@ def test_upcycled_pair_on_disk_loads_in_specoff_and_transformers(family, tmp_pat
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from specoff.synthetic import TINY_PAIRS, make_tokenizer, write_upcycled_pair
+    from specoff.bench.synthetic import TINY_PAIRS, make_tokenizer, write_upcycled_pair
 
     draft_hf, target_hf, _ = TINY_PAIRS[family]
     sigma = 0.5
@@ -484,7 +484,7 @@ def test_upcycled_pair_on_disk_loads_in_specoff_and_transformers(family, tmp_pat
 
 
 def test_upcycled_pair_takes_the_layers_the_disk_holds(tmp_path):
-    from specoff.synthetic import TINY_PAIRS, checkpoint_bytes, write_upcycled_pair
+    from specoff.bench.synthetic import TINY_PAIRS, checkpoint_bytes, write_upcycled_pair
 
     draft_hf, target_hf, _ = TINY_PAIRS["mixtral"]
     target_hf = dict(target_hf, num_hidden_layers=6)

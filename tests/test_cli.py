@@ -46,7 +46,7 @@ def test_runs_on_a_checkpoint_with_every_prompt_source(make_checkpoint, tmp_path
 
 
 def test_speculative_run(tmp_path, tokenizer):
-    from specoff.synthetic import make_upcycled_pair
+    from specoff.bench.synthetic import make_upcycled_pair
 
     draft, target = make_upcycled_pair(tmp_path, 0.2, tokenizer=tokenizer)
     out = tmp_path / "spec.json"

@@ -247,7 +247,7 @@ def _gpu_runs(path, **kw):
 def _gpu_pair(tmp_path, prompts, new_tokens):
     """A small upcycled pair (σ 0.3, 4 layers), greedy params, and the target's own tokens
     for `prompts` on the GPU: what the speculative runs must give."""
-    from specoff.synthetic import make_upcycled_pair
+    from specoff.bench.synthetic import make_upcycled_pair
 
     draft, target = make_upcycled_pair(tmp_path, 0.3, layers=4)
     params = specoff.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)

@@ -14,7 +14,7 @@ from specoff.speculation import chain_scheduler
 from specoff.speculation.chain import (chain_passes, choose_draft_len, emitted_tokens, greedy_accept,
                                        sample_accept)
 from specoff.kvcache import SegmentKVCache
-from specoff.synthetic import make_tiny_checkpoint, make_tokenizer
+from specoff.bench.synthetic import make_tiny_checkpoint, make_tokenizer
 
 PROMPTS = ["def fibonacci(n):", "Beautiful is better than", "x", "import os\nimport sys\n",
            "class Stack:", "    return", "Errors should never", "y = [i * i for i in"]
@@ -333,7 +333,7 @@ def test_gpu_speculation_equals_target(interleave, segments, kv, joint, pairs, m
 
 def test_in_memory_upcycled_pair():
     """The in-memory pair (as built at full size for benchmarks): σ = 0 accepts everything."""
-    from specoff.synthetic import upcycled_pair
+    from specoff.bench.synthetic import upcycled_pair
 
     base = dict(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, intermediate_size=96, rope_theta=1e4, rms_norm_eps=1e-5)

@@ -714,7 +714,7 @@ def test_draft_cache_slots_take_segments_where_they_are_smaller():
     mean ~113 of at most 340), the dense cache for one row; the 24 GiB Mixtral 8x7B tree
     plan holds more rows with the pool."""
     from specoff import planner
-    from specoff.synthetic import MIXTRAL_8X7B
+    from specoff.bench.synthetic import MIXTRAL_8X7B
 
     def slots(rows, mode="auto"):
         return tree_scheduler.draft_cache_slots(rows, lengths, 32, 16,

@@ -73,14 +73,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import specoff  # noqa: E402
-from specoff import baselines  # noqa: E402
+from specoff.bench import baselines  # noqa: E402
 from specoff.kernels import compiled_kernels  # noqa: E402
 from specoff.hostmem import available_host_bytes, peak_host_bytes, release_host_memory  # noqa: E402
 from specoff.offload import copy_gbps, refill  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
 from specoff.options import EngineOptions, OptionsError  # noqa: E402
 from specoff.speculation.chain import MAX_DRAFT_LEN, chain_passes  # noqa: E402
-from specoff.synthetic import (PAIRS, TINY_PAIRS, draft_trajectories,  # noqa: E402
+from specoff.bench.synthetic import (PAIRS, TINY_PAIRS, draft_trajectories,  # noqa: E402
                                greedy_agreement, pair_configs, sigma_for_acceptance,
                                upcycled_pair)
 

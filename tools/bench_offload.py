@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import specoff  # noqa: E402
-from specoff import baselines, planner  # noqa: E402
+from specoff.bench import baselines, planner  # noqa: E402
 from specoff.offload import copy_gbps as pinned_copy_gbps  # noqa: E402
-from specoff.synthetic import MIXTRAL_8X7B  # noqa: E402
+from specoff.bench.synthetic import MIXTRAL_8X7B  # noqa: E402
 
 def accelerate_decode_seconds(llm, hf_cfg, prompts, steps, layers=None, pageable=False):
     """(prefill, median decode step) seconds of transformers + accelerate with every decoder

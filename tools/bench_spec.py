@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import specoff  # noqa: E402
-from specoff.synthetic import MIXTRAL_8X7B, MISTRAL_7B, pair_configs, upcycled_pair  # noqa: E402
+from specoff.bench.synthetic import MIXTRAL_8X7B, MISTRAL_7B, pair_configs, upcycled_pair  # noqa: E402
 
 def build(args, sigma):
     draft_cfg, target_cfg = pair_configs(MISTRAL_7B, MIXTRAL_8X7B, args.layers)

@@ -6,7 +6,7 @@
     python tools/make_checkpoint.py --upcycle qwen3-30b-a3b /data/qwen --sigma 0.02 --layers 8
     python tools/make_checkpoint.py --upcycle mixtral-8x7b /tmp/toy --tiny --sigma 0.1
 
---upcycle writes OUT/draft and OUT/target (specoff.synthetic.write_upcycled_pair): the
+--upcycle writes OUT/draft and OUT/target (specoff.bench.synthetic.write_upcycled_pair): the
 target's attention, norms, embeddings and head are the draft's, its every expert the draft's
 feed-forward plus noise σ, the same weights tools/bench.py builds in memory (same seed and
 σ), one layer at a time, so peers that load checkpoints from disk run them too. Without
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from specoff.config import SUPPORTED_FAMILIES  # noqa: E402
-from specoff.synthetic import (PAIRS, TINY_PAIRS, make_tiny_checkpoint, make_tokenizer,  # noqa: E402
+from specoff.bench.synthetic import (PAIRS, TINY_PAIRS, make_tiny_checkpoint, make_tokenizer,  # noqa: E402
                                pair_configs, sigma_for_acceptance, write_upcycled_pair)
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import specoff  # noqa: E402
 from specoff.kernels import compiled_kernels  # noqa: E402
 from specoff.options import EngineOptions, OptionsError  # noqa: E402
-from specoff.synthetic import MIXTRAL_8X7B, dense_of, pair_configs, upcycled_pair  # noqa: E402
+from specoff.bench.synthetic import MIXTRAL_8X7B, dense_of, pair_configs, upcycled_pair  # noqa: E402
 
 TINY_TARGET = dict(MIXTRAL_8X7B, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, vocab_size=256, num_hidden_layers=3)

@@ -19,6 +19,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+import specoff
+from specoff import SamplingParams
+from specoff.weights import default_device, load_model, load_tokenizer, parse_dtype
+
 # Where the shipped pair lives; SPECOFF_DEMO_DIR points at another trained pair (e.g. a fresh
 # output of the training script, to check it before it replaces the shipped one).
 DEMO_DIR = Path(os.environ.get("SPECOFF_DEMO_DIR") or Path(__file__).resolve().parent)
@@ -192,9 +196,6 @@ def evaluate(device=None, gammas=(2, 3, 4, 6, 8), budgets=(8, 16, 64, 256), n_pr
     float32 it must; in bfloat16 a near-tie may break differently in a batched pass).
     `tokens` counts held-out tokens in the first three rows, generated tokens after them.
     """
-    import specoff
-    from specoff.weights import default_device, load_model, load_tokenizer, parse_dtype
-
     target, draft = Path(target or target_dir()), Path(draft or draft_dir())
     device = default_device(device)
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -238,8 +239,6 @@ def evaluate(device=None, gammas=(2, 3, 4, 6, 8), budgets=(8, 16, 64, 256), n_pr
 
 def _timed(llm, prompts, params):
     """Greedy token ids of every prompt, and the run's tokens and tokens/s (after a warm-up)."""
-    from specoff import SamplingParams
-
     llm.generate(prompts[:1], SamplingParams(max_new_tokens=2, temperature=0.0))
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params)

@@ -16,10 +16,11 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from .config import ModelConfig
-from .planner import ModelSizes
-from .weights import weight_table
+from ..config import ModelConfig
+from ..planner import ModelSizes
+from ..weights import weight_table
 
 
 def accelerate_available() -> bool:
@@ -72,8 +73,6 @@ def hf_model(model, cfg: ModelConfig, hf_config: dict, *, layers: Optional[int] 
     decoder layers; all by default). Buffers (rotary frequencies) go to `device`. `experts`
     picks transformers' experts_implementation for an MoE ("eager": a loop over experts;
     None: transformers' default)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     layers = layers or cfg.n_layers
     dtype = model.tok_embeddings.weight.dtype
     device = torch.device(device or model.tok_embeddings.weight.device)
@@ -152,8 +151,6 @@ def hf_generate(hf, prompts: List[List[int]], new_tokens: int, device, *, assist
     """Greedy generation of `new_tokens` tokens for every prompt (one batch, left-padded;
     assisted generation runs one prompt at a time, as transformers requires). Returns the
     tokens, the wall time, and each target (and draft) forward call's time."""
-    from transformers import GenerationConfig
-
     device = torch.device(device)
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
                               eos_token_id=None, bos_token_id=None)

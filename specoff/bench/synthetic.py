@@ -14,15 +14,31 @@ import json
 import os
 import shutil
 import tempfile
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from . import hostmem
-from .config import SUPPORTED_FAMILIES
+from .. import hostmem
+from ..config import SUPPORTED_FAMILIES, ModelConfig, rope_inv_freq
+from ..models.decoder import Transformer, TransformerBlock
+from ..planner import ModelSizes
+from ..weights import (  # noqa: F401
+    GRIDS,
+    SyntheticModel,
+    draw_random,
+    grid_row,
+    on_fp8_grid,
+    random_source,
+    tensor_seed,
+    weight_table,
+)
+
+with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen of Python
+    import this  # the tokenizer's training text, stored rot13-encoded in this.s
 
 _CODE = '''
 def fibonacci(n: int) -> int:
@@ -54,17 +70,12 @@ class Stack:
 
 
 def tokenizer_corpus() -> list:
-    with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen
-        import this  # noqa: F401  (stored rot13-encoded in this.s)
     zen = codecs.decode(this.s, "rot13")
     return (zen + _CODE).splitlines() * 4
 
 
 def make_tokenizer(vocab_size: int = 384):
     """A byte-level BPE tokenizer with <s>/</s>/<pad>, prepending <s> like Llama's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -82,8 +93,6 @@ def tiny_hf_config(family: str, vocab_size: int, *, dim: int = 64, layers: int =
                    heads: int = 4, kv_heads: int = 2, intermediate: int = 128, experts: int = 4,
                    top_k: int = 2, max_positions: int = 512, tie: bool = False, **overrides):
     """A `transformers` config of `family` at toy size (any field can be overridden)."""
-    from transformers import AutoConfig
-
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"family {family!r} is not supported; supported: "
                          f"{', '.join(SUPPORTED_FAMILIES)}")
@@ -117,8 +126,6 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 def make_tiny_checkpoint(family: str, out_dir, *, seed: int = 0, max_shard_size=None,
                          tokenizer=None, **config_kw) -> Path:
     """Write a random `family` checkpoint (config, safetensors, tokenizer) into `out_dir`."""
-    from transformers import AutoModelForCausalLM
-
     out_dir = Path(out_dir)
     tokenizer = tokenizer or make_tokenizer()
     config_kw.setdefault("vocab_size", len(tokenizer))
@@ -150,85 +157,6 @@ def default_checkpoint() -> Path:
     return path
 
 
-@dataclass
-class SyntheticModel:
-    """A model to build in memory: its shape and where its weights come from."""
-    config: object  # ModelConfig
-    source: Callable  # weights.WeightSource
-
-
-def _name_seed(seed: int, name: str, expert: int = -1) -> int:
-    return (seed * 1_000_003 + zlib.crc32(f"{name}/{expert}".encode())) % (2**63)
-
-
-GRIDS = ("fp8",)
-
-
-def on_fp8_grid(values: torch.Tensor, row: int) -> torch.Tensor:
-    """`values` (rows of `row` elements) rounded as quant.Fp8Linear stores a weight: e4m3
-    with one scale per row (absmax / 448), back in the values' dtype."""
-    from .quant import fp8_rows
-
-    w8, scale = fp8_rows(values.view(-1, row))
-    return (w8.float() * scale[:, None]).to(values.dtype).view(values.shape)
-
-
-def _draw(flat: torch.Tensor, device, std: float, seed: int, noise_seed: Optional[int] = None,
-          sigma: float = 0.0, chunk: int = 1 << 26, grid_row: Optional[int] = None) -> None:
-    """Fill `flat` with N(0, std²) values drawn on `device` a chunk at a time (plus, with a
-    noise seed, σ·std-scaled noise), so any size fits in bounded device memory. `grid_row`:
-    the drawn values (before the noise) on the float8 grid of rows that long (on_fp8_grid)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.Generator(device=device).manual_seed(noise_seed) if noise_seed is not None else None
-    if grid_row:
-        chunk = max(grid_row, chunk // grid_row * grid_row)  # whole rows a chunk
-    for part in flat.split(chunk):
-        values = torch.randn(part.numel(), generator=g, device=device, dtype=part.dtype).mul_(std)
-        if grid_row:
-            values = on_fp8_grid(values, grid_row)
-        if noise is not None:
-            values.add_(torch.randn(part.numel(), generator=noise, device=device,
-                                    dtype=part.dtype).mul_(sigma * std))
-        part.copy_(values)
-
-
-def _grid_row(name: str, dst: torch.Tensor, grid: Optional[str]) -> Optional[int]:
-    """The row length to put a tensor on `grid` by (None: left as drawn): a decoder layer's
-    attention and feed-forward weights, what draft_quant quantizes (not norms, routers,
-    embeddings or the head)."""
-    if grid is None:
-        return None
-    if grid not in GRIDS:
-        raise ValueError(f"grid must be one of {', '.join(GRIDS)} or None, not {grid!r}")
-    if (name.startswith("layers.") and (".attention." in name or ".feed_forward." in name)
-            and "norm" not in name and ".gate." not in name and dst.dim() >= 2):
-        return dst.shape[-1]
-    return None
-
-
-def random_source(cfg, seed: int = 0, device=None, std: float = 0.02, grid: Optional[str] = None):
-    """A weight source (see weights.WeightSource) of seeded random weights at any size.
-
-    Each tensor has its own seed (from its name), so two models that share tensor names
-    share those tensors. Values are drawn on `device` (the GPU when there is one) and copied
-    into their destinations, which may be views into the pinned host store: a full-size
-    model is built in memory with no checkpoint on disk and no second host copy. Norm
-    weights are ones. `grid="fp8"`: the decoder layers' weights on the float8 grid that
-    draft_quant="fp8" stores (_grid_row).
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _grid_row("", torch.empty(0), grid)  # an unknown grid fails here, not mid-build
-
-    def fill(destinations):
-        for name, dst in destinations.items():
-            if "norm" in name:
-                dst.fill_(1.0)
-            else:
-                _draw(dst.view(-1), device, std, _name_seed(seed, name),
-                      grid_row=_grid_row(name, dst, grid))
-    return fill
-
-
 def upcycled_pair(draft_cfg, target_cfg, sigma: float, seed: int = 0, device=None,
                   std: float = 0.02, grid: Optional[str] = None):
     """(draft, target) SyntheticModels at any size: the target's attention, norms, embeddings
@@ -258,12 +186,12 @@ def upcycled_pair(draft_cfg, target_cfg, sigma: float, seed: int = 0, device=Non
             elif name.endswith(("feed_forward.w13", "feed_forward.w2")):
                 dense = name + ".weight"  # the draft's tensor of the same role
                 for e in range(dst.shape[0]):
-                    _draw(dst[e].view(-1), device, std, _name_seed(seed, dense),
-                          _name_seed(seed, name, e), sigma,
-                          grid_row=_grid_row(dense, dst[e], grid))
+                    draw_random(dst[e].view(-1), device, std, tensor_seed(seed, dense),
+                          tensor_seed(seed, name, e), sigma,
+                          grid_row=grid_row(dense, dst[e], grid))
             else:
-                _draw(dst.view(-1), device, std, _name_seed(seed, name),
-                      grid_row=_grid_row(name, dst, grid))
+                draw_random(dst.view(-1), device, std, tensor_seed(seed, name),
+                      grid_row=grid_row(name, dst, grid))
 
     return (SyntheticModel(draft_cfg, random_source(draft_cfg, seed, device, std, grid)),
             SyntheticModel(target_cfg, target_fill))
@@ -276,8 +204,6 @@ def make_upcycled_pair(out_dir, sigma: float, *, seed: int = 0, draft_family: st
     every expert is the draft's feed-forward plus noise of σ times that weight's std, with a
     random router (Mixtral itself was upcycled from Mistral). Returns (draft_dir, target_dir).
     """
-    from safetensors.torch import load_file, save_file
-
     target_family = {"mistral": "mixtral", "llama": "mixtral", "qwen3": "qwen3_moe"}[draft_family]
     out_dir = Path(out_dir)
     tokenizer = tokenizer or make_tokenizer()
@@ -285,8 +211,6 @@ def make_upcycled_pair(out_dir, sigma: float, *, seed: int = 0, draft_family: st
                                      tokenizer=tokenizer, **config_kw)
     target_dir = out_dir / "target"
     target_dir.mkdir(parents=True, exist_ok=True)
-    import json
-
     shared = json.loads((draft_dir / "config.json").read_text())
     kw = dict(config_kw, vocab_size=shared["vocab_size"], experts=experts, top_k=top_k,
               rms_norm_eps=shared["rms_norm_eps"], rope_parameters=shared["rope_parameters"])
@@ -380,16 +304,12 @@ PAIRS = {
 def pair_configs(draft: dict, target: dict, layers: Optional[int] = None):
     """(draft, target) ModelConfigs from Hugging Face config dicts, with `layers` decoder
     layers each when given (a shorter pair of the same shape)."""
-    from .config import ModelConfig
-
     over = {} if layers is None else {"num_hidden_layers": layers}
     return ModelConfig.from_dict({**draft, **over}), ModelConfig.from_dict({**target, **over})
 
 
 def checkpoint_bytes(cfg, dtype=torch.bfloat16) -> int:
     """Bytes of a model's weights in a checkpoint of `dtype`."""
-    from .planner import ModelSizes
-
     return ModelSizes.of(cfg, dtype).total
 
 
@@ -401,12 +321,6 @@ def write_checkpoint(model: SyntheticModel, hf_config: dict, out_dir, dtype=torc
     tokenizer when given), drawing one layer's weights at a time: the model never sits in
     memory whole. Tensors get their checkpoint names (weights.weight_table), so both
     specoff and transformers load the folder."""
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
-
-    from .models.decoder import Transformer, TransformerBlock
-    from .weights import weight_table
-
     cfg, out = model.config, Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     AutoConfig.for_model(**hf_config).save_pretrained(out)
@@ -497,9 +411,6 @@ def streamed_logits(model: SyntheticModel, ids: torch.Tensor, dtype=torch.float3
     SyntheticModel, without building it whole: each decoder layer's weights are drawn on
     ids' device, applied to every token and dropped, so a model of any size runs in the
     memory of one layer."""
-    from .config import rope_inv_freq
-    from .models.decoder import Transformer, TransformerBlock
-
     cfg, device = model.config, ids.device
     with torch.device("meta"):
         shell = Transformer(cfg)
