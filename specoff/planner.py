@@ -62,9 +62,8 @@ def _timed(fn, device, repeat=5, warmup=2) -> float:
 def measure_profile(device, dtype=torch.bfloat16) -> HardwareProfile:
     device = torch.device(device)
     cuda = device.type == "cuda"
-    # Measured as tools/bench.py's physical-limit line measures it, in 1 GiB copies (the
-    # 256 MiB copies used before read 50.2 GB/s in one H200 run whose 1 GiB copies and ring
-    # passes moved 55.4 and 55.2, 54.6 against 55.2 in another: 2026-11-30).
+    # In 1 GiB copies, as tools/bench.py's physical-limit line measures it (smaller copies
+    # read a few percent low).
     copy = copy_gbps(device, (1 << 30) if cuda else (32 << 20))
     n = (256 << 20) if cuda else (32 << 20)
     dev = torch.empty(n, dtype=torch.uint8, device=device)

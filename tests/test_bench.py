@@ -202,7 +202,7 @@ def test_replot_puts_runs_together(tmp_path):
 
 def test_budget_flatness_against_the_bus_cap():
     """Each budget's best engine against the largest budget's, beside the cap the bytes a
-    pass set: the session-15/19 H200 rows (69.7 GB a pass at 48 GiB, 90.0 at 12)."""
+    pass set (bytes a pass as measured at 48 and 12 GiB: 69.7 GB and 90.0)."""
     row = lambda b, engine, tps, nbytes, **kw: dict(  # noqa: E731
         status="ok", budget_gib=b, engine=engine, tokens_per_second=tps,
         stream_bytes_per_pass=nbytes, **kw)

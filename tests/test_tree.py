@@ -784,7 +784,7 @@ def test_plan_counts_the_draft_cache_the_run_allocates(spec, pairs):
 def test_tree_prefill_parts_hold_what_the_plan_counts(pairs, monkeypatch):
     """Tree mode prefills in the plan's chunk (prompt tokens a row a part), not the LLM's
     default: the first prompts', the refills' (target and draft) and no part over chunk ×
-    rows tokens. (A 24 GiB H200 run had prefilled 26k tokens in one part, 0.5 GiB over the
+    rows tokens. (A 24 GiB run had prefilled 26k tokens in one part, 0.5 GiB over the
     budget, while the plan counted 10 a row.)"""
     from specoff.models import decoder
 
@@ -957,8 +957,7 @@ def test_target_picks_in_chunks():
 def test_tree_prediction_counts_the_workloads_passes(pairs):
     """With a hardware profile, a tree run predicts its tokens/s over the passes tree_passes
     counts (first prefill, predicted pass plus measured growth each), refilled or one wave
-    (whose slowest row sets its end: on the H200, 164 prompts over 164 rows, the steady
-    state had predicted 313 tokens/s against 205 measured)."""
+    (whose slowest row sets its end, which the steady state alone overestimates by half)."""
     from specoff.planner import HardwareProfile
 
     draft, target = pairs(0.3)

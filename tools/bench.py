@@ -465,10 +465,10 @@ def run_specoff(bench: Bench, job: Job) -> dict:
     warmup = None
     compiled0 = compiled_kernels()
     if not offload_only and p.get("batch") is not None:
-        # Interactive runs are short: the first use in a process of a speculative shape
-        # (Triton compiling the draft's tree kernels, graph captures) took 3.7 s of a 58 s
-        # batch-1 tree run on the H200 (2026-11-30). A short run of the same rows and
-        # settings first keeps that out of the figures, as llm_for's warm-up does for cuBLAS.
+        # Interactive runs are short, and the first use in a process of a speculative shape
+        # (Triton compiling the draft's tree kernels, graph captures) takes seconds: a short
+        # run of the same rows and settings first keeps that out of the figures, as
+        # llm_for's warm-up does for cuBLAS.
         spec = llm.options.spec
         key = (engine, len(prompts), spec.tree_budget, spec.draft_len, spec.tree_scores)
         if key not in bench.warmed:
@@ -478,10 +478,9 @@ def run_specoff(bench: Bench, job: Job) -> dict:
             bench.warmed.add(key)
     elif p.get("batch") is None and getattr(bench.args, "warmup_tokens", 0):
         # Throughput runs: a fresh process compiles Triton kernels for each new specialization
-        # of their integer arguments (prefill parts, refills, verification) as it meets them:
-        # a first run of a workload measured 30.6 s against 19.6-20.1 s for each run after it
-        # on the H200 (2026-11-30, tools/profile_pass.py --compare, which cuDNN's plans also
-        # slowed). A short run over the rows and a quarter more (refills) meets most of them.
+        # of their integer arguments (prefill parts, refills, verification) as it meets them,
+        # which slows a workload's first run by half; a short run over the rows and a quarter
+        # more (refills) meets most of them.
         key = (engine, len(prompts), max(map(len, prompts)), llm.options.spec.draft_len)
         if key not in bench.warmed:
             groups = 2 if engine == "specoff-chain-interleaved" else 1
@@ -813,8 +812,7 @@ def sweep_budget_jobs(bench: Bench) -> List[Job]:
                        "specoff-offload"):
             # Offload-only takes the same prompts in one batch, as many rows as the budget
             # holds (its cache in host memory, a row costs the GPU little): below the pair's
-            # budget that is the target alone's best, where 164 rows of them gave 95 tokens/s
-            # at 12 GiB (session 15) whatever the budget.
+            # budget that is the target alone's best.
             offload_only = engine == "specoff-offload"
             per_pass = 2 * a.rows if engine.startswith("specoff-chain") or offload_only else a.rows
             jobs.append(job(bench, "sweep-budget", budget, engine, prompts=prompts, new_tokens=new,
