@@ -210,8 +210,8 @@ def kernel_plot(rows: List[dict], out: Path) -> List[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    bars = [(f"{r['kernel']} {r['shape']} {r['case']}"[:60], times_torch(r)) for r in rows
-            if r["kernel"] in PLOTTED_KERNELS]
+    bars = [(f"{r['kernel']} {r['shape']} {r['case']}"[:52] + f" ({r.get('run_id') or '–'})",
+             times_torch(r)) for r in rows if r["kernel"] in PLOTTED_KERNELS]
     bars = [(name, x) for name, x in bars if x is not None]
     if not bars:
         return []
@@ -223,7 +223,7 @@ def kernel_plot(rows: List[dict], out: Path) -> List[Path]:
     ax.set_xlabel("× the best torch composition (graph replay times)")
     fig.tight_layout()
     path = out / "kernels-times_torch.png"
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return [path]
 
