@@ -4,7 +4,7 @@ how long a pass should take.
 The hardware profile (pinned host→GPU copy rate, matrix-product rate, HBM rate, CPU
 attention rate) is measured once per device and cached as JSON. A pass over an offloaded
 target costs max(bytes streamed / copy rate, compute), since copies and compute run on two
-streams (DESIGN.md); prefill streams each layer once and computes every prompt token.
+streams (docs/design.md); prefill streams each layer once and computes every prompt token.
 
 Tree speculation (SpecExec): the node budget that maximises tokens/s, from the pass time at
 that many tokens, the measured tree growth and the measured acceptance-vs-budget curve

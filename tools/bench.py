@@ -6,7 +6,7 @@ and GPU budget, JSON lines, PNG plots and a markdown table per scenario.
     python tools/bench.py --scenario sweep-budget --out bench/results
     python tools/bench.py --scenario all --tiny        # CPU smoke run of every scenario
 
-The pair is an upcycled one built in memory with seeded random weights (DESIGN.md, "Honest
+The pair is an upcycled one built in memory with seeded random weights (docs/design.md, "Honest
 measurement"): a Mistral-7B-shaped draft, resident on the GPU, and a Mixtral-8x7B-shaped
 target whose experts are the draft's feed-forward plus noise σ, streamed from pinned host
 memory. σ is found for the requested acceptance α (synthetic.sigma_for_acceptance) unless
