@@ -386,7 +386,7 @@ class LLM:
             self.draft_model = load_model(None if synthetic else draft, self.device, self.dtype,
                                           source=draft.source if synthetic else None,
                                           config=self.draft_config)
-            if _decoder.FOLD_DRAFT_NORMS:  # before any quantisation: plain products only
+            if self.draft_model.kernels.fold_draft_norms:  # before any quantisation: plain products only
                 self.draft_model.fold_norms()
             if draft_quant is not None:
                 quantize_linears(self.draft_model, draft_quant)

@@ -350,7 +350,7 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
              draft_idle: bool = False,
              host_kv_tokens: Optional[Callable[[int], int]] = None,
              prompt_tokens: Optional[Callable[[int], int]] = None,
-             plain_rows: int = 0, host_budget: Optional[int] = None) -> Plan:
+             plain_rows: int = 0, host_budget: Optional[int] = None, host_cache_ahead: int = 1) -> Plan:
     """Rows per pass, KV placement and predicted times for a workload, within the budget
     left by the weights. `kv_placement` "gpu" or "host" forces the cache's place; by
     default it is on the GPU when it fits, else (for an offloaded target) in host memory.
@@ -366,7 +366,8 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
     `plain_rows`: up to this many of the `rows` beyond the pass's rows ride each pass a token
     at a time, the target's cache theirs too (tree mode's spec.tree.PLAIN_ROWS).
     `host_budget`: the host memory a cache there may take (kvcache.available_host_bytes);
-    rows beyond it are dropped, and where not even one row's fits, HostMemoryError says so."""
+    rows beyond it are dropped, and where not even one row's fits, HostMemoryError says so.
+    `host_cache_ahead`: the layers of a host cache fetched ahead (Transformer.host_cache_ahead)."""
     if kv_placement not in (None, "gpu", "host"):
         raise ValueError(f"kv_placement must be 'gpu', 'host' or None, not {kv_placement!r}")
     sizes = ModelSizes.of(cfg, dtype)
@@ -402,7 +403,7 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
         # one-layer scratch of their K/V (decoder.PrefillStage, PackedStage).
         hidden += prompt * sizes.kv_per_token // cfg.n_layers
         if not kv_gpu:  # layers of it stream in for attention: one read, the next ones coming
-            in_flight = 1 + max(decoder.HOST_CACHE_AHEAD, 1)
+            in_flight = 1 + max(host_cache_ahead, 1)
             hidden += in_flight * streamed_tokens(r) * sizes.kv_per_token // cfg.n_layers
         if draft_sizes is not None and not draft_idle:  # the draft's cache and steps live on the GPU
             kv += (draft_tokens(r) if draft_tokens else r * context) * draft_sizes.kv_per_token
