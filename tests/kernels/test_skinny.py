@@ -352,7 +352,7 @@ def test_speculation_with_the_decode_fusions_equals_target(spec, fold, pairs, mo
 
     if not fold:  # the engine folds its draft's norms as the draft's default options say
         monkeypatch.setattr(decoder.Transformer, "fold_norms", lambda self: 0)
-    options = kernel_options(fused_elementwise=True, skinny_products=True, chain_attention=fold,
+    options = kernel_options(fused_elementwise=True, skinny_products=True, chain_attention=fold or DEVICE == "cuda",
                              fused_rope_attention=fold)
     fused_steps = []
     real_rva = decoder.rope_verify_attention
