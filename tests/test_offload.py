@@ -155,15 +155,16 @@ def test_offloaded_generation_equals_resident(family, make_checkpoint):
 
 @pytest.mark.parametrize("into_rows", [False, True])
 @pytest.mark.parametrize("attention", ["torch", "triton"])
-def test_packed_prefill_equals_the_padded_one(into_rows, attention, make_checkpoint, monkeypatch):
+def test_packed_prefill_equals_the_padded_one(into_rows, attention, make_checkpoint):
     """Prompts of far-apart lengths prefill packed in one row (no padding, each token seeing
     its own prompt only; the Triton kernel or the dense mask), in parts of the size the
     caller asked for: logits and cached K/V match the batch padded to its longest."""
-    from specoff.models import decoder
     from specoff.models.decoder import PrefillBatch
+    from specoff.options import KernelOptions
 
-    monkeypatch.setattr(decoder, "CHAIN_ATTENTION", attention)
     model = specoff.LLM(make_checkpoint("mixtral", layers=3), device="cpu").model
+    model.use_kernels(KernelOptions(interpret=True, chain_attention=attention == "triton", fused_elementwise=False,
+                                    skinny_products=False))
     gen = torch.Generator().manual_seed(0)
     host = [23, 4, 19, 2, 11, 22]
     ids = torch.randint(3, 200, (len(host), max(host)), generator=gen)
@@ -298,15 +299,11 @@ def test_gpu_budget_is_never_exceeded(make_checkpoint):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("interleave,ahead", [(True, 1), (False, 1), (True, 0), (True, 3)])
-def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, ahead, make_checkpoint,
-                                                       tmp_path, monkeypatch):
+def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, ahead, make_checkpoint, tmp_path):
     """Chain speculation with the target's cache in host memory (streamed to the GPU, refills
     prefilled on the GPU through a PrefillStage, in the pass that verifies the group's other
     rows) gives the target's tokens, within budget: the cache's layers copied on the compute
     stream (ahead 0) or fetched 1 or 3 layers ahead on their own stream."""
-    from specoff.models import decoder
-
-    monkeypatch.setattr(decoder, "HOST_CACHE_AHEAD", ahead)
     draft, target, params, expect = _gpu_pair(tmp_path, PROMPTS * 3, 20)
     budget = 1 << 30
     torch.cuda.empty_cache()
@@ -315,6 +312,7 @@ def test_gpu_speculation_with_host_kv_keeps_the_budget(interleave, ahead, make_c
         llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
                           gpu_memory=budget, kv_placement="host", max_rows=4, draft_len=3,
                           interleave=interleave, spec="chain", ring_pieces=pieces)
+        llm.model.host_cache_ahead = ahead
         assert [o.token_ids for o in llm.generate(PROMPTS * 3, params)] == expect
         assert not llm.last_stats.plan["kv_on_gpu"] and llm.model.ring.pieces == pieces
         assert torch.cuda.max_memory_allocated() - base <= budget

@@ -67,15 +67,15 @@ def test_ragged_prefill_then_steps_through_the_cache(pair):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 @torch.inference_mode()
-def test_chain_attention_kernel_matches_transformers(family, make_checkpoint, monkeypatch):
-    """Passes over the cache with the Triton verification kernel (decoder.CHAIN_ATTENTION;
+def test_chain_attention_kernel_matches_transformers(family, make_checkpoint):
+    """Passes over the cache with the Triton verification kernel (KernelOptions.chain_attention;
     Triton's interpreter here, the default on CUDA): a ragged prefill, single-token steps and
     a 3-token verification step give transformers' logits."""
-    from specoff.models import decoder
+    from specoff.options import KernelOptions
 
-    monkeypatch.setattr(decoder, "CHAIN_ATTENTION", "triton")
     path = make_checkpoint(family)
     ours, ref = specoff.load_model(path, device="cpu", dtype=torch.float32), reference(path)
+    ours.use_kernels(KernelOptions(interpret=True, fused_elementwise=False, skinny_products=False))
     g = torch.Generator().manual_seed(2)
     lengths, steps = [4, 9, 1], [1, 1, 3]
     rows = [torch.randint(0, ours.config.vocab_size, (n + sum(steps),), generator=g) for n in lengths]

@@ -7,6 +7,7 @@ from torch import nn
 import specoff
 from specoff import planner
 from specoff.config import ModelConfig, UnsupportedModelError
+from specoff.options import KernelOptions
 from specoff.planner import GiB, ModelSizes
 from specoff.quant import FP8, Fp8Linear, quantize_linears
 
@@ -15,6 +16,14 @@ MISTRAL_7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096, num_
                   max_position_embeddings=32768, rope_theta=1e6)
 PROMPTS = ["def add(a, b):", "Once upon a time", "import numpy as np", "x = [1, 2, 3]",
            "class Stack:", "for i in range(10):", "# a comment", "return x + 1"]
+
+
+def cpu_kernels(**on) -> KernelOptions:
+    """KernelOptions as the CPU runs by default (the GPU's paths off), the paths named in `on`
+    through Triton's interpreter."""
+    off = dict(fused_elementwise=False, skinny_products=False, chain_attention=False, tree_attention=False,
+               step_kernels=False, fp8_weight_kernel=False)
+    return KernelOptions(interpret=True, **{**off, **on})
 
 
 @pytest.mark.parametrize("bias, dtype", [(False, torch.float32), (True, torch.float32),
@@ -67,22 +76,26 @@ def test_an_fp8_draft_halves_its_layers_and_buys_rows():
     assert plans[1].rows_per_pass > 1.5 * plans[0].rows_per_pass
 
 
-@pytest.mark.parametrize("spec, sigma, kernel", [("chain", 0.0, "off"), ("tree", 0.3, "off"),
-                                                 ("chain", 0.3, "off"), ("tree", 0.3, "on")])
+@pytest.mark.parametrize("spec, sigma, kernel", [("chain", 0.0, False), ("tree", 0.3, False),
+                                                 ("chain", 0.3, False), ("tree", 0.3, True)])
 def test_speculation_with_an_fp8_draft_equals_the_target(spec, sigma, kernel, pairs, monkeypatch):
-    """Dequantizing, or through the float8-weight kernel (quant.FP8_WEIGHT_KERNEL; on the
-    CPU in Triton's interpreter)."""
+    """Dequantizing, or through the float8-weight kernel (KernelOptions.fp8_weight_kernel; on
+    the CPU in Triton's interpreter)."""
     from specoff import quant
 
-    monkeypatch.setattr(quant, "FP8_WEIGHT_KERNEL", kernel)
+    calls = []
+    real = quant.fp8_linear
+    monkeypatch.setattr(quant, "fp8_linear", lambda *a: (calls.append(1), real(*a))[1])
     draft, target = pairs(sigma)
     # The interpreter runs each launch's programs in numpy: fewer prompts and tokens there.
-    prompts = PROMPTS[:2] if kernel == "on" else PROMPTS
-    params = specoff.SamplingParams(max_new_tokens=6 if kernel == "on" else 10)
+    prompts = PROMPTS[:2] if kernel else PROMPTS
+    params = specoff.SamplingParams(max_new_tokens=6 if kernel else 10)
     expect = [o.token_ids for o in specoff.LLM(target, device="cpu").generate(prompts, params)]
     llm = specoff.LLM(target, draft=draft, device="cpu", spec=spec, draft_quant="fp8", max_rows=3)
     assert llm.draft_config.weight_quant == "fp8"
+    llm.draft_model.use_kernels(cpu_kernels(fp8_weight_kernel=kernel))
     assert [o.token_ids for o in llm.generate(prompts, params)] == expect
+    assert bool(calls) == kernel
     if sigma == 0.0:  # the draft is the target up to the weights' rounding: most accepted
         assert llm.last_stats.acceptance_rate > 0.5
 
@@ -102,57 +115,35 @@ def test_draft_quant_errors(pairs, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 33, 222])
-def test_gpu_fp8_products_are_close(rows, monkeypatch):
-    """Both GPU paths of Fp8Linear (dequantize then bf16; float8 products) against the bf16
-    linear, at Mistral-7B's w13 shape."""
-    from specoff import quant
-
+def test_gpu_fp8_products_are_close(rows):
+    """Both GPU paths of Fp8Linear (dequantize then bf16; the float8-weight kernel) against
+    the bf16 linear, at Mistral-7B's w13 shape."""
     torch.manual_seed(0)
     lin = nn.Linear(4096, 2 * 14336, bias=False, device="cuda", dtype=torch.bfloat16)
-    q = Fp8Linear(lin)
     x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     ref = lin(x).float()
-    for gemm in (False, True):
-        monkeypatch.setattr(quant, "FP8_GEMM", gemm)
-        out = q(x).float()
-        assert (out - ref).norm() / ref.norm() < 0.06, gemm
+    for kernel in (False, True):
+        out = Fp8Linear(lin, KernelOptions(fp8_weight_kernel=kernel))(x).float()
+        assert (out - ref).norm() / ref.norm() < 0.06, kernel
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["chain", "tree"])
-@pytest.mark.parametrize("option, value", [("quant.FP8_WEIGHT_KERNEL", "off"), ("quant.FP8_WEIGHT_KERNEL", "auto"),
-                                           ("kvcache.DRAFT_CACHE_DTYPE", "fp8")])
-def test_gpu_speculation_with_an_fp8_draft(spec, option, value, pairs, monkeypatch):
+@pytest.mark.parametrize("kernel, cache", [(False, "off"), (True, "off"), (True, "fp8")])
+def test_gpu_speculation_with_an_fp8_draft(spec, kernel, cache, pairs, monkeypatch):
     """On the GPU a float8 draft's steps (CUDA graphs) dequantize or run the float8-weight
     kernel inside the graphs, and with DRAFT_CACHE_DTYPE its cache is float8 too (the
     attention kernels reading float8 tiles); exact, over more prompts than rows (refills)."""
-    import importlib
+    from specoff import kvcache
 
-    module, _, name = option.rpartition(".")
-    monkeypatch.setattr(importlib.import_module(f"specoff.{module}"), name, value)
+    monkeypatch.setattr(kvcache, "DRAFT_CACHE_DTYPE", cache)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=12)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
                       spec=spec, draft_quant="fp8", max_rows=3, kv_placement="host")
+    llm.draft_model.use_kernels(KernelOptions(fp8_weight_kernel=kernel))
     assert [o.token_ids for o in llm.generate(PROMPTS * 2, params)] == expect * 2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("spec", ["chain", "tree"])
-def test_gpu_fp8_products_in_a_bf16_draft(spec, pairs, monkeypatch):
-    """quant.FP8_GEMM in a bf16 run (float8 products inside the draft's graphs): every row
-    served, and a draft that is the target up to rounding still mostly accepted (per
-    position: a tree's accepted / proposed counts its many unchosen branches)."""
-    from specoff import quant
-
-    monkeypatch.setattr(quant, "FP8_GEMM", True)
-    draft, target = pairs(0.0)
-    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="bfloat16", offload=True,
-                      spec=spec, draft_quant="fp8", max_rows=3)
-    out = llm.generate(PROMPTS, specoff.SamplingParams(max_new_tokens=12, ignore_eos=True))
-    assert all(len(o.token_ids) == 12 for o in out)
-    assert llm.last_stats.token_acceptance > 0.5
 
 
 def test_a_pair_on_the_fp8_grid_proposes_alike_in_fp8():

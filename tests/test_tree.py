@@ -110,7 +110,7 @@ def test_tree_kernel_equals_masked_attention(make_checkpoint, monkeypatch):
     """The Triton verification kernel (Triton's interpreter on the CPU) gives the tree pass
     the logits of plain masked attention: all nodes at once, and a subset of them over a tree
     whose other nodes are cached (as the draft's expansion passes run)."""
-    from specoff.models import decoder
+    from specoff.options import KernelOptions
 
     model = specoff.load_model(make_checkpoint("qwen3_moe"), DEVICE, "float32")
     prefix = torch.tensor([[5, 9, 2, 7, 3], [4, 4, 8, 1, 0]], device=DEVICE)
@@ -120,7 +120,8 @@ def test_tree_kernel_equals_masked_attention(make_checkpoint, monkeypatch):
     model.prefill(prefix, torch.tensor([5, 3], device=DEVICE), cache, chunk=4)
     logits = {}
     for mode in ("torch", "triton"):
-        monkeypatch.setattr(decoder, "TREE_ATTENTION", mode)
+        model.use_kernels(KernelOptions(interpret=True, tree_attention=mode == "triton", fused_elementwise=False,
+                                        skinny_products=False))
         part = tree_part(tree, torch.arange(6, device=DEVICE).expand(2, -1), cache)
         model.run_parts([part])
         subset = tree_part(tree, torch.tensor([[5, 2, 3], [1, 4, 0]], device=DEVICE), cache)

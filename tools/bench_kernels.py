@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import triton
@@ -169,22 +170,6 @@ def moe_torch_grouped(x, w13, w2, topk_weights, topk_ids):
     return out.view(N, top_k, D).sum(1)
 
 
-def grouped_mm_available(device) -> bool:
-    """torch._grouped_mm (a private op, torch ≥ 2.8): bf16 grouped GEMMs on sm_90 and newer."""
-    from specoff.kernels import moe
-
-    return moe.grouped_mm_usable(torch.empty(0, device=device, dtype=torch.bfloat16))
-
-
-def moe_torch_grouped_mm(x, w13, w2, topk_weights, topk_ids):
-    """Sort pairs by expert, then one torch._grouped_mm per projection over all experts
-    (group ends counted on the device: no host sync, so it captures in a CUDA graph): the
-    engine's own route for it, kernels.moe.GROUPED_MM_TOKENS."""
-    from specoff.kernels import moe
-
-    return moe._grouped_mm_moe_into(x, w13, w2, topk_weights, topk_ids, torch.empty_like(x))
-
-
 def attention_sdpa(q, k_cache, v_cache, mask):
     """SDPA over the whole cache with a boolean mask built beforehand (GQA without copies)."""
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -223,8 +208,7 @@ def bench_skinny(hbm: float, sweep: bool = False):
     decode shapes, graph times; with `sweep` also a small grid of tiles and K slices for 1
     and 16 rows, the fastest printed beside the default's. Each time is a product's share
     of a graph that multiplies by as many copies of the weight as fill 4× the L2 cache in
-    turn: a weight replayed alone stays partly in the H200's 50 MB L2 (session 23 timed
-    wo's 33.5 MB at 7.5 µs so, 4.5 TB/s; session 24's profile of the step found 11.4 µs)."""
+    turn: a weight replayed alone stays partly in L2 and times faster than inside a step."""
     import itertools
 
     from specoff.kernels import num_sms, skinny
@@ -271,9 +255,7 @@ def bench_skinny(hbm: float, sweep: bool = False):
                 act = torch.empty(M, N // 2, device="cuda", dtype=torch.bfloat16)
                 t_torch = each(lambda w: silu_mul(torch.mm(x, w.t(), out=out), out=act))
                 t = each(lambda w: skinny._skinny_into(x, w, None, act, swiglu=True))
-                one = dict(skinny.config(M, N, K, num_sms(w.device)), BLOCK_N=32, ONE_DOT=True, SPLIT_K=1)
-                t_one = each(lambda w: skinny._skinny_into(x, w, None, act, one, swiglu=True))
-                fused_case = f"rows={M} swiglu (product + silu_mul; one 64-row tile a program: {t_one:.4f} ms)"
+                fused_case = f"rows={M} swiglu (product + silu_mul)"
             elif name == "wqkv":  # the norm inside the product (folded weight) against the norm's launch + the product
                 from specoff.kernels.fused import rms_norm
 
@@ -299,9 +281,6 @@ def bench_skinny(hbm: float, sweep: bool = False):
 
 
 def bench_moe(with_ref: bool, hbm: float):
-    from specoff.kernels import moe
-
-    moe.GROUPED_MM_TOKENS = 0  # the kernel rows time the Triton kernels (the private op has its column)
     rows = []
     for shape in MOE_SHAPES:
         weights = None
@@ -313,13 +292,9 @@ def bench_moe(with_ref: bool, hbm: float):
             kernel = lambda: fused_moe(x, w13, w2, topk_weights, topk_ids, out=out)  # noqa: E731
             t_kernel, t_graph = _time_ms(kernel), _graph_ms(kernel)
             t_torch = _time_ms(lambda: moe_torch_grouped(x, w13, w2, topk_weights, topk_ids))  # host sync: no graph
-            # The private grouped-GEMM op, apart from "× torch" (public ops): its own column.
-            t_gmm = (_graph_ms(lambda: moe_torch_grouped_mm(x, w13, w2, topk_weights, topk_ids))
-                     if grouped_mm_available(x.device) else float("nan"))
             t_ref = _time_ms(lambda: fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) if with_ref else float("nan")
             rows.append(dict(kernel="fused_moe", shape=shape, case=f"tokens={tokens}", ms=t_kernel,
                              graph_ms=t_graph, torch_ms=t_torch, torch_graph_ms=float("nan"), ref_ms=t_ref,
-                             grouped_mm_graph_ms=t_gmm,
                              tflops=flops / t_graph / 1e9, gbps=bytes_ / t_graph / 1e6,
                              hbm_share=bytes_ / t_graph / 1e6 / hbm))
             print_row(rows[-1])
@@ -441,10 +416,9 @@ def _read_kernel(src_ptr, out_ptr, n, BLOCK: tl.constexpr):
 def hbm_bandwidth_gbps(gib: int = 2) -> float:
     """Device-memory read bandwidth over `gib` GiB, as CUDA-graph replays: the best of torch's
     max-reduction and a striped Triton read at a few block sizes and grid widths (both read
-    every byte and write next to nothing). A device-to-device copy's read + write figure came
-    out well below what the read-bound kernels here reach (H200: 2.8 TB/s against over 3
-    TB/s), and torch's reduction (3.5 TB/s) below the kernels' 4.1–4.4, so neither alone is
-    the ceiling."""
+    every byte and write next to nothing). A device-to-device copy's read + write figure and
+    torch's reduction each come out below what the read-bound kernels here reach, so neither
+    alone is the ceiling."""
     from specoff.kernels import num_sms
 
     src = torch.randn(gib << 29, device="cuda", dtype=torch.bfloat16)  # gib GiB of bf16
@@ -518,81 +492,57 @@ def bench_draft(hbm: float, compile_step: bool = False):
     model = draft_model()
     weights = weight_bytes_per_step(model)
     floor_ms = weights / hbm / 1e6
-    from specoff import kernels
-    from specoff.kernels import skinny
-    from specoff.kernels import step as step_kernels
-    from specoff.models import decoder
-
     rows = []
-    names = ("LINEAR", "FUSED_CACHE_WRITE", "PDL", "SWIGLU_ONE_DOT", "FUSED_ROPE_ATTENTION", "SQUARES_FROM_PRODUCTS")
-    homes = (skinny, decoder, kernels, skinny, decoder, decoder)
-    setting = tuple(getattr(home, name) for home, name in zip(homes, names))
-    step_setting = step_kernels.STEP_KERNELS
-    # the current settings' rows first (where they fold the norms, as the engine's draft
-    # does by default, decoder.FOLD_DRAFT_NORMS: first of the folded ones), then every
-    # decode fusion off; the few-rows products (kernels/skinny.py) with the cache write in
-    # the rotary launch; each of programmatic dependent launch, the SwiGLU launch's one-tile
-    # programs and the rotary + write + attention launch on top, then all three; then (it
-    # rewrites the weights, so last) the norms folded into the products
-    # (Transformer.fold_norms): alone, with the one-tile programs and the rotary launch, and
-    # with PDL too; each with its norms' sums of squares handed on by the products before
-    # (decoder.SQUARES_FROM_PRODUCTS) and, with all three, without (each product squaring
-    # its input)
-    base = ("auto", "auto", "off", False, "off", True)
-    three = ("auto", "auto", "auto", True, "auto", True)
-    two = ("auto", "auto", "off", True, "auto", True)
-    combos = [(setting, decoder.FOLD_DRAFT_NORMS), (("off", "off", "off", False, "off", True), False), (base, False),
-              (("auto", "auto", "auto", False, "off", True), False), (("auto", "auto", "off", True, "off", True), False),
-              (("auto", "auto", "off", False, "auto", True), False), (two, False), (three, False),
-              (base, True), (two, True), (three, True), (three[:5] + (False,), True)]
-    if os.environ.get("DRAFT_COMBOS") == "current":  # the current settings' rows alone
+    current = model.kernels
+    # the current options' rows first (where they fold the norms, as the engine's draft does
+    # by default: first of the folded ones), then every decode fusion off; the few-rows
+    # products (kernels/skinny.py) with the cache write in the rotary launch; each of
+    # programmatic dependent launch and the rotary + write + attention launch on top, then
+    # both; then (it rewrites the weights, so last) the norms folded into the products
+    # (Transformer.fold_norms): alone and with both, each with its norms' sums of squares
+    # handed on by the products before and, with both, without (each product squaring its input)
+    base = replace(current, skinny_products=True, fused_cache_write=True, pdl=False, fused_rope_attention=False,
+                   squares_from_products=True)
+    off = replace(base, skinny_products=False, fused_cache_write=False, step_kernels=False)
+    both = replace(base, pdl=True, fused_rope_attention=True)
+    combos = [(current, current.fold_draft_norms), (off, False), (base, False), (replace(base, pdl=True), False),
+              (replace(base, fused_rope_attention=True), False), (both, False),
+              (base, True), (both, True), (replace(both, squares_from_products=False), True)]
+    if os.environ.get("DRAFT_COMBOS") == "current":  # the current options' rows alone
         combos = combos[:1]
-    for values, fold in sorted(dict.fromkeys(combos), key=lambda c: c[1]):
-        for home, name, value in zip(homes, names, values):
-            setattr(home, name, value)
+    for options, fold in sorted(dict.fromkeys(combos), key=lambda c: c[1]):
+        model.use_kernels(options)
         if fold:
             model.fold_norms()
-        linear, write, pdl, one_dot, rope_attention, handoff = values
-        # all off: torch's gather and argmax too
-        step_kernels.STEP_KERNELS = "off" if linear == "off" else step_setting
         for B in DRAFT_BATCHES:
             rows.append(draft_row(model, B, weights, floor_ms, hbm))
-            rows[-1]["case"] += (f" skinny {linear}{' one-dot' if one_dot else ''}, cache write {write}, pdl {pdl}"
-                                 f", rope+attention {rope_attention}"
-                                 + ((", norms folded" + ("" if handoff else " (own squares)")) if fold else ""))
+            rows[-1]["case"] += (f" skinny {on(options.skinny_products)}, cache write {on(options.fused_cache_write)}"
+                                 f", pdl {on(options.pdl)}, rope+attention {on(options.fused_rope_attention)}"
+                                 + ((", norms folded" + ("" if options.squares_from_products else " (own squares)"))
+                                    if fold else ""))
             print_row(rows[-1])
             torch.cuda.empty_cache()
-    for home, name, value in zip(homes, names, setting):
-        setattr(home, name, value)
-    from specoff.kernels import attention
 
-    def variant(home, name, value, label):
-        """The current settings with home.name = value, a row each batch."""
-        kept = getattr(home, name)
-        setattr(home, name, value)
+    def variant(label, **fields):
+        """The current options with `fields` replaced, a row each batch."""
+        model.use_kernels(replace(current, **fields))
         try:
             for B in DRAFT_BATCHES:
                 rows.append(draft_row(model, B, weights, floor_ms, hbm))
-                rows[-1]["case"] += f" settings as set, {label}"
+                rows[-1]["case"] += f" options as set, {label}"
                 print_row(rows[-1])
         finally:
-            setattr(home, name, kept)
+            model.use_kernels(current)
 
-    variant(step_kernels, "STEP_KERNELS", "off", "embedding and argmax through torch")
-    for q_regs, where in (("on", "registers"), ("off", "scratch")):  # the rotary's queries each way
-        if attention.ROPE_Q_REGISTERS != q_regs:
-            variant(attention, "ROPE_Q_REGISTERS", q_regs, f"queries rotated in {where}")
-    from specoff.kernels import skinny
-
+    variant("embedding, rotary tables and argmax through torch", step_kernels=False)
     # DRAFT_TILES="4096x4096:BLOCK_N=32,SPLIT_K=2;6144x4096:SPLIT_K=2": each product's tile
-    # choices replaced in turn (skinny.CONFIG_OVERRIDES), a row each batch.
+    # choices replaced in turn (KernelOptions.skinny_tiles), a row each batch.
     for spec in filter(None, os.environ.get("DRAFT_TILES", "").split(";")):
         shape, _, entries = spec.partition(":")
         N, K = map(int, shape.split("x"))
-        replaced = {k: int(v) for k, v in (e.split("=") for e in entries.split(","))}
-        variant(skinny, "CONFIG_OVERRIDES", {(N, K): replaced}, f"{N}x{K} products with {replaced}")
-    for keys in map(int, filter(None, os.environ.get("DRAFT_SPLITS", "").split(","))):
-        variant(attention, "MIN_KEYS_PER_SPLIT", keys, f"attention splits of >= {keys} keys")
+        replaced = tuple((k, int(v)) for k, v in (e.split("=") for e in entries.split(",")))
+        variant(f"{N}x{K} products with {dict(replaced)}", skinny_tiles=(((N, K), replaced),))
+    model.use_kernels(current)
     if compile_step:
         rows.append(draft_row(model, DRAFT_BATCHES[-1], weights, floor_ms, hbm, compiled=True))
         print_row(rows[-1])
@@ -600,6 +550,10 @@ def bench_draft(hbm: float, compile_step: bool = False):
           "one-graph step / floor: " + ", ".join(f"{r['case']} {r['over_floor']:.2f}x" for r in rows)
           + " (goal <= 1.3x at batch <= 16)", flush=True)
     return rows
+
+
+def on(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 def draft_step(model, B: int, compiled: bool = False):
@@ -613,7 +567,8 @@ def draft_step(model, B: int, compiled: bool = False):
 
     def forward(ids):
         # the greedy pick as the throughput pipeline's draft makes it (kernels.step)
-        return argmax_rows(model(ids, cache)[:, -1])[:, None]  # (B, 1)
+        logits = model(ids, cache)[:, -1]
+        return (argmax_rows(logits) if model.kernels.step_kernels else logits.argmax(-1))[:, None]  # (B, 1)
 
     forward = torch.compile(forward, fullgraph=True, dynamic=False) if compiled else forward
 
@@ -654,11 +609,10 @@ def profile_draft(hbm: float, steps: int = 10):
     """Where the draft's step goes, at batch 1 and 16, then with the norms folded
     (Transformer.fold_norms, last: it rewrites the weights): each kernel's own device time
     a step (torch.profiler over eager steps with PDL off), and inside the step's CUDA graph
-    with the current settings what each kernel adds to the replay's span (with PDL the
+    with the current options what each kernel adds to the replay's span (with PDL the
     launches overlap; where the profiler sees no kernels inside graphs, only the first)."""
-    from specoff import kernels
-
     model = draft_model()
+    current = model.kernels
     floor_ms = weight_bytes_per_step(model) / hbm / 1e6
     rows = []
     for fold in (False, True):
@@ -670,14 +624,14 @@ def profile_draft(hbm: float, steps: int = 10):
                 graph = capture(step)
                 graph_ms = one_graph_replay_ms(step, graph=graph)
                 in_graph = profiled_launches(graph.replay, steps)
-                setting, kernels.PDL = kernels.PDL, "off"
+                model.use_kernels(replace(current, pdl=False))
                 try:
                     for _ in range(3):
                         step()
                     torch.cuda.synchronize()
                     eager = profiled_launches(step, steps)
                 finally:
-                    kernels.PDL = setting
+                    model.use_kernels(current)
             assert eager is not None, "the profiler saw no kernels, or the steps launched unlike kernels"
             names, own, _ = eager
             total = sum(own)
@@ -692,7 +646,7 @@ def profile_draft(hbm: float, steps: int = 10):
             if in_graph is not None and in_graph[0] == names:
                 graph_rows = layer_pattern(names, in_graph[2], len(model.layers))
                 row.update(graph_span_ms=sum(in_graph[2]), graph_launch_ms=in_graph[1], graph_adds_ms=in_graph[2])
-                print(f"in the graph (PDL {kernels.PDL}): span {sum(in_graph[2]):.3f} ms, each kernel's "
+                print(f"in the graph (PDL {on(current.pdl)}): span {sum(in_graph[2]):.3f} ms, each kernel's "
                       "end minus the last one's in the second column")
             elif in_graph is not None:
                 print("in the graph: the profiler saw other kernels than the eager step's (not shown)")
@@ -742,19 +696,17 @@ def draft_row(model, B: int, weights: int, floor_ms: float, hbm: float, compiled
 def print_header(hbm: float):
     print(f"ms are medians; 'graph' = CUDA-graph replay (device time). TFLOP/s and GB/s use the kernel's graph "
           f"time; % HBM = GB/s over the measured read bandwidth, {hbm:.0f} GB/s (draft: its weights alone); "
-          "× torch = best torch time (eager or graph) / kernel graph time (draft: eager step / one-graph step); "
-          "× _grouped_mm (MoE): the graph time of the same composition on torch's private grouped-GEMM op / kernel's.")
+          "× torch = best torch time (eager or graph) / kernel graph time (draft: eager step / one-graph step).")
     print("| kernel | shape | case | kernel ms | kernel graph ms | torch ms | torch graph ms | ref ms "
-          "| TFLOP/s | GB/s | % HBM | × torch | × _grouped_mm |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+          "| TFLOP/s | GB/s | % HBM | × torch |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
 
 
 def print_row(r):
     best_torch = min(t for t in (r["torch_ms"], r["torch_graph_ms"]) if not math.isnan(t))
     print(f"| {r['kernel']} | {r['shape']} | {r['case']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | "
           f"{r['torch_ms']:.4f} | {r['torch_graph_ms']:.4f} | {r['ref_ms']:.3f} | {r['tflops']:.1f} | "
-          f"{r['gbps']:.0f} | {100 * r['hbm_share']:.0f}% | {best_torch / r['graph_ms']:.2f} | "
-          f"{r.get('grouped_mm_graph_ms', float('nan')) / r['graph_ms']:.2f} |", flush=True)
+          f"{r['gbps']:.0f} | {100 * r['hbm_share']:.0f}% | {best_torch / r['graph_ms']:.2f} |", flush=True)
 
 
 def main():

@@ -64,11 +64,9 @@
 #                of up to 512 rows (engine.SEGMENT_HOST_CACHE; x3), 16 tokens, off / auto, ABAB
 #   plain-rows   tree runs (HumanEval x3, 32 tokens, up to 256 rows) without and with PLAIN
 #                (default 200) rows the target alone serves beside the trees (spec.tree.PLAIN_ROWS)
-#   fp8-draft    tree runs (HumanEval x3, 32 tokens, up to 512 rows) with the draft's weights in
-#                float8, its products dequantized or in float8 (quant.FP8_GEMM), ABAB
 #   tree-tests   the GPU tests of tree mode and of the attention kernel's row offsets
 #   host-ahead   issue 4's (c) with the target's host cache copied on the compute stream or a
-#                layer ahead on its own (models.decoder.HOST_CACHE_AHEAD 0 / 1), ABAB
+#                layer ahead on its own (cache.host_cache_ahead 0 / 1), ABAB
 #   joint-tail   issue 4's (c) with the tail's groups in a pass each or one pass for both
 #                (spec.pipeline.JOINT_TAIL off / on), ABAB; GAMMA, ROWS, PROMPTS, NEW
 #   syncs        issue 4's (c) with torch's CUDA sync debugging: the host's waits for the device
@@ -79,15 +77,13 @@
 #                both layouts competing at TOKENS (default 1280 256; configs written into
 #                specoff/kernels/configs and copied to $OUT/moe-configs), then the MoE rows of
 #                bench_kernels (× torch) with what it wrote
-#   fp8-kernel   the float8-weight product timed (kernel in both forms, dequantizing, bf16),
-#                then tree runs with a float8 draft through the kernel as x · W8ᵀ or swapped
-#                (kernels.fp8_gemm.SWAP 0 / 1; COMPARE overrides), ABAB
+#   fp8-kernel   the float8-weight product timed (kernel, dequantizing, bf16; pytest-benchmark)
 #   skinny       the few-rows product (kernels/skinny.py): its tests, PDL's, the fused rotary's, the draft's five
 #                matrices at 1/4/16 rows against torch's (SWEEP=1: with a grid of tiles and K
-#                slices), the draft step as one graph with kernels.skinny.LINEAR and
-#                models.decoder.FUSED_CACHE_WRITE off / auto, kernels.PDL, SWIGLU_ONE_DOT and
+#                slices), the draft step as one graph with kernels.skinny_products and
+#                kernels.fused_cache_write off / on, kernels.pdl, kernels.fused_rope_attention and
 #                the norms folded into the products (fold_norms); INTERACTIVE=1: then interactive
-#                chain and tree runs (TREES, default 64; ENGINES) with both off / both auto
+#                chain and tree runs (TREES, default 64; ENGINES) with both off / both on
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
 # rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
@@ -150,7 +146,7 @@ for step in "$@"; do
         readme)  # every row of the README's results table, a run each (rows that share a
                  # command share it) under $OUT/readme/NN-name, at the code's current defaults;
                  # LIMIT (per run) unset means none; DRY=1 lists the runs (each exactly the
-                 # README row's command, with OUT and LIMIT). About 1.5 hours on the H200.
+                 # README row's command, with OUT and LIMIT). About 1.5 hours on one GPU.
             limit=${LIMIT_GIVEN:-0}
             n=0
             # each run gets only its row's settings (EXTRA, e.g. --tiny, passes through)
@@ -230,8 +226,7 @@ ROWS
                 --prompts "${PROMPTS:-492}" --configs humaneval --draft-len 0 \
                 --engines "${ENGINES:-specoff-chain-interleaved,specoff-offload-group}" ;;
         skinny)
-            # the decode fusions' GPU tests (all of test_skinny + test_fused took over 240 s on
-            # the H200; these 81 took 200)
+            # the decode fusions' GPU tests (a subset: all of test_skinny + test_fused outlast the limit)
             timeout 240 python -m pytest -q tests/kernels/test_pdl.py \
                 "tests/kernels/test_attention.py::test_rope_verify_attention_is_rope_write_then_attention" \
                 tests/kernels/test_skinny.py -k "pdl or rope or rms or folded or swiglu or decode_fusions or graph or race" \
@@ -240,10 +235,10 @@ ROWS
                 | tee -a "$OUT/skinny.log" | tail -20
             timeout 150 python tools/bench_kernels.py --only draft --json "$OUT/skinny-draft.json" 2>&1 \
                 | tee -a "$OUT/skinny.log" | tail -14
-            for linear in ${INTERACTIVE:+off auto}; do
+            for linear in ${INTERACTIVE:+off on}; do
                 bench "skinny-$linear" --scenario interactive --batches 1 --interactive-new-tokens 128 \
                     --tree-budgets "${TREES:-64}" --engines "${ENGINES:-specoff-chain,specoff-tree}" \
-                    --set "kernels.skinny.LINEAR=$linear" --set "models.decoder.FUSED_CACHE_WRITE=$linear"
+                    --set "kernels.skinny_products=$linear" --set "kernels.fused_cache_write=$linear"
             done ;;
         draft-profile)  # the draft step's kernels, each one's device time a step (defaults, norms folded)
             timeout 200 python tools/bench_kernels.py --only draft-profile --json "$OUT/draft-profile.json" 2>&1 \
@@ -291,24 +286,11 @@ ROWS
                 --rows 256 --prompts 492 --humaneval --new-tokens 32 --json "$OUT/plain-rows.json" \
                 --compare "spec.tree.PLAIN_ROWS=0,${PLAIN:-200}" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/plain-rows.log" | tail -8 ;;
-        fp8-draft)  # tree runs with the draft's weights in float8: dequantized or float8 products
-            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
-                --rows 512 --prompts 492 --humaneval --new-tokens 32 --draft-quant fp8 \
-                --json "$OUT/fp8-draft.json" --compare "quant.FP8_GEMM=0,1" 2>&1 | grep -v USDT \
-                | tee -a "$OUT/fp8-draft.log" | tail -8 ;;
-        fp8-kernel)  # the float8-weight product: kernel (x · W8ᵀ and the swapped, split-K
-                     # W8 · xᵀ) vs dequantizing vs bf16 (pytest-benchmark, the draft's three
-                     # shapes at 1-512 rows), then tree runs with a float8 draft through the
-                     # kernel in either form (kernels.fp8_gemm.SWAP 0 / 1, ABAB; ROWS 256,
-                     # PROMPTS 328, NEW 32)
+        fp8-kernel)  # the float8-weight product: kernel vs dequantizing vs bf16 (pytest-benchmark,
+                     # the draft's three shapes at 1-512 rows)
             timeout 150 python -m pytest -q --benchmark-only --benchmark-columns=median \
                 --benchmark-sort=name tests/benchmarks/test_bench_kernels.py -k fp8_linear 2>&1 \
-                | tee -a "$OUT/fp8-kernel.log" | tail -45
-            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
-                --rows "${ROWS:-256}" --prompts "${PROMPTS:-328}" --humaneval --new-tokens "${NEW:-32}" \
-                --draft-quant fp8 --json "$OUT/fp8-kernel.json" \
-                --compare "${COMPARE:-kernels.fp8_gemm.SWAP=0,1}" 2>&1 \
-                | grep -v USDT | tee -a "$OUT/fp8-kernel.log" | tail -8 ;;
+                | tee -a "$OUT/fp8-kernel.log" | tail -45 ;;
         fp8-cache)  # tree runs over long prompts (LONG tokens, default 2048; PROMPTS 96, ROWS
                     # 164, NEW 32) with the draft's cache in bf16 / float8 (ABAB): rows and
                     # acceptance (kvcache.DRAFT_CACHE_DTYPE); PP_EXTRA="--draft-quant fp8" too
@@ -331,7 +313,7 @@ ROWS
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave on \
                 --draft-len "${GAMMA:-4}" --rows "${ROWS:-246}" --prompts "${PROMPTS:-328}" --humaneval \
                 --new-tokens "${NEW:-16}" --json "$OUT/host-ahead.json" \
-                --compare "models.decoder.HOST_CACHE_AHEAD=${AHEAD:-0,1}" 2>&1 | grep -v USDT \
+                --compare "cache.host_cache_ahead=${AHEAD:-0,1}" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/host-ahead.log" | tail -8 ;;
         joint-tail)  # issue 4's (c): the tail's groups in a pass each (off) or one pass (on), ABAB
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave on \
@@ -351,7 +333,7 @@ ROWS
                 --new-tokens "${NEW:-16}" --json "$OUT/profile-chain.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-chain.log" | tail -30 ;;
         *)
-            echo "unknown step $step (readme, tests, tree-tests, interactive, interactive4, throughput, peers, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, syncs, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-draft, fp8-kernel, fp8-cache)" >&2
+            echo "unknown step $step (readme, tests, tree-tests, interactive, interactive4, throughput, peers, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, syncs, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-kernel, fp8-cache)" >&2
             exit 2 ;;
     esac
 done

@@ -54,7 +54,6 @@ def main():
                         help="also each row's kernels: own device time a call (torch.profiler, eager, first repeat)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    moe.GROUPED_MM_TOKENS = 0
     rows = []
     print("| tokens | configs | tuner graph ms | bench graph ms | eager ms | torch eager ms | dense mm graph ms |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")

@@ -3,8 +3,8 @@
 For each token count, every BLOCK_M that suits the rows per expert is tried with a grid of
 (BLOCK_N, BLOCK_K, GROUP_M, warps, stages) for each of the two grouped GEMMs (gate-up:
 N_out = 2I, K = D; down: N_out = D, K = I); the BLOCK_M with the lowest summed time wins (both
-launches share one grouping). Each candidate is timed as CUDA-graph replays, so the ~0.5 ms
-of host time an eager launch costs does not drown the device-time differences. All
+launches share one grouping). Each candidate is timed as CUDA-graph replays, so the host
+time an eager launch costs does not drown the device-time differences. All
 candidates are compiled first by a pool of worker processes (Triton's on-disk cache), which
 turns ~10 minutes of serial compiling into well under one.
 
@@ -383,7 +383,7 @@ def resource_report():
                       f"{', one product' if one_dot else ''}: {resources(compiled)}, "
                       f"{'TMA' if 'cp.async.bulk.tensor' in ptx else 'no TMA'}, "
                       f"{ptx.count('wgmma.mma_async')} wgmma instructions")
-    num_sms, attention._num_sms = attention._num_sms, lambda device: 132  # an H100/H200, even without a GPU
+    num_sms, attention._num_sms = attention._num_sms, lambda device: 132  # a Hopper GPU's, even without a GPU
     shared, moe.max_shared_memory = moe.max_shared_memory, lambda device: 232448
     for (H, KV, hd), B, T, tree in (((32, 8, 128), 64, 1, False), ((32, 8, 128), 64, 5, False),
                                      ((32, 4, 128), 64, 5, False), ((32, 8, 128), 1, 256, True),
@@ -397,7 +397,7 @@ def resource_report():
                     qk_scale="fp32", S="i32", half="i32/16",
                     stride_mj=1, G=H // KV, HEAD_DIM=hd, HAS_TREE=tree, SEGMENTED=False, SPLIT=cfg["num_splits"] > 1, IEEE=False,
                     WHOLE_TILES=cfg["WHOLE_TILES"], ROW_START=False, ROPE_WRITE=rope, BLOCK_G=H // KV, BLOCK_HALF=hd // 2,
-                    USE_PDL=False, PDL_EARLY=False,
+                    USE_PDL=False,
                     BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=hd,
                     **strides("stride_xb", "stride_xt", "stride_cb", "stride_ct", "stride_pb", "stride_pt"),
                     **strides("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_ks",
@@ -482,7 +482,6 @@ def main():
         return tune_attention()
     D, I, E, top_k = SHAPES[args.shape] if args.shape else (args.D, args.I, args.E, args.top_k)
     dtype = DTYPES[args.dtype]
-    moe.GROUPED_MM_TOKENS = 0  # the whole-op timings below are the Triton kernels
     mode = "quick" if args.quick else "medium" if args.medium else "full"
     device = moe.device_name(torch.device("cuda"))
     max_shared = moe.max_shared_memory(torch.device("cuda"))
@@ -514,9 +513,8 @@ def main():
         tuned_ms = graph_ms(lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, cfg1, cfg2))
         if not cfg1.get("TMA") and cfg1["BLOCK_M"] >= 32:
             # The same tiles with SHRINK (groups' last blocks of at most half a block of pairs
-            # multiply that half only): strictly less tensor-core work, kept unless slower. The
-            # short graphs here run at boost clock, where that work hides; under sustained
-            # calls it was 1.5% faster at 256 Mixtral tokens (KERNEL_NOTES, session 27).
+            # multiply that half only): strictly less tensor-core work, kept unless slower (the
+            # short graphs here run at boost clock, where that work hides; sustained calls show it).
             shrunk = dict(cfg1, SHRINK=1), dict(cfg2, SHRINK=1)
             shrunk_ms = graph_ms(lambda: moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *shrunk))
             print(f"  tokens={tokens} shrunk blocks: {shrunk_ms:.4f} ms against {tuned_ms:.4f}", flush=True)

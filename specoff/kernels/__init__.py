@@ -8,11 +8,8 @@ import triton.language as tl
 
 
 def launcher(kernel, tensor: torch.Tensor):
-    """wrap_triton while torch.compile or make_fx traces; the bare kernel in eager mode.
-
-    On the H200 every eager call through wrap_triton's dispatcher showed a host-time floor of
-    ~0.4 ms per launch, more than the kernels themselves take at decode sizes.
-    """
+    """wrap_triton while torch.compile or make_fx traces; the bare kernel in eager mode, where
+    wrap_triton's dispatcher costs more host time a call than the kernels take at decode sizes."""
     if torch.compiler.is_compiling() or type(tensor) is not torch.Tensor:
         from torch.library import wrap_triton
 
@@ -20,34 +17,22 @@ def launcher(kernel, tensor: torch.Tensor):
     return kernel
 
 
-# Programmatic dependent launch (Hopper and later): the kernels of a decode step
-# (kernels.skinny's products, fused's norms and rotary cache write, verify_attention) launched
-# with the launch_pdl attribute, each program waiting (griddepcontrol.wait) for the launch
-# before it to end before it reads anything: the next launch's setup and its programs'
-# arrival on the SMs overlap this one's tail instead of following it (CUDA graphs keep it).
-# "auto": the next launch may start once every program here has passed its main loop (a
-# product's K loop) or ended; "early": once every program has started; "off": plain
-# launches, each after the last ends. The relaxed order is between launches of one stream
-# only: a stream's wait on another's event (the target's weights from the copy stream)
-# still holds the next launch back (tests/kernels/test_pdl.py, on the H200). The draft's
-# step on the H200 with "auto": 4.07-4.24 ms against 4.23-4.34 without (session 24, every
-# other decode fusion on; bench/runs/h200-session24/).
-PDL = "auto"
+# Programmatic dependent launch (Hopper and later): a decode step's kernels launched with
+# launch_pdl, each program first waiting (griddepcontrol.wait) for the launch before it, so the
+# next launch's setup overlaps this one's tail. The relaxed order holds between launches of one
+# stream only: a wait on another stream's event still holds the launch back (test_pdl.py).
+_PLAIN = dict(USE_PDL=False)
 
 
-_PLAIN = dict(USE_PDL=False, PDL_EARLY=False)
-
-
-def pdl(x: torch.Tensor) -> dict:
-    """The launch's keyword arguments for a kernel taking the constexprs USE_PDL and PDL_EARLY
-    and starting with pdl_start: both False (a plain launch), or set with launch_pdl. Always
-    both, even off: a kernel wrapped for torch.compile takes no defaults for constexprs."""
-    if PDL not in ("auto", "early", "off"):
-        raise ValueError(f"kernels.PDL is {PDL!r}: set it to 'auto', 'early' or 'off'")
-    if (PDL == "off" or not x.is_cuda or torch.compiler.is_compiling() or type(x) is not torch.Tensor
+def pdl_launch(x: torch.Tensor, enabled: bool) -> dict:
+    """The launch's keyword arguments for a kernel taking the constexpr USE_PDL and starting
+    with pdl_start: a programmatic dependent launch where `enabled`, on a CUDA tensor of a
+    Hopper-or-later device in eager mode; else a plain one. USE_PDL is always given, even
+    False: a kernel wrapped for torch.compile takes no defaults for constexprs."""
+    if (not enabled or not x.is_cuda or torch.compiler.is_compiling() or type(x) is not torch.Tensor
             or not _pdl_capable(x.device.index or 0)):
         return dict(_PLAIN)
-    return dict(USE_PDL=True, PDL_EARLY=PDL == "early", launch_pdl=True)
+    return dict(USE_PDL=True, launch_pdl=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,14 +43,11 @@ def _pdl_capable(index: int) -> bool:
 
 
 @triton.jit
-def pdl_start(USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr):
-    """First thing in a kernel launched by pdl(): wait until the launch before it has ended
-    and its writes are visible; with PDL_EARLY then let the next launch's programs be
-    scheduled (else a program's pdl_release or its end does)."""
+def pdl_start(USE_PDL: tl.constexpr):
+    """First thing in a kernel launched by pdl_launch(): wait until the launch before it has
+    ended and its writes are visible (the next launch is scheduled at pdl_release or the end)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        if PDL_EARLY:
-            tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

@@ -27,29 +27,25 @@ import triton
 import triton.language as tl
 
 from . import launcher as _launcher
-from . import num_sms, pdl, pdl_start
+from . import num_sms, pdl_launch, pdl_start
 from . import moe as _moe  # max_shared_memory: the device's probe, cached there
-from .fused import _rope_heads, _rope_tables, _rotate, _token_tables
+from .fused import _rope_heads, _rope_tables, _rotate, _token_tables, rope_write
 
 # Keys a program attends to at least before launch_config splits a prefix over several
 # (each split's partial results then merged by _combine_splits_kernel, a second launch).
 MIN_KEYS_PER_SPLIT = 512
-# rope_verify_attention: each program rotates its query rows in registers, from the QKV
-# output straight into the tile it attends with, instead of through a scratch tensor (a
-# store, a barrier and a load back); where half the head is a power of two. The same bits
-# either way (tests). "auto": from ROPE_Q_REGISTERS_MIN_ROWS query rows a launch (B x T), where
-# it timed faster in the draft step (H200, session 26, two runs: batch 16 -0.005 / -0.012 ms a
-# step; batch 1 and 4 +0.002 to +0.004 ms, so those keep the scratch); "on" / "off": always / never.
-ROPE_Q_REGISTERS = "auto"
-ROPE_Q_REGISTERS_MIN_ROWS = 16
+# rope_verify_attention's default: from this many query rows a launch (B x T) each program
+# rotates its query rows in registers straight into the tile it attends with; fewer rows keep
+# the scratch round trip (a store, a barrier, a load back), which was no slower for them.
+Q_REGISTERS_MIN_ROWS = 16
 
 
-def _q_in_registers(rows: int, hd: int) -> bool:
-    if ROPE_Q_REGISTERS not in ("auto", "on", "off"):
-        raise ValueError(f"kernels.attention.ROPE_Q_REGISTERS is {ROPE_Q_REGISTERS!r}: set it to 'auto', 'on' or 'off'")
+def _q_in_registers(rows: int, hd: int, q_in_registers: Optional[bool] = None) -> bool:
+    """Whether rope_verify_attention rotates the queries in registers: where half the head is
+    a power of two, as `q_in_registers` says (None: from Q_REGISTERS_MIN_ROWS rows)."""
     if hd // 2 != triton.next_power_of_2(max(hd // 2, 1)):
         return False
-    return ROPE_Q_REGISTERS == "on" or (ROPE_Q_REGISTERS == "auto" and rows >= ROPE_Q_REGISTERS_MIN_ROWS)
+    return rows >= Q_REGISTERS_MIN_ROWS if q_in_registers is None else q_in_registers
 
 
 @triton.jit
@@ -114,7 +110,7 @@ def _verify_attention_kernel(
     WHOLE_TILES: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROPE_WRITE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False, Q_REGS: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, Q_REGS: tl.constexpr = False,
 ):
     """Rows r = t * G + g of (batch b, kv head) against keys [split start, split end).
 
@@ -126,7 +122,7 @@ def _verify_attention_kernel(
     SEGMENTED (chain only, no whole tiles): row t sees keys seg[b, t] <= s <= L + t; the
     block starts at its rows' first segment start, and a tile no row sees is skipped.
     ROW_START: batch b's keys start row_start[b] slots into its cache (rows of a shared pool,
-    kvcache.SegmentKVCache) rather than at b * stride_kb. USE_PDL: see kernels.pdl.
+    kvcache.SegmentKVCache) rather than at b * stride_kb. USE_PDL: see kernels.pdl_launch.
     ROPE_WRITE (a chain, one query block; rope_verify_attention): the new tokens' q, k and v
     come unrotated from the QKV projection's output (qkv: [q heads | k heads | v heads] a
     token); the program rotates its G query heads into q (scratch it reads back), and the
@@ -135,7 +131,7 @@ def _verify_attention_kernel(
     Q_REGS (with ROPE_WRITE; BLOCK_HALF the half head exactly): the query rows rotated in
     registers into the tile the program attends with (_rope_rows), no scratch.
     """
-    pdl_start(USE_PDL, PDL_EARLY)
+    pdl_start(USE_PDL)
     pid_bh = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -323,7 +319,7 @@ def _combine_splits_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:  # a name of its own: tests and the tuner stand in an H200's
+def _num_sms(device: torch.device) -> int:  # a name of its own: tests and the tuner stand in a GPU's
     return num_sms(device)
 
 
@@ -349,15 +345,13 @@ def launch_config(B: int, KV: int, T: int, G: int, head_dim: int, max_keys: int,
         cfg = dict(BLOCK_Q=128, BLOCK_N=32, num_warps=8, num_stages=2, WHOLE_TILES=True)
         slots = sms
     elif rows >= 64:
-        # 64-row blocks of 4 warps, 3 stages, two programs an SM: on the H200 (tools/
-        # tune_kernels.py --attention, session 17) 9-13% faster on 256- and 1024-node trees
-        # than 128-row blocks of 8 warps, and 4% at 8 rows x 64 nodes.
+        # 64-row blocks of 4 warps, 3 stages, two programs an SM: faster on trees than 128-row
+        # blocks of 8 warps (tools/tune_kernels.py --attention).
         cfg = dict(BLOCK_Q=64, BLOCK_N=block_n, num_warps=4, num_stages=stages(64, 3), WHOLE_TILES=True)
         slots = 2 * sms
     else:
         block_q = max(16, triton.next_power_of_2(rows))
-        # A third stage keeps more K/V loads in flight for 32-row blocks (chain verification
-        # at G=4: 64 rows x 5 queries on 4096-token prefixes 0.333 → 0.247 ms on the H200);
+        # A third stage keeps more K/V loads in flight for 32-row blocks (chain verification);
         # 64-row ones were fastest with two.
         cfg = dict(BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=4,
                    num_stages=stages(block_q, 3) if block_q <= 32 else 2, WHOLE_TILES=False)
@@ -367,8 +361,8 @@ def launch_config(B: int, KV: int, T: int, G: int, head_dim: int, max_keys: int,
     base = B * KV * q_blocks
     max_splits = max(1, min(triton.cdiv(max_keys, MIN_KEYS_PER_SPLIT), triton.cdiv(max_keys, block_n)))
     if num_splits is None and slots is None:
-        # About two programs an SM, rounded down (256 programs of 64-row blocks on 132 SMs
-        # ran faster unsplit than split in two).
+        # About two programs an SM, rounded down (a grid just under two waves ran faster
+        # unsplit than split in two).
         num_splits = max(1, min((2 * sms) // base, max_splits))
     elif num_splits is None:
         # Waves of equal programs: time ~ ceil(programs / slots) / splits; fewest splits on a tie.
@@ -399,10 +393,12 @@ def _check(q, k_cache, v_cache, lengths, tree_mask):
 def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float, kv_len: int, out,
                            num_splits: Optional[int] = None, config: Optional[dict] = None,
                            seg_start: Optional[torch.Tensor] = None,
-                           row_start: Optional[torch.Tensor] = None, rope: Optional[tuple] = None):
+                           row_start: Optional[torch.Tensor] = None, rope: Optional[tuple] = None,
+                           q_in_registers: Optional[bool] = None, pdl: bool = True):
     """config: launch_config's dict with some entries replaced (tools/tune_kernels.py --attention).
     rope: (qkv, cos, sin, positions) for ROPE_WRITE (rope_verify_attention): q is then the
-    scratch the rotated queries go to."""
+    scratch the rotated queries go to (unless they rotate in registers: _q_in_registers).
+    pdl: a programmatic dependent launch where the device has them (kernels.pdl_launch)."""
     B, T, H, hd = q.shape
     KV = k_cache.shape[1]
     G = H // KV
@@ -452,8 +448,8 @@ def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float
         WHOLE_TILES=cfg["WHOLE_TILES"],
         IEEE=q.dtype == torch.float32, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(hd),
         ROPE_WRITE=rope is not None, BLOCK_G=triton.next_power_of_2(G), BLOCK_HALF=triton.next_power_of_2(max(hd // 2, 1)),
-        Q_REGS=rope is not None and _q_in_registers(B * T, hd),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q),
+        Q_REGS=rope is not None and _q_in_registers(B * T, hd, q_in_registers),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q, pdl),
     )
     if split:
         _launcher(_combine_splits_kernel, q)[(B * KV, T * G)](
@@ -473,22 +469,24 @@ def _register_op():
         @torch.library.triton_op("specoff::verify_attention", mutates_args=())
         def verify_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 lengths: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float,
-                                kv_len: int, row_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                kv_len: int, row_start: Optional[torch.Tensor] = None,
+                                pdl: bool = True) -> torch.Tensor:
             out = torch.empty_like(q)
             return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out,
-                                          row_start=row_start)
+                                          row_start=row_start, pdl=pdl)
         return verify_attention_op
 
     @torch.library.custom_op("specoff::verify_attention", mutates_args=())
     def verify_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             lengths: torch.Tensor, tree_mask: Optional[torch.Tensor], scale: float,
-                            kv_len: int, row_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            kv_len: int, row_start: Optional[torch.Tensor] = None,
+                            pdl: bool = True) -> torch.Tensor:
         out = torch.empty_like(q)
         return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out,
-                                      row_start=row_start)
+                                      row_start=row_start, pdl=pdl)
 
     @verify_attention_op.register_fake
-    def _(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, row_start=None):
+    def _(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, row_start=None, pdl=True):
         return torch.empty_like(q)
     return verify_attention_op
 
@@ -501,7 +499,7 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      kv_len: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
                      num_splits: Optional[int] = None,
                      seg_start: Optional[torch.Tensor] = None,
-                     row_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     row_start: Optional[torch.Tensor] = None, pdl: bool = True) -> torch.Tensor:
     """Attention of q [B, T, H, hd] over cached keys 0 .. lengths[b] + T - 1 -> [B, T, H, hd].
 
     Chain (tree_mask None): query t sees keys s < lengths[b] + t + 1, and with `seg_start`
@@ -512,7 +510,7 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `row_start` [B] (long): batch b's keys begin row_start[b] slots into k_cache[b] (a pool
     shared by the rows, viewed with stride 0 over B: kvcache.SegmentKVCache).
     With `out`, `num_splits` or `seg_start` the kernels run eagerly; otherwise the registered
-    op runs.
+    op runs. `pdl`: a programmatic dependent launch where the device has them (kernels.pdl_launch).
     """
     _check(q, k_cache, v_cache, lengths, tree_mask)
     lengths = lengths.contiguous()  # the kernels index it as a flat array
@@ -527,24 +525,27 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         assert seg_start.shape == q.shape[:2], "seg_start is [B, T]"
         out = torch.empty_like(q) if out is None else out
         return _verify_attention_into(q, k_cache, v_cache, lengths, None, scale, kv_len, out,
-                                      num_splits, seg_start=seg_start, row_start=row_start)
+                                      num_splits, seg_start=seg_start, row_start=row_start, pdl=pdl)
     if out is None and num_splits is None:
-        return _verify_attention_op(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, row_start)
+        return _verify_attention_op(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, row_start, pdl)
     out = torch.empty_like(q) if out is None else out
     assert out.shape == q.shape and out.dtype == q.dtype
     return _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale, kv_len, out, num_splits,
-                                  row_start=row_start)
+                                  row_start=row_start, pdl=pdl)
 
 
 def rope_verify_attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
                           positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          kv_len: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
+                          kv_len: Optional[int] = None, scale: Optional[float] = None, *,
+                          q_in_registers: Optional[bool] = None, pdl: bool = True) -> torch.Tensor:
     """fused.rope_write, then verify_attention of the chain, in one launch: qkv (B, T, (H + 2 KV)
     hd), the QKV projection's output; cos, sin broadcastable to (B, T, 1, hd); positions (B, T)
     consecutive in each row (lengths = positions[:, 0]). The rotated k and v land in the
     layer's cache at positions clamped to S - 1; returns the attention (B, T, H, hd). Where
     the rows' queries take more than one query block, the two launches run instead. Eager
-    launches only (the decoder takes it outside tracing)."""
+    launches only (the decoder takes it outside tracing). `q_in_registers`: the query rows
+    rotated in registers, not through a scratch tensor (None: from Q_REGISTERS_MIN_ROWS rows
+    a launch; either way the same bits); `pdl`: as verify_attention's."""
     B, T, width = qkv.shape
     H, KV = n_heads, n_kv_heads
     hd = width // (H + 2 * KV)
@@ -556,19 +557,17 @@ def rope_verify_attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, cos:
     lengths = positions[:, 0].contiguous()
     q_raw = qkv[..., :H * hd].view(B, T, H, hd)
     if launch_config(B, KV, T, H // KV, hd, kv_len, qkv.device, None, qkv.element_size())["q_blocks"] != 1:
-        from .fused import rope_write
-
         k_raw = qkv[..., H * hd:(H + KV) * hd].view(B, T, KV, hd)
         v_raw = qkv[..., (H + KV) * hd:].view(B, T, KV, hd)
-        q = rope_write(q_raw, k_raw, v_raw, cos, sin, k_cache, v_cache, positions)
-        return verify_attention(q, k_cache, v_cache, lengths, scale=scale, kv_len=kv_len)
+        q = rope_write(q_raw, k_raw, v_raw, cos, sin, k_cache, v_cache, positions, pdl=pdl)
+        return verify_attention(q, k_cache, v_cache, lengths, scale=scale, kv_len=kv_len, pdl=pdl)
     _check(q_raw, k_cache, v_cache, lengths, None)
     cos, sin = _token_tables(cos, B, T, hd), _token_tables(sin, B, T, hd)
     assert cos.stride()[:2] == sin.stride()[:2], "cos and sin laid out alike"
     q = torch.empty(B, T, H, hd, dtype=qkv.dtype, device=qkv.device)  # the rotated queries
     out = torch.empty_like(q)
     return _verify_attention_into(q, k_cache, v_cache, lengths, None, scale, kv_len, out,
-                                  rope=(qkv, cos, sin, positions))
+                                  rope=(qkv, cos, sin, positions), q_in_registers=q_in_registers, pdl=pdl)
 
 
 def attention_mask(lengths: torch.Tensor, T: int, kv_len: int, tree_mask: Optional[torch.Tensor] = None,

@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import launcher as _launcher
-from . import pdl, pdl_start
+from . import pdl_launch, pdl_start
 
 # libdevice on a GPU; the interpreter has none (and computes in numpy, which never contracts).
 _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
@@ -84,11 +84,11 @@ def _rms_norm_kernel(
     stride_x_outer, stride_x_inner,
     # meta-parameters
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """ROWS rows of out = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype); row r of x sits at
     (r // inner_rows) * stride_x_outer + (r % inner_rows) * stride_x_inner."""
-    pdl_start(USE_PDL, PDL_EARLY)
+    pdl_start(USE_PDL)
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_valid = row < rows
     row = row.to(tl.int64)  # rows * D can pass 2**31 in a long prefill
@@ -111,10 +111,10 @@ def _add_rms_norm_kernel(
     stride_x, stride_res,
     # meta-parameters
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """ROWS rows of h = x + residual (res_out) and out = rms_norm(h), as _rms_norm_kernel."""
-    pdl_start(USE_PDL, PDL_EARLY)
+    pdl_start(USE_PDL)
     dtype = res_out_ptr.dtype.element_ty
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_valid = row < rows
@@ -215,12 +215,12 @@ def _rope_write_kernel(
     stride_cache_b, stride_cache_h, stride_cache_s,
     # meta-parameters
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """_rope_kernel's q and k of token (b, t), with the rotated k and the token's v stored
     straight into the layer's cache (B, KV, S, hd) at slot min(positions[b, t], S - 1), as
     KVCache.write stores them: the write's index clamp and two scatters in this launch."""
-    pdl_start(USE_PDL, PDL_EARLY)
+    pdl_start(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     b = token // T
     t = token % T
@@ -284,7 +284,7 @@ def _add_empty(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _rms_norm_into(x, weight, eps: float, out):
+def _rms_norm_into(x, weight, eps: float, out, pdl: bool = True):
     D = x.shape[-1]
     # Rows as (outer, inner): q or k split from the fused QKV projection, (B, T, H, hd), is a
     # view with B and T mergeable but not H; reshape copies only what no two strides describe.
@@ -300,7 +300,7 @@ def _rms_norm_into(x, weight, eps: float, out):
         x3, weight, out,
         rows, x3.shape[1], D, eps,
         x3.stride(0), x3.stride(1),
-        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps, **pdl(x),
+        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps, **pdl_launch(x, pdl),
     )
     return out
 
@@ -312,7 +312,7 @@ def _rms_norm_launch(block_d: int):
     return rows_per_program, 4 if tile <= 2048 else 8 if tile <= 8192 else 16
 
 
-def _add_rms_norm_into(x, residual, weight, eps: float, out, residual_out):
+def _add_rms_norm_into(x, residual, weight, eps: float, out, residual_out, pdl: bool = True):
     D = x.shape[-1]
     x2, res2 = x.reshape(-1, D), residual.reshape(-1, D)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
@@ -326,7 +326,7 @@ def _add_rms_norm_into(x, residual, weight, eps: float, out, residual_out):
         x2, res2, weight, out, residual_out,
         rows, D, eps,
         x2.stride(0), res2.stride(0),
-        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps, **pdl(x),
+        ROWS=rows_per_program, BLOCK_D=block_d, num_warps=num_warps, **pdl_launch(x, pdl),
     )
     return out, residual_out
 
@@ -426,12 +426,13 @@ _silu_mul_op = _register("silu_mul", _silu_mul_impl, _silu_mul_empty)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
-             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+             out: Optional[torch.Tensor] = None, pdl: bool = True) -> torch.Tensor:
     """weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype) over the last dim, x (..., D).
 
     The result has the dtype weight * x promotes to. Eagerly (or with `out`, a preallocated
-    buffer) the kernel launches directly: the dispatcher adds ~10 us of host time a call.
+    buffer) the kernel launches directly: the dispatcher's host time would outweigh the kernel.
     While torch.compile traces, the registered op `torch.ops.specoff.rms_norm` runs.
+    `pdl`: a programmatic dependent launch where the device has them (kernels.pdl_launch).
     """
     assert x.dtype in _DTYPES and weight.dtype in _DTYPES, f"unsupported dtypes {x.dtype}, {weight.dtype}"
     assert weight.shape == (x.shape[-1],) and weight.stride(0) == 1, "weight is a contiguous (D,) vector"
@@ -442,18 +443,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
         out = _rms_norm_empty(x, weight)
     assert out.shape == x.shape and out.is_contiguous()
     assert out.dtype == torch.promote_types(x.dtype, weight.dtype)
-    return _rms_norm_into(x, weight, float(eps), out)
+    return _rms_norm_into(x, weight, float(eps), out, pdl)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                 out: Optional[torch.Tensor] = None, residual_out: Optional[torch.Tensor] = None
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+                 out: Optional[torch.Tensor] = None, residual_out: Optional[torch.Tensor] = None,
+                 pdl: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(h, weight, eps), h) for h = x + residual, x and residual (..., D) of one dtype.
 
     h is rounded as torch's `x + residual` (bit-exact) and normalised as rms_norm rounds, in
     one launch. `out` and `residual_out` (preallocated, both or neither) may alias neither
     input. Eagerly (or with them) the kernel launches directly; while torch.compile traces,
-    the registered op `torch.ops.specoff.add_rms_norm` runs.
+    the registered op `torch.ops.specoff.add_rms_norm` runs. `pdl`: as rms_norm's.
     """
     assert x.dtype in _DTYPES and weight.dtype in _DTYPES, f"unsupported dtypes {x.dtype}, {weight.dtype}"
     assert residual.shape == x.shape and residual.dtype == x.dtype, "x and residual share a shape and dtype"
@@ -468,7 +469,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     assert out.shape == x.shape and out.is_contiguous()
     assert out.dtype == torch.promote_types(x.dtype, weight.dtype)
     assert residual_out.shape == x.shape and residual_out.dtype == x.dtype and residual_out.is_contiguous()
-    return _add_rms_norm_into(x, residual, weight, float(eps), out, residual_out)
+    return _add_rms_norm_into(x, residual, weight, float(eps), out, residual_out, pdl)
 
 
 def rope(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, *,
@@ -500,11 +501,13 @@ def rope(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: tor
 
 
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+               k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, *,
+               pdl: bool = True) -> torch.Tensor:
     """rope(q, k, cos, sin), then KVCache.write of k and v, in one launch: returns the
     rotated q (B, T, H, hd), contiguous; the rotated k and v (B, T, KV, hd) land in one
     layer's cache k_cache / v_cache (B, KV, S, hd), in q's dtype, at slots positions (B, T)
-    clamped to S - 1. Eager launches only (the decoder takes it outside tracing)."""
+    clamped to S - 1. Eager launches only (the decoder takes it outside tracing); `pdl`: as
+    rms_norm's."""
     B, T, H, hd = q.shape
     KV = k.shape[2]
     assert q.dtype in _DTYPES and k.dtype == v.dtype == cos.dtype == sin.dtype == q.dtype, "one dtype"
@@ -530,7 +533,7 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), positions.stride(0), positions.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_HALF=block_half,
-        num_warps=4 if block_qh * block_half <= 1024 else 8, **pdl(q),
+        num_warps=4 if block_qh * block_half <= 1024 else 8, **pdl_launch(q, pdl),
     )
     return q_out
 

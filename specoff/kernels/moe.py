@@ -313,8 +313,8 @@ def config_file_name(E: int, N_out: int, K: int, dtype: torch.dtype, device_name
 
 
 @functools.lru_cache(maxsize=None)
-def _load_configs(file_name: str) -> Optional[dict]:
-    path = os.path.join(CONFIG_DIR, file_name)
+def _load_configs(file_name: str, config_dir: str = CONFIG_DIR) -> Optional[dict]:
+    path = os.path.join(config_dir, file_name)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -322,9 +322,10 @@ def _load_configs(file_name: str) -> Optional[dict]:
 
 
 def get_config(E: int, N_out: int, K: int, dtype: torch.dtype, device_name: str, num_tokens: int,
-               top_k: int = 2, max_shared: int = 1 << 30) -> dict:
-    """Launch parameters for a [tokens, K] x [E, N_out, K] grouped GEMM: tuned file or default."""
-    configs = _load_configs(config_file_name(E, N_out, K, dtype, device_name))
+               top_k: int = 2, max_shared: int = 1 << 30, config_dir: str = CONFIG_DIR) -> dict:
+    """Launch parameters for a [tokens, K] x [E, N_out, K] grouped GEMM: the tuned file's in
+    `config_dir` (specoff/kernels/configs) or the default."""
+    configs = _load_configs(config_file_name(E, N_out, K, dtype, device_name), config_dir)
     if configs:
         return dict(configs[min(configs, key=lambda m: abs(m - num_tokens))])
     return _default_config(E, N_out, K, num_tokens, top_k, dtype, max_shared)
@@ -356,7 +357,7 @@ def padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 # One align program loops over the pairs; past this many the torch version's parallel sort
-# should win (a guess: not measured).
+# should win.
 FUSED_ALIGN_MAX_PAIRS = 4096
 
 
@@ -366,7 +367,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     Returns sorted_pairs [num_padded] int32 (pair index token*top_k + j, or num_pairs for a
     padding row) and block_expert [num_padded // block_m] int32 (-1 past the last group).
     One Triton launch for up to FUSED_ALIGN_MAX_PAIRS pairs, else moe_align_torch: its ~25
-    small kernels take an estimated ~50 us even in a CUDA graph, a fifth of the 1-token MoE.
+    small kernels would be a large share of a few-token MoE, even in a CUDA graph.
     """
     num_pairs = topk_ids.numel()
     if num_pairs > FUSED_ALIGN_MAX_PAIRS:
@@ -445,12 +446,6 @@ def _check(x, w13, w2, topk_weights, topk_ids):
     assert w13.stride(2) == 1 and w2.stride(2) == 1, "weights must be contiguous along K"
 
 
-# Tensor-descriptor (TMA) launches: "auto" where a tuned config asks for them (the key
-# "TMA": 1, written by tools/tune_kernels.py when they time faster), "on" wherever they can
-# run (tests), "off" never.
-TMA = "auto"
-
-
 def _tensor_descriptor():
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -467,9 +462,7 @@ def tma_usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether the descriptor launches can run here: a Hopper-or-newer GPU (or the
     interpreter), eager mode (tracing keeps the pointer kernels), weights whose experts
     stack into one 2-D tensor each and rows of 16-byte multiples (a descriptor's rule)."""
-    if TMA not in ("auto", "on", "off"):
-        raise ValueError(f"kernels.moe.TMA is {TMA!r}: set it to 'auto', 'on' or 'off'")
-    if TMA == "off" or _tensor_descriptor() is None:
+    if _tensor_descriptor() is None:
         return False
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
         return False
@@ -514,49 +507,15 @@ def grouped_rows(x: torch.Tensor, sorted_pairs: torch.Tensor, num_pairs: int, to
     return x.index_select(0, rows)
 
 
-# From this many tokens a call computes its two grouped products with torch's private
-# grouped-GEMM op (torch._grouped_mm, CUTLASS on sm_90; torch ≥ 2.8) instead of the Triton
-# kernels, for where that times faster (`bash tools/gpu_session.sh moe-tma` prints both);
-# 0: never. The sort, SwiGLU, routing weights and sum stay in torch ops, all on the device.
-GROUPED_MM_TOKENS = 0
-
-
-def grouped_mm_usable(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs here: bf16 on an sm_90-or-newer GPU, or any dtype on the CPU."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return x.device.type == "cpu"
-
-
-def _grouped_mm_moe_into(x, w13, w2, topk_weights, topk_ids, out):
-    """The MoE through torch._grouped_mm: pairs sorted by expert (pairs of no expert here,
-    id -1, last and weighted 0), group ends counted on the device (no host sync)."""
-    N, D = x.shape
-    E, I, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
-    flat = topk_ids.reshape(-1).long()
-    key = torch.where(flat >= 0, flat, E)
-    order = torch.argsort(key, stable=True)
-    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device).scatter_add_(
-        0, key, torch.ones_like(key, dtype=torch.int32))
-    ends = torch.cumsum(counts[:E], 0, dtype=torch.int32)  # rows past the last end: never computed
-    h = torch._grouped_mm(x[order // top_k], w13.transpose(1, 2), offs=ends)
-    ys = torch._grouped_mm(torch.nn.functional.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=ends)
-    route_w = topk_weights.reshape(-1)[order].to(x.dtype)
-    ys = torch.where((key[order] < E)[:, None], ys * route_w[:, None], 0)
-    down = torch.empty_like(ys).index_copy_(0, order, ys)
-    return torch.sum(down.view(N, top_k, D), dim=1, out=out)
-
-
 def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None, down_config=None,
-                    partial: bool = False):
+                    partial: bool = False, descriptors: bool = True):
+    """fused_moe into `out`; the configs replace the tuned ones. `descriptors`: the descriptor
+    launches where the gate-up config says "TMA" (tools/tune_kernels.py writes it where they
+    timed faster) and they can run here; False: the pointer kernels always."""
     N, D = x.shape
     E, I = w13.shape[0], w2.shape[2]
     top_k = topk_ids.shape[1]
     num_pairs = N * top_k
-    if GROUPED_MM_TOKENS and N >= GROUPED_MM_TOKENS and grouped_mm_usable(x):
-        return _grouped_mm_moe_into(x, w13, w2, topk_weights, topk_ids, out)
     name, max_shared = device_name(x.device), max_shared_memory(x.device)
     cfg1 = gate_up_config or get_config(E, 2 * I, D, x.dtype, name, N, top_k, max_shared)
     cfg2 = dict(down_config or get_config(E, D, I, x.dtype, name, N, top_k, max_shared))
@@ -565,7 +524,7 @@ def _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config=None
     route_w = topk_weights.reshape(-1).float().contiguous()
     # Pairs of experts not in w13 (partial) get no row of the weighted outputs: zero them.
     down = (torch.zeros if partial else torch.empty)((num_pairs, D), dtype=x.dtype, device=x.device)
-    if (TMA == "on" or cfg1.get("TMA")) and tma_usable(x, w13, w2):
+    if descriptors and cfg1.get("TMA") and tma_usable(x, w13, w2):
         # Both launches by descriptors: x gathered into grouped order once (a copy of
         # num_padded rows), the intermediate kept in that order for the second launch.
         hidden = torch.empty((sorted_pairs.numel(), I), dtype=x.dtype, device=x.device)
@@ -588,18 +547,19 @@ def _register_op():
     # Under TRITON_INTERPRET wrap_triton returns the bare kernel, invisible to tracing: stay opaque.
     if hasattr(torch.library, "triton_op") and os.environ.get("TRITON_INTERPRET") != "1":
         @torch.library.triton_op("specoff::fused_moe", mutates_args=())
-        def fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                         topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-            return _fused_moe_into(x, w13, w2, topk_weights, topk_ids, torch.empty_like(x))
+        def fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                         topk_ids: torch.Tensor, descriptors: bool = True) -> torch.Tensor:
+            return _fused_moe_into(x, w13, w2, topk_weights, topk_ids, torch.empty_like(x),
+                                   descriptors=descriptors)
         return fused_moe_op
 
     @torch.library.custom_op("specoff::fused_moe", mutates_args=())
-    def fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                     topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return _fused_moe_into(x, w13, w2, topk_weights, topk_ids, torch.empty_like(x))
+    def fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, descriptors: bool = True) -> torch.Tensor:
+        return _fused_moe_into(x, w13, w2, topk_weights, topk_ids, torch.empty_like(x), descriptors=descriptors)
 
     @fused_moe_op.register_fake
-    def _(x, w13, w2, topk_weights, topk_ids):
+    def _(x, w13, w2, topk_weights, topk_ids, descriptors=True):
         return torch.empty_like(x)
     return fused_moe_op
 
@@ -609,25 +569,31 @@ _fused_moe_op = _register_op()
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, out: Optional[torch.Tensor] = None, *,
-              experts_from: Optional[int] = None) -> torch.Tensor:
+              experts_from: Optional[int] = None, descriptors: bool = True,
+              configs: Optional[tuple] = None) -> torch.Tensor:
     """out[n] = sum_j topk_weights[n, j] * SwiGLU_{topk_ids[n, j]}(x[n]); x [N, D] -> [N, D].
 
     With `out` (a preallocated [N, D] buffer) the kernels run eagerly into it; without, the
     registered op `torch.ops.specoff.fused_moe` runs (what torch.compile traces).
     `experts_from=f`: w13 / w2 hold experts [f, f + E) of a larger set (a layer streamed in
     pieces); the sum runs over the pairs routed to those only (eager kernels).
+    `descriptors`: tensor-descriptor launches where the tuned config says so (False: never);
+    `configs`: (gate-up, down) launch configs replacing the tuned ones (eager kernels).
     """
     _check(x, w13, w2, topk_weights, topk_ids)
+    gate_up_config, down_config = configs or (None, None)
     if experts_from is not None:
         E = w13.shape[0]
         local = torch.where((topk_ids >= experts_from) & (topk_ids < experts_from + E),
                             topk_ids - experts_from, -1)
-        return _fused_moe_into(x, w13, w2, topk_weights, local,
-                               torch.empty_like(x) if out is None else out, partial=True)
-    if out is None:
-        return _fused_moe_op(x, w13, w2, topk_weights, topk_ids)
+        return _fused_moe_into(x, w13, w2, topk_weights, local, torch.empty_like(x) if out is None else out,
+                               gate_up_config, down_config, partial=True, descriptors=descriptors)
+    if out is None and configs is None:
+        return _fused_moe_op(x, w13, w2, topk_weights, topk_ids, descriptors)
+    out = torch.empty_like(x) if out is None else out
     assert out.shape == x.shape and out.dtype == x.dtype
-    return _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out)
+    return _fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, gate_up_config, down_config,
+                           descriptors=descriptors)
 
 
 def fused_moe_ref(x, w13, w2, topk_weights, topk_ids):

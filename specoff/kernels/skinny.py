@@ -1,45 +1,32 @@
 """A product with few rows: y = x · Wᵀ (+ b) for x (M, K) with M ≤ 16, W (N, K), in one launch.
 
 A decode step of the draft multiplies 1–16 rows by each weight matrix once, so the step is
-bound by reading the weights (a Mistral-7B-shaped step reads 14.2 GB: 3.17 ms at the 4.49
-TB/s a plain striped read reaches on the H200; the step as one graph took 4.72 ms in session
-22, torch's products alone reading at 3.2–4.2 TB/s). Here each program streams a (BLOCK_N,
-K / SPLIT_K) slab of W: the weight tile is the product's wide left operand (64 or 128 rows,
-what Hopper's wgmma wants), the activations' transposed tile its narrow right one (16
-columns). Where the column tiles alone would leave SMs idle (a 4096-wide output is 64 tiles
-of 64), K is split SPLIT_K ways; each slice stores its fp32 partial sums and the last slice
-of a tile to arrive (an atomic count per tile) adds them in slice order and rounds once, in
-the same launch. The counts live in a buffer per weight matrix, reset by that last slice, so
-a launch leaves them zero for the next one (CUDA graphs replay them as captured).
+bound by reading the weights. Here each program streams a (BLOCK_N, K / SPLIT_K) slab of W:
+the weight tile is the product's wide left operand (64 or 128 rows, what Hopper's wgmma
+wants), the activations' transposed tile its narrow right one (16 columns). Where the column
+tiles alone would leave SMs idle, K is split SPLIT_K ways; each slice stores its fp32 partial
+sums and the last slice of a tile to arrive (an atomic count per tile) adds them in slice
+order and rounds once, in the same launch. The counts live in a buffer per weight matrix,
+reset by that last slice, so a launch leaves them zero for the next one (CUDA graphs replay
+them as captured).
 
-A SwiGLU's gate-up projection can end in its activation (`swiglu`: the gate's and the up's
-rows of a tile in one program, silu(gate) · up in the epilogue, as fused.silu_mul forms it)
-and the down projection can add the block's skip (`residual`: after the product's rounding,
-as torch's add): a dense layer's feed-forward in two launches instead of four. (Session 23
-first formed silu · up in the down projection's K loop, from a [gate | up] input: correct,
-but 0.34 ms for w2 against torch's 0.034, the loop no longer pipelined its weight loads.)
-With an RMSNorm's weight folded into W's columns (models.decoder's fold_norms), `rms_eps`
-normalises x's rows inside the launch (the rows' scale from the x tiles the product loads,
-applied to the fp32 sums): the norm's launch before the product goes too. The rows' sums
-of squares can come from the launch before: a product ending in the block's skip add
-(`squares`) also stores, a column tile each, its output rows' partial sums of squares, and
-the normalising product after it sums those few floats instead of squaring its x tiles in
-its K loop (which cost the one-tile SwiGLU launch ~5 µs at one row on the H200).
-
-On the H200 (`python tools/bench_kernels.py --only skinny [--skinny-sweep]`, session 24,
-each weight taken in turn from copies filling 4x the L2, bench/runs/h200-session24/l2-honest/):
-correct (GPU tests: bf16, K slices racing, CUDA graphs); against torch's product on the
-draft's five matrices at 1-16 rows: wqkv 0.0143 ms against 0.0151, wo (two K slices of
-256-wide steps) 0.0109 against 0.0134, w13 0.0558 against 0.0566, w2 0.0309 against 0.0321,
-the head 0.0612 against 0.0660 (3.1-4.3 TB/s); the gate-up launch with its SwiGLU 0.0569
-against torch's product + silu_mul 0.0583, the down projection with the skip 0.0309 against
-0.0336, wqkv with its RMS 0.0142 against torch's norm + product 0.0191.
+A SwiGLU's gate-up projection can end in its activation (`swiglu`: a program's gate and up
+rows as one tile and one product, silu(gate) · up in the epilogue, as fused.silu_mul forms
+it) and the down projection can add the block's skip (`residual`: after the product's
+rounding, as torch's add): a dense layer's feed-forward in two launches instead of four. The
+activation stays in the gate-up launch's epilogue: formed in the down projection's K loop
+instead, that loop no longer pipelined its weight loads. With an RMSNorm's weight folded into
+W's columns (models.decoder's fold_norms), `rms_eps` normalises x's rows inside the launch
+(the rows' scale from the x tiles the product loads, applied to the fp32 sums): the norm's
+launch before the product goes too. The rows' sums of squares can come from the launch
+before: a product ending in the block's skip add (`squares`) also stores, a column tile each,
+its output rows' partial sums of squares, and the normalising product after it sums those
+few floats instead of squaring its x tiles in its K loop.
 """
 from __future__ import annotations
 
-import os
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,23 +34,11 @@ import triton
 import triton.language as tl
 
 from . import launcher as _launcher
-from . import num_sms, pdl, pdl_release, pdl_start
+from . import num_sms, pdl_launch, pdl_release, pdl_start
 from .fused import _exp
 from .moe import max_shared_memory  # the device's probe, cached there
 
-# "auto": products of ≤ MAX_ROWS rows with a plain bf16 / fp16 weight on a CUDA device go
-# through this kernel (models.decoder's projections); "on" also under TRITON_INTERPRET
-# (tests); "off": torch's dense product everywhere. With decoder.FUSED_CACHE_WRITE the
-# Mistral-7B-shaped draft step took 4.31-4.42 ms on the H200 against 4.77-5.06 with both off
-# (session 24, bench/runs/h200-session24/; 4.08-4.26 with PDL and the other fusions).
-LINEAR = "auto"
-# The SwiGLU launch (swiglu=True) as 2·tiles programs of one 64-row tile (32 gate + 32 up
-# rows, one product a K step) instead of tiles programs of two 64-row products: Mistral-7B's
-# w13 as 448 programs (80 KB shared, two an SM) instead of 224 (144 KB, one an SM) at about
-# the plain product's 0.0556 ms instead of 0.0592: 0.0570-0.0576 on the H200 (session 24),
-# the draft's step 0.04-0.08 ms shorter with it.
-SWIGLU_ONE_DOT = True
-MAX_ROWS = 16
+MAX_ROWS = 16  # the rows a launch takes: its BLOCK_M, the narrow side of the product
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -96,28 +71,27 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, sq_ou
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
                    SWIGLU: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False,
-                   ONE_DOT: tl.constexpr = False, RMS: tl.constexpr = False,
+                   RMS: tl.constexpr = False,
                    SQ_OUT: tl.constexpr = False, SQ_IN: tl.constexpr = 0,
-                   USE_PDL: tl.constexpr = False, PDL_EARLY: tl.constexpr = False):
+                   USE_PDL: tl.constexpr = False):
     """Program (n, k): rows n·BLOCK_N.. of W over the k-th K slice, every row of x (M ≤ BLOCK_M).
     SWIGLU (K whole): W is [gate; up] (2N, K) and y = silu(x·gateᵀ) · (x·upᵀ), each product
     rounded to the dtype first, then as fused.silu_mul rounds: the program streams the gate's
-    and the up's rows n·BLOCK_N.. side by side, two products straight from the loaded tiles
-    (ONE_DOT: as one tile of 2·BLOCK_N rows and one product, split after the loop).
+    rows n·BLOCK_N.. over the up's as one tile of 2·BLOCK_N rows, one product split after the
+    loop (half the MMA instructions of a product each for the gate and the up).
     HAS_RESIDUAL: y = r + (the product rounded to the dtype), rounded again: torch's separate
     residual add, in this launch. RMS: each row of x normalised first, y = rsqrt(mean(x²) +
     rms_eps) · (x · Wᵀ) (+ b): an RMSNorm whose weight was folded into W's columns. With K
     whole (SPLIT_K 1) the squares come from the x tiles the product loads anyway, added up
     element-wise in a register tile and summed over K once, after the loop (a sum across the
-    threads every K step cost the one-tile SwiGLU launch 5 µs in session 24's profile); K
-    slices read their rows of x whole in a loop of their own after the product's (x is 16
-    rows at most: from L2; session 24 timed that loop, the first form for every launch, as
-    the launch's +40%). SQ_OUT: each column tile also stores its rows' sums of squares of y
-    (BLOCK_M fp32 at sq_out_ptr + tile · BLOCK_M): the partial sums an RMSNorm of y needs.
-    SQ_IN (with RMS; a power of two ≥ sq_in_tiles): x's squares not taken here but summed
-    from the sq_in_tiles partial rows a product's SQ_OUT left at sq_in_ptr (read as the
-    program starts, in one load). USE_PDL: see kernels.pdl."""
-    pdl_start(USE_PDL, PDL_EARLY)
+    threads every K step stalls the loop); K slices read their rows of x whole in a loop of
+    their own after the product's (x is 16 rows at most: from L2). SQ_OUT: each column tile
+    also stores its rows' sums of squares of y (BLOCK_M fp32 at sq_out_ptr + tile · BLOCK_M):
+    the partial sums an RMSNorm of y needs. SQ_IN (with RMS; a power of two ≥ sq_in_tiles):
+    x's squares not taken here but summed from the sq_in_tiles partial rows a product's SQ_OUT
+    left at sq_in_ptr (read as the program starts, in one load). USE_PDL: see
+    kernels.pdl_launch."""
+    pdl_start(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,7 +105,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, sq_ou
     k_hi = tl.minimum(K, k_lo + k_per_split)
     x_ptrs = x_ptr + rm[None, :] * stride_xm + (k_lo + rk)[:, None] * stride_xk  # (BLOCK_K, BLOCK_M)
     squares = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)  # RMS: x², summed over K after the loop
-    if SWIGLU and ONE_DOT:
+    if SWIGLU:
         # one 2·BLOCK_N-row tile a step: the gate's rows n·BLOCK_N.. over the up's, one product
         half = tl.arange(0, 2 * BLOCK_N)
         col = pid_n * BLOCK_N + half % BLOCK_N  # the output column of each weight row
@@ -150,20 +124,14 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, sq_ou
         acc, acc_up = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
     else:
         w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (k_lo + rk)[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
-        up_ptrs = w_ptr + (rn.to(tl.int64) + N)[:, None] * stride_wn + (k_lo + rk)[None, :] * stride_wk  # SWIGLU
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
             kk = k + rk
-            w_mask = (rn[:, None] < N) & (kk[None, :] < k_hi)
-            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & (kk[None, :] < k_hi), other=0.0)
             xt = tl.load(x_ptrs, mask=(kk[:, None] < k_hi) & (rm[None, :] < M), other=0.0)
             acc = _dot(w, xt, acc, IEEE)
             if RMS and SPLIT_K == 1 and SQ_IN == 0:
                 squares += xt.to(tl.float32) * xt.to(tl.float32)
-            if SWIGLU:
-                acc_up = _dot(tl.load(up_ptrs, mask=w_mask, other=0.0), xt, acc_up, IEEE)
-                up_ptrs += BLOCK_K * stride_wk
             w_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K * stride_xk
     pdl_release(USE_PDL)
@@ -178,7 +146,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, sq_ou
             row_sq = tl.sum(squares, axis=0)
         scale = 1.0 / tl.sqrt_rn(row_sq / K + rms_eps)
         acc = acc * scale[None, :]
-        acc_up = acc_up * scale[None, :]
+        if SWIGLU:
+            acc_up = acc_up * scale[None, :]
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None] * stride_yn
     y_mask = (rn[:, None] < N) & (rm[None, :] < M)
     r_ptrs = r_ptr + rm[None, :] * stride_rm + rn[:, None] * stride_rn
@@ -213,20 +182,11 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, sq_ou
 def config(M: int, N: int, K: int, sms: int, element_size: int = 2, shared: int = 227 * 1024) -> dict:
     """BLOCK_M 16 (the rows), 64 weight rows a tile with 4 warps (one wgmma group), 4 stages.
     K in two slices only where the column tiles cover under a quarter of the SMs and K is
-    short; 256-wide K steps where the tiles are under one wave (more bytes in flight a
-    program: wqkv's 96 tiles, w2's 64 of K 14336, wo's 64), 128 else. From the H200's grids
-    (tiles 32/64/128 x K steps 128/256 x 1/2/4/8 slices at 1 and 16 rows, each weight taken
-    in turn from copies filling 4x the L2 cache: bench/runs/h200-session24/l2-honest/skinny.json):
-    wo 0.0109 ms in two slices of 256-wide steps against 0.0132 with 128 (torch 0.0134), w2
-    0.0309 (two slices 0.0305, torch 0.0321), wqkv 0.0143 (torch 0.0151); w13 and the head
-    fastest as set. Inside the draft's step (Mistral-7B, one graph, session 26) wo's two
-    slices lost to one: the step 0.021-0.023 ms faster at batch 1, 4 and 16 with wo whole
-    (its 64 tiles were under half the SMs, the rule before), so slices are kept for narrower
-    products (a small draft's, not timed in a step). Five stages where K is long (w2's 14336:
-    the step 0.015-0.041 ms faster at batch 1 and 4, -0.013 to +0.001 at 16, two runs; wo's
-    and wqkv's K of 4096 gained nothing from a fifth), where it fits without a narrower K step.
-    The K step and then the stages shrink until the stages' tiles of W and x (`element_size`
-    bytes each) fit in `shared` bytes (fp32's 256-wide steps would need 320 KB)."""
+    short (a small draft's narrow products: a 7B draft's wo ran faster whole inside its step);
+    256-wide K steps where the tiles are under one wave (more bytes in flight a program),
+    128 else; a fifth stage where K is long (a 7B draft's w2), where it fits without a
+    narrower K step. The K step and then the stages shrink until the stages' tiles of W and x
+    (`element_size` bytes each) fit in `shared` bytes (fp32's 256-wide steps would need 320 KB)."""
     tiles = triton.cdiv(N, 64)
     split = 2 if 4 * tiles < sms and K <= 8192 else 1
     block_k = 256 if tiles < sms else 128
@@ -310,28 +270,27 @@ def row_squares(x: torch.Tensor) -> Optional[torch.Tensor]:
     return _SQUARES[key][:tiles]
 
 
-# (N, K) of a product (N: its output columns; a SwiGLU's gate and up together) -> entries
-# replacing what _config picks for it ({"BLOCK_N": 32, "SPLIT_K": 2}, ...): tile choices
-# timed inside the draft's step (bench_kernels --only draft, DRAFT_TILES). Empty: as measured.
-CONFIG_OVERRIDES: Dict[Tuple[int, int], dict] = {}
-
-
-def _config(M: int, N: int, K: int, swiglu: bool, device, element_size: int) -> dict:
-    """config() for a launch of N output columns (the SwiGLU's: its one-tile programs, or
-    tiles of both the gate's and the up's rows) on this device (its shared memory)."""
+def _config(M: int, N: int, K: int, swiglu: bool, device, element_size: int,
+            tiles: Sequence[tuple] = ()) -> dict:
+    """config() for a launch of N output columns (a SwiGLU's: its programs' 32 gate and 32 up
+    rows, one 64-row tile) on this device (its shared memory); `tiles`: (N, K) → entries
+    replacing what it picks, as KernelOptions.skinny_tiles holds them (N: a SwiGLU's gate and
+    up together)."""
     device = torch.device(device)
     shared = max_shared_memory(device)
-    cfg = config(M, 2 * N if swiglu else N, K, num_sms(device), element_size, shared)
-    if swiglu and SWIGLU_ONE_DOT:
-        cfg.update(BLOCK_N=32, ONE_DOT=True)
-    cfg.update(CONFIG_OVERRIDES.get((2 * N if swiglu else N, K), {}))
+    columns = 2 * N if swiglu else N
+    cfg = config(M, columns, K, num_sms(device), element_size, shared)
+    if swiglu:
+        cfg["BLOCK_N"] = 32
+    cfg.update(dict(dict(tiles).get((columns, K), ())))
     return _fit(cfg, 2 * cfg["BLOCK_N"] if swiglu else cfg["BLOCK_N"], element_size, shared)
 
 
 def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
                  cfg: Optional[dict] = None, swiglu: bool = False,
                  residual: Optional[torch.Tensor] = None, rms_eps: Optional[float] = None,
-                 sq_out: Optional[torch.Tensor] = None, sq_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 sq_out: Optional[torch.Tensor] = None, sq_in: Optional[torch.Tensor] = None,
+                 pdl: bool = True) -> torch.Tensor:
     M, K = x2.shape
     N = w.shape[0] // 2 if swiglu else w.shape[0]
     assert w.shape[1] == K and out.shape == (M, N)
@@ -363,14 +322,14 @@ def _skinny_into(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), r.stride(0), r.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split, IEEE=x2.dtype == torch.float32, SWIGLU=swiglu,
         HAS_RESIDUAL=residual is not None, RMS=rms_eps is not None, SQ_OUT=sq_out is not None,
-        SQ_IN=0 if sq_in is None else triton.next_power_of_2(sq_in.shape[0]), **cfg, **pdl(x2))
+        SQ_IN=0 if sq_in is None else triton.next_power_of_2(sq_in.shape[0]), **cfg, **pdl_launch(x2, pdl))
     return out
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   cfg: Optional[dict] = None, swiglu: bool = False,
                   residual: Optional[torch.Tensor] = None, rms_eps: Optional[float] = None,
-                  squares: bool = False) -> torch.Tensor:
+                  squares: bool = False, *, tiles: Sequence[tuple] = (), pdl: bool = True) -> torch.Tensor:
     """x (..., K) · Wᵀ (+ bias) → (..., N) in x's dtype, at most 16 rows in all; fp32
     accumulation, one rounding. `swiglu`: W (and bias) is [gate; up] (2N rows) and the result
     silu(gate) · up of the rounded products (fused.silu_mul's values): a SwiGLU's gate-up
@@ -380,7 +339,9 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     squares from the partials the product writing x left (`squares`; row_squares) where it
     did, else from x's tiles here. `squares`: the launch also leaves the output rows' partial
     sums of squares for such a product after it (a folded block's skip adds, whose sums feed
-    the next norm). `cfg`: config()'s dict with entries replaced (tests, timing)."""
+    the next norm). `cfg`: config()'s dict with entries replaced (tests, timing); `tiles`:
+    replacements by the product's (N, K) (_config); `pdl`: a programmatic dependent launch
+    where the device has them (kernels.pdl_launch)."""
     assert x.dtype in _DTYPES and w.dtype == x.dtype, f"x {x.dtype} and W {w.dtype}: one float dtype"
     assert w.dim() == 2 and x.shape[-1] == w.shape[1], f"x has {x.shape[-1]} features, W is {tuple(w.shape)}"
     assert not swiglu or w.shape[0] % 2 == 0, f"swiglu: W {tuple(w.shape)} is not [gate; up]"
@@ -392,16 +353,17 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
         assert residual.shape == (*x.shape[:-1], N) and residual.dtype == x.dtype, "residual: the output's shape"
         r2 = residual.reshape(-1, N)
     sq_in = row_squares(x) if rms_eps is not None else None
+    if cfg is None and x2.shape[0]:
+        cfg = _config(x2.shape[0], N, x2.shape[1], swiglu, x.device, x.element_size(), tiles)
     key = sq_out = None
     if squares and x2.shape[0]:
-        cfg = _config(x2.shape[0], N, x2.shape[1], swiglu, x.device, x.element_size()) if cfg is None else cfg
-        tiles = triton.cdiv(N, cfg["BLOCK_N"])
-        key, sq_out = _squares_out(w, tiles)
-        sq_out = sq_out[:tiles]
-    y = _skinny_into(x2, w, bias, out, cfg, swiglu, r2, rms_eps, sq_out, sq_in).reshape(*x.shape[:-1], N)
+        n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
+        key, sq_out = _squares_out(w, n_tiles)
+        sq_out = sq_out[:n_tiles]
+    y = _skinny_into(x2, w, bias, out, cfg, swiglu, r2, rms_eps, sq_out, sq_in, pdl).reshape(*x.shape[:-1], N)
     if key is not None:
         y._skinny_squares = key
-        _SQUARES_OF[key] = (weakref.ref(y), tiles, _version(y))
+        _SQUARES_OF[key] = (weakref.ref(y), n_tiles, _version(y))
     return y
 
 
@@ -423,16 +385,11 @@ def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether LINEAR sends this product to the kernel: ≤ MAX_ROWS rows, one float dtype, a
-    CUDA device in eager mode (the interpreter with "on"); tracing keeps torch's product."""
-    if LINEAR not in ("auto", "on", "off"):
-        raise ValueError(f"kernels.skinny.LINEAR is {LINEAR!r}: set it to 'auto', 'on' or 'off'")
-    if LINEAR == "off" or x.dtype != w.dtype or x.dtype not in _DTYPES or w.dim() != 2:
+    """Whether the kernel takes this product: ≤ MAX_ROWS rows, one float dtype, x and W on one
+    device, eager (tracing keeps torch's product). Which devices run it is the caller's choice
+    (KernelOptions.runs: CUDA tensors, or the interpreter's)."""
+    if x.dtype != w.dtype or x.dtype not in _DTYPES or w.dim() != 2 or x.device != w.device:
         return False
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
         return False
-    if x.numel() // x.shape[-1] > min(MAX_ROWS, 16) or x.numel() == 0:
-        return False
-    if x.is_cuda:
-        return w.is_cuda
-    return LINEAR == "on" and os.environ.get("TRITON_INTERPRET") == "1"
+    return 0 < x.numel() and x.numel() // x.shape[-1] <= MAX_ROWS

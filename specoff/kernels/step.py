@@ -1,12 +1,10 @@
 """The ends of a decode step: the token embeddings' gather, the rotary tables and the
 greedy argmax.
 
-At decode sizes torch launches both as kernels built for big tensors. On the H200 (session
-25's profile of a Mistral-7B-shaped draft step, bench/runs/h200-session25/) the embedding's
-index_select took 11.2 µs for 16 tokens (2.0 µs for one) and the argmax over a 32000-token
-vocabulary 11.3-11.6 µs at 1 and at 16 rows: each about what a whole layer's attention
-takes; the rotary tables were six small launches. Here each is one launch of programs
-that issue all their loads at once:
+At decode sizes torch launches each as kernels built for big tensors (the embedding's
+index_select and the argmax's reduction each take about what a whole layer's attention
+takes; the rotary tables are six small launches). Here each is one launch of programs that
+issue all their loads at once:
 
 - embed_rows: weight[ids], a program per (token, 1024-wide slice of the row); an id out of
   the table's range gives a row of NaN (torch's CUDA embedding stops the process with a
@@ -18,10 +16,11 @@ that issue all their loads at once:
 - argmax_rows: x.argmax(-1), a program per row over the whole vocabulary in one tile (up
   to 32768 wide, else a loop of such tiles), the first index of the maximum as torch's.
   A row holding NaN is not torch's answer (torch picks the NaN): logits never hold one.
+
+Each runs on CUDA tensors in eager mode, on CPU ones too with `interpret` (Triton's
+interpreter: tests); elsewhere, and while tracing, torch's ops run.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -32,19 +31,14 @@ from triton.language.extra import libdevice
 from . import launcher as _launcher
 from .fused import _LIBDEVICE
 
-# "auto": CUDA tensors in eager mode take these kernels; "on": the interpreter's CPU tensors
-# too (tests); "off": torch's embedding and argmax everywhere. Tracing keeps torch's ops.
-STEP_KERNELS = "auto"
 _ROW_BLOCK = 1024  # embed_rows: columns a program
 _VOCAB_BLOCK = 32768  # argmax_rows: the widest tile a program takes at once
 
 
-def _usable(x: torch.Tensor) -> bool:
-    if STEP_KERNELS not in ("auto", "on", "off"):
-        raise ValueError(f"kernels.step.STEP_KERNELS is {STEP_KERNELS!r}: set it to 'auto', 'on' or 'off'")
-    if STEP_KERNELS == "off" or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+def _usable(x: torch.Tensor, interpret: bool) -> bool:
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
         return False
-    return x.is_cuda or (STEP_KERNELS == "on" and os.environ.get("TRITON_INTERPRET") == "1")
+    return x.is_cuda or interpret
 
 
 @triton.jit
@@ -90,15 +84,16 @@ def _argmax_kernel(x_ptr, out_ptr, V, stride_r, BLOCK: tl.constexpr):
     tl.store(out_ptr + row, best_i.to(tl.int64))
 
 
-def embed_rows(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def embed_rows(ids: torch.Tensor, weight: torch.Tensor, *, interpret: bool = False) -> torch.Tensor:
     """weight[ids] (ids of any shape, weight (V, D) with contiguous rows) in one launch where
-    the kernels run (a CUDA tensor, eager); torch's embedding elsewhere."""
+    the kernels run (a CUDA tensor, eager; a CPU one with `interpret`); torch's embedding
+    elsewhere."""
     # (the check on ids: a weight is an nn.Parameter, which the tracer test would refuse)
-    if not (_usable(ids) and weight.device == ids.device and weight.dim() == 2 and weight.stride(1) == 1
+    if not (_usable(ids, interpret) and weight.device == ids.device and weight.dim() == 2 and weight.stride(1) == 1
             and ids.numel()):
         return torch.nn.functional.embedding(ids, weight)
     V, D = weight.shape
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1).contiguous()  # a column of a wider tensor stays strided in reshape
     out = torch.empty(flat.numel(), D, dtype=weight.dtype, device=weight.device)
     grid = (flat.numel(), triton.cdiv(D, _ROW_BLOCK))
     _launcher(_embed_kernel, weight)[grid](flat, weight, out, V, D, weight.stride(0), out.stride(0),
@@ -106,10 +101,11 @@ def embed_rows(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*ids.shape, D)
 
 
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+def argmax_rows(x: torch.Tensor, *, interpret: bool = False) -> torch.Tensor:
     """x.argmax(dim=-1) (int64, x's leading shape) in one launch where the kernels run (a
-    CUDA tensor, eager, a contiguous last dim); torch's argmax elsewhere."""
-    if not (_usable(x) and x.dim() >= 1 and x.shape[-1] and x.stride(-1) == 1 and x.numel()
+    CUDA tensor, eager, a contiguous last dim; a CPU one with `interpret`); torch's argmax
+    elsewhere."""
+    if not (_usable(x, interpret) and x.dim() >= 1 and x.shape[-1] and x.stride(-1) == 1 and x.numel()
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         return x.argmax(dim=-1)
     V = x.shape[-1]
@@ -121,10 +117,12 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape[:-1])
 
 
-def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, *,
+                interpret: bool = False):
     """(cos, sin), each (B, T, 1, 2 · len(inv_freq)) in dtype, of positions (B, T): one
-    launch where the kernels run (eager, CUDA), else rope_tables_ref (the decoder's ops)."""
-    if not (_usable(positions) and inv_freq.device == positions.device and inv_freq.dtype == torch.float32
+    launch where the kernels run (eager, CUDA; the CPU with `interpret`), else
+    rope_tables_ref (the decoder's ops)."""
+    if not (_usable(positions, interpret) and inv_freq.device == positions.device and inv_freq.dtype == torch.float32
             and positions.dim() == 2 and positions.numel()):
         return rope_tables_ref(positions, inv_freq, dtype)
     B, T = positions.shape

@@ -24,107 +24,49 @@ from ..kernels.fused import add_rms_norm, rms_norm, rope, rope_write, silu_mul
 from ..kernels.moe import fused_moe, moe_route
 from ..kernels.step import embed_rows, rope_tables, rope_tables_ref
 from ..kvcache import KVCache, bits, stored
-
-# Tree passes: "auto" runs the Triton verification kernel where the cache is on a GPU and
-# the plain-torch masked attention elsewhere; "triton" or "torch" forces one (tests).
-TREE_ATTENTION = "auto"
-
-# Causal attention over a cache (decode, verification of γ + 1, prefill chunks): "auto" runs
-# the Triton verification kernel where the cache is on a GPU or streamed to one, and torch's
-# masked attention elsewhere; "triton" or "torch" forces one (tests, benchmarks).
-# CHAIN_KERNEL_TOKENS (None: no bound) bounds the new tokens a row that go to the kernel.
-# Prefill chunks go there too: torch's masked attention picked cuDNN on the H200, which
-# builds a plan for each new shape (~40 ms of host time; refills bring new (rows, length)
-# shapes every round): a chain run's first pass over a workload ran 2.09 s against 1.84 s
-# once the shapes were known, and the draft's prefill of new prompts 0.32 against 0.07 s.
-# On known shapes the two measured the same (tools/profile_pass.py --compare).
-CHAIN_ATTENTION = "auto"
-CHAIN_KERNEL_TOKENS: Optional[int] = None
-
-# RMSNorm, rotary embedding and the SwiGLU activation: "auto" runs the fused Triton kernels
-# (specoff/kernels/fused.py: one launch for each norm, for rotary on q and k, and for SwiGLU,
-# where the torch ops launch ~28; the attention's residual add rides in the ffn norm's launch)
-# on CUDA tensors and the plain-torch ops elsewhere; "triton" or "torch" forces one (tests,
-# benchmarks).
-FUSED_ELEMENTWISE = "auto"
-
-# A cache in pinned host memory (streamed_attention): how many layers ahead of the one
-# computing its blocks cross the bus, on a copy stream of their own (HostCacheReads). 0:
-# each layer's copy runs on the compute stream as the layer comes, the compute waiting on it.
-HOST_CACHE_AHEAD = 1
+from ..options import KernelOptions
 
 
-def project(linear: nn.Module, x: torch.Tensor, norm: Optional["RMSNorm"] = None,
+def use_fused_elementwise(x: torch.Tensor, kernels: KernelOptions) -> bool:
+    """RMSNorm, rotary and SwiGLU as one Triton launch each (kernels.fused_elementwise)."""
+    return kernels.runs(kernels.fused_elementwise, x)
+
+
+def few_rows(x: torch.Tensor, w: torch.Tensor, kernels: KernelOptions) -> bool:
+    """Whether x · Wᵀ goes to the few-rows kernel (kernels.skinny_products, ≤ 16 rows)."""
+    return kernels.runs(kernels.skinny_products, x) and skinny.usable(x, w)
+
+
+def project(linear: nn.Module, x: torch.Tensor, kernels: KernelOptions, norm: Optional["RMSNorm"] = None,
             residual: Optional[torch.Tensor] = None, squares: bool = False) -> torch.Tensor:
-    """linear(x), through the few-rows kernel where kernels.skinny.LINEAR takes it (a plain
+    """linear(x), through the few-rows kernel where `kernels` sends it there (a plain
     nn.Linear, ≤ skinny.MAX_ROWS rows: decode steps and short verifications); quantized
     projections (quant.Fp8Linear) keep their own forward. `norm`: an RMSNorm whose weight
     is folded into linear's (Transformer.fold_norms; its own weight ones), applied to x
     first, inside the kernel where it runs; `residual`: added to the result; `squares`: the
     kernel, where it runs, also leaves the result's sums of squares for a folded norm's
     product after it (skinny_linear)."""
-    if type(linear) is nn.Linear and skinny.usable(x, linear.weight):
+    if type(linear) is nn.Linear and few_rows(x, linear.weight, kernels):
         return skinny.skinny_linear(x, linear.weight, linear.bias, residual=residual,
-                                    rms_eps=None if norm is None else norm.eps, squares=squares)
+                                    rms_eps=None if norm is None else norm.eps, squares=squares,
+                                    tiles=kernels.skinny_tiles, pdl=kernels.pdl)
     out = linear(x if norm is None else norm(x))
     return out if residual is None else residual + out
 
 
-# The rotary embedding's launch also storing the new keys and values in the layer's cache
-# (kernels.fused.rope_write: the write's index clamp and two scatters a layer fewer):
-# "auto" where the fused element-wise kernels run, the attention is causal and the cache is
-# a plain KVCache on the compute device in the activations' dtype (a draft's decode step);
-# "off": rope, then KVCache.write. The draft step on the H200: 4.53 ms against 4.78 (session
-# 23, products through torch in both).
-FUSED_CACHE_WRITE = "auto"
+def fuses_rope_attention(q: torch.Tensor, causal: bool, kernels: KernelOptions) -> bool:
+    """Whether a step whose cache write already rides in the rotary launch also attends in
+    it (kernels.fused_rope_attention): where the chain kernel (q (B, T, H, hd)) attends."""
+    return kernels.fused_rope_attention and use_chain_kernel(q.transpose(1, 2), causal, kernels)
 
 
-# The draft's two RMSNorms a layer folded into the products after them at load
-# (Transformer.fold_norms; Engine), so that its decode steps normalise inside the few-rows
-# products and add the skips in them: 6 launches a layer instead of 8. Changes the draft's
-# numbers by bf16 rounding, never the target's (its tokens stay the target's own). On the
-# H200 (session 24) with each product squaring its input in its K loop: no gain beside the
-# other fusions (4.19-4.32 ms against 4.07-4.24); session 25, the squares handed on by the
-# products before (SQUARES_FROM_PRODUCTS): 4.03 / 4.09 / 4.14 ms at batch 1 / 4 / 16 against
-# 4.13 / 4.19 / 4.26 unfolded in the same run (bench/runs/h200-session25/).
-FOLD_DRAFT_NORMS = True
-# In a folded block's decode step, the products ending in a skip add (wo, w2) also leave
-# their output rows' sums of squares, a column tile each (kernels.skinny's squares), and the
-# folded norm's product after them sums those instead of squaring its input in its K loop
-# (which cost the one-tile SwiGLU launch ~5 µs at one row, session 24's profile). The first
-# layer's wqkv (after the embedding) still squares its own input. Off: every folded product
-# squares its input.
-SQUARES_FROM_PRODUCTS = True
-
-
-# The rotary launch with the cache write (FUSED_CACHE_WRITE) and the chain's attention as
-# one launch (kernels.attention.rope_verify_attention, bit-equal to the two): "auto" where
-# both would run and the model has no q/k norms; "off": two launches. The draft's step on
-# the H200: 4.29-4.38 ms against 4.34-4.42 (session 24, the products through skinny).
-FUSED_ROPE_ATTENTION = "auto"
-
-
-def fuses_rope_attention(q: torch.Tensor, causal: bool) -> bool:
-    """Whether FUSED_ROPE_ATTENTION takes a step whose cache write already rides in the rotary
-    launch: where the chain kernel (q (B, T, H, hd)) attends."""
-    if FUSED_ROPE_ATTENTION not in ("auto", "off"):
-        raise ValueError(f"models.decoder.FUSED_ROPE_ATTENTION is {FUSED_ROPE_ATTENTION!r}: set it to 'auto' or 'off'")
-    return FUSED_ROPE_ATTENTION == "auto" and use_chain_kernel(q.transpose(1, 2), causal)
-
-
-def fuses_cache_write(x: torch.Tensor, cache, causal: bool, positions) -> bool:
-    if FUSED_CACHE_WRITE not in ("auto", "off"):
-        raise ValueError(f"models.decoder.FUSED_CACHE_WRITE is {FUSED_CACHE_WRITE!r}: set it to 'auto' or 'off'")
-    return (FUSED_CACHE_WRITE == "auto" and causal and positions is not None and cache is not None
-            and type(cache) is KVCache
+def fuses_cache_write(x: torch.Tensor, cache, causal: bool, positions, kernels: KernelOptions) -> bool:
+    """Whether the rotary launch also stores the new keys and values (kernels.fused_cache_write):
+    a causal step over a plain KVCache on x's device in x's dtype, eager."""
+    return (kernels.runs(kernels.fused_cache_write, x) and causal and positions is not None
+            and cache is not None and type(cache) is KVCache
             and cache.row_start is None and cache.k.device == x.device and cache.k.dtype == x.dtype
             and not torch.compiler.is_compiling() and type(x) is torch.Tensor)
-
-
-def use_fused_elementwise(x: torch.Tensor) -> bool:
-    if FUSED_ELEMENTWISE == "auto":
-        return x.is_cuda
-    return FUSED_ELEMENTWISE == "triton"
 
 
 class RMSNorm(nn.Module):
@@ -132,10 +74,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels = KernelOptions()  # Transformer.use_kernels sets the model's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fused_elementwise(x):
-            return rms_norm(x, self.weight, self.eps)
+        if use_fused_elementwise(x, self.kernels):
+            return rms_norm(x, self.weight, self.eps, pdl=self.kernels.pdl)
         # Normalise in fp32, scale in the input dtype: Hugging Face's exact rounding.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -143,8 +86,8 @@ class RMSNorm(nn.Module):
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor):
         """(self(h), h) for h = residual + x: one fused launch on the Triton path."""
-        if use_fused_elementwise(x):
-            return add_rms_norm(x, residual, self.weight, self.eps)
+        if use_fused_elementwise(x, self.kernels):
+            return add_rms_norm(x, residual, self.weight, self.eps, pdl=self.kernels.pdl)
         h = residual + x
         return self(h), h
 
@@ -156,8 +99,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, T, nh, hd); cos, sin: (B, T, 1, hd)."""
-    if use_fused_elementwise(x):
-        return rope(x, None, cos, sin)[0]
     return x * cos + rotate_half(x) * sin
 
 
@@ -172,6 +113,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.kernels = KernelOptions()  # Transformer.use_kernels sets the model's
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache], layer: int,
                 positions: Optional[torch.Tensor], kv_len: Optional[int], norm: Optional["RMSNorm"] = None,
@@ -182,61 +124,64 @@ class Attention(nn.Module):
         `squares`: see project()."""
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = project(self.wqkv, x, norm)
+        kernels = self.kernels
+        qkv = project(self.wqkv, x, kernels, norm)
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         causal = not isinstance(mask, (TreeMask, SegmentMask))
-        if use_fused_elementwise(x) and fuses_cache_write(x, cache, causal, positions):
-            if fuses_rope_attention(q, causal) and self.q_norm is None:
+        fused = use_fused_elementwise(x, kernels)
+        if fused and fuses_cache_write(x, cache, causal, positions, kernels):
+            if fuses_rope_attention(q, causal, kernels) and self.q_norm is None:
                 # rotary, the cache write and the attention in one launch
-                y = rope_verify_attention(qkv, H, KV, cos, sin, positions, cache.k[layer], cache.v[layer], kv_len)
-                return project(self.wo, y.reshape(B, T, H * hd), residual=residual, squares=squares)
+                y = rope_verify_attention(qkv, H, KV, cos, sin, positions, cache.k[layer], cache.v[layer], kv_len,
+                                          pdl=kernels.pdl)
+                return project(self.wo, y.reshape(B, T, H * hd), kernels, residual=residual, squares=squares)
             # q rotated; k rotated and v stored in the cache by the same launch
-            q = rope_write(q, k, v, cos, sin, cache.k[layer], cache.v[layer], positions)
-            y = cached_attention(q.transpose(1, 2), None, None, mask, cache, layer, positions, kv_len, causal)
-            return project(self.wo, y.transpose(1, 2).reshape(B, T, H * hd), residual=residual, squares=squares)
-        if use_fused_elementwise(x):
+            q = rope_write(q, k, v, cos, sin, cache.k[layer], cache.v[layer], positions, pdl=kernels.pdl)
+            y = cached_attention(q.transpose(1, 2), None, None, mask, cache, layer, positions, kv_len, causal,
+                                 kernels=kernels)
+            return project(self.wo, y.transpose(1, 2).reshape(B, T, H * hd), kernels, residual=residual,
+                           squares=squares)
+        if fused:
             q, k = rope(q, k, cos, sin)  # one launch for both
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if not causal:
-            if cache is not None and cache.k.device == x.device and mask.use_kernel(x):
+            if cache is not None and cache.k.device == x.device and mask.use_kernel(x, kernels):
                 cache.write(layer, k.transpose(1, 2), v.transpose(1, 2), positions)
                 y = mask.attend(q, cache.k[layer], cache.v[layer], kv_len,
-                                row_start=cache.row_start)  # (B, T, H, hd)
-                return project(self.wo, y.reshape(B, T, H * hd), residual=residual, squares=squares)
+                                row_start=cache.row_start, pdl=kernels.pdl)  # (B, T, H, hd)
+                return project(self.wo, y.reshape(B, T, H * hd), kernels, residual=residual, squares=squares)
             if not (cache is not None and cache.row_start is not None
                     and cache.k.device != x.device):  # streamed_segments takes the mask itself
                 mask = mask.dense(kv_len)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         if cache is not None and cache.k.device != x.device:
-            y = streamed_attention(q, k, v, mask, cache, layer, positions, kv_len, causal)
+            y = streamed_attention(q, k, v, mask, cache, layer, positions, kv_len, causal, kernels=kernels)
         elif cache is not None:
-            y = cached_attention(q, k, v, mask, cache, layer, positions, kv_len, causal)
+            y = cached_attention(q, k, v, mask, cache, layer, positions, kv_len, causal, kernels=kernels)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
         y = y.transpose(1, 2).reshape(B, T, H * hd)
-        return project(self.wo, y, residual=residual, squares=squares)
+        return project(self.wo, y, kernels, residual=residual, squares=squares)
 
 
-def use_chain_kernel(q: torch.Tensor, causal: bool) -> bool:
-    """Whether q (B, H, T, hd) under the causal mask attends with verify_attention."""
-    if not causal:
-        return False
-    if CHAIN_ATTENTION == "auto":
-        return q.is_cuda and (CHAIN_KERNEL_TOKENS is None or q.shape[2] <= CHAIN_KERNEL_TOKENS)
-    return CHAIN_ATTENTION == "triton"
+def use_chain_kernel(q: torch.Tensor, causal: bool, kernels: KernelOptions) -> bool:
+    """Whether q (B, H, T, hd) under the causal mask attends with verify_attention
+    (kernels.chain_attention): decode steps, verification and prefill chunks alike, since
+    torch's masked attention may pick a backend that plans each new shape on the host."""
+    return causal and kernels.runs(kernels.chain_attention, q)
 
 
-def attend(q, keys, values, mask, positions, kv_len, causal: bool):
+def attend(q, keys, values, mask, positions, kv_len, causal: bool, kernels: KernelOptions = KernelOptions()):
     """q (B, H, T, hd) over keys/values (B, KV, >= kv_len, hd) holding the new tokens at
     `positions` (B, T), under `mask` (B, 1, T, kv_len). A `causal` mask (positions run
     consecutively in each row) may go to the verification kernel instead: the row's keys
     below positions[b, 0] + t + 1, as the mask says."""
-    if use_chain_kernel(q, causal):
-        y = verify_attention(q.transpose(1, 2), keys, values, positions[:, 0], kv_len=kv_len)
+    if use_chain_kernel(q, causal, kernels):
+        y = verify_attention(q.transpose(1, 2), keys, values, positions[:, 0], kv_len=kv_len, pdl=kernels.pdl)
         return y.transpose(1, 2)
     keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
@@ -244,36 +189,35 @@ def attend(q, keys, values, mask, positions, kv_len, causal: bool):
 
 
 def cached_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_len,
-                     causal: bool = True):
+                     causal: bool = True, *, kernels: KernelOptions = KernelOptions()):
     """Write k, v (B, KV, T, hd) at `positions` (None: already written, rope_write), then
     attend over the row's cache."""
     if k is not None:
         cache.write(layer, k, v, positions)
     if cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
-        if use_chain_kernel(q, causal):
+        if use_chain_kernel(q, causal, kernels):
             y = verify_attention(q.transpose(1, 2), cache.k[layer], cache.v[layer], positions[:, 0],
-                                 kv_len=kv_len, row_start=cache.row_start)
+                                 kv_len=kv_len, row_start=cache.row_start, pdl=kernels.pdl)
             return y.transpose(1, 2)
         keys, values = cache.dense(layer, kv_len)
-        return attend(q, keys.to(q.dtype), values.to(q.dtype), mask, positions, kv_len, False)
+        return attend(q, keys.to(q.dtype), values.to(q.dtype), mask, positions, kv_len, False, kernels)
     keys, values = cache.k[layer], cache.v[layer]  # (B, KV, S, hd)
     if keys.dtype != q.dtype:
         keys, values = keys[:, :, :kv_len].to(q.dtype), values[:, :, :kv_len].to(q.dtype)
-    return attend(q, keys, values, mask, positions, kv_len, causal)
+    return attend(q, keys, values, mask, positions, kv_len, causal, kernels)
 
 
 def streamed_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_len,
-                       causal: bool = True):
+                       causal: bool = True, *, kernels: KernelOptions = KernelOptions()):
     """Attention over a cache in pinned host memory: the layer's keys and values cross the
     bus to the device, the new tokens are written in there and, by the same kernels,
-    straight into the host cache (KVCache.mapped: no staging, no host thread, no wait). On
-    the H200 host this beat attention on the CPU for verification passes (γ+1 queries a row)
-    by far, and costs the pass about the copy of the cache's bytes (planner.predict_pass).
-    The whole (B, KV, max_len, hd) block moves in one asynchronous DMA: copying only
-    [0, kv_len) of every row, or gathering it across the bus with a device kernel reading
-    the mapped cache, gave the same pass time (1.81–1.83 s, Mixtral 8x7B, 144 rows)."""
+    straight into the host cache (KVCache.mapped: no staging, no host thread, no wait); for
+    verification passes that beats attention on the CPU by far, and costs the pass about the
+    copy of the cache's bytes (planner.predict_pass). The whole (B, KV, max_len, hd) block
+    moves in one asynchronous DMA: copying only [0, kv_len) of every row, or gathering it
+    across the bus with a kernel reading the mapped cache, was no faster."""
     if cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
-        return streamed_segments(q, k, v, mask, cache, layer, positions, kv_len, causal)
+        return streamed_segments(q, k, v, mask, cache, layer, positions, kv_len, causal, kernels=kernels)
     keys, values = HostCacheReads.blocks(cache, layer, q.device)
     B, KV, T, hd = k.shape
     slots = positions.clamp(max=kv_len - 1)
@@ -282,10 +226,11 @@ def streamed_attention(q, k, v, mask, cache: KVCache, layer: int, positions, kv_
         new = new.to(dev.dtype)
         dev.scatter_(2, idx, new)
         host[layer].scatter_(2, idx, new)
-    return attend(q, keys.to(q.dtype), values.to(q.dtype), mask, positions, kv_len, causal)
+    return attend(q, keys.to(q.dtype), values.to(q.dtype), mask, positions, kv_len, causal, kernels)
 
 
-def streamed_segments(q, k, v, mask, cache, layer: int, positions, kv_len, causal: bool):
+def streamed_segments(q, k, v, mask, cache, layer: int, positions, kv_len, causal: bool, *,
+                      kernels: KernelOptions = KernelOptions()):
     """streamed_attention over a cache of row segments in pinned host memory: the layer's
     pool (what the rows hold, not rows × the longest) crosses the bus, the new tokens go into
     it and, by the same kernels, into the host pool; the attention kernel reads each row's
@@ -302,24 +247,24 @@ def streamed_segments(q, k, v, mask, cache, layer: int, positions, kv_len, causa
     pooled = [t.to(q.dtype)[None].expand(B, *t.shape) for t in (keys, values)]
     if isinstance(mask, TreeMask):
         y = verify_attention(q.transpose(1, 2), *pooled, mask.lengths, mask.ancestors,
-                             kv_len=kv_len, row_start=cache.row_start)
+                             kv_len=kv_len, row_start=cache.row_start, pdl=kernels.pdl)
     elif causal:
         y = verify_attention(q.transpose(1, 2), *pooled, positions[:, 0], kv_len=kv_len,
-                             row_start=cache.row_start)
+                             row_start=cache.row_start, pdl=kernels.pdl)
     else:
         raise ValueError("a streamed segment cache takes a TreeMask or a causal mask")
     return y.transpose(1, 2)
 
 
 class HostCacheReads:
-    """The caches in pinned host memory that one pass over the layers reads, fetched
-    HOST_CACHE_AHEAD layers ahead: layer i + 1's keys and values cross the bus on a copy
-    stream of their own while layer i computes, so the compute stream never waits on the
-    bus for them (it did: a chain pass at 24 GiB carried 5.3 GB of host cache beside 92.9 GB
-    of weights, all of it on the compute stream, while the weights' copy stream waited on
-    compute for ~0.05 s a pass; bench/runs/h200-24gib-session17). A layer's blocks are
-    copied once for every part of the pass that reads them; each part's new tokens go into
-    the copy as well as the host (streamed_attention), so a later part sees them.
+    """The caches in pinned host memory that one pass over the layers reads, fetched `ahead`
+    layers ahead (Transformer.host_cache_ahead): layer i + 1's keys and values cross the bus
+    on a copy stream of their own while layer i computes, so the compute stream never waits
+    on the bus for them (nor the weights' copy stream on the compute stream behind them);
+    `ahead` 0, or a CPU device: each layer's copy on the compute stream as the layer comes. A
+    layer's blocks are copied once for every part of the pass that reads them; each part's
+    new tokens go into the copy as well as the host (streamed_attention), so a later part
+    sees them.
 
     Ordering: a layer's copy starts after everything queued on the compute stream before
     the layer that issues it (the pass's writes to a layer — new tokens, a PrefillStage's
@@ -329,13 +274,13 @@ class HostCacheReads:
 
     _streams: dict = {}  # device index → the copy stream
 
-    def __init__(self, caches, n_layers: int, device):
+    def __init__(self, caches, n_layers: int, device, ahead: int = 1):
         self.device, self.n_layers = torch.device(device), n_layers
         self.sources = {}  # the host blocks' address → (k, v), each indexed by layer
         for c in caches:
             k, v = self.host_blocks(c)
             self.sources.setdefault(k.data_ptr(), (k, v))
-        self.ahead = HOST_CACHE_AHEAD if self.device.type == "cuda" else 0
+        self.ahead = ahead if self.device.type == "cuda" else 0
         self.fetched = {}  # layer → ({address: (keys, values) on the device}, copied event)
         self.caches = list(caches)
 
@@ -348,15 +293,16 @@ class HostCacheReads:
         return cache.k, cache.v
 
     @classmethod
-    def for_parts(cls, caches, n_layers: int, device) -> Optional["HostCacheReads"]:
+    def for_parts(cls, caches, n_layers: int, device, ahead: int = 1) -> Optional["HostCacheReads"]:
         """Reads for the caches among `caches` that sit in host memory beside a CUDA
-        `device` (None when there are none); attached to them until close()."""
+        `device` (None when there are none), `ahead` layers ahead; attached to them until
+        close()."""
         device = torch.device(device)
         host = [c for c in {id(c): c for c in caches if c is not None}.values()
                 if c.k.device.type == "cpu" and device.type == "cuda"]
         if not host:
             return None
-        reads = cls(host, n_layers, device)
+        reads = cls(host, n_layers, device, ahead)
         for c in host:
             c.host_reads = reads
         return reads
@@ -425,27 +371,30 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.kernels = KernelOptions()  # Transformer.use_kernels sets the model's
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 norm: Optional[RMSNorm] = None, squares: bool = False) -> torch.Tensor:
         """The feed-forward of x, added to `residual` when one is given (the block's skip).
         `norm`: x is un-normalised, this norm's weight folded into w13 (fold_norms);
         `squares`: see project()."""
-        if use_fused_elementwise(x):
-            if type(self.w13) is nn.Linear and skinny.usable(x, self.w13.weight):
+        kernels = self.kernels
+        if use_fused_elementwise(x, kernels):
+            if type(self.w13) is nn.Linear and few_rows(x, self.w13.weight, kernels):
                 # the few-rows products: the activation (and a folded norm) in the gate-up
                 # launch, the skip's add in the down projection's (two launches fewer)
                 act = skinny.skinny_linear(x, self.w13.weight, self.w13.bias, swiglu=True,
-                                           rms_eps=None if norm is None else norm.eps)
-                if type(self.w2) is nn.Linear and skinny.usable(act, self.w2.weight):
+                                           rms_eps=None if norm is None else norm.eps,
+                                           tiles=kernels.skinny_tiles, pdl=kernels.pdl)
+                if type(self.w2) is nn.Linear and few_rows(act, self.w2.weight, kernels):
                     return skinny.skinny_linear(act, self.w2.weight, self.w2.bias, residual=residual,
-                                                squares=squares)
-                out = project(self.w2, act)
+                                                squares=squares, tiles=kernels.skinny_tiles, pdl=kernels.pdl)
+                out = project(self.w2, act, kernels)
             else:
-                out = project(self.w2, silu_mul(project(self.w13, x, norm)))
+                out = project(self.w2, silu_mul(project(self.w13, x, kernels, norm)), kernels)
         else:
-            gate, up = project(self.w13, x, norm).chunk(2, dim=-1)
-            out = project(self.w2, F.silu(gate) * up)
+            gate, up = project(self.w13, x, kernels, norm).chunk(2, dim=-1)
+            out = project(self.w2, F.silu(gate) * up, kernels)
         return out if residual is None else residual + out
 
 
@@ -462,6 +411,7 @@ class MoEFeedForward(nn.Module):
         # A layer streamed in pieces (offload.build_offloaded, ring_pieces > 1): per piece
         # (first expert, w13, w2) views of its ring slot; w13 / w2 above are then host views.
         self.pieces = None
+        self.kernels = KernelOptions()  # Transformer.use_kernels sets the model's
 
     def route(self, x: torch.Tensor):
         """x (..., D) → (x as (N, D), routing weights (N, k), expert ids (N, k))."""
@@ -473,9 +423,10 @@ class MoEFeedForward(nn.Module):
         weighted outputs, (N, D). All experts: the whole feed-forward."""
         x, weights, ids = routed
         if x.is_cuda:  # grouped-GEMM Triton kernels, no host sync: capturable in a graph
+            descriptors = self.kernels.moe_descriptors
             if w13.shape[0] == self.w13.shape[0]:
-                return fused_moe(x, w13, w2, weights, ids)
-            return fused_moe(x, w13, w2, weights, ids, experts_from=first)
+                return fused_moe(x, w13, w2, weights, ids, descriptors=descriptors)
+            return fused_moe(x, w13, w2, weights, ids, experts_from=first, descriptors=descriptors)
         if w13.shape[0] != self.w13.shape[0]:  # the others match no expert here
             ids = torch.where((ids >= first) & (ids < first + w13.shape[0]), ids - first, -1)
         return moe_experts(x, w13, w2, weights, ids)
@@ -507,6 +458,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.feed_forward = MoEFeedForward(cfg) if cfg.is_moe else FeedForward(cfg)
         self.folded = False  # Transformer.fold_norms: the norms' weights are in the products
+        self.kernels = KernelOptions()  # Transformer.use_kernels sets the model's
 
     def fold_norms(self) -> bool:
         """Fold the two RMSNorms' weights into the products after them (wqkv's and w13's
@@ -530,7 +482,7 @@ class TransformerBlock(nn.Module):
     def fast_folded(self, h: torch.Tensor) -> bool:
         """Whether this step runs the folded path: the fused element-wise kernels and the
         few-rows products take h's rows."""
-        return use_fused_elementwise(h) and skinny.usable(h, self.attention.wqkv.weight)
+        return use_fused_elementwise(h, self.kernels) and few_rows(h, self.attention.wqkv.weight, self.kernels)
 
     def attend(self, h, cos, sin, mask, cache=None, layer=0, positions=None, kv_len=None):
         """(h + attention(attention_norm(h)), ffn_norm of that): the residual add and the
@@ -543,9 +495,10 @@ class TransformerBlock(nn.Module):
         if self.folded and self.fast_folded(h):
             # both norms inside the products after them, both skip adds in the products
             # before them: wqkv, rotary + cache write, attention, wo, w13, w2 (6 launches)
+            squares = self.kernels.squares_from_products
             h = self.attention(h, cos, sin, mask, cache, layer, positions, kv_len,
-                               norm=self.attention_norm, residual=h, squares=SQUARES_FROM_PRODUCTS)
-            return self.feed_forward(h, residual=h, norm=self.ffn_norm, squares=SQUARES_FROM_PRODUCTS)
+                               norm=self.attention_norm, residual=h, squares=squares)
+            return self.feed_forward(h, residual=h, norm=self.ffn_norm, squares=squares)
         h, normed = self.attend(h, cos, sin, mask, cache, layer, positions, kv_len)
         if isinstance(self.feed_forward, FeedForward):
             return self.feed_forward(normed, residual=h)  # the skip's add may ride in its last product
@@ -553,7 +506,12 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The decoder. `kernels`: which hand-written kernels its passes launch (use_kernels);
+    `host_cache_ahead`: a cache in pinned host memory is fetched this many layers ahead of
+    the computing one, on a copy stream of its own (0: on the compute stream as each layer
+    comes; HostCacheReads)."""
+
+    def __init__(self, cfg: ModelConfig, *, kernels: KernelOptions = KernelOptions(), host_cache_ahead: int = 1):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -566,17 +524,33 @@ class Transformer(nn.Module):
         self.ring = None  # a WeightRing when decoder layers stream from host memory
         self.use_graphs = False  # replay decode passes as per-layer CUDA graphs
         self._graphs = weakref.WeakKeyDictionary()  # KVCache → {(rows, tokens): LayerGraphs}
+        self.host_cache_ahead = host_cache_ahead
+        self.kernels = kernels
+        self.use_kernels(kernels)
+
+    def use_kernels(self, options: KernelOptions) -> None:
+        """Launch the kernels `options` names from now on: set on every module that chooses
+        between a kernel and torch's ops (quant.Fp8Linear's too); graphs captured before go."""
+        for module in self.modules():
+            if isinstance(getattr(module, "kernels", None), KernelOptions):
+                module.kernels = options
+        self._graphs = weakref.WeakKeyDictionary()
 
     def fold_norms(self) -> int:
         """TransformerBlock.fold_norms on every layer (a draft's, before quantize_linears:
         its decode steps lose the two norm launches a layer); returns how many folded."""
         return sum(layer.fold_norms() for layer in self.layers)
 
+    def step_kernels(self, x: torch.Tensor) -> bool:
+        """Whether a pass's ends (embedding gather, rotary tables) run as kernels.step's
+        single launches: with the fused element-wise kernels and kernels.step_kernels."""
+        return use_fused_elementwise(x, self.kernels) and self.kernels.runs(self.kernels.step_kernels, x)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The tokens' embeddings: one gather launch where the fused kernels run
-        (kernels.step.embed_rows; torch's index_select took 11 µs for 16 tokens on the H200)."""
-        if use_fused_elementwise(input_ids) and type(self.tok_embeddings) is nn.Embedding:
-            return embed_rows(input_ids, self.tok_embeddings.weight)
+        """The tokens' embeddings: one gather launch where the step kernels run
+        (kernels.step.embed_rows; torch's index_select is built for far bigger gathers)."""
+        if self.step_kernels(input_ids) and type(self.tok_embeddings) is nn.Embedding:
+            return embed_rows(input_ids, self.tok_embeddings.weight, interpret=self.kernels.interpret)
         return self.tok_embeddings(input_ids)
 
     def new_cache(self, rows: int, max_len: int, device=None, dtype=None) -> KVCache:
@@ -587,9 +561,9 @@ class Transformer(nn.Module):
 
     def rope(self, positions: torch.Tensor, dtype):
         """cos, sin of shape (B, T, 1, hd) for absolute positions (B, T), computed in fp32
-        (kernels.step.rope_tables: one launch where the fused kernels run)."""
-        if use_fused_elementwise(positions):
-            return rope_tables(positions, self.inv_freq, dtype)
+        (kernels.step.rope_tables: one launch where the step kernels run)."""
+        if self.step_kernels(positions):
+            return rope_tables(positions, self.inv_freq, dtype, interpret=self.kernels.interpret)
         return rope_tables_ref(positions, self.inv_freq, dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, *,
@@ -627,7 +601,7 @@ class Transformer(nn.Module):
             if shape not in per_cache:
                 per_cache[shape] = LayerGraphs(self, cache, *shape)
             return per_cache[shape].run(h, cos, sin, mask, positions)
-        reads = HostCacheReads.for_parts([cache], len(self.layers), h.device)
+        reads = HostCacheReads.for_parts([cache], len(self.layers), h.device, self.host_cache_ahead)
         try:
             for i in range(len(self.layers)):
                 if reads is not None:
@@ -678,7 +652,7 @@ class Transformer(nn.Module):
                 p.slots = p.positions
         stages = list({id(p.stage): p.stage for p in parts if p.stage is not None}.values())
         reads = HostCacheReads.for_parts([p.cache for p in parts if p.stage is None],
-                                         len(self.layers), parts[0].h.device)
+                                         len(self.layers), parts[0].h.device, self.host_cache_ahead)
         try:
             self._run_parts(parts, stages, reads)
         finally:
@@ -724,7 +698,7 @@ class Transformer(nn.Module):
     def head(self, h: torch.Tensor, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         if logits_at is not None:
             h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
-        return project(self.output, self.norm(h))
+        return project(self.output, self.norm(h), self.kernels)
 
 
 @dataclass(eq=False)
@@ -748,14 +722,12 @@ class TreeMask:
             self._dense = (kv_len, (prefix | nodes)[:, None])
         return self._dense[1]
 
-    def use_kernel(self, x: torch.Tensor) -> bool:
-        if TREE_ATTENTION == "auto":
-            return x.is_cuda
-        return TREE_ATTENTION == "triton"
+    def use_kernel(self, x: torch.Tensor, kernels: KernelOptions) -> bool:
+        return kernels.runs(kernels.tree_attention, x)
 
-    def attend(self, q, keys, values, kv_len: int, row_start=None) -> torch.Tensor:
+    def attend(self, q, keys, values, kv_len: int, row_start=None, pdl: bool = True) -> torch.Tensor:
         return verify_attention(q, keys, values, self.lengths, self.ancestors, kv_len=kv_len,
-                                row_start=row_start)
+                                row_start=row_start, pdl=pdl)
 
 
 @dataclass(eq=False)
@@ -770,14 +742,12 @@ class SegmentMask:
         T = self.seg_start.shape[1]
         return attention_mask(self.lengths, T, kv_len, seg_start=self.seg_start)[:, None]
 
-    def use_kernel(self, x: torch.Tensor) -> bool:
-        if CHAIN_ATTENTION == "auto":
-            return x.is_cuda
-        return CHAIN_ATTENTION == "triton"
+    def use_kernel(self, x: torch.Tensor, kernels: KernelOptions) -> bool:
+        return kernels.runs(kernels.chain_attention, x)
 
-    def attend(self, q, keys, values, kv_len: int, row_start=None) -> torch.Tensor:
+    def attend(self, q, keys, values, kv_len: int, row_start=None, pdl: bool = True) -> torch.Tensor:
         return verify_attention(q, keys, values, self.lengths, kv_len=kv_len,
-                                seg_start=self.seg_start, row_start=row_start)
+                                seg_start=self.seg_start, row_start=row_start, pdl=pdl)
 
 
 def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -833,15 +803,13 @@ def row_chunk(chunk: int, rows: int, prompts: int) -> int:
 
 class PrefillBatch:
     """The parts of one prefill (B prompts padded to T), and each row's last hidden state
-    after the pass. With the lengths known on the host and not all equal (HumanEval: longest
-    340 tokens, mean 113), the prompts are packed one after another in one row, without
-    padding, each token attending within its own prompt (SegmentMask, the verification
-    kernel on a GPU), their K/V built in a one-row scratch and moved into the cache's rows
-    after each layer (PackedStage). Parts hold what the caller sized one for (chunk × B
-    tokens). Against padding every prompt to the longest that is a third of the tokens, and
-    against padding in length buckets (a part per bucket on every layer: up to 8 for a
-    refill of ~12 HumanEval prompts) one part per chunk. (Chain run, 24 GiB, H200: 146.9 ->
-    151.4 tokens/s, the draft's prefill of new prompts 0.130 -> 0.117 s a round.)"""
+    after the pass. With the lengths known on the host and not all equal, the prompts are
+    packed one after another in one row, without padding, each token attending within its
+    own prompt (SegmentMask, the verification kernel on a GPU), their K/V built in a one-row
+    scratch and moved into the cache's rows after each layer (PackedStage). Parts hold what
+    the caller sized one for (chunk × B tokens). Against padding every prompt to the longest
+    that computes only the prompts' own tokens, and against padding in length buckets (a
+    part per bucket on every layer) it is one part per chunk."""
 
     def __init__(self, input_ids: torch.Tensor, cache: KVCache, chunk: int, kv_start: int = 0,
                  rows: Optional[torch.Tensor] = None, device=None,
@@ -916,9 +884,8 @@ class PrefillStage:
     scratch on the device, where attention runs over the chunks so far; after the layer the
     scratch moves into the cache's rows. A cache in pinned host memory is written from the
     device across the bus (KVCache.mapped): no CPU attention, no wait on the host, and the
-    cache needs no room on the device. (Copying each layer into pinned staging and moving it
-    into the rows from the host measured 1.02-1.7x slower for a 144-row HumanEval prefill of
-    Mixtral 8x7B at 24 GiB on an H200: 1.90-4.04 s against 1.86-2.38 s.)"""
+    cache needs no room on the device (copying each layer into pinned staging and moving it
+    into the rows from the host was slower)."""
 
     def __init__(self, cache: KVCache, rows: Optional[torch.Tensor], T: int, device):
         n = cache.rows if rows is None else len(rows)

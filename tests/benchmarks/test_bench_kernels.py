@@ -16,7 +16,7 @@ _spec.loader.exec_module(bench)
 
 pytestmark = pytest.mark.gpu
 
-MOE_IMPLS = ("triton", "torch_grouped", "torch_grouped_mm", "ref")
+MOE_IMPLS = ("triton", "torch_grouped", "ref")
 ATTN_IMPLS = ("triton", "sdpa_masked", "ref")
 
 
@@ -56,11 +56,8 @@ def test_bench_fused_moe(benchmark, moe_weights, shape, tokens, impl):
     fn = {
         "triton": lambda: bench.fused_moe(x, w13, w2, topk_weights, topk_ids, out=out),
         "torch_grouped": lambda: bench.moe_torch_grouped(x, w13, w2, topk_weights, topk_ids),
-        "torch_grouped_mm": lambda: bench.moe_torch_grouped_mm(x, w13, w2, topk_weights, topk_ids),
         "ref": lambda: bench.fused_moe_ref(x, w13, w2, topk_weights, topk_ids),
     }[impl]
-    if impl == "torch_grouped_mm" and not bench.grouped_mm_available(x.device):
-        pytest.skip("torch._grouped_mm needs torch ≥ 2.8 and an sm_90 GPU")
     benchmark.group = f"fused_moe {shape} tokens={tokens}"
     run_timed(benchmark, fn, flops, bytes_)
     assert torch.isfinite(fn()).all()
@@ -103,7 +100,7 @@ def test_bench_packed_prefill_attention(benchmark, shape, prompts, impl):
     assert torch.isfinite(fn()).all()
 
 
-FP8_IMPLS = ("triton", "triton-swap", "dequantize", "bf16")
+FP8_IMPLS = ("triton", "dequantize", "bf16")
 FP8_SHAPES = {"mistral-7b w13": (28672, 4096), "mistral-7b wo": (4096, 4096),
               "mistral-7b w2": (4096, 14336)}
 
@@ -125,8 +122,7 @@ def test_bench_fp8_linear(benchmark, shape, rows, impl):
     x = torch.randn(rows, K, device="cuda", generator=gen).to(torch.bfloat16)
     out = torch.empty(rows, N, device="cuda", dtype=torch.bfloat16)
     fn = {
-        "triton": lambda: _fp8_linear_into(x, w8, scale, out, swap=False),
-        "triton-swap": lambda: _fp8_linear_into(x, w8, scale, out, swap=True),
+        "triton": lambda: _fp8_linear_into(x, w8, scale, out),
         "dequantize": lambda: torch.nn.functional.linear(x, w8.to(x.dtype)) * scale,
         "bf16": lambda: torch.nn.functional.linear(x, w),
     }[impl]

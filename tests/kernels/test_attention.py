@@ -354,7 +354,7 @@ def test_float8_keys_and_values(tree, rows_in_a_pool, splits, dtype):
     assert rel_err(verify_attention(q, k8, v8, lengths, tree_mask, row_start=row_start), ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("q_registers,hd", [("off", 32), ("on", 32), ("on", 48)])
+@pytest.mark.parametrize("q_registers,hd", [(False, 32), (True, 32), (True, 48)])
 @pytest.mark.parametrize("T,positions0,dtype", [(1, (5, 30), torch.float32), (5, (0, 17), torch.float16),
                                                   (5, (349, 600), torch.float32), pytest.param(
                                                       5, (349, 600), torch.bfloat16, marks=gpu)])
@@ -363,14 +363,12 @@ def test_rope_verify_attention_is_rope_write_then_attention(T, positions0, dtype
     attention) against fused.rope_write then verify_attention: the same output bits and the
     same cache. (349, 600) on a 700-slot cache: two prefix splits, row 0's new keys on both
     sides of the split boundary (352), so two programs each write their own. With the query
-    rows rotated in registers (attention.ROPE_Q_REGISTERS; a half head of 24 is not a power of
+    rows rotated in registers or not (`q_in_registers`; a half head of 24 is not a power of
     two, so head_dim 48 keeps the scratch)."""
-    from specoff.kernels import attention
     from specoff.kernels.attention import rope_verify_attention
     from specoff.kernels.fused import rope_write
 
     monkeypatch.setattr("specoff.kernels.attention._num_sms", lambda device: 4)
-    monkeypatch.setattr(attention, "ROPE_Q_REGISTERS", q_registers)
     B, H, KV, S = 2, 4, 2, 700
     gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr((T, positions0, dtype)).encode()))
     qkv = torch.randn(B, T, (H + 2 * KV) * hd, device=DEVICE, generator=gen).to(dtype)
@@ -387,25 +385,20 @@ def test_rope_verify_attention_is_rope_write_then_attention(T, positions0, dtype
     v_raw = qkv[..., (H + KV) * hd:].view(B, T, KV, hd)
     q = rope_write(q_raw, k_raw, v_raw, cos, sin, caches[0][0], caches[0][1], positions)
     want = verify_attention(q, caches[0][0], caches[0][1], positions[:, 0].contiguous(), kv_len=kv_len)
-    got = rope_verify_attention(qkv, H, KV, cos, sin, positions, caches[1][0], caches[1][1], kv_len=kv_len)
+    got = rope_verify_attention(qkv, H, KV, cos, sin, positions, caches[1][0], caches[1][1], kv_len=kv_len,
+                                q_in_registers=q_registers)
     assert torch.equal(caches[1], caches[0])
     assert torch.equal(got, want)
 
 
-def test_rope_queries_in_registers_from_min_rows(monkeypatch):
-    """attention.ROPE_Q_REGISTERS "auto" rotates the queries in registers from
-    ROPE_Q_REGISTERS_MIN_ROWS query rows a launch (where it timed faster), never where half
-    the head is not a power of two; "on" / "off" always / never; anything else is refused."""
+def test_rope_queries_in_registers_from_min_rows():
+    """rope_verify_attention rotates the queries in registers by default from
+    Q_REGISTERS_MIN_ROWS query rows a launch, never where half the head is not a power of
+    two; `q_in_registers` True / False: always / never (where it can)."""
     from specoff.kernels import attention
 
-    monkeypatch.setattr(attention, "ROPE_Q_REGISTERS", "auto")
-    rows = attention.ROPE_Q_REGISTERS_MIN_ROWS
+    rows = attention.Q_REGISTERS_MIN_ROWS
     assert attention._q_in_registers(rows, 128) and not attention._q_in_registers(rows - 1, 128)
     assert not attention._q_in_registers(rows, 48)
-    monkeypatch.setattr(attention, "ROPE_Q_REGISTERS", "on")
-    assert attention._q_in_registers(1, 128)
-    monkeypatch.setattr(attention, "ROPE_Q_REGISTERS", "off")
-    assert not attention._q_in_registers(4 * rows, 128)
-    monkeypatch.setattr(attention, "ROPE_Q_REGISTERS", True)
-    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
-        attention._q_in_registers(rows, 128)
+    assert attention._q_in_registers(1, 128, True) and not attention._q_in_registers(1, 48, True)
+    assert not attention._q_in_registers(4 * rows, 128, False)

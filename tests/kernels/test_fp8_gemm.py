@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import DEVICE, TOL, dtype_cases, gpu, rel_err
 
-from specoff.kernels.fp8_gemm import (FP8, _fp8_linear_into, fp8_linear, fp8_linear_ref, launch_config,
-                                      swap_config)
+from specoff.kernels.fp8_gemm import FP8, _fp8_linear_into, fp8_linear, fp8_linear_ref, launch_config
+from specoff.options import KernelOptions
 from specoff.quant import fp8_rows
 
 CPU_CASES = [(1, 64, 128), (16, 96, 160), (33, 511, 200), (130, 128, 72)]  # rows, N, K
@@ -42,30 +42,6 @@ def test_fp8_linear_matches_ref(rows, N, K, dtype):
     assert rel_err(got, fp8_linear_ref(wide[..., 4:K + 4], w8, scale)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("rows,N,K,dtype", list(dtype_cases(CPU_CASES, GPU_CASES)))
-def test_swapped_product_matches_ref(rows, N, K, dtype, split):
-    """yᵀ = W8 · xᵀ (fp8_gemm.SWAP), whole or with K in slices summed by the reduce kernel
-    (here forced: the launch picks slices by the SMs)."""
-    gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr((rows, N, K, split)).encode()))
-    w8, scale = weights(N, K, gen)
-    x = torch.randn(rows, K, device=DEVICE, generator=gen).to(dtype)
-    ref = fp8_linear_ref(x, w8, scale.to(dtype))
-    out = torch.full((rows, N), float("nan"), dtype=dtype, device=DEVICE)
-    _fp8_linear_into(x, w8, scale.to(dtype), out, swap=True, config=dict(SPLIT_K=split))
-    assert rel_err(out, ref) < TOL[dtype]
-
-
-def test_swap_config_splits_narrow_decode_products():
-    """A 4096-wide decode product on 132 SMs: 64 column tiles, K in 4 slices; a 28672-wide
-    one fills the SMs unsplit; slices are never under 512 of K."""
-    narrow, wide = swap_config(1, 4096, 4096, 132), swap_config(1, 28672, 4096, 132)
-    assert narrow["SPLIT_K"] == 4 and 4096 // narrow["BLOCK_N"] * narrow["SPLIT_K"] >= 132
-    assert wide["SPLIT_K"] == 1
-    assert swap_config(1, 4096, 1024, 132)["SPLIT_K"] == 2
-    assert swap_config(512, 4096, 4096, 132)["BLOCK_M"] == 128
-
-
 def test_fp8_linear_refuses_what_it_cannot_take():
     w8, scale = fp8_rows(torch.randn(8, 16, device=DEVICE))
     with pytest.raises(AssertionError, match="features"):
@@ -82,29 +58,24 @@ def test_launch_config_spreads_decode_columns():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fp8_linear_module_through_the_kernel(dtype, monkeypatch):
-    """quant.Fp8Linear with FP8_WEIGHT_KERNEL: the kernel's product, within the dtype's
-    tolerance of the dequantizing path."""
+    """quant.Fp8Linear with KernelOptions.fp8_weight_kernel (the interpreter on the CPU): the
+    kernel's product, within the dtype's tolerance of the dequantizing path."""
     from specoff import quant
 
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     lin = torch.nn.Linear(96, 80, bias=True, device=DEVICE).to(dtype)
-    q = quant.Fp8Linear(lin)
     x = torch.randn(5, 7, 96, device=DEVICE, generator=gen).to(dtype)
-    monkeypatch.setattr(quant, "FP8_WEIGHT_KERNEL", "off")
-    plain = q(x)
-    monkeypatch.setattr(quant, "FP8_WEIGHT_KERNEL", "on")
-    got = q(x)
-    assert got.shape == plain.shape and rel_err(got, plain) < 2 * TOL[dtype]
+    calls = []
+    monkeypatch.setattr(quant, "fp8_linear", lambda *a: (calls.append(1), fp8_linear(*a))[1])
+    plain = quant.Fp8Linear(lin, KernelOptions(interpret=True, fp8_weight_kernel=False))(x)
+    assert not calls
+    got = quant.Fp8Linear(lin, KernelOptions(interpret=True))(x)
+    assert calls and got.shape == plain.shape and rel_err(got, plain) < 2 * TOL[dtype]
 
 
 @gpu
-@pytest.mark.parametrize("swap", [False, True])
-def test_gpu_fp8_linear_in_a_cuda_graph(swap, monkeypatch):
-    """Captured and replayed (with fp8_gemm.SWAP: the split-K slices' buffer and the reduce
-    launch inside the graph)."""
-    from specoff.kernels import fp8_gemm
-
-    monkeypatch.setattr(fp8_gemm, "SWAP", swap)
+def test_gpu_fp8_linear_in_a_cuda_graph():
+    """Captured and replayed: the same bits as the eager product."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     w8, scale = weights(4096, 4096, gen)
     x = torch.randn(8, 4096, device="cuda", generator=gen).to(torch.bfloat16)

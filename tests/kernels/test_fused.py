@@ -15,6 +15,8 @@ from specoff.kernels.fused import (add_rms_norm, add_rms_norm_ref, rms_norm, rms
                                    silu_mul, silu_mul_ref)
 from specoff.models import decoder
 
+from kernel_options import kernel_options
+
 # Last-place distance allowed where the fp32 sum of squares runs in another order than torch's
 # (16-bit: the normalised x off by one ulp can be two after the product with the weight).
 RMS_NORM_ULPS = {torch.float32: 8, torch.float16: 2, torch.bfloat16: 2}
@@ -313,8 +315,8 @@ def test_cuda_graph_replay():
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu)])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_decoder_fused_matches_torch(family, dtype, make_checkpoint, monkeypatch):
-    """The decoder with the kernels forced on (the interpreter on the CPU) against its torch path:
+def test_decoder_fused_matches_torch(family, dtype, make_checkpoint):
+    """The decoder with the fused kernels on (the interpreter on the CPU) against its torch path:
     full-sequence logits and cached decode steps (qwen3: q/k norms on the QKV views)."""
     import specoff
 
@@ -330,9 +332,9 @@ def test_decoder_fused_matches_torch(family, dtype, make_checkpoint, monkeypatch
             step = model(ids[:, 11:12], cache)
         return full, first, step
 
-    monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "torch")
+    model.use_kernels(kernel_options(fused_elementwise=False))
     expected = run()
-    monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton")
+    model.use_kernels(kernel_options(fused_elementwise=True))
     for got, want in zip(run(), expected):  # RMSNorm's rare last-bit differences, carried through
         assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else TOL[dtype])
 
@@ -348,17 +350,17 @@ def assert_same_run(run, expected, cache_ref):
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu)])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_decoder_cache_write_in_the_rotary_launch(family, dtype, make_checkpoint, monkeypatch):
-    """decoder.FUSED_CACHE_WRITE="auto" (rope_write: the rotary launch stores k and v) gives
+    """KernelOptions.fused_cache_write (rope_write: the rotary launch stores k and v) gives
     the same logits and the same cache, bit for bit, as rope then KVCache.write: a prompt, a
-    decode step and a 4-token verification of 3 rows (qwen3: q/k norms before the rotary)."""
+    decode step and a 4-token verification of 3 rows (qwen3: q/k norms before the rotary);
+    and .fused_rope_attention (the chain's attention in that launch too) the same again."""
     import specoff
 
     model = specoff.load_model(make_checkpoint(family), device=DEVICE, dtype=dtype)
     ids = torch.randint(3, model.config.vocab_size, (3, 16), device=DEVICE, generator=generator(family, "write"))
     used = []
     real = decoder.rope_write
-    monkeypatch.setattr(decoder, "rope_write", lambda *a: (used.append(1), real(*a))[1])
-    monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton")
+    monkeypatch.setattr(decoder, "rope_write", lambda *a, **k: (used.append(1), real(*a, **k))[1])
 
     def run():
         with torch.inference_mode():
@@ -370,26 +372,21 @@ def test_decoder_cache_write_in_the_rotary_launch(family, dtype, make_checkpoint
             out.append(model(ids[:, 12:16], cache))
         return out, cache
 
-    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "off")
+    model.use_kernels(kernel_options(fused_elementwise=True, fused_cache_write=False))
     expected, cache_ref = run()
     assert not used
-    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
+    model.use_kernels(kernel_options(fused_elementwise=True, fused_rope_attention=False))
     assert_same_run(run, expected, cache_ref)
     assert used
-    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "yes")
-    with pytest.raises(ValueError, match="'auto' or 'off'"):
-        run()
-    # the rotary, the write and the chain's attention as one launch (the chain kernel forced
-    # on the CPU; qwen3's q/k norms keep the two launches): the same bits again
-    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
-    monkeypatch.setattr(decoder, "CHAIN_ATTENTION", "triton")
+    # the rotary, the write and the chain's attention as one launch (the chain kernel on,
+    # in the interpreter on the CPU; qwen3's q/k norms keep the two launches): the same bits
+    # as the two launches
+    model.use_kernels(kernel_options(fused_elementwise=True, chain_attention=True, fused_rope_attention=False))
     expected, cache_ref = run()
     fused = []
     real_rva = decoder.rope_verify_attention
-    monkeypatch.setattr(decoder, "rope_verify_attention", lambda *a: (fused.append(1), real_rva(*a))[1])
-    monkeypatch.setattr(decoder, "FUSED_ROPE_ATTENTION", "auto")
+    monkeypatch.setattr(decoder, "rope_verify_attention",
+                        lambda *a, **k: (fused.append(1), real_rva(*a, **k))[1])
+    model.use_kernels(kernel_options(fused_elementwise=True, chain_attention=True))
     assert_same_run(run, expected, cache_ref)
     assert bool(fused) == (family != "qwen3")
-    monkeypatch.setattr(decoder, "FUSED_ROPE_ATTENTION", "yes")
-    with pytest.raises(ValueError, match="FUSED_ROPE_ATTENTION"):
-        run()

@@ -68,15 +68,14 @@ SHRINK_GPU_CASES = [(256, 512, 256, 8, 2), (300, 128, 256, 8, 2), (1100, 256, 12
 
 @pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", list(dtype_cases(SHRINK_CPU_CASES, SHRINK_GPU_CASES)))
 @pytest.mark.parametrize("which", ["both", "gate-up", "down"])
-def test_shrunk_blocks_compute_the_moe(tokens, hidden, inter, experts, top_k, dtype, which, monkeypatch):
-    monkeypatch.setattr(moe, "TMA", "off")
+def test_shrunk_blocks_compute_the_moe(tokens, hidden, inter, experts, top_k, dtype, which):
     seed = zlib.crc32(repr(("shrink", tokens, hidden, inter, experts, top_k, dtype)).encode())
     x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed)
     tiles = (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2) if DEVICE == "cpu" else
              dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
     configs = [dict(tiles, SHRINK=int(which in ("both", part))) for part in ("gate-up", "down")]
     out = torch.full_like(x, float("nan"))
-    moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *configs)
+    moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *configs, descriptors=False)
     assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
 
 
@@ -92,29 +91,39 @@ def _must_not_launch(*args, **kwargs):
     raise AssertionError("a launch ran that this path should not make")
 
 
+def with_descriptors(x, w13, w2, top_k, gate_up=None, down=None):
+    """(gate-up, down) configs asking for the descriptor launches ("TMA": 1, as the tuner
+    writes where they time faster): `gate_up` and `down`, or the defaults for x's tokens."""
+    E, I, D = w13.shape[0], w2.shape[2], x.shape[1]
+    name, shared = moe.device_name(x.device), moe.max_shared_memory(x.device)
+    gate_up = gate_up or moe.get_config(E, 2 * I, D, x.dtype, name, x.shape[0], top_k, shared)
+    down = down or moe.get_config(E, D, I, x.dtype, name, x.shape[0], top_k, shared)
+    return dict(gate_up, TMA=1), dict(down)
+
+
 @pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", list(dtype_cases(TMA_CPU_CASES, TMA_GPU_CASES)))
 @pytest.mark.parametrize("tiles", ["default", "small", "small-one-dot"])
 def test_fused_moe_by_descriptors_matches_ref(tokens, hidden, inter, experts, top_k, dtype, tiles, monkeypatch):
-    """moe.TMA: x gathered into grouped order, both grouped GEMMs loading whole tiles through
-    tensor descriptors (Triton's interpreter on the CPU), the intermediate kept grouped;
-    "one-dot": the gate-up launch loads a tile's gate and up rows as one box of w13 seen as
-    [E, 2, I, K] and multiplies once."""
-    monkeypatch.setattr(moe, "TMA", "on")
+    """Configs saying "TMA": x gathered into grouped order, both grouped GEMMs loading whole
+    tiles through tensor descriptors (Triton's interpreter on the CPU), the intermediate kept
+    grouped; "one-dot": the gate-up launch loads a tile's gate and up rows as one box of w13
+    seen as [E, 2, I, K] and multiplies once."""
     monkeypatch.setattr(moe, "_launch_gemm", _must_not_launch)
     seed = zlib.crc32(repr(("tma", tokens, hidden, inter, experts, top_k, dtype)).encode())
     x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed)
     assert moe.tma_usable(x, w13, w2)
-    configs = {"default": (None, None), "small": (TMA_TILES, TMA_TILES),
-               "small-one-dot": (dict(TMA_TILES, ONE_DOT=1), TMA_TILES)}[tiles]
+    configs = {"default": with_descriptors(x, w13, w2, top_k),
+               "small": with_descriptors(x, w13, w2, top_k, TMA_TILES, TMA_TILES),
+               "small-one-dot": with_descriptors(x, w13, w2, top_k, dict(TMA_TILES, ONE_DOT=1), TMA_TILES)}[tiles]
     out = torch.full_like(x, float("nan"))
     moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out, *configs)
     assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
 
 
 def test_descriptor_launches_follow_the_tuned_config_and_fall_back_where_they_cannot_run(monkeypatch):
-    """"auto" takes descriptors where a config says TMA: 1 and "off" never; rows that are no
-    16-byte multiple (97 fp16 values) or weights whose experts stack into no 2-D tensor keep
-    the pointer kernels, still exact."""
+    """Descriptors where a config says TMA: 1, and never with descriptors=False (the op too);
+    rows that are no 16-byte multiple (97 fp16 values) or weights whose experts stack into no
+    2-D tensor keep the pointer kernels, still exact."""
     x, w13, w2, topk_weights, topk_ids = make_inputs(9, 64, 32, 8, 2, torch.float32, 5)
     ref = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
     ran = []
@@ -126,31 +135,34 @@ def test_descriptor_launches_follow_the_tuned_config_and_fall_back_where_they_ca
     tuned = dict(TMA_TILES, TMA=1)
     moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out.fill_(float("nan")), tuned, TMA_TILES)
     assert len(ran) == 2 and rel_err(out, ref) < TOL[torch.float32]
-    monkeypatch.setattr(moe, "TMA", "off")
     ran.clear()
-    moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out.fill_(float("nan")), tuned, TMA_TILES)
+    moe._fused_moe_into(x, w13, w2, topk_weights, topk_ids, out.fill_(float("nan")), tuned, TMA_TILES,
+                        descriptors=False)
     assert not ran and rel_err(out, ref) < TOL[torch.float32]
+    fused_moe(x, w13, w2, topk_weights, topk_ids, out=out.fill_(float("nan")), configs=(tuned, TMA_TILES))
+    assert len(ran) == 2 and rel_err(out, ref) < TOL[torch.float32]
+    ran.clear()
+    assert rel_err(fused_moe(x, w13, w2, topk_weights, topk_ids, configs=(tuned, TMA_TILES), descriptors=False),
+                   ref) < TOL[torch.float32] and not ran
 
-    monkeypatch.setattr(moe, "TMA", "on")
     x, w13, w2, topk_weights, topk_ids = make_inputs(9, 97, 32, 8, 2, torch.float16, 6)
     assert not moe.tma_usable(x, w13, w2)
     out = torch.full_like(x, float("nan"))
-    fused_moe(x, w13, w2, topk_weights, topk_ids, out=out)
+    fused_moe(x, w13, w2, topk_weights, topk_ids, out=out, configs=with_descriptors(x, w13, w2, 2))
     assert not ran and rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[torch.float16]
     assert not moe.tma_usable(x[:, :64], w13[:, :, :64], w2)  # strided weights: no one 2-D view
-    monkeypatch.setattr(moe, "TMA", "yes")
-    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
-        moe.tma_usable(x, w13, w2)
 
 
 @pytest.mark.parametrize("tokens,experts,top_k,pieces", [(1, 8, 2, 2), (33, 8, 2, 4), (20, 16, 4, 8)])
-@pytest.mark.parametrize("tma", ["off", "on"])
+@pytest.mark.parametrize("tma", [False, True])
 def test_fused_moe_in_pieces_sums_to_the_whole(tokens, experts, top_k, pieces, tma, monkeypatch):
     """A layer streamed in pieces (offload ring_pieces): each call computes the pairs routed
     to its share of the experts, from that share's weights alone; the pieces sum to the
     whole, and a pair of no expert in the share contributes nothing (pointer kernels, or
     descriptor launches over the share's weights)."""
-    monkeypatch.setattr(moe, "TMA", tma)
+    ran = []
+    real = moe._launch_gemm_tma
+    monkeypatch.setattr(moe, "_launch_gemm_tma", lambda *a, **k: (ran.append(1), real(*a, **k)))
     hidden, inter, dtype = 64, 32, torch.float32
     x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, hidden, inter, experts, top_k, dtype, tokens)
     per = experts // pieces
@@ -158,12 +170,14 @@ def test_fused_moe_in_pieces_sums_to_the_whole(tokens, experts, top_k, pieces, t
     for s in range(pieces):
         lo = s * per
         out = torch.full_like(x, float("nan"))
-        fused_moe(x, w13[lo:lo + per].clone(), w2[lo:lo + per].clone(), topk_weights, topk_ids,
-                  out=out, experts_from=lo)
+        w13_piece, w2_piece = w13[lo:lo + per].clone(), w2[lo:lo + per].clone()
+        configs = with_descriptors(x, w13_piece, w2_piece, top_k) if tma else None
+        fused_moe(x, w13_piece, w2_piece, topk_weights, topk_ids, out=out, experts_from=lo, configs=configs)
         own = torch.where((topk_ids >= lo) & (topk_ids < lo + per), topk_weights, 0.0)
         assert rel_err(out, fused_moe_ref(x, w13, w2, own, topk_ids)) < TOL[dtype]
         total += out
     assert rel_err(total, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]
+    assert bool(ran) == tma
 
 
 @pytest.mark.parametrize("block_m", [16, 64])
@@ -219,17 +233,18 @@ def test_moe_align_kernel_equals_torch(tokens, experts, top_k, block_m):
         assert torch.equal(sorted_pairs, sorted_ref) and torch.equal(block_expert, block_ref)
 
 
-def test_get_config_nearest_token_count(tmp_path, monkeypatch):
+def test_get_config_nearest_token_count(tmp_path):
     name = moe.config_file_name(8, 256, 128, torch.float16, "Test GPU")
     tuned = {"1": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
              "64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)}
     (tmp_path / name).write_text(json.dumps(tuned))
-    monkeypatch.setattr(moe, "CONFIG_DIR", str(tmp_path))
-    moe._load_configs.cache_clear()
-    assert moe.get_config(8, 256, 128, torch.float16, "Test_GPU", 5)["BLOCK_M"] == 16
-    assert moe.get_config(8, 256, 128, torch.float16, "Test_GPU", 50)["BLOCK_M"] == 64
-    assert moe.get_config(8, 256, 128, torch.bfloat16, "Test_GPU", 50) == moe._default_config(8, 256, 128, 50)
-    moe._load_configs.cache_clear()
+    folder = str(tmp_path)
+    assert moe.get_config(8, 256, 128, torch.float16, "Test_GPU", 5, config_dir=folder)["BLOCK_M"] == 16
+    assert moe.get_config(8, 256, 128, torch.float16, "Test_GPU", 50, config_dir=folder)["BLOCK_M"] == 64
+    assert (moe.get_config(8, 256, 128, torch.bfloat16, "Test_GPU", 50, config_dir=folder)
+            == moe._default_config(8, 256, 128, 50))
+    assert moe.get_config(8, 256, 128, torch.float16, "Test_GPU", 50) == moe._default_config(8, 256, 128, 50,
+                                                                                             dtype=torch.float16)
 
 
 def test_compile_fullgraph_traces_the_op():
@@ -261,23 +276,21 @@ def test_compile_inductor_matches_eager(dtype):
 
 
 @gpu
-@pytest.mark.parametrize("align_max_pairs, tma", [(moe.FUSED_ALIGN_MAX_PAIRS, "off"), (0, "off"),
-                                                  (moe.FUSED_ALIGN_MAX_PAIRS, "on")])
-def test_cuda_graph_replay(align_max_pairs, tma, monkeypatch):
-    # 0: the pairs sort in plain torch (moe_align_torch, the path past FUSED_ALIGN_MAX_PAIRS);
-    # "on": descriptor launches, their descriptors (and the grouped copy of x) in the graph
-    monkeypatch.setattr(moe, "FUSED_ALIGN_MAX_PAIRS", align_max_pairs)
-    monkeypatch.setattr(moe, "TMA", tma)
+@pytest.mark.parametrize("tokens, tma", [(17, False), (moe.FUSED_ALIGN_MAX_PAIRS // 2 + 5, False), (17, True)])
+def test_cuda_graph_replay(tokens, tma):
+    # past FUSED_ALIGN_MAX_PAIRS pairs: the pairs sort in plain torch (moe_align_torch);
+    # tma: descriptor launches, their descriptors (and the grouped copy of x) in the graph
     dtype = torch.bfloat16
-    tokens, hidden, inter, experts, top_k = 17, 256, 128, 8, 2
+    hidden, inter, experts, top_k = 256, 128, 8, 2
     x, w13, w2, _, _ = make_inputs(tokens, hidden, inter, experts, top_k, dtype, 21)
+    configs = with_descriptors(x, w13, w2, top_k) if tma else None
     static_x = x.clone()
     static_logits = torch.randn(tokens, experts, device=DEVICE)
     static_out = torch.empty_like(x)
 
     def step():
         topk_weights, topk_ids = moe_route(static_logits, top_k, True)
-        fused_moe(static_x, w13, w2, topk_weights, topk_ids, out=static_out)
+        fused_moe(static_x, w13, w2, topk_weights, topk_ids, out=static_out, configs=configs)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -309,37 +322,12 @@ def _bench_kernels():
     return module
 
 
-@pytest.mark.parametrize("composition", ["moe_torch_grouped", "moe_torch_grouped_mm"])
-def test_the_benchmarks_torch_compositions_compute_the_moe(composition):
-    """The plain-torch MoE baselines tools/bench_kernels.py times the kernel against (a
+def test_the_benchmarks_torch_composition_computes_the_moe():
+    """The plain-torch MoE baseline tools/bench_kernels.py times the kernel against (a
     baseline that computes something else would make its ratios meaningless); an expert no
     token picks included."""
     bench = _bench_kernels()
-    if composition == "moe_torch_grouped_mm" and not bench.grouped_mm_available(DEVICE):
-        pytest.skip("no torch._grouped_mm here")
     x, w13, w2, topk_weights, topk_ids = make_inputs(21, 64, 48, 8, 2, torch.float32, 9)
     topk_ids = torch.where(topk_ids == 5, 6, topk_ids)  # expert 5: no rows
-    out = getattr(bench, composition)(x, w13, w2, topk_weights, topk_ids)
+    out = bench.moe_torch_grouped(x, w13, w2, topk_weights, topk_ids)
     assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[torch.float32]
-
-
-@pytest.mark.parametrize("tokens,experts,top_k,pieces", [(1, 8, 2, 1), (33, 8, 2, 1), (20, 16, 4, 4)])
-def test_the_grouped_mm_path_computes_the_moe(tokens, experts, top_k, pieces, monkeypatch):
-    """moe.GROUPED_MM_TOKENS: the products on torch._grouped_mm instead of the kernels,
-    whole or in pieces of the experts (pairs of other experts weigh nothing)."""
-    if not moe.grouped_mm_usable(torch.empty(1, device=DEVICE, dtype=torch.bfloat16)):
-        pytest.skip("no torch._grouped_mm here")
-    monkeypatch.setattr(moe, "GROUPED_MM_TOKENS", 1)
-    monkeypatch.setattr(moe, "_launch_gemm", _must_not_launch)
-    monkeypatch.setattr(moe, "_launch_gemm_tma", _must_not_launch)
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    x, w13, w2, topk_weights, topk_ids = make_inputs(tokens, 64, 48, experts, top_k, dtype, tokens)
-    per = experts // pieces
-    total = torch.zeros_like(x)
-    for p in range(pieces):
-        lo = p * per
-        out = torch.full_like(x, float("nan"))
-        kwargs = dict(experts_from=lo) if pieces > 1 else {}
-        fused_moe(x, w13[lo:lo + per], w2[lo:lo + per], topk_weights, topk_ids, out=out, **kwargs)
-        total += out
-    assert rel_err(total, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[dtype]

@@ -1,9 +1,9 @@
-"""Programmatic dependent launch (kernels.PDL): the decode step's kernels launched so that
-each one's setup overlaps the last one's tail, each program waiting for the launch before it
-before it reads. On the CPU: the switch and its refusals; on a GPU (Hopper: `gpu` marker) a
-decode step and a chain of dependent products give the same bits with and without it,
-eagerly and replayed from a CUDA graph (a program reading before its producer ended would
-show as a difference).
+"""Programmatic dependent launch (kernels.pdl_launch, KernelOptions.pdl): the decode step's
+kernels launched so that each one's setup overlaps the last one's tail, each program waiting
+for the launch before it before it reads. On the CPU: plain launches whatever is asked; on a
+GPU (Hopper: `gpu` marker) a decode step and a chain of dependent products give the same
+bits with and without it, eagerly and replayed from a CUDA graph (a program reading before
+its producer ended would show as a difference).
 """
 import pytest
 import torch
@@ -11,16 +11,13 @@ from conftest import DEVICE, gpu
 
 from specoff import kernels
 from specoff.kernels import skinny
+from specoff.options import KernelOptions
 
 
-def test_pdl_is_plain_off_a_gpu_and_refuses_bad_settings(monkeypatch):
+def test_pdl_is_plain_off_a_gpu():
     x = torch.zeros(2, 4)
-    for setting in ("auto", "early", "off"):
-        monkeypatch.setattr(kernels, "PDL", setting)
-        assert kernels.pdl(x) == dict(USE_PDL=False, PDL_EARLY=False)
-    monkeypatch.setattr(kernels, "PDL", "yes")
-    with pytest.raises(ValueError, match="'auto', 'early' or 'off'"):
-        kernels.pdl(x)
+    for enabled in (True, False):
+        assert kernels.pdl_launch(x, enabled) == dict(USE_PDL=False)
 
 
 def _hopper() -> bool:
@@ -28,8 +25,7 @@ def _hopper() -> bool:
 
 
 @gpu
-@pytest.mark.parametrize("mode", ["auto", "early"])
-def test_gpu_pdl_chain_of_products_equals_plain_launches(mode, monkeypatch):
+def test_gpu_pdl_chain_of_products_equals_plain_launches():
     """40 dependent products (each reads the one before's output), K split so programs race
     for the sum, eagerly and as one graph: the same bits with PDL as without."""
     if not _hopper():
@@ -39,19 +35,18 @@ def test_gpu_pdl_chain_of_products_equals_plain_launches(mode, monkeypatch):
     x = torch.randn(4, 4096, device=DEVICE, generator=gen).to(torch.bfloat16)
     assert skinny.config(4, 4096, 4096, kernels.num_sms(w.device))["SPLIT_K"] == 2
 
-    def chain(x):
+    def chain(x, pdl):
         for _ in range(40):
-            x = skinny.skinny_linear(x, w, residual=x)
+            x = skinny.skinny_linear(x, w, residual=x, pdl=pdl)
         return x
 
-    monkeypatch.setattr(kernels, "PDL", "off")
-    expect = chain(x)
-    monkeypatch.setattr(kernels, "PDL", mode)
-    assert kernels.pdl(x) == dict(USE_PDL=True, PDL_EARLY=mode == "early", launch_pdl=True)
-    assert torch.equal(chain(x), expect)
+    expect = chain(x, False)
+    assert kernels.pdl_launch(x, True) == dict(USE_PDL=True, launch_pdl=True)
+    assert kernels.pdl_launch(x, False) == dict(USE_PDL=False)
+    assert torch.equal(chain(x, True), expect)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = chain(x)
+        out = chain(x, True)
     for _ in range(3):
         out.fill_(float("nan"))
         graph.replay()
@@ -60,18 +55,14 @@ def test_gpu_pdl_chain_of_products_equals_plain_launches(mode, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("mode", ["auto", "early"])
-def test_gpu_pdl_decode_step_equals_plain_launches(mode, make_checkpoint, monkeypatch):
+def test_gpu_pdl_decode_step_equals_plain_launches(make_checkpoint):
     """A bf16 decode step through every decode fusion (few-rows products, the cache write
     in the rotary launch, verify_attention), PDL off and on, eager and graph-replayed: the
     same logits and the same cache."""
     if not _hopper():
         pytest.skip("programmatic dependent launch needs Hopper or later")
     import specoff
-    from specoff.models import decoder
 
-    monkeypatch.setattr(skinny, "LINEAR", "auto")
-    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
     model = specoff.load_model(make_checkpoint("llama"), device=DEVICE, dtype=torch.bfloat16)
     gen = torch.Generator(device=DEVICE).manual_seed(9)
     ids = torch.randint(3, model.config.vocab_size, (3, 12), device=DEVICE, generator=gen)
@@ -83,11 +74,11 @@ def test_gpu_pdl_decode_step_equals_plain_launches(mode, make_checkpoint, monkey
         return cache
 
     with torch.inference_mode():
-        monkeypatch.setattr(kernels, "PDL", "off")
+        model.use_kernels(KernelOptions(pdl=False))
         cache = prefilled()
         expect = model(ids[:, 11:12], cache).clone()
         expect_k = cache.k.clone()
-        monkeypatch.setattr(kernels, "PDL", mode)
+        model.use_kernels(KernelOptions())  # the defaults: PDL on
         cache = prefilled()
         assert torch.equal(model(ids[:, 11:12], cache), expect) and torch.equal(cache.k, expect_k)
         cache = prefilled()
@@ -108,8 +99,7 @@ def test_gpu_pdl_decode_step_equals_plain_launches(mode, make_checkpoint, monkey
 
 
 @gpu
-@pytest.mark.parametrize("mode", ["auto", "early"])
-def test_gpu_pdl_launch_waits_for_a_copy_streams_event(mode, monkeypatch):
+def test_gpu_pdl_launch_waits_for_a_copy_streams_event():
     """How the target's streamed layers read their weights: a copy stream writes them (here
     the tail of a 512 MB host-to-device copy, milliseconds), the compute stream waits on its
     event after a run of programmatic launches, then a programmatic launch reads them. The
@@ -117,7 +107,6 @@ def test_gpu_pdl_launch_waits_for_a_copy_streams_event(mode, monkeypatch):
     weights, never the zeros before them, eagerly and replayed from a CUDA graph."""
     if not _hopper():
         pytest.skip("programmatic dependent launch needs Hopper or later")
-    monkeypatch.setattr(kernels, "PDL", mode)
     gen = torch.Generator(device=DEVICE).manual_seed(11)
     N = K = 4096
     w = (torch.randn(N, K, device=DEVICE, generator=gen) * K**-0.5).to(torch.bfloat16)

@@ -1,5 +1,5 @@
 """The few-rows product (specoff/kernels/skinny.py) against its plain-torch reference, and
-the decoder's projections through it (kernels.skinny.LINEAR).
+the decoder's projections through it (KernelOptions.skinny_products).
 
 On the CPU the kernel runs in Triton's interpreter (fp32/fp16), which runs the programs one
 after another, so the last K slice of a tile to arrive is the last one launched; on the GPU
@@ -14,6 +14,8 @@ from conftest import DEVICE, TOL, dtype_cases, gpu, rel_err
 
 from specoff.kernels import skinny
 from specoff.kernels.skinny import _skinny_into, config, skinny_linear, skinny_linear_ref
+
+from kernel_options import kernel_options
 
 CPU_CASES = [(1, 64, 128), (5, 100, 511), (16, 300, 1030)]  # rows, N, K
 GPU_CASES = [(1, 4096, 4096), (4, 6144, 4096), (16, 28672, 4096), (1, 4096, 14336), (7, 511, 200)]
@@ -52,20 +54,20 @@ def test_skinny_matches_ref_whole_and_split(rows, N, K, dtype, split):
     assert split == 1 or (counts is not None and int(counts.abs().sum()) == 0)
 
 
-@pytest.mark.parametrize("one_dot", [False, True])
+@pytest.mark.parametrize("block_n", [32, 64])
 @pytest.mark.parametrize("rows,N,K,dtype", list(dtype_cases([(3, 96, 200), (16, 70, 130)],
                                                           [(1, 14336, 4096), (16, 14336, 4096)])))
-def test_swiglu_output_is_silu_mul(rows, N, K, dtype, one_dot, monkeypatch):
+def test_swiglu_output_is_silu_mul(rows, N, K, dtype, block_n):
     """swiglu: W = [gate; up] (2N, K), the result silu(x·gateᵀ) · (x·upᵀ): on the GPU
     bit for bit fused silu_mul of the plain kernel's [gate | up] (the same roundings), near
     the reference; K slices asked for are ignored (the epilogue needs both products whole).
-    one_dot: the gate's and the up's rows of a program as one 64-row tile and one product
-    (skinny.SWIGLU_ONE_DOT for the launch's own config)."""
+    A program's block_n gate rows and block_n up rows are one tile and one product (the
+    launch's own config: 32 each)."""
     from specoff.kernels.fused import silu_mul
 
     x, w, b = inputs(rows, 2 * N, K, dtype, ("swiglu", rows, N, K, dtype))
     plain = dict(config(rows, 2 * N, K, 4), SPLIT_K=1, BLOCK_K=64)
-    cfg = dict(plain, BLOCK_N=32, ONE_DOT=True) if one_dot else plain
+    cfg = dict(plain, BLOCK_N=block_n)
     for bias in (None, b):
         got = skinny_linear(x, w, bias, cfg=cfg, swiglu=True)
         assert got.shape == (rows, N)
@@ -78,7 +80,6 @@ def test_swiglu_output_is_silu_mul(rows, N, K, dtype, one_dot, monkeypatch):
             assert torch.equal(got, apart)
         assert rel_err(got, skinny_linear_ref(x, w, bias, swiglu=True)) < 2 * TOL[dtype]
     assert torch.equal(skinny_linear(x, w, b, cfg=dict(cfg, SPLIT_K=3), swiglu=True), got)
-    monkeypatch.setattr(skinny, "SWIGLU_ONE_DOT", one_dot)  # the launch's own config
     assert rel_err(skinny_linear(x, w, b, swiglu=True), skinny_linear_ref(x, w, b, swiglu=True)) < 2 * TOL[dtype]
     with pytest.raises(AssertionError, match="gate"):
         skinny_linear(x, w[:-1], swiglu=True)
@@ -99,19 +100,19 @@ def test_residual_is_added_after_the_rounding(rows, N, K, dtype, split):
         skinny_linear(x[:, :-1], w)
 
 
-@pytest.mark.parametrize("swiglu,split,one_dot", [(False, 1, False), (False, 2, False), (True, 1, False),
-                                                   (True, 1, True)])
+@pytest.mark.parametrize("swiglu,split,narrow", [(False, 1, False), (False, 2, False), (True, 1, False),
+                                                  (True, 1, True)])
 @pytest.mark.parametrize("rows,N,K,dtype", list(dtype_cases([(3, 96, 200), (16, 64, 130)],
                                                           [(1, 6144, 4096), (16, 28672, 4096)])))
-def test_rms_normalises_the_rows_first(rows, N, K, dtype, swiglu, split, one_dot):
+def test_rms_normalises_the_rows_first(rows, N, K, dtype, swiglu, split, narrow):
     """rms_eps: each row of x RMS-normalised (a weight of ones) before the product, the scale
     applied to the fp32 sums, the bias after it; in K slices too (the rows re-read whole),
-    and with the SwiGLU (its one-product form too)."""
+    and with the SwiGLU (64 or, `narrow`, 32 gate and up rows a program)."""
     x, w, b = inputs(rows, N, K, dtype, ("rms", rows, N, K, dtype, swiglu, split))
     x = x * torch.linspace(0.1, 30.0, rows, device=DEVICE, dtype=dtype)[:, None]  # rows of unlike scales
     cfg = dict(config(rows, N, K, 4), SPLIT_K=split, BLOCK_K=64)
-    if one_dot:
-        cfg.update(BLOCK_N=32, ONE_DOT=True)
+    if narrow:
+        cfg.update(BLOCK_N=32)
     for bias in (None, b):
         got = skinny_linear(x, w, bias, cfg=cfg, swiglu=swiglu, rms_eps=1e-5)
         want = skinny_linear_ref(x, w, bias, swiglu=swiglu, rms_eps=1e-5)
@@ -122,7 +123,7 @@ def test_rms_normalises_the_rows_first(rows, N, K, dtype, swiglu, split, one_dot
         assert rel_err(got, skinny_linear_ref(normed, w, bias, swiglu=swiglu)) < 4 * TOL[dtype]
 
 
-@pytest.mark.parametrize("consumer", ["plain", "split", "swiglu", "one-dot"])
+@pytest.mark.parametrize("consumer", ["plain", "split", "swiglu", "swiglu-narrow"])
 @pytest.mark.parametrize("producer_split", [1, 2])
 @pytest.mark.parametrize("rows,N,K,dtype", list(dtype_cases([(3, 200, 96), (16, 130, 64)],
                                                           [(1, 4096, 4096), (16, 4096, 14336)])))
@@ -142,11 +143,11 @@ def test_rms_sums_the_squares_the_product_before_left(rows, N, K, dtype, produce
     want_sq = h.float().pow(2).sum(-1)
     assert rel_err(partials.sum(0)[:rows], want_sq) < 1e-5
     assert skinny.row_squares(h.clone()) is None and skinny.row_squares(x) is None
-    swiglu = consumer in ("swiglu", "one-dot")
+    swiglu = consumer in ("swiglu", "swiglu-narrow")
     _, w2, b2 = inputs(rows, 2 * 96 if swiglu else 96, N, dtype, ("consumer", consumer, rows, N))
     cfg = dict(config(rows, 96, N, 4), SPLIT_K=2 if consumer == "split" else 1, BLOCK_K=32)
-    if consumer == "one-dot":
-        cfg.update(BLOCK_N=32, ONE_DOT=True)
+    if consumer == "swiglu-narrow":
+        cfg.update(BLOCK_N=32)
     got = skinny_linear(h, w2, b2, cfg=cfg, swiglu=swiglu, rms_eps=1e-5)
     squared = skinny_linear(h.clone(), w2, b2, cfg=cfg, swiglu=swiglu, rms_eps=1e-5)
     want = skinny_linear_ref(h, w2, b2, swiglu=swiglu, rms_eps=1e-5)
@@ -163,24 +164,20 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
-@pytest.mark.parametrize("linear,handoff,tiles", [("off", True, None), ("on", False, None), ("on", True, None),
-                                                  ("on", True, dict(BLOCK_N=32, SPLIT_K=2))])
+@pytest.mark.parametrize("linear,handoff,tiles", [(False, True, None), (True, False, None), (True, True, None),
+                                                  (True, True, dict(BLOCK_N=32, SPLIT_K=2))])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_folded_norms_give_the_same_model(family, linear, handoff, tiles, make_checkpoint, monkeypatch):
     """Transformer.fold_norms: the norms' weights in wqkv's and w13's columns, the norms at
     ones. Through torch's ops (linear off: the norms as before, weight ones) or the few-rows
     path (on, fused kernels: the blocks' norms inside the products, the skips in them; with
-    decoder.SQUARES_FROM_PRODUCTS each norm's sums of squares left by the product before,
-    but the first layer's), fp32 logits of a prompt, a decode step and a 5-token
+    KernelOptions.squares_from_products each norm's sums of squares left by the product
+    before, but the first layer's), fp32 logits of a prompt, a decode step and a 5-token
     verification match the unfolded model; also with every product's tiles replaced
-    (skinny.CONFIG_OVERRIDES: 32-row tiles in two K slices, the partial squares then in more
-    column tiles and the folded norms' products split)."""
+    (KernelOptions.skinny_tiles: 32-row tiles in two K slices, the partial squares then in
+    more column tiles and the folded norms' products split)."""
     import specoff
-    from specoff.models import decoder
 
-    monkeypatch.setattr(decoder, "SQUARES_FROM_PRODUCTS", handoff)
-    monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton" if linear == "on" else "torch")
-    monkeypatch.setattr(skinny, "LINEAR", linear)
     path = make_checkpoint(family)
     plain = specoff.load_model(path, device=DEVICE, dtype=torch.float32)
     folded = specoff.load_model(path, device=DEVICE, dtype=torch.float32)
@@ -190,11 +187,12 @@ def test_folded_norms_give_the_same_model(family, linear, handoff, tiles, make_c
                 for norm in (layer.attention_norm, layer.ffn_norm):
                     norm.weight.copy_(torch.linspace(0.5, 2.0 + i, norm.weight.numel()))
     assert folded.fold_norms() == len(folded.layers) and folded.fold_norms() == len(folded.layers)
-    if tiles:
-        first = folded.layers[0]
-        monkeypatch.setattr(skinny, "CONFIG_OVERRIDES", {
-            tuple(m.weight.shape): tiles for m in (first.attention.wqkv, first.attention.wo,
-                                                   first.feed_forward.w13, first.feed_forward.w2)})
+    first = folded.layers[0]
+    replaced = tuple((tuple(m.weight.shape), tuple(tiles.items())) for m in (
+        first.attention.wqkv, first.attention.wo, first.feed_forward.w13, first.feed_forward.w2)) if tiles else ()
+    for model in (plain, folded):
+        model.use_kernels(kernel_options(fused_elementwise=linear, skinny_products=linear,
+                                         squares_from_products=handoff, skinny_tiles=replaced))
     assert all(bool((layer.ffn_norm.weight == 1).all()) for layer in folded.layers)
     gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(family.encode()))
     ids = torch.randint(3, plain.config.vocab_size, (3, 17), device=DEVICE, generator=gen)
@@ -206,10 +204,10 @@ def test_folded_norms_give_the_same_model(family, linear, handoff, tiles, make_c
 
     for got, want in zip(prompt_step_verify(folded, ids), prompt_step_verify(plain, ids)):
         assert rel_err(got, want) < 1e-5
-    assert (1e-5 in steps or plain.config.rms_norm_eps in steps) == (linear == "on")
+    assert (1e-5 in steps or plain.config.rms_norm_eps in steps) == linear
     # a folded layer's two norms a step: the first layer's wqkv squares its own input
     n = len(folded.layers)
-    assert sum(handed) == (2 * (2 * n - 1) if linear == "on" and handoff else 0)
+    assert sum(handed) == (2 * (2 * n - 1) if linear and handoff else 0)
 
 
 def test_skinny_takes_leading_dims_and_strided_rows():
@@ -236,16 +234,16 @@ def test_config_splits_only_narrow_short_products():
 
 def test_config_fits_the_shared_memory():
     """The stages' tiles fit the device's shared memory: fp32's 256-wide K steps (320 KB at 4
-    stages) go to 128 on the H200's 227 KB; 99 KB (consumer GPUs) keeps bf16's 128-wide
+    stages) go to 128 on Hopper's 227 KB; 99 KB (consumer GPUs) keeps bf16's 128-wide
     steps at 4 stages, fp32 at 64-wide; the SwiGLU's two-product tiles (128 weight rows)
     as well."""
-    H200 = 227 * 1024
+    HOPPER = 227 * 1024
     def need(c, rows=64, size=2):
         return c["num_stages"] * (rows + c["BLOCK_M"]) * c["BLOCK_K"] * size
 
-    assert config(1, 4096, 4096, 132, 4, H200)["BLOCK_K"] == 128
-    assert config(1, 4096, 4096, 132, 2, H200)["BLOCK_K"] == 256
-    for size, shared in ((2, H200), (4, H200), (2, 99 * 1024), (4, 99 * 1024), (4, 48 * 1024)):
+    assert config(1, 4096, 4096, 132, 4, HOPPER)["BLOCK_K"] == 128
+    assert config(1, 4096, 4096, 132, 2, HOPPER)["BLOCK_K"] == 256
+    for size, shared in ((2, HOPPER), (4, HOPPER), (2, 99 * 1024), (4, 99 * 1024), (4, 48 * 1024)):
         for N, K in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)):
             c = config(4, N, K, 132, size, shared)
             assert need(c, size=size) <= shared and c["num_stages"] >= 2
@@ -253,7 +251,7 @@ def test_config_fits_the_shared_memory():
     assert need(c, 128, 4) <= 99 * 1024 and c["BLOCK_K"] == 64 and c["num_stages"] == 2
 
 
-def test_skinny_refuses_what_it_cannot_take(monkeypatch):
+def test_skinny_refuses_what_it_cannot_take():
     x, w, _ = inputs(2, 8, 16, torch.float32, "refuse")
     with pytest.raises(AssertionError, match="features"):
         skinny_linear(x[:, :12], w)
@@ -261,36 +259,30 @@ def test_skinny_refuses_what_it_cannot_take(monkeypatch):
         skinny_linear(x, w.half())
     with pytest.raises(AssertionError, match="at most 16 rows"):
         skinny_linear(torch.randn(17, 16, device=DEVICE), w)
-    monkeypatch.setattr(skinny, "LINEAR", "yes")
-    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
-        skinny.usable(x, w)
 
 
-def test_usable_follows_rows_dtype_and_switch(monkeypatch):
+def test_usable_follows_rows_and_dtype():
+    """Up to MAX_ROWS rows of one float dtype with W, on W's device (which devices run it is
+    KernelOptions.runs's choice: the decoder asks both)."""
     x, w, _ = inputs(16, 8, 16, torch.float32, "usable")
-    monkeypatch.setattr(skinny, "LINEAR", "off")
-    assert not skinny.usable(x, w)
-    monkeypatch.setattr(skinny, "LINEAR", "on")
-    assert skinny.usable(x, w)  # on the CPU: the tests' TRITON_INTERPRET
-    assert not skinny.usable(torch.randn(17, 16, device=DEVICE), w)
+    assert skinny.usable(x, w) and skinny.usable(x[:1], w) and not skinny.usable(x[:0], w)
+    assert not skinny.usable(torch.randn(skinny.MAX_ROWS + 1, 16, device=DEVICE), w)
     assert not skinny.usable(x.half(), w)
-    monkeypatch.setattr(skinny, "MAX_ROWS", 4)
-    assert not skinny.usable(x, w) and skinny.usable(x[:4], w)
+    assert not skinny.usable(x, w[None])  # W a matrix
+    if DEVICE == "cuda":
+        assert not skinny.usable(x.cpu(), w)
 
 
-@pytest.mark.parametrize("fused", ["torch", "triton"])
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_decoder_projections_through_the_kernel(family, dtype, fused, make_checkpoint, monkeypatch):
-    """The decoder's projections with LINEAR on (the interpreter on the CPU) against torch's
-    products: the prompt (3 rows x 11, more than MAX_ROWS: torch's), a decode step (3 rows)
-    and a 5-token verification (15 rows) through the kernel; qwen2 has q/k/v biases. With
-    the fused element-wise kernels ("triton") the FFN's gate-up launch forms silu · up
-    itself (swiglu) and the down projection's adds the block's skip."""
+    """The decoder's projections with KernelOptions.skinny_products on (the interpreter on the
+    CPU) against torch's products: the prompt (3 rows x 11, more than MAX_ROWS: torch's), a
+    decode step (3 rows) and a 5-token verification (15 rows) through the kernel; qwen2 has
+    q/k/v biases. With the fused element-wise kernels the FFN's gate-up launch forms silu ·
+    up itself (swiglu) and the down projection's adds the block's skip."""
     import specoff
-    from specoff.models import decoder
-
-    monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", fused)
 
     model = specoff.load_model(make_checkpoint(family), device=DEVICE, dtype=dtype)
     gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(family.encode()))
@@ -305,13 +297,13 @@ def test_decoder_projections_through_the_kernel(family, dtype, fused, make_check
 
     monkeypatch.setattr(skinny, "_skinny_into", spy)
 
-    monkeypatch.setattr(skinny, "LINEAR", "off")
+    model.use_kernels(kernel_options(fused_elementwise=fused, skinny_products=False))
     expected = prompt_step_verify(model, ids)
     assert not calls
-    monkeypatch.setattr(skinny, "LINEAR", "on")
+    model.use_kernels(kernel_options(fused_elementwise=fused, skinny_products=True))
     got = prompt_step_verify(model, ids)
     assert calls and set(calls) == {3, 15}  # the decode step's and the verification's rows
-    assert any(swiglu) == (fused == "triton")
+    assert any(swiglu) == fused
     for g, want in zip(got, expected):
         assert rel_err(g, want) < (1e-5 if dtype == torch.float32 else TOL[dtype])
 
@@ -348,29 +340,24 @@ def test_gpu_skinny_in_a_cuda_graph():
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("spec", ["chain", "tree"])
 def test_speculation_with_the_decode_fusions_equals_target(spec, fold, pairs, monkeypatch):
-    """kernels.skinny.LINEAR and decoder.FUSED_CACHE_WRITE on (with the fused element-wise
-    kernels: the interpreter on the CPU; fp32, so every path rounds alike): greedy
-    speculation, chain or tree, one row at a time (the draft's decode steps at 1 row,
+    """The few-rows products and the cache write in the rotary launch on (with the fused
+    element-wise kernels: the interpreter on the CPU; fp32, so every path rounds alike):
+    greedy speculation, chain or tree, one row at a time (the draft's decode steps at 1 row,
     verification at ≤ 16 through the kernels), gives the target's own greedy tokens; `fold`:
-    the draft's norms folded into its products (decoder.FOLD_DRAFT_NORMS), normalised inside
-    the kernel, and the rotary, cache write and chain attention as one launch
-    (decoder.FUSED_ROPE_ATTENTION, the chain kernel forced on the CPU)."""
+    the draft's norms folded into its products (KernelOptions.fold_draft_norms), normalised
+    inside the kernel, and the rotary, cache write and chain attention as one launch
+    (.fused_rope_attention, the chain kernel on)."""
     import specoff
     from specoff.models import decoder
 
-    monkeypatch.setattr(skinny, "LINEAR", "on")
-    monkeypatch.setattr(decoder, "FUSED_CACHE_WRITE", "auto")
-    monkeypatch.setattr(decoder, "FUSED_ELEMENTWISE", "triton")
-    monkeypatch.setattr(decoder, "FOLD_DRAFT_NORMS", fold)
-    monkeypatch.setattr(decoder, "FUSED_ROPE_ATTENTION", "auto" if fold else "off")
-    if fold:
-        monkeypatch.setattr(decoder, "CHAIN_ATTENTION", "triton")
-        from specoff.kernels import attention
-
-        fused_steps = []
-        real_rva = attention.rope_verify_attention
-        monkeypatch.setattr(decoder, "rope_verify_attention",
-                            lambda *a, **k: (fused_steps.append(1), real_rva(*a, **k))[1])
+    if not fold:  # the engine folds its draft's norms as the draft's default options say
+        monkeypatch.setattr(decoder.Transformer, "fold_norms", lambda self: 0)
+    options = kernel_options(fused_elementwise=True, skinny_products=True, chain_attention=fold or DEVICE == "cuda",
+                             fused_rope_attention=fold)
+    fused_steps = []
+    real_rva = decoder.rope_verify_attention
+    monkeypatch.setattr(decoder, "rope_verify_attention",
+                        lambda *a, **k: (fused_steps.append(1), real_rva(*a, **k))[1])
     calls = []
     real = skinny._skinny_into
     monkeypatch.setattr(skinny, "_skinny_into",
@@ -381,6 +368,9 @@ def test_speculation_with_the_decode_fusions_equals_target(spec, fold, pairs, mo
     expect = [o.token_ids for o in specoff.LLM(target, device=DEVICE, dtype="float32").generate(prompts, params)]
     kw = dict(spec="tree", tree_budget=8) if spec == "tree" else dict(draft_len=3)
     llm = specoff.LLM(target, draft=draft, device=DEVICE, dtype="float32", max_rows=1, **kw)
+    assert all(layer.folded == fold for layer in llm.draft_model.layers)
+    for model in (llm.model, llm.draft_model):
+        model.use_kernels(options)
     assert [o.token_ids for o in llm.generate(prompts, params)] == expect
     assert calls and any(calls) == fold  # the kernel ran; normalising rows only in the folded draft
-    assert not fold or fused_steps
+    assert bool(fused_steps) == fold

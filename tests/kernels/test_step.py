@@ -1,6 +1,6 @@
 """The decode step's two ends (specoff/kernels/step.py): the embedding gather and the greedy
 argmax, against torch's embedding and argmax, which they must equal exactly. On the CPU in
-Triton's interpreter (STEP_KERNELS "on"); on the GPU (`gpu` marker) bf16 too, vocabularies
+Triton's interpreter (`interpret`); on the GPU (`gpu` marker) bf16 too, vocabularies
 of Mistral (32000) and Qwen (151936: a loop of tiles), and replayed from a CUDA graph.
 """
 import zlib
@@ -10,12 +10,18 @@ import torch
 from conftest import DEVICE, dtype_cases, gpu
 
 from specoff.kernels import step
-from specoff.kernels.step import argmax_rows, argmax_rows_ref, embed_rows, embed_rows_ref
+from specoff.kernels.step import argmax_rows_ref, embed_rows_ref
+from specoff.options import KernelOptions
+
+INTERPRET = DEVICE == "cpu"  # the kernels on CPU tensors too: Triton's interpreter
 
 
-@pytest.fixture(autouse=True)
-def kernels_on(monkeypatch):
-    monkeypatch.setattr(step, "STEP_KERNELS", "on" if DEVICE == "cpu" else "auto")
+def argmax_rows(x):
+    return step.argmax_rows(x, interpret=INTERPRET)
+
+
+def embed_rows(ids, weight):
+    return step.embed_rows(ids, weight, interpret=INTERPRET)
 
 
 def _gen(key):
@@ -45,8 +51,8 @@ def test_argmax_is_torchs(shape, dtype):
 
 @pytest.mark.parametrize("V,D,dtype", list(dtype_cases([(50, 96), (1000, 1500)], [(32000, 4096), (151936, 2048)])))
 def test_embed_rows_is_the_tables_rows(V, D, dtype, monkeypatch):
-    """weight[ids] bit for bit, ids of any shape (repeats, 0 and V - 1); an id outside the
-    table gives a row of NaN, never another tensor's bytes."""
+    """weight[ids] bit for bit, ids of any shape (repeats, 0 and V - 1) and a column of a wider
+    tensor (strided); an id outside the table gives a row of NaN, never another tensor's bytes."""
     gen = _gen(("embed", V, D, dtype))
     w = torch.nn.Parameter(torch.randn(V, D, device=DEVICE, generator=gen).to(dtype), requires_grad=False)
     ids = torch.randint(0, V, (3, 5), device=DEVICE, generator=gen)
@@ -56,27 +62,48 @@ def test_embed_rows_is_the_tables_rows(V, D, dtype, monkeypatch):
     ids[0, 0], ids[0, 1], ids[1, 2] = 0, V - 1, ids[1, 3]
     got = embed_rows(ids, w)
     assert got.shape == (3, 5, D) and torch.equal(got, embed_rows_ref(ids, w))
+    column = ids[:, 3:4]  # (3, 1), rows 5 apart: a decode step's ids sliced from a wider tensor
+    assert torch.equal(embed_rows(column, w), embed_rows_ref(column, w))
     bad = torch.tensor([1, V, -1], device=DEVICE)
     out = embed_rows(bad, w)
     assert torch.equal(out[0], w[1]) and bool(out[1:].isnan().all())
-    assert len(launched) == 2  # an nn.Parameter's table (an embedding's) takes the kernel
+    assert len(launched) == 3  # an nn.Parameter's table (an embedding's) takes the kernel
 
 
-def test_step_kernels_switch(monkeypatch):
-    """"off", and "auto" off a GPU, keep torch's ops (the interpreter is never taken unasked,
-    prefills and every argmax would crawl); a bad setting is refused."""
+def test_step_kernels_off_a_gpu_only_when_asked(monkeypatch):
+    """Off a GPU the kernels run only under `interpret` (the interpreter is never taken
+    unasked: prefills and every argmax would crawl)."""
     x = torch.randn(2, 10)
     launched = []
     real = step._launcher
     monkeypatch.setattr(step, "_launcher", lambda *a: (launched.append(1), real(*a))[1])
-    for setting in ("off", "auto"):
-        monkeypatch.setattr(step, "STEP_KERNELS", setting)
-        assert torch.equal(argmax_rows(x), x.argmax(-1))
-        assert torch.equal(embed_rows(torch.tensor([1, 0]), x), x[[1, 0]])
+    assert torch.equal(step.argmax_rows(x), x.argmax(-1))
+    assert torch.equal(step.embed_rows(torch.tensor([1, 0]), x), x[[1, 0]])
+    step.rope_tables(torch.zeros(1, 2, dtype=torch.long), torch.ones(4), torch.float32)
     assert not launched
-    monkeypatch.setattr(step, "STEP_KERNELS", "yes")
-    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
-        argmax_rows(x)
+    assert torch.equal(step.argmax_rows(x, interpret=True), x.argmax(-1)) and len(launched) == 1
+
+
+def test_model_takes_the_step_kernels_as_its_options_say(make_checkpoint, monkeypatch):
+    """Transformer.embed and .rope: kernels.step's launches where KernelOptions.step_kernels
+    (and the fused element-wise kernels) run, torch's ops where it is off; the same values."""
+    import specoff
+
+    model = specoff.load_model(make_checkpoint("llama"), device="cpu", dtype=torch.float32)
+    launched = []
+    real = step._launcher
+    monkeypatch.setattr(step, "_launcher", lambda *a: (launched.append(1), real(*a))[1])
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    positions = torch.arange(5).expand(2, 5)
+    outs = {}
+    for on in (False, True):
+        model.use_kernels(KernelOptions(interpret=True, step_kernels=on, skinny_products=False))
+        launched.clear()
+        outs[on] = model.embed(ids), *model.rope(positions, torch.float32)
+        assert len(launched) == (2 if on else 0)
+    assert torch.equal(outs[True][0], outs[False][0])
+    for got, want in zip(outs[True][1:], outs[False][1:]):
+        assert (got - want).abs().max() <= 1e-6  # numpy's cos / sin in the interpreter: an fp32 ulp
 
 
 @gpu
@@ -114,7 +141,7 @@ def test_rope_tables_are_the_decoders(B, T, hd, dtype):
                                      vocab_size=32, rope_theta=500000.0))
     inv = rope_inv_freq(cfg).to(DEVICE)
     pos = torch.randint(0, 40000, (B, T), device=DEVICE, generator=_gen(("rope", B, T, hd)))
-    cos, sin = step.rope_tables(pos, inv, dtype)
+    cos, sin = step.rope_tables(pos, inv, dtype, interpret=INTERPRET)
     want_cos, want_sin = step.rope_tables_ref(pos, inv, dtype)
     assert cos.shape == sin.shape == (B, T, 1, hd) and cos.dtype == dtype
     if DEVICE == "cpu":
