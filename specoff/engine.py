@@ -20,7 +20,7 @@ import torch
 from .config import ModelConfig
 from .hostmem import available_host_bytes
 from .kvcache import KVCache, SegmentKVCache
-from .models.decoder import row_chunk
+from .models.passes import row_chunk
 from .offload import build_offloaded
 from .options import EngineOptions
 from .planner import (BudgetError, Plan, TreeBudgetTuner, chain_groups as predict_chain_groups,
@@ -340,6 +340,7 @@ class LLM:
             if options.draft_quant is not None:
                 quantize_linears(self.draft_model, options.draft_quant)
             self.draft_model.use_graphs = self.model.use_graphs
+        self._apply_options()
         self.eos_token_ids = self._eos_ids()
         self.last_stats = GenerationStats()
         while True:  # refuse a bad kv_placement or a budget that fits no run now
@@ -370,7 +371,19 @@ class LLM:
         if new.spec.tree_budget_max != self.options.spec.tree_budget_max:
             self.tree_budget_max = new.spec.tree_budget_max or (
                 1024 if self.device.type == "cuda" else 64)
+        kernels_changed = new.kernels != self.options.kernels
         self.options = new
+        self._apply_options(kernels_changed)
+
+    def _apply_options(self, kernels: bool = True) -> None:
+        """Hand the models what they read of the options: the kernels their passes launch
+        (which drops their captured graphs) and how far ahead a host cache is fetched."""
+        for model in (self.model, self.draft_model):
+            if model is None:
+                continue
+            if kernels:
+                model.use_kernels(self.options.kernels)
+            model.host_cache_ahead = self.options.cache.host_cache_ahead
 
     def _eos_ids(self) -> set:
         ids = set(self.config.eos_token_ids)

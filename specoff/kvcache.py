@@ -15,23 +15,6 @@ import torch
 
 from .hostmem import HOST_BLOCKS, host_zeros
 
-FP8 = torch.float8_e4m3fn
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """A float8 tensor's bytes as uint8 (the same memory), for the gathers and scatters
-    torch does not take in float8; other tensors as they are."""
-    return t.view(torch.uint8) if t.dtype == FP8 else t
-
-
-def stored(new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`new` in a cache's dtype, as bits() sees that cache (float8: clamped to ±448 first,
-    as not every backend's conversion saturates)."""
-    if dtype == FP8 and new.dtype != FP8:
-        new = new.clamp(-448.0, 448.0)
-    return bits(new.to(dtype))
-
-
 def _zeros(shape, dtype, device, pin_memory: bool) -> torch.Tensor:
     if pin_memory:
         return host_zeros(shape, dtype)
@@ -73,7 +56,7 @@ class KVCache(torch.nn.Module):
                              persistent=False)
         self.max_len = max_len
         self._mapped = None  # (k, v) device views of a pinned host cache (see mapped)
-        self.host_reads = None  # decoder.HostCacheReads while a pass reads it ahead
+        self.host_reads = None  # models.host_cache.HostCacheReads while a pass reads it ahead
         self.row_start = None  # per-row first slots in a pool shared by the rows (SegmentKVCache)
 
     @property
@@ -90,8 +73,8 @@ class KVCache(torch.nn.Module):
         """Store (B, KV, T, hd) keys/values of layer `layer` at per-row `positions` (B, T)."""
         B, KV, T, hd = k_new.shape
         idx = positions.clamp(max=self.max_len - 1)[:, None, :, None].expand(B, KV, T, hd)
-        bits(self.k[layer]).scatter_(2, idx, stored(k_new, self.k.dtype))
-        bits(self.v[layer]).scatter_(2, idx, stored(v_new, self.v.dtype))
+        self.k[layer].scatter_(2, idx, k_new.to(self.k.dtype))
+        self.v[layer].scatter_(2, idx, v_new.to(self.v.dtype))
 
     def dense(self, layer: int, kv_len: int) -> tuple:
         """(keys, values) of layer `layer` as (B, KV, >= kv_len, hd) tensors, for plain torch."""
@@ -102,7 +85,7 @@ class KVCache(torch.nn.Module):
         sits in host memory beside a CUDA device: kernels write new tokens straight into
         it across the bus (posted writes, the bus's otherwise idle device→host direction),
         ordered on their stream like any other kernel, with no staging, no host thread and
-        no wait on the host (decoder.streamed_attention, PrefillStage)."""
+        no wait on the host (models.host_cache.streamed_attention, models.passes.PrefillStage)."""
         if self._mapped is None:
             self._mapped = (device_alias(self.k, self.lengths.device),
                             device_alias(self.v, self.lengths.device))
@@ -197,7 +180,7 @@ class SegmentKVCache(KVCache):
         KV, n, hd = k.shape
         idx = slots.reshape(1, n, 1).expand(KV, n, hd)
         for pool, new in zip(self.pools_at(slots.device), (k, v)):
-            bits(pool[layer]).scatter_(1, idx, stored(new, pool.dtype))
+            pool[layer].scatter_(1, idx, new.to(pool.dtype))
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
               positions: torch.Tensor) -> None:
@@ -222,7 +205,7 @@ class SegmentKVCache(KVCache):
         B = self.lengths.shape[0]
         pos = torch.arange(kv_len, device=self.row_start.device).expand(B, kv_len)
         slots = self._slots(None, pos)  # (B, kv_len)
-        return tuple(bits(pool[layer])[:, slots].view(pool.dtype).transpose(0, 1)  # (B, KV, kv_len, hd)
+        return tuple(pool[layer][:, slots].transpose(0, 1)  # (B, KV, kv_len, hd)
                      for pool in (self.k_pool, self.v_pool))
 
     def mapped(self) -> tuple:
@@ -274,12 +257,6 @@ class SegmentAllocator:
     @property
     def largest(self) -> int:
         return max((b - a for a, b in self.free), default=0)
-
-
-def check_segment_mode(name: str, mode) -> None:
-    """An "auto" / "on" / "off" switch holds one of those."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"{name} is 'auto', 'on' or 'off', not {mode!r}")
 
 
 def segment_size(prompt: int, max_new_tokens: int, extra: int) -> int:

@@ -22,7 +22,6 @@ import torch
 
 # "auto": where the engine's rule says (each field's doc names it); "on" / "off": always / never.
 Switch = Literal["auto", "on", "off"]
-SWITCHES = ("auto", "on", "off")
 
 
 class OptionsError(ValueError):

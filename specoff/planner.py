@@ -359,12 +359,12 @@ def plan_run(weights: Plan, cfg: ModelConfig, dtype: torch.dtype, *, rows: int, 
             logit_rows = min(logit_rows, max(max_logit_rows, r))
         act = activation_bytes(cfg, max(r * tokens_per_row, r * c), logit_rows, dtype)
         # The prompts' hidden states through the prefill (packed one after another where
-        # their lengths are known: decoder.PrefillBatch; else each padded to the longest).
+        # their lengths are known: models.passes.PrefillBatch; else each padded to the longest).
         prompt = prompt_tokens(r) if prompt_tokens else r * max(prefill_tokens, 1)
         hidden = prompt * cfg.dim * torch.empty(0, dtype=dtype).element_size()
         kv = r * context * sizes.kv_per_token if kv_gpu else 0
         # Prompts fill a cache away from the GPU (or rows of a larger one) through a
-        # one-layer scratch of their K/V (decoder.PrefillStage, PackedStage).
+        # one-layer scratch of their K/V (models.passes.PrefillStage, PackedStage).
         hidden += prompt * sizes.kv_per_token // cfg.n_layers
         if not kv_gpu:  # layers of it stream in for attention: one read, the next ones coming
             in_flight = 1 + max(host_cache_ahead, 1)
@@ -459,7 +459,7 @@ def predict_pass(plan: Plan, cfg: ModelConfig, dtype, profile: HardwareProfile, 
     # Experts no token routes to still stream (every expert is copied each pass).
     weights_read = sizes.total if not plan.offload else sizes.total - plan.stream_bytes_per_pass
     compute += weights_read / (profile.hbm_gbps * 1e9)
-    # A cache in host memory streams in beside the weights (decoder.streamed_attention).
+    # A cache in host memory streams in beside the weights (models.host_cache.streamed_attention).
     copy = (plan.stream_bytes_per_pass + (0 if plan.kv_on_gpu else kv_bytes)) / (profile.copy_gbps * 1e9)
     # launches: a layer streamed in pieces runs its experts once a piece
     return max(copy, compute + attention) + cfg.n_layers * 20e-6 * plan.ring_pieces

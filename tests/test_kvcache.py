@@ -123,10 +123,11 @@ def test_segment_allocator_first_fit_and_merges():
 
 @pytest.mark.parametrize("tree", [False, True])
 def test_streamed_segments_attend_as_over_a_dense_cache(tree):
-    """decoder.streamed_segments (a host pool streamed to the device, here both the CPU):
+    """models.host_cache.streamed_segments (a host pool streamed to the device, here both the CPU):
     the new tokens land in each row's segment and attention equals cached attention over a
     dense cache of the same rows."""
-    from specoff.models.decoder import TreeMask, cached_attention, causal_mask, streamed_segments
+    from specoff.models.attention import TreeMask, cached_attention, causal_mask
+    from specoff.models.host_cache import streamed_segments
 
     B, KV, H, hd, T = 3, 2, 4, 8, 3
     g = torch.Generator().manual_seed(1)
@@ -218,11 +219,11 @@ def test_gpu_host_pool_blocks_are_page_locked_and_reused():
 
 
 def test_host_cache_reads_copy_each_layer_once_for_every_reader():
-    """decoder.HostCacheReads (here without a copy stream: the CPU): a layer's blocks are
+    """models.host_cache.HostCacheReads (here without a copy stream: the CPU): a layer's blocks are
     copied once for all the parts of a pass that read them, a SegmentKVCache's as its pools,
     the layer before let go as the next begins; readers of a pass see each other's writes to
     the copy; outside a pass a read copies the layer afresh."""
-    from specoff.models.decoder import HostCacheReads
+    from specoff.models.host_cache import HostCacheReads
 
     dense = KVCache(3, 2, 6, 2, 4, torch.float32, "cpu")
     dense.k.copy_(torch.randn(dense.k.shape))

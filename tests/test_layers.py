@@ -12,8 +12,9 @@ PACKAGE = ROOT / "specoff"
 LAYERS = [
     ("base", ["specoff.options", "specoff.config", "specoff.hostmem"]),
     ("kernels", ["specoff.kernels"]),
-    ("models", ["specoff.models", "specoff.sampling", "specoff.quant"]),
-    ("memory", ["specoff.kvcache", "specoff.weights", "specoff.offload"]),
+    # the decoder allocates and writes caches: kvcache sits with the models
+    ("models", ["specoff.models", "specoff.kvcache", "specoff.sampling", "specoff.quant"]),
+    ("memory", ["specoff.weights", "specoff.offload"]),
     ("planner", ["specoff.planner"]),
     ("speculation", ["specoff.speculation"]),
     ("engine", ["specoff.engine"]),

@@ -159,7 +159,7 @@ def test_packed_prefill_equals_the_padded_one(into_rows, attention, make_checkpo
     """Prompts of far-apart lengths prefill packed in one row (no padding, each token seeing
     its own prompt only; the Triton kernel or the dense mask), in parts of the size the
     caller asked for: logits and cached K/V match the batch padded to its longest."""
-    from specoff.models.decoder import PrefillBatch
+    from specoff.models.passes import PrefillBatch
     from specoff.options import KernelOptions
 
     model = specoff.LLM(make_checkpoint("mixtral", layers=3), device="cpu").model

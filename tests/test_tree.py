@@ -787,7 +787,7 @@ def test_tree_prefill_parts_hold_what_the_plan_counts(pairs, monkeypatch):
     default: the first prompts', the refills' (target and draft) and no part over chunk ×
     rows tokens. (A 24 GiB run had prefilled 26k tokens in one part, 0.5 GiB over the
     budget, while the plan counted 10 a row.)"""
-    from specoff.models import decoder
+    from specoff.models import decoder, passes
 
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=5)
@@ -797,7 +797,7 @@ def test_tree_prefill_parts_hold_what_the_plan_counts(pairs, monkeypatch):
     monkeypatch.setattr(llm, "plan", lambda *a, **k: dataclasses.replace(
         plan_of(*a, **k), prefill_chunk=2))
     sizes = []
-    batch = decoder.PrefillBatch
+    batch = passes.PrefillBatch
 
     class Spy(batch):
         def __init__(self, *a, **k):
@@ -880,7 +880,7 @@ def test_gpu_tree_refills_rows_over_an_offloaded_target(kv, overlap, pairs):
 def test_gpu_tree_draft_cache_in_row_segments(segments, target, pairs):
     """The draft's cache in row segments on the GPU: growth graphs and kernels read each
     row's own segment (verify_attention(row_start=)); the target's host cache in the same
-    segments, streamed as a pool (decoder.streamed_segments); greedy exact with refills."""
+    segments, streamed as a pool (models.host_cache.streamed_segments); greedy exact with refills."""
     cache = CacheOptions(segment_draft_cache=segments, segment_target_cache=target)
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=12)

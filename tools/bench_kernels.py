@@ -211,7 +211,8 @@ def bench_skinny(hbm: float, sweep: bool = False):
     turn: a weight replayed alone stays partly in L2 and times faster than inside a step."""
     import itertools
 
-    from specoff.kernels import num_sms, skinny
+    from specoff.kernels import skinny
+    from specoff.kernels.launch import num_sms
 
     rows = []
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
@@ -419,7 +420,7 @@ def hbm_bandwidth_gbps(gib: int = 2) -> float:
     every byte and write next to nothing). A device-to-device copy's read + write figure and
     torch's reduction each come out below what the read-bound kernels here reach, so neither
     alone is the ceiling."""
-    from specoff.kernels import num_sms
+    from specoff.kernels.launch import num_sms
 
     src = torch.randn(gib << 29, device="cuda", dtype=torch.bfloat16)  # gib GiB of bf16
     best = _graph_ms(lambda: src.amax())

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launcher as _launcher
-from . import num_sms, pdl_launch, pdl_start
+from .launch import launcher as _launcher
+from .launch import num_sms, pdl_launch, pdl_start
 from . import moe as _moe  # max_shared_memory: the device's probe, cached there
 from .fused import _rope_heads, _rope_tables, _rotate, _token_tables, rope_write
 
@@ -122,7 +122,7 @@ def _verify_attention_kernel(
     SEGMENTED (chain only, no whole tiles): row t sees keys seg[b, t] <= s <= L + t; the
     block starts at its rows' first segment start, and a tile no row sees is skipped.
     ROW_START: batch b's keys start row_start[b] slots into its cache (rows of a shared pool,
-    kvcache.SegmentKVCache) rather than at b * stride_kb. USE_PDL: see kernels.pdl_launch.
+    kvcache.SegmentKVCache) rather than at b * stride_kb. USE_PDL: see kernels.launch.pdl_launch.
     ROPE_WRITE (a chain, one query block; rope_verify_attention): the new tokens' q, k and v
     come unrotated from the QKV projection's output (qkv: [q heads | k heads | v heads] a
     token); the program rotates its G query heads into q (scratch it reads back), and the
@@ -380,9 +380,7 @@ def _check(q, k_cache, v_cache, lengths, tree_mask):
     B, T, H, hd = q.shape
     assert k_cache.dim() == 4 and k_cache.shape[0] == B and k_cache.shape[3] == hd, "k_cache is [B, KV, S, hd]"
     assert v_cache.shape == k_cache.shape and H % k_cache.shape[1] == 0
-    # keys and values in q's dtype, or in float8 e4m3 (a draft's cache: kvcache.DRAFT_CACHE_DTYPE),
-    # converted as each tile loads
-    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in (q.dtype, torch.float8_e4m3fn)
+    assert k_cache.dtype == v_cache.dtype == q.dtype, "keys and values in q's dtype"
     assert q.stride(3) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
     assert lengths.shape == (B,)
     if tree_mask is not None:
@@ -398,7 +396,7 @@ def _verify_attention_into(q, k_cache, v_cache, lengths, tree_mask, scale: float
     """config: launch_config's dict with some entries replaced (tools/tune_kernels.py --attention).
     rope: (qkv, cos, sin, positions) for ROPE_WRITE (rope_verify_attention): q is then the
     scratch the rotated queries go to (unless they rotate in registers: _q_in_registers).
-    pdl: a programmatic dependent launch where the device has them (kernels.pdl_launch)."""
+    pdl: a programmatic dependent launch where the device has them (kernels.launch.pdl_launch)."""
     B, T, H, hd = q.shape
     KV = k_cache.shape[1]
     G = H // KV
@@ -510,7 +508,7 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `row_start` [B] (long): batch b's keys begin row_start[b] slots into k_cache[b] (a pool
     shared by the rows, viewed with stride 0 over B: kvcache.SegmentKVCache).
     With `out`, `num_splits` or `seg_start` the kernels run eagerly; otherwise the registered
-    op runs. `pdl`: a programmatic dependent launch where the device has them (kernels.pdl_launch).
+    op runs. `pdl`: a programmatic dependent launch where the device has them (kernels.launch.pdl_launch).
     """
     _check(q, k_cache, v_cache, lengths, tree_mask)
     lengths = lengths.contiguous()  # the kernels index it as a flat array
@@ -594,9 +592,7 @@ def verify_attention_ref(q, k_cache, v_cache, lengths, tree_mask=None, scale=Non
     if row_start is not None:  # each row's own keys, gathered from the shared pool
         at = (row_start[:, None] + torch.arange(kv_len, device=q.device)).clamp(max=k_cache.shape[2] - 1)
         at = at[:, None, :, None].expand(B, k_cache.shape[1], kv_len, hd)
-        # float8 caches gather as bytes (torch has no float8 gather)
-        k_cache, v_cache = (c.view(torch.uint8).gather(2, at).view(c.dtype) if c.dtype == torch.float8_e4m3fn
-                            else c.gather(2, at) for c in (k_cache, v_cache))
+        k_cache, v_cache = (c.gather(2, at) for c in (k_cache, v_cache))
     G = H // k_cache.shape[1]
     k = k_cache[:, :, :kv_len].float().repeat_interleave(G, dim=1)  # (B, H, S, hd)
     v = v_cache[:, :, :kv_len].float().repeat_interleave(G, dim=1)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launcher as _launcher
+from .launch import launcher as _launcher
 
 FP8 = torch.float8_e4m3fn
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import launcher as _launcher
-from . import pdl_launch, pdl_start
+from .launch import launcher as _launcher
+from .launch import pdl_launch, pdl_start
 
 # libdevice on a GPU; the interpreter has none (and computes in numpy, which never contracts).
 _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
@@ -432,7 +432,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     The result has the dtype weight * x promotes to. Eagerly (or with `out`, a preallocated
     buffer) the kernel launches directly: the dispatcher's host time would outweigh the kernel.
     While torch.compile traces, the registered op `torch.ops.specoff.rms_norm` runs.
-    `pdl`: a programmatic dependent launch where the device has them (kernels.pdl_launch).
+    `pdl`: a programmatic dependent launch where the device has them (kernels.launch.pdl_launch).
     """
     assert x.dtype in _DTYPES and weight.dtype in _DTYPES, f"unsupported dtypes {x.dtype}, {weight.dtype}"
     assert weight.shape == (x.shape[-1],) and weight.stride(0) == 1, "weight is a contiguous (D,) vector"

@@ -27,7 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launcher as _launcher
+from .launch import launcher as _launcher
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a Triton without host-side descriptors
+    TensorDescriptor = None
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -447,10 +452,6 @@ def _check(x, w13, w2, topk_weights, topk_ids):
 
 
 def _tensor_descriptor():
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:  # a Triton without host-side descriptors
-        return None
     return TensorDescriptor
 
 

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launcher as _launcher
-from . import num_sms, pdl_launch, pdl_release, pdl_start
+from .launch import launcher as _launcher
+from .launch import num_sms, pdl_launch, pdl_release, pdl_start
 from .fused import _exp
 from .moe import max_shared_memory  # the device's probe, cached there
 
@@ -90,7 +90,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, r_ptr, sq_ou
     the partial sums an RMSNorm of y needs. SQ_IN (with RMS; a power of two ≥ sq_in_tiles):
     x's squares not taken here but summed from the sq_in_tiles partial rows a product's SQ_OUT
     left at sq_in_ptr (read as the program starts, in one load). USE_PDL: see
-    kernels.pdl_launch."""
+    kernels.launch.pdl_launch."""
     pdl_start(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -341,7 +341,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     sums of squares for such a product after it (a folded block's skip adds, whose sums feed
     the next norm). `cfg`: config()'s dict with entries replaced (tests, timing); `tiles`:
     replacements by the product's (N, K) (_config); `pdl`: a programmatic dependent launch
-    where the device has them (kernels.pdl_launch)."""
+    where the device has them (kernels.launch.pdl_launch)."""
     assert x.dtype in _DTYPES and w.dtype == x.dtype, f"x {x.dtype} and W {w.dtype}: one float dtype"
     assert w.dim() == 2 and x.shape[-1] == w.shape[1], f"x has {x.shape[-1]} features, W is {tuple(w.shape)}"
     assert not swiglu or w.shape[0] % 2 == 0, f"swiglu: W {tuple(w.shape)} is not [gate; up]"

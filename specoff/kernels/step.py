@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import launcher as _launcher
+from .launch import launcher as _launcher
 from .fused import _LIBDEVICE
 
 _ROW_BLOCK = 1024  # embed_rows: columns a program

@@ -21,7 +21,7 @@ import torch
 
 from ..kernels.step import argmax_rows
 from ..kvcache import KVCache, SegmentAllocator, SegmentKVCache, cache_slots
-from ..models.decoder import PassPart, PrefillBatch, row_chunk
+from ..models.passes import PassPart, PrefillBatch, row_chunk
 from ..options import CacheOptions
 from ..sampling import SamplingParams, logits_to_probs, sample_from
 from .chain import MAX_DRAFT_LEN, choose_draft_len, emitted_tokens, greedy_accept, sample_accept
@@ -384,7 +384,7 @@ class ChainScheduler:
             if gamma:
                 at = lens[:, None] + torch.arange(gamma, device=self.device)
                 ids.scatter_(1, at, g.draft_tokens[rows])
-            # Straight into the rows' cache, attention on the device (decoder.PrefillBatch).
+            # Straight into the rows' cache, attention on the device (models.passes.PrefillBatch).
             chunk = row_chunk(self.chunk, self.part_rows, len(refill))
             prefill = PrefillBatch(ids, g.target_cache, chunk, rows=rows, device=self.device,
                                    lengths_host=[n + gamma for n in host])

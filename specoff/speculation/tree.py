@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..kvcache import KVCache
-from ..models.decoder import PassPart, TreeMask
+from ..models.attention import TreeMask
+from ..models.passes import PassPart
 
 NEG_INF = float("-inf")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..kvcache import KVCache, SegmentAllocator, SegmentKVCache, cache_slots
-from ..models.decoder import PrefillBatch, row_chunk
+from ..models.passes import PrefillBatch, row_chunk
 from ..options import CacheOptions
 from ..planner import TreeBudgetTuner, tree_curve
 from ..sampling import SamplingParams, select

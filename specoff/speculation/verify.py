@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..kvcache import KVCache, SegmentKVCache, bits
+from ..kvcache import KVCache, SegmentKVCache
 from ..sampling import SamplingParams, select
 from .growth import AcceptanceModel
 from .tree import Tree
@@ -76,7 +76,7 @@ def commit(cache: KVCache, path: torch.Tensor, accepted: torch.Tensor) -> None:
 
     Kernels on the current stream do it, a few layers at a time (a bounded scratch), so no
     host sync: after the pass's own writes. A cache in pinned host memory beside a GPU
-    (decoder.streamed_attention) is moved by the same kernels through its device alias
+    (models.host_cache.streamed_attention) is moved by the same kernels through its device alias
     (KVCache.mapped), only the path's nodes crossing the bus (gathering it on the CPU takes
     seconds a round at a throughput batch)."""
     if cache.row_start is not None:  # rows of a shared pool (SegmentKVCache)
@@ -88,7 +88,7 @@ def commit(cache: KVCache, path: torch.Tensor, accepted: torch.Tensor) -> None:
     src = (cache.lengths[:, None] + path).clamp(max=S - 1)  # (B, P)
     dst = (cache.lengths[:, None] + torch.arange(P, device=path.device)).clamp(max=S - 1)
     bufs = (cache.k, cache.v)
-    if cache.k.device != src.device:  # a cache in host memory (decoder.streamed_attention)
+    if cache.k.device != src.device:  # a cache in host memory (models.host_cache)
         if src.is_cuda:
             bufs = cache.mapped()
         else:
@@ -98,7 +98,7 @@ def commit(cache: KVCache, path: torch.Tensor, accepted: torch.Tensor) -> None:
         n = min(step, L_ - lo)
         index = lambda i: i[None, :, None, :, None].expand(n, B, KV, P, hd)  # noqa: E731
         for buf in bufs:
-            part = bits(buf[lo:lo + n])  # float8 caches move as bytes
+            part = buf[lo:lo + n]
             part.scatter_(3, index(dst), part.gather(3, index(src)))
     cache.advance(accepted + 1)
 
@@ -116,5 +116,5 @@ def _commit_segments(cache: SegmentKVCache, path: torch.Tensor) -> None:
         n = min(step, L_ - lo)
         index = lambda i: i[None, None, :, None].expand(n, KV, B * P, hd)  # noqa: E731
         for pool in cache.pools_at(path.device):
-            part = bits(pool[lo:lo + n])
+            part = pool[lo:lo + n]
             part.scatter_(2, index(dst), part.gather(2, index(src)))

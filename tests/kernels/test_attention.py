@@ -331,29 +331,6 @@ def test_rows_of_a_shared_pool(tree, num_splits):
         assert rel_err(pool_ref, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("tree, rows_in_a_pool, splits", [(False, False, None), (True, False, None),
-                                                          (False, True, None), (True, True, None),
-                                                          (False, False, 3)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
-def test_float8_keys_and_values(tree, rows_in_a_pool, splits, dtype):
-    """A draft's cache in float8 e4m3 (kvcache.DRAFT_CACHE_DTYPE): the kernel converts each
-    tile as it loads, so it matches the reference over the same rounded keys and values;
-    rows in one shared pool (row_start) too."""
-    B, T, H, KV, hd, S = 3, 5, 4, 2, 32, 60
-    q, k_cache, v_cache, lengths, tree_mask = make_inputs(B, T, H, KV, hd, S, dtype, tree, seed=5)
-    k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
-    row_start = None
-    if rows_in_a_pool:  # row b's keys start 9 * b slots into one pool (stride 0 over rows)
-        pool = [torch.randn(KV, 3 * S, hd).to(DEVICE).to(torch.float8_e4m3fn) for _ in range(2)]
-        k8, v8 = (p[None].expand(B, *p.shape) for p in pool)
-        row_start = torch.tensor([0, 9, 18], device=DEVICE)
-    ref = verify_attention_ref(q, k8, v8, lengths, tree_mask, row_start=row_start)
-    out = torch.full_like(q, float("nan"))
-    verify_attention(q, k8, v8, lengths, tree_mask, out=out, num_splits=splits, row_start=row_start)
-    assert rel_err(out, ref) < TOL[dtype]
-    assert rel_err(verify_attention(q, k8, v8, lengths, tree_mask, row_start=row_start), ref) < TOL[dtype]
-
-
 @pytest.mark.parametrize("q_registers,hd", [(False, 32), (True, 32), (True, 48)])
 @pytest.mark.parametrize("T,positions0,dtype", [(1, (5, 30), torch.float32), (5, (0, 17), torch.float16),
                                                   (5, (349, 600), torch.float32), pytest.param(

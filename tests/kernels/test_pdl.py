@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (kernels.pdl_launch, KernelOptions.pdl): the decode step's
+"""Programmatic dependent launch (kernels.launch.pdl_launch, KernelOptions.pdl): the decode step's
 kernels launched so that each one's setup overlaps the last one's tail, each program waiting
 for the launch before it before it reads. On the CPU: plain launches whatever is asked; on a
 GPU (Hopper: `gpu` marker) a decode step and a chain of dependent products give the same
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import DEVICE, gpu
 
-from specoff import kernels
+from specoff.kernels import launch as kernels
 from specoff.kernels import skinny
 from specoff.options import KernelOptions
 

@@ -134,7 +134,7 @@ def test_rope_tables_are_the_decoders(B, T, hd, dtype):
     the GPU bit for bit the decoder's torch ops (libdevice's cosf / sinf are torch's); in the
     interpreter (numpy's functions) within an fp32 rounding or two. Positions up to 40000."""
     from specoff.config import ModelConfig
-    from specoff.models.decoder import rope_inv_freq
+    from specoff.config import rope_inv_freq
 
     cfg = ModelConfig.from_dict(dict(model_type="llama", hidden_size=hd * 4, num_attention_heads=4,
                                      num_key_value_heads=2, intermediate_size=64, num_hidden_layers=1,

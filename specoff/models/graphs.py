@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from .kvcache import KVCache
+from ..kvcache import KVCache
 
 
 class LayerGraphs:
