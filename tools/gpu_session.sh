@@ -52,27 +52,23 @@
 #                (164), PROMPTS prompts (200), NEW tokens (8)): where the round's time goes,
 #                per CUDA stream
 #   overlap      tree throughput runs timed with the draft's prefill of refills after the
-#                target's pass and under it on its own stream (spec.tree.DRAFT_PREFILL_STREAM)
+#                target's pass and under it on its own stream (spec.draft_prefill_stream)
 #   growth       tree throughput runs timed at each GROWTH (default 512,1024,2048) cap on the
-#                nodes a growth pass expands over all rows (spec.tree.GROWTH_TOKENS)
+#                nodes a growth pass expands over all rows (spec.growth_tokens)
 #   segments     tree throughput runs (HumanEval x3, 32 tokens, up to 256 rows) with the draft's
-#                cache dense and in row segments (spec.tree.SEGMENT_DRAFT_CACHE off / auto)
+#                cache dense and in row segments (cache.segment_draft_cache off / auto)
 #   chain-segments  chain runs (one group, γ=4, HumanEval x2, 32 tokens, up to 256 rows) with
-#                the draft's cache dense and in row segments (spec.pipeline.SEGMENT_DRAFT_CACHE)
+#                the draft's cache dense and in row segments (cache.segment_draft_cache)
 #   host-segments  the target's host cache dense or in row segments streamed as a pool: tree
-#                runs (spec.tree.SEGMENT_TARGET_CACHE; HumanEval x2) and one offload-only batch
-#                of up to 512 rows (engine.SEGMENT_HOST_CACHE; x3), 16 tokens, off / auto, ABAB
-#   plain-rows   tree runs (HumanEval x3, 32 tokens, up to 256 rows) without and with PLAIN
-#                (default 200) rows the target alone serves beside the trees (spec.tree.PLAIN_ROWS)
+#                runs (cache.segment_target_cache; HumanEval x2) and one offload-only batch
+#                of up to 512 rows (cache.segment_host_cache; x3), 16 tokens, off / auto, ABAB
 #   tree-tests   the GPU tests of tree mode and of the attention kernel's row offsets
 #   host-ahead   issue 4's (c) with the target's host cache copied on the compute stream or a
 #                layer ahead on its own (cache.host_cache_ahead 0 / 1), ABAB
 #   joint-tail   issue 4's (c) with the tail's groups in a pass each or one pass for both
-#                (spec.pipeline.JOINT_TAIL off / on), ABAB; GAMMA, ROWS, PROMPTS, NEW
+#                (spec.joint_tail off / on), ABAB; GAMMA, ROWS, PROMPTS, NEW
 #   syncs        issue 4's (c) with torch's CUDA sync debugging: the host's waits for the device
 #                by the specoff lines that called them (GAMMA, ROWS, PROMPTS, NEW)
-#   fp8-cache    tree runs over 2048-token prompts with the draft's cache in bf16 or float8
-#                (kvcache.DRAFT_CACHE_DTYPE off / fp8), ABAB: rows a pass, acceptance, tokens/s
 #   moe-tma      the fused MoE's descriptor (TMA) launches: their GPU tests, the tuner with
 #                both layouts competing at TOKENS (default 1280 256; configs written into
 #                specoff/kernels/configs and copied to $OUT/moe-configs), then the MoE rows of
@@ -87,7 +83,7 @@
 # SIGMA (default 0.01583, α ≈ 0.7), LIMIT (seconds per bench step, default 540), TREE and ROWS
 # (the most rows of the throughput steps, default 164; 256 lets tree mode's plan take the
 # rows its segmented draft cache holds: 222 at 24 GiB) may be set; EXTRA is added to every bench command (EXTRA=--tiny: a CPU smoke run of the
-# steps; EXTRA="--plain-rows 0,200": tree runs without and with plain rows; EXTRA="--draft-quant
+# steps; EXTRA="--draft-quant
 # none,fp8": the speculative engines with a bf16 and a float8 draft; PP_EXTRA is added to every tools/profile_pass.py
 # command, e.g. PP_EXTRA="--draft-quant fp8"). A call runs at most 10 minutes: pick steps
 # whose limits fit. At most 8 files come back from the machine's $OUT (a bench step writes
@@ -150,7 +146,7 @@ for step in "$@"; do
             limit=${LIMIT_GIVEN:-0}
             n=0
             # each run gets only its row's settings (EXTRA, e.g. --tiny, passes through)
-            ( unset ENGINES NEW PROMPTS ROWS TREE TREES LONG BUDGETS PAIR GAMMA SIGMA OFFLOAD PLAIN
+            ( unset ENGINES NEW PROMPTS ROWS TREE TREES LONG BUDGETS PAIR GAMMA SIGMA OFFLOAD
             while IFS='|' read -r name vars sub; do
                 [ -z "$name" ] && continue
                 n=$((n + 1))
@@ -255,50 +251,37 @@ ROWS
         growth)  # tree throughput runs timed at each cap on a growth pass's nodes (ABAB)
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 164 --prompts 164 --humaneval --new-tokens 16 --json "$OUT/growth.json" \
-                --compare "spec.tree.GROWTH_TOKENS=${GROWTH:-512,1024,2048}" 2>&1 | grep -v USDT \
+                --compare "spec.growth_tokens=${GROWTH:-512,1024,2048}" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/growth.log" | tail -8 ;;
         overlap)  # tree throughput runs with the draft's refill prefill after / under the pass
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 164 --prompts 328 --humaneval --new-tokens 16 --json "$OUT/overlap.json" \
-                --compare "spec.tree.DRAFT_PREFILL_STREAM=0,1" 2>&1 | grep -v USDT \
+                --compare "spec.draft_prefill_stream=off,on" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/overlap.log" | tail -8 ;;
         segments)  # the draft's cache dense or in row segments (more rows in the budget)
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 256 --prompts 492 --humaneval --new-tokens 32 --json "$OUT/segments.json" \
-                --compare "spec.tree.SEGMENT_DRAFT_CACHE=off,auto" 2>&1 | grep -v USDT \
+                --compare "cache.segment_draft_cache=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/segments.log" | tail -8 ;;
         chain-segments)  # chain's draft cache dense or in row segments (more rows in the budget)
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave off --draft-len 4 \
                 --rows 256 --prompts 328 --humaneval --new-tokens 32 --json "$OUT/chain-segments.json" \
-                --compare "spec.pipeline.SEGMENT_DRAFT_CACHE=off,auto" 2>&1 | grep -v USDT \
+                --compare "cache.segment_draft_cache=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/chain-segments.log" | tail -8 ;;
         host-segments)  # the target's host cache streamed as row segments (tree, then plain)
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
                 --rows 256 --prompts 328 --humaneval --new-tokens 16 --json "$OUT/host-segments-tree.json" \
-                --compare "spec.tree.SEGMENT_TARGET_CACHE=off,auto" 2>&1 | grep -v USDT \
+                --compare "cache.segment_target_cache=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/host-segments.log" | tail -4
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --offload-only --rows 512 --prompts 492 \
                 --humaneval --new-tokens 16 --json "$OUT/host-segments-plain.json" \
-                --compare "engine.SEGMENT_HOST_CACHE=off,auto" 2>&1 | grep -v USDT \
+                --compare "cache.segment_host_cache=off,auto" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/host-segments.log" | tail -4 ;;
-        plain-rows)  # tree runs with rows the target alone serves beside the trees (ABAB)
-            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
-                --rows 256 --prompts 492 --humaneval --new-tokens 32 --json "$OUT/plain-rows.json" \
-                --compare "spec.tree.PLAIN_ROWS=0,${PLAIN:-200}" 2>&1 | grep -v USDT \
-                | tee -a "$OUT/plain-rows.log" | tail -8 ;;
         fp8-kernel)  # the float8-weight product: kernel vs dequantizing vs bf16 (pytest-benchmark,
                      # the draft's three shapes at 1-512 rows)
             timeout 150 python -m pytest -q --benchmark-only --benchmark-columns=median \
                 --benchmark-sort=name tests/benchmarks/test_bench_kernels.py -k fp8_linear 2>&1 \
                 | tee -a "$OUT/fp8-kernel.log" | tail -45 ;;
-        fp8-cache)  # tree runs over long prompts (LONG tokens, default 2048; PROMPTS 96, ROWS
-                    # 164, NEW 32) with the draft's cache in bf16 / float8 (ABAB): rows and
-                    # acceptance (kvcache.DRAFT_CACHE_DTYPE); PP_EXTRA="--draft-quant fp8" too
-            timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec tree --tree-budget "${TREE:-16}" \
-                --rows "${ROWS:-164}" --prompts "${PROMPTS:-96}" --prompt-len "${LONG:-2048}" \
-                --new-tokens "${NEW:-32}" --json "$OUT/fp8-cache.json" \
-                --compare "kvcache.DRAFT_CACHE_DTYPE=off,fp8" 2>&1 \
-                | grep -v USDT | tee -a "$OUT/fp8-cache.log" | tail -8 ;;
         tree-tests)
             timeout 200 python -m pytest -q -m gpu tests/test_tree.py 2>&1 | tee -a "$OUT/tests.log" | tail -3
             timeout 100 python -m pytest -q tests/kernels/test_attention.py -k "shared_pool" 2>&1 \
@@ -319,7 +302,7 @@ ROWS
             timeout "$LIMIT" python tools/profile_pass.py ${PP_EXTRA:-} --spec chain --interleave on \
                 --draft-len "${GAMMA:-4}" --rows "${ROWS:-246}" --prompts "${PROMPTS:-328}" --humaneval \
                 --new-tokens "${NEW:-16}" --json "$OUT/joint-tail.json" \
-                --compare "spec.pipeline.JOINT_TAIL=off,on" 2>&1 | grep -v USDT \
+                --compare "spec.joint_tail=off,on" 2>&1 | grep -v USDT \
                 | tee -a "$OUT/joint-tail.log" | tail -8 ;;
         syncs)  # issue 4's (c): the host's waits for the device, by the specoff lines that
                 # called them (torch's sync debugging; a round means one per group, in _commit)
@@ -333,7 +316,7 @@ ROWS
                 --new-tokens "${NEW:-16}" --json "$OUT/profile-chain.json" \
                 2>&1 | grep -v USDT | tee -a "$OUT/profile-chain.log" | tail -30 ;;
         *)
-            echo "unknown step $step (readme, tests, tree-tests, interactive, interactive4, throughput, peers, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, syncs, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, plain-rows, fp8-kernel, fp8-cache)" >&2
+            echo "unknown step $step (readme, tests, tree-tests, interactive, interactive4, throughput, peers, throughput-max, tree-throughput, issue3, issue4, issue4-full, issue4-auto, pair, long, sweep-budget, kernels, kernel-goals, profile-tree, profile-chain, syncs, host-ahead, joint-tail, growth, overlap, segments, chain-segments, host-segments, fp8-kernel, skinny, draft-profile, moe-tma)" >&2
             exit 2 ;;
     esac
 done
