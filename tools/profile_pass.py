@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import specoff  # noqa: E402
+from bench import humaneval_prompts  # noqa: E402  tools/bench.py, beside this file
 from specoff.kernels import compiled_kernels  # noqa: E402
 from specoff.options import EngineOptions, OptionsError  # noqa: E402
 from specoff.bench.synthetic import MIXTRAL_8X7B, dense_of, pair_configs, upcycled_pair  # noqa: E402
@@ -228,7 +229,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     n = args.prompts or args.rows + args.rows // 4
     if args.humaneval:
-        from bench import humaneval_prompts  # tools/bench.py, beside this file
         prompts = humaneval_prompts(n, vocab)
     else:
         prompts = torch.randint(3, vocab, (n, args.prompt_len), generator=gen).tolist()
