@@ -5,10 +5,13 @@ that the target verifies many at a time (SpecOffload, arXiv 2505.10259; SpecExec
 arXiv 2406.02532).
 """
 from .config import ModelConfig, UnsupportedModelError
-from .engine import LLM, GenerationStats, RequestOutput
+from .engine import LLM
+from .options import CacheOptions, EngineOptions, KernelOptions, OptionsError, SpecOptions
+from .outputs import GenerationStats, RequestOutput
 from .sampling import SamplingParams
 from .weights import CheckpointError, load_model, load_tokenizer
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "GenerationStats", "ModelConfig",
+           "EngineOptions", "SpecOptions", "CacheOptions", "KernelOptions", "OptionsError",
            "load_model", "load_tokenizer", "CheckpointError", "UnsupportedModelError"]
 __version__ = "0.1.0"

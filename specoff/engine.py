@@ -11,9 +11,8 @@ import dataclasses
 import itertools
 import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -23,6 +22,7 @@ from .kvcache import KVCache, SegmentKVCache
 from .models.passes import row_chunk
 from .offload import build_offloaded
 from .options import EngineOptions
+from .outputs import GenerationStats, RequestOutput
 from .planner import (BudgetError, Plan, TreeBudgetTuner, chain_groups as predict_chain_groups,
                       cost_at_budget, expected_tree_rates, load_profile, parse_bytes,
                       plan_run, plan_weights, predict_draft_prefill, predict_pass,
@@ -57,6 +57,22 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _check_options(options: EngineOptions, has_draft: bool) -> None:
+    """Refuse, before anything loads, options that cannot run: one clear error each."""
+    spec = options.spec
+    if spec.mode is not None and not has_draft:
+        raise ValueError(f"spec={spec.mode!r} needs a draft model: pass draft=DIR")
+    if options.draft_quant is not None and not has_draft:
+        raise ValueError(f"draft_quant={options.draft_quant!r} needs a draft model: pass draft=DIR")
+    if options.max_rows < 1 or options.prefill_chunk < 1 or options.ring_slots < 1:
+        raise ValueError("max_rows, prefill_chunk and ring_slots must be positive")
+    if spec.draft_len is not None and not 1 <= spec.draft_len <= MAX_DRAFT_LEN:
+        raise ValueError(f"draft_len must be between 1 and {MAX_DRAFT_LEN} (or None: "
+                         f"adaptive), not {spec.draft_len}")
+    if spec.tree_budget != "auto" and not 1 <= spec.tree_budget <= 2048:
+        raise ValueError(f"tree_budget must be between 1 and 2048, or 'auto', not {spec.tree_budget!r}")
+
+
 def check_same_tokenizer(target_tok, draft_tok) -> None:
     """A draft must map text to the target's token ids; its vocabulary may be a prefix of the
     target's (e.g. padded embeddings on one side)."""
@@ -75,141 +91,6 @@ def default_budget(device) -> int:
     """All the device memory that is free now, less 1 GiB of margin."""
     free, _ = torch.cuda.mem_get_info(device)
     return max(free - (1 << 30), 0)
-
-
-@dataclass
-class RequestOutput:
-    prompt_token_ids: List[int]
-    token_ids: List[int]
-    text: str
-    finish_reason: str  # "stop" (an EOS token) or "length" (max_new_tokens)
-
-
-@dataclass
-class GenerationStats:
-    """Figures of the last `generate` call. Only returned tokens are counted."""
-    rows: int = 0
-    tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    prefill_passes: int = 0
-    decode_passes: int = 0  # target passes after prefill
-    plan: Optional[dict] = None
-    predicted_pass_seconds: Optional[float] = None
-    predicted_prefill_seconds: Optional[float] = None
-    bytes_streamed: int = 0  # host→device weight bytes over the whole run
-    peak_gpu_bytes: int = 0
-    acceptance_rate: Optional[float] = None  # accepted draft tokens / proposed
-    # Per-position acceptance α (the E(α, γ) formula's): accepted / (accepted + rejections),
-    # a rejection being a row that kept fewer drafts than it was offered. accepted / proposed
-    # counts the drafts after a rejection as refused too, and so reads low.
-    token_acceptance: Optional[float] = None
-    tokens_per_pass: Optional[float] = None  # tokens a row emits per target pass, on average
-    draft_hidden_fraction: Optional[float] = None  # of draft time, the part under target passes
-    # From the plan (and α): plain and chain runs count this workload's passes (prefill
-    # included; chain: speculation.chain.chain_passes, tail and all; every row to max_new_tokens),
-    # tree mode gives the steady state.
-    predicted_tokens_per_second: Optional[float] = None
-    predicted_passes: Optional[int] = None
-    groups: int = 1
-    rows_per_group: int = 0
-    draft_len: Optional[int] = None  # γ at the end of the run (it adapts)
-    tree_budget: Optional[int] = None  # nodes per row per tree (tree mode; "auto": the choice)
-    tree_budgets: Optional[List[int]] = None  # tree mode: each round's budget, in order
-    tree_scores: Optional[str] = None  # tree mode: "learned" or "draft" node ranking
-    # Tree mode, per budget tried: rounds, tokens_per_pass (per row), pass_seconds, grow_seconds.
-    tree_curve: Optional[List[dict]] = None
-    target_seconds: float = 0.0  # device time of speculative target passes
-    draft_seconds: float = 0.0  # device time of drafting (tree mode: growing the trees)
-    # chain: the part of draft_seconds spent prefilling new prompts in the draft (device time
-    # of the draft stream, including waits for the host to issue it)
-    draft_prefill_seconds: float = 0.0
-    # chain: the draft's work a round as the planner sees it (γ+1 steps at their measured
-    # time, plus the prefill of new prompts predicted from its FLOPs)
-    predicted_draft_seconds: Optional[float] = None
-    round_seconds: float = 0.0  # wall time of the rounds that had drafting
-    rounds: int = 0  # rounds that had drafting
-    draft_hidden_seconds: float = 0.0  # draft time that overlapped a target pass
-    # chain: the draft time that did not, by the kind of pass it was timed with: "first"
-    # (the first pass: the first group's draft runs before it), "interleaved" (the other
-    # group's draft beside the pass), "joint" (JOINT_TAIL: both drafts before it), "serial"
-    # (one group: its draft between passes)
-    draft_exposed_seconds: Dict[str, float] = field(default_factory=dict)
-    proposed: int = 0
-    accepted: int = 0
-    row_passes: int = 0  # (row, target pass) pairs that verified drafts
-    rejections: int = 0  # of those, the ones that kept fewer drafts than offered
-    accepted_histogram: Optional[List[int]] = None  # [k]: row passes that accepted k drafts
-    # Tree mode: the same per request (in the order of the requests that had a pass)
-    request_histograms: Optional[List[List[int]]] = None
-    tail_merges: int = 0  # times the two row groups became one at the end of a workload
-    joint_passes: int = 0  # chain passes that verified both groups at the tail (JOINT_TAIL)
-    speculated: bool = False  # the call ran speculation (generate's speculate, or the planner's choice)
-    speculation_note: Optional[str] = None  # why the planner ran the target alone (speculate=None)
-    # Draft cache in row segments: times a free row found no room for a waiting prompt
-    segment_waits: int = 0
-    # After a speculative run: the planner's figure for the target alone batching the same
-    # prompts (a big queue of short answers can favour it)
-    predicted_plain_tokens_per_second: Optional[float] = None
-    # Tree mode: seconds its growth spent capturing CUDA graphs (inside draft_seconds and the
-    # run's time: a new draft cache each call captures anew)
-    graph_capture_seconds: float = 0.0
-    # Steady state, every row busy: the returned tokens and wall time of the passes (chain:
-    # rounds whose group had a request on every row; plain: whole batches of the plan's rows,
-    # prefill included). A workload's first wave and its tail of half-empty passes fall
-    # outside, so this is the rate a queue of thousands of prompts would see.
-    steady_tokens: int = 0
-    steady_seconds: float = 0.0
-    options: Optional[dict] = None  # the EngineOptions the call ran with
-
-    def count_verified(self, proposed: int, accepted: int) -> None:
-        """One row's drafts checked by one target pass: `accepted` of `proposed` kept."""
-        self.proposed += proposed
-        self.accepted += accepted
-        self.rejections += accepted < proposed
-        self.row_passes += 1
-        histogram = self.accepted_histogram = self.accepted_histogram or []
-        histogram.extend([0] * (accepted + 1 - len(histogram)))
-        histogram[accepted] += 1
-
-    def expose(self, kind: str, seconds: float) -> None:
-        """Draft time no target pass hid, timed with a pass of this kind."""
-        self.draft_exposed_seconds[kind] = self.draft_exposed_seconds.get(kind, 0.0) + seconds
-
-    def position_acceptance(self) -> float:
-        """Per-position α so far (see token_acceptance)."""
-        return self.accepted / max(self.accepted + self.rejections, 1)
-
-    def finalize(self) -> None:
-        if self.proposed:
-            self.acceptance_rate = self.accepted / self.proposed
-            self.token_acceptance = self.position_acceptance()
-            self.tokens_per_pass = (self.accepted + self.row_passes) / self.row_passes
-        if self.draft_seconds and self.rounds:
-            self.draft_hidden_fraction = self.draft_hidden_seconds / self.draft_seconds
-        elif self.draft_seconds:
-            self.draft_hidden_fraction = 0.0  # serial: nothing ran beside the target
-
-    @property
-    def measured_pass_seconds(self) -> float:
-        """Mean wall time of one decode pass."""
-        return self.decode_seconds / self.decode_passes if self.decode_passes else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Returned tokens over the whole run's time (prefill + decode)."""
-        total = self.prefill_seconds + self.decode_seconds
-        return self.tokens / total if total > 0 else 0.0
-
-    @property
-    def steady_tokens_per_second(self) -> Optional[float]:
-        """Returned tokens a second while every row was busy (None: no such pass)."""
-        return self.steady_tokens / self.steady_seconds if self.steady_seconds > 0 else None
-
-    def to_dict(self) -> dict:
-        return dict(asdict(self), tokens_per_second=self.tokens_per_second,
-                    measured_pass_seconds=self.measured_pass_seconds,
-                    steady_tokens_per_second=self.steady_tokens_per_second)
 
 
 def _plain_prediction(plan: Plan, prompts: int, new_tokens: int):
@@ -245,60 +126,73 @@ class LLM:
 
     def __init__(self, target, draft=None, *, options: Optional[EngineOptions] = None, **fields):
         options = (options or EngineOptions()).replace(**fields)
-        spec = options.spec
-        if spec.mode is not None and draft is None:
-            raise ValueError(f"spec={spec.mode!r} needs a draft model: pass draft=DIR")
-        if options.draft_quant is not None and draft is None:
-            raise ValueError(f"draft_quant={options.draft_quant!r} needs a draft model: pass draft=DIR")
-        if options.max_rows < 1 or options.prefill_chunk < 1 or options.ring_slots < 1:
-            raise ValueError("max_rows, prefill_chunk and ring_slots must be positive")
-        if spec.draft_len is not None and not 1 <= spec.draft_len <= MAX_DRAFT_LEN:
-            raise ValueError(f"draft_len must be between 1 and {MAX_DRAFT_LEN} (or None: "
-                             f"adaptive), not {spec.draft_len}")
-        if spec.tree_budget != "auto" and not 1 <= spec.tree_budget <= 2048:
-            raise ValueError(f"tree_budget must be between 1 and 2048, or 'auto', not {spec.tree_budget!r}")
+        _check_options(options, draft is not None)
+        self.options = options
         self.device = default_device(options.device)
         self.dtype = parse_dtype(options.dtype) or (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         # "auto" budgets go up to tree_budget_max; on a CPU a pass costs in proportion to
-        # its tokens, so big trees never pay there.
-        tree_budget_max = spec.tree_budget_max or (1024 if self.device.type == "cuda" else 64)
-        if not 1 <= tree_budget_max <= 2048:
-            raise ValueError(f"tree_budget_max must be between 1 and 2048, not {tree_budget_max}")
-        self.options = options
-        self.tree_budget_max = tree_budget_max  # halved below while one row's tree does not fit
+        # its tokens, so big trees never pay there. Halved below while one row's tree does
+        # not fit the budget.
+        self.tree_budget_max = options.spec.tree_budget_max or (
+            1024 if self.device.type == "cuda" else 64)
+        if not 1 <= self.tree_budget_max <= 2048:
+            raise ValueError(f"tree_budget_max must be between 1 and 2048, not {self.tree_budget_max}")
+        self._tree_acceptance = None
+        self._tree_tuners = {}  # (rows per pass, budget ladder) → TreeBudgetTuner
+        self._spec_tokens_per_pass = None  # the last speculative throughput call's (choose_speculation)
+        self.last_plan_pass_seconds = None
+        target, draft = self._read_configs(target, draft)
+        self.weight_plan = self._plan_weights()
+        self._load_models(target, draft)
+        self._apply_options()
+        self.eos_token_ids = self._eos_ids()
+        self.last_stats = GenerationStats()
+        while True:  # refuse a bad kv_placement or a budget that fits no run now
+            try:
+                self.plan(1, 1, 1)
+                break
+            except BudgetError:
+                # Auto tree budgets stop where one row's tree no longer fits.
+                if (options.spec.tree_budget != "auto" or self.spec_mode(1) != "tree"
+                        or self.draft_config is None or self.tree_budget_max <= 16):
+                    raise
+                self.tree_budget_max //= 2
+
+    def _read_configs(self, target, draft):
+        """The models' configs and the target's tokenizer, read before any weight loads (a
+        draft must speak the target's tokens); returns (target, draft) as SyntheticModels
+        or folders. A ModelConfig stands for seeded random weights of that shape."""
+        seed = self.options.seed
         if isinstance(target, ModelConfig):
-            # A model of this shape with seeded random weights (benchmarks at real size).
-            target = SyntheticModel(target, random_source(target, options.seed, self.device))
+            target = SyntheticModel(target, random_source(target, seed, self.device))
         if isinstance(draft, ModelConfig):
-            draft = SyntheticModel(draft, random_source(draft, options.seed + 1, self.device))
+            draft = SyntheticModel(draft, random_source(draft, seed + 1, self.device))
         if isinstance(target, SyntheticModel):
             self.path, self.config, self.tokenizer = None, target.config, None
-            source = target.source
         else:
             self.path = Path(target)
             self.config = ModelConfig.from_hf(self.path)  # fails early on an unsupported family
             self.tokenizer = load_tokenizer(self.path)
-            source = checkpoint_source(self.path, self.config)
         self.draft_config = self.draft_model = None
         if draft is not None:
-            # Checked before any weights load: a draft must speak the target's tokens.
             if isinstance(draft, SyntheticModel):
                 self.draft_config, draft_tok = draft.config, None
             else:
                 self.draft_config = ModelConfig.from_hf(draft)
                 draft_tok = load_tokenizer(draft)
             check_same_tokenizer(self.tokenizer, draft_tok)
-            check_weight_quant(self.draft_config, options.draft_quant)
+            quant = self.options.draft_quant
+            check_weight_quant(self.draft_config, quant)
             # The plan counts the draft as it will be stored.
-            self.draft_config = dataclasses.replace(self.draft_config,
-                                                    weight_quant=options.draft_quant)
-        self._tree_acceptance = None
-        self._tree_tuners = {}  # (rows per pass, budget ladder) → TreeBudgetTuner
-        self._spec_tokens_per_pass = None  # the last speculative throughput call's (choose_speculation)
-        self.last_plan_pass_seconds = None
-        self.profile = None
-        budget = None
+            self.draft_config = dataclasses.replace(self.draft_config, weight_quant=quant)
+        return target, draft
+
+    def _plan_weights(self) -> Plan:
+        """Where the target's weights go under the GPU budget (the hardware profile measured
+        on first use), leaving room for the rows and trees the options ask for."""
+        options, spec = self.options, self.options.spec
+        self.profile = budget = None
         if self.device.type == "cuda":
             budget = (default_budget(self.device) if options.gpu_memory is None
                       else parse_bytes(options.gpu_memory))
@@ -313,46 +207,39 @@ class LLM:
         reserve = 0 if budget is None else weight_reserve(
             self.config, self.dtype, budget, max_rows, self.draft_config,
             tree_rows=tree_rows, tree_nodes=self.tree_capacity_for(max(tree_rows, 1)) + 1)
-        self.weight_plan = plan_weights(self.config, self.dtype, budget, offload=options.offload,
-                                        reserve=reserve, ring_slots=options.ring_slots,
-                                        ring_pieces=options.ring_pieces)
+        return plan_weights(self.config, self.dtype, budget, offload=options.offload,
+                            reserve=reserve, ring_slots=options.ring_slots,
+                            ring_pieces=options.ring_pieces)
+
+    def _load_models(self, target, draft) -> None:
+        """The target as the weight plan places it (streamed from a pinned host store or
+        resident), the draft resident (its norms folded, then quantized, as the options say)."""
+        options, plan = self.options, self.weight_plan
+        synthetic = isinstance(target, SyntheticModel)
+        source = target.source if synthetic else checkpoint_source(self.path, self.config)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if self.weight_plan.offload:
+        self.load_report = None
+        if plan.offload:
             self.model, self.load_report = build_offloaded(
-                self.config, source, self.device, self.dtype,
-                ring_slots=self.weight_plan.ring_slots,
-                resident_attention=self.weight_plan.resident_attention,
-                resident_layers=self.weight_plan.resident_layers,
-                ring_pieces=self.weight_plan.ring_pieces)
+                self.config, source, self.device, self.dtype, ring_slots=plan.ring_slots,
+                resident_attention=plan.resident_attention,
+                resident_layers=plan.resident_layers, ring_pieces=plan.ring_pieces)
         else:
             self.model = load_model(self.path, self.device, self.dtype, source=source,
                                     config=self.config)
-            self.load_report = None
         self.model.use_graphs = options.cuda_graphs and self.device.type == "cuda"
-        if draft is not None:
-            synthetic = isinstance(draft, SyntheticModel)
-            self.draft_model = load_model(None if synthetic else draft, self.device, self.dtype,
-                                          source=draft.source if synthetic else None,
-                                          config=self.draft_config)
-            if options.kernels.fold_draft_norms:  # before any quantisation: plain products only
-                self.draft_model.fold_norms()
-            if options.draft_quant is not None:
-                quantize_linears(self.draft_model, options.draft_quant)
-            self.draft_model.use_graphs = self.model.use_graphs
-        self._apply_options()
-        self.eos_token_ids = self._eos_ids()
-        self.last_stats = GenerationStats()
-        while True:  # refuse a bad kv_placement or a budget that fits no run now
-            try:
-                self.plan(1, 1, 1)
-                break
-            except BudgetError:
-                # Auto tree budgets stop where one row's tree no longer fits.
-                if (spec.tree_budget != "auto" or self.spec_mode(1) != "tree"
-                        or self.draft_config is None or self.tree_budget_max <= 16):
-                    raise
-                self.tree_budget_max //= 2
+        if draft is None:
+            return
+        synthetic = isinstance(draft, SyntheticModel)
+        self.draft_model = load_model(None if synthetic else draft, self.device, self.dtype,
+                                      source=draft.source if synthetic else None,
+                                      config=self.draft_config)
+        if options.kernels.fold_draft_norms:  # before any quantisation: plain products only
+            self.draft_model.fold_norms()
+        if options.draft_quant is not None:
+            quantize_linears(self.draft_model, options.draft_quant)
+        self.draft_model.use_graphs = self.model.use_graphs
 
     # Options that shape what was built: changing them needs a new LLM.
     _BUILT_BY = ("device", "dtype", "gpu_memory", "offload", "ring_slots", "ring_pieces",

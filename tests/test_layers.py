@@ -10,7 +10,7 @@ PACKAGE = ROOT / "specoff"
 
 # Lowest first: a module may import its own layer's modules (no cycle) and the ones below.
 LAYERS = [
-    ("base", ["specoff.options", "specoff.config", "specoff.hostmem"]),
+    ("base", ["specoff.options", "specoff.config", "specoff.hostmem", "specoff.outputs"]),
     ("kernels", ["specoff.kernels"]),
     # the decoder allocates and writes caches: kvcache sits with the models
     ("models", ["specoff.models", "specoff.kvcache", "specoff.sampling", "specoff.quant"]),

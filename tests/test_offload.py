@@ -115,11 +115,10 @@ def test_a_store_the_host_cannot_hold_is_refused_before_loading(make_checkpoint,
     """An offloaded target whose layers do not fit the host's free memory (Mixtral 8x22B's
     281 GB on a 128 GiB host) fails at once with the sizes and the fix, before the store is
     allocated; the CLI prints it (a BudgetError)."""
-    from specoff import kvcache
     from specoff.planner import BudgetError, HostMemoryError
 
     path = make_checkpoint("mixtral", layers=2)
-    monkeypatch.setattr(kvcache, "available_host_bytes", lambda: 1000)
+    monkeypatch.setattr(specoff.offload, "available_host_bytes", lambda: 1000)
     allocated = []
     monkeypatch.setattr(specoff.offload, "HostStore",
                         lambda *a, **k: allocated.append(a) or pytest.fail("allocated"))
@@ -127,7 +126,7 @@ def test_a_store_the_host_cannot_hold_is_refused_before_loading(make_checkpoint,
         specoff.LLM(path, device="cpu", offload=True)
     assert not allocated and issubclass(HostMemoryError, BudgetError)
     monkeypatch.undo()
-    monkeypatch.setattr(kvcache, "available_host_bytes", lambda: None)  # the system does not say
+    monkeypatch.setattr(specoff.offload, "available_host_bytes", lambda: None)  # the system does not say
     assert specoff.LLM(path, device="cpu", offload=True).model.store.nbytes > 1000
 
 
@@ -351,30 +350,3 @@ def test_a_config_alone_gives_seeded_random_weights():
     assert a[0].text == "" and c.tokenizer is None
     assert not torch.equal(c.model.layers[0].feed_forward.w13,
                            specoff.LLM(cfg, device="cpu", seed=3).model.layers[0].feed_forward.w13)
-
-
-@pytest.mark.gpu
-def test_gpu_an_idle_draft_parked_gives_its_memory_to_rows(make_checkpoint, tmp_path, monkeypatch):
-    """engine.PARK_IDLE_DRAFT "on": the target alone beside a loaded draft plans more rows
-    with the draft's weights in host memory, stays within budget, gives the target's tokens;
-    a speculative call after it brings the draft back (graphs recaptured) and is exact.
-    ("auto" parks the same way where that buys rows: test_spec.py checks when it does.)"""
-    from specoff import engine
-
-    prompts = PROMPTS * 4
-    draft, target, params, expect = _gpu_pair(tmp_path, prompts, 12)
-    budget = 1 << 30
-    llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
-                      gpu_memory=budget, kv_placement="host", max_rows=64)
-    idle_rows = llm.plan(len(prompts), 16, 12, speculate=False).rows_per_pass
-    monkeypatch.setattr(engine, "PARK_IDLE_DRAFT", "on")
-    parked_rows = llm.plan(len(prompts), 16, 12, speculate=False).rows_per_pass
-    assert parked_rows >= idle_rows
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    assert [o.token_ids for o in llm.generate(prompts, params, speculate=False)] == expect
-    assert llm.last_stats.draft_parked
-    assert all(not t.is_cuda for t in llm._draft_tensors())
-    assert torch.cuda.max_memory_allocated() - base <= budget
-    assert [o.token_ids for o in llm.generate(prompts, params, speculate=True)] == expect
-    assert all(t.is_cuda for t in llm._draft_tensors()) and llm.last_stats.proposed > 0

@@ -129,20 +129,16 @@ def test_gpu_fp8_products_are_close(rows):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["chain", "tree"])
-@pytest.mark.parametrize("kernel, cache", [(False, "off"), (True, "off"), (True, "fp8")])
-def test_gpu_speculation_with_an_fp8_draft(spec, kernel, cache, pairs, monkeypatch):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_gpu_speculation_with_an_fp8_draft(spec, kernel, pairs):
     """On the GPU a float8 draft's steps (CUDA graphs) dequantize or run the float8-weight
-    kernel inside the graphs, and with DRAFT_CACHE_DTYPE its cache is float8 too (the
-    attention kernels reading float8 tiles); exact, over more prompts than rows (refills)."""
-    from specoff import kvcache
-
-    monkeypatch.setattr(kvcache, "DRAFT_CACHE_DTYPE", cache)
+    kernel inside the graphs; exact, over more prompts than rows (refills)."""
     draft, target = pairs(0.3)
     params = specoff.SamplingParams(max_new_tokens=12)
     expect = [o.token_ids for o in specoff.LLM(target, device="cuda", dtype="float32").generate(PROMPTS, params)]
     llm = specoff.LLM(target, draft=draft, device="cuda", dtype="float32", offload=True,
-                      spec=spec, draft_quant="fp8", max_rows=3, kv_placement="host")
-    llm.draft_model.use_kernels(KernelOptions(fp8_weight_kernel=kernel))
+                      spec=spec, draft_quant="fp8", max_rows=3, kv_placement="host",
+                      fp8_weight_kernel=kernel)
     assert [o.token_ids for o in llm.generate(PROMPTS * 2, params)] == expect * 2
 
 
@@ -151,7 +147,7 @@ def test_a_pair_on_the_fp8_grid_proposes_alike_in_fp8():
     Fp8Linear stores (its dequantized weights equal them), the target is built from them, and
     an fp8 draft then proposes exactly what the bf16 one does (the same acceptance); the
     embeddings, head, norms and router are left as drawn."""
-    from specoff.synthetic import (TINY_PAIRS, on_fp8_grid, pair_configs, random_source,
+    from specoff.bench.synthetic import (TINY_PAIRS, on_fp8_grid, pair_configs, random_source,
                                    upcycled_pair)
 
     draft_hf, target_hf, _ = TINY_PAIRS["mixtral"]

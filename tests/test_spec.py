@@ -360,7 +360,7 @@ def test_in_memory_upcycled_pair():
 
 def test_token_acceptance_counts_only_the_first_rejection():
     """α per position (E(α, γ)'s): drafts after a row's first rejection are never judged."""
-    from specoff.engine import GenerationStats
+    from specoff.outputs import GenerationStats
 
     s = GenerationStats()
     s.count_verified(4, 4)  # all kept

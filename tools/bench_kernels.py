@@ -363,7 +363,7 @@ def bench_fused(hbm: float):
     A few hundred KB a launch: launch-bound, so the graph columns are the ones that count.
     """
     from specoff.config import ModelConfig
-    from specoff.synthetic import MISTRAL_7B
+    from specoff.bench.synthetic import MISTRAL_7B
 
     cfg = ModelConfig.from_dict(MISTRAL_7B)
     D, H, KV, hd, eps = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
@@ -436,7 +436,7 @@ def hbm_bandwidth_gbps(gib: int = 2) -> float:
 def draft_model():
     """Mistral-7B-shaped decoder on the GPU with seeded random bf16 weights (nothing read from disk)."""
     from specoff.config import ModelConfig
-    from specoff.synthetic import MISTRAL_7B, random_source
+    from specoff.bench.synthetic import MISTRAL_7B, random_source
     from specoff.weights import load_model
 
     cfg = ModelConfig.from_dict(MISTRAL_7B)

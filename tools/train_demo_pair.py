@@ -289,7 +289,7 @@ def train_phase(name: str, model, step_loss, val_metric, batches: Batches, sizes
         now = time.perf_counter()
         frac = max((now - start) / seconds if seconds > 0 else 1.0, tokens / max_tokens,
                    step / sizes.max_steps if sizes.max_steps else 0.0)
-        if frac >= 1:
+        if frac >= 1 and step > 0:  # every phase takes a step, however short its share
             break
         scale = min(1.0, (step + 1) / sizes.warmup_steps) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:

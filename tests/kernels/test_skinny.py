@@ -350,10 +350,8 @@ def test_speculation_with_the_decode_fusions_equals_target(spec, fold, pairs, mo
     import specoff
     from specoff.models import decoder
 
-    if not fold:  # the engine folds its draft's norms as the draft's default options say
-        monkeypatch.setattr(decoder.Transformer, "fold_norms", lambda self: 0)
     options = kernel_options(fused_elementwise=True, skinny_products=True, chain_attention=fold or DEVICE == "cuda",
-                             fused_rope_attention=fold)
+                             fused_rope_attention=fold, fold_draft_norms=fold)
     fused_steps = []
     real_rva = decoder.rope_verify_attention
     monkeypatch.setattr(decoder, "rope_verify_attention",
@@ -367,10 +365,10 @@ def test_speculation_with_the_decode_fusions_equals_target(spec, fold, pairs, mo
     params = specoff.SamplingParams(max_new_tokens=12 if DEVICE == "cpu" else 24, ignore_eos=True)
     expect = [o.token_ids for o in specoff.LLM(target, device=DEVICE, dtype="float32").generate(prompts, params)]
     kw = dict(spec="tree", tree_budget=8) if spec == "tree" else dict(draft_len=3)
-    llm = specoff.LLM(target, draft=draft, device=DEVICE, dtype="float32", max_rows=1, **kw)
+    llm = specoff.LLM(target, draft=draft, device=DEVICE, dtype="float32", max_rows=1,
+                      kernels=options, **kw)
     assert all(layer.folded == fold for layer in llm.draft_model.layers)
-    for model in (llm.model, llm.draft_model):
-        model.use_kernels(options)
+    assert llm.model.kernels is options and llm.draft_model.layers[0].attention.kernels is options
     assert [o.token_ids for o in llm.generate(prompts, params)] == expect
     assert calls and any(calls) == fold  # the kernel ran; normalising rows only in the folded draft
     assert bool(fused_steps) == fold
