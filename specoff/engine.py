@@ -481,7 +481,7 @@ class LLM:
         last_logits = model.prefill(ids.to(device), lens, cache, chunk,
                                     lengths_host=[len(r) for r in rows])
         stats.prefill_passes += 1
-        tokens = select(last_logits, params, generator)
+        tokens = select(last_logits, params, generator, self.options.kernels)
         _sync(device)
         t1 = time.perf_counter()
 
@@ -501,7 +501,7 @@ class LLM:
             logits = model(tokens[:, None], cache, kv_len=kv_len)[:, 0]
             cache.advance(1)
             stats.decode_passes += 1
-            tokens = select(logits, params, generator)
+            tokens = select(logits, params, generator, self.options.kernels)
             out[:, step] = tokens
             if not params.ignore_eos:
                 done |= torch.isin(tokens, eos)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .kernels.step import argmax_rows
+from .options import KernelOptions
 
 
 @dataclass
@@ -61,10 +62,11 @@ def sample_from(probs: torch.Tensor, generator: Optional[torch.Generator]) -> to
     return (probs / noise).argmax(dim=-1)
 
 
-def select(logits: torch.Tensor, params: SamplingParams,
-           generator: Optional[torch.Generator]) -> torch.Tensor:
-    """The next token of every row from its logits (..., V)."""
+def select(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator],
+           kernels: KernelOptions = KernelOptions()) -> torch.Tensor:
+    """The next token of every row from its logits (..., V); greedy through kernels.step's
+    argmax where `kernels` runs the step kernels."""
     if params.greedy:
-        return argmax_rows(logits)  # logits.argmax(dim=-1), one launch on a GPU
+        return argmax_rows(logits, enabled=kernels.step_kernels, interpret=kernels.interpret)
     return sample_from(logits_to_probs(logits, params.temperature, params.top_k, params.top_p),
                        generator)

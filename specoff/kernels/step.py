@@ -101,11 +101,11 @@ def embed_rows(ids: torch.Tensor, weight: torch.Tensor, *, interpret: bool = Fal
     return out.view(*ids.shape, D)
 
 
-def argmax_rows(x: torch.Tensor, *, interpret: bool = False) -> torch.Tensor:
-    """x.argmax(dim=-1) (int64, x's leading shape) in one launch where the kernels run (a
-    CUDA tensor, eager, a contiguous last dim; a CPU one with `interpret`); torch's argmax
-    elsewhere."""
-    if not (_usable(x, interpret) and x.dim() >= 1 and x.shape[-1] and x.stride(-1) == 1 and x.numel()
+def argmax_rows(x: torch.Tensor, *, enabled: bool = True, interpret: bool = False) -> torch.Tensor:
+    """x.argmax(dim=-1) (int64, x's leading shape) in one launch where the kernels run and
+    `enabled` (a CUDA tensor, eager, a contiguous last dim; a CPU one with `interpret`);
+    torch's argmax elsewhere."""
+    if not (enabled and _usable(x, interpret) and x.dim() >= 1 and x.shape[-1] and x.stride(-1) == 1 and x.numel()
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         return x.argmax(dim=-1)
     V = x.shape[-1]

@@ -15,16 +15,18 @@ import numpy as np
 import torch
 
 from ..kernels.step import argmax_rows
+from ..options import KernelOptions
 from ..planner import expected_tokens_per_pass
 from ..sampling import sample_from
 
 MAX_DRAFT_LEN = 8  # γ never exceeds this; caches and plans are sized for it
 
 
-def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
+                  kernels: KernelOptions = KernelOptions()) -> Tuple[torch.Tensor, torch.Tensor]:
     """draft_tokens (B, γ), target_logits (B, γ+1, V) → (accepted count (B,), next token (B,))."""
-    target = argmax_rows(target_logits)  # argmax(dim=-1): (B, γ+1)
+    target = argmax_rows(target_logits, enabled=kernels.step_kernels,  # argmax(dim=-1): (B, γ+1)
+                         interpret=kernels.interpret)
     match = (draft_tokens == target[:, :-1]).int()
     accepted = match.cumprod(dim=1).sum(dim=1)
     return accepted, target.gather(1, accepted[:, None])[:, 0]

@@ -280,7 +280,9 @@ class ChainScheduler:
                     break
                 logits = self._fit_vocab(logits)
                 if self.params.greedy:
-                    tokens = argmax_rows(logits)  # argmax(dim=-1), one launch on a GPU
+                    kernels = self.run_.options.kernels  # argmax(dim=-1), one launch on a GPU
+                    tokens = argmax_rows(logits, enabled=kernels.step_kernels,
+                                         interpret=kernels.interpret)
                 else:
                     q = logits_to_probs(logits, self.params.temperature, self.params.top_k,
                                         self.params.top_p)
@@ -405,7 +407,7 @@ class ChainScheduler:
             g.target_cache.lengths[rows] = lens - 1  # as if `last` were not yet cached
         logits = self.target.head(h)
         if self.params.greedy:
-            accepted, nxt = greedy_accept(g.draft_tokens, logits)
+            accepted, nxt = greedy_accept(g.draft_tokens, logits, self.run_.options.kernels)
         else:
             p = logits_to_probs(logits, self.params.temperature, self.params.top_k,
                                 self.params.top_p)

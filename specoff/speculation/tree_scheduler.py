@@ -273,7 +273,7 @@ class TreeScheduler:
         ids, lens, host = pad_prompts([self.requests[i].prompt for i in rows.serving], self.device)
         target, draft = self.run_.target, self.run_.draft
         last = select(target.prefill(ids, lens, self.tcache, self.chunk, lengths_host=host),
-                      self.params, self.generator)
+                      self.params, self.generator, self.run_.options.kernels)
         draft.prefill(self._draft_ids(ids), lens, self.dcache, self.chunk, lengths_host=host)
         self.stats.prefill_passes += 1
         for b, tok in enumerate(last.tolist()):  # once, after the first prefill
@@ -383,7 +383,7 @@ class TreeScheduler:
             drafted = _draft_prefill(run.draft, new_draft_ids, new_lens, new_host, at, dcache,
                                      refill_chunk, self.draft_stream, grown)
         picks = target_picks(run.target.head, parts[0].h, params, self.generator,
-                             chunk=run.options.spec.logit_rows)
+                             chunk=run.options.spec.logit_rows, kernels=run.options.kernels)
         path, accepted, nxt = accept(tree, None, params, self.generator, self.acceptance,
                                      picks=picks)
         commit(tcache, path, accepted)
@@ -395,7 +395,7 @@ class TreeScheduler:
         nodes = (tree.logp[:, :tree.size] > NEG_INF).sum(1) - 1  # proposed, past the root
         if refill:  # the new prompts' first tokens; their rows' lengths past their prompts
             first_tok = select(run.target.head(prefill.last_hidden(new_lens))[:, 0], params,
-                               self.generator)
+                               self.generator, run.options.kernels)
             _join(drafted, device)
             tcache.lengths[at] = new_lens
             dcache.lengths[at] = new_lens

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..kvcache import KVCache, SegmentKVCache
+from ..options import KernelOptions
 from ..sampling import SamplingParams, select
 from .growth import AcceptanceModel
 from .tree import Tree
@@ -22,7 +23,8 @@ COMMIT_SCRATCH_BYTES = 64 << 20  # commit moves K/V through at most this much sc
 
 
 def target_picks(head, h: torch.Tensor, params: SamplingParams,
-                 generator: Optional[torch.Generator], chunk: int = 512) -> torch.Tensor:
+                 generator: Optional[torch.Generator], chunk: int = 512,
+                 kernels: KernelOptions = KernelOptions()) -> torch.Tensor:
     """What the target picks after each node, (B, N): its head over the final hidden states
     h (B, N, D), greedy or sampled, `chunk` rows × nodes at a time, so a throughput
     pass's logits (130 rows × 17 nodes × 32k vocabulary: 1.1 GiB in fp32 with top-p's sort)
@@ -30,10 +32,10 @@ def target_picks(head, h: torch.Tensor, params: SamplingParams,
     B, N, D = h.shape
     flat = h.reshape(B * N, D)
     if B * N <= chunk:
-        return select(head(h), params, generator)
+        return select(head(h), params, generator, kernels)
     picks = torch.empty(B * N, dtype=torch.long, device=h.device)
     for lo in range(0, B * N, chunk):
-        picks[lo:lo + chunk] = select(head(flat[lo:lo + chunk][None])[0], params, generator)
+        picks[lo:lo + chunk] = select(head(flat[lo:lo + chunk][None])[0], params, generator, kernels)
     return picks.view(B, N)
 
 

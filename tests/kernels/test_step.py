@@ -84,6 +84,27 @@ def test_step_kernels_off_a_gpu_only_when_asked(monkeypatch):
     assert torch.equal(step.argmax_rows(x, interpret=True), x.argmax(-1)) and len(launched) == 1
 
 
+def test_greedy_picks_take_the_argmax_kernel_as_the_options_say(monkeypatch):
+    """sampling.select and chain's greedy_accept: kernels.step's argmax where
+    KernelOptions.step_kernels runs (here in the interpreter), torch's argmax where it is
+    off; the same picks."""
+    from specoff.sampling import SamplingParams, select
+    from specoff.speculation.chain import greedy_accept
+
+    logits = torch.randn(3, 4, 50)
+    drafts = logits[:, :3].argmax(-1)
+    launched = []
+    real = step._launcher
+    monkeypatch.setattr(step, "_launcher", lambda *a: (launched.append(1), real(*a))[1])
+    for on in (False, True):
+        kernels = KernelOptions(interpret=True, step_kernels=on)
+        launched.clear()
+        assert torch.equal(select(logits, SamplingParams(), None, kernels), logits.argmax(-1))
+        accepted, nxt = greedy_accept(drafts, logits, kernels)
+        assert accepted.tolist() == [3, 3, 3] and torch.equal(nxt, logits[:, 3].argmax(-1))
+        assert len(launched) == (2 if on else 0)
+
+
 def test_model_takes_the_step_kernels_as_its_options_say(make_checkpoint, monkeypatch):
     """Transformer.embed and .rope: kernels.step's launches where KernelOptions.step_kernels
     (and the fused element-wise kernels) run, torch's ops where it is off; the same values."""
