@@ -422,22 +422,12 @@ class LLM:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.last_plan_pass_seconds = plan.predicted_pass_seconds
-        outputs: List[RequestOutput] = []
         if speculate and self.spec_mode(len(rows)) == "tree":
             outputs = self._speculate_tree(rows, params, generator, stats, plan, progress)
         elif speculate:
             outputs = self._speculate(rows, params, generator, stats, plan, progress)
-        for start in range(0, 0 if speculate else len(rows), plan.rows_per_pass):
-            batch = rows[start:start + plan.rows_per_pass]
-            seconds = stats.prefill_seconds + stats.decode_seconds
-            done = [self._finish(ids, new, params)
-                    for ids, new in zip(batch, self._generate_batch(batch, params, generator, stats, plan))]
-            outputs += done
-            if len(batch) == plan.rows_per_pass:  # a full batch: steady state
-                stats.steady_tokens += sum(len(o.token_ids) for o in done)
-                stats.steady_seconds += stats.prefill_seconds + stats.decode_seconds - seconds
-            if progress is not None:
-                progress.update(len(batch))
+        else:
+            outputs = self._run_plain(rows, params, generator, stats, plan, progress)
         if not speculate and plan.predicted_pass_seconds and plan.predicted_prefill_seconds:
             stats.predicted_passes, stats.predicted_tokens_per_second = _plain_prediction(
                 plan, len(rows), params.max_new_tokens)
@@ -458,6 +448,23 @@ class LLM:
         if self.device.type == "cuda":
             stats.peak_gpu_bytes = torch.cuda.max_memory_allocated(self.device)
         self.last_stats = stats
+        return outputs
+
+    def _run_plain(self, rows, params, generator, stats, plan, progress=None) -> List[RequestOutput]:
+        """The target alone: the prompts in batches of the plan's rows, each prefilled, then
+        decoded a token a pass; full batches count as steady state."""
+        outputs: List[RequestOutput] = []
+        for start in range(0, len(rows), plan.rows_per_pass):
+            batch = rows[start:start + plan.rows_per_pass]
+            seconds = stats.prefill_seconds + stats.decode_seconds
+            done = [self._finish(ids, new, params)
+                    for ids, new in zip(batch, self._generate_batch(batch, params, generator, stats, plan))]
+            outputs += done
+            if len(batch) == plan.rows_per_pass:  # a full batch: steady state
+                stats.steady_tokens += sum(len(o.token_ids) for o in done)
+                stats.steady_seconds += stats.prefill_seconds + stats.decode_seconds - seconds
+            if progress is not None:
+                progress.update(len(batch))
         return outputs
 
     @torch.inference_mode()
